@@ -1,0 +1,96 @@
+"""Errors a user can act on: each names the resource, the request and what went wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlencode
+
+
+def describe_request(path: str, query: Mapping[str, object] | None = None) -> str:
+    """``GET /api/contacts?limit=100&order=asc`` (the key travels in a header, never here)."""
+    return f"GET {path}?{urlencode(query)}" if query else f"GET {path}"
+
+
+class SyncError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigurationError(SyncError):
+    """A setting is missing or invalid."""
+
+
+class ApiError(SyncError):
+    """A request to the API did not give a usable page."""
+
+    def __init__(
+        self, resource: str, path: str, query: Mapping[str, object] | None, problem: str
+    ) -> None:
+        self.resource = resource
+        self.path = path
+        self.query = dict(query or {})
+        self.problem = problem
+        super().__init__(f"{resource}: {describe_request(path, query)}: {problem}")
+
+
+class ApiAuthError(ApiError):
+    """401/403: the key was rejected. Retrying cannot help."""
+
+
+class ApiStatusError(ApiError):
+    """A non-2xx answer (after retries, for the retryable ones)."""
+
+    def __init__(
+        self,
+        resource: str,
+        path: str,
+        query: Mapping[str, object] | None,
+        status: int,
+        problem: str,
+    ) -> None:
+        self.status = status
+        super().__init__(resource, path, query, problem)
+
+
+class ApiValidationError(ApiStatusError):
+    """422: the API refused the request's parameters and said why."""
+
+    def __init__(
+        self,
+        resource: str,
+        path: str,
+        query: Mapping[str, object] | None,
+        violations: list[dict[str, object]],
+        detail: str,
+    ) -> None:
+        self.violations = violations
+        listed = "; ".join(
+            f"{violation.get('propertyPath', '?')}: {violation.get('message', '?')}"
+            for violation in violations
+        )
+        super().__init__(
+            resource,
+            path,
+            query,
+            422,
+            f"HTTP 422, the API rejected the request: {listed or detail or 'no details given'}",
+        )
+
+
+class ApiConnectionError(ApiError):
+    """The request never got a complete answer: refused, reset, timed out."""
+
+
+class ApiResponseError(ApiError):
+    """A 200 whose body is not a page of records as the API documents it."""
+
+
+class PaginationError(ApiResponseError):
+    """The cursor did not advance: following it would loop or skip records."""
+
+
+class RecordError(SyncError):
+    """A record is missing what the catalog requires of it."""
+
+
+class StagingError(SyncError):
+    """Staged records could not be typed into their columns."""
