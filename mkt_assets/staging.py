@@ -1,0 +1,110 @@
+"""Stream API pages to a staging file that DuckDB ingests in bulk.
+
+Each page is written as it arrives, as one line ``{"page": N, "body": <the API's JSON>}``:
+the raw body is kept, so no record is re-encoded in Python and none is held after its
+page is written. The IO manager types and merges the file in DuckDB.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from mkt_assets.catalog import ResourceSpec
+from mkt_assets.client import Page
+from mkt_assets.errors import RecordError
+
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """Every record of one sync of one resource, staged on disk, ready to merge."""
+
+    spec: ResourceSpec
+    path: Path
+    records: int
+    pages: int
+    unknown_fields: tuple[str, ...]
+    synced_at: datetime
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class PageStager:
+    """Validates each page's records and appends the page to a staging file."""
+
+    spec: ResourceSpec
+    directory: str | None = None
+    records: int = 0
+    pages: int = 0
+    unknown_fields: set[str] = field(default_factory=set)
+    synced_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    _file: BinaryIO | None = None
+    _path: Path | None = None
+
+    def __enter__(self) -> PageStager:
+        if self.directory:
+            os.makedirs(self.directory, exist_ok=True)
+        handle, name = tempfile.mkstemp(
+            prefix=f"mkt_{self.spec.name}_", suffix=".ndjson", dir=self.directory
+        )
+        self._file = os.fdopen(handle, "wb")
+        self._path = Path(name)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if exc_type is not None and self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+    def add(self, page: Page) -> None:
+        self._check_records(page)
+        assert self._file is not None, "use PageStager as a context manager"
+        # JSON text never holds a raw newline inside a string, so folding them keeps one page a line.
+        body = page.body.replace(b"\r", b" ").replace(b"\n", b" ")
+        self._file.write(b'{"page":%d,"body":%s}\n' % (page.number, body))
+        self.pages += 1
+        self.records += len(page.items)
+
+    def finish(self) -> StagedBatch:
+        assert self._file is not None and self._path is not None, "use PageStager as a context manager"
+        self._file.close()
+        return StagedBatch(
+            spec=self.spec,
+            path=self._path,
+            records=self.records,
+            pages=self.pages,
+            unknown_fields=tuple(sorted(self.unknown_fields)),
+            synced_at=self.synced_at,
+        )
+
+    def _check_records(self, page: Page) -> None:
+        required = self.spec.required_fields
+        known = self.spec.known_fields
+        for position, record in enumerate(page.items, start=1):
+            for name in required:
+                if record.get(name) is None:
+                    raise RecordError(
+                        f"{self.spec.name}: {page.path}: record {position} of page {page.number}"
+                        f" (record {self.records + position} of the sync) has no {name!r}:"
+                        f" {_preview(record)}"
+                    )
+            if record.keys() - known:
+                self.unknown_fields.update(record.keys() - known)
+
+
+def _preview(record: dict[str, object]) -> str:
+    text = repr(record)
+    return text if len(text) <= 160 else text[:157] + "..."

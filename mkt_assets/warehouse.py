@@ -1,0 +1,241 @@
+"""DuckDB side of a sync: open the file safely, type staged pages, merge them.
+
+Knows DuckDB and the catalog, nothing of HTTP or Dagster. Every write is one transaction:
+a failure anywhere (a cast, a crash, a kill) leaves the table as it was.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
+from mkt_assets.errors import StagingError
+from mkt_assets.staging import StagedBatch
+
+# Pages of 100 records are far below this; the default (16 MB) would refuse a fat page.
+_MAX_PAGE_BYTES = 1 << 27
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def qualified(schema: str, table: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(table)}"
+
+
+def fully_qualified(connection: duckdb.DuckDBPyConnection, schema: str, table: str | None = None) -> str:
+    """``"catalog"."schema"."table"``: a file named like the schema (marketing.duckdb holding
+    schema marketing) makes two-part names ambiguous in DuckDB, so our own SQL never uses them."""
+    (catalog,) = connection.execute("SELECT current_database()").fetchone()  # type: ignore[misc]
+    name = f"{quote_ident(catalog)}.{quote_ident(schema)}"
+    return f"{name}.{quote_ident(table)}" if table is not None else name
+
+
+@contextmanager
+def connect(database: str, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to the DuckDB file, holding its lock file for as long as it is open.
+
+    DuckDB lets one process at a time open a file for writing and fails the others at
+    once. The five assets run in parallel processes, and scheduled and manual runs can
+    overlap, so every opener queues on an OS lock beside the file instead of failing.
+    """
+    if database == ":memory:":
+        with duckdb.connect(database) as connection:
+            yield connection
+        return
+    path = Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with duckdb.connect(str(path), read_only=read_only and path.exists()) as connection:
+                yield connection
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def column_definitions(spec: ResourceSpec) -> list[str]:
+    definitions = []
+    for column in (*spec.columns, *BOOKKEEPING_COLUMNS):
+        constraint = " PRIMARY KEY" if column.api_name == spec.primary_key else ""
+        definitions.append(f"{quote_ident(column.name)} {column.sql_type}{constraint}")
+    return definitions
+
+
+def ensure_table(connection: duckdb.DuckDBPyConnection, schema: str, table: str, spec: ResourceSpec) -> None:
+    """Create the table, or add the columns the catalog gained since it was created."""
+    connection.execute(f"CREATE SCHEMA IF NOT EXISTS {fully_qualified(connection, schema)}")
+    target = fully_qualified(connection, schema, table)
+    connection.execute(f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(column_definitions(spec))})")
+    existing = {
+        row[0]
+        for row in connection.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+            [schema, table],
+        ).fetchall()
+    }
+    for column in (*spec.columns, *BOOKKEEPING_COLUMNS):
+        if column.name not in existing:
+            connection.execute(
+                f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.name)} {column.sql_type}"
+            )
+
+
+def _typed_expression(column: Column, record: str = "r") -> str:
+    """SQL that reads ``column`` out of the JSON record ``record`` as its DuckDB type."""
+    key = quote_literal(column.api_name)
+    if not column.fields:
+        if column.duckdb_type == "JSON":
+            return f"({record} -> {key})"
+        return f"CAST({record} ->> {key} AS {column.duckdb_type})"
+    # JSON objects cast to structs by key, so cast with the API's names, then rename.
+    api_struct = ", ".join(f"{quote_ident(m.api_name)} {m.sql_type}" for m in column.fields)
+    renamed = ", ".join(f"{quote_ident(m.name)} := x.{quote_ident(m.api_name)}" for m in column.fields)
+    return (
+        f"CAST(list_transform(CAST({record} -> {key} AS STRUCT({api_struct})[]),"
+        f" lambda x: struct_pack({renamed})) AS {column.sql_type})"
+    )
+
+
+def _records_sql() -> str:
+    return (
+        "SELECT page, unnest(body.items) AS r, generate_subscripts(body.items, 1) AS position"
+        " FROM read_json($path, format = 'newline_delimited', maximum_object_size = "
+        f"{_MAX_PAGE_BYTES}, columns = {{'page': 'BIGINT', 'body': 'STRUCT(items JSON[])'}})"
+    )
+
+
+def staged_select_sql(spec: ResourceSpec) -> str:
+    """One typed row per key, the last one seen winning, as the table's columns."""
+    typed = [f"{_typed_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
+    key = quote_ident(spec.primary_key_column.name)
+    return (
+        f"WITH records AS ({_records_sql()}) "
+        f"SELECT {', '.join(typed)},"
+        " CAST(nullif(json_merge_patch(r, $known), '{}') AS JSON) AS \"_extra\","
+        " CAST($synced_at AS TIMESTAMPTZ) AS \"_synced_at\""
+        " FROM records"
+        f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY page DESC, position DESC) = 1"
+    )
+
+
+def _known_fields_patch(spec: ResourceSpec) -> str:
+    # An RFC 7396 merge patch that nulls every known field leaves only the unknown ones.
+    return json.dumps({name: None for name in sorted(spec.known_fields)})
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    inserted: int
+    updated: int
+    unchanged: int
+    row_count: int
+
+
+def merge_staged(
+    connection: duckdb.DuckDBPyConnection, schema: str, table: str, batch: StagedBatch
+) -> MergeResult:
+    """Merge ``batch`` into ``schema.table`` on the primary key, in one transaction."""
+    spec = batch.spec
+    target = fully_qualified(connection, schema, table)
+    key = quote_ident(spec.primary_key_column.name)
+    data_columns = [quote_ident(c.name) for c in (*spec.columns, BOOKKEEPING_COLUMNS[0])]
+    all_columns = [*data_columns, quote_ident(BOOKKEEPING_COLUMNS[1].name)]
+    differs = " OR ".join(f"s.{c} IS DISTINCT FROM t.{c}" for c in data_columns)
+    parameters = {
+        "path": str(batch.path),
+        "known": _known_fields_patch(spec),
+        "synced_at": batch.synced_at,
+    }
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        ensure_table(connection, schema, table, spec)
+        connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged_select_sql(spec)}", parameters)
+        connection.execute(
+            "CREATE OR REPLACE TEMP TABLE changes AS"
+            f" SELECT s.*, CASE WHEN t.{key} IS NULL THEN 'insert'"
+            f" WHEN {differs} THEN 'update' ELSE 'unchanged' END AS _change"
+            f" FROM staged AS s LEFT JOIN {target} AS t ON s.{key} = t.{key}"
+        )
+        counts = dict(connection.execute("SELECT _change, count(*) FROM changes GROUP BY _change").fetchall())
+        connection.execute(
+            f"MERGE INTO {target} AS t"
+            " USING (SELECT * FROM changes WHERE _change <> 'unchanged') AS s"
+            f" ON t.{key} = s.{key}"
+            f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in all_columns)}"
+            f" WHEN NOT MATCHED THEN INSERT ({', '.join(all_columns)})"
+            f" VALUES ({', '.join(f's.{c}' for c in all_columns)})"
+        )
+        (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone() or (0,)
+        connection.execute("DROP TABLE staged")
+        connection.execute("DROP TABLE changes")
+        connection.execute("COMMIT")
+    except duckdb.ConversionException as error:
+        connection.execute("ROLLBACK")
+        raise _explain_cast_failure(connection, spec, batch, error) from None
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return MergeResult(
+        inserted=counts.get("insert", 0),
+        updated=counts.get("update", 0),
+        unchanged=counts.get("unchanged", 0),
+        row_count=row_count,
+    )
+
+
+def _explain_cast_failure(
+    connection: duckdb.DuckDBPyConnection,
+    spec: ResourceSpec,
+    batch: StagedBatch,
+    error: duckdb.Error,
+) -> StagingError:
+    """Find which column and value could not be typed, which DuckDB's message does not say.
+
+    Runs after the rollback: an aborted transaction answers no further query."""
+    for column in spec.columns:
+        expression = _typed_expression(column).replace("CAST(", "TRY_CAST(")
+        value = f"(r -> {quote_literal(column.api_name)})"
+        row = connection.execute(
+            f"WITH records AS ({_records_sql()})"
+            f" SELECT page, position, {value} FROM records"
+            f" WHERE json_type({value}) IS DISTINCT FROM 'NULL' AND {value} IS NOT NULL"
+            f" AND {expression} IS NULL LIMIT 1",
+            {"path": str(batch.path)},
+        ).fetchone()
+        if row is not None:
+            page, position, value = row
+            return StagingError(
+                f"{spec.name}: {spec.path}: record {position} of page {page}: field"
+                f" {column.api_name!r} (column {column.name} {column.sql_type}) cannot hold {value}"
+            )
+    return StagingError(f"{spec.name}: {spec.path}: a value could not be typed: {error}")
+
+
+def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return bool(
+        connection.execute(
+            "SELECT count(*) FROM information_schema.tables"
+            " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+            [schema, table],
+        ).fetchone()[0]  # type: ignore[index]
+    )
+
+
+def database_path(path: str) -> str:
+    """Resolve a relative database path against the working directory, as users expect."""
+    return path if path == ":memory:" else os.path.abspath(path)

@@ -1,0 +1,209 @@
+"""Staging and the DuckDB merge: typed columns, merge semantics, atomic failure."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.client import Page
+from mkt_assets.errors import RecordError, StagingError
+from mkt_assets.staging import PageStager, StagedBatch
+from mkt_assets.warehouse import connect, fully_qualified, merge_staged
+
+CONTACTS = RESOURCES_BY_NAME["contacts"]
+TAGS = RESOURCES_BY_NAME["tags"]
+FIELDS = RESOURCES_BY_NAME["contact_fields"]
+COURSES = RESOURCES_BY_NAME["course_resources"]
+
+
+def contact(contact_id: int, **changes: Any) -> dict[str, Any]:
+    record = {
+        "id": contact_id,
+        "email": f"c{contact_id}@example.com",
+        "registeredAt": "2024-03-01T10:00:00+02:00",
+        "locale": "jp",
+        "sourceURL": None,
+        "unsubscribed": False,
+        "bounced": False,
+        "needsConfirmation": True,
+        "fields": [{"fieldName": "City", "slug": "city", "value": "Zürich"}, {"fieldName": "Phone", "slug": "phone_number", "value": None}],
+        "tags": [{"id": 7, "name": "Café ☕"}],
+    }
+    record.update(changes)
+    return record
+
+
+def stage(spec: ResourceSpec, pages: list[list[dict[str, Any]]], directory: Path, when: datetime | None = None) -> StagedBatch:
+    stager = PageStager(spec, directory=str(directory))
+    if when is not None:
+        stager.synced_at = when
+    with stager:
+        for number, items in enumerate(pages, start=1):
+            body = json.dumps({"items": items, "hasMore": number < len(pages)}, ensure_ascii=False, indent=1).encode()
+            stager.add(Page(spec.name, number, f"/api{spec.path}", {}, items, number < len(pages), body))
+        return stager.finish()
+
+
+@pytest.fixture()
+def database(tmp_path: Path) -> str:
+    # Named like the schema on purpose: DuckDB then finds `marketing.x` ambiguous, and the
+    # merge must still work.
+    return str(tmp_path / "marketing.duckdb")
+
+
+def rows(database: str, table: str) -> list[tuple[Any, ...]]:
+    with connect(database) as connection:
+        return connection.execute(f"SELECT * FROM {fully_qualified(connection, 'marketing', table)} ORDER BY 1").fetchall()
+
+
+def merge(database: str, table: str, batch: StagedBatch):  # type: ignore[no-untyped-def]
+    with connect(database) as connection:
+        return merge_staged(connection, "marketing", table, batch)
+
+
+def test_first_sync_inserts_typed_rows(database: str, tmp_path: Path) -> None:
+    result = merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2, sourceURL="https://x.test/?a=1")]], tmp_path))
+
+    assert (result.inserted, result.updated, result.unchanged, result.row_count) == (2, 0, 0, 2)
+    with connect(database) as connection:
+        types = dict(connection.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'contacts'").fetchall())
+        first = connection.execute(
+            "SELECT id, email, registered_at, locale, source_url, needs_confirmation, fields, tags, _extra FROM marketing.marketing.contacts WHERE id = 1"
+        ).fetchone()
+    assert types["id"] == "BIGINT" and types["registered_at"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["needs_confirmation"] == "BOOLEAN" and types["_extra"] == "JSON"
+    assert types["fields"] == 'STRUCT(field_name VARCHAR, slug VARCHAR, "value" VARCHAR)[]'
+    assert types["tags"] == 'STRUCT(id BIGINT, "name" VARCHAR)[]'
+    assert first[0:2] == (1, "c1@example.com")
+    assert first[2] == datetime(2024, 3, 1, 8, 0, tzinfo=timezone.utc)
+    assert first[3:6] == ("jp", None, True)
+    assert first[6] == [{"field_name": "City", "slug": "city", "value": "Zürich"}, {"field_name": "Phone", "slug": "phone_number", "value": None}]
+    assert first[7] == [{"id": 7, "name": "Café ☕"}]
+    assert first[8] is None
+
+
+def test_merge_inserts_new_updates_changed_and_leaves_the_rest(database: str, tmp_path: Path) -> None:
+    first_sync = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2), contact(3)]], tmp_path, first_sync))
+    second_sync = datetime(2026, 1, 2, tzinfo=timezone.utc)
+
+    result = merge(
+        database,
+        "contacts",
+        stage(CONTACTS, [[contact(1), contact(2, tags=[], unsubscribed=True), contact(4)]], tmp_path, second_sync),
+    )
+
+    assert (result.inserted, result.updated, result.unchanged, result.row_count) == (1, 1, 1, 4)
+    with connect(database) as connection:
+        state = connection.execute("SELECT id, unsubscribed, tags, _synced_at FROM marketing.marketing.contacts ORDER BY id").fetchall()
+    assert state == [
+        (1, False, [{"id": 7, "name": "Café ☕"}], first_sync),  # unchanged: not rewritten
+        (2, True, [], second_sync),
+        (3, False, [{"id": 7, "name": "Café ☕"}], first_sync),  # absent from this sync: untouched
+        (4, False, [{"id": 7, "name": "Café ☕"}], second_sync),
+    ]
+
+
+def test_the_same_sync_twice_changes_nothing(database: str, tmp_path: Path) -> None:
+    pages = [[contact(1), contact(2)], [contact(3, fields=[], tags=[])]]
+    merge(database, "contacts", stage(CONTACTS, pages, tmp_path))
+    before = rows(database, "contacts")
+
+    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path))
+
+    assert (result.inserted, result.updated, result.unchanged) == (0, 0, 3)
+    assert rows(database, "contacts") == before
+
+
+def test_duplicate_keys_in_one_sync_keep_the_last_record_seen(database: str, tmp_path: Path) -> None:
+    pages = [[contact(1, email="first@x.test"), contact(2)], [contact(1, email="last@x.test")]]
+
+    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path))
+
+    assert (result.inserted, result.row_count) == (2, 2)
+    assert [(r[0], r[1]) for r in rows(database, "contacts")] == [(1, "last@x.test"), (2, "c2@example.com")]
+
+
+def test_a_value_that_cannot_be_typed_fails_naming_column_and_value_and_leaves_the_table(database: str, tmp_path: Path) -> None:
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2)]], tmp_path))
+    before = rows(database, "contacts")
+    broken = stage(CONTACTS, [[contact(1, email="changed@x.test"), contact(3)], [contact(4, registeredAt="yesterday")]], tmp_path)
+
+    with pytest.raises(StagingError) as caught:
+        merge(database, "contacts", broken)
+
+    assert "record 1 of page 2" in str(caught.value)
+    assert "'registeredAt' (column registered_at TIMESTAMPTZ) cannot hold \"yesterday\"" in str(caught.value)
+    assert rows(database, "contacts") == before
+
+
+def test_a_failure_inside_the_merge_rolls_back_everything(database: str, tmp_path: Path) -> None:
+    merge(database, "tags", stage(TAGS, [[{"id": 1, "name": "a", "createdAt": "2024-01-01T00:00:00+00:00"}]], tmp_path))
+    before = rows(database, "tags")
+    batch = stage(TAGS, [[{"id": 1, "name": "renamed", "createdAt": None}, {"id": 2, "name": "b"}]], tmp_path)
+    batch.path.unlink()  # the staged file vanishes between fetch and merge
+
+    with pytest.raises(duckdb.IOException):
+        merge(database, "tags", batch)
+    assert rows(database, "tags") == before
+
+
+def test_unknown_fields_are_kept_in_extra(database: str, tmp_path: Path) -> None:
+    batch = stage(TAGS, [[{"id": 1, "name": "a", "createdAt": None, "color": "red", "meta": {"x": [1]}}, {"id": 2, "name": "b"}]], tmp_path)
+    assert batch.unknown_fields == ("color", "meta")
+
+    merge(database, "tags", batch)
+
+    extras = [json.loads(r[-2]) if r[-2] else None for r in rows(database, "tags")]
+    assert extras == [{"color": "red", "meta": {"x": [1]}}, None]
+
+
+def test_contact_fields_merge_on_slug(database: str, tmp_path: Path) -> None:
+    merge(database, "contact_fields", stage(FIELDS, [[{"slug": "city", "fieldName": "City"}]], tmp_path))
+
+    result = merge(database, "contact_fields", stage(FIELDS, [[{"slug": "city", "fieldName": "Town"}, {"slug": "zip", "fieldName": "ZIP"}]], tmp_path))
+
+    assert (result.inserted, result.updated) == (1, 1)
+    assert [r[:2] for r in rows(database, "contact_fields")] == [("city", "Town"), ("zip", "ZIP")]
+
+
+def test_course_modules_with_null_ids_land_as_typed_lists(database: str, tmp_path: Path) -> None:
+    course = {"id": 5, "locale": "fr", "domainName": None, "path": "/c", "active": True, "name": "Cours", "modules": [{"id": None, "name": "Intro"}, {"id": 9, "name": None}]}
+    merge(database, "course_resources", stage(COURSES, [[course, {**course, "id": 6, "modules": []}]], tmp_path))
+
+    with connect(database) as connection:
+        modules = connection.execute("SELECT id, modules FROM marketing.marketing.course_resources ORDER BY id").fetchall()
+    assert modules == [(5, [{"id": None, "name": "Intro"}, {"id": 9, "name": None}]), (6, [])]
+
+
+def test_sql_in_values_lands_as_data(database: str, tmp_path: Path) -> None:
+    name = "x'); DROP TABLE contacts;--"
+    merge(database, "contacts", stage(CONTACTS, [[contact(1)]], tmp_path))
+
+    merge(database, "tags", stage(TAGS, [[{"id": 1, "name": name, "createdAt": None}]], tmp_path))
+
+    assert rows(database, "tags")[0][1] == name
+    assert len(rows(database, "contacts")) == 1
+
+
+def test_a_record_without_its_key_fails_naming_its_position_and_stages_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match=r"contacts: /api/contacts: record 2 of page 2 \(record 4 of the sync\) has no 'id'"):
+        stage(CONTACTS, [[contact(1), contact(2)], [contact(3), {"email": "no-id@x.test"}]], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_table_missing_a_new_catalog_column_gains_it(database: str, tmp_path: Path) -> None:
+    with connect(database) as connection:
+        connection.execute("CREATE SCHEMA marketing.marketing")
+        connection.execute("CREATE TABLE marketing.marketing.tags (id BIGINT PRIMARY KEY, name VARCHAR)")
+        connection.execute("INSERT INTO marketing.marketing.tags VALUES (1, 'old')")
+
+    merge(database, "tags", stage(TAGS, [[{"id": 2, "name": "new", "createdAt": "2024-01-01T00:00:00Z"}]], tmp_path))
+
+    assert [r[:2] for r in rows(database, "tags")] == [(1, "old"), (2, "new")]
