@@ -1,0 +1,853 @@
+"""A local HTTP fake of the systeme.io public API (see /work/shared/API.md), with fault injection.
+
+It serves the five synced resources of a ``SandboxData`` account with the real API's
+authentication, cursor pagination, validation errors and rate-limit headers, and can be told to
+misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies, wrong
+shapes, cursors that do not advance, resets, slow answers and redirects.
+
+Standard library only, and independent of the rest of ``mkt_assets`` on purpose: tests of the
+real client run against it, so it must not share the client's assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import http
+import json
+import math
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import TCPServer
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
+
+from .data import SandboxData
+
+Json = Any
+Clock = Callable[[], float]
+
+API_PREFIX = "/api"
+ADMIN_PREFIX = "/__sandbox"
+RESOURCE_PATHS: dict[str, str] = {
+    "/api/community/communities": "communities",
+    "/api/contacts": "contacts",
+    "/api/tags": "tags",
+    "/api/contact_fields": "contact_fields",
+    "/api/school/courses": "course_resources",
+}
+DEFAULT_LIMIT = 10  # what API Platform uses when `limit` is absent
+MIN_LIMIT, MAX_LIMIT = 10, 100
+# How often serve_forever checks for shutdown: stop() waits up to this long.
+POLL_INTERVAL = 0.05
+# Without a configured rate limit the headers still advertise a (never reached) quota.
+UNLIMITED = (1_000_000, 60.0)
+
+AUTH_ERROR: Json = {"detail": "Full authentication is required to access this resource."}
+NOT_FOUND: Json = {"title": "An error occurred", "detail": "Not Found"}
+TOO_MANY: Json = {"title": "Too Many Requests"}
+HTML_PAGE = (
+    "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>systeme.io</title></head>"
+    "<body><h1>We'll be right back</h1><p>The site is under maintenance.</p></body></html>"
+)
+
+# Symfony validator codes, as API Platform puts them in `violations[].code`.
+RANGE_CODE = "04b91c99-a946-4221-afc5-e65ebac401eb"
+CHOICE_CODE = "8e179f1b-97aa-4560-a02f-2a8b42e49df7"
+TYPE_CODE = "ba785a8c-82cb-4283-967c-3cf342181b40"
+DATETIME_CODE = "1a9da513-2640-4f84-9b6a-4d99dcddc628"
+
+FAULT_KINDS: frozenset[str] = frozenset(
+    {
+        "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
+        "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
+    }
+)  # fmt: skip
+
+
+# ===================================================================== public value types
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected misbehaviour.
+
+    ``path`` restricts it to one API path (None: any); it lets ``after`` matching requests pass
+    untouched, then affects the next ``times`` of them (-1: forever). Faults act on requests that
+    passed authentication and the rate limit. Kinds:
+
+    - ``status``: answer ``status`` with a JSON error body (+ ``Retry-After`` if ``retry_after``).
+    - ``truncated``: 200 whose JSON body is cut in half (Content-Length matches the cut body).
+    - ``html``: 200 ``text/html`` maintenance page.
+    - ``no_items`` / ``items_not_list`` / ``no_has_more``: 200 JSON of the wrong shape.
+    - ``missing_id`` / ``bad_type``: the middle record of the page lacks ``id`` / has ``"abc"``.
+    - ``repeat_cursor``: the page ending at ``startingAfter``, so the next cursor equals it.
+    - ``empty_has_more``: ``{"items": [], "hasMore": true}``.
+    - ``extra_field``: every record gets ``"score": 42``.
+    - ``reset``: headers and half the body, then a TCP reset.
+    - ``delay``: sleep ``delay`` seconds, then answer normally.
+    - ``redirect``: 302 to ``location`` + the same path and query.
+    """
+
+    kind: str
+    path: str | None = None
+    times: int = 1
+    after: int = 0
+    status: int = 503
+    retry_after: float | None = None
+    delay: float = 0.0
+    location: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        if self.times < -1:
+            raise ValueError(f"times must be -1 (forever) or >= 0, got {self.times}")
+        if self.after < 0:
+            raise ValueError(f"after must be >= 0, got {self.after}")
+        if self.kind == "redirect" and not self.location:
+            raise ValueError("a 'redirect' fault needs a location, e.g. 'http://127.0.0.1:9'")
+
+    @classmethod
+    def from_json(cls, obj: Json) -> Fault:
+        """Build from a JSON object with the same field names (the admin endpoint's format)."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a fault must be a JSON object, got {type(obj).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise ValueError(f"unknown fault fields {unknown}; expected some of {sorted(known)}")
+        return cls(**obj)
+
+
+class CaseInsensitiveHeaders(dict[str, str]):
+    """Request headers keyed in lower case; lookups accept any case (HTTP headers are)."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__((key.lower(), value) for key, value in items)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One /api request as served (``path`` without the query string)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    status: int
+
+
+# ===================================================================== rate limit
+
+
+@dataclass(frozen=True)
+class _Quota:
+    allowed: bool
+    limit: int
+    remaining: int
+    refill_in: float  # seconds until the current window ends
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Refill": str(math.ceil(self.refill_in)),
+        }
+
+    def retry_after(self) -> str:
+        return str(max(1, math.ceil(self.refill_in)))
+
+
+class _FixedWindow:
+    """A fixed-window request counter shared by every key (the real quota is per account)."""
+
+    def __init__(self, limit: int, window: float, enforce: bool, clock: Clock) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError(f"rate limit must be (requests >= 1, seconds > 0), got ({limit}, {window})")
+        self._limit, self._window, self._enforce, self._clock = limit, window, enforce, clock
+        self._lock = threading.Lock()
+        self._window_start = clock()
+        self._used = 0
+
+    def take(self) -> _Quota:
+        """Count one request; ``allowed`` is False when the window's quota is spent."""
+        with self._lock:
+            now = self._roll(self._clock())
+            allowed = not self._enforce or self._used < self._limit
+            if allowed:
+                self._used += 1
+            return self._quota(now, allowed)
+
+    def peek(self) -> _Quota:
+        """The current state, for responses that do not count (401s, admin endpoints)."""
+        with self._lock:
+            return self._quota(self._roll(self._clock()), True)
+
+    def _roll(self, now: float) -> float:
+        elapsed = now - self._window_start
+        if elapsed >= self._window:
+            self._window_start += (elapsed // self._window) * self._window
+            self._used = 0
+        return now
+
+    def _quota(self, now: float, allowed: bool) -> _Quota:
+        remaining = max(0, self._limit - self._used)
+        return _Quota(allowed, self._limit, remaining, self._window_start + self._window - now)
+
+
+# ===================================================================== faults
+
+
+class _FaultSlot:
+    __slots__ = ("fault", "seen", "fired")
+
+    def __init__(self, fault: Fault) -> None:
+        self.fault, self.seen, self.fired = fault, 0, 0
+
+    def exhausted(self) -> bool:
+        return self.fault.times != -1 and self.fired >= self.fault.times
+
+
+class _FaultBook:
+    """The active faults and their counters.
+
+    Every matching fault counts every matching request (so ``after=2`` always means the 3rd
+    request, whatever other faults do); when several are due at once the first in the list fires
+    and the others keep their budget for later requests.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: list[_FaultSlot] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._slots.append(_FaultSlot(fault))
+
+    def replace(self, faults: Sequence[Fault]) -> None:
+        with self._lock:
+            self._slots = [_FaultSlot(fault) for fault in faults]
+
+    def snapshot(self) -> list[Fault]:
+        with self._lock:
+            return [slot.fault for slot in self._slots]
+
+    def take(self, path: str) -> Fault | None:
+        with self._lock:
+            chosen: _FaultSlot | None = None
+            for slot in self._slots:
+                if slot.exhausted() or slot.fault.path not in (None, path):
+                    continue
+                slot.seen += 1
+                if chosen is None and slot.seen > slot.fault.after:
+                    chosen = slot
+            if chosen is None:
+                return None
+            chosen.fired += 1
+            return chosen.fault
+
+
+def _apply_shape_fault(kind: str, items: list[Json], has_more: bool) -> Json:
+    """The page body a shape fault turns (items, has_more) into."""
+    middle = len(items) // 2  # not the last record: clients must check every record, not the cursor
+    if kind == "no_items":
+        return {"hasMore": has_more}
+    if kind == "items_not_list":
+        # What PHP's json_encode makes of an array with non-sequential keys: an object.
+        return {"items": {str(index): item for index, item in enumerate(items)}, "hasMore": has_more}
+    if kind == "no_has_more":
+        return {"items": items}
+    if kind == "missing_id" and items:
+        items[middle].pop("id", None)
+    elif kind == "bad_type" and items:
+        items[middle]["id"] = "abc"
+    elif kind == "empty_has_more":
+        return {"items": [], "hasMore": True}
+    elif kind == "extra_field":
+        for item in items:
+            item["score"] = 42
+    return {"items": items, "hasMore": has_more}
+
+
+# ===================================================================== request parsing
+
+
+class _Violation(NamedTuple):
+    name: str  # the parameter, as the `detail` line names it
+    property_path: str
+    message: str
+    code: str
+
+
+class _Invalid(Exception):
+    """Query parameters the API would reject with 422 (API Platform's violation list)."""
+
+    def __init__(self, violations: list[_Violation]) -> None:
+        super().__init__(violations)
+        self.violations = violations
+
+    def body(self) -> Json:
+        return {
+            "type": "https://tools.ietf.org/html/rfc2616#section-10",
+            "title": "An error occurred",
+            "detail": "\n".join(f"{v.name}: {v.message}" for v in self.violations),
+            "violations": [
+                {"propertyPath": v.property_path, "message": v.message, "code": v.code} for v in self.violations
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class _PageQuery:
+    limit: int = DEFAULT_LIMIT
+    order: str = "desc"  # the API's default: newest first
+    starting_after: int | None = None
+    registered_after: datetime | None = None
+    registered_before: datetime | None = None
+
+
+def _parse_page_query(resource: str, query: dict[str, str]) -> _PageQuery:
+    """Validate the pagination (and, for contacts, registered*) parameters; raise _Invalid.
+
+    Like API Platform, every bad parameter is reported, not just the first. An empty value
+    counts as absent (the spec's allowEmptyValue).
+    """
+    violations: list[_Violation] = []
+    limit = _parse_limit(query.get("limit", ""), violations)
+    order = _parse_order(query.get("order", ""), violations)
+    cursor = _parse_cursor(query.get("startingAfter", ""), violations)
+    after = before = None
+    if resource == "contacts":
+        after = _parse_datetime("registeredAfter", query.get("registeredAfter", ""), violations)
+        before = _parse_datetime("registeredBefore", query.get("registeredBefore", ""), violations)
+    if violations:
+        raise _Invalid(violations)
+    return _PageQuery(limit, order, cursor, after, before)
+
+
+def _is_int(text: str) -> bool:
+    digits = text[1:] if text[:1] in "+-" else text
+    return digits.isascii() and digits.isdigit()
+
+
+def _parse_limit(raw: str, violations: list[_Violation]) -> int:
+    if not raw:
+        return DEFAULT_LIMIT
+    if not _is_int(raw):
+        violations.append(_Violation("limit", "pagination.limit", "This value should be of type int.", TYPE_CODE))
+    elif not MIN_LIMIT <= int(raw) <= MAX_LIMIT:
+        message = f"This value should be between {MIN_LIMIT} and {MAX_LIMIT}."
+        violations.append(_Violation("limit", "pagination.limit", message, RANGE_CODE))
+    else:
+        return int(raw)
+    return DEFAULT_LIMIT
+
+
+def _parse_order(raw: str, violations: list[_Violation]) -> str:
+    if not raw:
+        return "desc"
+    if raw not in ("asc", "desc"):
+        message = "The value you selected is not a valid choice."
+        violations.append(_Violation("order", "pagination.order", message, CHOICE_CODE))
+        return "desc"
+    return raw
+
+
+def _parse_cursor(raw: str, violations: list[_Violation]) -> int | None:
+    if not raw:
+        return None
+    if not _is_int(raw):
+        message = "This value should be of type int."
+        violations.append(_Violation("startingAfter", "pagination.startingAfter", message, TYPE_CODE))
+        return None
+    return int(raw)
+
+
+def _parse_datetime(name: str, raw: str, violations: list[_Violation]) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        # A raw "+" in an unencoded offset arrives as a space, as it would in PHP: rejected.
+        return datetime.fromisoformat(raw)
+    except ValueError:
+        violations.append(_Violation(name, name, "This value is not a valid datetime.", DATETIME_CODE))
+        return None
+
+
+def _json_bytes(obj: Json) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _error_body(status: int) -> Json:
+    """A JSON error body shaped like the real API's for that status."""
+    if status == 401:
+        return AUTH_ERROR
+    if status == 404:
+        return NOT_FOUND
+    if status == 429:
+        return TOO_MANY
+    return {"title": "An error occurred", "detail": _phrase(status)}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+# ===================================================================== responses
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    reset_after: int | None = None  # send this many body bytes, then reset the connection
+
+    @classmethod
+    def json(cls, status: int, obj: Json, **headers: str) -> _Response:
+        return cls(status, _json_bytes(obj), headers=dict(headers))
+
+
+# ===================================================================== HTTP server
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that can close its keep-alive connections when stopped."""
+
+    daemon_threads = True
+    request_queue_size = 128  # many concurrent clients connect at once in the tests
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], sandbox: SandboxServer) -> None:
+        self.sandbox = sandbox
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host name (getfqdn), which can hang on a box with
+        # broken DNS; the sandbox only needs the bound address.
+        TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Small JSON answers must not wait for Nagle/delayed-ACK round trips.
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Wake every handler blocked on an idle keep-alive connection so it can exit."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its handler (e.g. a 'reset' fault)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one session
+    server: _HTTPServer
+    server_version = "sandbox"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the request log is server.requests; stderr noise would drown test output
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        sandbox = self.server.sandbox
+        body = self._read_body()
+        split = urlsplit(self.path)
+        path, raw_query = split.path, split.query
+        query = dict(parse_qsl(raw_query, keep_blank_values=True))  # last value wins, as in PHP
+        try:
+            if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+                response = sandbox._admin(self.command, path, body)
+                response.headers.update(sandbox._limiter.peek().headers())
+            else:
+                response = self._answer_api(path, raw_query, query)
+                self._record(path, query, response.status)
+        except Exception:  # a sandbox bug must fail the request loudly, not hang the client
+            traceback.print_exc()
+            response = _Response.json(500, _error_body(500))
+        self._write(response)
+
+    def _answer_api(self, path: str, raw_query: str, query: dict[str, str]) -> _Response:
+        sandbox = self.server.sandbox
+        sandbox._sleep(sandbox.latency)
+        if not self._authorized():
+            return self._with_quota(_Response.json(401, AUTH_ERROR), sandbox._limiter.peek())
+        quota = sandbox._limiter.take()
+        if not quota.allowed:
+            return self._with_quota(_Response.json(429, TOO_MANY, **{"Retry-After": quota.retry_after()}), quota)
+        fault = sandbox._faults.take(path)
+        if fault is not None and fault.kind == "delay":
+            sandbox._sleep(fault.delay)  # then answer normally: the client's read timeout is the test
+            fault = None
+        return self._with_quota(self._route(path, raw_query, query, fault), quota)
+
+    def _route(self, path: str, raw_query: str, query: dict[str, str], fault: Fault | None) -> _Response:
+        if fault is not None and fault.kind in ("status", "html", "redirect"):
+            return _whole_response_fault(fault, path, raw_query)
+        resource = RESOURCE_PATHS.get(path)
+        if resource is None:
+            return _Response.json(404, NOT_FOUND)
+        if self.command != "GET":
+            return _Response.json(405, _error_body(405), Allow="GET")
+        return self._page(resource, query, fault.kind if fault else None)
+
+    def _page(self, resource: str, query: dict[str, str], kind: str | None) -> _Response:
+        data = self.server.sandbox.data
+        try:
+            # contact_fields take no parameters at all, so nothing of theirs can be invalid.
+            page_query = _PageQuery() if resource == "contact_fields" else _parse_page_query(resource, query)
+        except _Invalid as invalid:
+            return _Response.json(422, invalid.body())
+        items, has_more = data.page(
+            resource,
+            limit=page_query.limit,
+            order=page_query.order,
+            starting_after=page_query.starting_after,
+            registered_after=page_query.registered_after,
+            registered_before=page_query.registered_before,
+            repeat_cursor=kind == "repeat_cursor",
+        )
+        body = _json_bytes(_apply_shape_fault(kind or "", items, has_more))
+        if kind == "truncated":
+            return _Response(200, body[: len(body) // 2])
+        if kind == "reset":
+            return _Response(200, body, reset_after=len(body) // 2)
+        return _Response(200, body)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _authorized(self) -> bool:
+        key = self.headers.get("X-API-Key")
+        expected = self.server.sandbox.api_key
+        return key is not None and hmac.compare_digest(key.encode("utf-8"), expected.encode("utf-8"))
+
+    @staticmethod
+    def _with_quota(response: _Response, quota: _Quota) -> _Response:
+        response.headers.update(quota.headers())
+        return response
+
+    def _read_body(self) -> bytes:
+        # Always drain the body, or its bytes would be parsed as the next keep-alive request.
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit():
+            return self.rfile.read(int(length))
+        return b""
+
+    def _record(self, path: str, query: dict[str, str], status: int) -> None:
+        # Recorded before the answer is written, so a client that has its response can already
+        # see the request in server.requests without waiting.
+        headers = CaseInsensitiveHeaders(self.headers.items())
+        self.server.sandbox._log(RequestRecord(self.command, path, query, headers, status))
+
+    def _write(self, response: _Response) -> None:
+        headers = {
+            "Content-Type": response.content_type,
+            "Content-Length": str(len(response.body)),
+            "Date": self.date_time_string(),
+            **response.headers,
+        }
+        if self.close_connection:
+            headers["Connection"] = "close"
+        head = f"{self.protocol_version} {response.status} {_phrase(response.status)}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+        body = b"" if self.command == "HEAD" else response.body
+        if response.reset_after is not None:
+            body = body[: response.reset_after]
+        try:
+            # One write: head and body in the same segment.
+            self.wfile.write(head.encode("latin-1") + body)
+        except OSError:
+            self.close_connection = True  # the client went away; nothing left to tell it
+            return
+        if response.reset_after is not None:
+            self._reset()
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST (SO_LINGER 0), mid-body."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # rfile holds a reference to the socket: close it first or close() would not close.
+            self.rfile.close()
+            self.connection.close()
+        except OSError:
+            pass
+
+
+def _whole_response_fault(fault: Fault, path: str, raw_query: str) -> _Response:
+    """The answer of a fault that replaces the response outright (status, html, redirect)."""
+    if fault.kind == "status":
+        extra = {} if fault.retry_after is None else {"Retry-After": _retry_after_text(fault.retry_after)}
+        return _Response.json(fault.status, _error_body(fault.status), **extra)
+    if fault.kind == "html":
+        return _Response(200, HTML_PAGE.encode("utf-8"), "text/html; charset=UTF-8")
+    target = str(fault.location).rstrip("/") + path + (f"?{raw_query}" if raw_query else "")
+    page = f'<!DOCTYPE html><html><body>Redirecting to <a href="{target}">{target}</a>.</body></html>'
+    return _Response(302, page.encode("utf-8"), "text/html; charset=UTF-8", {"Location": target})
+
+
+def _retry_after_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+class SandboxServer:
+    """The sandbox API on a local port. ``start()`` serves in a background thread."""
+
+    def __init__(
+        self,
+        data: SandboxData,
+        api_key: str = "k",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        rate_limit: tuple[int, float] | None = None,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        """``rate_limit`` is ``(requests, window_seconds)``; ``clock`` lets tests move time."""
+        self.data = data
+        self.api_key = api_key
+        self.latency = latency
+        limit, window = rate_limit if rate_limit is not None else UNLIMITED
+        self._limiter = _FixedWindow(limit, window, rate_limit is not None, clock)
+        self._faults = _FaultBook()
+        self._log_lock = threading.Lock()
+        self._requests: list[RequestRecord] = []
+        self._stopping = threading.Event()  # wakes latency and 'delay' sleeps on stop()
+        self._state_lock = threading.Lock()
+        self._loop_started = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # Bound now, so base_url (with the port chosen for port=0) is known before start().
+        self._httpd = _HTTPServer((host, port), self)
+
+    # ----------------------------------------------------------------- addresses
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The server root, e.g. for the ``/__sandbox/...`` admin endpoints."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}{API_PREFIX}"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> SandboxServer:
+        with self._state_lock:
+            if self._closed or self._loop_started:
+                raise RuntimeError("a SandboxServer can be started once")
+            self._loop_started = True
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, args=(POLL_INTERVAL,), name=f"sandbox-api-{self.port}", daemon=True
+            )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until ``stop()`` or Ctrl-C, then close."""
+        with self._state_lock:
+            if self._closed or self._loop_started:
+                raise RuntimeError("a SandboxServer can be started once")
+            self._loop_started = True
+        try:
+            self._httpd.serve_forever(POLL_INTERVAL)
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections, close the socket and join the thread."""
+        with self._state_lock:
+            if self._closed:
+                return
+            loop_started = self._loop_started
+        if loop_started:
+            self._httpd.shutdown()  # returns once serve_forever has left its loop
+        if self._thread is not None:
+            self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()
+        self._httpd.close_connections()
+        self._httpd.server_close()  # joins the handler threads, which exit once woken
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- faults and log
+
+    def add_fault(self, fault: Fault) -> None:
+        self._faults.add(fault)
+
+    def clear_faults(self) -> None:
+        self._faults.replace([])
+
+    @property
+    def faults(self) -> list[Fault]:
+        return self._faults.snapshot()
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """A copy of the log of /api requests served (admin requests are not logged)."""
+        with self._log_lock:
+            return list(self._requests)
+
+    def reset_log(self) -> None:
+        with self._log_lock:
+            self._requests.clear()
+
+    def _log(self, record: RequestRecord) -> None:
+        with self._log_lock:
+            self._requests.append(record)
+
+    def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    # ----------------------------------------------------------------- admin endpoints
+
+    def _admin(self, method: str, path: str, body: bytes) -> _Response:
+        """``/__sandbox/faults`` (GET, POST = replace, DELETE = clear), ``/__sandbox/requests``."""
+        if path == f"{ADMIN_PREFIX}/faults":
+            if method == "POST":
+                return self._admin_set_faults(body)
+            if method == "DELETE":
+                self.clear_faults()
+            elif method != "GET":
+                return _Response.json(405, _error_body(405), Allow="GET, POST, DELETE")
+            return _Response.json(200, {"faults": [asdict(fault) for fault in self.faults]})
+        if path == f"{ADMIN_PREFIX}/requests":
+            if method == "DELETE":
+                self.reset_log()
+            elif method != "GET":
+                return _Response.json(405, _error_body(405), Allow="GET, DELETE")
+            return _Response.json(200, {"requests": [_public_record(record) for record in self.requests]})
+        return _Response.json(404, NOT_FOUND)
+
+    def _admin_set_faults(self, body: bytes) -> _Response:
+        try:
+            payload = json.loads(body or b"[]")
+            if not isinstance(payload, list):
+                raise ValueError("expected a JSON list of fault objects")
+            faults = [Fault.from_json(obj) for obj in payload]
+        except (ValueError, TypeError) as error:
+            return _Response.json(400, {"title": "Bad fault list", "detail": str(error)})
+        self._faults.replace(faults)
+        return _Response.json(200, {"faults": [asdict(fault) for fault in faults]})
+
+
+def _public_record(record: RequestRecord) -> Json:
+    """A log entry for the unauthenticated admin endpoint: the API key is not echoed back."""
+    headers = {name: ("***" if name == "x-api-key" else value) for name, value in record.headers.items()}
+    return {**asdict(record), "headers": headers}
+
+
+# ===================================================================== CLI
+
+
+def _parse_rate_limit(text: str) -> tuple[int, float]:
+    try:
+        count, seconds = text.split("/", 1)
+        parsed = int(count), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N/SECONDS such as 20/2, got {text!r}") from None
+    if parsed[0] < 1 or parsed[1] <= 0:
+        raise argparse.ArgumentTypeError(f"expected N >= 1 and SECONDS > 0, got {text!r}")
+    return parsed
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mkt-assets sandbox", description="Serve a fake systeme.io API on a local port."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--contacts", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("MKT_API_KEY", "sandbox-key"),
+        help="the X-API-Key clients must send (default: $MKT_API_KEY or 'sandbox-key')",
+    )
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every API request")
+    parser.add_argument("--rate-limit", type=_parse_rate_limit, default=None, metavar="N/SECONDS")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _argument_parser().parse_args(argv)
+    data = SandboxData(seed=args.seed, contacts=args.contacts)
+    server = SandboxServer(
+        data, api_key=args.api_key, host=args.host, port=args.port, latency=args.latency, rate_limit=args.rate_limit
+    )
+    # The key is a secret even here: never print it.
+    print(f"Sandbox API serving {server.base_url} (contacts={args.contacts}, seed={args.seed})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

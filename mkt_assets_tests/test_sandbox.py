@@ -1,0 +1,469 @@
+"""The sandbox API behaves like API.md says the real one does, and its faults do what they say.
+
+Every test talks HTTP (requests) to a real SandboxServer on 127.0.0.1 with a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+import requests
+
+from mkt_assets.sandbox import LOCALES, Fault, SandboxData, SandboxServer
+from mkt_assets.sandbox import server as server_module
+
+KEY = "test-key"
+PATHS = {
+    "communities": "/community/communities",
+    "contacts": "/contacts",
+    "tags": "/tags",
+    "contact_fields": "/contact_fields",
+    "course_resources": "/school/courses",
+}
+PAGED = ["communities", "contacts", "tags", "course_resources"]
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand, so rate-limit windows need no sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def data() -> SandboxData:
+    return SandboxData(seed=7, contacts=537)
+
+
+@pytest.fixture(scope="module")
+def shared_server(data: SandboxData) -> Iterator[SandboxServer]:
+    with SandboxServer(data, api_key=KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def server(shared_server: SandboxServer) -> Iterator[SandboxServer]:
+    shared_server.clear_faults()
+    shared_server.reset_log()
+    yield shared_server
+    shared_server.clear_faults()
+
+
+@pytest.fixture
+def session() -> Iterator[requests.Session]:
+    with requests.Session() as http:
+        http.headers.update({"X-API-Key": KEY, "Accept": "application/json"})
+        yield http
+
+
+def get(http: requests.Session, server: SandboxServer, path: str, **params: Any) -> requests.Response:
+    return http.get(server.base_url + path, params=params, timeout=10)
+
+
+def walk(http: requests.Session, server: SandboxServer, path: str, **params: Any) -> list[dict[str, Any]]:
+    """Follow the id cursor until hasMore is false, as a client would."""
+    items: list[dict[str, Any]] = []
+    query = dict(params)
+    for _ in range(10_000):
+        response = get(http, server, path, **query)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) == {"items", "hasMore"}
+        items += body["items"]
+        if not body["hasMore"]:
+            return items
+        query["startingAfter"] = body["items"][-1]["id"]
+    raise AssertionError("pagination did not end")
+
+
+# ===================================================================== auth and routing
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}], ids=["missing", "wrong"])
+def test_missing_or_wrong_key_is_401_with_rate_limit_headers(server: SandboxServer, headers: dict[str, str]) -> None:
+    response = requests.get(server.base_url + "/contacts", headers=headers, timeout=10)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Full authentication is required to access this resource."}
+    assert {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Refill"} <= set(response.headers)
+
+
+def test_unknown_path_is_404_and_other_methods_are_refused(server: SandboxServer, session: requests.Session) -> None:
+    missing = get(session, server, "/payment/nothing")
+    assert missing.status_code == 404
+    assert missing.json() == {"title": "An error occurred", "detail": "Not Found"}
+    assert session.post(server.base_url + "/contacts", json={}, timeout=10).status_code == 405
+
+
+def test_responses_are_compact_json_over_keep_alive(server: SandboxServer, session: requests.Session) -> None:
+    first = get(session, server, "/tags", limit=10)
+    second = get(session, server, "/tags", limit=10)
+    assert first.headers["Content-Type"] == "application/json"
+    assert int(first.headers["Content-Length"]) == len(first.content)
+    assert b", " not in first.content.split(b'"name"')[0]  # separators without spaces
+    assert "close" not in first.headers.get("Connection", "") and second.status_code == 200
+
+
+# ===================================================================== pagination
+
+
+@pytest.mark.parametrize("limit", ["9", "101", "0", "ten", "10.5"])
+def test_limit_outside_10_to_100_is_422_on_pagination_limit(
+    server: SandboxServer, session: requests.Session, limit: str
+) -> None:
+    response = get(session, server, "/contacts", limit=limit)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["type"] == "https://tools.ietf.org/html/rfc2616#section-10"
+    assert body["title"] == "An error occurred"
+    assert body["detail"].startswith("limit: ")
+    assert [violation["propertyPath"] for violation in body["violations"]] == ["pagination.limit"]
+    if limit in ("9", "101"):
+        assert body["detail"] == "limit: This value should be between 10 and 100."
+
+
+def test_unknown_order_is_422_on_pagination_order(server: SandboxServer, session: requests.Session) -> None:
+    response = get(session, server, "/tags", order="newest")
+    assert response.status_code == 422
+    assert response.json()["violations"][0]["propertyPath"] == "pagination.order"
+
+
+def test_default_is_ten_records_newest_first(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    body = get(session, server, "/contacts").json()
+    newest = sorted(data.contact_ids, reverse=True)[:10]
+    assert [item["id"] for item in body["items"]] == newest
+    assert body["hasMore"] is True
+
+
+@pytest.mark.parametrize("resource", PAGED)
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("limit", [10, 37, 100])
+def test_cursor_walk_visits_every_record_once_and_matches_the_data(
+    server: SandboxServer, session: requests.Session, data: SandboxData, resource: str, order: str, limit: int
+) -> None:
+    items = walk(session, server, PATHS[resource], order=order, limit=limit)
+    expected = list(data.records(resource))
+    if order == "desc":
+        expected.reverse()
+    assert items == expected
+    assert len({item["id"] for item in items}) == data.count(resource)
+
+
+def test_has_more_is_false_exactly_on_the_last_page(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    ids = list(data.contact_ids)
+    before_last = get(session, server, "/contacts", order="asc", limit=10, startingAfter=ids[-11]).json()
+    assert [item["id"] for item in before_last["items"]] == ids[-10:]
+    assert before_last["hasMore"] is False
+    past_the_end = get(session, server, "/contacts", order="asc", startingAfter=ids[-1]).json()
+    assert past_the_end == {"items": [], "hasMore": False}
+
+
+def test_contact_fields_come_in_one_page_whatever_the_parameters(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    response = get(session, server, "/contact_fields", limit=9, order="sideways", startingAfter="x")
+    assert response.status_code == 200
+    assert response.json() == {"items": list(data.records("contact_fields")), "hasMore": False}
+    slugs = {field["slug"] for field in response.json()["items"]}
+    assert {"first_name", "surname", "phone_number", "country", "city"} <= slugs
+
+
+def test_deleted_contact_id_still_works_as_a_cursor(session: requests.Session) -> None:
+    data = SandboxData(seed=3, contacts=120)
+    ids = list(data.contact_ids)
+    gone = ids[50]
+    data.delete_contact(gone)
+    with SandboxServer(data, api_key=KEY) as server:
+        down = get(session, server, "/contacts", order="desc", limit=10, startingAfter=gone).json()
+        up = get(session, server, "/contacts", order="asc", limit=10, startingAfter=gone).json()
+        assert [item["id"] for item in down["items"]] == ids[40:50][::-1]
+        assert [item["id"] for item in up["items"]] == ids[51:61]
+        assert gone not in {item["id"] for item in walk(session, server, "/contacts", limit=100)}
+
+
+def test_registered_after_returns_only_later_contacts(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    contacts = list(data.records("contacts"))
+    pivot = contacts[200]
+    later = walk(session, server, "/contacts", order="asc", limit=100, registeredAfter=pivot["registeredAt"])
+    assert [item["id"] for item in later] == [contact["id"] for contact in contacts[201:]]
+    bad = get(session, server, "/contacts", registeredAfter="yesterday")
+    assert bad.status_code == 422 and bad.json()["violations"][0]["propertyPath"] == "registeredAfter"
+
+
+def test_mutations_show_up_in_the_api(session: requests.Session) -> None:
+    data = SandboxData(seed=5, contacts=30)
+    old_max = max(data.contact_ids)
+    new_ids = data.add_contacts(3)
+    tag_id = data.tag_ids[0]
+    data.set_contact_tags(new_ids[0], [tag_id])
+    with SandboxServer(data, api_key=KEY) as server:
+        newest = get(session, server, "/contacts", limit=10).json()["items"]
+    assert min(new_ids) > old_max and new_ids == sorted(new_ids)
+    assert [item["id"] for item in newest[:3]] == new_ids[::-1]
+    assert newest[2]["tags"] == [{"id": tag_id, "name": next(data.records("tags"))["name"]}]
+    assert newest[0]["registeredAt"] > newest[3]["registeredAt"]
+
+
+# ===================================================================== data
+
+
+def test_same_seed_and_size_give_identical_data_and_bytes(session: requests.Session) -> None:
+    first, second = SandboxData(seed=11, contacts=300), SandboxData(seed=11, contacts=300)
+    for resource in PATHS:
+        assert list(first.records(resource)) == list(second.records(resource))
+    with SandboxServer(first, api_key=KEY) as one, SandboxServer(second, api_key=KEY) as two:
+        for path in PATHS.values():
+            assert get(session, one, path, limit=100).content == get(session, two, path, limit=100).content
+    assert list(SandboxData(seed=12, contacts=300).records("contacts")) != list(first.records("contacts"))
+
+
+def test_records_have_the_spec_shapes(data: SandboxData) -> None:
+    contacts = list(data.records("contacts"))
+    tag_names = {tag["id"]: tag["name"] for tag in data.records("tags")}
+    assert [c["id"] for c in contacts] == sorted(c["id"] for c in contacts)
+    assert any(b["id"] - a["id"] > 1 for a, b in zip(contacts, contacts[1:]))  # ids have gaps
+    stamps = [datetime.fromisoformat(c["registeredAt"]) for c in contacts]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(c["registeredAt"].endswith("+00:00") for c in contacts)
+    assert {c["locale"] for c in contacts} <= set(LOCALES)
+    assert any(c["sourceURL"] is None for c in contacts) and any(c["sourceURL"] for c in contacts)
+    assert any(c["fields"] == [] for c in contacts) and any(c["tags"] == [] for c in contacts)
+    values = [f["value"] for c in contacts for f in c["fields"]]
+    assert None in values and "" in values
+    assert all(tag_names[t["id"]] == t["name"] for c in contacts for t in c["tags"])
+    courses = list(data.records("course_resources"))
+    assert any(course["modules"] == [] for course in courses)
+    assert any(module["id"] is None for course in courses for module in course["modules"])
+    assert 4 <= data.count("communities") <= 6 and 36 <= data.count("tags") <= 44
+    assert 10 <= data.count("course_resources") <= 14 and 7 <= data.count("contact_fields") <= 9
+
+
+def test_unicode_and_quotes_survive_the_round_trip(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    names = {tag["name"] for tag in walk(session, server, "/tags", limit=100)}
+    assert {"Café ☕", "日本語", "x'); DROP TABLE contacts;--"} <= names
+    assert any("'" in name for name in names) and any('"' in name for name in names)
+    assert names == {tag["name"] for tag in data.records("tags")}
+
+
+# ===================================================================== rate limit
+
+
+def test_rate_limit_allows_n_requests_then_429_until_the_window_refills(session: requests.Session) -> None:
+    clock = FakeClock()
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY, rate_limit=(3, 10), clock=clock) as server:
+        remaining = [get(session, server, "/tags").headers["X-RateLimit-Remaining"] for _ in range(3)]
+        assert remaining == ["2", "1", "0"]
+        clock.now += 2.5
+        refused = get(session, server, "/tags")
+        assert refused.status_code == 429
+        assert refused.json() == {"title": "Too Many Requests"}
+        assert refused.headers["Retry-After"] == "8"
+        assert refused.headers["X-RateLimit-Limit"] == "3"
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+        assert refused.headers["X-RateLimit-Refill"] == "8"
+        # Neither bad keys nor admin calls spend the quota, but both report it.
+        assert requests.get(server.base_url + "/tags", timeout=10).status_code == 401
+        assert requests.get(server.url + "/__sandbox/requests", timeout=10).status_code == 200
+        clock.now += 7.5
+        assert get(session, server, "/tags").headers["X-RateLimit-Remaining"] == "2"
+
+
+def test_without_rate_limit_headers_still_advertise_a_quota(server: SandboxServer, session: requests.Session) -> None:
+    headers = get(session, server, "/tags").headers
+    assert int(headers["X-RateLimit-Limit"]) >= 100_000
+    assert int(headers["X-RateLimit-Remaining"]) > 0 and int(headers["X-RateLimit-Refill"]) >= 0
+
+
+# ===================================================================== faults
+
+
+def test_status_fault_answers_that_status_with_retry_after(server: SandboxServer, session: requests.Session) -> None:
+    server.add_fault(Fault("status", path="/api/contacts", status=503, retry_after=2))
+    failed = get(session, server, "/contacts")
+    assert failed.status_code == 503
+    assert failed.headers["Retry-After"] == "2"
+    assert failed.json()["title"] == "An error occurred"
+    assert "X-RateLimit-Limit" in failed.headers
+    assert get(session, server, "/contacts").status_code == 200  # times=1: only once
+
+
+def test_truncated_fault_sends_half_a_json_body(server: SandboxServer, session: requests.Session) -> None:
+    whole = get(session, server, "/tags", limit=50).content
+    server.add_fault(Fault("truncated"))
+    cut = get(session, server, "/tags", limit=50)
+    assert cut.status_code == 200 and cut.content == whole[: len(whole) // 2]
+    with pytest.raises(ValueError):
+        json.loads(cut.content)
+
+
+def test_html_fault_sends_an_html_page(server: SandboxServer, session: requests.Session) -> None:
+    server.add_fault(Fault("html"))
+    page = get(session, server, "/tags")
+    assert page.status_code == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert page.text.startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize(
+    ("kind", "check"),
+    [
+        ("no_items", lambda body: "items" not in body and body["hasMore"] is True),
+        ("items_not_list", lambda body: isinstance(body["items"], dict) and len(body["items"]) == 10),
+        ("no_has_more", lambda body: "hasMore" not in body and len(body["items"]) == 10),
+        ("missing_id", lambda body: sum("id" not in item for item in body["items"]) == 1),
+        ("bad_type", lambda body: [item["id"] for item in body["items"]].count("abc") == 1),
+        ("empty_has_more", lambda body: body == {"items": [], "hasMore": True}),
+        ("extra_field", lambda body: all(item["score"] == 42 for item in body["items"])),
+    ],
+)
+def test_shape_faults_break_the_page_as_named(
+    server: SandboxServer, session: requests.Session, kind: str, check: Any
+) -> None:
+    server.add_fault(Fault(kind, path="/api/contacts"))
+    broken = get(session, server, "/contacts", limit=10)
+    assert broken.status_code == 200
+    assert check(broken.json()), broken.text
+    assert set(get(session, server, "/contacts", limit=10).json()) == {"items", "hasMore"}
+
+
+def test_repeat_cursor_fault_serves_the_page_the_client_already_has(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    for order in ("desc", "asc"):
+        server.add_fault(Fault("repeat_cursor", after=1))
+        first = get(session, server, "/contacts", order=order, limit=20).json()
+        cursor = first["items"][-1]["id"]
+        again = get(session, server, "/contacts", order=order, limit=20, startingAfter=cursor).json()
+        assert again == first and again["items"][-1]["id"] == cursor
+
+
+def test_reset_fault_aborts_the_connection_mid_body(server: SandboxServer, session: requests.Session) -> None:
+    server.add_fault(Fault("reset", path="/api/tags"))
+    with pytest.raises((requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        get(session, server, "/tags", limit=100)
+    assert get(session, server, "/tags").status_code == 200  # the session reconnects
+    assert [record.status for record in server.requests] == [200, 200]
+
+
+def test_delay_fault_makes_the_client_time_out(session: requests.Session) -> None:
+    # An own server: stopping it wakes the delayed handler, which would otherwise finish (and
+    # log its request) during a later test.
+    with SandboxServer(SandboxData(contacts=10), api_key=KEY) as server:
+        server.add_fault(Fault("delay", delay=30.0))
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            session.get(server.base_url + "/tags", timeout=0.2)
+        assert get(session, server, "/tags").status_code == 200  # times=1: answered at once
+
+
+def test_redirect_fault_points_to_location_with_same_path_and_query(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    server.add_fault(Fault("redirect", location="http://127.0.0.1:9/elsewhere"))
+    moved = session.get(server.base_url + "/contacts?limit=20&order=asc", allow_redirects=False, timeout=10)
+    assert moved.status_code == 302
+    assert moved.headers["Location"] == "http://127.0.0.1:9/elsewhere/api/contacts?limit=20&order=asc"
+
+
+def test_fault_after_and_times_pick_which_requests_fail(server: SandboxServer, session: requests.Session) -> None:
+    server.add_fault(Fault("status", path="/api/contacts", after=2, times=2, status=500))
+    server.add_fault(Fault("status", path="/api/tags", times=-1, status=502))
+    statuses = [get(session, server, "/contacts").status_code for _ in range(5)]
+    assert statuses == [200, 200, 500, 500, 200]
+    assert [get(session, server, "/tags").status_code for _ in range(3)] == [502, 502, 502]
+    assert get(session, server, "/school/courses").status_code == 200
+
+
+def test_invalid_faults_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        Fault("explode")
+    with pytest.raises(ValueError):
+        Fault("redirect")
+
+
+# ===================================================================== admin endpoints and log
+
+
+def test_faults_can_be_set_and_cleared_over_http(server: SandboxServer, session: requests.Session) -> None:
+    admin = server.url + "/__sandbox/faults"
+    faults = [{"kind": "status", "path": "/api/tags", "status": 429, "retry_after": 1, "times": -1}]
+    assert requests.post(admin, json=faults, timeout=10).status_code == 200
+    assert server.faults == [Fault("status", path="/api/tags", status=429, retry_after=1, times=-1)]
+    assert get(session, server, "/tags").status_code == 429
+    assert requests.delete(admin, timeout=10).status_code == 200
+    assert get(session, server, "/tags").status_code == 200
+    assert requests.post(admin, json=[{"kind": "nope"}], timeout=10).status_code == 400
+
+
+def test_request_log_records_path_query_headers_and_status(server: SandboxServer, session: requests.Session) -> None:
+    get(session, server, "/contacts", limit=10, order="asc")
+    requests.get(server.base_url + "/tags", timeout=10)
+    first, second = server.requests
+    assert (first.method, first.path, first.status) == ("GET", "/api/contacts", 200)
+    assert first.query == {"limit": "10", "order": "asc"}
+    assert first.headers["X-API-Key"] == KEY and first.headers["x-api-key"] == KEY
+    assert (second.path, second.status) == ("/api/tags", 401)
+    logged = requests.get(server.url + "/__sandbox/requests", timeout=10).json()["requests"]
+    assert [entry["path"] for entry in logged] == ["/api/contacts", "/api/tags"]
+    assert KEY not in json.dumps(logged)  # the unauthenticated endpoint does not leak the key
+    server.reset_log()
+    assert server.requests == []
+
+
+# ===================================================================== server behaviour
+
+
+def test_many_concurrent_clients_are_served(server: SandboxServer) -> None:
+    failures: list[str] = []
+
+    def client() -> None:
+        with requests.Session() as http:
+            http.headers["X-API-Key"] = KEY
+            for _ in range(5):
+                response = http.get(server.base_url + "/contacts", params={"limit": 100}, timeout=10)
+                if response.status_code != 200 or len(response.json()["items"]) != 100:
+                    failures.append(response.text)
+
+    threads = [threading.Thread(target=client) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(server.requests) == 24 * 5
+
+
+def test_stop_returns_with_an_idle_keep_alive_connection_open(session: requests.Session) -> None:
+    server = SandboxServer(SandboxData(contacts=10), api_key=KEY).start()
+    assert get(session, server, "/tags").status_code == 200  # the session keeps the socket open
+    server.stop()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        get(session, server, "/tags")
+
+
+def test_cli_prints_the_url_but_never_the_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(self: SandboxServer) -> None:
+        self.stop()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server_module.SandboxServer, "serve_forever", interrupted)
+    argv = ["--port", "0", "--contacts", "25", "--seed", "4", "--api-key", "s3cret", "--rate-limit", "20/2"]
+    assert server_module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Sandbox API serving http://127.0.0.1:") and "/api (contacts=25, seed=4)" in out
+    assert "s3cret" not in out
