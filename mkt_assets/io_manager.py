@@ -1,0 +1,100 @@
+"""Dagster IO manager that merges staged syncs into DuckDB.
+
+Built on dagster-duckdb's ``DuckDBIOManager``/``DbIOManager`` (table from the asset key,
+schema handling, table-name metadata), with two things replaced: the client no longer
+deletes the table before writing, and the type handler merges on the primary key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import dagster as dg
+import duckdb
+from dagster._core.storage.db_io_manager import DbClient, DbIOManager, DbTypeHandler, TableSlice
+from dagster_duckdb import DuckDBIOManager
+
+from mkt_assets import warehouse
+from mkt_assets.staging import StagedBatch
+
+
+class MergingDuckDbClient(DbClient):
+    """dagster-duckdb's client deletes the table slice before each write; a merge must not."""
+
+    @staticmethod
+    def delete_table_slice(context: dg.OutputContext, table_slice: TableSlice, connection: Any) -> None:
+        return None
+
+    @staticmethod
+    def ensure_schema_exists(context: dg.OutputContext, table_slice: TableSlice, connection: Any) -> None:
+        connection.execute(f"CREATE SCHEMA IF NOT EXISTS {warehouse.fully_qualified(connection, table_slice.schema)}")
+
+    @staticmethod
+    def get_select_statement(table_slice: TableSlice) -> str:
+        return f"SELECT * FROM {warehouse.qualified(table_slice.schema, table_slice.table)}"
+
+    @staticmethod
+    def get_table_name(table_slice: TableSlice) -> str:
+        # The schema-qualified name a user queries, not the database file's path.
+        return f"{table_slice.schema}.{table_slice.table}"
+
+    @staticmethod
+    @contextmanager
+    def connect(
+        context: dg.OutputContext | dg.InputContext, table_slice: TableSlice
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        with warehouse.connect(context.resource_config["database"]) as connection:
+            yield connection
+
+
+class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
+    """Merges a ``StagedBatch`` into its table and reports what changed."""
+
+    @property
+    def supported_types(self) -> Sequence[type[object]]:
+        return [StagedBatch]
+
+    def handle_output(
+        self,
+        context: dg.OutputContext,
+        table_slice: TableSlice,
+        obj: StagedBatch,
+        connection: duckdb.DuckDBPyConnection,
+    ) -> Mapping[str, dg.RawMetadataValue]:
+        try:
+            result = warehouse.merge_staged(connection, table_slice.schema, table_slice.table, obj)
+        finally:
+            obj.discard()
+        return {
+            "dagster/row_count": result.row_count,
+            "rows_inserted": result.inserted,
+            "rows_updated": result.updated,
+            "rows_unchanged": result.unchanged,
+        }
+
+    def load_input(
+        self, context: dg.InputContext, table_slice: TableSlice, connection: duckdb.DuckDBPyConnection
+    ) -> StagedBatch:
+        raise dg.DagsterInvariantViolationError(
+            f"{table_slice.schema}.{table_slice.table} is a DuckDB table, not a Python value: depend on"
+            " it with deps=[...] and read it with SQL instead of loading it as an input."
+        )
+
+
+class MarketingDuckDBIOManager(DuckDBIOManager):
+    """Writes each marketing asset to ``<schema>.<asset name>`` with a MERGE on its primary key."""
+
+    @staticmethod
+    def type_handlers() -> Sequence[DbTypeHandler]:
+        return [StagedBatchTypeHandler()]
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> DbIOManager:
+        return DbIOManager(
+            db_client=MergingDuckDbClient(),
+            database=self.database,
+            schema=self.schema_,
+            type_handlers=self.type_handlers(),
+            io_manager_name="MarketingDuckDBIOManager",
+        )

@@ -1,0 +1,106 @@
+"""The Dagster resource: configuration and the API secret, turned into a client."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+import dagster as dg
+from pydantic import Field, field_validator
+
+from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, MarketingApiClient
+from mkt_assets.errors import ConfigurationError
+
+DEFAULT_BASE_URL = "https://api.systeme.io/api"
+API_KEY_ENV = "MKT_API_KEY"
+BASE_URL_ENV = "MKT_API_BASE_URL"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(url: str) -> str:
+    """The key may only travel encrypted, except to a simulator on this machine."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"{BASE_URL_ENV} must be an absolute URL like {DEFAULT_BASE_URL}, got {url!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"{BASE_URL_ENV} must not carry credentials, a query or a fragment")
+    if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host)):
+        return url.rstrip("/")
+    raise ValueError(
+        f"{BASE_URL_ENV} must use https (plain http is allowed only for loopback hosts"
+        f" such as the bundled simulator), got {parts.scheme}://{host}"
+    )
+
+
+class MarketingApiResource(dg.ConfigurableResource):
+    """Authenticated access to the marketing platform's (systeme.io) public API."""
+
+    base_url: str = Field(
+        default=DEFAULT_BASE_URL,
+        description=f"API base URL including /api (env {BASE_URL_ENV}).",
+    )
+    api_key: str = Field(
+        default="",
+        repr=False,
+        description=f"API key sent as the X-API-Key header (env {API_KEY_ENV}). Secret.",
+    )
+    page_size: int = Field(
+        default=MAX_PAGE_SIZE,
+        ge=MIN_PAGE_SIZE,
+        le=MAX_PAGE_SIZE,
+        description="Records per page (the API allows 10 to 100).",
+    )
+    order: str = Field(
+        default="asc",
+        description="Page order: asc reads oldest first, so records added during a sync are not missed.",
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection.")
+    read_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for an answer.")
+    max_retries: int = Field(
+        default=3, ge=0, le=10, description="Retries on 429, 500, 502, 503 and 504 answers."
+    )
+    backoff_factor: float = Field(
+        default=2.0, ge=0, description="Exponential backoff factor between retries (Retry-After wins)."
+    )
+    staging_dir: str = Field(
+        default="",
+        description="Where pages are staged before the DuckDB merge (empty: the system temp dir).",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str) -> str:
+        return check_base_url(value)
+
+    @field_validator("order")
+    @classmethod
+    def _valid_order(cls, value: str) -> str:
+        if value not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', got {value!r}")
+        return value
+
+    def get_client(self) -> MarketingApiClient:
+        if not self.api_key:
+            raise ConfigurationError(
+                f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings."
+            )
+        return MarketingApiClient(
+            self.base_url,
+            self.api_key,
+            page_size=self.page_size,
+            order=self.order,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_retries=self.max_retries,
+            backoff_factor=self.backoff_factor,
+            key_setting=API_KEY_ENV,
+        )

@@ -1,0 +1,148 @@
+"""End to end on loopback: the real assets, Dagster and DuckDB against the bundled simulator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from mkt_assets.assets import SYNC_ASSETS
+from mkt_assets.catalog import RESOURCES, Column, ResourceSpec
+from mkt_assets.io_manager import MarketingDuckDBIOManager
+from mkt_assets.resource import MarketingApiResource
+from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.warehouse import connect, fully_qualified
+
+API_KEY = "integration-secret-3f9a1c"
+
+
+@pytest.fixture(scope="module")
+def account() -> SandboxData:
+    return SandboxData(seed=7, contacts=1234)
+
+
+@pytest.fixture()
+def server(account: SandboxData) -> Iterator[SandboxServer]:
+    with SandboxServer(account, api_key=API_KEY) as running:
+        yield running
+
+
+def resources(server: SandboxServer, database: str) -> dict[str, Any]:
+    return {
+        "marketing_api": MarketingApiResource(base_url=server.base_url, api_key=API_KEY, backoff_factor=0),
+        "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+    }
+
+
+def expected_value(column: Column, value: Any) -> Any:
+    if value is None:
+        return None
+    if column.fields:
+        return [{member.name: item.get(member.api_name) for member in column.fields} for item in value]
+    if column.duckdb_type == "TIMESTAMPTZ":
+        return datetime.fromisoformat(value)
+    return value
+
+
+def expected_rows(spec: ResourceSpec, account: SandboxData) -> list[tuple[Any, ...]]:
+    records = sorted(account.records(spec.name), key=lambda record: record[spec.primary_key])
+    return [tuple(expected_value(column, record.get(column.api_name)) for column in spec.columns) for record in records]
+
+
+def table_rows(database: str, spec: ResourceSpec, with_bookkeeping: bool = False) -> list[tuple[Any, ...]]:
+    names = [column.name for column in spec.columns] + (["_extra", "_synced_at"] if with_bookkeeping else [])
+    with connect(database, read_only=True) as connection:
+        table = fully_qualified(connection, "marketing", spec.name)
+        columns = ", ".join(f'"{name}"' for name in names)
+        return connection.execute(f'SELECT {columns} FROM {table} ORDER BY "{spec.primary_key_column.name}"').fetchall()
+
+
+def test_every_record_of_the_five_resources_lands_field_for_field(
+    server: SandboxServer, account: SandboxData, tmp_path: Path
+) -> None:
+    database = str(tmp_path / "sync.duckdb")
+
+    result = dg.materialize(SYNC_ASSETS, resources=resources(server, database))
+
+    assert result.success
+    for spec in RESOURCES:
+        assert table_rows(database, spec) == expected_rows(spec, account), spec.name
+    assert account.count("contacts") == 1234
+    contact_requests = [r for r in server.requests if r.path == "/api/contacts"]
+    assert len(contact_requests) == 13  # ceil(1234 / 100)
+    assert all(r.headers.get("X-API-Key") == API_KEY for r in server.requests)
+    assert [r.query for r in server.requests if r.path == "/api/contact_fields"] == [{}]
+
+
+def test_a_second_sync_changes_nothing(server: SandboxServer, tmp_path: Path) -> None:
+    database = str(tmp_path / "sync.duckdb")
+    dg.materialize(SYNC_ASSETS, resources=resources(server, database))
+    before = {spec.name: table_rows(database, spec, with_bookkeeping=True) for spec in RESOURCES}
+
+    second = dg.materialize(SYNC_ASSETS, resources=resources(server, database))
+
+    after = {spec.name: table_rows(database, spec, with_bookkeeping=True) for spec in RESOURCES}
+    assert after == before
+    for event in second.get_asset_materialization_events():
+        metadata = event.materialization.metadata
+        assert metadata["rows_inserted"].value == 0 and metadata["rows_updated"].value == 0
+        assert metadata["rows_unchanged"].value == metadata["dagster/row_count"].value
+
+
+def test_dagster_job_execute_runs_all_five_in_parallel_processes_without_lock_errors(
+    server: SandboxServer, account: SandboxData, tmp_path: Path
+) -> None:
+    """The command a user runs: `dagster job execute -m mkt_assets -j marketing_sync`."""
+    database = tmp_path / "job.duckdb"
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    environment = {
+        **os.environ,
+        "MKT_API_BASE_URL": server.base_url,
+        "MKT_API_KEY": API_KEY,
+        "MKT_DUCKDB_PATH": str(database),
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"]
+
+    outputs = []
+    for _ in range(2):
+        run = subprocess.run(command, env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        outputs.append(run.stdout + run.stderr)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    log = "\n".join(outputs)
+    assert "multiprocess" in log  # the default executor: one process per step
+    assert "RUN_SUCCESS" in log and "lock" not in log.lower()
+    for spec in RESOURCES:
+        assert table_rows(str(database), spec) == expected_rows(spec, account), spec.name
+    # The key is only ever a header: not in the output, the event log, nor the database.
+    assert API_KEY not in log
+    for path in [database, *dagster_home.rglob("*")]:
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_a_run_without_a_key_fails_at_once_saying_so(tmp_path: Path) -> None:
+    environment = {key: value for key, value in os.environ.items() if key != "MKT_API_KEY"}
+    environment.update({"MKT_DUCKDB_PATH": str(tmp_path / "x.duckdb"), "DAGSTER_HOME": str(tmp_path)})
+
+    run = subprocess.run(
+        [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert run.returncode != 0
+    assert 'environment variable "MKT_API_KEY" which is not set' in run.stdout + run.stderr
+    assert not (tmp_path / "x.duckdb").exists()
