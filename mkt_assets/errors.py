@@ -94,3 +94,7 @@ class RecordError(SyncError):
 
 class StagingError(SyncError):
     """Staged records could not be typed into their columns."""
+
+
+class WarehouseBusyError(SyncError):
+    """The DuckDB file stayed locked by a process that does not take our lock."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ from pathlib import Path
 import duckdb
 
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
-from mkt_assets.errors import StagingError
+from mkt_assets.errors import StagingError, WarehouseBusyError
 from mkt_assets.staging import StagedBatch
+
+# How long a writer waits for a process outside this project to release the file.
+OUTSIDER_PATIENCE_SECONDS = 120.0
 
 # Pages of 100 records are far below this; the default (16 MB) would refuse a fat page.
 _MAX_PAGE_BYTES = 1 << 27
@@ -61,10 +65,30 @@ def connect(database: str, *, read_only: bool = False) -> Iterator[duckdb.DuckDB
     with open(f"{path}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            with duckdb.connect(str(path), read_only=read_only and path.exists()) as connection:
+            with _open_waiting_for_outsiders(path, read_only=read_only and path.exists()) as connection:
                 yield connection
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _open_waiting_for_outsiders(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Open the file, waiting a while for a process that ignores our lock file (a DuckDB
+    shell or notebook left open on it) to let go, then failing with what to do."""
+    deadline = time.monotonic() + OUTSIDER_PATIENCE_SECONDS
+    delay = 0.1
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise WarehouseBusyError(
+                    f"{path} stayed locked by another process for {OUTSIDER_PATIENCE_SECONDS:.0f}s"
+                    f" (close DuckDB sessions open on it and run again): {error}"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def column_definitions(spec: ResourceSpec) -> list[str]:

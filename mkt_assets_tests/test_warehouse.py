@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 
 from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import Page
-from mkt_assets.errors import RecordError, StagingError
+from mkt_assets import warehouse
+from mkt_assets.errors import RecordError, StagingError, WarehouseBusyError
 from mkt_assets.staging import PageStager, StagedBatch
 from mkt_assets.warehouse import connect, fully_qualified, merge_staged
 
@@ -207,3 +209,67 @@ def test_a_table_missing_a_new_catalog_column_gains_it(database: str, tmp_path: 
     merge(database, "tags", stage(TAGS, [[{"id": 2, "name": "new", "createdAt": "2024-01-01T00:00:00Z"}]], tmp_path))
 
     assert [r[:2] for r in rows(database, "tags")] == [(1, "old"), (2, "new")]
+
+
+def _hold_the_database(database: str, opened: Any, release: Any) -> None:
+    with connect(database) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS held (a INTEGER)")
+        opened.set()
+        release.wait(60)
+
+
+def _write_to_the_database(database: str, attempting: Any) -> None:
+    attempting.set()
+    with connect(database) as connection:
+        connection.execute("CREATE TABLE written AS SELECT 42 AS answer")
+
+
+def test_a_second_writer_process_waits_for_the_first_instead_of_failing(database: str) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    opened, release, attempting = spawn.Event(), spawn.Event(), spawn.Event()
+    holder = spawn.Process(target=_hold_the_database, args=(database, opened, release))
+    holder.start()
+    assert opened.wait(60)
+    writer = spawn.Process(target=_write_to_the_database, args=(database, attempting))
+    writer.start()
+    assert attempting.wait(60)
+    # Without the lock DuckDB refuses the second opener at once and the writer dies;
+    # with it, the writer is still queued however long the first one holds the file.
+    writer.join(2)
+    assert writer.is_alive(), f"the writer did not wait (exit code {writer.exitcode})"
+    release.set()
+
+    holder.join(60)
+    writer.join(60)
+
+    assert (holder.exitcode, writer.exitcode) == (0, 0)
+    with connect(database) as connection:
+        assert connection.execute("SELECT answer FROM written").fetchall() == [(42,)]
+
+
+def _open_like_a_notebook(database: str, opened: Any, release: Any) -> None:
+    with duckdb.connect(database, read_only=True):
+        opened.set()
+        release.wait(60)
+
+
+def test_a_file_held_by_an_outside_process_is_waited_for_then_reported(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with connect(database) as connection:
+        connection.execute("CREATE TABLE t AS SELECT 1 AS a")
+    spawn = multiprocessing.get_context("spawn")
+    opened, release = spawn.Event(), spawn.Event()
+    outsider = spawn.Process(target=_open_like_a_notebook, args=(database, opened, release))
+    outsider.start()
+    assert opened.wait(60)
+    monkeypatch.setattr(warehouse, "OUTSIDER_PATIENCE_SECONDS", 0.3)
+
+    with pytest.raises(WarehouseBusyError, match="close DuckDB sessions open on it"):
+        with connect(database):
+            pass
+
+    release.set()
+    outsider.join(60)
+    with connect(database) as connection:
+        assert connection.execute("SELECT a FROM t").fetchall() == [(1,)]
