@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -75,11 +76,14 @@ def run_demo(contacts: int, seed: int, database: str) -> int:
 def run_dev(contacts: int, seed: int, database: str, port: int) -> int:
     with simulator_environment(contacts, seed, database) as environment:
         print(f"API simulator serving {environment[BASE_URL_ENV]}; tables go to {database}")
-        command = _dagster_command("dev", "-m", "mkt_assets", "--port", str(port))
+        dev = subprocess.Popen(_dagster_command("dev", "-m", "mkt_assets", "--port", str(port)), env=environment)
         try:
-            return subprocess.run(command, env=environment, check=False).returncode
+            return dev.wait()
         except KeyboardInterrupt:
-            return 0
+            # Ctrl-C reaches dagster dev too; let it stop its webserver and daemon before
+            # the simulator goes away. A signal sent to this process alone is passed on.
+            dev.send_signal(signal.SIGINT)
+            return dev.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
