@@ -1,12 +1,22 @@
 """One software-defined asset per API resource, generated from the catalog."""
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import dagster as dg
 
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, ResourceSpec
-from mkt_assets.resource import MarketingApiResource
+from mkt_assets.checks import (
+    primary_key_result,
+    required_fields_result,
+    row_count_result,
+    sync_check_specs,
+)
+from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.settings import Settings
 from mkt_assets.staging import PageStager, StagedBatch
+from mkt_assets.warehouse import fully_qualified
 
 ASSET_PREFIX = "marketing"
 GROUP_NAME = "marketing"
@@ -33,30 +43,77 @@ def asset_key(spec: ResourceSpec) -> dg.AssetKey:
     return dg.AssetKey([ASSET_PREFIX, spec.name])
 
 
-def build_sync_asset(spec: ResourceSpec) -> dg.AssetsDefinition:
-    """The asset that reads every record of ``spec`` and hands them to the DuckDB IO manager."""
+def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
+    return dg.FreshnessPolicy.time_window(fail_window=settings.freshness_fail, warn_window=settings.freshness_warn)
+
+
+@dataclass
+class ProgressLog:
+    """Logs a long fetch's progress at a steady pace, so a user watching the run sees it move."""
+
+    log: dg.DagsterLogManager
+    resource: str
+    interval: float
+    started: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+
+    def tick(self, records: int, pages: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.started
+        self.log.info(
+            f"{self.resource}: {records} records in {pages} pages so far"
+            f" ({records / elapsed:,.0f} records/s, {elapsed:.0f}s)"
+        )
+
+
+def _previous_row_count(context: dg.AssetExecutionContext) -> int | None:
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    materialization = event.asset_materialization if event else None
+    value = materialization.metadata.get("dagster/row_count") if materialization else None
+    return int(value.value) if value is not None else None  # type: ignore[arg-type]
+
+
+def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinition:
+    """The asset that reads every record of ``spec``, hands them to the DuckDB IO manager,
+    then checks the table it landed in."""
+    key = asset_key(spec)
 
     @dg.asset(
-        key=asset_key(spec),
+        key=key,
         group_name=GROUP_NAME,
         description=spec.description,
         kinds={"python", "duckdb"},
+        owners=list(settings.owners),
         io_manager_key=IO_MANAGER_KEY,
+        freshness_policy=freshness_policy(settings),
+        check_specs=sync_check_specs(spec, key, settings.row_count_max_drop),
         metadata={
             "dagster/column_schema": column_schema(spec),
+            "dagster/table_name": f"{ASSET_PREFIX}.{spec.name}",
             "api_path": spec.path,
             "primary_key": spec.primary_key_column.name,
         },
     )
-    def sync(context: dg.AssetExecutionContext, marketing_api: MarketingApiResource) -> dg.Output[StagedBatch]:
+    def sync(
+        context: dg.AssetExecutionContext,
+        marketing_api: MarketingApiResource,
+        warehouse: WarehouseResource,
+    ) -> Iterator[dg.Output[StagedBatch] | dg.AssetCheckResult]:
+        previous_rows = _previous_row_count(context)
         started = time.monotonic()
+        progress = ProgressLog(context.log, spec.name, settings.progress_interval_seconds)
         with marketing_api.get_client() as client, PageStager(
             spec, directory=marketing_api.staging_dir or None
         ) as stager:
             for page in client.iter_pages(spec):
                 stager.add(page)
+                progress.tick(stager.records, stager.pages)
             batch = stager.finish()
             stats = client.stats
+        fetch_seconds = time.monotonic() - started
         if batch.unknown_fields:
             context.log.warning(
                 f"{spec.name}: the API sent fields the catalog does not know, kept in _extra:"
@@ -64,22 +121,31 @@ def build_sync_asset(spec: ResourceSpec) -> dg.AssetsDefinition:
             )
         context.log.info(
             f"{spec.name}: fetched {batch.records} records in {batch.pages} pages"
-            f" ({stats.requests} requests, {stats.retries} retries) in {time.monotonic() - started:.1f}s"
+            f" ({stats.requests} requests, {stats.retries} retries) in {fetch_seconds:.1f}s"
         )
-        return dg.Output(
+        # The IO manager merges the batch as soon as it is yielded; the checks below read the result.
+        yield dg.Output(
             batch,
             metadata={
+                "dagster/column_schema": column_schema(spec),
                 "records_fetched": batch.records,
                 "pages": batch.pages,
                 "requests": stats.requests,
                 "retries": stats.retries,
                 "throttled_429": stats.throttled,
-                "fetch_seconds": round(time.monotonic() - started, 3),
+                "fetch_seconds": round(fetch_seconds, 3),
                 "unknown_fields": ", ".join(batch.unknown_fields) or "none",
             },
         )
+        with warehouse.connection() as connection:
+            yield primary_key_result(connection, warehouse.schema_name, spec)
+            yield required_fields_result(connection, warehouse.schema_name, spec)
+            table = fully_qualified(connection, warehouse.schema_name, spec.name)
+            (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[misc]
+        yield row_count_result(rows, previous_rows, settings.row_count_max_drop, f"{ASSET_PREFIX}.{spec.name}")
 
     return sync
 
 
-SYNC_ASSETS: list[dg.AssetsDefinition] = [build_sync_asset(spec) for spec in RESOURCES]
+def build_sync_assets(settings: Settings) -> list[dg.AssetsDefinition]:
+    return [build_sync_asset(spec, settings) for spec in RESOURCES]

@@ -23,7 +23,9 @@ class Column:
     """One field of an API record and the DuckDB column it lands in.
 
     A column with ``fields`` is a list of objects in the API and a typed
-    ``STRUCT(...)[]`` in DuckDB, whose members are those fields.
+    ``STRUCT(...)[]`` in DuckDB, whose members are those fields. ``required`` fields are
+    expected on every record: an asset check flags rows without them. Only a missing
+    primary key fails the sync itself, since the row could not be merged.
     """
 
     api_name: str
@@ -100,7 +102,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
         description="Communities of the account (GET /api/community/communities).",
         columns=(
             _ID,
-            Column("name", "VARCHAR", "Community name."),
+            Column("name", "VARCHAR", "Community name.", required=True),
             Column("domainName", "VARCHAR", "Domain the community is served on."),
             Column("path", "VARCHAR", "Path of the community on its domain."),
         ),
@@ -115,8 +117,8 @@ RESOURCES: tuple[ResourceSpec, ...] = (
         ),
         columns=(
             _ID,
-            Column("email", "VARCHAR", "Email address."),
-            Column("registeredAt", "TIMESTAMPTZ", "When the contact registered."),
+            Column("email", "VARCHAR", "Email address.", required=True),
+            Column("registeredAt", "TIMESTAMPTZ", "When the contact registered.", required=True),
             Column("locale", "VARCHAR", "Language code (the platform's own: jp, dk, ua, ...)."),
             Column("sourceURL", "VARCHAR", "Page the contact signed up on, if known."),
             Column("unsubscribed", "BOOLEAN", "Unsubscribed from emails."),
@@ -145,7 +147,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
         description="Tags that can be put on contacts (GET /api/tags).",
         columns=(
             _ID,
-            Column("name", "VARCHAR", "Tag name."),
+            Column("name", "VARCHAR", "Tag name.", required=True),
             Column("createdAt", "TIMESTAMPTZ", "When the tag was created."),
         ),
     ),
@@ -159,7 +161,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
         ),
         columns=(
             Column("slug", "VARCHAR", "Identifier of the field.", required=True),
-            Column("fieldName", "VARCHAR", "Display name of the field."),
+            Column("fieldName", "VARCHAR", "Display name of the field.", required=True),
         ),
         # One request with no parameters returns every field.
         paginated=False,
@@ -176,7 +178,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
             Column("domainName", "VARCHAR", "Domain the course is served on, if any."),
             Column("path", "VARCHAR", "Path of the course on its domain."),
             Column("active", "BOOLEAN", "Open to students."),
-            Column("name", "VARCHAR", "Course name."),
+            Column("name", "VARCHAR", "Course name.", required=True),
             Column(
                 "modules",
                 description="Modules of the course in order: id (may be null), name.",

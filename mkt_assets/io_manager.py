@@ -7,6 +7,7 @@ deletes the table before writing, and the type handler merges on the primary key
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -63,15 +64,25 @@ class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
         obj: StagedBatch,
         connection: duckdb.DuckDBPyConnection,
     ) -> Mapping[str, dg.RawMetadataValue]:
+        started = time.monotonic()
         try:
             result = warehouse.merge_staged(connection, table_slice.schema, table_slice.table, obj)
         finally:
             obj.discard()
+        merge_seconds = time.monotonic() - started
+        context.log.info(
+            f"{table_slice.schema}.{table_slice.table}: {result.inserted} inserted, {result.updated} updated,"
+            f" {result.unchanged} unchanged; {result.row_count} rows ({merge_seconds:.1f}s)"
+        )
         return {
             "dagster/row_count": result.row_count,
             "rows_inserted": result.inserted,
             "rows_updated": result.updated,
             "rows_unchanged": result.unchanged,
+            "merge_seconds": round(merge_seconds, 3),
+            "preview": dg.MetadataValue.md(
+                warehouse.preview_markdown(connection, table_slice.schema, table_slice.table)
+            ),
         }
 
     def load_input(

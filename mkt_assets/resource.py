@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import dagster as dg
+import duckdb
 from pydantic import Field, field_validator
 
+from mkt_assets import warehouse
 from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, MarketingApiClient
 from mkt_assets.errors import ConfigurationError
 
@@ -104,3 +108,16 @@ class MarketingApiResource(dg.ConfigurableResource):
             backoff_factor=self.backoff_factor,
             key_setting=API_KEY_ENV,
         )
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB file the assets write to, for the checks and anything else that reads it."""
+
+    database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
+    schema_name: str = Field(default="marketing", description="Schema holding the synced tables.")
+
+    @contextmanager
+    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection that queues behind writers instead of failing on DuckDB's lock."""
+        with warehouse.connect(self.database) as connection:
+            yield connection

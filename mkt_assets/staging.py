@@ -91,16 +91,15 @@ class PageStager:
         )
 
     def _check_records(self, page: Page) -> None:
-        required = self.spec.required_fields
+        key = self.spec.primary_key
         known = self.spec.known_fields
         for position, record in enumerate(page.items, start=1):
-            for name in required:
-                if record.get(name) is None:
-                    raise RecordError(
-                        f"{self.spec.name}: {page.path}: record {position} of page {page.number}"
-                        f" (record {self.records + position} of the sync) has no {name!r}:"
-                        f" {_preview(record)}"
-                    )
+            if record.get(key) is None:
+                raise RecordError(
+                    f"{self.spec.name}: {page.path}: record {position} of page {page.number}"
+                    f" (record {self.records + position} of the sync) has no {key!r}:"
+                    f" {_preview(record)}"
+                )
             if record.keys() - known:
                 self.unknown_fields.update(record.keys() - known)
 

@@ -263,3 +263,20 @@ def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str)
 def database_path(path: str) -> str:
     """Resolve a relative database path against the working directory, as users expect."""
     return path if path == ":memory:" else os.path.abspath(path)
+
+
+def preview_markdown(connection: duckdb.DuckDBPyConnection, schema: str, table: str, rows: int = 5) -> str:
+    """The first rows of a table, by primary key order, as a markdown table."""
+    result = connection.execute(f"SELECT * FROM {fully_qualified(connection, schema, table)} ORDER BY 1 LIMIT {int(rows)}")
+    names = [column[0] for column in result.description or []]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for row in result.fetchall():
+        lines.append("| " + " | ".join(_markdown_cell(value) for value in row) + " |")
+    return "\n".join(lines)
+
+
+def _markdown_cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return text.replace("|", "\\|").replace("\n", " ")

@@ -6,10 +6,17 @@ import os
 import subprocess
 import sys
 
+from datetime import timedelta
+
 import dagster as dg
+import pytest
+from dagster._core.definitions.freshness import TimeWindowFreshnessPolicy
 
 from mkt_assets import defs
 from mkt_assets.catalog import RESOURCES
+from mkt_assets.definitions import build_definitions
+from mkt_assets.errors import ConfigurationError
+from mkt_assets.settings import Settings
 
 EXPECTED_KEYS = {
     dg.AssetKey(["marketing", name])
@@ -51,3 +58,64 @@ def test_the_sync_job_selects_all_five_and_runs_them_all_at_once() -> None:
     assert job.asset_layer.executable_asset_keys == EXPECTED_KEYS
     assert job.executor_def.name == "multiprocess"
     assert job.executor_def.apply_config_mapping({}).value["config"]["max_concurrent"] == 5
+
+
+def test_the_daily_schedule_runs_the_sync_without_being_switched_on() -> None:
+    schedule = defs.resolve_schedule_def("marketing_sync_daily")
+
+    assert schedule.job_name == "marketing_sync"
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 3 * * *", "UTC")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_every_asset_has_a_freshness_policy_following_the_schedule_and_an_owner() -> None:
+    for spec in defs.resolve_all_asset_specs():
+        policy = spec.freshness_policy
+        assert isinstance(policy, TimeWindowFreshnessPolicy), spec.key
+        assert policy.warn_window.to_timedelta() == timedelta(hours=25)
+        assert policy.fail_window.to_timedelta() == timedelta(hours=28)
+        assert spec.owners == ["team:data-engineering"]
+
+
+def test_every_asset_carries_its_checks() -> None:
+    checks = {(key.asset_key.path[-1], key.name) for key in defs.resolve_asset_graph().asset_check_keys}
+
+    for resource in RESOURCES:
+        for name in ("primary_key_unique", "required_fields_present", "row_count_not_dropping"):
+            assert (resource.name, name) in checks
+    assert {("contacts", "contact_tags_exist"), ("contacts", "contact_field_slugs_exist")} <= checks
+
+
+def test_settings_come_from_the_environment() -> None:
+    settings = Settings.from_environment(
+        {
+            "MKT_SYNC_CRON": "30 1 * * *",
+            "MKT_SYNC_TIMEZONE": "Europe/Paris",
+            "MKT_FRESHNESS_WARN_HOURS": "2",
+            "MKT_FRESHNESS_FAIL_HOURS": "3.5",
+            "MKT_ASSET_OWNERS": "team:growth, ana@example.com",
+            "MKT_ROW_COUNT_MAX_DROP": "0.25",
+        }
+    )
+    built = build_definitions(settings)
+
+    schedule = built.resolve_schedule_def("marketing_sync_daily")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 1 * * *", "Europe/Paris")
+    spec = next(iter(built.resolve_all_asset_specs()))
+    assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=3.5)  # type: ignore[union-attr]
+    assert spec.owners == ["team:growth", "ana@example.com"]
+    assert settings.row_count_max_drop == 0.25
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"MKT_SYNC_TIMEZONE": "Mars/Olympus"}, "MKT_SYNC_TIMEZONE is not an IANA time zone"),
+        ({"MKT_FRESHNESS_WARN_HOURS": "30"}, "below MKT_FRESHNESS_FAIL_HOURS"),
+        ({"MKT_ROW_COUNT_MAX_DROP": "1.5"}, "MKT_ROW_COUNT_MAX_DROP must be a share"),
+        ({"MKT_PROGRESS_SECONDS": "soon"}, "MKT_PROGRESS_SECONDS must be a number"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_variable(environment: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_environment(environment)

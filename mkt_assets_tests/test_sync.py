@@ -13,14 +13,16 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.assets import SYNC_ASSETS
-from mkt_assets.catalog import RESOURCES, Column, ResourceSpec
+from mkt_assets.assets import build_sync_asset, build_sync_assets
+from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import MarketingApiResource
+from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.settings import Settings
 from mkt_assets.warehouse import connect, fully_qualified
 
 API_KEY = "integration-secret-3f9a1c"
+SYNC_ASSETS = build_sync_assets(Settings())
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def resources(server: SandboxServer, database: str) -> dict[str, Any]:
     return {
         "marketing_api": MarketingApiResource(base_url=server.base_url, api_key=API_KEY, backoff_factor=0),
         "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+        "warehouse": WarehouseResource(database=database),
     }
 
 
@@ -72,6 +75,8 @@ def test_every_record_of_the_five_resources_lands_field_for_field(
     result = dg.materialize(SYNC_ASSETS, resources=resources(server, database))
 
     assert result.success
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 15 and all(check.passed for check in checks)
     for spec in RESOURCES:
         assert table_rows(database, spec) == expected_rows(spec, account), spec.name
     assert account.count("contacts") == 1234
@@ -146,3 +151,36 @@ def test_a_run_without_a_key_fails_at_once_saying_so(tmp_path: Path) -> None:
     assert run.returncode != 0
     assert 'environment variable "MKT_API_KEY" which is not set' in run.stdout + run.stderr
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_a_long_fetch_reports_its_progress_in_the_run_log(server: SandboxServer, tmp_path: Path) -> None:
+    contacts = build_sync_asset(RESOURCES_BY_NAME["contacts"], Settings(progress_interval_seconds=1e-9))
+    instance = dg.DagsterInstance.ephemeral()
+
+    result = dg.materialize([contacts], resources=resources(server, str(tmp_path / "p.duckdb")), instance=instance)
+
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    progress = [m for m in messages if "so far" in m]
+    assert progress[0].startswith("contacts: 100 records in 1 pages so far (")
+    assert "records/s" in progress[0]
+    assert progress[-1].startswith("contacts: 1234 records in 13 pages so far")
+
+
+def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Path) -> None:
+    database = str(tmp_path / "m.duckdb")
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize(SYNC_ASSETS, resources=resources(server, database), instance=instance)
+
+    second = dg.materialize(SYNC_ASSETS, resources=resources(server, database), instance=instance)
+
+    by_asset = {e.asset_key.path[-1]: e.materialization.metadata for e in second.get_asset_materialization_events()}
+    contacts = by_asset["contacts"]
+    assert contacts["dagster/row_count"].value == 1234
+    assert contacts["dagster/table_name"].value == "marketing.contacts"
+    assert [c.name for c in contacts["dagster/column_schema"].value.columns][:3] == ["id", "email", "registered_at"]
+    assert (contacts["pages"].value, contacts["requests"].value, contacts["retries"].value) == (13, 13, 0)
+    assert contacts["throttled_429"].value == 0 and contacts["unknown_fields"].value == "none"
+    assert contacts["fetch_seconds"].value > 0 and contacts["merge_seconds"].value > 0
+    assert contacts["preview"].value.startswith("| id | email | registered_at |")
+    row_checks = {e.asset_key.path[-1]: e for e in second.get_asset_check_evaluations() if e.check_name == "row_count_not_dropping"}
+    assert row_checks["contacts"].metadata["previous_row_count"].value == 1234

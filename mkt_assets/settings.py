@@ -1,0 +1,78 @@
+"""Deployment settings read from the environment when the definitions load.
+
+Secrets are not here: the API key stays an ``EnvVar`` on the resource so Dagster never
+records its value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mkt_assets.errors import ConfigurationError
+
+DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
+# Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
+# like the schema makes every `marketing.<table>` a user types ambiguous.
+DEFAULT_DUCKDB_PATH = "data/mkt_assets.duckdb"
+
+
+@dataclass(frozen=True)
+class Settings:
+    duckdb_path: str = DEFAULT_DUCKDB_PATH
+    sync_cron: str = "0 3 * * *"
+    sync_timezone: str = "UTC"
+    freshness_warn: timedelta = timedelta(hours=25)
+    freshness_fail: timedelta = timedelta(hours=28)
+    owners: tuple[str, ...] = ("team:data-engineering",)
+    row_count_max_drop: float = 0.1
+    progress_interval_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.sync_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigurationError(
+                f"MKT_SYNC_TIMEZONE is not an IANA time zone: {self.sync_timezone!r}"
+            ) from None
+        if not timedelta(0) < self.freshness_warn < self.freshness_fail:
+            raise ConfigurationError(
+                "MKT_FRESHNESS_WARN_HOURS must be positive and below MKT_FRESHNESS_FAIL_HOURS"
+            )
+        if not 0 <= self.row_count_max_drop < 1:
+            raise ConfigurationError("MKT_ROW_COUNT_MAX_DROP must be a share from 0 to below 1, e.g. 0.1")
+        if self.progress_interval_seconds <= 0:
+            raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environment is None else environment
+        defaults = cls()
+
+        def number(name: str, default: float) -> float:
+            raw = env.get(name)
+            if not raw:
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+
+        owners = env.get("MKT_ASSET_OWNERS")
+        return cls(
+            duckdb_path=env.get(DUCKDB_PATH_ENV) or defaults.duckdb_path,
+            sync_cron=env.get("MKT_SYNC_CRON") or defaults.sync_cron,
+            sync_timezone=env.get("MKT_SYNC_TIMEZONE") or defaults.sync_timezone,
+            freshness_warn=timedelta(
+                hours=number("MKT_FRESHNESS_WARN_HOURS", defaults.freshness_warn / timedelta(hours=1))
+            ),
+            freshness_fail=timedelta(
+                hours=number("MKT_FRESHNESS_FAIL_HOURS", defaults.freshness_fail / timedelta(hours=1))
+            ),
+            owners=tuple(o.strip() for o in owners.split(",") if o.strip()) if owners else defaults.owners,
+            row_count_max_drop=number("MKT_ROW_COUNT_MAX_DROP", defaults.row_count_max_drop),
+            progress_interval_seconds=number("MKT_PROGRESS_SECONDS", defaults.progress_interval_seconds),
+        )

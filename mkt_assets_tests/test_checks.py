@@ -1,0 +1,185 @@
+"""Each asset check passes on good data and fails, saying what and where, on data built to break it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+
+from mkt_assets.catalog import RESOURCES_BY_NAME
+from mkt_assets.checks import (
+    CONTACT_FIELDS_CHECK,
+    CONTACT_TAGS_CHECK,
+    PRIMARY_KEY_CHECK,
+    contact_field_slugs_result,
+    contact_tags_result,
+    primary_key_result,
+    required_fields_result,
+    row_count_result,
+)
+from mkt_assets.assets import build_sync_asset
+from mkt_assets.io_manager import MarketingDuckDBIOManager
+from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.settings import Settings
+from mkt_assets.warehouse import connect
+
+CONTACTS = RESOURCES_BY_NAME["contacts"]
+CONTACT_COLUMNS = (
+    "id BIGINT, email VARCHAR, registered_at TIMESTAMPTZ,"
+    " fields STRUCT(field_name VARCHAR, slug VARCHAR, value VARCHAR)[], tags STRUCT(id BIGINT, name VARCHAR)[]"
+)
+
+
+@pytest.fixture()
+def connection(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    with connect(str(tmp_path / "checks.duckdb")) as opened:
+        opened.execute("CREATE SCHEMA marketing")
+        # No PRIMARY KEY constraint: these tables are built to break the checks.
+        opened.execute(f"CREATE TABLE marketing.contacts ({CONTACT_COLUMNS})")
+        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR)")
+        opened.execute("CREATE TABLE marketing.contact_fields (slug VARCHAR, field_name VARCHAR)")
+        opened.execute("INSERT INTO marketing.tags VALUES (1, 'a'), (2, 'b')")
+        opened.execute("INSERT INTO marketing.contact_fields VALUES ('city', 'City')")
+        yield opened
+
+
+def add_contact(connection: duckdb.DuckDBPyConnection, contact_id: int | None, **values: Any) -> None:
+    row = {
+        "email": f"{contact_id}@x.test",
+        "registered_at": "2024-01-01 00:00:00+00",
+        "fields": [{"field_name": "City", "slug": "city", "value": "Oslo"}],
+        "tags": [{"id": 1, "name": "a"}],
+        **values,
+    }
+    connection.execute(
+        "INSERT INTO marketing.contacts VALUES (?, ?, ?, ?, ?)",
+        [contact_id, row["email"], row["registered_at"], row["fields"], row["tags"]],
+    )
+
+
+def test_primary_key_check_passes_on_unique_keys(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    add_contact(connection, 2)
+
+    result = primary_key_result(connection, "marketing", CONTACTS)
+
+    assert result.passed and result.severity == dg.AssetCheckSeverity.ERROR
+
+
+def test_primary_key_check_fails_on_duplicated_and_missing_keys(connection: duckdb.DuckDBPyConnection) -> None:
+    for contact_id in (1, 2, 2, 3, 3, 3, None):
+        add_contact(connection, contact_id)
+
+    result = primary_key_result(connection, "marketing", CONTACTS)
+
+    assert not result.passed
+    assert result.metadata["duplicated_keys"].value == [2, 3]
+    assert result.metadata["rows_without_key"].value == 1
+    assert result.description == "marketing.contacts: 1 rows without id; duplicated ids: 2, 3"
+
+
+def test_required_fields_check_lists_the_rows_missing_a_field(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    add_contact(connection, 2, email=None)
+    add_contact(connection, 3, email=None, registered_at=None)
+
+    result = required_fields_result(connection, "marketing", CONTACTS)
+
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
+    assert result.metadata["rows_missing_by_column"].value == {"email": 2, "registered_at": 1}
+    assert result.metadata["ids_of_rows_missing_a_field"].value == {"email": [2, 3], "registered_at": [3]}
+
+
+def test_required_fields_check_passes_when_every_row_is_complete(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    assert required_fields_result(connection, "marketing", CONTACTS).passed
+
+
+@pytest.mark.parametrize(
+    ("current", "previous", "passed"),
+    [(100, None, True), (100, 100, True), (90, 100, True), (89, 100, False), (0, 5, False), (120, 100, True)],
+)
+def test_row_count_check_warns_when_the_table_shrinks_beyond_the_share(
+    current: int, previous: int | None, passed: bool
+) -> None:
+    result = row_count_result(current, previous, 0.1, "marketing.contacts")
+
+    assert result.passed is passed and result.severity == dg.AssetCheckSeverity.WARN
+    if not passed:
+        assert f"{current} rows, down from {previous}" in (result.description or "")
+
+
+def test_contact_tags_check_names_contacts_and_tags_that_do_not_exist(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    add_contact(connection, 2, tags=[{"id": 1, "name": "a"}, {"id": 99, "name": "gone"}])
+    add_contact(connection, 3, tags=[{"id": 98, "name": "also gone"}])
+
+    result = contact_tags_result(connection, "marketing")
+
+    assert not result.passed and result.check_name == CONTACT_TAGS_CHECK
+    assert result.metadata["contact_ids"].value == [2, 3]
+    assert result.metadata["missing_ids"].value == [98, 99]
+    assert result.metadata["dangling_references"].value == 2
+
+
+def test_contact_field_check_names_slugs_that_do_not_exist(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    add_contact(connection, 2, fields=[{"field_name": "Shoe size", "slug": "shoe_size", "value": "44"}])
+
+    result = contact_field_slugs_result(connection, "marketing")
+
+    assert not result.passed and result.check_name == CONTACT_FIELDS_CHECK
+    assert result.metadata["contact_ids"].value == [2]
+    assert result.metadata["missing_slugs"].value == ["shoe_size"]
+
+
+def test_reference_checks_pass_when_every_reference_resolves(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    add_contact(connection, 2, tags=[], fields=[])
+
+    assert contact_tags_result(connection, "marketing").passed
+    assert contact_field_slugs_result(connection, "marketing").passed
+
+
+def test_reference_checks_say_which_table_is_missing(connection: duckdb.DuckDBPyConnection) -> None:
+    connection.execute("DROP TABLE marketing.tags")
+
+    result = contact_tags_result(connection, "marketing")
+
+    assert not result.passed
+    assert result.description == "marketing.tags does not exist yet: materialize it first"
+
+
+def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path) -> None:
+    """Bad data never flows on: with duplicated keys in the table, what depends on it is skipped."""
+    database = str(tmp_path / "blocking.duckdb")
+    with connect(database) as opened:
+        opened.execute("CREATE SCHEMA marketing")
+        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR)")  # no constraint
+        opened.execute("INSERT INTO marketing.tags VALUES (-5, 'x'), (-5, 'x again')")
+    tags = build_sync_asset(RESOURCES_BY_NAME["tags"], Settings())
+
+    @dg.asset(deps=[tags.key])
+    def downstream() -> None:
+        return None
+
+    with SandboxServer(SandboxData(seed=1, contacts=10), api_key="k") as server:
+        result = dg.materialize(
+            [tags, downstream],
+            resources={
+                "marketing_api": MarketingApiResource(base_url=server.base_url, api_key="k"),
+                "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+                "warehouse": WarehouseResource(database=database),
+            },
+            raise_on_error=False,
+        )
+
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations[PRIMARY_KEY_CHECK].passed
+    assert evaluations[PRIMARY_KEY_CHECK].metadata["duplicated_keys"].value == [-5]
+    assert [e.asset_key for e in result.get_asset_materialization_events()] == [tags.key]
