@@ -26,6 +26,7 @@ from mkt_assets.errors import (
     ApiValidationError,
     PaginationError,
 )
+from mkt_assets.ratelimit import SharedRateLimiter
 
 RETRY_STATUSES: frozenset[int] = frozenset({429, 500, 502, 503, 504})
 MAX_PAGE_SIZE = 100
@@ -40,6 +41,7 @@ class RequestStats:
     retries: int = 0
     throttled: int = 0  # 429 answers
     statuses: dict[int, int] = field(default_factory=dict)
+    paced_seconds: float = 0.0  # waited for the rate-limit window to refill
 
 
 class _CountingRetry(Retry):
@@ -68,6 +70,21 @@ class _CountingRetry(Retry):
             if status == 429:
                 self.stats.throttled += 1
         return super().increment(*args, **kwargs)
+
+
+class _PacedAdapter(HTTPAdapter):
+    """Holds each request until the shared quota allows it, and reports each answer's quota."""
+
+    def __init__(self, limiter: SharedRateLimiter, stats: RequestStats, **kwargs: Any) -> None:
+        self._limiter = limiter
+        self._stats = stats
+        super().__init__(**kwargs)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        self._stats.paced_seconds += self._limiter.acquire()
+        response = super().send(request, *args, **kwargs)
+        self._limiter.observe(response.headers)
+        return response
 
 
 class OffOriginRedirect(requests.exceptions.InvalidURL):
@@ -123,6 +140,7 @@ class MarketingApiClient:
         max_retries: int = 3,
         backoff_factor: float = 2.0,
         key_setting: str = "api_key",
+        rate_limiter: SharedRateLimiter | None = None,
     ) -> None:
         if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}, got {page_size}")
@@ -145,7 +163,11 @@ class MarketingApiClient:
             stats=self.stats,
         )
         self._session = _OriginBoundSession()
-        adapter = HTTPAdapter(max_retries=retry)
+        adapter = (
+            _PacedAdapter(rate_limiter, self.stats, max_retries=retry)
+            if rate_limiter is not None
+            else HTTPAdapter(max_retries=retry)
+        )
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
         self._session.headers.update(
@@ -296,9 +318,12 @@ def _read_page(
     try:
         body = json.loads(response.content)
     except ValueError as error:
-        kind = f"a {content_type} body" if content_type else "a body"
         excerpt = response.text[:80].replace("\n", " ")
-        raise fail(f"expected JSON, got {kind} that does not parse ({error}): {excerpt!r}") from None
+        if "json" not in content_type.lower():
+            raise fail(f"expected JSON, got {content_type or 'no content type'}: {excerpt!r}") from None
+        raise fail(
+            f"the JSON body does not parse ({error}; {len(response.content)} bytes, cut short?)"
+        ) from None
     if not isinstance(body, dict):
         raise fail(f"expected a JSON object with 'items' and 'hasMore', got {type(body).__name__}")
     if "items" not in body:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from mkt_assets import warehouse
 from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, MarketingApiClient
 from mkt_assets.errors import ConfigurationError
+from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 
 DEFAULT_BASE_URL = "https://api.systeme.io/api"
 API_KEY_ENV = "MKT_API_KEY"
@@ -79,6 +80,17 @@ class MarketingApiResource(dg.ConfigurableResource):
         default="",
         description="Where pages are staged before the DuckDB merge (empty: the system temp dir).",
     )
+    pace_requests: bool = Field(
+        default=True,
+        description=(
+            "Pace requests by the X-RateLimit headers, sharing the quota with every process on"
+            " this machine, instead of relying on 429 answers."
+        ),
+    )
+    quota_state_dir: str = Field(
+        default="",
+        description="Where the shared view of the quota is kept (empty: the system temp dir).",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -107,7 +119,15 @@ class MarketingApiResource(dg.ConfigurableResource):
             max_retries=self.max_retries,
             backoff_factor=self.backoff_factor,
             key_setting=API_KEY_ENV,
+            rate_limiter=self._rate_limiter(),
         )
+
+    def _rate_limiter(self) -> SharedRateLimiter | None:
+        if not self.pace_requests:
+            return None
+        parts = urlsplit(self.base_url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        return SharedRateLimiter(state_path_for(origin, self.quota_state_dir or None))
 
 
 class WarehouseResource(dg.ConfigurableResource):
