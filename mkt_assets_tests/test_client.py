@@ -193,8 +193,8 @@ def test_422_shows_the_api_violations() -> None:
 @pytest.mark.parametrize(
     ("body", "content_type", "problem"),
     [
-        (b'{"items": [{"id": 1}', "application/json", "does not parse"),
-        (b"<html><body>Maintenance</body></html>", "text/html", "text/html"),
+        (b'{"items": [{"id": 1}', "application/json", "the JSON body does not parse"),
+        (b"<html><body>Maintenance</body></html>", "text/html", "expected JSON, got text/html"),
         (b'{"hasMore": false}', "application/json", "no 'items'"),
         (b'{"items": {"id": 1}, "hasMore": false}', "application/json", "not a list"),
         (b'{"items": [{"id": 1}]}', "application/json", "'hasMore' is missing"),

@@ -154,6 +154,8 @@ class RequestRecord:
     query: dict[str, str]
     headers: dict[str, str]
     status: int
+    # Wall-clock time (time.time()) the answer was decided: lets tests measure pacing.
+    at: float = 0.0
 
 
 # ===================================================================== rate limit
@@ -405,6 +407,16 @@ def _error_body(status: int) -> Json:
         return NOT_FOUND
     if status == 429:
         return TOO_MANY
+    if status == 422:
+        # What an injected 422 looks like: API Platform's validation body.
+        return {
+            "type": "https://tools.ietf.org/html/rfc2616#section-10",
+            "title": "An error occurred",
+            "detail": "startingAfter: This value is not valid.",
+            "violations": [
+                {"propertyPath": "startingAfter", "message": "This value is not valid.", "code": TYPE_CODE}
+            ],
+        }
     return {"title": "An error occurred", "detail": _phrase(status)}
 
 
@@ -580,7 +592,7 @@ class _Handler(BaseHTTPRequestHandler):
         # Recorded before the answer is written, so a client that has its response can already
         # see the request in server.requests without waiting.
         headers = CaseInsensitiveHeaders(self.headers.items())
-        self.server.sandbox._log(RequestRecord(self.command, path, query, headers, status))
+        self.server.sandbox._log(RequestRecord(self.command, path, query, headers, status, time.time()))
 
     def _write(self, response: _Response) -> None:
         headers = {

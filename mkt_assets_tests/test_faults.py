@@ -1,0 +1,391 @@
+"""Faults and bad input, driven through the simulator: each case lands exactly what the API
+holds or fails clearly, leaving the table as it was, and never shows the key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from mkt_assets.assets import build_sync_asset
+from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.client import MarketingApiClient
+from mkt_assets.errors import ApiValidationError
+from mkt_assets.io_manager import MarketingDuckDBIOManager
+from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
+from mkt_assets.settings import Settings
+from mkt_assets.warehouse import connect, fully_qualified
+
+API_KEY = "fault-secret-5d1e0b7a"
+CONTACTS = RESOURCES_BY_NAME["contacts"]
+ACCOUNT_SIZE = 450  # five pages of contacts
+
+
+@dataclass
+class Outcome:
+    result: dg.ExecuteInProcessResult
+    instance: dg.DagsterInstance
+
+    @property
+    def error(self) -> str:
+        """The step's error as a user reads it in the UI: every message down the cause chain."""
+        (failure,) = self.result.get_step_failure_events()
+        error = failure.event_specific_data.error  # type: ignore[union-attr]
+        messages = []
+        while error is not None:
+            messages.append(error.message)
+            error = error.cause
+        return "\n".join(messages)
+
+    def metadata(self) -> dict[str, Any]:
+        (event,) = self.result.get_asset_materialization_events()
+        return {k: v.value for k, v in event.materialization.metadata.items()}
+
+    def everything_recorded(self) -> str:
+        return "\n".join(str(entry) for entry in self.instance.all_logs(self.result.run_id))
+
+
+class Harness:
+    """A simulator and a DuckDB file that already holds a first, clean sync."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.account = SandboxData(seed=11, contacts=ACCOUNT_SIZE)
+        self.server = SandboxServer(self.account, api_key=API_KEY).start()
+        self.database = str(tmp_path / "faults.duckdb")
+        self.quota_dir = str(tmp_path / "quota")
+        assert self.sync(CONTACTS).result.success
+        self.server.reset_log()
+
+    def resources(self, **api_settings: Any) -> dict[str, Any]:
+        settings = {"base_url": self.server.base_url, "api_key": API_KEY, "backoff_factor": 0.01,
+                    "quota_state_dir": self.quota_dir, **api_settings}  # fmt: skip
+        return {
+            "marketing_api": MarketingApiResource(**settings),
+            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
+            "warehouse": WarehouseResource(database=self.database),
+        }
+
+    def sync(self, spec: ResourceSpec, *faults: Fault, **api_settings: Any) -> Outcome:
+        self.server.clear_faults()
+        for fault in faults:
+            self.server.add_fault(fault)
+        instance = dg.DagsterInstance.ephemeral()
+        result = dg.materialize(
+            [build_sync_asset(spec, Settings())],
+            resources=self.resources(**api_settings),
+            instance=instance,
+            raise_on_error=False,
+        )
+        return Outcome(result, instance)
+
+    def table(self, spec: ResourceSpec = CONTACTS) -> list[tuple[Any, ...]]:
+        with connect(self.database) as connection:
+            name = fully_qualified(connection, "marketing", spec.name)
+            return connection.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
+
+    def contact_requests(self) -> list[Any]:
+        return [r for r in self.server.requests if r.path == "/api/contacts"]
+
+
+@pytest.fixture()
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    running = Harness(tmp_path)
+    try:
+        yield running
+    finally:
+        running.server.stop()
+
+
+def assert_failed_cleanly(harness: Harness, outcome: Outcome, before: list[tuple[Any, ...]]) -> None:
+    assert not outcome.result.success
+    assert harness.table() == before, "a failed sync must leave the table exactly as it was"
+    assert API_KEY not in outcome.error
+    assert API_KEY not in outcome.everything_recorded()
+
+
+# 1. Up to 3 consecutive retryable answers on any page: complete data, retries reported.
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_three_retryable_answers_in_a_row_are_retried_to_a_complete_sync(harness: Harness, status: int) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=status, times=3, after=2))
+
+    assert outcome.result.success
+    assert harness.table() == before  # every record, as the first sync landed them
+    metadata = outcome.metadata()
+    assert metadata["retries"] == 3
+    assert metadata["throttled_429"] == (3 if status == 429 else 0)
+    assert metadata["records_fetched"] == ACCOUNT_SIZE
+
+
+def test_retry_after_is_waited_before_each_retry(harness: Harness) -> None:
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=503, times=2, after=1, retry_after=1))
+
+    assert outcome.result.success
+    second_page = [r for r in harness.contact_requests() if r.query.get("startingAfter")][:3]
+    gaps = [later.at - earlier.at for earlier, later in zip(second_page, second_page[1:])]
+    assert [r.status for r in second_page] == [503, 503, 200]
+    assert all(gap >= 0.95 for gap in gaps), gaps  # backoff alone would be 0.01 s
+
+
+# 2. Persistent faults: a clear error naming resource, request and cause; table untouched.
+
+
+def test_a_persistent_5xx_fails_naming_the_request_and_leaves_the_table(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=502, times=-1, after=1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc&startingAfter=" in outcome.error
+    assert "HTTP 502 after retries" in outcome.error
+    assert len(harness.contact_requests()) == 1 + 4
+
+
+def test_a_refused_connection_fails_clearly(harness: Harness) -> None:
+    before = harness.table()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    outcome = harness.sync(CONTACTS, base_url=f"http://127.0.0.1:{closed_port}/api")
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc: no complete answer:" in outcome.error
+    assert "Connection refused" in outcome.error
+
+
+def test_a_connection_reset_mid_body_fails_clearly(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("reset", path="/api/contacts", after=3, times=-1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc&startingAfter=" in outcome.error
+    assert "no complete answer" in outcome.error
+
+
+def test_a_read_timeout_fails_clearly(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("delay", path="/api/contacts", delay=1.0, times=-1), read_timeout=0.2)
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc:" in outcome.error
+    assert "timed out" in outcome.error or "Read timed out" in outcome.error
+
+
+# 3. A rejected key: no retries, the setting named.
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_rejected_key_fails_at_once_naming_mkt_api_key(harness: Harness, status: int) -> None:
+    before = harness.table()
+    faults = [Fault("status", path="/api/contacts", status=403, times=-1)] if status == 403 else []
+    key = API_KEY if status == 403 else "wrong-key-123"
+    harness.server.clear_faults()
+    outcome = harness.sync(CONTACTS, *faults, api_key=key)
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert f"HTTP {status}: the API key was rejected; set MKT_API_KEY" in outcome.error
+    assert len(harness.contact_requests()) == 1
+
+
+# 4. 422: the API's violations shown.
+
+
+def test_a_422_shows_the_api_violations(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=422, after=1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "HTTP 422, the API rejected the request: startingAfter: This value is not valid." in outcome.error
+
+
+def test_the_simulators_own_validation_reaches_the_user(harness: Harness) -> None:
+    with MarketingApiClient(harness.server.base_url, API_KEY) as client, pytest.raises(ApiValidationError) as caught:
+        list(client.iter_pages(CONTACTS, {"limit": 5}))
+    assert "pagination.limit: This value should be between 10 and 100." in str(caught.value)
+
+
+# 5.-7. Malformed pages, records without a key, cursors that do not advance: nothing written.
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", "contacts: GET /api/contacts?limit=100&order=asc&startingAfter="),
+        ("truncated", ": page 3: the JSON body does not parse ("),
+        ("html", ": page 3: expected JSON, got text/html"),
+        ("no_items", ": page 3: the body has no 'items'"),
+        ("items_not_list", ": page 3: 'items' is dict, not a list"),
+        ("no_has_more", ": page 3: 'hasMore' is missing or not a boolean"),
+        ("missing_id", "contacts: /api/contacts: record 51 of page 3 (record 251 of the sync) has no 'id'"),
+        ("repeat_cursor", ": page 3: the cursor did not advance"),
+        ("empty_has_more", ": page 3: hasMore is true but the page is empty"),
+    ],
+)
+def test_a_bad_page_fails_naming_resource_and_page_and_writes_nothing(harness: Harness, kind: str, message: str) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault(kind, path="/api/contacts", after=2))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert message in outcome.error
+
+
+# 8. A new upstream field is kept; a field that cannot be typed is named with its value.
+
+
+def test_a_new_upstream_field_is_kept_in_extra_and_reported(harness: Harness) -> None:
+    outcome = harness.sync(CONTACTS, Fault("extra_field", path="/api/contacts", times=-1))
+
+    assert outcome.result.success
+    assert outcome.metadata()["unknown_fields"] == "score"
+    with connect(harness.database) as connection:
+        extras = connection.execute("SELECT DISTINCT CAST(_extra AS VARCHAR) FROM marketing.contacts").fetchall()
+    assert extras == [('{"score":42}',)]
+    assert "kept in _extra: score" in outcome.everything_recorded()
+
+
+def test_a_value_of_the_wrong_type_fails_naming_column_and_value(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("bad_type", path="/api/contacts", after=1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "record 51 of page 2: field 'id' (column id BIGINT) cannot hold \"abc\"" in outcome.error
+
+
+# 9. The step process killed during the DuckDB write: old state, then a clean next sync.
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    from mkt_assets import warehouse
+
+    original = warehouse.merge_staged
+
+    class PausingConnection:
+        # Runs every statement, but stops dead once the MERGE has run, before COMMIT.
+        def __init__(self, connection):
+            self._connection = connection
+
+        def execute(self, sql, *args):
+            result = self._connection.execute(sql, *args)
+            if sql.startswith("MERGE INTO"):
+                print("merged, not committed", flush=True)
+                sys.stdin.read()  # held here until killed
+            return result
+
+    def pausing_merge(connection, schema, table, batch):
+        return original(PausingConnection(connection), schema, table, batch)
+
+    warehouse.merge_staged = pausing_merge
+    from mkt_assets.io_manager import MarketingDuckDBIOManager
+    from mkt_assets.resource import MarketingApiResource, WarehouseResource
+    from mkt_assets.assets import build_sync_asset
+    from mkt_assets.catalog import RESOURCES_BY_NAME
+    from mkt_assets.settings import Settings
+    import dagster as dg
+
+    base_url, key, database, quota = sys.argv[1:5]
+    dg.materialize(
+        [build_sync_asset(RESOURCES_BY_NAME["contacts"], Settings())],
+        resources={
+            "marketing_api": MarketingApiResource(base_url=base_url, api_key=key, quota_state_dir=quota),
+            "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+            "warehouse": WarehouseResource(database=database),
+        },
+    )
+    """
+)
+
+
+def test_a_writer_killed_mid_transaction_leaves_the_old_state_and_the_next_sync_succeeds(harness: Harness) -> None:
+    before = harness.table()
+    harness.account.add_contacts(120)
+    tagged = [contact_id for contact_id in harness.account.contact_ids if harness.account.contact(contact_id)["tags"]]
+    for contact_id in tagged[:10]:
+        harness.account.set_contact_tags(contact_id, [])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, harness.server.base_url, API_KEY, harness.database, harness.quota_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "merged, not committed"
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.wait(60)
+
+    assert harness.table() == before  # the database opens and holds the old state, whole
+    outcome = harness.sync(CONTACTS)
+    assert outcome.result.success
+    metadata = outcome.metadata()
+    assert (metadata["rows_inserted"], metadata["rows_updated"]) == (120, 10)
+    assert len(harness.table()) == ACCOUNT_SIZE + 120
+
+
+# Security.
+
+
+def test_a_redirect_to_another_origin_is_refused_and_the_key_never_reaches_it(harness: Harness) -> None:
+    with SandboxServer(SandboxData(seed=1, contacts=10), api_key="other") as elsewhere:
+        before = harness.table()
+        origin = elsewhere.base_url.removesuffix("/api")
+        outcome = harness.sync(CONTACTS, Fault("redirect", path="/api/contacts", after=1, location=origin))
+
+        assert_failed_cleanly(harness, outcome, before)
+        assert "redirected to another origin" in outcome.error
+        assert all(API_KEY not in str(request.headers) for request in elsewhere.requests)
+        assert elsewhere.requests == []
+
+
+def test_the_key_appears_in_no_log_metadata_or_database_after_a_sync(harness: Harness) -> None:
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=503, after=1))
+
+    assert outcome.result.success
+    assert API_KEY not in outcome.everything_recorded()
+    assert API_KEY not in repr(harness.resources()["marketing_api"])
+    assert API_KEY.encode() not in Path(harness.database).read_bytes()
+    assert all(request.headers.get("X-API-Key") == API_KEY for request in harness.server.requests)
+
+
+# Rate limits: paced by the headers, shared by the run's five processes.
+
+
+def test_a_rate_limited_parallel_sync_stays_under_the_quota_and_near_its_floor(tmp_path: Path) -> None:
+    limit, window = 20, 2.0
+    account = SandboxData(seed=5, contacts=6000)
+    with SandboxServer(account, api_key=API_KEY, rate_limit=(limit, window)) as server:
+        environment = {
+            **os.environ,
+            "MKT_API_BASE_URL": server.base_url,
+            "MKT_API_KEY": API_KEY,
+            "MKT_DUCKDB_PATH": str(tmp_path / "paced.duckdb"),
+            "DAGSTER_HOME": str(tmp_path),
+        }
+        run = subprocess.run(
+            [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"],
+            env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        served = [r for r in server.requests if r.path.startswith("/api/")]
+
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "STEP_FAILURE" not in run.stdout + run.stderr
+    assert [r for r in served if r.status == 429] == []
+    assert {r.path for r in served} == {
+        "/api/community/communities", "/api/contacts", "/api/tags", "/api/contact_fields", "/api/school/courses",
+    }  # fmt: skip
+    floor = len(served) / (limit / window)  # 64 requests at 10 per second
+    span = max(r.at for r in served) - min(r.at for r in served)
+    assert span <= 1.2 * floor, (span, floor)
