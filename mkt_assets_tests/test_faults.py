@@ -112,6 +112,7 @@ def assert_failed_cleanly(harness: Harness, outcome: Outcome, before: list[tuple
     assert harness.table() == before, "a failed sync must leave the table exactly as it was"
     assert API_KEY not in outcome.error
     assert API_KEY not in outcome.everything_recorded()
+    assert API_KEY.encode() not in Path(harness.database).read_bytes()
 
 
 # 1. Up to 3 consecutive retryable answers on any page: complete data, retries reported.

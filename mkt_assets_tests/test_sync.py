@@ -184,3 +184,26 @@ def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Pa
     assert contacts["preview"].value.startswith("| id | email | registered_at |")
     row_checks = {e.asset_key.path[-1]: e for e in second.get_asset_check_evaluations() if e.check_name == "row_count_not_dropping"}
     assert row_checks["contacts"].metadata["previous_row_count"].value == 1234
+
+
+def test_overlapping_runs_of_the_job_both_succeed_on_one_database(server: SandboxServer, account: SandboxData, tmp_path: Path) -> None:
+    """A scheduled run and a manual run at once: ten step processes, one DuckDB file."""
+    database = tmp_path / "shared.duckdb"
+    runs = []
+    for name in ("scheduled", "manual"):
+        home = tmp_path / name
+        home.mkdir()
+        environment = {**os.environ, "MKT_API_BASE_URL": server.base_url, "MKT_API_KEY": API_KEY,
+                       "MKT_DUCKDB_PATH": str(database), "DAGSTER_HOME": str(home)}  # fmt: skip
+        runs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"],
+                env=environment, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        )
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert all("STEP_FAILURE" not in output for output in outputs)
+    for spec in RESOURCES:
+        assert table_rows(str(database), spec) == expected_rows(spec, account), spec.name
