@@ -99,17 +99,20 @@ class _OriginBoundSession(requests.Session):
     """
 
     def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
-        if _origin(prepared_request.url or "") != _origin(response.request.url or ""):
+        target, source = _origin(prepared_request.url or ""), _origin(response.request.url or "")
+        if target != source:
             raise OffOriginRedirect(
-                f"the API redirected to another origin ({_origin(prepared_request.url or '')});"
+                f"the API redirected to another origin ({target}, not {source});"
                 " refusing to follow it with the API key"
             )
         super().rebuild_auth(prepared_request, response)
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def _origin(url: str) -> str:
+    """``scheme://host:port`` with the default port spelled out, so equal origins compare equal."""
     parts = urlsplit(url)
-    return (parts.scheme, parts.hostname or "", parts.port)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
 
 
 @dataclass(frozen=True)

@@ -244,10 +244,10 @@ def _explain_cast_failure(
         if row is not None:
             page, position, value = row
             return StagingError(
-                f"{spec.name}: {spec.path}: record {position} of page {page}: field"
+                f"{spec.name}: record {position} of page {page}: field"
                 f" {column.api_name!r} (column {column.name} {column.sql_type}) cannot hold {value}"
             )
-    return StagingError(f"{spec.name}: {spec.path}: a value could not be typed: {error}")
+    return StagingError(f"{spec.name}: a value could not be typed: {error}")
 
 
 def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:

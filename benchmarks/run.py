@@ -1,0 +1,671 @@
+"""Benchmark the marketing sync against the bundled simulator and check the issue's six targets.
+
+    python benchmarks/run.py --sizes 100000 1000000 --repeat 3
+    python benchmarks/run.py --quick            # a small smoke run: does the script work?
+
+The simulator always runs in its own process (``mkt-assets sandbox``), and every measured
+piece of work runs in a fresh child process, so each process's peak resident set is its own.
+Seconds are medians over ``--repeat`` runs; peaks are maxima. Progress goes to stderr, the
+machine description and one result table to stdout (``--json`` also writes every raw run).
+See benchmarks/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import (  # noqa: E402  (the sibling module, found through the line above)
+    ChildFailed,
+    Measured,
+    ProcessRecord,
+    Simulator,
+    describe_machine,
+    run_measured,
+    simulator,
+)
+
+HERE = Path(__file__).resolve().parent
+PAGE_SIZE = 100
+
+# The issue's targets.
+SIMULATOR_RATIO_MAX = 1.2  # 1: median page time at 1M / at 10k
+THROUGHPUT_RATIO_MAX = 1.2  # 2: contacts asset / bare loop over the contact pages
+END_TO_END_SLACK = 1.25  # 3: job <= fixed cost + 1.25 x bare loop (all five resources)
+PEAK_MB_MAX = 300.0  # 4: every process of a sync at the largest size
+PEAK_GROWTH_MAX = 1.25  # 4: peak at the largest size / at the next smaller one
+MERGE_SHARE_MAX = 0.15  # 5: merge / asset time when re-syncing unchanged contacts
+LATENCY_RATIO_MAX = 1.15  # 6: job <= 1.15 x (contact pages x latency) + fixed cost
+
+JOB_COMMAND = [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"]
+CONTACTS_STEP = "marketing__contacts"
+SMALL_STEPS = ("marketing__communities", "marketing__tags", "marketing__contact_fields", "marketing__course_resources")
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def label(contacts: int) -> str:
+    for unit, scale in (("M", 1_000_000), ("k", 1_000)):
+        if contacts >= scale and contacts % scale == 0:
+            return f"{contacts // scale}{unit}"
+    return str(contacts)
+
+
+def median(values: Iterable[float | None]) -> float:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else math.nan
+
+
+def bench_json(measured: Measured) -> dict[str, Any]:
+    """The ``BENCH_JSON {...}`` line a child script printed."""
+    for line in reversed(measured.log().splitlines()):
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON ") :])
+    raise ChildFailed(f"no BENCH_JSON line in {measured.log_path}")
+
+
+# ===================================================================== the context of a run
+
+
+@dataclass
+class Bench:
+    """Where runs write, the key the simulators accept, and the children's environment."""
+
+    root: Path
+    api_key: str
+    env: dict[str, str]
+    pace_requests: bool = True
+    counter: int = 0
+
+    def run_dir(self, name: str) -> Path:
+        self.counter += 1
+        path = self.root / "runs" / f"{self.counter:03d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+    def start_simulator(self, contacts: int, latency: float = 0.0):  # -> ContextManager[Simulator]
+        progress(f"starting the simulator: {contacts} contacts, latency {latency * 1000:g} ms")
+        return simulator(contacts, latency=latency, api_key=self.api_key, log_dir=self.root / "logs", env=self.env)
+
+
+def make_bench(root: Path, pace_requests: bool) -> Bench:
+    tmp = root / "tmp"
+    tmp.mkdir(parents=True)
+    env = dict(os.environ)
+    # Staging files and the rate limiter's quota files land in the work directory and go with it.
+    env["TMPDIR"] = str(tmp)
+    env.pop("MKT_API_KEY", None)
+    return Bench(root=root, api_key=secrets.token_urlsafe(18), env=env, pace_requests=pace_requests)
+
+
+# ===================================================================== target 1: the simulator
+
+
+def _session(api_key: str) -> requests.Session:
+    session = requests.Session()
+    session.headers.update({"X-API-Key": api_key, "Accept": "application/json"})
+    return session
+
+
+def middle_cursors(session: requests.Session, base_url: str, count: int) -> list[int]:
+    """``count`` cursors spread over the middle half of the id range (ids need not be live)."""
+    url = f"{base_url}/contacts"
+    first = session.get(url, params={"limit": 10, "order": "asc"}).json()["items"][0]["id"]
+    last = session.get(url, params={"limit": 10, "order": "desc"}).json()["items"][0]["id"]
+    span = last - first
+    return [int(first + span * (0.25 + 0.5 * i / max(1, count - 1))) for i in range(count)]
+
+
+def timed_page(session: requests.Session, base_url: str, cursor: int) -> float:
+    started = time.perf_counter()
+    response = session.get(
+        f"{base_url}/contacts", params={"limit": PAGE_SIZE, "order": "asc", "startingAfter": cursor}
+    )
+    body = response.content
+    seconds = time.perf_counter() - started
+    if response.status_code != 200 or len(json.loads(body)["items"]) != PAGE_SIZE:
+        raise ChildFailed(f"the simulator answered {response.status_code} or a short page at cursor {cursor}")
+    return seconds
+
+
+def probe_simulators(sims: Sequence[Simulator], api_key: str, requests_each: int, block: int = 25) -> dict[str, Any]:
+    """Median client-side time of one page of 100 contacts, from each simulator.
+
+    The simulators take turns in blocks, so a burst of load from elsewhere on the machine
+    falls on both sizes rather than on one."""
+    sessions = {sim.contacts: _session(api_key) for sim in sims}
+    cursors = {sim.contacts: middle_cursors(sessions[sim.contacts], sim.base_url, requests_each) for sim in sims}
+    for sim in sims:  # warm up: connection, the simulator's first-request costs
+        for cursor in cursors[sim.contacts][:20]:
+            timed_page(sessions[sim.contacts], sim.base_url, cursor)
+    times: dict[int, list[float]] = {sim.contacts: [] for sim in sims}
+    for start in range(0, requests_each, block):
+        for sim in sims:
+            for cursor in cursors[sim.contacts][start : start + block]:
+                times[sim.contacts].append(timed_page(sessions[sim.contacts], sim.base_url, cursor))
+    for session in sessions.values():
+        session.close()
+    return {str(contacts): {"median_ms": median(values) * 1000, "seconds": values} for contacts, values in times.items()}
+
+
+def run_simulator_probe(bench: Bench, sizes: Sequence[int], requests_each: int) -> dict[str, Any]:
+    small, large = sizes
+    with bench.start_simulator(small) as sim_small, bench.start_simulator(large) as sim_large:
+        progress(f"target 1: {requests_each} page requests from the middle of the id range, {label(small)} vs {label(large)}")
+        result = probe_simulators([sim_small, sim_large], bench.api_key, requests_each)
+    return {"sizes": [small, large], "requests_each": requests_each, "results": result}
+
+
+# ===================================================================== measured runs
+
+
+def run_bare_loop(bench: Bench, sim: Simulator, timeout: float) -> dict[str, Any]:
+    run_dir = bench.run_dir(f"bare-{label(sim.contacts)}")
+    measured = run_measured(
+        [sys.executable, str(HERE / "_bare_loop.py"), sim.base_url],
+        env={**bench.env, "MKT_API_KEY": bench.api_key},
+        cwd=run_dir,
+        log_path=run_dir / "output.log",
+        timeout=timeout,
+        simulator_pid=sim.pid,
+    )
+    return {**bench_json(measured), **process_summary(measured, {measured.pid: "bare loop"})}
+
+
+def run_asset(bench: Bench, sim: Simulator, database: Path, timeout: float, name: str) -> dict[str, Any]:
+    run_dir = bench.run_dir(f"{name}-{label(sim.contacts)}")
+    command = [sys.executable, str(HERE / "_asset_runner.py"), "--base-url", sim.base_url, "--database", str(database)]
+    if not bench.pace_requests:
+        command.append("--no-pace")
+    measured = run_measured(
+        command,
+        env={**bench.env, "MKT_API_KEY": bench.api_key},
+        cwd=run_dir,
+        log_path=run_dir / "output.log",
+        timeout=timeout,
+        simulator_pid=sim.pid,
+    )
+    report = bench_json(measured)
+    report["process_seconds"] = measured.seconds
+    return {**report, **process_summary(measured, {measured.pid: "asset runner"})}
+
+
+_STEP_START = re.compile(r" - (\d+) - (\S+) - STEP_START - ")
+_STEP_DONE = re.compile(r'Finished execution of step "([^"]+)" in (\S+)\.')
+_FETCHED = re.compile(r"contacts: fetched (\d+) records in (\d+) pages \((\d+) requests, (\d+) retries\) in ([\d.]+)s")
+_MERGED = re.compile(r"marketing\.contacts: (\d+) inserted, (\d+) updated, (\d+) unchanged; (\d+) rows \(([\d.]+)s\)")
+
+
+def parse_duration(text: str) -> float:
+    """Dagster's human durations: 0.83ms, 533ms, 2.1s, 4m52s, 1h4m."""
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:([\d.]+)s)?", text)
+    if not parts or not text:
+        return math.nan
+    hours, minutes, seconds = (float(group) if group else 0.0 for group in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def parse_job_log(log: str) -> dict[str, Any]:
+    """What the job's own log says: which pid ran which step, how long each step took, and
+    the contacts asset's fetch and merge."""
+    if "RUN_SUCCESS" not in log:
+        raise ChildFailed("the job's log has no RUN_SUCCESS")
+    parsed: dict[str, Any] = {
+        "step_pids": {int(pid): step for pid, step in _STEP_START.findall(log)},
+        "step_seconds": {step: parse_duration(duration) for step, duration in _STEP_DONE.findall(log)},
+    }
+    fetched = _FETCHED.search(log)
+    if fetched:
+        records, pages, requests_made, retries, seconds = fetched.groups()
+        parsed.update(records=int(records), pages=int(pages), requests=int(requests_made), retries=int(retries))
+        parsed["fetch_seconds"] = float(seconds)
+    merged = _MERGED.search(log)
+    if merged:
+        parsed["row_count"] = int(merged.group(4))
+        parsed["merge_seconds"] = float(merged.group(5))
+    return parsed
+
+
+def job_process_kind(process: ProcessRecord, root_pid: int, step_pids: dict[int, str]) -> str:
+    if process.pid == root_pid:
+        return "job process (dagster job execute)"
+    if process.pid in step_pids:
+        step = step_pids[process.pid]
+        if step in SMALL_STEPS:
+            return "step: a small asset (max of 4)"
+        if step == CONTACTS_STEP:
+            return f"step: {CONTACTS_STEP}"
+        return f"step: {step}"
+    if "resource_tracker" in process.cmdline:
+        return "multiprocessing resource tracker"
+    if "multiprocessing" in process.cmdline:
+        return "step: unidentified worker"
+    return "other: " + process.cmdline[:50]
+
+
+def process_summary(measured: Measured, kinds: dict[int, str], default: Callable[[ProcessRecord], str] | None = None) -> dict[str, Any]:
+    peaks: dict[str, float] = {}
+    processes = []
+    for process in measured.processes:
+        kind = kinds.get(process.pid) or (default(process) if default else "other: " + process.cmdline[:50])
+        peaks[kind] = max(peaks.get(kind, 0.0), process.peak_mb)
+        processes.append({"pid": process.pid, "kind": kind, "peak_mb": process.peak_mb, "cpu_seconds": process.cpu_seconds})
+    return {
+        "wall_seconds": measured.seconds,
+        "peak_mb_by_kind": peaks,
+        "processes": processes,
+        "cpu_seconds": measured.cpu_seconds,
+        "simulator_cpu_seconds": measured.simulator_cpu_seconds,
+        "other_cpu_seconds": measured.other_cpu_seconds,
+    }
+
+
+def run_job(bench: Bench, sim: Simulator, timeout: float, name: str = "job") -> dict[str, Any]:
+    run_dir = bench.run_dir(f"{name}-{label(sim.contacts)}")
+    home = run_dir / "dagster_home"
+    home.mkdir()
+    # A fresh instance per run (its fixed cost is then the same in every run), no telemetry.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    database = run_dir / "sync.duckdb"
+    env = {
+        **bench.env,
+        "MKT_API_BASE_URL": sim.base_url,
+        "MKT_API_KEY": bench.api_key,
+        "MKT_DUCKDB_PATH": str(database),
+        "DAGSTER_HOME": str(home),
+    }
+    measured = run_measured(
+        JOB_COMMAND, env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout, simulator_pid=sim.pid
+    )
+    parsed = parse_job_log(measured.log())
+    root = measured.pid
+    summary = process_summary(
+        measured, {}, default=lambda process: job_process_kind(process, root, parsed["step_pids"])
+    )
+    remove_database(database)
+    return {"seconds": measured.seconds, **parsed, **summary, "step_pids": {str(k): v for k, v in parsed["step_pids"].items()}}
+
+
+def remove_database(database: Path) -> None:
+    for path in (database, Path(f"{database}.lock"), Path(f"{database}.wal")):
+        path.unlink(missing_ok=True)
+
+
+# ===================================================================== the plan
+
+
+@dataclass
+class Plan:
+    sizes: list[int]
+    repeat: int
+    latency: float
+    latency_size: int
+    latency_repeat: int
+    probe_sizes: list[int]
+    probe_requests: int
+    parts: set[str]
+
+
+def timeout_for(contacts: int, per_page: float, floor: float = 300.0) -> float:
+    return floor + math.ceil(contacts / PAGE_SIZE) * per_page
+
+
+def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "asset": [], "resync": [], "job": []}
+    with bench.start_simulator(contacts) as sim:
+        for repeat in range(1, plan.repeat + 1):
+            where = f"{label(contacts)} {repeat}/{plan.repeat}"
+            # Interleaved rather than all bare loops then all assets: a slow spell of the
+            # shared machine then hits every kind of run, not one.
+            if "bare" in plan.parts:
+                run = run_bare_loop(bench, sim, timeout_for(contacts, 0.2))
+                runs["bare"].append(run)
+                progress(f"{where}: bare loop {run['seconds']:.1f}s (contacts {run['resources']['contacts']['seconds']:.1f}s)")
+            if "asset" in plan.parts:
+                database = bench.run_dir(f"asset-db-{label(contacts)}") / "asset.duckdb"
+                run = run_asset(bench, sim, database, timeout_for(contacts, 0.5), "asset")
+                runs["asset"].append(run)
+                progress(f"{where}: contacts asset fetch {run['fetch_seconds']:.1f}s + merge {run['merge_seconds']:.1f}s")
+                # Target 5: the same data again into the table the first run filled.
+                run = run_asset(bench, sim, database, timeout_for(contacts, 0.5), "resync")
+                runs["resync"].append(run)
+                progress(f"{where}: re-sync fetch {run['fetch_seconds']:.1f}s + merge {run['merge_seconds']:.1f}s")
+                remove_database(database)
+            if "job" in plan.parts:
+                run = run_job(bench, sim, timeout_for(contacts, 0.5))
+                runs["job"].append(run)
+                progress(f"{where}: marketing_sync {run['seconds']:.1f}s, peak {max(run['peak_mb_by_kind'].values()):.0f} MB")
+    return runs
+
+
+def measure_fixed_cost(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
+    runs = []
+    with bench.start_simulator(0) as sim:
+        for repeat in range(1, plan.repeat + 1):
+            run = run_job(bench, sim, 300.0, "fixed")
+            runs.append(run)
+            progress(f"empty account {repeat}/{plan.repeat}: marketing_sync {run['seconds']:.1f}s")
+    return runs
+
+
+def measure_latency(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
+    runs = []
+    with bench.start_simulator(plan.latency_size, plan.latency) as sim:
+        for repeat in range(1, plan.latency_repeat + 1):
+            run = run_job(bench, sim, timeout_for(plan.latency_size, 3 * (plan.latency + 0.1)), "latency")
+            runs.append(run)
+            progress(f"latency {plan.latency * 1000:g} ms, {label(plan.latency_size)} {repeat}/{plan.latency_repeat}: marketing_sync {run['seconds']:.1f}s")
+    return runs
+
+
+# ===================================================================== the table
+
+
+@dataclass
+class Row:
+    measure: str
+    contacts: str
+    value: str
+    target: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Table:
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, measure: str, contacts: str, value: str, target: str = "", verdict: str = "") -> None:
+        self.rows.append(Row(measure, contacts, value, target, verdict))
+
+    def check(self, measure: str, contacts: str, ratio: float, limit: float, detail: str, percent: bool = False) -> None:
+        shown = f"{ratio:.1%}" if percent else f"{ratio:.2f}"
+        target = f"<= {limit:.0%}" if percent else f"<= {limit:.2f}"
+        verdict = "n/a" if math.isnan(ratio) else ("PASS" if ratio <= limit else "FAIL")
+        self.add(measure, contacts, f"{shown} ({detail})", target, verdict)
+
+    def render(self) -> str:
+        header = Row("measure", "contacts", "value (median s unless stated)", "target", "result")
+        rows = [header, *self.rows]
+        widths = [max(len(getattr(row, name)) for row in rows) for name in ("measure", "contacts", "value", "target", "verdict")]
+
+        def line(row: Row) -> str:
+            cells = (row.measure, row.contacts, row.value, row.target, row.verdict)
+            return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+        rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+        return "\n".join([line(header), rule, *(line(row) for row in self.rows)])
+
+
+def seconds(value: float) -> str:
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+def spread(values: Sequence[float]) -> str:
+    """The median, and the range when there are several runs."""
+    present = [value for value in values if value is not None and not math.isnan(value)]
+    if not present:
+        return "n/a"
+    if len(present) == 1:
+        return seconds(present[0])
+    return f"{seconds(statistics.median(present))} [{min(present):.1f}-{max(present):.1f}, n={len(present)}]"
+
+
+def peaks_by_kind(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    peaks: dict[str, float] = {}
+    for run in runs:
+        for kind, peak in run["peak_mb_by_kind"].items():
+            peaks[kind] = max(peaks.get(kind, 0.0), peak)
+    return peaks
+
+
+def cpu_line(runs: Sequence[dict[str, Any]]) -> str:
+    client = median(run["cpu_seconds"] for run in runs)
+    sim = median(run["simulator_cpu_seconds"] for run in runs)
+    other = median(run["other_cpu_seconds"] / run["wall_seconds"] for run in runs)
+    return f"client {client:.1f} s, simulator {sim:.1f} s; other load {other:.2f} cores"
+
+
+def build_table(results: dict[str, Any], plan: Plan) -> Table:
+    table = Table()
+    add_simulator_rows(table, results.get("simulator_probe"))
+    fixed_runs = results.get("fixed_cost") or []
+    fixed = median(run["seconds"] for run in fixed_runs)
+    if fixed_runs:
+        table.add("marketing_sync, empty account = fixed cost", "0", spread([run["seconds"] for run in fixed_runs]))
+        for kind, peak in sorted(peaks_by_kind(fixed_runs).items()):
+            table.add(f"  peak RSS: {kind}", "0", f"{peak:.0f} MB")
+    for contacts in plan.sizes:
+        add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed)
+    add_memory_rows(table, results, plan)
+    add_latency_rows(table, results.get("latency"), plan, fixed)
+    return table
+
+
+def add_simulator_rows(table: Table, probe: dict[str, Any] | None) -> None:
+    if not probe:
+        return
+    small, large = probe["sizes"]
+    small_ms = probe["results"][str(small)]["median_ms"]
+    large_ms = probe["results"][str(large)]["median_ms"]
+    n = probe["requests_each"]
+    table.add("simulator: median page of 100 contacts", label(small), f"{small_ms:.2f} ms (n={n})")
+    table.add("simulator: median page of 100 contacts", label(large), f"{large_ms:.2f} ms (n={n})")
+    table.check(
+        f"T1 simulator median {label(large)} / {label(small)}",
+        f"{label(large)}/{label(small)}",
+        large_ms / small_ms,
+        SIMULATOR_RATIO_MAX,
+        f"{large_ms:.2f} / {small_ms:.2f} ms",
+    )
+
+
+def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, Any]]], fixed: float) -> None:
+    size = label(contacts)
+    bare, asset, resync, job = (runs.get(kind) or [] for kind in ("bare", "asset", "resync", "job"))
+    bare_contacts = median(run["resources"]["contacts"]["seconds"] for run in bare)
+    bare_all = median(run["seconds"] for run in bare)
+    if bare:
+        pages = bare[0]["resources"]["contacts"]["pages"]
+        table.add("bare loop: contact pages", size, f"{pages} pages, {spread([r['resources']['contacts']['seconds'] for r in bare])}")
+        table.add("bare loop: all five resources", size, spread([run["seconds"] for run in bare]))
+        table.add("  bare loop CPU", size, cpu_line(bare))
+        table.add("  bare loop peak RSS", size, f"{max(peaks_by_kind(bare).values()):.0f} MB")
+    if asset:
+        work = [run["fetch_seconds"] + run["merge_seconds"] for run in asset]
+        table.add("contacts asset: fetch+stage+merge", size, f"{asset[0]['pages']} pages, {spread(work)}")
+        table.add("  fetch+stage / merge", size, f"{spread([r['fetch_seconds'] for r in asset])} / {spread([r['merge_seconds'] for r in asset])}")
+        table.add("  whole step (with checks) / materialize()", size,
+                  f"{spread([r['step_seconds'] for r in asset])} / {spread([r['seconds'] for r in asset])}")  # fmt: skip
+        table.add("  asset runner CPU", size, cpu_line(asset))
+        table.add("  asset runner peak RSS", size, f"{max(peaks_by_kind(asset).values()):.0f} MB")
+        table.check(
+            "T2 contacts asset / bare loop (contacts)",
+            size,
+            median(work) / bare_contacts,
+            THROUGHPUT_RATIO_MAX,
+            f"{median(work):.1f} / {bare_contacts:.1f} s",
+        )
+    if resync:
+        work = [run["fetch_seconds"] + run["merge_seconds"] for run in resync]
+        shares = [run["merge_seconds"] / (run["fetch_seconds"] + run["merge_seconds"]) for run in resync]
+        unchanged = resync[0]["rows_unchanged"]
+        table.add("re-sync unchanged: fetch+stage / merge", size,
+                  f"{spread([r['fetch_seconds'] for r in resync])} / {spread([r['merge_seconds'] for r in resync])}"
+                  f" ({unchanged} rows unchanged)")  # fmt: skip
+        table.check(
+            "T5 re-sync: merge share of fetch+merge",
+            size,
+            median(shares),
+            MERGE_SHARE_MAX,
+            f"{median(r['merge_seconds'] for r in resync):.1f} of {median(work):.1f} s",
+            percent=True,
+        )
+    if job:
+        table.add("marketing_sync (dagster job execute)", size, spread([run["seconds"] for run in job]))
+        table.add("  contacts step / its fetch / its merge", size,
+                  f"{spread([r['step_seconds'].get(CONTACTS_STEP, math.nan) for r in job])} /"
+                  f" {spread([r.get('fetch_seconds', math.nan) for r in job])} /"
+                  f" {spread([r.get('merge_seconds', math.nan) for r in job])}")  # fmt: skip
+        table.add("  job CPU (all its processes)", size, cpu_line(job))
+        for kind, peak in sorted(peaks_by_kind(job).items()):
+            table.add(f"  peak RSS: {kind}", size, f"{peak:.0f} MB")
+        job_seconds = median(run["seconds"] for run in job)
+        table.check(
+            "T3 (job - fixed cost) / bare loop (all five)",
+            size,
+            (job_seconds - fixed) / bare_all,
+            END_TO_END_SLACK,
+            f"({job_seconds:.1f} - {fixed:.1f}) / {bare_all:.1f} s",
+        )
+
+
+def add_memory_rows(table: Table, results: dict[str, Any], plan: Plan) -> None:
+    """Target 4: at the largest size, every job process under 300 MB and grown at most 1.25x
+    from the next smaller size, process kind by process kind."""
+    measured = [size for size in plan.sizes if results["sizes"].get(str(size), {}).get("job")]
+    if not measured:
+        return
+    largest = max(measured)
+    peaks = peaks_by_kind(results["sizes"][str(largest)]["job"])
+    worst_kind, worst = max(peaks.items(), key=lambda item: item[1])
+    table.add(
+        "T4 peak RSS, every process of the sync",
+        label(largest),
+        f"{worst:.0f} MB ({worst_kind})",
+        f"<= {PEAK_MB_MAX:.0f} MB",
+        "PASS" if worst <= PEAK_MB_MAX else "FAIL",
+    )
+    smaller = [size for size in measured if size < largest]
+    if not smaller:
+        table.add("T4 peak RSS growth", label(largest), "n/a (needs two sizes)", f"<= {PEAK_GROWTH_MAX:.2f}", "n/a")
+        return
+    previous = peaks_by_kind(results["sizes"][str(max(smaller))]["job"])
+    growth = {kind: peaks[kind] / previous[kind] for kind in peaks if previous.get(kind)}
+    kind, ratio = max(growth.items(), key=lambda item: item[1])
+    table.check(
+        f"T4 peak RSS growth {label(largest)} / {label(max(smaller))}",
+        f"{label(largest)}/{label(max(smaller))}",
+        ratio,
+        PEAK_GROWTH_MAX,
+        f"worst: {kind}, {peaks[kind]:.0f} / {previous[kind]:.0f} MB",
+    )
+
+
+def add_latency_rows(table: Table, runs: list[dict[str, Any]] | None, plan: Plan, fixed: float) -> None:
+    if not runs:
+        return
+    size = label(plan.latency_size)
+    job_seconds = median(run["seconds"] for run in runs)
+    pages = runs[0].get("pages", math.ceil(plan.latency_size / PAGE_SIZE))
+    floor = pages * plan.latency
+    table.add(f"marketing_sync, {plan.latency * 1000:g} ms per request", size, spread([run["seconds"] for run in runs]))
+    table.add("  contacts step / its fetch", size,
+              f"{spread([r['step_seconds'].get(CONTACTS_STEP, math.nan) for r in runs])} /"
+              f" {spread([r.get('fetch_seconds', math.nan) for r in runs])}")  # fmt: skip
+    table.check(
+        "T6 (job - fixed cost) / (contact pages x latency)",
+        size,
+        (job_seconds - fixed) / floor,
+        LATENCY_RATIO_MAX,
+        f"({job_seconds:.1f} - {fixed:.1f}) / ({pages} x {plan.latency * 1000:g} ms = {floor:.1f} s)",
+    )
+
+
+# ===================================================================== main
+
+
+def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="contacts per account")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (median of them)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: sizes 1k and 10k, one repeat")
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds added to each request (target 6)")
+    parser.add_argument("--latency-size", type=int, default=None, help="contacts for target 6 (default: 100k, or the smallest size)")
+    parser.add_argument("--latency-repeat", type=int, default=None, help="runs for target 6 (default: --repeat)")
+    parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
+    parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
+    parts = ("probe", "bare", "asset", "job", "fixed", "latency")
+    parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts), help="what to measure (default: all)")
+    parser.add_argument("--no-pace", action="store_true", help="the asset runs with pace_requests=False (the job cannot)")
+    parser.add_argument("--json", type=Path, help="also write every raw run here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every run)")
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.sizes, arguments.repeat = [1_000, 10_000], 1
+    sizes = sorted(set(arguments.sizes))
+    latency_size = arguments.latency_size or (100_000 if 100_000 in sizes else min(sizes))
+    plan = Plan(
+        sizes=sizes,
+        repeat=arguments.repeat,
+        latency=arguments.latency,
+        latency_size=latency_size,
+        latency_repeat=arguments.latency_repeat or arguments.repeat,
+        probe_sizes=sorted(arguments.probe_sizes),
+        probe_requests=arguments.probe_requests,
+        parts=set(arguments.parts),
+    )
+    return plan, arguments
+
+
+def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
+    results: dict[str, Any] = {"plan": asdict(plan) | {"parts": sorted(plan.parts)}, "sizes": {}}
+    if "probe" in plan.parts:
+        results["simulator_probe"] = run_simulator_probe(bench, plan.probe_sizes, plan.probe_requests)
+    if "fixed" in plan.parts:
+        results["fixed_cost"] = measure_fixed_cost(bench, plan)
+    for contacts in plan.sizes:
+        if plan.parts & {"bare", "asset", "job"}:
+            results["sizes"][str(contacts)] = measure_size(bench, contacts, plan)
+    if "latency" in plan.parts and plan.latency > 0:
+        results["latency"] = measure_latency(bench, plan)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan, arguments = parse_arguments(argv)
+    machine = describe_machine()
+    print("\n".join(machine.lines()), flush=True)
+    root = Path(tempfile.mkdtemp(prefix="mkt_bench_"))
+    progress(f"work directory {root}")
+    started = time.monotonic()
+    try:
+        bench = make_bench(root, pace_requests=not arguments.no_pace)
+        results = measure(bench, plan)
+        results["machine"] = asdict(machine)
+        results["elapsed_seconds"] = time.monotonic() - started
+        if arguments.json:
+            arguments.json.write_text(json.dumps(results, indent=1, default=str))
+        print(f"Sizes {', '.join(label(size) for size in plan.sizes)}; {plan.repeat} run(s) each;"
+              f" simulator in its own process; {results['elapsed_seconds'] / 60:.1f} min in all.")  # fmt: skip
+        print()
+        print(build_table(results, plan).render())
+    finally:
+        if arguments.keep:
+            progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
