@@ -66,7 +66,9 @@ def run(asset_name: str, base_url: str, database: str, pace_requests: bool) -> d
     started = time.perf_counter()
     result = dg.materialize([asset], resources=resources, instance=instance)
     seconds = time.perf_counter() - started
-    (event,) = result.get_asset_materialization_events()
+    (event,) = [
+        event for event in result.get_asset_materialization_events() if event.asset_key == asset.key
+    ]
     metadata = dict(event.materialization.metadata)
     return {
         "seconds": seconds,

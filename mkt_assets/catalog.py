@@ -58,6 +58,9 @@ class ResourceSpec:
     paginated: bool = True
     # The field whose value of the last item is the next page's `startingAfter`.
     cursor_field: str = "id"
+    # New records can be read alone: ids only grow, so `startingAfter` the newest stored id
+    # in ascending order returns exactly the records created since.
+    incremental: bool = False
 
     def __post_init__(self) -> None:
         names = [column.api_name for column in self.columns]
@@ -90,7 +93,12 @@ EXTRA_COLUMN = Column("_extra", "JSON", "Fields the API sent that the catalog do
 SYNCED_AT_COLUMN = Column(
     "_synced_at", "TIMESTAMPTZ", "When this row's current values were written by a sync."
 )
-BOOKKEEPING_COLUMNS = (EXTRA_COLUMN, SYNCED_AT_COLUMN)
+DELETED_AT_COLUMN = Column(
+    "_deleted_at",
+    "TIMESTAMPTZ",
+    "When a complete full sync no longer found this row upstream; NULL while it exists.",
+)
+BOOKKEEPING_COLUMNS = (EXTRA_COLUMN, SYNCED_AT_COLUMN, DELETED_AT_COLUMN)
 
 _ID = Column("id", "BIGINT", "Identifier assigned by the platform.", required=True)
 
@@ -115,6 +123,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
             "Contacts of the account with their custom field values and tags "
             "(GET /api/contacts). The API has no updatedAt: changes are seen by a full read."
         ),
+        incremental=True,
         columns=(
             _ID,
             Column("email", "VARCHAR", "Email address.", required=True),

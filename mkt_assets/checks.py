@@ -23,6 +23,8 @@ CONTACT_FIELDS_CHECK = "contact_field_slugs_exist"
 
 # How many offending keys a failing check lists in its metadata.
 SAMPLE_SIZE = 20
+# Rows a complete sync no longer found upstream are kept, marked; checks look at the rest.
+LIVE = "_deleted_at IS NULL"
 
 
 def sync_check_specs(spec: ResourceSpec, asset_key: dg.AssetKey, max_drop: float) -> list[dg.AssetCheckSpec]:
@@ -39,12 +41,12 @@ def sync_check_specs(spec: ResourceSpec, asset_key: dg.AssetKey, max_drop: float
         dg.AssetCheckSpec(
             REQUIRED_FIELDS_CHECK,
             asset=asset_key,
-            description=f"No row lacks {required}.",
+            description=f"No live row lacks {required}.",
         ),
         dg.AssetCheckSpec(
             ROW_COUNT_CHECK,
             asset=asset_key,
-            description=f"The row count fell by at most {max_drop:.0%} since the previous materialization.",
+            description=f"The live row count fell by at most {max_drop:.0%} since the previous materialization.",
         ),
     ]
 
@@ -94,13 +96,13 @@ def required_fields_result(
         if not column.required:
             continue
         name = quote_ident(column.name)
-        (count,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {name} IS NULL").fetchone()  # type: ignore[misc]
+        (count,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {name} IS NULL AND {LIVE}").fetchone()  # type: ignore[misc]
         if count:
             missing[column.name] = count
             samples[column.name] = [
                 _plain(row[0])
                 for row in connection.execute(
-                    f"SELECT {key} FROM {table} WHERE {name} IS NULL ORDER BY {key} LIMIT {SAMPLE_SIZE}"
+                    f"SELECT {key} FROM {table} WHERE {name} IS NULL AND {LIVE} ORDER BY {key} LIMIT {SAMPLE_SIZE}"
                 ).fetchall()
             ]
     passed = not missing
@@ -198,8 +200,8 @@ def _references_result(
     dangling = connection.execute(
         f"SELECT c.id, u.item.{quote_ident(member)} AS value"
         f" FROM {contacts} AS c, unnest(c.{quote_ident(list_column)}) AS u(item)"
-        f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS r"
-        f" WHERE r.{quote_ident(referenced_key)} = u.item.{quote_ident(member)})"
+        f" WHERE c.{LIVE} AND NOT EXISTS (SELECT 1 FROM {target} AS r"
+        f" WHERE r.{quote_ident(referenced_key)} = u.item.{quote_ident(member)} AND r.{LIVE})"
         " ORDER BY c.id"
     ).fetchall()
     contact_ids = sorted({row[0] for row in dangling})

@@ -219,15 +219,16 @@ class MarketingApiClient:
                 f" to continue from (got {cursor!r})",
             )
         previous = query.get("startingAfter")
+        order = query.get("order", self.order)
         if previous is not None:
-            advanced = cursor > previous if self.order == "asc" else cursor < previous  # type: ignore[operator]
+            advanced = cursor > previous if order == "asc" else cursor < previous  # type: ignore[operator]
             if not advanced:
                 raise PaginationError(
                     spec.name,
                     page.path,
                     page.query,
                     f"page {page.number}: the cursor did not advance ({spec.cursor_field} {cursor} after {previous} in"
-                    f" {self.order} order); stopping instead of looping",
+                    f" {order} order); stopping instead of looping",
                 )
         return {**query, "startingAfter": cursor}
 

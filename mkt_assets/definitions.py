@@ -5,7 +5,14 @@ import os
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from mkt_assets.assets import ASSET_PREFIX, GROUP_NAME, IO_MANAGER_KEY, asset_key, build_sync_assets
+from mkt_assets.assets import (
+    ASSET_PREFIX,
+    GROUP_NAME,
+    IO_MANAGER_KEY,
+    asset_key,
+    build_sync_assets,
+    freshness_policy,
+)
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME
 from mkt_assets.checks import build_contact_reference_checks
 from mkt_assets.io_manager import MarketingDuckDBIOManager
@@ -16,28 +23,52 @@ from mkt_assets.resource import (
     MarketingApiResource,
     WarehouseResource,
 )
-from mkt_assets.schedules import build_sync_schedule
+from mkt_assets.normalized import NORMALIZED_GROUP, NORMALIZED_TABLES, build_normalized_asset
+from mkt_assets.schedules import build_schedules
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import database_path
 
 
-def build_sync_job() -> UnresolvedAssetJobDefinition:
-    return dg.define_asset_job(
+def build_jobs() -> tuple[UnresolvedAssetJobDefinition, UnresolvedAssetJobDefinition]:
+    selection = dg.AssetSelection.groups(GROUP_NAME, NORMALIZED_GROUP)
+    # The steps mostly wait on the network, so all of them fetch at once even on a machine
+    # with fewer cores (the default caps parallel steps at the core count).
+    executor = dg.multiprocess_executor.configured({"max_concurrent": len(RESOURCES)})
+    full = dg.define_asset_job(
         "marketing_sync",
-        selection=dg.AssetSelection.groups(GROUP_NAME),
-        description="Read every record of the five marketing resources and merge them into DuckDB.",
-        # The steps mostly wait on the network, so all of them fetch at once even on a machine
-        # with fewer cores (the default caps parallel steps at the core count).
-        executor_def=dg.multiprocess_executor.configured({"max_concurrent": len(RESOURCES)}),
+        selection=selection,
+        description=(
+            "Read every record of the five marketing resources, merge them into DuckDB, mark"
+            " what is gone upstream, and rebuild the normalized tables."
+        ),
+        executor_def=executor,
     )
+    contacts_step = "__".join(asset_key(RESOURCES_BY_NAME["contacts"]).path)
+    incremental = dg.define_asset_job(
+        "marketing_incremental",
+        selection=selection,
+        description=(
+            "Read only contacts newer than the newest stored and the four small resources in"
+            " full; rebuild the normalized tables. Sees no changes to older contacts."
+        ),
+        executor_def=executor,
+        config={"ops": {contacts_step: {"config": {"incremental": True}}}},
+    )
+    return full, incremental
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_environment()
     database = database_path(settings.duckdb_path)
-    sync_job = build_sync_job()
+    full, incremental = build_jobs()
     return dg.Definitions(
-        assets=build_sync_assets(settings),
+        assets=[
+            *build_sync_assets(settings),
+            *(
+                build_normalized_asset(table, ASSET_PREFIX, list(settings.owners), freshness_policy(settings))
+                for table in NORMALIZED_TABLES
+            ),
+        ],
         asset_checks=[
             build_contact_reference_checks(
                 asset_key(RESOURCES_BY_NAME["contacts"]),
@@ -45,8 +76,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 asset_key(RESOURCES_BY_NAME["contact_fields"]),
             )
         ],
-        jobs=[sync_job],
-        schedules=[build_sync_schedule(sync_job, settings)],
+        jobs=[full, incremental],
+        schedules=build_schedules(full, incremental, settings),
         resources={
             # The key stays an EnvVar so Dagster shows its name, never its value, and the
             # definitions load (and the UI opens) with no key set.
@@ -55,7 +86,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 api_key=dg.EnvVar(API_KEY_ENV),
             ),
             "warehouse": WarehouseResource(database=database, schema_name=ASSET_PREFIX),
-            IO_MANAGER_KEY: MarketingDuckDBIOManager(database=database, schema=ASSET_PREFIX),
+            IO_MANAGER_KEY: MarketingDuckDBIOManager(
+                database=database, schema=ASSET_PREFIX, deletions=settings.deletions
+            ),
         },
     )
 

@@ -16,6 +16,7 @@ import dagster as dg
 import duckdb
 from dagster._core.storage.db_io_manager import DbClient, DbIOManager, DbTypeHandler, TableSlice
 from dagster_duckdb import DuckDBIOManager
+from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
 from mkt_assets.staging import StagedBatch
@@ -53,6 +54,9 @@ class MergingDuckDbClient(DbClient):
 class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
     """Merges a ``StagedBatch`` into its table and reports what changed."""
 
+    def __init__(self, deletions: str = "mark") -> None:
+        self.deletions = deletions
+
     @property
     def supported_types(self) -> Sequence[type[object]]:
         return [StagedBatch]
@@ -66,19 +70,26 @@ class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
     ) -> Mapping[str, dg.RawMetadataValue]:
         started = time.monotonic()
         try:
-            result = warehouse.merge_staged(connection, table_slice.schema, table_slice.table, obj)
+            result = warehouse.merge_staged(
+                connection, table_slice.schema, table_slice.table, obj, deletions=self.deletions
+            )
         finally:
             obj.discard()
         merge_seconds = time.monotonic() - started
         context.log.info(
             f"{table_slice.schema}.{table_slice.table}: {result.inserted} inserted, {result.updated} updated,"
-            f" {result.unchanged} unchanged; {result.row_count} rows ({merge_seconds:.1f}s)"
+            f" {result.unchanged} unchanged, {result.deleted} gone upstream; {result.row_count} live rows"
+            f" ({merge_seconds:.1f}s)"
         )
         return {
+            # Live rows: what a user counts. Rows marked deleted are in total_rows.
             "dagster/row_count": result.row_count,
+            "total_rows": result.total_rows,
             "rows_inserted": result.inserted,
             "rows_updated": result.updated,
             "rows_unchanged": result.unchanged,
+            "rows_deleted_upstream": result.deleted,
+            "complete_read": obj.complete,
             "merge_seconds": round(merge_seconds, 3),
             "preview": dg.MetadataValue.md(
                 warehouse.preview_markdown(connection, table_slice.schema, table_slice.table)
@@ -97,6 +108,21 @@ class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
 class MarketingDuckDBIOManager(DuckDBIOManager):
     """Writes each marketing asset to ``<schema>.<asset name>`` with a MERGE on its primary key."""
 
+    deletions: str = Field(
+        default="mark",
+        description=(
+            "What a complete full sync does with rows no longer upstream: 'mark' sets"
+            " _deleted_at (cleared if they come back), 'delete' removes them."
+        ),
+    )
+
+    @field_validator("deletions")
+    @classmethod
+    def _valid_deletions(cls, value: str) -> str:
+        if value not in warehouse.DELETIONS_MODES:
+            raise ValueError(f"deletions must be one of {warehouse.DELETIONS_MODES}, got {value!r}")
+        return value
+
     @staticmethod
     def type_handlers() -> Sequence[DbTypeHandler]:
         return [StagedBatchTypeHandler()]
@@ -106,6 +132,6 @@ class MarketingDuckDBIOManager(DuckDBIOManager):
             db_client=MergingDuckDbClient(),
             database=self.database,
             schema=self.schema_,
-            type_handlers=self.type_handlers(),
+            type_handlers=[StagedBatchTypeHandler(self.deletions)],
             io_manager_name="MarketingDuckDBIOManager",
         )

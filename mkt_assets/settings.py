@@ -25,6 +25,9 @@ class Settings:
     duckdb_path: str = DEFAULT_DUCKDB_PATH
     sync_cron: str = "0 3 * * *"
     sync_timezone: str = "UTC"
+    # Hourly, at half past: clear of the daily full sync's start.
+    incremental_cron: str = "30 * * * *"
+    deletions: str = "mark"
     freshness_warn: timedelta = timedelta(hours=25)
     freshness_fail: timedelta = timedelta(hours=28)
     owners: tuple[str, ...] = ("team:data-engineering",)
@@ -44,6 +47,8 @@ class Settings:
             )
         if not 0 <= self.row_count_max_drop < 1:
             raise ConfigurationError("MKT_ROW_COUNT_MAX_DROP must be a share from 0 to below 1, e.g. 0.1")
+        if self.deletions not in ("mark", "delete"):
+            raise ConfigurationError(f"MKT_DELETIONS must be 'mark' or 'delete', got {self.deletions!r}")
         if self.progress_interval_seconds <= 0:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
 
@@ -66,6 +71,8 @@ class Settings:
             duckdb_path=env.get(DUCKDB_PATH_ENV) or defaults.duckdb_path,
             sync_cron=env.get("MKT_SYNC_CRON") or defaults.sync_cron,
             sync_timezone=env.get("MKT_SYNC_TIMEZONE") or defaults.sync_timezone,
+            incremental_cron=env.get("MKT_INCREMENTAL_CRON") or defaults.incremental_cron,
+            deletions=env.get("MKT_DELETIONS") or defaults.deletions,
             freshness_warn=timedelta(
                 hours=number("MKT_FRESHNESS_WARN_HOURS", defaults.freshness_warn / timedelta(hours=1))
             ),

@@ -30,6 +30,9 @@ class StagedBatch:
     pages: int
     unknown_fields: tuple[str, ...]
     synced_at: datetime
+    # Every record of the resource (a full read run to its end), not only new ones: what
+    # it lacks was deleted upstream.
+    complete: bool = True
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -45,6 +48,7 @@ class PageStager:
     pages: int = 0
     unknown_fields: set[str] = field(default_factory=set)
     synced_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    complete: bool = True
     _file: BinaryIO | None = None
     _path: Path | None = None
 
@@ -88,6 +92,7 @@ class PageStager:
             pages=self.pages,
             unknown_fields=tuple(sorted(self.unknown_fields)),
             synced_at=self.synced_at,
+            complete=self.complete,
         )
 
     def _check_records(self, page: Page) -> None:

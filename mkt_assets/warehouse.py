@@ -162,24 +162,44 @@ def _known_fields_patch(spec: ResourceSpec) -> str:
     return json.dumps({name: None for name in sorted(spec.known_fields)})
 
 
+DELETIONS_MODES = ("mark", "delete")
+
+
 @dataclass(frozen=True)
 class MergeResult:
     inserted: int
-    updated: int
+    updated: int  # includes rows that came back after being marked deleted
     unchanged: int
-    row_count: int
+    deleted: int  # rows this sync marked deleted (or removed, in "delete" mode)
+    row_count: int  # live rows: not marked deleted
+    total_rows: int  # live rows and rows marked deleted
 
 
 def merge_staged(
-    connection: duckdb.DuckDBPyConnection, schema: str, table: str, batch: StagedBatch
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    table: str,
+    batch: StagedBatch,
+    *,
+    deletions: str = "mark",
 ) -> MergeResult:
-    """Merge ``batch`` into ``schema.table`` on the primary key, in one transaction."""
+    """Merge ``batch`` into ``schema.table`` on the primary key, in one transaction.
+
+    When the batch is a complete read of the resource, rows it lacks were deleted upstream:
+    they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
+    (an incremental one) says nothing about rows it did not fetch, so it marks nothing.
+    """
+    if deletions not in DELETIONS_MODES:
+        raise ValueError(f"deletions must be one of {DELETIONS_MODES}, got {deletions!r}")
     spec = batch.spec
     target = fully_qualified(connection, schema, table)
     key = quote_ident(spec.primary_key_column.name)
-    data_columns = [quote_ident(c.name) for c in (*spec.columns, BOOKKEEPING_COLUMNS[0])]
-    all_columns = [*data_columns, quote_ident(BOOKKEEPING_COLUMNS[1].name)]
-    differs = " OR ".join(f"s.{c} IS DISTINCT FROM t.{c}" for c in data_columns)
+    extra, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
+    data_columns = [*(quote_ident(c.name) for c in spec.columns), extra]
+    written_columns = [*data_columns, synced_at]
+    # A row marked deleted that the API lists again has changed: it is back.
+    differs = " OR ".join([*(f"s.{c} IS DISTINCT FROM t.{c}" for c in data_columns), f"t.{deleted_at} IS NOT NULL"])
+    missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
     parameters = {
         "path": str(batch.path),
         "known": _known_fields_patch(spec),
@@ -200,11 +220,26 @@ def merge_staged(
             f"MERGE INTO {target} AS t"
             " USING (SELECT * FROM changes WHERE _change <> 'unchanged') AS s"
             f" ON t.{key} = s.{key}"
-            f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in all_columns)}"
-            f" WHEN NOT MATCHED THEN INSERT ({', '.join(all_columns)})"
-            f" VALUES ({', '.join(f's.{c}' for c in all_columns)})"
+            f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in written_columns)},"
+            f" {deleted_at} = NULL"
+            f" WHEN NOT MATCHED THEN INSERT ({', '.join(written_columns)})"
+            f" VALUES ({', '.join(f's.{c}' for c in written_columns)})"
         )
-        (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone() or (0,)
+        deleted = 0
+        if batch.complete:
+            gone = f"FROM {target} AS t WHERE t.{deleted_at} IS NULL AND {missing_upstream}"
+            (deleted,) = connection.execute(f"SELECT count(*) {gone}").fetchone()  # type: ignore[misc]
+            if deletions == "delete":
+                connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}")
+            else:
+                connection.execute(
+                    f"UPDATE {target} AS t SET {deleted_at} = $synced_at"
+                    f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}",
+                    {"synced_at": batch.synced_at},
+                )
+        (row_count, total_rows) = connection.execute(
+            f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
+        ).fetchone()  # type: ignore[misc]
         connection.execute("DROP TABLE staged")
         connection.execute("DROP TABLE changes")
         connection.execute("COMMIT")
@@ -218,7 +253,9 @@ def merge_staged(
         inserted=counts.get("insert", 0),
         updated=counts.get("update", 0),
         unchanged=counts.get("unchanged", 0),
+        deleted=deleted,
         row_count=row_count,
+        total_rows=total_rows,
     )
 
 
@@ -280,3 +317,12 @@ def _markdown_cell(value: object) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def newest_key(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> int | None:
+    """The highest primary key stored (rows marked deleted included: ids are never reused)."""
+    if not table_exists(connection, schema, spec.name):
+        return None
+    key = quote_ident(spec.primary_key_column.name)
+    (newest,) = connection.execute(f"SELECT max({key}) FROM {fully_qualified(connection, schema, spec.name)}").fetchone()  # type: ignore[misc]
+    return newest

@@ -31,7 +31,8 @@ from mkt_assets.warehouse import connect
 CONTACTS = RESOURCES_BY_NAME["contacts"]
 CONTACT_COLUMNS = (
     "id BIGINT, email VARCHAR, registered_at TIMESTAMPTZ,"
-    " fields STRUCT(field_name VARCHAR, slug VARCHAR, value VARCHAR)[], tags STRUCT(id BIGINT, name VARCHAR)[]"
+    " fields STRUCT(field_name VARCHAR, slug VARCHAR, value VARCHAR)[], tags STRUCT(id BIGINT, name VARCHAR)[],"
+    " _deleted_at TIMESTAMPTZ"
 )
 
 
@@ -41,10 +42,10 @@ def connection(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         opened.execute("CREATE SCHEMA marketing")
         # No PRIMARY KEY constraint: these tables are built to break the checks.
         opened.execute(f"CREATE TABLE marketing.contacts ({CONTACT_COLUMNS})")
-        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR)")
-        opened.execute("CREATE TABLE marketing.contact_fields (slug VARCHAR, field_name VARCHAR)")
-        opened.execute("INSERT INTO marketing.tags VALUES (1, 'a'), (2, 'b')")
-        opened.execute("INSERT INTO marketing.contact_fields VALUES ('city', 'City')")
+        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR, _deleted_at TIMESTAMPTZ)")
+        opened.execute("CREATE TABLE marketing.contact_fields (slug VARCHAR, field_name VARCHAR, _deleted_at TIMESTAMPTZ)")
+        opened.execute("INSERT INTO marketing.tags VALUES (1, 'a', NULL), (2, 'b', NULL), (3, 'gone', now())")
+        opened.execute("INSERT INTO marketing.contact_fields VALUES ('city', 'City', NULL)")
         yield opened
 
 
@@ -57,8 +58,8 @@ def add_contact(connection: duckdb.DuckDBPyConnection, contact_id: int | None, *
         **values,
     }
     connection.execute(
-        "INSERT INTO marketing.contacts VALUES (?, ?, ?, ?, ?)",
-        [contact_id, row["email"], row["registered_at"], row["fields"], row["tags"]],
+        "INSERT INTO marketing.contacts VALUES (?, ?, ?, ?, ?, ?)",
+        [contact_id, row["email"], row["registered_at"], row["fields"], row["tags"], row.get("deleted_at")],
     )
 
 
@@ -138,6 +139,16 @@ def test_contact_field_check_names_slugs_that_do_not_exist(connection: duckdb.Du
     assert result.metadata["missing_slugs"].value == ["shoe_size"]
 
 
+def test_checks_look_at_live_rows_and_live_references(connection: duckdb.DuckDBPyConnection) -> None:
+    add_contact(connection, 1)
+    add_contact(connection, 2, email=None, tags=[{"id": 404, "name": "?"}], deleted_at="2026-01-01 00:00:00+00")
+    add_contact(connection, 3, tags=[{"id": 3, "name": "gone"}])  # tag 3 is marked deleted
+
+    assert required_fields_result(connection, "marketing", CONTACTS).passed
+    tags = contact_tags_result(connection, "marketing")
+    assert not tags.passed and tags.metadata["contact_ids"].value == [3]
+
+
 def test_reference_checks_pass_when_every_reference_resolves(connection: duckdb.DuckDBPyConnection) -> None:
     add_contact(connection, 1)
     add_contact(connection, 2, tags=[], fields=[])
@@ -160,8 +171,8 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
     database = str(tmp_path / "blocking.duckdb")
     with connect(database) as opened:
         opened.execute("CREATE SCHEMA marketing")
-        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR)")  # no constraint
-        opened.execute("INSERT INTO marketing.tags VALUES (-5, 'x'), (-5, 'x again')")
+        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR, _deleted_at TIMESTAMPTZ)")  # no constraint
+        opened.execute("INSERT INTO marketing.tags VALUES (-5, 'x', NULL), (-5, 'x again', NULL)")
     tags = build_sync_asset(RESOURCES_BY_NAME["tags"], Settings())
 
     @dg.asset(deps=[tags.key])

@@ -18,6 +18,7 @@ from mkt_assets.definitions import build_definitions
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.settings import Settings
 
+NORMALIZED_KEYS = {dg.AssetKey(["marketing", name]) for name in ("contact_tags", "contact_field_values", "course_modules")}
 EXPECTED_KEYS = {
     dg.AssetKey(["marketing", name])
     for name in ("communities", "contacts", "tags", "contact_fields", "course_resources")
@@ -38,7 +39,7 @@ def test_the_definitions_load_without_any_warning_and_without_a_key() -> None:
 
 
 def test_each_catalog_resource_is_an_asset_with_group_kinds_and_column_schema() -> None:
-    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs() if spec.group_name == "marketing"}
 
     assert set(specs) == EXPECTED_KEYS
     for resource in RESOURCES:
@@ -48,14 +49,15 @@ def test_each_catalog_resource_is_an_asset_with_group_kinds_and_column_schema() 
         assert spec.description == resource.description
         schema = spec.metadata["dagster/column_schema"]
         columns = {column.name: column.type for column in schema.columns}
-        assert list(columns)[-2:] == ["_extra", "_synced_at"]
+        assert list(columns)[-3:] == ["_extra", "_synced_at", "_deleted_at"]
         assert all(columns[column.name] == column.sql_type for column in resource.columns)
 
 
-def test_the_sync_job_selects_all_five_and_runs_them_all_at_once() -> None:
-    job = defs.resolve_job_def("marketing_sync")
+@pytest.mark.parametrize("job_name", ["marketing_sync", "marketing_incremental"])
+def test_both_jobs_select_the_five_and_the_normalized_tables_and_fetch_all_at_once(job_name: str) -> None:
+    job = defs.resolve_job_def(job_name)
 
-    assert job.asset_layer.executable_asset_keys == EXPECTED_KEYS
+    assert job.asset_layer.executable_asset_keys == EXPECTED_KEYS | NORMALIZED_KEYS
     assert job.executor_def.name == "multiprocess"
     assert job.executor_def.apply_config_mapping({}).value["config"]["max_concurrent"] == 5
 
@@ -119,3 +121,21 @@ def test_settings_come_from_the_environment() -> None:
 def test_bad_settings_are_refused_naming_the_variable(environment: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         Settings.from_environment(environment)
+
+
+def test_the_hourly_incremental_schedule_is_running_and_settable() -> None:
+    schedule = defs.resolve_schedule_def("marketing_incremental_hourly")
+    assert (schedule.job_name, schedule.cron_schedule) == ("marketing_incremental", "30 * * * *")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    custom = build_definitions(Settings.from_environment({"MKT_INCREMENTAL_CRON": "*/15 * * * *"}))
+    assert custom.resolve_schedule_def("marketing_incremental_hourly").cron_schedule == "*/15 * * * *"
+
+
+def test_the_normalized_tables_sit_downstream_of_what_they_read() -> None:
+    graph = defs.resolve_asset_graph()
+    parents = {key.path[-1]: {p.path[-1] for p in graph.get(key).parent_keys} for key in NORMALIZED_KEYS}
+    assert parents == {
+        "contact_tags": {"contacts", "tags"},
+        "contact_field_values": {"contacts", "contact_fields"},
+        "course_modules": {"course_resources"},
+    }

@@ -285,8 +285,8 @@ _KILLED_WRITER = textwrap.dedent(
                 sys.stdin.read()  # held here until killed
             return result
 
-    def pausing_merge(connection, schema, table, batch):
-        return original(PausingConnection(connection), schema, table, batch)
+    def pausing_merge(connection, schema, table, batch, **options):
+        return original(PausingConnection(connection), schema, table, batch, **options)
 
     warehouse.merge_staged = pausing_merge
     from mkt_assets.io_manager import MarketingDuckDBIOManager

@@ -45,10 +45,12 @@ def test_materializations_merge_and_report_what_changed(tmp_path: Path) -> None:
     assert metadata["rows_inserted"].value == 1
     assert metadata["rows_updated"].value == 1
     assert metadata["rows_unchanged"].value == 0
-    assert metadata["dagster/row_count"].value == 3
+    assert metadata["rows_deleted_upstream"].value == 1  # tag 1 is no longer listed
+    assert (metadata["dagster/row_count"].value, metadata["total_rows"].value) == (2, 3)
     assert metadata["dagster/table_name"].value == "marketing.tags"
     with connect(database) as connection:
-        assert connection.execute("SELECT id, name FROM marketing.tags ORDER BY id").fetchall() == [(1, "a"), (2, "b2"), (3, "c")]
+        rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
+    assert rows == [(1, "a", True), (2, "b2", False), (3, "c", False)]
     assert not second.path.exists(), "the staging file is removed once merged"
 
 

@@ -39,6 +39,14 @@ JOB = "marketing_sync"
 SCHEDULE = "marketing_sync_daily"
 ASSET_NAMES = ("communities", "contacts", "tags", "contact_fields", "course_resources")
 ASSET_PATHS = {("marketing", name) for name in ASSET_NAMES}
+# The tables built in DuckDB from the synced ones, and what each reads.
+NORMALIZED_READS = {
+    ("marketing", "contact_tags"): {("marketing", "contacts"), ("marketing", "tags")},
+    ("marketing", "contact_field_values"): {("marketing", "contacts"), ("marketing", "contact_fields")},
+    ("marketing", "course_modules"): {("marketing", "course_resources")},
+}
+NORMALIZED_CHECKS = {"matches_nested_lists", "keys_present"}
+ALL_PATHS = ASSET_PATHS | set(NORMALIZED_READS)
 SYNC_CHECKS = {"primary_key_unique", "required_fields_present", "row_count_not_dropping"}
 # The cross-table checks on contacts, and the asset each one also reads.
 REFERENCE_CHECKS = {
@@ -522,9 +530,10 @@ def paths(keys: list[dict[str, Any]]) -> set[tuple[str, ...]]:
 def test_the_webserver_shows_the_five_assets_in_group_marketing_with_kinds_owner_and_freshness_policy(
     dagster_dev: DagsterDev,
 ) -> None:
-    nodes = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
+    every_node = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
+    assert set(every_node) == ALL_PATHS
+    nodes = {path: node for path, node in every_node.items() if path in ASSET_PATHS}
 
-    assert set(nodes) == ASSET_PATHS
     for path, node in nodes.items():
         assert node["groupName"] == "marketing", path
         assert set(node["kinds"]) == {"python", "duckdb"}, path
@@ -547,11 +556,20 @@ def test_the_webserver_shows_the_five_assets_in_group_marketing_with_kinds_owner
 def test_the_assets_are_independent_and_the_contact_reference_checks_read_tags_and_contact_fields(
     dagster_dev: DagsterDev,
 ) -> None:
-    nodes = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
+    every_node = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
+    nodes = {path: node for path, node in every_node.items() if path in ASSET_PATHS}
 
-    # Lineage: the five syncs read only the API, so no asset depends on another...
+    # Lineage: the five syncs read only the API, so none depends on another; the normalized
+    # tables fan in from the synced tables they are built from.
     for path, node in nodes.items():
-        assert node["dependencyKeys"] == [] and node["dependedByKeys"] == [], path
+        readers = {table for table, reads in NORMALIZED_READS.items() if path in reads}
+        assert node["dependencyKeys"] == [] and paths(node["dependedByKeys"]) == readers, path
+    for path, reads in NORMALIZED_READS.items():
+        node = every_node[path]
+        assert node["groupName"] == "marketing_normalized", path
+        assert paths(node["dependencyKeys"]) == reads, path
+        assert {c["name"] for c in node["assetChecksOrError"]["checks"]} == NORMALIZED_CHECKS, path
+        assert JOB in node["jobNames"], path
     # ...and the cross-table checks on contacts are what ties contacts to tags and contact fields.
     for path, node in nodes.items():
         checks_or_error = node["assetChecksOrError"]
@@ -575,8 +593,10 @@ def test_the_daily_sync_schedule_is_running_at_three_utc_and_the_daemon_is_healt
     schedules = graphql(SCHEDULES_QUERY, {"selector": REPOSITORY_SELECTOR})["schedulesOrError"]
 
     assert schedules["__typename"] == "Schedules", schedules
-    (schedule,) = schedules["results"]
-    assert schedule["name"] == SCHEDULE
+    by_name = {result["name"]: result for result in schedules["results"]}
+    assert set(by_name) == {SCHEDULE, "marketing_incremental_hourly"}
+    assert by_name["marketing_incremental_hourly"]["scheduleState"]["status"] == "RUNNING"
+    schedule = by_name[SCHEDULE]
     assert schedule["pipelineName"] == JOB
     assert (schedule["cronSchedule"], schedule["executionTimezone"]) == ("0 3 * * *", "UTC")
     assert schedule["defaultStatus"] == "RUNNING"
@@ -613,7 +633,8 @@ def test_marketing_sync_launched_through_the_webserver_is_queued_then_run_by_the
     assert run["status"] == "SUCCESS", f"run {sync_run.run_id} ended {run['status']}:\n{failure}"
     assert run["jobName"] == JOB
     steps = {step["stepKey"]: step["status"] for step in run["stepStats"]}
-    assert len(steps) == 6 and set(steps.values()) == {"SUCCESS"}, steps
+    # Five syncs, three normalized tables, one step for the contact reference checks.
+    assert len(steps) == 9 and set(steps.values()) == {"SUCCESS"}, steps
     # The webserver only queued the run; the daemon's run coordinator took it off the queue and
     # launched it (RUN_STARTING is reported by whoever launches the run).
     order = ["RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent", "RunSuccessEvent"]
@@ -632,7 +653,8 @@ def test_each_materialization_shown_records_the_fetch_and_the_merge(dagster_dev:
         if event["__typename"] == "MaterializationEvent"
     }
 
-    assert set(in_run) == ASSET_PATHS
+    assert set(in_run) == ALL_PATHS
+    in_run = {path: metadata for path, metadata in in_run.items() if path in ASSET_PATHS}
     assert {tuple(node["assetKey"]["path"]) for node in nodes} == ASSET_PATHS
     for node in nodes:
         path = tuple(node["assetKey"]["path"])
@@ -682,16 +704,18 @@ def test_every_check_evaluated_in_the_run_passed_and_shows_as_latest(
         event["evaluation"] for event in sync_run.events if event["__typename"] == "AssetCheckEvaluationEvent"
     ]
     evaluated = {(tuple(e["assetKey"]["path"]), e["checkName"]) for e in evaluations}
-    expected = {(path, check) for path in ASSET_PATHS for check in SYNC_CHECKS} | {
-        (("marketing", "contacts"), check) for check in REFERENCE_CHECKS
-    }
+    expected = (
+        {(path, check) for path in ASSET_PATHS for check in SYNC_CHECKS}
+        | {(("marketing", "contacts"), check) for check in REFERENCE_CHECKS}
+        | {(path, check) for path in NORMALIZED_READS for check in NORMALIZED_CHECKS}
+    )
 
-    assert len(evaluations) == len(expected) == 17
+    assert len(evaluations) == len(expected) == 23
     assert evaluated == expected
     failed = [e for e in evaluations if not e["success"]]
     assert failed == [], json.dumps(failed, indent=2)[:4000]
     # What the asset pages show as each check's latest result.
-    keys = [{"path": list(path)} for path in sorted(ASSET_PATHS)]
+    keys = [{"path": list(path)} for path in sorted(ALL_PATHS)]
     for node in dagster_dev.graphql(LATEST_MATERIALIZATIONS_QUERY, {"keys": keys})["assetNodes"]:
         for check in node["assetChecksOrError"]["checks"]:
             execution = check["executionForLatestMaterialization"]
@@ -711,7 +735,7 @@ def test_after_the_sync_the_daemon_shows_every_asset_fresh(dagster_dev: DagsterD
     while True:
         nodes = dagster_dev.graphql(FRESHNESS_QUERY)["assetNodes"]
         statuses = {tuple(node["assetKey"]["path"]): node["freshnessStatusInfo"] for node in nodes}
-        if set(statuses) == ASSET_PATHS and all(
+        if set(statuses) == ALL_PATHS and all(
             info and info["freshnessStatus"] == "HEALTHY" for info in statuses.values()
         ):
             break

@@ -41,8 +41,14 @@ def contact(contact_id: int, **changes: Any) -> dict[str, Any]:
     return record
 
 
-def stage(spec: ResourceSpec, pages: list[list[dict[str, Any]]], directory: Path, when: datetime | None = None) -> StagedBatch:
-    stager = PageStager(spec, directory=str(directory))
+def stage(
+    spec: ResourceSpec,
+    pages: list[list[dict[str, Any]]],
+    directory: Path,
+    when: datetime | None = None,
+    complete: bool = True,
+) -> StagedBatch:
+    stager = PageStager(spec, directory=str(directory), complete=complete)
     if when is not None:
         stager.synced_at = when
     with stager:
@@ -98,16 +104,16 @@ def test_merge_inserts_new_updates_changed_and_leaves_the_rest(database: str, tm
     result = merge(
         database,
         "contacts",
-        stage(CONTACTS, [[contact(1), contact(2, tags=[], unsubscribed=True), contact(4)]], tmp_path, second_sync),
+        stage(CONTACTS, [[contact(1), contact(2, tags=[], unsubscribed=True), contact(4)]], tmp_path, second_sync, complete=False),
     )
 
-    assert (result.inserted, result.updated, result.unchanged, result.row_count) == (1, 1, 1, 4)
+    assert (result.inserted, result.updated, result.unchanged, result.deleted, result.row_count) == (1, 1, 1, 0, 4)
     with connect(database) as connection:
         state = connection.execute("SELECT id, unsubscribed, tags, _synced_at FROM marketing.marketing.contacts ORDER BY id").fetchall()
     assert state == [
         (1, False, [{"id": 7, "name": "Café ☕"}], first_sync),  # unchanged: not rewritten
         (2, True, [], second_sync),
-        (3, False, [{"id": 7, "name": "Café ☕"}], first_sync),  # absent from this sync: untouched
+        (3, False, [{"id": 7, "name": "Café ☕"}], first_sync),  # not fetched by this partial sync: untouched
         (4, False, [{"id": 7, "name": "Café ☕"}], second_sync),
     ]
 
@@ -162,7 +168,7 @@ def test_unknown_fields_are_kept_in_extra(database: str, tmp_path: Path) -> None
 
     merge(database, "tags", batch)
 
-    extras = [json.loads(r[-2]) if r[-2] else None for r in rows(database, "tags")]
+    extras = [json.loads(r[-3]) if r[-3] else None for r in rows(database, "tags")]
     assert extras == [{"color": "red", "meta": {"x": [1]}}, None]
 
 
@@ -273,3 +279,54 @@ def test_a_file_held_by_an_outside_process_is_waited_for_then_reported(
     outsider.join(60)
     with connect(database) as connection:
         assert connection.execute("SELECT a FROM t").fetchall() == [(1,)]
+
+
+def deleted_marks(database: str) -> dict[int, datetime | None]:
+    with connect(database) as connection:
+        table = fully_qualified(connection, "marketing", "contacts")
+        return dict(connection.execute(f"SELECT id, _deleted_at FROM {table} ORDER BY id").fetchall())
+
+
+def test_a_complete_sync_marks_rows_gone_upstream_and_unmarks_rows_that_come_back(database: str, tmp_path: Path) -> None:
+    first, second, third = (datetime(2026, 1, day, tzinfo=timezone.utc) for day in (1, 2, 3))
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2), contact(3)]], tmp_path, first))
+
+    gone = merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(3)]], tmp_path, second))
+
+    assert (gone.deleted, gone.row_count, gone.total_rows, gone.unchanged) == (1, 2, 3, 2)
+    assert deleted_marks(database) == {1: None, 2: second, 3: None}
+
+    back = merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2), contact(3)]], tmp_path, third))
+
+    assert (back.updated, back.deleted, back.row_count) == (1, 0, 3)
+    assert deleted_marks(database) == {1: None, 2: None, 3: None}
+
+
+def test_a_row_already_marked_keeps_its_first_mark(database: str, tmp_path: Path) -> None:
+    first, second, third = (datetime(2026, 1, day, tzinfo=timezone.utc) for day in (1, 2, 3))
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2)]], tmp_path, first))
+    merge(database, "contacts", stage(CONTACTS, [[contact(1)]], tmp_path, second))
+
+    again = merge(database, "contacts", stage(CONTACTS, [[contact(1)]], tmp_path, third))
+
+    assert again.deleted == 0
+    assert deleted_marks(database) == {1: None, 2: second}
+
+
+def test_a_partial_sync_marks_nothing(database: str, tmp_path: Path) -> None:
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2)]], tmp_path))
+
+    result = merge(database, "contacts", stage(CONTACTS, [[contact(3)]], tmp_path, complete=False))
+
+    assert (result.inserted, result.deleted, result.row_count) == (1, 0, 3)
+    assert deleted_marks(database) == {1: None, 2: None, 3: None}
+
+
+def test_hard_delete_mode_removes_rows_gone_upstream(database: str, tmp_path: Path) -> None:
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2), contact(3)]], tmp_path))
+
+    with connect(database) as connection:
+        result = merge_staged(connection, "marketing", "contacts", stage(CONTACTS, [[contact(2)]], tmp_path), deletions="delete")
+
+    assert (result.deleted, result.row_count, result.total_rows) == (2, 1, 1)
+    assert list(deleted_marks(database)) == [2]
