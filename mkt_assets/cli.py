@@ -16,6 +16,7 @@ from pathlib import Path
 from mkt_assets import warehouse
 from mkt_assets.assets import ASSET_PREFIX
 from mkt_assets.catalog import RESOURCES
+from mkt_assets.normalized import NORMALIZED_TABLES
 from mkt_assets.settings import DUCKDB_PATH_ENV
 from mkt_assets.resource import API_KEY_ENV, BASE_URL_ENV
 from mkt_assets.sandbox import SandboxData, SandboxServer
@@ -61,10 +62,10 @@ def run_demo(contacts: int, seed: int, database: str) -> int:
         return result.returncode
     print(f"marketing_sync succeeded in {seconds:.1f}s (run log: {log_path})")
     with warehouse.connect(os.path.abspath(database), read_only=True) as connection:
-        for spec in RESOURCES:
-            table = warehouse.fully_qualified(connection, ASSET_PREFIX, spec.name)
+        for name in [spec.name for spec in RESOURCES] + [table.name for table in NORMALIZED_TABLES]:
+            table = warehouse.fully_qualified(connection, ASSET_PREFIX, name)
             (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
-            print(f"  {ASSET_PREFIX}.{spec.name:<17} {rows:>9} rows")
+            print(f"  {ASSET_PREFIX}.{name:<21} {rows:>9} rows")
     print(f"DuckDB file: {os.path.abspath(database)}")
     print(
         "Query it:    python -c \"import duckdb; duckdb.connect("
