@@ -85,9 +85,14 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 base_url=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
                 api_key=dg.EnvVar(API_KEY_ENV),
             ),
-            "warehouse": WarehouseResource(database=database, schema_name=ASSET_PREFIX),
+            "warehouse": WarehouseResource(
+                database=database, schema_name=ASSET_PREFIX, memory_limit=settings.duckdb_memory_limit
+            ),
             IO_MANAGER_KEY: MarketingDuckDBIOManager(
-                database=database, schema=ASSET_PREFIX, deletions=settings.deletions
+                database=database,
+                schema=ASSET_PREFIX,
+                deletions=settings.deletions,
+                memory_limit=settings.duckdb_memory_limit,
             ),
         },
     )

@@ -47,7 +47,9 @@ class MergingDuckDbClient(DbClient):
     def connect(
         context: dg.OutputContext | dg.InputContext, table_slice: TableSlice
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        with warehouse.connect(context.resource_config["database"]) as connection:
+        config = context.resource_config
+        memory_limit = config.get("memory_limit") or warehouse.DEFAULT_MEMORY_LIMIT
+        with warehouse.connect(config["database"], memory_limit=memory_limit) as connection:
             yield connection
 
 
@@ -114,6 +116,11 @@ class MarketingDuckDBIOManager(DuckDBIOManager):
             "What a complete full sync does with rows no longer upstream: 'mark' sets"
             " _deleted_at (cleared if they come back), 'delete' removes them."
         ),
+    )
+
+    memory_limit: str = Field(
+        default=warehouse.DEFAULT_MEMORY_LIMIT,
+        description="Memory DuckDB may use for a merge before spilling to disk (e.g. 256MB, 2GB).",
     )
 
     @field_validator("deletions")

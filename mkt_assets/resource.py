@@ -135,9 +135,12 @@ class WarehouseResource(dg.ConfigurableResource):
 
     database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
     schema_name: str = Field(default="marketing", description="Schema holding the synced tables.")
+    memory_limit: str = Field(
+        default=warehouse.DEFAULT_MEMORY_LIMIT, description="Memory DuckDB may use before spilling to disk."
+    )
 
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection that queues behind writers instead of failing on DuckDB's lock."""
-        with warehouse.connect(self.database) as connection:
+        with warehouse.connect(self.database, memory_limit=self.memory_limit) as connection:
             yield connection

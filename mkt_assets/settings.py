@@ -33,6 +33,7 @@ class Settings:
     owners: tuple[str, ...] = ("team:data-engineering",)
     row_count_max_drop: float = 0.1
     progress_interval_seconds: float = 10.0
+    duckdb_memory_limit: str = "256MB"
 
     def __post_init__(self) -> None:
         try:
@@ -82,4 +83,5 @@ class Settings:
             owners=tuple(o.strip() for o in owners.split(",") if o.strip()) if owners else defaults.owners,
             row_count_max_drop=number("MKT_ROW_COUNT_MAX_DROP", defaults.row_count_max_drop),
             progress_interval_seconds=number("MKT_PROGRESS_SECONDS", defaults.progress_interval_seconds),
+            duckdb_memory_limit=env.get("MKT_DUCKDB_MEMORY_LIMIT") or defaults.duckdb_memory_limit,
         )

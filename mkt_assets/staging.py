@@ -33,6 +33,9 @@ class StagedBatch:
     # Every record of the resource (a full read run to its end), not only new ones: what
     # it lacks was deleted upstream.
     complete: bool = True
+    # Keys came strictly ascending (or descending) across the whole sync, so no key repeats
+    # and the merge can skip deduplicating.
+    keys_unique: bool = False
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -49,6 +52,9 @@ class PageStager:
     unknown_fields: set[str] = field(default_factory=set)
     synced_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     complete: bool = True
+    keys_monotonic: bool = True
+    _previous_key: object = None
+    _direction: int = 0
     _file: BinaryIO | None = None
     _path: Path | None = None
 
@@ -93,6 +99,7 @@ class PageStager:
             unknown_fields=tuple(sorted(self.unknown_fields)),
             synced_at=self.synced_at,
             complete=self.complete,
+            keys_unique=self.keys_monotonic,
         )
 
     def _check_records(self, page: Page) -> None:
@@ -107,6 +114,21 @@ class PageStager:
                 )
             if record.keys() - known:
                 self.unknown_fields.update(record.keys() - known)
+            if self.keys_monotonic:
+                self._follow_key_order(record[key])
+
+    def _follow_key_order(self, key: object) -> None:
+        previous, self._previous_key = self._previous_key, key
+        if previous is None:
+            return
+        if not isinstance(key, int) or not isinstance(previous, int) or key == previous:
+            self.keys_monotonic = False
+            return
+        direction = 1 if key > previous else -1
+        if self._direction == 0:
+            self._direction = direction
+        elif direction != self._direction:
+            self.keys_monotonic = False
 
 
 def _preview(record: dict[str, object]) -> str:

@@ -25,7 +25,7 @@ from mkt_assets.staging import StagedBatch
 OUTSIDER_PATIENCE_SECONDS = 120.0
 
 # Pages of 100 records are far below this; the default (16 MB) would refuse a fat page.
-_MAX_PAGE_BYTES = 1 << 27
+_MAX_PAGE_BYTES = 1 << 23
 
 
 def quote_ident(name: str) -> str:
@@ -48,8 +48,15 @@ def fully_qualified(connection: duckdb.DuckDBPyConnection, schema: str, table: s
     return f"{name}.{quote_ident(table)}" if table is not None else name
 
 
+# DuckDB may use this much memory before it spills to `<database>.tmp`: a sync's memory
+# stays flat however large the account (a million contacts merge in it).
+DEFAULT_MEMORY_LIMIT = "256MB"
+
+
 @contextmanager
-def connect(database: str, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(
+    database: str, *, read_only: bool = False, memory_limit: str = DEFAULT_MEMORY_LIMIT
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection to the DuckDB file, holding its lock file for as long as it is open.
 
     DuckDB lets one process at a time open a file for writing and fails the others at
@@ -65,20 +72,26 @@ def connect(database: str, *, read_only: bool = False) -> Iterator[duckdb.DuckDB
     with open(f"{path}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            with _open_waiting_for_outsiders(path, read_only=read_only and path.exists()) as connection:
+            with _open_waiting_for_outsiders(
+                path, read_only=read_only and path.exists(), memory_limit=memory_limit
+            ) as connection:
                 yield connection
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _open_waiting_for_outsiders(path: Path, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _open_waiting_for_outsiders(path: Path, *, read_only: bool, memory_limit: str) -> duckdb.DuckDBPyConnection:
     """Open the file, waiting a while for a process that ignores our lock file (a DuckDB
     shell or notebook left open on it) to let go, then failing with what to do."""
     deadline = time.monotonic() + OUTSIDER_PATIENCE_SECONDS
     delay = 0.1
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(
+                str(path),
+                read_only=read_only,
+                config={"memory_limit": memory_limit, "preserve_insertion_order": False},
+            )
         except duckdb.IOException as error:
             if "lock" not in str(error).lower():
                 raise
@@ -136,6 +149,8 @@ def _typed_expression(column: Column, record: str = "r") -> str:
 
 
 def _records_sql() -> str:
+    """Each staged record as raw JSON: slow (every field is parsed from text again), but
+    it sees every field, so it finds the unknown ones and names a value that does not cast."""
     return (
         "SELECT page, unnest(body.items) AS r, generate_subscripts(body.items, 1) AS position"
         " FROM read_json($path, format = 'newline_delimited', maximum_object_size = "
@@ -143,18 +158,59 @@ def _records_sql() -> str:
     )
 
 
-def staged_select_sql(spec: ResourceSpec) -> str:
-    """One typed row per key, the last one seen winning, as the table's columns."""
-    typed = [f"{_typed_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
-    key = quote_ident(spec.primary_key_column.name)
+def _api_type(column: Column) -> str:
+    """The column's type with the API's own field names, as DuckDB's JSON reader reads it."""
+    if not column.fields:
+        return column.duckdb_type
+    members = ", ".join(f"{quote_ident(member.api_name)} {_api_type(member)}" for member in column.fields)
+    return f"STRUCT({members})[]"
+
+
+def _typed_records_sql(spec: ResourceSpec) -> str:
+    """Each staged record as a typed struct, parsed once by DuckDB's JSON reader (fields the
+    catalog does not know are skipped: the stager says when there are any)."""
+    item = ", ".join(f"{quote_ident(column.api_name)} {_api_type(column)}" for column in spec.columns)
+    body = quote_literal(f"STRUCT(items STRUCT({item})[])")
     return (
-        f"WITH records AS ({_records_sql()}) "
-        f"SELECT {', '.join(typed)},"
-        " CAST(nullif(json_merge_patch(r, $known), '{}') AS JSON) AS \"_extra\","
+        "SELECT page, unnest(body.items) AS r, generate_subscripts(body.items, 1) AS position"
+        " FROM read_json($path, format = 'newline_delimited', maximum_object_size = "
+        f"{_MAX_PAGE_BYTES}, columns = {{'page': 'BIGINT', 'body': {body}}})"
+    )
+
+
+def _typed_member_expression(column: Column) -> str:
+    field = f"r.{quote_ident(column.api_name)}"
+    if not column.fields:
+        return field
+    renamed = ", ".join(f"{quote_ident(m.name)} := x.{quote_ident(m.api_name)}" for m in column.fields)
+    return f"CAST(list_transform({field}, lambda x: struct_pack({renamed})) AS {column.sql_type})"
+
+
+def staged_select_sql(spec: ResourceSpec, *, raw: bool = True, deduplicate: bool = True) -> str:
+    """One typed row per key, the last one seen winning, as the table's columns.
+
+    ``raw`` reads records as JSON text, which keeps unknown fields in ``_extra``; otherwise
+    DuckDB types the records as it parses them, several times faster. ``deduplicate`` may
+    be off when the stager saw every key once.
+    """
+    if raw:
+        records = _records_sql()
+        typed = [f"{_typed_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
+        extra = "CAST(nullif(json_merge_patch(r, $known), '{}') AS JSON)"
+    else:
+        records = _typed_records_sql(spec)
+        typed = [f"{_typed_member_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
+        extra = "CAST(NULL AS JSON)"
+    key = quote_ident(spec.primary_key_column.name)
+    sql = (
+        f"WITH records AS ({records}) "
+        f"SELECT {', '.join(typed)}, {extra} AS \"_extra\","
         " CAST($synced_at AS TIMESTAMPTZ) AS \"_synced_at\""
         " FROM records"
-        f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY page DESC, position DESC) = 1"
     )
+    if deduplicate:
+        sql += f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY page DESC, position DESC) = 1"
+    return sql
 
 
 def _known_fields_patch(spec: ResourceSpec) -> str:
@@ -200,15 +256,15 @@ def merge_staged(
     # A row marked deleted that the API lists again has changed: it is back.
     differs = " OR ".join([*(f"s.{c} IS DISTINCT FROM t.{c}" for c in data_columns), f"t.{deleted_at} IS NOT NULL"])
     missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
-    parameters = {
-        "path": str(batch.path),
-        "known": _known_fields_patch(spec),
-        "synced_at": batch.synced_at,
-    }
+    raw = bool(batch.unknown_fields)
+    parameters: dict[str, object] = {"path": str(batch.path), "synced_at": batch.synced_at}
+    if raw:
+        parameters["known"] = _known_fields_patch(spec)
     connection.execute("BEGIN TRANSACTION")
     try:
         ensure_table(connection, schema, table, spec)
-        connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged_select_sql(spec)}", parameters)
+        staged = staged_select_sql(spec, raw=raw, deduplicate=not batch.keys_unique)
+        connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
         connection.execute(
             "CREATE OR REPLACE TEMP TABLE changes AS"
             f" SELECT s.*, CASE WHEN t.{key} IS NULL THEN 'insert'"
@@ -243,7 +299,8 @@ def merge_staged(
         connection.execute("DROP TABLE staged")
         connection.execute("DROP TABLE changes")
         connection.execute("COMMIT")
-    except duckdb.ConversionException as error:
+    except (duckdb.ConversionException, duckdb.InvalidInputException) as error:
+        # A value the column's type cannot hold (DuckDB's JSON reader says InvalidInput).
         connection.execute("ROLLBACK")
         raise _explain_cast_failure(connection, spec, batch, error) from None
     except BaseException:
