@@ -330,3 +330,25 @@ def test_hard_delete_mode_removes_rows_gone_upstream(database: str, tmp_path: Pa
 
     assert (result.deleted, result.row_count, result.total_rows) == (2, 1, 1)
     assert list(deleted_marks(database)) == [2]
+
+
+@pytest.mark.parametrize(
+    ("pages", "unique"),
+    [
+        ([[contact(1), contact(2)], [contact(5)]], True),
+        ([[contact(9), contact(5)], [contact(2)]], True),  # descending order
+        ([[contact(1), contact(2)], [contact(2)]], False),  # a key again
+        ([[contact(1), contact(3)], [contact(2)]], False),  # out of order: it may repeat
+    ],
+)
+def test_the_stager_knows_when_keys_cannot_repeat(tmp_path: Path, pages: list[list[dict[str, Any]]], unique: bool) -> None:
+    assert stage(CONTACTS, pages, tmp_path).keys_unique is unique
+
+
+def test_keys_that_are_not_ordered_are_still_deduplicated(database: str, tmp_path: Path) -> None:
+    pages = [[contact(3, email="old@x.test"), contact(1)], [contact(2), contact(3, email="new@x.test")]]
+
+    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path))
+
+    assert result.inserted == 3
+    assert [(r[0], r[1]) for r in rows(database, "contacts")] == [(1, "c1@example.com"), (2, "c2@example.com"), (3, "new@x.test")]
