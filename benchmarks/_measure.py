@@ -171,6 +171,7 @@ class Measured:
 
     command: list[str]
     pid: int  # the child started; its session holds every process measured
+    started_at: float  # time.time() just before it started, to place its events on a timeline
     seconds: float
     returncode: int
     log_path: Path
@@ -203,6 +204,7 @@ def run_measured(
     busy_before = system_busy_seconds()
     simulator_before = process_cpu_seconds(simulator_pid) if simulator_pid else 0.0
     with open(log_path, "wb") as log:
+        started_at = time.time()
         started = time.perf_counter()
         # A new session: the monitor finds every descendant by session id, and a timeout
         # can kill the whole group the benchmark started, and nothing else.
@@ -222,6 +224,7 @@ def run_measured(
     measured = Measured(
         command=list(command),
         pid=child.pid,
+        started_at=started_at,
         seconds=seconds,
         returncode=returncode,
         log_path=log_path,
@@ -259,7 +262,9 @@ class Simulator:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # its KeyboardInterrupt path closes cleanly
+            # SIGTERM, not SIGINT: a shell starting the benchmark in the background makes its
+            # children ignore SIGINT. The simulator holds nothing that needs a clean close.
+            self.process.terminate()
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:

@@ -155,6 +155,7 @@ class MarketingApiClient:
         self.timeout = (connect_timeout, read_timeout)
         self.key_setting = key_setting
         self.stats = RequestStats()
+        self._rate_limiter = rate_limiter
         retry = _CountingRetry(
             total=max_retries,
             status_forcelist=RETRY_STATUSES,
@@ -188,6 +189,8 @@ class MarketingApiClient:
 
     def close(self) -> None:
         self._session.close()
+        if self._rate_limiter is not None:
+            self._rate_limiter.close()
 
     def url_path(self, spec: ResourceSpec) -> str:
         return urlsplit(self.base_url + spec.path).path

@@ -31,6 +31,8 @@ REFILL_HEADER = "X-RateLimit-Refill"
 _UNIX_TIME_THRESHOLD = 1_000_000_000
 # Wait this long past the estimated refill, so a request never lands a hair before it.
 _REFILL_MARGIN_SECONDS = 0.02
+# The state is padded to this size so every write overwrites the whole of it.
+_STATE_BYTES = 256
 # How long a spent quota is assumed to last when no answer said when it refills.
 _UNKNOWN_WINDOW_SECONDS = 1.0
 
@@ -89,6 +91,7 @@ class SharedRateLimiter:
         self.path = path
         self._clock = clock
         self._sleep = sleep
+        self._descriptor: int | None = None
 
     def acquire(self) -> float:
         """Block until a request may be sent; return the seconds spent waiting."""
@@ -146,20 +149,27 @@ class SharedRateLimiter:
 
     @contextmanager
     def _state(self) -> Iterator[QuotaState]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "r+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        # Called twice a request: read and write in place, with no truncate (a metadata
+        # write on most file systems, and the costliest step when the file shrinks).
+        if self._descriptor is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        descriptor = self._descriptor
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            text = os.pread(descriptor, _STATE_BYTES, 0).decode("utf-8", "replace").strip()
             try:
-                text = handle.read()
-                try:
-                    state = QuotaState(**json.loads(text)) if text else QuotaState()
-                except (ValueError, TypeError):
-                    state = QuotaState()  # a torn or foreign file: start afresh
-                yield state
-                handle.seek(0)
-                handle.truncate()
-                handle.write(json.dumps(asdict(state)))
-                handle.flush()
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                state = QuotaState(**json.loads(text)) if text else QuotaState()
+            except (ValueError, TypeError):
+                state = QuotaState()  # a torn or foreign file: start afresh
+            yield state
+            updated = json.dumps(asdict(state))
+            if updated != text:
+                os.pwrite(descriptor, updated.ljust(_STATE_BYTES).encode(), 0)
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
