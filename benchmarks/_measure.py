@@ -188,7 +188,9 @@ class Measured:
 
 
 class ChildFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, measured: Measured | None = None) -> None:
+        super().__init__(message)
+        self.measured = measured  # what was seen of the failed run: its peaks still count
 
 
 def run_measured(
@@ -235,7 +237,10 @@ def run_measured(
     )
     if returncode != 0:
         tail = "".join(measured.log().splitlines(keepends=True)[-40:])
-        raise ChildFailed(f"exit {returncode}: {' '.join(command)}\n{tail}")
+        raise ChildFailed(
+            f"exit {returncode} after {seconds:.0f}s, peak RSS {measured.peak_mb():.0f} MB: {' '.join(command)}\n{tail}",
+            measured,
+        )
     return measured
 
 

@@ -781,7 +781,11 @@ def print_errors(errors: Sequence[str], root: Path) -> None:
         return
     print(f"\n{len(errors)} run(s) FAILED and are left out of the medians (logs under {root}/runs):")
     for error in errors:
-        print("  - " + error.splitlines()[0][:300])
+        lines = error.splitlines()
+        # The first exception line in the log's tail says why (not Dagster's "Run ... failed").
+        cause = next((line.strip() for line in lines[1:] if re.search(r"(Error|Exception)\b[^:]*:", line)
+                      and "resulted in failure" not in line), "")  # fmt: skip
+        print("  - " + lines[0][:300] + (f"\n    {cause[:300]}" if cause else ""))
 
 
 if __name__ == "__main__":
