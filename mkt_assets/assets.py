@@ -159,6 +159,7 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
                 "requests": stats.requests,
                 "retries": stats.retries,
                 "throttled_429": stats.throttled,
+                "paced_seconds": round(stats.paced_seconds, 3),  # waited for the rate limit
                 "fetch_seconds": round(fetch_seconds, 3),
                 "unknown_fields": ", ".join(batch.unknown_fields) or "none",
             },

@@ -74,10 +74,6 @@ class ResourceSpec:
         return self.column(self.primary_key)
 
     @property
-    def required_fields(self) -> tuple[str, ...]:
-        return tuple(column.api_name for column in self.columns if column.required)
-
-    @property
     def known_fields(self) -> frozenset[str]:
         return frozenset(column.api_name for column in self.columns)
 

@@ -180,6 +180,7 @@ def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Pa
     assert [c.name for c in contacts["dagster/column_schema"].value.columns][:3] == ["id", "email", "registered_at"]
     assert (contacts["pages"].value, contacts["requests"].value, contacts["retries"].value) == (13, 13, 0)
     assert contacts["throttled_429"].value == 0 and contacts["unknown_fields"].value == "none"
+    assert contacts["paced_seconds"].value == 0  # the simulator's quota here is never spent
     assert contacts["fetch_seconds"].value > 0 and contacts["merge_seconds"].value > 0
     assert contacts["preview"].value.startswith("| id | email | registered_at |")
     row_checks = {e.asset_key.path[-1]: e for e in second.get_asset_check_evaluations() if e.check_name == "row_count_not_dropping"}
