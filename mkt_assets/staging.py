@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from mkt_assets.catalog import ResourceSpec
-from mkt_assets.client import Page
 from mkt_assets.errors import RecordError
+
+if TYPE_CHECKING:  # the DuckDB worker imports this module without the HTTP client
+    from mkt_assets.client import Page
 
 
 @dataclass(frozen=True)

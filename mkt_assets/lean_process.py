@@ -1,0 +1,76 @@
+"""Run one function in a fresh, lean Python process and return its result.
+
+Used for the DuckDB work of a sync (merges, table builds). A Dagster step process holds
+about 160 MB before it does anything, and DuckDB's JSON reader and joins take up to its
+memory cap on top; a child that imports only DuckDB and this package's DuckDB modules
+starts at about 36 MB, so every process of a sync stays small however large the account.
+
+The function must be importable at module level from a module that does not import
+Dagster. Its arguments and its result, or the exception it raised, travel pickled over
+the child's stdin and stdout: both ends run this package's code from the same
+interpreter. If the caller is interrupted, the child is killed and DuckDB rolls back the
+open transaction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+Result = TypeVar("Result")
+
+
+class LeanProcessError(RuntimeError):
+    """The child ended without an answer: killed (e.g. by the OOM killer) or crashed."""
+
+
+def call(function: Callable[..., Result], /, *args: Any, **kwargs: Any) -> Result:
+    request = pickle.dumps((function.__module__, function.__qualname__, args, kwargs))
+    completed = subprocess.run(
+        [sys.executable, "-m", __name__], input=request, capture_output=True, check=False
+    )
+    if completed.returncode != 0 or not completed.stdout:
+        raise LeanProcessError(
+            f"{function.__qualname__} ran in a child process that {_how_it_ended(completed.returncode)}"
+            f" without an answer; what it printed: {completed.stderr.decode(errors='replace')[-2000:]!r}"
+        )
+    succeeded, value = pickle.loads(completed.stdout)
+    if succeeded:
+        return value  # type: ignore[no-any-return]
+    raise value
+
+
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def _serve() -> None:
+    """The child's side: read one call from stdin, write its outcome to stdout."""
+    module_name, qualname, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    try:
+        outcome: tuple[bool, object] = (True, target(*args, **kwargs))
+    except Exception as error:  # noqa: BLE001 - every failure is the caller's to handle
+        error.add_note(f"raised in a lean child process:\n{traceback.format_exc()}")
+        outcome = (False, error)
+    try:
+        answer = pickle.dumps(outcome)
+    except Exception:  # an exception that does not pickle: keep its type name and message
+        failed = outcome[1]
+        answer = pickle.dumps((False, RuntimeError(f"{type(failed).__name__}: {failed}")))
+    sys.stdout.buffer.write(answer)
+    sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":
+    _serve()
