@@ -13,6 +13,7 @@ from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mkt_assets.errors import ConfigurationError
+from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT
 
 DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 # Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
@@ -33,7 +34,7 @@ class Settings:
     owners: tuple[str, ...] = ("team:data-engineering",)
     row_count_max_drop: float = 0.1
     progress_interval_seconds: float = 10.0
-    duckdb_memory_limit: str = "256MB"
+    duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT
 
     def __post_init__(self) -> None:
         try:
