@@ -16,7 +16,7 @@ from pathlib import Path
 from mkt_assets import warehouse
 from mkt_assets.assets import ASSET_PREFIX
 from mkt_assets.catalog import RESOURCES
-from mkt_assets.normalized import NORMALIZED_TABLES
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.settings import DUCKDB_PATH_ENV
 from mkt_assets.resource import API_KEY_ENV, BASE_URL_ENV
 from mkt_assets.sandbox import SandboxData, SandboxServer

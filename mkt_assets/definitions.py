@@ -23,7 +23,8 @@ from mkt_assets.resource import (
     MarketingApiResource,
     WarehouseResource,
 )
-from mkt_assets.normalized import NORMALIZED_GROUP, NORMALIZED_TABLES, build_normalized_asset
+from mkt_assets.normalized import NORMALIZED_GROUP, build_normalized_asset
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.schedules import build_schedules
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import database_path

@@ -139,6 +139,10 @@ class WarehouseResource(dg.ConfigurableResource):
         default=warehouse.DEFAULT_MEMORY_LIMIT, description="Memory DuckDB may use before spilling to disk."
     )
 
+    def file(self) -> warehouse.WarehouseFile:
+        """What a lean child process needs to open the file itself (see ``lean_process``)."""
+        return warehouse.WarehouseFile(warehouse.database_path(self.database), self.memory_limit)
+
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection that queues behind writers instead of failing on DuckDB's lock."""

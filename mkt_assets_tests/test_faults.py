@@ -270,41 +270,31 @@ _KILLED_WRITER = textwrap.dedent(
     """
     import sys
     from mkt_assets import warehouse
-
-    original = warehouse.merge_staged
+    from mkt_assets.catalog import RESOURCES_BY_NAME
+    from mkt_assets.resource import MarketingApiResource
+    from mkt_assets.staging import PageStager
 
     class PausingConnection:
-        # Runs every statement, but stops dead once the MERGE has run, before COMMIT.
+        # Runs every statement of the merge, and stops dead at its COMMIT.
         def __init__(self, connection):
             self._connection = connection
 
         def execute(self, sql, *args):
-            result = self._connection.execute(sql, *args)
-            if sql.startswith("MERGE INTO"):
+            if sql == "COMMIT":
                 print("merged, not committed", flush=True)
                 sys.stdin.read()  # held here until killed
-            return result
-
-    def pausing_merge(connection, schema, table, batch, **options):
-        return original(PausingConnection(connection), schema, table, batch, **options)
-
-    warehouse.merge_staged = pausing_merge
-    from mkt_assets.io_manager import MarketingDuckDBIOManager
-    from mkt_assets.resource import MarketingApiResource, WarehouseResource
-    from mkt_assets.assets import build_sync_asset
-    from mkt_assets.catalog import RESOURCES_BY_NAME
-    from mkt_assets.settings import Settings
-    import dagster as dg
+            return self._connection.execute(sql, *args)
 
     base_url, key, database, quota = sys.argv[1:5]
-    dg.materialize(
-        [build_sync_asset(RESOURCES_BY_NAME["contacts"], Settings())],
-        resources={
-            "marketing_api": MarketingApiResource(base_url=base_url, api_key=key, quota_state_dir=quota),
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
-            "warehouse": WarehouseResource(database=database),
-        },
-    )
+    spec = RESOURCES_BY_NAME["contacts"]
+    api = MarketingApiResource(base_url=base_url, api_key=key, quota_state_dir=quota)
+    with api.get_client() as client, PageStager(spec) as stager:
+        for page in client.iter_pages(spec):
+            stager.add(page)
+        batch = stager.finish()
+    # What the IO manager's worker process runs (warehouse.merge_staged_file), paused.
+    with warehouse.connect(database) as connection:
+        warehouse.merge_staged(PausingConnection(connection), "marketing", "contacts", batch)
     """
 )
 
