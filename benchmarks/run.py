@@ -269,11 +269,17 @@ def summarize_job_events(events: list[dict[str, Any]], started_at: float, ended_
     return {"step_pids": step_pids, "step_seconds": step_seconds, **summary}
 
 
+# The child process a step starts for its DuckDB work (mkt_assets/lean_process.py).
+LEAN_PROCESS_MODULE = "mkt_assets.lean_process"
+
+
 def job_process_kind(process: ProcessRecord, root_pid: int, step_pids: dict[int, str]) -> str:
     if process.pid == root_pid:
         return "job process (dagster job execute)"
     if process.pid in step_pids:
         return f"step: {step_pids[process.pid]}"
+    if LEAN_PROCESS_MODULE in process.cmdline:
+        return f"DuckDB worker of step: {step_pids.get(process.ppid, 'unknown')}"
     if "multiprocessing" in process.cmdline and (process.ppid == root_pid or process.ppid in step_pids):
         # A fork that has not exec'd its helper yet (tail, the watcher) still shows its
         # parent's command line and shares its parent's pages: never above the parent.
@@ -283,6 +289,8 @@ def job_process_kind(process: ProcessRecord, root_pid: int, step_pids: dict[int,
 
 def helper_kind(cmdline: str) -> str:
     """The small helpers Dagster and multiprocessing start beside the steps."""
+    if LEAN_PROCESS_MODULE in cmdline:
+        return "DuckDB worker (merge in a lean child process)"
     if "resource_tracker" in cmdline:
         return "multiprocessing resource tracker"
     if "multiprocessing" in cmdline:
@@ -497,13 +505,19 @@ def peaks_by_kind(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
 def add_peak_rows(table: Table, size: str, peaks: dict[str, float]) -> None:
     """The job's peak RSS by process kind: the contacts step, the largest other step (named),
     and Dagster's helpers."""
-    others = {kind: peak for kind, peak in peaks.items() if kind.startswith("step: ") and kind != f"step: {CONTACTS_STEP}"}
-    rows = {kind: peak for kind, peak in peaks.items() if kind not in others}
+    grouped: dict[str, dict[str, float]] = {"step: ": {}, "DuckDB worker of step: ": {}}
+    for prefix, members in grouped.items():
+        members.update(
+            (kind, peak) for kind, peak in peaks.items() if kind.startswith(prefix) and kind != prefix + CONTACTS_STEP
+        )
+    rows = {kind: peak for kind, peak in peaks.items() if not any(kind in members for members in grouped.values())}
     for kind, peak in sorted(rows.items(), key=lambda item: -item[1]):
         table.add(f"  peak RSS: {kind}", size, f"{peak:.0f} MB")
-    if others:
-        kind, peak = max(others.items(), key=lambda item: item[1])
-        table.add(f"  peak RSS: largest of the {len(others)} other steps", size, f"{peak:.0f} MB ({kind[6:]})")
+    for prefix, members in grouped.items():
+        if members:
+            kind, peak = max(members.items(), key=lambda item: item[1])
+            what = "steps" if prefix == "step: " else "DuckDB workers"
+            table.add(f"  peak RSS: largest of the {len(members)} other {what}", size, f"{peak:.0f} MB ({kind[len(prefix):]})")
 
 
 def cpu_line(runs: Sequence[dict[str, Any]]) -> str:
@@ -638,7 +652,7 @@ def add_memory_rows(table: Table, results: dict[str, Any], plan: Plan) -> None:
     growth = {
         kind: peaks[kind] / previous[kind]
         for kind in peaks
-        if previous.get(kind) and (kind.startswith("step: ") or kind.startswith("job process"))
+        if previous.get(kind) and kind.startswith(("step: ", "job process", "DuckDB worker"))
     }
     kind, ratio = max(growth.items(), key=lambda item: item[1])
     table.check(
