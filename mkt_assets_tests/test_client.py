@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -269,3 +270,45 @@ def test_the_raw_body_is_kept_for_staging() -> None:
         with make_client() as client:
             (only,) = list(client.iter_pages(TAGS))
     assert only.body == body
+
+
+@responses.activate
+def test_the_next_page_is_requested_while_the_caller_still_holds_the_current_one() -> None:
+    url = f"{BASE}/tags"
+    second_requested = threading.Event()
+
+    def second_page(request: Any) -> tuple[int, dict[str, str], str]:
+        second_requested.set()
+        return 200, {"Content-Type": "application/json"}, json.dumps(page([5], False))
+
+    responses.get(url, json=page([1, 2, 3], True), match=[matchers.query_param_matcher({"limit": "100", "order": "asc"})])
+    responses.add_callback(
+        responses.GET, url, callback=second_page,
+        match=[matchers.query_param_matcher({"limit": "100", "order": "asc", "startingAfter": "3"})],
+    )  # fmt: skip
+
+    with make_client() as client:
+        pages = client.iter_pages(TAGS)
+        first = next(pages)
+        # Not asked for yet, but already on its way: the overlap of staging and network wait.
+        assert second_requested.wait(timeout=10)
+        assert [item["id"] for item in first.items] == [1, 2, 3]
+        assert [item["id"] for item in next(pages).items] == [5]
+        assert list(pages) == []
+    assert len(responses.calls) == 2
+
+
+@responses.activate
+def test_a_caller_that_stops_early_leaves_at_most_one_page_requested_ahead() -> None:
+    url = f"{BASE}/tags"
+    for start in range(5):
+        query = {"limit": "100", "order": "asc"} | ({"startingAfter": str(start)} if start else {})
+        responses.get(url, json=page([start + 1], True), match=[matchers.query_param_matcher(query)])
+
+    with make_client() as client:
+        pages = client.iter_pages(TAGS)
+        next(pages)
+        pages.close()  # waits for the request already sent, sends no other
+
+    assert len(responses.calls) <= 2
+    assert [q.get("startingAfter") for q in queries(responses.calls)] == [None, "1"][: len(responses.calls)]
