@@ -8,8 +8,8 @@ import dagster as dg
 from pydantic import Field
 
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, ResourceSpec
+from mkt_assets import lean_process
 from mkt_assets.checks import (
-    LIVE,
     primary_key_result,
     required_fields_result,
     row_count_result,
@@ -18,7 +18,8 @@ from mkt_assets.checks import (
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.settings import Settings
 from mkt_assets.staging import PageStager, StagedBatch
-from mkt_assets.warehouse import fully_qualified, newest_key
+from mkt_assets.table_facts import synced_table_facts_in_file
+from mkt_assets.warehouse import newest_key
 
 ASSET_PREFIX = "marketing"
 GROUP_NAME = "marketing"
@@ -164,12 +165,13 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
                 "unknown_fields": ", ".join(batch.unknown_fields) or "none",
             },
         )
-        with warehouse.connection() as connection:
-            yield primary_key_result(connection, warehouse.schema_name, spec)
-            yield required_fields_result(connection, warehouse.schema_name, spec)
-            table = fully_qualified(connection, warehouse.schema_name, spec.name)
-            (rows,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {LIVE}").fetchone()  # type: ignore[misc]
-        yield row_count_result(rows, previous_rows, settings.row_count_max_drop, f"{ASSET_PREFIX}.{spec.name}")
+        # Queried in a lean child process, like the merge: the step keeps no DuckDB memory.
+        facts = lean_process.call(synced_table_facts_in_file, warehouse.file(), warehouse.schema_name, spec)
+        yield primary_key_result(facts.primary_key, warehouse.schema_name, spec)
+        yield required_fields_result(facts.required_fields, warehouse.schema_name, spec)
+        yield row_count_result(
+            facts.live_rows, previous_rows, settings.row_count_max_drop, f"{ASSET_PREFIX}.{spec.name}"
+        )
 
     return sync
 

@@ -1,19 +1,28 @@
 """Asset checks that guard the synced tables.
 
-Each check is a function of a DuckDB connection (or of numbers) returning an
-``AssetCheckResult`` whose metadata says what failed and where, so it can be tested on
-tables built to break it. The specs are declared here once and attached by the assets.
+Each check is a function of facts about a table (``table_facts``, queried in DuckDB,
+in a lean child process when a step runs them) returning an ``AssetCheckResult`` whose
+metadata says what failed and where, so it can be tested on tables built to break it.
+The specs are declared here once and attached by the assets.
 """
 
 
 from collections.abc import Iterator, Sequence
 
 import dagster as dg
-import duckdb
 
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets import lean_process
+from mkt_assets.catalog import ResourceSpec
 from mkt_assets.resource import WarehouseResource
-from mkt_assets.warehouse import fully_qualified, quote_ident, table_exists
+from mkt_assets.table_facts import (
+    CONTACT_FIELDS,
+    SAMPLE_SIZE,
+    TAGS,
+    PrimaryKeyFacts,
+    ReferenceFacts,
+    RequiredFieldsFacts,
+    contact_reference_facts_in_file,
+)
 
 PRIMARY_KEY_CHECK = "primary_key_unique"
 REQUIRED_FIELDS_CHECK = "required_fields_present"
@@ -21,10 +30,6 @@ ROW_COUNT_CHECK = "row_count_not_dropping"
 CONTACT_TAGS_CHECK = "contact_tags_exist"
 CONTACT_FIELDS_CHECK = "contact_field_slugs_exist"
 
-# How many offending keys a failing check lists in its metadata.
-SAMPLE_SIZE = 20
-# Rows a complete sync no longer found upstream are kept, marked; checks look at the rest.
-LIVE = "_deleted_at IS NULL"
 
 
 def sync_check_specs(spec: ResourceSpec, asset_key: dg.AssetKey, max_drop: float) -> list[dg.AssetCheckSpec]:
@@ -55,17 +60,8 @@ def _table_name(spec: ResourceSpec, schema: str) -> str:
     return f"{schema}.{spec.name}"
 
 
-def primary_key_result(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> dg.AssetCheckResult:
-    table = fully_qualified(connection, schema, spec.name)
-    key = quote_ident(spec.primary_key_column.name)
-    (missing,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {key} IS NULL").fetchone()  # type: ignore[misc]
-    duplicated = [
-        row[0]
-        for row in connection.execute(
-            f"SELECT {key} FROM {table} WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1"
-            f" ORDER BY {key} LIMIT {SAMPLE_SIZE + 1}"
-        ).fetchall()
-    ]
+def primary_key_result(facts: PrimaryKeyFacts, schema: str, spec: ResourceSpec) -> dg.AssetCheckResult:
+    missing, duplicated = facts.rows_without_key, facts.duplicated_keys
     passed = missing == 0 and not duplicated
     problems = []
     if missing:
@@ -80,31 +76,13 @@ def primary_key_result(connection: duckdb.DuckDBPyConnection, schema: str, spec:
         metadata={
             "table": _table_name(spec, schema),
             "rows_without_key": missing,
-            "duplicated_keys": dg.MetadataValue.json([_plain(k) for k in duplicated[:SAMPLE_SIZE]]),
+            "duplicated_keys": dg.MetadataValue.json(duplicated[:SAMPLE_SIZE]),
         },
     )
 
 
-def required_fields_result(
-    connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec
-) -> dg.AssetCheckResult:
-    table = fully_qualified(connection, schema, spec.name)
-    key = quote_ident(spec.primary_key_column.name)
-    missing: dict[str, int] = {}
-    samples: dict[str, list[object]] = {}
-    for column in spec.columns:
-        if not column.required:
-            continue
-        name = quote_ident(column.name)
-        (count,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {name} IS NULL AND {LIVE}").fetchone()  # type: ignore[misc]
-        if count:
-            missing[column.name] = count
-            samples[column.name] = [
-                _plain(row[0])
-                for row in connection.execute(
-                    f"SELECT {key} FROM {table} WHERE {name} IS NULL AND {LIVE} ORDER BY {key} LIMIT {SAMPLE_SIZE}"
-                ).fetchall()
-            ]
+def required_fields_result(facts: RequiredFieldsFacts, schema: str, spec: ResourceSpec) -> dg.AssetCheckResult:
+    missing = facts.rows_missing_by_column
     passed = not missing
     return dg.AssetCheckResult(
         check_name=REQUIRED_FIELDS_CHECK,
@@ -117,7 +95,9 @@ def required_fields_result(
         metadata={
             "table": _table_name(spec, schema),
             "rows_missing_by_column": dg.MetadataValue.json(missing),
-            f"{spec.primary_key_column.name}s_of_rows_missing_a_field": dg.MetadataValue.json(samples),
+            f"{spec.primary_key_column.name}s_of_rows_missing_a_field": dg.MetadataValue.json(
+                facts.keys_missing_by_column
+            ),
         },
     )
 
@@ -146,67 +126,27 @@ def row_count_result(current: int, previous: int | None, max_drop: float, table:
     )
 
 
-CONTACTS = RESOURCES_BY_NAME["contacts"]
-TAGS = RESOURCES_BY_NAME["tags"]
-CONTACT_FIELDS = RESOURCES_BY_NAME["contact_fields"]
-
-
-def contact_tags_result(connection: duckdb.DuckDBPyConnection, schema: str) -> dg.AssetCheckResult:
+def contact_tags_result(facts: ReferenceFacts, schema: str) -> dg.AssetCheckResult:
     """Every tag on a contact is a row of ``tags``."""
-    return _references_result(
-        connection,
-        schema,
-        check_name=CONTACT_TAGS_CHECK,
-        referenced=TAGS,
-        list_column="tags",
-        member="id",
-        referenced_key="id",
-    )
+    return _references_result(facts, schema, check_name=CONTACT_TAGS_CHECK, referenced=TAGS, member="id")
 
 
-def contact_field_slugs_result(connection: duckdb.DuckDBPyConnection, schema: str) -> dg.AssetCheckResult:
+def contact_field_slugs_result(facts: ReferenceFacts, schema: str) -> dg.AssetCheckResult:
     """Every field slug on a contact is a row of ``contact_fields``."""
-    return _references_result(
-        connection,
-        schema,
-        check_name=CONTACT_FIELDS_CHECK,
-        referenced=CONTACT_FIELDS,
-        list_column="fields",
-        member="slug",
-        referenced_key="slug",
-    )
+    return _references_result(facts, schema, check_name=CONTACT_FIELDS_CHECK, referenced=CONTACT_FIELDS, member="slug")
 
 
 def _references_result(
-    connection: duckdb.DuckDBPyConnection,
-    schema: str,
-    *,
-    check_name: str,
-    referenced: ResourceSpec,
-    list_column: str,
-    member: str,
-    referenced_key: str,
+    facts: ReferenceFacts, schema: str, *, check_name: str, referenced: ResourceSpec, member: str
 ) -> dg.AssetCheckResult:
-    for spec in (CONTACTS, referenced):
-        if not table_exists(connection, schema, spec.name):
-            return dg.AssetCheckResult(
-                check_name=check_name,
-                passed=False,
-                severity=dg.AssetCheckSeverity.WARN,
-                description=f"{_table_name(spec, schema)} does not exist yet: materialize it first",
-            )
-    contacts = fully_qualified(connection, schema, CONTACTS.name)
-    target = fully_qualified(connection, schema, referenced.name)
-    dangling = connection.execute(
-        f"SELECT c.id, u.item.{quote_ident(member)} AS value"
-        f" FROM {contacts} AS c, unnest(c.{quote_ident(list_column)}) AS u(item)"
-        f" WHERE c.{LIVE} AND NOT EXISTS (SELECT 1 FROM {target} AS r"
-        f" WHERE r.{quote_ident(referenced_key)} = u.item.{quote_ident(member)} AND r.{LIVE})"
-        " ORDER BY c.id"
-    ).fetchall()
-    contact_ids = sorted({row[0] for row in dangling})
-    values = sorted({row[1] for row in dangling}, key=lambda v: (v is None, str(v)))
-    passed = not dangling
+    if facts.missing_table is not None:
+        return dg.AssetCheckResult(
+            check_name=check_name,
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"{facts.missing_table} does not exist yet: materialize it first",
+        )
+    passed = not facts.dangling
     return dg.AssetCheckResult(
         check_name=check_name,
         passed=passed,
@@ -214,15 +154,15 @@ def _references_result(
         description=None
         if passed
         else (
-            f"{len(contact_ids)} contacts carry {member}s missing from {_table_name(referenced, schema)}:"
-            f" {_listed(values)}"
+            f"{facts.contacts} contacts carry {member}s missing from {_table_name(referenced, schema)}:"
+            f" {_listed(facts.values)}"
         ),
         metadata={
             "references_checked_against": _table_name(referenced, schema),
-            "dangling_references": len(dangling),
-            "contacts_with_dangling_references": len(contact_ids),
-            "contact_ids": dg.MetadataValue.json([_plain(i) for i in contact_ids[:SAMPLE_SIZE]]),
-            f"missing_{member}s": dg.MetadataValue.json([_plain(v) for v in values[:SAMPLE_SIZE]]),
+            "dangling_references": facts.dangling,
+            "contacts_with_dangling_references": facts.contacts,
+            "contact_ids": dg.MetadataValue.json(facts.contact_ids[:SAMPLE_SIZE]),
+            f"missing_{member}s": dg.MetadataValue.json(facts.values[:SAMPLE_SIZE]),
         },
     )
 
@@ -230,10 +170,6 @@ def _references_result(
 def _listed(values: Sequence[object]) -> str:
     shown = ", ".join(str(v) for v in values[:SAMPLE_SIZE])
     return shown + (" ..." if len(values) > SAMPLE_SIZE else "")
-
-
-def _plain(value: object) -> object:
-    return value if isinstance(value, (int, str)) or value is None else str(value)
 
 
 def build_contact_reference_checks(contacts: dg.AssetKey, tags: dg.AssetKey, fields: dg.AssetKey) -> dg.AssetChecksDefinition:
@@ -257,8 +193,10 @@ def build_contact_reference_checks(contacts: dg.AssetKey, tags: dg.AssetKey, fie
         ],
     )
     def contact_references(warehouse: WarehouseResource) -> Iterator[dg.AssetCheckResult]:
-        with warehouse.connection() as connection:
-            yield contact_tags_result(connection, warehouse.schema_name)
-            yield contact_field_slugs_result(connection, warehouse.schema_name)
+        tag_facts, slug_facts = lean_process.call(
+            contact_reference_facts_in_file, warehouse.file(), warehouse.schema_name
+        )
+        yield contact_tags_result(tag_facts, warehouse.schema_name)
+        yield contact_field_slugs_result(slug_facts, warehouse.schema_name)
 
     return contact_references

@@ -26,6 +26,7 @@ from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.settings import Settings
+from mkt_assets.table_facts import contact_field_slug_facts, contact_tag_facts, primary_key_facts, required_fields_facts
 from mkt_assets.warehouse import connect
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
@@ -67,7 +68,7 @@ def test_primary_key_check_passes_on_unique_keys(connection: duckdb.DuckDBPyConn
     add_contact(connection, 1)
     add_contact(connection, 2)
 
-    result = primary_key_result(connection, "marketing", CONTACTS)
+    result = primary_key_result(primary_key_facts(connection, "marketing", CONTACTS), "marketing", CONTACTS)
 
     assert result.passed and result.severity == dg.AssetCheckSeverity.ERROR
 
@@ -76,7 +77,7 @@ def test_primary_key_check_fails_on_duplicated_and_missing_keys(connection: duck
     for contact_id in (1, 2, 2, 3, 3, 3, None):
         add_contact(connection, contact_id)
 
-    result = primary_key_result(connection, "marketing", CONTACTS)
+    result = primary_key_result(primary_key_facts(connection, "marketing", CONTACTS), "marketing", CONTACTS)
 
     assert not result.passed
     assert result.metadata["duplicated_keys"].value == [2, 3]
@@ -89,7 +90,7 @@ def test_required_fields_check_lists_the_rows_missing_a_field(connection: duckdb
     add_contact(connection, 2, email=None)
     add_contact(connection, 3, email=None, registered_at=None)
 
-    result = required_fields_result(connection, "marketing", CONTACTS)
+    result = required_fields_result(required_fields_facts(connection, "marketing", CONTACTS), "marketing", CONTACTS)
 
     assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
     assert result.metadata["rows_missing_by_column"].value == {"email": 2, "registered_at": 1}
@@ -98,7 +99,7 @@ def test_required_fields_check_lists_the_rows_missing_a_field(connection: duckdb
 
 def test_required_fields_check_passes_when_every_row_is_complete(connection: duckdb.DuckDBPyConnection) -> None:
     add_contact(connection, 1)
-    assert required_fields_result(connection, "marketing", CONTACTS).passed
+    assert required_fields_result(required_fields_facts(connection, "marketing", CONTACTS), "marketing", CONTACTS).passed
 
 
 @pytest.mark.parametrize(
@@ -120,7 +121,7 @@ def test_contact_tags_check_names_contacts_and_tags_that_do_not_exist(connection
     add_contact(connection, 2, tags=[{"id": 1, "name": "a"}, {"id": 99, "name": "gone"}])
     add_contact(connection, 3, tags=[{"id": 98, "name": "also gone"}])
 
-    result = contact_tags_result(connection, "marketing")
+    result = contact_tags_result(contact_tag_facts(connection, "marketing"), "marketing")
 
     assert not result.passed and result.check_name == CONTACT_TAGS_CHECK
     assert result.metadata["contact_ids"].value == [2, 3]
@@ -132,7 +133,7 @@ def test_contact_field_check_names_slugs_that_do_not_exist(connection: duckdb.Du
     add_contact(connection, 1)
     add_contact(connection, 2, fields=[{"field_name": "Shoe size", "slug": "shoe_size", "value": "44"}])
 
-    result = contact_field_slugs_result(connection, "marketing")
+    result = contact_field_slugs_result(contact_field_slug_facts(connection, "marketing"), "marketing")
 
     assert not result.passed and result.check_name == CONTACT_FIELDS_CHECK
     assert result.metadata["contact_ids"].value == [2]
@@ -144,8 +145,8 @@ def test_checks_look_at_live_rows_and_live_references(connection: duckdb.DuckDBP
     add_contact(connection, 2, email=None, tags=[{"id": 404, "name": "?"}], deleted_at="2026-01-01 00:00:00+00")
     add_contact(connection, 3, tags=[{"id": 3, "name": "gone"}])  # tag 3 is marked deleted
 
-    assert required_fields_result(connection, "marketing", CONTACTS).passed
-    tags = contact_tags_result(connection, "marketing")
+    assert required_fields_result(required_fields_facts(connection, "marketing", CONTACTS), "marketing", CONTACTS).passed
+    tags = contact_tags_result(contact_tag_facts(connection, "marketing"), "marketing")
     assert not tags.passed and tags.metadata["contact_ids"].value == [3]
 
 
@@ -153,14 +154,14 @@ def test_reference_checks_pass_when_every_reference_resolves(connection: duckdb.
     add_contact(connection, 1)
     add_contact(connection, 2, tags=[], fields=[])
 
-    assert contact_tags_result(connection, "marketing").passed
-    assert contact_field_slugs_result(connection, "marketing").passed
+    assert contact_tags_result(contact_tag_facts(connection, "marketing"), "marketing").passed
+    assert contact_field_slugs_result(contact_field_slug_facts(connection, "marketing"), "marketing").passed
 
 
 def test_reference_checks_say_which_table_is_missing(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute("DROP TABLE marketing.tags")
 
-    result = contact_tags_result(connection, "marketing")
+    result = contact_tags_result(contact_tag_facts(connection, "marketing"), "marketing")
 
     assert not result.passed
     assert result.description == "marketing.tags does not exist yet: materialize it first"

@@ -1,0 +1,161 @@
+"""What the asset checks need to know about the tables, queried in DuckDB only.
+
+No Dagster here, so a step can ask for these facts from a lean child process (see
+``lean_process``) and keep DuckDB's working memory out of its own; ``checks`` turns them
+into check results. Every query returns counts and short samples, never whole columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+
+from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified, quote_ident, table_exists
+
+# How many offending keys a failing check lists in its metadata.
+SAMPLE_SIZE = 20
+# Rows a complete sync no longer found upstream are kept, marked; checks look at the rest.
+LIVE = "_deleted_at IS NULL"
+
+CONTACTS = RESOURCES_BY_NAME["contacts"]
+TAGS = RESOURCES_BY_NAME["tags"]
+CONTACT_FIELDS = RESOURCES_BY_NAME["contact_fields"]
+
+
+@dataclass(frozen=True)
+class PrimaryKeyFacts:
+    rows_without_key: int
+    duplicated_keys: list[object]  # up to SAMPLE_SIZE + 1, in key order
+
+
+@dataclass(frozen=True)
+class RequiredFieldsFacts:
+    rows_missing_by_column: dict[str, int]
+    keys_missing_by_column: dict[str, list[object]]  # up to SAMPLE_SIZE each
+
+
+@dataclass(frozen=True)
+class SyncedTableFacts:
+    primary_key: PrimaryKeyFacts
+    required_fields: RequiredFieldsFacts
+    live_rows: int
+
+
+@dataclass(frozen=True)
+class ReferenceFacts:
+    """Entries of a contact list column that name no live row of the referenced table."""
+
+    missing_table: str | None = None  # a table the check needs that does not exist yet
+    dangling: int = 0
+    contacts: int = 0
+    contact_ids: list[object] = field(default_factory=list)  # up to SAMPLE_SIZE + 1
+    values: list[object] = field(default_factory=list)  # up to SAMPLE_SIZE + 1
+
+
+def primary_key_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> PrimaryKeyFacts:
+    table = fully_qualified(connection, schema, spec.name)
+    key = quote_ident(spec.primary_key_column.name)
+    (missing,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {key} IS NULL").fetchone()  # type: ignore[misc]
+    duplicated = connection.execute(
+        f"SELECT {key} FROM {table} WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1"
+        f" ORDER BY {key} LIMIT {SAMPLE_SIZE + 1}"
+    ).fetchall()
+    return PrimaryKeyFacts(int(missing), [_plain(row[0]) for row in duplicated])
+
+
+def required_fields_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> RequiredFieldsFacts:
+    table = fully_qualified(connection, schema, spec.name)
+    key = quote_ident(spec.primary_key_column.name)
+    missing: dict[str, int] = {}
+    samples: dict[str, list[object]] = {}
+    for column in spec.columns:
+        if not column.required:
+            continue
+        name = quote_ident(column.name)
+        (count,) = connection.execute(f"SELECT count(*) FROM {table} WHERE {name} IS NULL AND {LIVE}").fetchone()  # type: ignore[misc]
+        if count:
+            missing[column.name] = int(count)
+            samples[column.name] = [
+                _plain(row[0])
+                for row in connection.execute(
+                    f"SELECT {key} FROM {table} WHERE {name} IS NULL AND {LIVE} ORDER BY {key} LIMIT {SAMPLE_SIZE}"
+                ).fetchall()
+            ]
+    return RequiredFieldsFacts(missing, samples)
+
+
+def live_rows(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> int:
+    (rows,) = connection.execute(
+        f"SELECT count(*) FROM {fully_qualified(connection, schema, spec.name)} WHERE {LIVE}"
+    ).fetchone()  # type: ignore[misc]
+    return int(rows)
+
+
+def synced_table_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> SyncedTableFacts:
+    """Everything a sync asset's own checks need, in one call a lean child process can make."""
+    with connect(warehouse.database, memory_limit=warehouse.memory_limit, threads=warehouse.threads) as connection:
+        return SyncedTableFacts(
+            primary_key_facts(connection, schema, spec),
+            required_fields_facts(connection, schema, spec),
+            live_rows(connection, schema, spec),
+        )
+
+
+def reference_facts(
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    *,
+    referenced: ResourceSpec,
+    list_column: str,
+    member: str,
+    referenced_key: str,
+) -> ReferenceFacts:
+    for spec in (CONTACTS, referenced):
+        if not table_exists(connection, schema, spec.name):
+            return ReferenceFacts(missing_table=f"{schema}.{spec.name}")
+    contacts = fully_qualified(connection, schema, CONTACTS.name)
+    target = fully_qualified(connection, schema, referenced.name)
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE dangling AS"
+        f" SELECT c.id, u.item.{quote_ident(member)} AS value"
+        f" FROM {contacts} AS c, unnest(c.{quote_ident(list_column)}) AS u(item)"
+        f" WHERE c.{LIVE} AND NOT EXISTS (SELECT 1 FROM {target} AS r"
+        f" WHERE r.{quote_ident(referenced_key)} = u.item.{quote_ident(member)} AND r.{LIVE})"
+    )
+    try:
+        (dangling, contact_count) = connection.execute("SELECT count(*), count(DISTINCT id) FROM dangling").fetchone()  # type: ignore[misc]
+        contact_ids = connection.execute(f"SELECT DISTINCT id FROM dangling ORDER BY id LIMIT {SAMPLE_SIZE + 1}").fetchall()
+        values = connection.execute(
+            f"SELECT DISTINCT value FROM dangling ORDER BY CAST(value AS VARCHAR) NULLS LAST LIMIT {SAMPLE_SIZE + 1}"
+        ).fetchall()
+    finally:
+        connection.execute("DROP TABLE dangling")
+    return ReferenceFacts(
+        dangling=int(dangling),
+        contacts=int(contact_count),
+        contact_ids=[_plain(row[0]) for row in contact_ids],
+        values=[_plain(row[0]) for row in values],
+    )
+
+
+def contact_tag_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> ReferenceFacts:
+    """Tags on live contacts that are not live rows of ``tags``."""
+    return reference_facts(connection, schema, referenced=TAGS, list_column="tags", member="id", referenced_key="id")
+
+
+def contact_field_slug_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> ReferenceFacts:
+    """Field slugs on live contacts that are not live rows of ``contact_fields``."""
+    return reference_facts(
+        connection, schema, referenced=CONTACT_FIELDS, list_column="fields", member="slug", referenced_key="slug"
+    )
+
+
+def contact_reference_facts_in_file(warehouse: WarehouseFile, schema: str) -> tuple[ReferenceFacts, ReferenceFacts]:
+    with connect(warehouse.database, memory_limit=warehouse.memory_limit, threads=warehouse.threads) as connection:
+        return contact_tag_facts(connection, schema), contact_field_slug_facts(connection, schema)
+
+
+def _plain(value: object) -> object:
+    return value if isinstance(value, (int, str)) or value is None else str(value)
