@@ -3,7 +3,7 @@
 Built on dagster-duckdb's ``DuckDBIOManager``/``DbIOManager`` (table from the asset key,
 schema handling, table-name metadata), with three things replaced: the client no longer
 deletes the table before writing; its "connection" is the file, which the merge opens in a
-lean child process (a Dagster step holds ~160 MB already, DuckDB's merge needs up to its
+lean child process (a Dagster step holds ~130 MB already, DuckDB's merge needs up to its
 memory cap more); and the type handler merges on the primary key.
 """
 

@@ -1,7 +1,7 @@
 """Run one function in a fresh, lean Python process and return its result.
 
-Used for the DuckDB work of a sync (merges, table builds). A Dagster step process holds
-about 160 MB before it does anything, and DuckDB's JSON reader and joins take up to its
+Used for the DuckDB work of a sync (merges, table builds, the checks' queries). A Dagster step process holds
+about 130 MB before it does anything, and DuckDB's JSON reader and joins take up to its
 memory cap on top; a child that imports only DuckDB and this package's DuckDB modules
 starts at about 36 MB, so every process of a sync stays small however large the account.
 
