@@ -58,6 +58,9 @@ PAGE_SIZE = 100  # the resource's default page_size
 CONTACTS = 550
 
 STARTUP_SECONDS = 120.0
+# The daily sync's hour in this test: twelve hours from now, so no schedule fires during it.
+DAILY_HOUR = (datetime.now(timezone.utc).hour + 12) % 24
+DAILY_CRON = f"0 {DAILY_HOUR} * * *"
 RUN_SECONDS = 300.0
 STOP_SECONDS = 30.0
 POLL_SECONDS = 0.5
@@ -415,6 +418,11 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev
     server = SandboxServer(account, api_key=api_key)
     environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
     environment.update(
+        # The schedules are RUNNING: at their default times (03:00, every :30) the daemon
+        # would start a run of its own in the middle of the test's, whose materializations
+        # then are no longer the latest. Twelve hours away, neither fires during the test.
+        MKT_SYNC_CRON=DAILY_CRON,
+        MKT_INCREMENTAL_CRON=DAILY_CRON,
         DAGSTER_HOME=str(home),
         MKT_API_BASE_URL=server.base_url,
         MKT_API_KEY=api_key,
@@ -588,7 +596,7 @@ def test_the_assets_are_independent_and_the_contact_reference_checks_read_tags_a
                 assert JOB in checks[name]["jobNames"], name
 
 
-def test_the_daily_sync_schedule_is_running_at_three_utc_and_the_daemon_is_healthy(dagster_dev: DagsterDev) -> None:
+def test_the_daily_sync_schedule_runs_at_its_configured_hour_utc_and_the_daemon_is_healthy(dagster_dev: DagsterDev) -> None:
     graphql = dagster_dev.graphql
     schedules = graphql(SCHEDULES_QUERY, {"selector": REPOSITORY_SELECTOR})["schedulesOrError"]
 
@@ -598,12 +606,12 @@ def test_the_daily_sync_schedule_is_running_at_three_utc_and_the_daemon_is_healt
     assert by_name["marketing_incremental_hourly"]["scheduleState"]["status"] == "RUNNING"
     schedule = by_name[SCHEDULE]
     assert schedule["pipelineName"] == JOB
-    assert (schedule["cronSchedule"], schedule["executionTimezone"]) == ("0 3 * * *", "UTC")
+    assert (schedule["cronSchedule"], schedule["executionTimezone"]) == (DAILY_CRON, "UTC")
     assert schedule["defaultStatus"] == "RUNNING"
     assert schedule["scheduleState"]["status"] == "RUNNING"
     ticks = [datetime.fromtimestamp(tick["timestamp"], timezone.utc) for tick in schedule["futureTicks"]["results"]]
     assert len(ticks) == 2
-    assert all((tick.hour, tick.minute, tick.second) == (3, 0, 0) for tick in ticks), ticks
+    assert all((tick.hour, tick.minute, tick.second) == (DAILY_HOUR, 0, 0) for tick in ticks), ticks
     assert (ticks[1] - ticks[0]).days == 1
 
     # A RUNNING schedule only fires if the daemon that `dagster dev` started is alive; it reports
