@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified, preview_markdown, quote_ident
+from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident
 
 
 @dataclass(frozen=True)
@@ -111,5 +111,5 @@ def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
 
 def build_table_in_file(warehouse: WarehouseFile, schema: str, table: NormalizedTable) -> BuildResult:
     """Open the file and rebuild ``table``: one call a lean worker process can make."""
-    with connect(warehouse.database, memory_limit=warehouse.memory_limit, threads=warehouse.threads) as connection:
+    with warehouse.open() as connection:
         return build_table(connection, schema, table)

@@ -146,5 +146,5 @@ class WarehouseResource(dg.ConfigurableResource):
     @contextmanager
     def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection that queues behind writers instead of failing on DuckDB's lock."""
-        with warehouse.connect(self.database, memory_limit=self.memory_limit) as connection:
+        with self.file().open() as connection:
             yield connection

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified, quote_ident, table_exists
+from mkt_assets.warehouse import WarehouseFile, fully_qualified, quote_ident, table_exists
 
 # How many offending keys a failing check lists in its metadata.
 SAMPLE_SIZE = 20
@@ -95,7 +95,7 @@ def live_rows(connection: duckdb.DuckDBPyConnection, schema: str, spec: Resource
 
 def synced_table_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> SyncedTableFacts:
     """Everything a sync asset's own checks need, in one call a lean child process can make."""
-    with connect(warehouse.database, memory_limit=warehouse.memory_limit, threads=warehouse.threads) as connection:
+    with warehouse.open() as connection:
         return SyncedTableFacts(
             primary_key_facts(connection, schema, spec),
             required_fields_facts(connection, schema, spec),
@@ -153,7 +153,7 @@ def contact_field_slug_facts(connection: duckdb.DuckDBPyConnection, schema: str)
 
 
 def contact_reference_facts_in_file(warehouse: WarehouseFile, schema: str) -> tuple[ReferenceFacts, ReferenceFacts]:
-    with connect(warehouse.database, memory_limit=warehouse.memory_limit, threads=warehouse.threads) as connection:
+    with warehouse.open() as connection:
         return contact_tag_facts(connection, schema), contact_field_slug_facts(connection, schema)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def fully_qualified(connection: duckdb.DuckDBPyConnection, schema: str, table: s
 
 
 # DuckDB may use this much memory before it spills to `<database>.tmp`: a sync's memory
-# stays flat however large the account (a million contacts merge in it).
+# stays bounded however large the account (a million contacts merge in it).
 DEFAULT_MEMORY_LIMIT = "192MB"
 # Each DuckDB thread buffers its own JSON reader (16 MB and up) and its own row group of
 # the table it writes (~70 MB of contacts): under the memory limit above, two threads run
@@ -95,6 +95,10 @@ class WarehouseFile:
     database: str
     memory_limit: str = DEFAULT_MEMORY_LIMIT
     threads: int = DEFAULT_THREADS
+
+    def open(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """``connect`` with these settings: the lock, the wait for outsiders, the limits."""
+        return connect(self.database, memory_limit=self.memory_limit, threads=self.threads)
 
 
 def _open_waiting_for_outsiders(
@@ -348,7 +352,7 @@ def merge_staged_file(
 ) -> tuple[MergeResult, str]:
     """Open the file, merge ``batch`` and preview the table: the whole write of a sync,
     as one call a lean worker process can make (see ``lean_process``)."""
-    with connect(warehouse.database, memory_limit=warehouse.memory_limit, threads=warehouse.threads) as connection:
+    with warehouse.open() as connection:
         result = merge_staged(connection, schema, table, batch, deletions=deletions)
         return result, preview_markdown(connection, schema, table)
 
