@@ -15,6 +15,7 @@ open transaction.
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import signal
 import subprocess
@@ -31,9 +32,13 @@ class LeanProcessError(RuntimeError):
 
 
 def call(function: Callable[..., Result], /, *args: Any, **kwargs: Any) -> Result:
+    from mkt_assets.resource import API_KEY_ENV  # the caller's side only: the child stays lean
+
     request = pickle.dumps((function.__module__, function.__qualname__, args, kwargs))
+    # DuckDB work never needs the API key: the child does not get it.
+    environment = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
     completed = subprocess.run(
-        [sys.executable, "-m", __name__], input=request, capture_output=True, check=False
+        [sys.executable, "-m", __name__], input=request, capture_output=True, check=False, env=environment
     )
     if completed.returncode != 0 or not completed.stdout:
         raise LeanProcessError(

@@ -35,3 +35,11 @@ def test_an_exception_in_the_child_is_raised_in_the_caller_with_the_child_traceb
 def test_a_child_killed_without_an_answer_is_a_clear_error() -> None:
     with pytest.raises(lean_process.LeanProcessError, match="abort ran in a child process that was killed by SIGABRT"):
         lean_process.call(os.abort)
+
+
+def test_the_child_does_not_get_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MKT_API_KEY", "secret-key-for-this-test")
+    monkeypatch.setenv("MKT_DUCKDB_PATH", "kept.duckdb")
+
+    assert lean_process.call(os.getenv, "MKT_API_KEY") is None
+    assert lean_process.call(os.getenv, "MKT_DUCKDB_PATH") == "kept.duckdb"
