@@ -23,6 +23,9 @@ class NormalizedTable:
     columns: tuple[tuple[str, str], ...]  # (name, DuckDB type)
     not_null: tuple[str, ...]
     # SELECT over {contacts}, {tags}, ...: placeholders for the fully qualified table names.
+    # Lists are unnested in a SELECT list, never laterally (``FROM t, unnest(t.list)``):
+    # DuckDB runs a lateral unnest as a dependent join that copies every list to a temporary
+    # buffer first, which made contact_field_values take 17 s at a million contacts, not 2 s.
     select: str
 
 
@@ -35,10 +38,10 @@ NORMALIZED_TABLES: tuple[NormalizedTable, ...] = (
         columns=(("contact_id", "BIGINT"), ("tag_id", "BIGINT"), ("tag_name", "VARCHAR")),
         not_null=("contact_id", "tag_id"),
         select=(
-            "SELECT c.id AS contact_id, u.tag.id AS tag_id, coalesce(t.name, u.tag.name) AS tag_name"
-            " FROM {contacts} AS c, unnest(c.tags) AS u(tag)"
+            "SELECT u.contact_id, u.tag.id AS tag_id, coalesce(t.name, u.tag.name) AS tag_name"
+            " FROM (SELECT c.id AS contact_id, unnest(c.tags) AS tag FROM {contacts} AS c"
+            " WHERE c._deleted_at IS NULL) AS u"
             " LEFT JOIN {tags} AS t ON t.id = u.tag.id AND t._deleted_at IS NULL"
-            " WHERE c._deleted_at IS NULL"
         ),
     ),
     NormalizedTable(
@@ -49,11 +52,11 @@ NORMALIZED_TABLES: tuple[NormalizedTable, ...] = (
         columns=(("contact_id", "BIGINT"), ("slug", "VARCHAR"), ("field_name", "VARCHAR"), ("value", "VARCHAR")),
         not_null=("contact_id", "slug"),
         select=(
-            "SELECT c.id AS contact_id, u.field.slug AS slug,"
+            "SELECT u.contact_id, u.field.slug AS slug,"
             " coalesce(f.field_name, u.field.field_name) AS field_name, u.field.value AS value"
-            " FROM {contacts} AS c, unnest(c.fields) AS u(field)"
+            " FROM (SELECT c.id AS contact_id, unnest(c.fields) AS field FROM {contacts} AS c"
+            " WHERE c._deleted_at IS NULL) AS u"
             " LEFT JOIN {contact_fields} AS f ON f.slug = u.field.slug AND f._deleted_at IS NULL"
-            " WHERE c._deleted_at IS NULL"
         ),
     ),
     NormalizedTable(
@@ -64,10 +67,10 @@ NORMALIZED_TABLES: tuple[NormalizedTable, ...] = (
         columns=(("course_id", "BIGINT"), ("module_id", "BIGINT"), ("position", "BIGINT"), ("module_name", "VARCHAR")),
         not_null=("course_id", "position"),
         select=(
-            "SELECT c.id AS course_id, m.module.id AS module_id, m.position, m.module.name AS module_name"
-            " FROM {course_resources} AS c,"
-            " (SELECT unnest(c.modules) AS module, generate_subscripts(c.modules, 1) AS position) AS m"
-            " WHERE c._deleted_at IS NULL"
+            "SELECT m.course_id, m.module.id AS module_id, m.position, m.module.name AS module_name"
+            " FROM (SELECT c.id AS course_id, unnest(c.modules) AS module,"
+            " generate_subscripts(c.modules, 1) AS position"
+            " FROM {course_resources} AS c WHERE c._deleted_at IS NULL) AS m"
         ),
     ),
 )

@@ -118,11 +118,12 @@ def reference_facts(
     contacts = fully_qualified(connection, schema, CONTACTS.name)
     target = fully_qualified(connection, schema, referenced.name)
     connection.execute(
+        # Unnested in the SELECT list, not laterally: see NormalizedTable.select for why.
         "CREATE OR REPLACE TEMP TABLE dangling AS"
-        f" SELECT c.id, u.item.{quote_ident(member)} AS value"
-        f" FROM {contacts} AS c, unnest(c.{quote_ident(list_column)}) AS u(item)"
-        f" WHERE c.{LIVE} AND NOT EXISTS (SELECT 1 FROM {target} AS r"
-        f" WHERE r.{quote_ident(referenced_key)} = u.item.{quote_ident(member)} AND r.{LIVE})"
+        f" SELECT u.id, u.value FROM (SELECT c.id, unnest(c.{quote_ident(list_column)}).{quote_ident(member)}"
+        f" AS value FROM {contacts} AS c WHERE c.{LIVE}) AS u"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS r"
+        f" WHERE r.{quote_ident(referenced_key)} = u.value AND r.{LIVE})"
     )
     try:
         (dangling, contact_count) = connection.execute("SELECT count(*), count(DISTINCT id) FROM dangling").fetchone()  # type: ignore[misc]
