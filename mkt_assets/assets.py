@@ -2,13 +2,14 @@
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dagster as dg
 from pydantic import Field
 
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, ResourceSpec
 from mkt_assets import lean_process
+from mkt_assets.chunk_typing import ChunkTyper
 from mkt_assets.checks import (
     primary_key_result,
     required_fields_result,
@@ -131,14 +132,20 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
         # Ids only grow: in ascending order after the newest stored id come exactly the new records.
         query = {"order": "asc", "startingAfter": newest} if newest is not None else None
         read = "full" if newest is None else f"incremental, after {spec.primary_key} {newest}"
-        with marketing_api.get_client() as client, PageStager(
-            spec, directory=marketing_api.staging_dir or None, complete=newest is None
+        with marketing_api.get_client() as client, ChunkTyper(spec, warehouse.memory_limit) as typer, PageStager(
+            spec,
+            directory=marketing_api.staging_dir or None,
+            complete=newest is None,
+            chunk_pages=marketing_api.staging_chunk_pages,
+            on_chunk=typer.submit,
         ) as stager:
             for page in client.iter_pages(spec, query):
                 stager.add(page)
                 progress.tick(stager.records, stager.pages)
-            batch = stager.finish()
+            batch = replace(stager.finish(), typed=typer.finish())
             stats = client.stats
+        for failure in typer.failures:
+            context.log.warning(f"{spec.name}: {failure}")
         fetch_seconds = time.monotonic() - started
         if batch.unknown_fields:
             context.log.warning(
@@ -163,6 +170,9 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
                 "paced_seconds": round(stats.paced_seconds, 3),  # waited for the rate limit
                 "fetch_seconds": round(fetch_seconds, 3),
                 "unknown_fields": ", ".join(batch.unknown_fields) or "none",
+                # Chunks typed to Parquet while the fetch went on; the merge parses the rest.
+                "staging_chunks": len(batch.paths),
+                "chunks_typed_during_fetch": len(batch.typed),
             },
         )
         # Queried in a lean child process, like the merge: the step keeps no DuckDB memory.

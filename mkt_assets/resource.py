@@ -15,6 +15,7 @@ from mkt_assets import warehouse
 from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, MarketingApiClient
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
+from mkt_assets.staging import DEFAULT_CHUNK_PAGES
 
 DEFAULT_BASE_URL = "https://api.systeme.io/api"
 API_KEY_ENV = "MKT_API_KEY"
@@ -79,6 +80,11 @@ class MarketingApiResource(dg.ConfigurableResource):
     staging_dir: str = Field(
         default="",
         description="Where pages are staged before the DuckDB merge (empty: the system temp dir).",
+    )
+    staging_chunk_pages: int = Field(
+        default=DEFAULT_CHUNK_PAGES,
+        ge=1,
+        description="Pages per staging chunk; each full chunk is typed to Parquet while the fetch goes on.",
     )
     pace_requests: bool = Field(
         default=True,

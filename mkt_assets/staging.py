@@ -1,14 +1,17 @@
-"""Stream API pages to a staging file that DuckDB ingests in bulk.
+"""Stream API pages to staging files that DuckDB ingests in bulk.
 
 Each page is written as it arrives, as one line ``{"page": N, "body": <the API's JSON>}``:
 the raw body is kept, so no record is re-encoded in Python and none is held after its
-page is written. The IO manager types and merges the file in DuckDB.
+page is written. Pages go to chunk files of ``chunk_pages`` pages; each full chunk is
+handed to ``on_chunk`` as soon as it is written (to be typed while the fetch goes on).
+The IO manager types and merges the chunks in DuckDB.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +30,7 @@ class StagedBatch:
     """Every record of one sync of one resource, staged on disk, ready to merge."""
 
     spec: ResourceSpec
-    path: Path
+    paths: tuple[Path, ...]  # the JSON chunks, in page order
     records: int
     pages: int
     unknown_fields: tuple[str, ...]
@@ -38,9 +41,16 @@ class StagedBatch:
     # Keys came strictly ascending (or descending) across the whole sync, so no key repeats
     # and the merge can skip deduplicating.
     keys_unique: bool = False
+    # (JSON chunk, the same pages typed to Parquet) for the chunks typed during the fetch.
+    typed: tuple[tuple[Path, Path], ...] = ()
 
     def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
+        for path in (*self.paths, *(parquet for _, parquet in self.typed)):
+            path.unlink(missing_ok=True)
+
+
+# 25,000 contacts, 14 MB of JSON: typed in about 0.25 s, small against a process start.
+DEFAULT_CHUNK_PAGES = 250
 
 
 @dataclass
@@ -55,19 +65,20 @@ class PageStager:
     synced_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     complete: bool = True
     keys_monotonic: bool = True
+    chunk_pages: int = DEFAULT_CHUNK_PAGES
+    # Called with each full chunk's path once it is closed; the last chunk is never handed
+    # over (the merge reads it as it is, rather than wait for it to be typed).
+    on_chunk: Callable[[Path], None] | None = None
     _previous_key: object = None
     _direction: int = 0
     _file: BinaryIO | None = None
-    _path: Path | None = None
+    _paths: list[Path] = field(default_factory=list)
+    _chunk_pages_written: int = 0
 
     def __enter__(self) -> PageStager:
         if self.directory:
             os.makedirs(self.directory, exist_ok=True)
-        handle, name = tempfile.mkstemp(
-            prefix=f"mkt_{self.spec.name}_", suffix=".ndjson", dir=self.directory
-        )
-        self._file = os.fdopen(handle, "wb")
-        self._path = Path(name)
+        self._open_chunk()
         return self
 
     def __exit__(
@@ -78,24 +89,31 @@ class PageStager:
     ) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
-        if exc_type is not None and self._path is not None:
-            self._path.unlink(missing_ok=True)
+        if exc_type is not None:
+            for path in self._paths:
+                path.unlink(missing_ok=True)
 
     def add(self, page: Page) -> None:
         self._check_records(page)
         assert self._file is not None, "use PageStager as a context manager"
+        if self._chunk_pages_written == self.chunk_pages:
+            self._file.close()
+            if self.on_chunk is not None:
+                self.on_chunk(self._paths[-1])
+            self._open_chunk()
         # JSON text never holds a raw newline inside a string, so folding them keeps one page a line.
         body = page.body.replace(b"\r", b" ").replace(b"\n", b" ")
         self._file.write(b'{"page":%d,"body":%s}\n' % (page.number, body))
+        self._chunk_pages_written += 1
         self.pages += 1
         self.records += len(page.items)
 
     def finish(self) -> StagedBatch:
-        assert self._file is not None and self._path is not None, "use PageStager as a context manager"
+        assert self._file is not None, "use PageStager as a context manager"
         self._file.close()
         return StagedBatch(
             spec=self.spec,
-            path=self._path,
+            paths=tuple(self._paths),
             records=self.records,
             pages=self.pages,
             unknown_fields=tuple(sorted(self.unknown_fields)),
@@ -103,6 +121,14 @@ class PageStager:
             complete=self.complete,
             keys_unique=self.keys_monotonic,
         )
+
+    def _open_chunk(self) -> None:
+        handle, name = tempfile.mkstemp(
+            prefix=f"mkt_{self.spec.name}_{len(self._paths) + 1:05d}_", suffix=".ndjson", dir=self.directory
+        )
+        self._file = os.fdopen(handle, "wb")
+        self._paths.append(Path(name))
+        self._chunk_pages_written = 0
 
     def _check_records(self, page: Page) -> None:
         key = self.spec.primary_key

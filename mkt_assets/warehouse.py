@@ -209,20 +209,36 @@ def _typed_member_expression(column: Column) -> str:
     return f"CAST(list_transform({field}, lambda x: struct_pack({renamed})) AS {column.sql_type})"
 
 
-def staged_select_sql(spec: ResourceSpec, *, raw: bool = True, deduplicate: bool = True) -> str:
+def _typed_rows_sql(spec: ResourceSpec, path_parameter: str = "$path") -> str:
+    """``page, position`` and the table's data columns of staged JSON pages, typed by
+    DuckDB's JSON reader as it parses them (what ``type_staged_chunk`` writes to Parquet)."""
+    typed = [f"{_typed_member_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
+    records = _typed_records_sql(spec).replace("$path", path_parameter)
+    return f"SELECT page, position, {', '.join(typed)} FROM ({records})"
+
+
+def staged_select_sql(
+    spec: ResourceSpec, *, raw: bool = True, deduplicate: bool = True, json: bool = True, parquet: bool = False
+) -> str:
     """One typed row per key, the last one seen winning, as the table's columns.
 
     ``raw`` reads records as JSON text, which keeps unknown fields in ``_extra``; otherwise
-    DuckDB types the records as it parses them, several times faster. ``deduplicate`` may
-    be off when the stager saw every key once.
+    DuckDB types the records as it parses them, several times faster, and staged chunks
+    already typed to Parquet (``$typed``) are read with the JSON ones (``$path``): ``json``
+    and ``parquet`` say which of the two there are. ``deduplicate`` may be off when the
+    stager saw every key once.
     """
+    names = [quote_ident(c.name) for c in spec.columns]
     if raw:
         records = _records_sql()
         typed = [f"{_typed_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
         extra = "CAST(nullif(json_merge_patch(r, $known), '{}') AS JSON)"
     else:
-        records = _typed_records_sql(spec)
-        typed = [f"{_typed_member_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
+        sources = ([f"SELECT page, position, {', '.join(names)} FROM read_parquet($typed)"] if parquet else []) + (
+            [_typed_rows_sql(spec)] if json else []
+        )
+        records = " UNION ALL ".join(sources)
+        typed = names
         extra = "CAST(NULL AS JSON)"
     key = quote_ident(spec.primary_key_column.name)
     sql = (
@@ -234,6 +250,19 @@ def staged_select_sql(spec: ResourceSpec, *, raw: bool = True, deduplicate: bool
     if deduplicate:
         sql += f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY page DESC, position DESC) = 1"
     return sql
+
+
+def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str) -> None:
+    """Type one chunk of staged pages into a Parquet file, in an in-memory DuckDB.
+
+    Runs in a lean child while the fetch goes on: the JSON parsing, most of a first load's
+    merge, then overlaps the wait for the API on a core the fetch leaves idle."""
+    config = {"memory_limit": memory_limit, "threads": 1, "preserve_insertion_order": False}
+    with duckdb.connect(":memory:", config=config) as connection:
+        connection.execute(
+            f"COPY ({_typed_rows_sql(spec)}) TO {quote_literal(parquet_path)} (FORMAT parquet)",
+            {"path": json_path},
+        )
 
 
 def _known_fields_patch(spec: ResourceSpec) -> str:
@@ -282,10 +311,19 @@ def merge_staged(
     data_columns = [*(quote_ident(c.name) for c in spec.columns), extra]
     written_columns = [*data_columns, synced_at]
     raw = bool(batch.unknown_fields)
-    parameters: dict[str, object] = {"path": str(batch.path), "synced_at": batch.synced_at}
+    # Unknown fields are kept from the JSON text, so then every chunk is read as JSON.
+    typed = dict(batch.typed) if not raw else {}
+    json_paths = [str(path) for path in batch.paths if path not in typed]
+    parameters: dict[str, object] = {"synced_at": batch.synced_at}
+    if json_paths:
+        parameters["path"] = json_paths
+    if typed:
+        parameters["typed"] = [str(path) for path in typed.values()]
     if raw:
         parameters["known"] = _known_fields_patch(spec)
-    staged = staged_select_sql(spec, raw=raw, deduplicate=not batch.keys_unique)
+    staged = staged_select_sql(
+        spec, raw=raw, deduplicate=not batch.keys_unique, json=bool(json_paths), parquet=bool(typed)
+    )
     connection.execute("BEGIN TRANSACTION")
     try:
         ensure_table(connection, schema, table, spec)
@@ -374,7 +412,7 @@ def _explain_cast_failure(
             f" SELECT page, position, {value} FROM records"
             f" WHERE json_type({value}) IS DISTINCT FROM 'NULL' AND {value} IS NOT NULL"
             f" AND {expression} IS NULL LIMIT 1",
-            {"path": str(batch.path)},
+            {"path": [str(path) for path in batch.paths]},
         ).fetchone()
         if row is not None:
             page, position, value = row

@@ -51,7 +51,7 @@ def test_materializations_merge_and_report_what_changed(tmp_path: Path) -> None:
     with connect(database) as connection:
         rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
     assert rows == [(1, "a", True), (2, "b2", False), (3, "c", False)]
-    assert not second.path.exists(), "the staging file is removed once merged"
+    assert not any(path.exists() for path in second.paths), "the staging files are removed once merged"
 
 
 def test_loading_a_table_as_an_input_explains_how_to_read_it(tmp_path: Path) -> None:

@@ -36,9 +36,11 @@ def server(account: SandboxData) -> Iterator[SandboxServer]:
         yield running
 
 
-def resources(server: SandboxServer, database: str) -> dict[str, Any]:
+def resources(server: SandboxServer, database: str, **api_settings: Any) -> dict[str, Any]:
     return {
-        "marketing_api": MarketingApiResource(base_url=server.base_url, api_key=API_KEY, backoff_factor=0),
+        "marketing_api": MarketingApiResource(
+            base_url=server.base_url, api_key=API_KEY, backoff_factor=0, **api_settings
+        ),
         "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
         "warehouse": WarehouseResource(database=database),
     }
@@ -84,6 +86,26 @@ def test_every_record_of_the_five_resources_lands_field_for_field(
     assert len(contact_requests) == 13  # ceil(1234 / 100)
     assert all(r.headers.get("X-API-Key") == API_KEY for r in server.requests)
     assert [r.query for r in server.requests if r.path == "/api/contact_fields"] == [{}]
+
+
+def test_chunks_typed_during_the_fetch_land_the_same_rows_and_leave_no_file(
+    server: SandboxServer, account: SandboxData, tmp_path: Path
+) -> None:
+    database = str(tmp_path / "sync.duckdb")
+    staging = tmp_path / "staging"
+    contacts = build_sync_asset(RESOURCES_BY_NAME["contacts"], Settings())
+
+    result = dg.materialize(
+        [contacts], resources=resources(server, database, staging_dir=str(staging), staging_chunk_pages=4)
+    )
+
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    metadata = {key: value.value for key, value in event.materialization.metadata.items()}
+    # 13 pages in chunks of 4: the first three typed during the fetch, the last read as JSON.
+    assert (metadata["staging_chunks"], metadata["chunks_typed_during_fetch"]) == (4, 3)
+    assert table_rows(database, RESOURCES_BY_NAME["contacts"]) == expected_rows(RESOURCES_BY_NAME["contacts"], account)
+    assert list(staging.iterdir()) == []
 
 
 def test_a_second_sync_changes_nothing(server: SandboxServer, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import pytest
 from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import Page
 from mkt_assets import warehouse
+from mkt_assets.chunk_typing import ChunkTyper
 from mkt_assets.errors import RecordError, StagingError, WarehouseBusyError
-from mkt_assets.staging import PageStager, StagedBatch
+from mkt_assets.staging import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
 from mkt_assets.warehouse import connect, fully_qualified, merge_staged
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
@@ -47,15 +49,33 @@ def stage(
     directory: Path,
     when: datetime | None = None,
     complete: bool = True,
+    *,
+    chunk_pages: int = DEFAULT_CHUNK_PAGES,
+    typed: bool = False,
 ) -> StagedBatch:
-    stager = PageStager(spec, directory=str(directory), complete=complete)
-    if when is not None:
-        stager.synced_at = when
-    with stager:
-        for number, items in enumerate(pages, start=1):
-            body = json.dumps({"items": items, "hasMore": number < len(pages)}, ensure_ascii=False, indent=1).encode()
-            stager.add(Page(spec.name, number, f"/api{spec.path}", {}, items, number < len(pages), body))
-        return stager.finish()
+    """Stage ``pages`` as the sync asset does; ``typed`` types each full chunk as it closes."""
+    with ChunkTyper(spec, warehouse.DEFAULT_MEMORY_LIMIT) as typer:
+        stager = PageStager(
+            spec, directory=str(directory), complete=complete, chunk_pages=chunk_pages, on_chunk=typer.submit if typed else None
+        )
+        if when is not None:
+            stager.synced_at = when
+        with stager:
+            for number, items in enumerate(pages, start=1):
+                body = json.dumps({"items": items, "hasMore": number < len(pages)}, ensure_ascii=False, indent=1).encode()
+                stager.add(Page(spec.name, number, f"/api{spec.path}", {}, items, number < len(pages), body))
+            batch = stager.finish()
+        return replace(batch, typed=typer.finish())
+
+
+# How a batch was staged: in one JSON file, or a page a chunk with every chunk but the last
+# typed to Parquet during the fetch. The merge must land the same rows either way.
+STAGINGS = {"one JSON chunk": {}, "typed chunks": {"chunk_pages": 1, "typed": True}}
+
+
+@pytest.fixture(params=list(STAGINGS))
+def staging(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return STAGINGS[request.param]
 
 
 @pytest.fixture()
@@ -75,8 +95,9 @@ def merge(database: str, table: str, batch: StagedBatch):  # type: ignore[no-unt
         return merge_staged(connection, "marketing", table, batch)
 
 
-def test_first_sync_inserts_typed_rows(database: str, tmp_path: Path) -> None:
-    result = merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2, sourceURL="https://x.test/?a=1")]], tmp_path))
+def test_first_sync_inserts_typed_rows(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
+    pages = [[contact(1)], [contact(2, sourceURL="https://x.test/?a=1")]]
+    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path, **staging))
 
     assert (result.inserted, result.updated, result.unchanged, result.row_count) == (2, 0, 0, 2)
     with connect(database) as connection:
@@ -96,15 +117,22 @@ def test_first_sync_inserts_typed_rows(database: str, tmp_path: Path) -> None:
     assert first[8] is None
 
 
-def test_merge_inserts_new_updates_changed_and_leaves_the_rest(database: str, tmp_path: Path) -> None:
+def test_merge_inserts_new_updates_changed_and_leaves_the_rest(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
     first_sync = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2), contact(3)]], tmp_path, first_sync))
+    merge(database, "contacts", stage(CONTACTS, [[contact(1)], [contact(2), contact(3)]], tmp_path, first_sync, **staging))
     second_sync = datetime(2026, 1, 2, tzinfo=timezone.utc)
 
     result = merge(
         database,
         "contacts",
-        stage(CONTACTS, [[contact(1), contact(2, tags=[], unsubscribed=True), contact(4)]], tmp_path, second_sync, complete=False),
+        stage(
+            CONTACTS,
+            [[contact(1)], [contact(2, tags=[], unsubscribed=True)], [contact(4)]],
+            tmp_path,
+            second_sync,
+            complete=False,
+            **staging,
+        ),
     )
 
     assert (result.inserted, result.updated, result.unchanged, result.deleted, result.row_count) == (1, 1, 1, 0, 4)
@@ -129,19 +157,21 @@ def test_the_same_sync_twice_changes_nothing(database: str, tmp_path: Path) -> N
     assert rows(database, "contacts") == before
 
 
-def test_duplicate_keys_in_one_sync_keep_the_last_record_seen(database: str, tmp_path: Path) -> None:
+def test_duplicate_keys_in_one_sync_keep_the_last_record_seen(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
+    # Typed in chunks, the first record is in a Parquet file and the last in JSON.
     pages = [[contact(1, email="first@x.test"), contact(2)], [contact(1, email="last@x.test")]]
 
-    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path))
+    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path, **staging))
 
     assert (result.inserted, result.row_count) == (2, 2)
     assert [(r[0], r[1]) for r in rows(database, "contacts")] == [(1, "last@x.test"), (2, "c2@example.com")]
 
 
-def test_a_value_that_cannot_be_typed_fails_naming_column_and_value_and_leaves_the_table(database: str, tmp_path: Path) -> None:
+def test_a_value_that_cannot_be_typed_fails_naming_column_and_value_and_leaves_the_table(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
     merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2)]], tmp_path))
     before = rows(database, "contacts")
-    broken = stage(CONTACTS, [[contact(1, email="changed@x.test"), contact(3)], [contact(4, registeredAt="yesterday")]], tmp_path)
+    pages = [[contact(1, email="changed@x.test"), contact(3)], [contact(4, registeredAt="yesterday")]]
+    broken = stage(CONTACTS, pages, tmp_path, **staging)
 
     with pytest.raises(StagingError) as caught:
         merge(database, "contacts", broken)
@@ -155,7 +185,7 @@ def test_a_failure_inside_the_merge_rolls_back_everything(database: str, tmp_pat
     merge(database, "tags", stage(TAGS, [[{"id": 1, "name": "a", "createdAt": "2024-01-01T00:00:00+00:00"}]], tmp_path))
     before = rows(database, "tags")
     batch = stage(TAGS, [[{"id": 1, "name": "renamed", "createdAt": None}, {"id": 2, "name": "b"}]], tmp_path)
-    batch.path.unlink()  # the staged file vanishes between fetch and merge
+    batch.paths[0].unlink()  # the staged file vanishes between fetch and merge
 
     with pytest.raises(duckdb.IOException):
         merge(database, "tags", batch)
@@ -181,9 +211,9 @@ def test_contact_fields_merge_on_slug(database: str, tmp_path: Path) -> None:
     assert [r[:2] for r in rows(database, "contact_fields")] == [("city", "Town"), ("zip", "ZIP")]
 
 
-def test_course_modules_with_null_ids_land_as_typed_lists(database: str, tmp_path: Path) -> None:
+def test_course_modules_with_null_ids_land_as_typed_lists(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
     course = {"id": 5, "locale": "fr", "domainName": None, "path": "/c", "active": True, "name": "Cours", "modules": [{"id": None, "name": "Intro"}, {"id": 9, "name": None}]}
-    merge(database, "course_resources", stage(COURSES, [[course, {**course, "id": 6, "modules": []}]], tmp_path))
+    merge(database, "course_resources", stage(COURSES, [[course], [{**course, "id": 6, "modules": []}]], tmp_path, **staging))
 
     with connect(database) as connection:
         modules = connection.execute("SELECT id, modules FROM marketing.marketing.course_resources ORDER BY id").fetchall()
@@ -345,10 +375,82 @@ def test_the_stager_knows_when_keys_cannot_repeat(tmp_path: Path, pages: list[li
     assert stage(CONTACTS, pages, tmp_path).keys_unique is unique
 
 
-def test_keys_that_are_not_ordered_are_still_deduplicated(database: str, tmp_path: Path) -> None:
+def test_keys_that_are_not_ordered_are_still_deduplicated(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
     pages = [[contact(3, email="old@x.test"), contact(1)], [contact(2), contact(3, email="new@x.test")]]
 
-    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path))
+    result = merge(database, "contacts", stage(CONTACTS, pages, tmp_path, **staging))
 
     assert result.inserted == 3
     assert [(r[0], r[1]) for r in rows(database, "contacts")] == [(1, "c1@example.com"), (2, "c2@example.com"), (3, "new@x.test")]
+
+
+def test_the_stager_hands_over_each_full_chunk_as_it_closes_but_never_the_last(tmp_path: Path) -> None:
+    handed: list[Path] = []
+    stager = PageStager(TAGS, directory=str(tmp_path), chunk_pages=2, on_chunk=handed.append)
+    with stager:
+        for number in range(1, 6):
+            items = [{"id": number, "name": f"t{number}", "createdAt": None}]
+            body = json.dumps({"items": items, "hasMore": number < 5}).encode()
+            stager.add(Page(TAGS.name, number, "/api/tags", {}, items, number < 5, body))
+            # A chunk is handed over once it is closed, before the next page is written to it.
+            assert len(handed) == (number - 1) // 2
+        batch = stager.finish()
+
+    assert [len(path.read_text().splitlines()) for path in batch.paths] == [2, 2, 1]
+    assert handed == list(batch.paths[:2])
+
+
+def test_chunks_typed_during_the_fetch_are_merged_from_parquet(database: str, tmp_path: Path) -> None:
+    pages = [[contact(1)], [contact(2)], [contact(3)]]
+    batch = stage(CONTACTS, pages, tmp_path, chunk_pages=1, typed=True)
+    assert [json_path for json_path, _ in batch.typed] == list(batch.paths[:2])
+    for json_path, _ in batch.typed:
+        json_path.write_text("")  # only the Parquet copy can still tell the merge these rows
+
+    assert merge(database, "contacts", batch).inserted == 3
+    assert [r[0] for r in rows(database, "contacts")] == [1, 2, 3]
+
+
+def test_a_chunk_that_fails_to_type_is_left_to_the_merge_which_names_the_value(database: str, tmp_path: Path) -> None:
+    merge(database, "contacts", stage(CONTACTS, [[contact(1)]], tmp_path))
+    before = rows(database, "contacts")
+    pages = [[contact(2)], [contact(3, registeredAt="yesterday")], [contact(4)]]
+    with ChunkTyper(CONTACTS, warehouse.DEFAULT_MEMORY_LIMIT) as typer:
+        stager = PageStager(CONTACTS, directory=str(tmp_path), chunk_pages=1, on_chunk=typer.submit)
+        with stager:
+            for number, items in enumerate(pages, start=1):
+                body = json.dumps({"items": items, "hasMore": number < 3}).encode()
+                stager.add(Page(CONTACTS.name, number, "/api/contacts", {}, items, number < 3, body))
+            batch = replace(stager.finish(), typed=typer.finish())
+
+    assert [json_path for json_path, _ in batch.typed] == [batch.paths[0]]
+    assert len(typer.failures) == 1 and batch.paths[1].name in typer.failures[0]
+    with pytest.raises(StagingError, match="record 1 of page 2: field 'registeredAt' .* cannot hold \"yesterday\""):
+        merge(database, "contacts", batch)
+    assert rows(database, "contacts") == before
+
+
+def test_unknown_fields_are_kept_in_extra_when_chunks_were_typed(database: str, tmp_path: Path) -> None:
+    pages = [[{"id": 1, "name": "a", "createdAt": None}], [{"id": 2, "name": "b", "color": "red"}], [{"id": 3, "name": "c"}]]
+    batch = stage(TAGS, pages, tmp_path, chunk_pages=1, typed=True)
+    assert batch.unknown_fields == ("color",) and len(batch.typed) == 2
+
+    merge(database, "tags", batch)
+
+    assert [json.loads(r[-3]) if r[-3] else None for r in rows(database, "tags")] == [None, {"color": "red"}, None]
+
+
+def test_a_failed_fetch_leaves_no_typed_chunk_behind(tmp_path: Path) -> None:
+    with pytest.raises(RecordError):
+        stage(TAGS, [[{"id": 1, "name": "a"}], [{"id": 2, "name": "b"}], [{"name": "no id"}]], tmp_path, chunk_pages=1, typed=True)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discarding_a_batch_removes_its_json_and_parquet_chunks(tmp_path: Path) -> None:
+    batch = stage(TAGS, [[{"id": 1, "name": "a"}], [{"id": 2, "name": "b"}]], tmp_path, chunk_pages=1, typed=True)
+    assert len(list(tmp_path.iterdir())) == 3
+
+    batch.discard()
+
+    assert list(tmp_path.iterdir()) == []
