@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident
+from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident, streaming
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
 
 
 def build_table_in_file(warehouse: WarehouseFile, schema: str, table: NormalizedTable) -> BuildResult:
-    """Open the file and rebuild ``table``: one call a lean worker process can make."""
-    with warehouse.open() as connection:
+    """Open the file and rebuild ``table``: one call a lean worker process can make.
+
+    Every statement of a build streams (an unnest, a join to a small table, counts)."""
+    with warehouse.open() as connection, streaming(connection):
         return build_table(connection, schema, table)

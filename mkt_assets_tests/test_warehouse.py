@@ -454,3 +454,17 @@ def test_discarding_a_batch_removes_its_json_and_parquet_chunks(tmp_path: Path) 
     batch.discard()
 
     assert list(tmp_path.iterdir()) == []
+
+
+def test_streaming_statements_run_under_the_small_limit_which_is_then_restored(database: str) -> None:
+    def limit(connection: duckdb.DuckDBPyConnection) -> str:
+        return connection.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # type: ignore[index]
+
+    with warehouse.WarehouseFile(database, memory_limit="256MB").open() as connection:
+        before = limit(connection)
+        with warehouse.streaming(connection):
+            assert limit(connection) == "15.2 MiB"  # 16MB, as DuckDB prints it
+        assert limit(connection) == before == "244.1 MiB"
+        with pytest.raises(ZeroDivisionError), warehouse.streaming(connection):
+            1 / 0
+        assert limit(connection) == before
