@@ -430,16 +430,22 @@ def measure_fixed_cost(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
     return runs
 
 
-def measure_latency(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
+def measure_latency(bench: Bench, plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The job with latency added to every request (target 6), and the bare loop under the
+    same latency: the floor of any walk that requests one page at a time."""
     runs: list[dict[str, Any]] = []
+    bare: list[dict[str, Any]] = []
     timeout = timeout_for(plan.latency_size, 3 * (plan.latency + 0.1))
     with bench.start_simulator(plan.latency_size, plan.latency) as sim:
         for repeat in range(1, plan.latency_repeat + 1):
             where = f"latency {plan.latency * 1000:g} ms, {label(plan.latency_size)} {repeat}/{plan.latency_repeat}"
+            run = attempt(bench, f"{where} bare loop", bare, lambda: run_bare_loop(bench, sim, timeout))
+            if run:
+                progress(f"{where}: bare loop {run['seconds']:.1f}s (contacts {run['resources']['contacts']['seconds']:.1f}s)")
             run = attempt(bench, where, runs, lambda: run_job(bench, sim, timeout, "latency"))
             if run:
                 progress(f"{where}: marketing_sync {run['seconds']:.1f}s")
-    return runs
+    return runs, bare
 
 
 # ===================================================================== the table
@@ -538,7 +544,7 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
     for contacts in plan.sizes:
         add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed)
     add_memory_rows(table, results, plan)
-    add_latency_rows(table, results.get("latency"), plan, fixed)
+    add_latency_rows(table, results.get("latency"), results.get("latency_bare"), plan, fixed)
     return table
 
 
@@ -664,13 +670,24 @@ def add_memory_rows(table: Table, results: dict[str, Any], plan: Plan) -> None:
     )
 
 
-def add_latency_rows(table: Table, runs: list[dict[str, Any]] | None, plan: Plan, fixed: float) -> None:
+def add_latency_rows(
+    table: Table, runs: list[dict[str, Any]] | None, bare: list[dict[str, Any]] | None, plan: Plan, fixed: float
+) -> None:
     if not runs:
         return
     size = label(plan.latency_size)
     job_seconds = median(run["seconds"] for run in runs)
     pages = runs[0].get("pages", math.ceil(plan.latency_size / PAGE_SIZE))
     floor = pages * plan.latency
+    if bare:
+        bare_contacts = [run["resources"]["contacts"]["seconds"] for run in bare]
+        table.add(f"bare loop, {plan.latency * 1000:g} ms per request: contact pages", size, spread(bare_contacts))
+        # No walk that requests one page at a time can do better: the target's 1.15 against this.
+        table.add(
+            "  sequential floor: bare loop / (contact pages x latency)",
+            size,
+            f"{median(bare_contacts) / floor:.2f} ({median(bare_contacts):.1f} / {floor:.1f} s)",
+        )
     table.add(f"marketing_sync, {plan.latency * 1000:g} ms per request", size, spread([run["seconds"] for run in runs]))
     table.add("  timeline: start-up / contacts step / after it", size,
               f"{spread([r.get('startup_seconds', math.nan) for r in runs])} /"
@@ -736,7 +753,7 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
         if plan.parts & {"bare", "asset", "job"}:
             results["sizes"][str(contacts)] = measure_size(bench, contacts, plan)
     if "latency" in plan.parts and plan.latency > 0:
-        results["latency"] = measure_latency(bench, plan)
+        results["latency"], results["latency_bare"] = measure_latency(bench, plan)
     return results
 
 
@@ -771,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def all_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    runs = list(results.get("fixed_cost") or []) + list(results.get("latency") or [])
+    runs = [*(results.get("fixed_cost") or []), *(results.get("latency") or []), *(results.get("latency_bare") or [])]
     for by_kind in results["sizes"].values():
         for kind_runs in by_kind.values():
             runs.extend(kind_runs)
