@@ -9,6 +9,7 @@ merge, which reads it as JSON and, if a value really does not cast, says which o
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +17,13 @@ from types import TracebackType
 from mkt_assets import lean_process
 from mkt_assets.catalog import ResourceSpec
 from mkt_assets.warehouse import type_staged_chunk
+
+
+def type_chunk_at_lowest_priority(spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str) -> None:
+    """``type_staged_chunk`` at nice 19, in the child: the fetch (and, on one machine, the
+    API) keeps the cores it needs, and the typing takes only what they leave idle."""
+    os.nice(19)
+    type_staged_chunk(spec, json_path, parquet_path, memory_limit)
 
 
 class ChunkTyper:
@@ -44,7 +52,7 @@ class ChunkTyper:
     def submit(self, json_path: Path) -> None:
         parquet = json_path.with_suffix(".parquet")
         future = self._executor.submit(
-            lean_process.call, type_staged_chunk, self.spec, str(json_path), str(parquet), self.memory_limit
+            lean_process.call, type_chunk_at_lowest_priority, self.spec, str(json_path), str(parquet), self.memory_limit
         )
         self._pending.append((json_path, parquet, future))
 
