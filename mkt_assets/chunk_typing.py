@@ -1,9 +1,9 @@
 """Type staged chunks to Parquet while the fetch goes on.
 
-A fetch leaves a core idle: the client waits on the API's answer, then parses it, one page
-at a time. Each full chunk the stager closes is typed by DuckDB in a lean child process
-(one at a time, in this object's one thread), so the merge mostly reads Parquet instead of
-parsing all the JSON after the last page. A chunk that fails to type is simply left to the
+A fetch leaves CPU idle: the client waits on the API's answer, then parses it, one page at
+a time. Each full chunk the stager closes is typed by DuckDB in a lean child process (one at
+a time, in this object's one thread, at the lowest CPU priority so it never slows the fetch),
+so the merge mostly reads Parquet instead of parsing all the JSON after the last page. A chunk that fails to type is simply left to the
 merge, which reads it as JSON and, if a value really does not cast, says which one.
 """
 
