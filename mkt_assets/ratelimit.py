@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -92,6 +93,8 @@ class SharedRateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._descriptor: int | None = None
+        # flock excludes other processes only: threads of this one share the descriptor.
+        self._thread_lock = threading.Lock()
 
     def acquire(self) -> float:
         """Block until a request may be sent; return the seconds spent waiting."""
@@ -151,10 +154,16 @@ class SharedRateLimiter:
     def _state(self) -> Iterator[QuotaState]:
         # Called twice a request: read and write in place, with no truncate (a metadata
         # write on most file systems, and the costliest step when the file shrinks).
-        if self._descriptor is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        descriptor = self._descriptor
+        with self._thread_lock:
+            if self._descriptor is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            with self._locked_file(self._descriptor) as state:
+                yield state
+
+    @staticmethod
+    @contextmanager
+    def _locked_file(descriptor: int) -> Iterator[QuotaState]:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         try:
             text = os.pread(descriptor, _STATE_BYTES, 0).decode("utf-8", "replace").strip()

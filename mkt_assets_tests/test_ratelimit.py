@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,43 @@ def test_processes_sharing_the_state_file_share_the_quota(tmp_path: Path) -> Non
     taken = [first.acquire(), second.acquire(), first.acquire()]
     assert taken == [0, 0, 0]
     assert second.acquire() > 0  # the fourth request of the window waits, whoever asks
+
+
+class QuotaSpent(Exception):
+    """Raised by the test's sleep: the limiter would wait, so this thread's reservations end."""
+
+
+def test_threads_of_one_process_share_the_quota_without_losing_reservations(tmp_path: Path) -> None:
+    # Both ends of a two-ended walk reserve through one limiter, so one open file: flock
+    # alone would let them in together and lose each other's updates.
+    clock = FakeClock()
+
+    def refuse(seconds: float) -> None:
+        raise QuotaSpent
+
+    pacer = SharedRateLimiter(tmp_path / "quota.json", clock=clock, sleep=refuse)
+    pacer.observe(headers(remaining=400, refill="3600", limit=400))
+    granted: list[int] = []
+    start = threading.Barrier(8)
+
+    def reserve() -> None:
+        start.wait()
+        count = 0
+        try:
+            while True:
+                pacer.acquire()
+                count += 1
+        except QuotaSpent:
+            granted.append(count)
+
+    threads = [threading.Thread(target=reserve) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(granted) == 8
+    assert sum(granted) == 400
 
 
 def test_the_refill_estimate_tightens_across_answers(tmp_path: Path) -> None:
