@@ -12,7 +12,7 @@ import duckdb
 from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
-from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, MarketingApiClient
+from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, ORDERS, MarketingApiClient
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
@@ -66,8 +66,12 @@ class MarketingApiResource(dg.ConfigurableResource):
         description="Records per page (the API allows 10 to 100).",
     )
     order: str = Field(
-        default="asc",
-        description="Page order: asc reads oldest first, so records added during a sync are not missed.",
+        default="both",
+        description=(
+            "How lists are walked: both (default) ascends from the oldest and descends from the"
+            " newest at once, meeting in the middle, in about half the time; asc reads oldest first"
+            " (like both, it reads records added during the sync); desc reads newest first."
+        ),
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection.")
     read_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for an answer.")
@@ -106,8 +110,8 @@ class MarketingApiResource(dg.ConfigurableResource):
     @field_validator("order")
     @classmethod
     def _valid_order(cls, value: str) -> str:
-        if value not in ("asc", "desc"):
-            raise ValueError(f"order must be 'asc' or 'desc', got {value!r}")
+        if value not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {value!r}")
         return value
 
     def get_client(self) -> MarketingApiClient:

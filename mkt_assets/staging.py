@@ -38,8 +38,9 @@ class StagedBatch:
     # Every record of the resource (a full read run to its end), not only new ones: what
     # it lacks was deleted upstream.
     complete: bool = True
-    # Keys came strictly ascending (or descending) across the whole sync, so no key repeats
-    # and the merge can skip deduplicating.
+    # Keys came strictly ascending (or descending) across each end of the walk, whose ends
+    # keep disjoint keys (see client.WalkFrontiers), so no key repeats and the merge can
+    # skip deduplicating.
     keys_unique: bool = False
     # (JSON chunk, the same pages typed to Parquet) for the chunks typed during the fetch.
     typed: tuple[tuple[Path, Path], ...] = ()
@@ -69,8 +70,9 @@ class PageStager:
     # Called with each full chunk's path once it is closed; the last chunk is never handed
     # over (the merge reads it as it is, rather than wait for it to be typed).
     on_chunk: Callable[[Path], None] | None = None
-    _previous_key: object = None
-    _direction: int = 0
+    # Per end of the walk (the page's `order`): the last key seen and the direction keys took.
+    _previous_keys: dict[object, object] = field(default_factory=dict)
+    _directions: dict[object, int] = field(default_factory=dict)
     _file: BinaryIO | None = None
     _paths: list[Path] = field(default_factory=list)
     _chunk_pages_written: int = 0
@@ -143,19 +145,17 @@ class PageStager:
             if record.keys() - known:
                 self.unknown_fields.update(record.keys() - known)
             if self.keys_monotonic:
-                self._follow_key_order(record[key])
+                self._follow_key_order(page.query.get("order"), record[key])
 
-    def _follow_key_order(self, key: object) -> None:
-        previous, self._previous_key = self._previous_key, key
+    def _follow_key_order(self, end: object, key: object) -> None:
+        previous, self._previous_keys[end] = self._previous_keys.get(end), key
         if previous is None:
             return
         if not isinstance(key, int) or not isinstance(previous, int) or key == previous:
             self.keys_monotonic = False
             return
         direction = 1 if key > previous else -1
-        if self._direction == 0:
-            self._direction = direction
-        elif direction != self._direction:
+        if self._directions.setdefault(end, direction) != direction:
             self.keys_monotonic = False
 
 

@@ -31,6 +31,9 @@ FIELDS = RESOURCES_BY_NAME["contact_fields"]
 
 def make_client(**options: Any) -> MarketingApiClient:
     options.setdefault("backoff_factor", 0)
+    # A single ascending walk unless a test says otherwise; the two-ended walk (the default
+    # order, "both") has its own tests at the end of this file.
+    options.setdefault("order", "asc")
     return MarketingApiClient(BASE, KEY, key_setting="MKT_API_KEY", **options)
 
 
@@ -312,3 +315,125 @@ def test_a_caller_that_stops_early_leaves_at_most_one_page_requested_ahead() -> 
 
     assert len(responses.calls) <= 2
     assert [q.get("startingAfter") for q in queries(responses.calls)] == [None, "1"][: len(responses.calls)]
+
+
+# The two-ended walk (order="both"): an ascending and a descending cursor at once.
+
+
+class FakeList:
+    """A list endpoint with the API's cursor semantics, served to ``responses``.
+
+    ``on_request`` runs before each answer, with the number of the request (1-based), so a
+    test can change the list mid-walk or hold an answer back.
+    """
+
+    def __init__(self, ids: list[int], on_request: Any = None) -> None:
+        self.ids = sorted(ids)
+        self.on_request = on_request
+        self.served: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Any) -> tuple[int, dict[str, str], str]:
+        query = {k: v[0] for k, v in parse_qs(urlsplit(request.url).query).items()}
+        with self._lock:
+            self.served.append(query)
+            number = len(self.served)
+        if self.on_request is not None:
+            self.on_request(number, query)
+        limit, after = int(query["limit"]), query.get("startingAfter")
+        if query["order"] == "asc":
+            rest = [i for i in self.ids if after is None or i > int(after)]
+        else:
+            rest = [i for i in reversed(self.ids) if after is None or i < int(after)]
+        return 200, {"Content-Type": "application/json"}, json.dumps(page(rest[:limit], len(rest) > limit))
+
+
+def walk_both_ends(fake: FakeList, page_size: int = 10) -> list[Any]:
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.GET, f"{BASE}/tags", callback=fake)
+        with make_client(order="both", page_size=page_size) as client:
+            return list(client.iter_pages(TAGS))
+
+
+@pytest.mark.parametrize("count", [0, 1, 10, 11, 20, 95, 100, 101, 257])
+def test_both_ends_read_every_record_exactly_once(count: int) -> None:
+    ids = [3 * i + 1 for i in range(count)]  # gaps between ids, as after deletions
+    fake = FakeList(ids)
+
+    pages = walk_both_ends(fake)
+
+    read = [item["id"] for p in pages for item in p.items]
+    assert sorted(read) == ids and len(read) == len(set(read))
+    # Each page's body is what the stager keeps: it must hold exactly the page's records.
+    assert all(json.loads(p.body)["items"] == p.items for p in pages)
+    single_walk_requests = max(1, -(-count // 10))
+    assert len(fake.served) <= single_walk_requests + 3
+    orders = {q["order"] for q in fake.served}
+    assert orders == ({"asc", "desc"} if count > 10 else {"asc"})
+
+
+def test_a_list_of_one_page_costs_one_request_from_both_ends() -> None:
+    fake = FakeList([1, 2, 3])
+
+    pages = walk_both_ends(fake)
+
+    assert [[item["id"] for item in p.items] for p in pages] == [[1, 2, 3]]
+    assert fake.served == [{"limit": "10", "order": "asc"}]
+
+
+def test_both_ends_have_a_request_in_flight_at_once() -> None:
+    descending_asked = threading.Event()
+
+    def hold_second_ascending_page(number: int, query: dict[str, str]) -> None:
+        if query["order"] == "desc":
+            descending_asked.set()
+        elif query.get("startingAfter") == "10":
+            # Answered only once the descending end has asked too: both are on the wire.
+            assert descending_asked.wait(timeout=10)
+
+    fake = FakeList(list(range(1, 101)), on_request=hold_second_ascending_page)
+
+    pages = walk_both_ends(fake)
+
+    assert sorted(item["id"] for p in pages for item in p.items) == list(range(1, 101))
+    assert descending_asked.is_set()
+
+
+def test_records_created_during_the_walk_are_read_as_by_an_ascending_walk() -> None:
+    def add_records(number: int, query: dict[str, str]) -> None:
+        if number == 4:  # after the descending end has started from the newest record
+            fake.ids.extend([1000, 1001, 1002])
+
+    fake = FakeList(list(range(1, 201)), on_request=add_records)
+
+    pages = walk_both_ends(fake)
+
+    read = [item["id"] for p in pages for item in p.items]
+    assert sorted(read) == [*range(1, 201), 1000, 1001, 1002]
+    assert len(read) == len(set(read))
+    # The ascending end went on past where the descending end started, to the end of the list.
+    assert any(q["order"] == "asc" and int(q.get("startingAfter", 0)) >= 200 for q in fake.served)
+
+
+def test_each_end_keeps_its_keys_in_order_so_the_stager_knows_they_are_unique() -> None:
+    pages = walk_both_ends(FakeList(list(range(1, 301))))
+
+    for order, step in (("asc", 1), ("desc", -1)):
+        keys = [item["id"] for p in pages if p.query["order"] == order for item in p.items]
+        assert keys and all((later - earlier) * step > 0 for earlier, later in zip(keys, keys[1:]))
+
+
+def test_a_failing_descending_request_fails_the_walk_naming_it() -> None:
+    ascending = FakeList(list(range(1, 1001)))
+
+    def serve(request: Any) -> tuple[int, dict[str, str], str]:
+        if "order=desc" in request.url:
+            return 500, {"Content-Type": "application/json"}, json.dumps({"detail": "boom"})
+        return ascending(request)
+
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.GET, f"{BASE}/tags", callback=serve)
+        with make_client(order="both", page_size=10, max_retries=0) as client, pytest.raises(ApiStatusError) as caught:
+            list(client.iter_pages(TAGS))
+
+    assert str(caught.value).startswith("tags: GET /api/tags?limit=10&order=desc: HTTP 500")

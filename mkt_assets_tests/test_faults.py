@@ -68,8 +68,10 @@ class Harness:
         self.server.reset_log()
 
     def resources(self, **api_settings: Any) -> dict[str, Any]:
+        # One ascending walk, so a fault's `after` names a page; the two-ended walk (the
+        # default) has its own cases below.
         settings = {"base_url": self.server.base_url, "api_key": API_KEY, "backoff_factor": 0.01,
-                    "quota_state_dir": self.quota_dir, **api_settings}  # fmt: skip
+                    "quota_state_dir": self.quota_dir, "order": "asc", **api_settings}  # fmt: skip
         return {
             "marketing_api": MarketingApiResource(**settings),
             "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
@@ -152,6 +154,27 @@ def test_a_persistent_5xx_fails_naming_the_request_and_leaves_the_table(harness:
     assert "contacts: GET /api/contacts?limit=100&order=asc&startingAfter=" in outcome.error
     assert "HTTP 502 after retries" in outcome.error
     assert len(harness.contact_requests()) == 1 + 4
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retryable_answers_during_a_two_ended_walk_are_retried_to_a_complete_sync(harness: Harness, status: int) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=status, times=3, after=2), order="both")
+
+    assert outcome.result.success
+    assert harness.table() == before
+    metadata = outcome.metadata()
+    assert (metadata["retries"], metadata["records_fetched"]) == (3, ACCOUNT_SIZE)
+    assert {r.query["order"] for r in harness.contact_requests()} == {"asc", "desc"}
+
+
+def test_a_persistent_5xx_during_a_two_ended_walk_fails_and_leaves_the_table(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=502, times=-1, after=1), order="both")
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=" in outcome.error
+    assert "HTTP 502 after retries" in outcome.error
 
 
 def test_a_refused_connection_fails_clearly(harness: Harness) -> None:

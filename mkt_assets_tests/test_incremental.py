@@ -103,7 +103,8 @@ def test_an_incremental_run_on_an_empty_table_reads_everything(account: Account)
 
     assert metadata["contacts"]["read"] == "full"
     assert metadata["contacts"]["rows_inserted"] == 700
-    assert account.contact_requests() == 7
+    # A full read, walked from both ends: 7 pages, and at most 3 requests more where they meet.
+    assert 7 <= account.contact_requests() <= 10
 
 
 def test_the_incremental_read_never_touches_rows_it_did_not_fetch(account: Account) -> None:

@@ -47,8 +47,9 @@ def test_page_size_outside_what_the_api_allows_is_refused(page_size: int) -> Non
         MarketingApiResource(api_key=KEY, page_size=page_size)
 
 
-def test_order_must_be_asc_or_desc() -> None:
-    with pytest.raises(ValidationError, match="order must be 'asc' or 'desc'"):
+def test_order_must_be_asc_desc_or_both() -> None:
+    assert MarketingApiResource(api_key=KEY).order == "both"
+    with pytest.raises(ValidationError, match="order must be one of asc, desc, both; got 'newest'"):
         MarketingApiResource(api_key=KEY, order="newest")
 
 

@@ -375,6 +375,28 @@ def test_the_stager_knows_when_keys_cannot_repeat(tmp_path: Path, pages: list[li
     assert stage(CONTACTS, pages, tmp_path).keys_unique is unique
 
 
+@pytest.mark.parametrize(
+    ("pages", "unique"),
+    [
+        ([("asc", [1, 2]), ("desc", [9, 8]), ("asc", [3, 4]), ("desc", [7, 5])], True),
+        ([("asc", [1, 2]), ("desc", [9, 8]), ("asc", [3, 4]), ("desc", [8])], False),  # one end repeats a key
+        ([("asc", [1, 2]), ("desc", [9, 8]), ("asc", [3, 2])], False),  # one end out of order
+    ],
+)
+def test_the_stager_follows_the_key_order_of_each_end_of_a_two_ended_walk(
+    tmp_path: Path, pages: list[tuple[str, list[int]]], unique: bool
+) -> None:
+    with PageStager(CONTACTS, directory=str(tmp_path)) as stager:
+        for number, (order, ids) in enumerate(pages, start=1):
+            items = [contact(i) for i in ids]
+            body = json.dumps({"items": items, "hasMore": True}).encode()
+            stager.add(Page(CONTACTS.name, number, "/api/contacts", {"order": order}, items, True, body))
+        batch = stager.finish()
+    batch.discard()
+
+    assert batch.keys_unique is unique
+
+
 def test_keys_that_are_not_ordered_are_still_deduplicated(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
     pages = [[contact(3, email="old@x.test"), contact(1)], [contact(2), contact(3, email="new@x.test")]]
 
