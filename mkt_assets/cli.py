@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -67,11 +69,22 @@ def run_demo(contacts: int, seed: int, database: str) -> int:
             (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
             print(f"  {ASSET_PREFIX}.{name:<21} {rows:>9} rows")
     print(f"DuckDB file: {os.path.abspath(database)}")
-    print(
-        "Query it:    python -c \"import duckdb; duckdb.connect("
-        f"'{database}', read_only=True).sql('FROM marketing.contacts LIMIT 5').show()\""
-    )
+    print(f"Query it:    {shlex.join(query_command(database))}")
     return 0
+
+
+def query_command(database: str) -> list[str]:
+    """A command that prints the first synced contacts, run by this interpreter: the one
+    that has duckdb installed (a bare `python` may not even exist)."""
+    interpreter = sys.executable
+    if Path(interpreter).is_relative_to(Path.cwd()):
+        interpreter = os.path.relpath(interpreter)  # `.venv/bin/python`, as the README writes it
+    # Double quotes inside, so the shell's single quotes around the code stay readable.
+    code = (
+        f"import duckdb; duckdb.connect({json.dumps(database)}, read_only=True)"
+        '.sql("FROM marketing.contacts LIMIT 5").show()'
+    )
+    return [interpreter, "-c", code]
 
 
 def run_dev(contacts: int, seed: int, database: str, port: int) -> int:
