@@ -362,8 +362,9 @@ class Plan:
     sizes: list[int]
     repeat: int
     latency: float
-    latency_size: int
+    latency_sizes: list[int]
     latency_repeat: int
+    latency_bare_repeat: int
     probe_sizes: list[int]
     probe_requests: int
     parts: set[str]
@@ -430,22 +431,23 @@ def measure_fixed_cost(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
     return runs
 
 
-def measure_latency(bench: Bench, plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def measure_latency(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """The job with latency added to every request (target 6), and the bare loop under the
-    same latency: the floor of any walk that requests one page at a time."""
-    runs: list[dict[str, Any]] = []
-    bare: list[dict[str, Any]] = []
-    timeout = timeout_for(plan.latency_size, 3 * (plan.latency + 0.1))
-    with bench.start_simulator(plan.latency_size, plan.latency) as sim:
+    same latency: the floor of any walk that requests one page at a time. That floor is
+    context, not a target, and at 1M it costs ~10 min a run: it runs `latency_bare_repeat` times."""
+    runs: dict[str, list[dict[str, Any]]] = {"job": [], "bare": []}
+    timeout = timeout_for(contacts, 3 * (plan.latency + 0.1))
+    with bench.start_simulator(contacts, plan.latency) as sim:
         for repeat in range(1, plan.latency_repeat + 1):
-            where = f"latency {plan.latency * 1000:g} ms, {label(plan.latency_size)} {repeat}/{plan.latency_repeat}"
-            run = attempt(bench, f"{where} bare loop", bare, lambda: run_bare_loop(bench, sim, timeout))
-            if run:
-                progress(f"{where}: bare loop {run['seconds']:.1f}s (contacts {run['resources']['contacts']['seconds']:.1f}s)")
-            run = attempt(bench, where, runs, lambda: run_job(bench, sim, timeout, "latency"))
+            where = f"latency {plan.latency * 1000:g} ms, {label(contacts)} {repeat}/{plan.latency_repeat}"
+            if repeat <= plan.latency_bare_repeat:
+                run = attempt(bench, f"{where} bare loop", runs["bare"], lambda: run_bare_loop(bench, sim, timeout))
+                if run:
+                    progress(f"{where}: bare loop {run['seconds']:.1f}s (contacts {run['resources']['contacts']['seconds']:.1f}s)")
+            run = attempt(bench, where, runs["job"], lambda: run_job(bench, sim, timeout, "latency"))
             if run:
                 progress(f"{where}: marketing_sync {run['seconds']:.1f}s")
-    return runs, bare
+    return runs
 
 
 # ===================================================================== the table
@@ -544,7 +546,9 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
     for contacts in plan.sizes:
         add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed)
     add_memory_rows(table, results, plan)
-    add_latency_rows(table, results.get("latency"), results.get("latency_bare"), plan, fixed)
+    for contacts in plan.latency_sizes:
+        latency_runs = (results.get("latency") or {}).get(str(contacts), {})
+        add_latency_rows(table, contacts, latency_runs.get("job"), latency_runs.get("bare"), plan, fixed)
     return table
 
 
@@ -671,13 +675,18 @@ def add_memory_rows(table: Table, results: dict[str, Any], plan: Plan) -> None:
 
 
 def add_latency_rows(
-    table: Table, runs: list[dict[str, Any]] | None, bare: list[dict[str, Any]] | None, plan: Plan, fixed: float
+    table: Table,
+    contacts: int,
+    runs: list[dict[str, Any]] | None,
+    bare: list[dict[str, Any]] | None,
+    plan: Plan,
+    fixed: float,
 ) -> None:
     if not runs:
         return
-    size = label(plan.latency_size)
+    size = label(contacts)
     job_seconds = median(run["seconds"] for run in runs)
-    pages = runs[0].get("pages", math.ceil(plan.latency_size / PAGE_SIZE))
+    pages = runs[0].get("pages", math.ceil(contacts / PAGE_SIZE))
     floor = pages * plan.latency
     if bare:
         bare_contacts = [run["resources"]["contacts"]["seconds"] for run in bare]
@@ -715,8 +724,11 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (median of them)")
     parser.add_argument("--quick", action="store_true", help="smoke run: sizes 1k and 10k, one repeat")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to each request (target 6)")
-    parser.add_argument("--latency-size", type=int, default=None, help="contacts for target 6 (default: 100k, or the smallest size)")
+    parser.add_argument("--latency-sizes", type=int, nargs="+", default=None, help="contacts for target 6 (default: --sizes)")
     parser.add_argument("--latency-repeat", type=int, default=None, help="runs for target 6 (default: --repeat)")
+    parser.add_argument(
+        "--latency-bare-repeat", type=int, default=1, help="runs of the bare loop under latency, per size (default: 1)"
+    )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
     parts = ("probe", "bare", "asset", "job", "fixed", "latency")
@@ -728,14 +740,15 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     if arguments.quick:
         arguments.sizes, arguments.repeat = [1_000, 10_000], 1
     sizes = sorted(set(arguments.sizes))
-    # 100k pages at 50 ms are ~50 s a run; 1M would be ~10 min a run.
-    latency_size = arguments.latency_size or max([size for size in sizes if size <= 100_000] or [min(sizes)])
+    # At 50 ms a request the job is ~1 min a run at 100k and ~6 min at 1M.
+    latency_sizes = sorted(set(arguments.latency_sizes or sizes))
     plan = Plan(
         sizes=sizes,
         repeat=arguments.repeat,
         latency=arguments.latency,
-        latency_size=latency_size,
+        latency_sizes=latency_sizes,
         latency_repeat=arguments.latency_repeat or arguments.repeat,
+        latency_bare_repeat=arguments.latency_bare_repeat,
         probe_sizes=sorted(arguments.probe_sizes),
         probe_requests=arguments.probe_requests,
         parts=set(arguments.parts),
@@ -753,7 +766,7 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
         if plan.parts & {"bare", "asset", "job"}:
             results["sizes"][str(contacts)] = measure_size(bench, contacts, plan)
     if "latency" in plan.parts and plan.latency > 0:
-        results["latency"], results["latency_bare"] = measure_latency(bench, plan)
+        results["latency"] = {str(contacts): measure_latency(bench, contacts, plan) for contacts in plan.latency_sizes}
     return results
 
 
@@ -788,8 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def all_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    runs = [*(results.get("fixed_cost") or []), *(results.get("latency") or []), *(results.get("latency_bare") or [])]
-    for by_kind in results["sizes"].values():
+    runs = [*(results.get("fixed_cost") or [])]
+    for by_kind in [*results["sizes"].values(), *(results.get("latency") or {}).values()]:
         for kind_runs in by_kind.values():
             runs.extend(kind_runs)
     return runs
