@@ -11,6 +11,7 @@ from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, ResourceSpec
 from mkt_assets import lean_process
 from mkt_assets.chunk_typing import ChunkTyper
 from mkt_assets.checks import (
+    could_not_run,
     primary_key_result,
     required_fields_result,
     row_count_result,
@@ -125,14 +126,14 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
         progress = ProgressLog(context.log, spec.name, settings.progress_interval_seconds)
         newest = None
         if config.incremental and spec.incremental:
-            with warehouse.connection() as connection:
+            with warehouse.connection(log=context.log.warning) as connection:
                 newest = newest_key(connection, warehouse.schema_name, spec)
             if newest is None:
                 context.log.info(f"{spec.name}: nothing stored yet, so a full read")
         # Ids only grow: in ascending order after the newest stored id come exactly the new records.
         query = {"order": "asc", "startingAfter": newest} if newest is not None else None
         read = "full" if newest is None else f"incremental, after {spec.primary_key} {newest}"
-        with marketing_api.get_client() as client, ChunkTyper(spec, warehouse.memory_limit) as typer, PageStager(
+        with marketing_api.get_client(log=context.log.warning) as client, ChunkTyper(spec, warehouse.memory_limit) as typer, PageStager(
             spec,
             directory=marketing_api.staging_dir or None,
             complete=newest is None,
@@ -176,7 +177,16 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
             },
         )
         # Queried in a lean child process, like the merge: the step keeps no DuckDB memory.
-        facts = lean_process.call(synced_table_facts_in_file, warehouse.file(), warehouse.schema_name, spec)
+        # The table has changed by now: a check that cannot run fails as a check, and the
+        # materialization stands.
+        try:
+            facts = lean_process.call(
+                synced_table_facts_in_file, warehouse.file(), warehouse.schema_name, spec, log=context.log.warning
+            )
+        except Exception as error:  # noqa: BLE001 - reported as the checks' outcome
+            context.log.error(f"{spec.name}: the checks could not run: {error}")
+            yield from could_not_run(sync_check_specs(spec, key, settings.row_count_max_drop), error)
+            return
         yield primary_key_result(facts.primary_key, warehouse.schema_name, spec)
         yield required_fields_result(facts.required_fields, warehouse.schema_name, spec)
         yield row_count_result(

@@ -56,6 +56,25 @@ def sync_check_specs(spec: ResourceSpec, asset_key: dg.AssetKey, max_drop: float
     ]
 
 
+def could_not_run(specs: Sequence[dg.AssetCheckSpec], error: BaseException) -> Iterator[dg.AssetCheckResult]:
+    """Failed results for checks whose facts could not be queried (the database ran out of
+    memory, was held too long): a check that cannot run has not passed.
+
+    They fail as warnings, blocking ones included: a failed blocking check of ERROR severity
+    fails its step, and the step's materialization has committed by then; the table's own
+    PRIMARY KEY still guards what the blocking check would have found."""
+    reason = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
+    for spec in specs:
+        yield dg.AssetCheckResult(
+            check_name=spec.name,
+            asset_key=spec.asset_key,
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"the check could not run: {reason}",
+            metadata={"error": type(error).__name__},
+        )
+
+
 def _table_name(spec: ResourceSpec, schema: str) -> str:
     return f"{schema}.{spec.name}"
 
@@ -192,10 +211,17 @@ def build_contact_reference_checks(contacts: dg.AssetKey, tags: dg.AssetKey, fie
             ),
         ],
     )
-    def contact_references(warehouse: WarehouseResource) -> Iterator[dg.AssetCheckResult]:
-        tag_facts, slug_facts = lean_process.call(
-            contact_reference_facts_in_file, warehouse.file(), warehouse.schema_name
-        )
+    def contact_references(
+        context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
+    ) -> Iterator[dg.AssetCheckResult]:
+        try:
+            tag_facts, slug_facts = lean_process.call(
+                contact_reference_facts_in_file, warehouse.file(), warehouse.schema_name, log=context.log.warning
+            )
+        except Exception as error:  # noqa: BLE001 - reported as the checks' outcome
+            context.log.error(f"contact_references could not run: {error}")
+            yield from could_not_run(list(context.check_specs), error)
+            return
         yield contact_tags_result(tag_facts, warehouse.schema_name)
         yield contact_field_slugs_result(slug_facts, warehouse.schema_name)
 

@@ -19,11 +19,13 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.warehouse import type_staged_chunk
 
 
-def type_chunk_at_lowest_priority(spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str) -> None:
+def type_chunk_at_lowest_priority(
+    spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str, longest_line: int
+) -> None:
     """``type_staged_chunk`` at nice 19, in the child: the fetch (and, on one machine, the
     API) keeps the cores it needs, and the typing takes only what they leave idle."""
     os.nice(19)
-    type_staged_chunk(spec, json_path, parquet_path, memory_limit)
+    type_staged_chunk(spec, json_path, parquet_path, memory_limit, longest_line)
 
 
 class ChunkTyper:
@@ -49,10 +51,16 @@ class ChunkTyper:
                 parquet.unlink(missing_ok=True)
         self._executor.shutdown(wait=True)
 
-    def submit(self, json_path: Path) -> None:
+    def submit(self, json_path: Path, longest_line: int) -> None:
         parquet = json_path.with_suffix(".parquet")
         future = self._executor.submit(
-            lean_process.call, type_chunk_at_lowest_priority, self.spec, str(json_path), str(parquet), self.memory_limit
+            lean_process.call,
+            type_chunk_at_lowest_priority,
+            self.spec,
+            str(json_path),
+            str(parquet),
+            self.memory_limit,
+            longest_line,
         )
         self._pending.append((json_path, parquet, future))
 

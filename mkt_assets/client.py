@@ -16,13 +16,11 @@ import json
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import (
@@ -35,105 +33,28 @@ from mkt_assets.errors import (
     PaginationError,
 )
 from mkt_assets.ratelimit import SharedRateLimiter
+from mkt_assets.records import RecordProblem, record_checker
+from mkt_assets.transport import (
+    RETRY_STATUSES,
+    AnswerTooLarge,
+    ApiAdapter,
+    CappedRetry,
+    Deadlines,
+    Log,
+    OffOriginRedirect,
+    OriginBoundSession,
+    RequestStats,
+    WaitTooLong,
+    read_body,
+)
 
-RETRY_STATUSES: frozenset[int] = frozenset({429, 500, 502, 503, 504})
 MAX_PAGE_SIZE = 100
 MIN_PAGE_SIZE = 10
 # Walk orders: one cursor ascending, one descending, or both at once meeting in the middle.
 ORDERS = ("asc", "desc", "both")
-
-
-@dataclass
-class RequestStats:
-    """What the retry layer met, shared by every request of one client (and its threads)."""
-
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0  # 429 answers
-    statuses: dict[int, int] = field(default_factory=dict)
-    paced_seconds: float = 0.0  # waited for the rate-limit window to refill
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def count_request(self) -> None:
-        with self._lock:
-            self.requests += 1
-
-    def count_retry(self, status: int | None) -> None:
-        with self._lock:
-            self.retries += 1
-            if status is not None:
-                self.statuses[status] = self.statuses.get(status, 0) + 1
-                if status == 429:
-                    self.throttled += 1
-
-    def count_pacing(self, seconds: float) -> None:
-        with self._lock:
-            self.paced_seconds += seconds
-
-
-class _CountingRetry(Retry):
-    """urllib3's Retry, honouring Retry-After on every retried status and counting retries.
-
-    urllib3 only honours Retry-After on 413/429/503; a 502 or 504 that says when to come
-    back should be believed too.
-    """
-
-    RETRY_AFTER_STATUS_CODES = RETRY_STATUSES
-
-    def __init__(self, *args: Any, stats: RequestStats | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stats = stats if stats is not None else RequestStats()
-
-    def new(self, **kw: Any) -> _CountingRetry:
-        kw.setdefault("stats", self.stats)
-        return super().new(**kw)
-
-    def increment(self, *args: Any, **kwargs: Any) -> _CountingRetry:
-        self.stats.count_retry(getattr(kwargs.get("response"), "status", None))
-        return super().increment(*args, **kwargs)
-
-
-class _PacedAdapter(HTTPAdapter):
-    """Holds each request until the shared quota allows it, and reports each answer's quota."""
-
-    def __init__(self, limiter: SharedRateLimiter, stats: RequestStats, **kwargs: Any) -> None:
-        self._limiter = limiter
-        self._stats = stats
-        super().__init__(**kwargs)
-
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        self._stats.count_pacing(self._limiter.acquire())
-        response = super().send(request, *args, **kwargs)
-        self._limiter.observe(response.headers)
-        return response
-
-
-class OffOriginRedirect(requests.exceptions.InvalidURL):
-    """A redirect to another origin: following it would send the key there."""
-
-
-class _OriginBoundSession(requests.Session):
-    """A session that refuses to follow a redirect off the API's origin.
-
-    requests drops ``Authorization`` on such redirects but forwards custom headers
-    like ``X-API-Key``; refusing is the only safe answer for a key in a custom header.
-    """
-
-    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
-        target, source = _origin(prepared_request.url or ""), _origin(response.request.url or "")
-        if target != source:
-            raise OffOriginRedirect(
-                f"the API redirected to another origin ({target}, not {source});"
-                " refusing to follow it with the API key"
-            )
-        super().rebuild_auth(prepared_request, response)
-
-
-def _origin(url: str) -> str:
-    """``scheme://host:port`` with the default port spelled out, so equal origins compare equal."""
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
+# A page of 100 contacts is a few tens of kB; this leaves room for fat records, not for a bomb.
+DEFAULT_MAX_PAGE_BYTES = 64 << 20
+DEFAULT_MAX_WAIT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -163,8 +84,11 @@ class MarketingApiClient:
         read_timeout: float = 60.0,
         max_retries: int = 3,
         backoff_factor: float = 2.0,
+        max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+        max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         key_setting: str = "api_key",
         rate_limiter: SharedRateLimiter | None = None,
+        log: Log | None = None,
     ) -> None:
         if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}, got {page_size}")
@@ -173,11 +97,15 @@ class MarketingApiClient:
         self.base_url = base_url.rstrip("/")
         self.page_size = page_size
         self.order = order
+        # urllib3's read timeout bounds each socket read; the deadlines bound the whole answer.
         self.timeout = (connect_timeout, read_timeout)
+        self.read_timeout = read_timeout
+        self.max_page_bytes = max_page_bytes
         self.key_setting = key_setting
         self.stats = RequestStats()
         self._rate_limiter = rate_limiter
-        self._retry = _CountingRetry(
+        self._deadlines = Deadlines()
+        self._retry = CappedRetry(
             total=max_retries,
             status_forcelist=RETRY_STATUSES,
             allowed_methods=frozenset({"GET"}),
@@ -186,8 +114,11 @@ class MarketingApiClient:
             # Hand the last answer back instead of raising, so the error can say what it was.
             raise_on_status=False,
             stats=self.stats,
+            max_wait=max_wait_seconds,
+            log=log or (lambda message: None),
         )
         self._headers = {"X-API-Key": api_key, "Accept": "application/json", "User-Agent": "mkt-assets"}
+        self._checkers: dict[str, Any] = {}
         # One keep-alive session per fetching thread: requests does not promise a Session
         # is safe to share between threads, and each end of a walk has its own connection.
         self._local = threading.local()
@@ -204,12 +135,8 @@ class MarketingApiClient:
         return session
 
     def _new_session(self) -> requests.Session:
-        session = _OriginBoundSession()
-        adapter = (
-            _PacedAdapter(self._rate_limiter, self.stats, max_retries=self._retry)
-            if self._rate_limiter is not None
-            else HTTPAdapter(max_retries=self._retry)
-        )
+        session = OriginBoundSession()
+        adapter = ApiAdapter(self._deadlines, self._rate_limiter, self.stats, max_retries=self._retry)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         session.headers.update(self._headers)
@@ -229,6 +156,7 @@ class MarketingApiClient:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        self._deadlines.close()
         if self._rate_limiter is not None:
             self._rate_limiter.close()
 
@@ -251,16 +179,8 @@ class MarketingApiClient:
                 page.query,
                 f"page {page.number}: hasMore is true but the page is empty; stopping instead of looping",
             )
-        cursor = page.items[-1].get(spec.cursor_field)
-        if isinstance(cursor, bool) or not isinstance(cursor, int):
-            raise PaginationError(
-                spec.name,
-                page.path,
-                page.query,
-                f"page {page.number}: the last record (position {len(page.items)}) has no integer"
-                f" {spec.cursor_field!r}"
-                f" to continue from (got {cursor!r})",
-            )
+        # An integer: every record's cursor field was checked when the page was read.
+        cursor = page.items[-1][spec.cursor_field]
         previous = query.get("startingAfter")
         order = query.get("order", self.order)
         if previous is not None:
@@ -368,24 +288,57 @@ class MarketingApiClient:
 
     def get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int = 1) -> Page:
         path = self.url_path(spec)
-        response = self._get(spec, path, query)
-        items, has_more = _read_page(spec.name, path, query, number, response)
-        return Page(spec.name, number, path, dict(query), items, has_more, response.content)
-
-    def _get(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> requests.Response:
-        self.stats.count_request()
+        body, content_type = self._get(spec, path, query, number)
+        items, has_more = _read_page(spec, path, query, number, body, content_type)
+        checker = self._checkers.get(spec.name)
+        if checker is None:
+            checker = self._checkers[spec.name] = record_checker(spec)
         try:
-            response = self._session.get(self.base_url + spec.path, params=query, timeout=self.timeout)
-        except OffOriginRedirect as error:
-            raise ApiError(spec.name, path, query, str(error)) from None
-        except requests.exceptions.RetryError as error:
-            raise ApiConnectionError(spec.name, path, query, f"retries exhausted: {_cause(error)}") from None
-        except requests.exceptions.Timeout as error:
-            raise ApiConnectionError(spec.name, path, query, f"timed out: {_cause(error)}") from None
-        except requests.exceptions.RequestException as error:
-            raise ApiConnectionError(spec.name, path, query, f"no complete answer: {_cause(error)}") from None
-        _raise_for_status(spec.name, path, query, response, self.key_setting)
-        return response
+            checker(items, number)
+        except RecordProblem as problem:
+            raise ApiResponseError(spec.name, path, query, str(problem)) from None
+        if spec.paginated:
+            _check_order(spec, path, query, number, items)
+        return Page(spec.name, number, path, dict(query), items, has_more, body)
+
+    def _get(self, spec: ResourceSpec, path: str, query: Mapping[str, object], number: int) -> tuple[bytes, str]:
+        """The body of a successful answer and its content type, read whole within the
+        deadline and size bounds."""
+        self.stats.count_request()
+        with self._deadlines.bound(self.read_timeout) as bound:
+            try:
+                with self._session.get(
+                    self.base_url + spec.path, params=query, timeout=self.timeout, stream=True
+                ) as response:
+                    body = read_body(response, self.max_page_bytes)
+            except OffOriginRedirect as error:
+                raise ApiError(spec.name, path, query, str(error)) from None
+            except WaitTooLong as error:
+                raise ApiStatusError(spec.name, path, query, error.status, str(error)) from None
+            except AnswerTooLarge as error:
+                raise ApiResponseError(spec.name, path, query, f"page {number}: {error}") from None
+            except requests.exceptions.RequestException as error:
+                if bound.expired:
+                    raise self._timed_out(spec, path, query) from None
+                if isinstance(error, requests.exceptions.RetryError):
+                    raise ApiConnectionError(spec.name, path, query, f"retries exhausted: {_cause(error)}") from None
+                if isinstance(error, requests.exceptions.Timeout):
+                    raise ApiConnectionError(spec.name, path, query, f"timed out: {_cause(error)}") from None
+                raise ApiConnectionError(spec.name, path, query, f"no complete answer: {_cause(error)}") from None
+            if bound.expired:
+                # The watchdog cut an answer whose end the server never marked: it is cut short.
+                raise self._timed_out(spec, path, query)
+        _raise_for_status(spec.name, path, query, response, body, self.key_setting)
+        return body, response.headers.get("Content-Type", "")
+
+    def _timed_out(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> ApiConnectionError:
+        return ApiConnectionError(
+            spec.name,
+            path,
+            query,
+            f"timed out: no complete answer (headers and body) within read_timeout"
+            f" ({self.read_timeout:g} s) of sending the request",
+        )
 
 
 def _cause(error: BaseException) -> str:
@@ -400,7 +353,12 @@ def _cause(error: BaseException) -> str:
 
 
 def _raise_for_status(
-    resource: str, path: str, query: Mapping[str, object], response: requests.Response, key_setting: str
+    resource: str,
+    path: str,
+    query: Mapping[str, object],
+    response: requests.Response,
+    body: bytes,
+    key_setting: str,
 ) -> None:
     status = response.status_code
     if 200 <= status < 300:
@@ -413,18 +371,18 @@ def _raise_for_status(
             f"HTTP {status}: the API key was rejected; set {key_setting} to a valid key"
             " (made in the account's profile settings)",
         )
-    body = _json_or_none(response.content)
-    if status == 422 and isinstance(body, dict):
-        violations = body.get("violations")
+    parsed = _json_or_none(body)
+    if status == 422 and isinstance(parsed, dict):
+        violations = parsed.get("violations")
         raise ApiValidationError(
             resource,
             path,
             query,
             [v for v in violations if isinstance(v, dict)] if isinstance(violations, list) else [],
-            str(body.get("detail") or ""),
+            str(parsed.get("detail") or ""),
         )
-    detail = body.get("detail") or body.get("title") if isinstance(body, dict) else None
-    excerpt = str(detail) if detail else response.text[:200]
+    detail = parsed.get("detail") or parsed.get("title") if isinstance(parsed, dict) else None
+    excerpt = str(detail)[:200] if detail else body[:200].decode("utf-8", "replace")
     retried = " after retries" if status in RETRY_STATUSES else ""
     raise ApiStatusError(resource, path, query, status, f"HTTP {status}{retried}: {excerpt}")
 
@@ -432,26 +390,25 @@ def _raise_for_status(
 def _json_or_none(content: bytes) -> Any:
     try:
         return json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
 def _read_page(
-    resource: str, path: str, query: Mapping[str, object], number: int, response: requests.Response
+    spec: ResourceSpec, path: str, query: Mapping[str, object], number: int, content: bytes, content_type: str
 ) -> tuple[list[dict[str, Any]], bool]:
     def fail(problem: str) -> ApiResponseError:
-        return ApiResponseError(resource, path, query, f"page {number}: {problem}")
+        return ApiResponseError(spec.name, path, query, f"page {number}: {problem}")
 
-    content_type = response.headers.get("Content-Type", "")
     try:
-        body = json.loads(response.content)
+        body = json.loads(content)
+    except RecursionError:
+        raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
     except ValueError as error:
-        excerpt = response.text[:80].replace("\n", " ")
+        excerpt = content[:80].decode("utf-8", "replace").replace("\n", " ")
         if "json" not in content_type.lower():
             raise fail(f"expected JSON, got {content_type or 'no content type'}: {excerpt!r}") from None
-        raise fail(
-            f"the JSON body does not parse ({error}; {len(response.content)} bytes, cut short?)"
-        ) from None
+        raise fail(f"the JSON body does not parse ({error}; {len(content)} bytes, cut short?)") from None
     if not isinstance(body, dict):
         raise fail(f"expected a JSON object with 'items' and 'hasMore', got {type(body).__name__}")
     if "items" not in body:
@@ -462,21 +419,57 @@ def _read_page(
     has_more = body.get("hasMore")
     if not isinstance(has_more, bool):
         raise fail(f"'hasMore' is missing or not a boolean (got {has_more!r})")
+    limit = query.get("limit")
+    if isinstance(limit, int) and len(items) > limit:
+        raise fail(f"{len(items)} records, more than the {limit} asked for (limit={limit}); refusing the page")
+    if has_more and not spec.paginated:
+        raise fail(
+            f"hasMore is true, but {path} takes no parameters to ask for the rest: the read is"
+            " incomplete, so nothing is written and nothing is marked deleted"
+        )
     for position, item in enumerate(items, start=1):
         if not isinstance(item, dict):
             raise fail(f"record {position} is {type(item).__name__}, not an object")
     return items, has_more
 
 
+def _check_order(spec: ResourceSpec, path: str, query: Mapping[str, object], number: int, items: list[dict[str, Any]]) -> None:
+    """Each record's cursor strictly past the previous one's in the order asked for.
+
+    The walk takes the last record's cursor for the next request and, from both ends, trusts
+    the order to know what the other end has read: a page out of order could lose records.
+    """
+    order = query.get("order", "desc")
+    field = spec.cursor_field
+    previous: int | None = None
+    for position, item in enumerate(items, start=1):
+        value = item.get(field)
+        if type(value) is not int:
+            raise ApiResponseError(
+                spec.name, path, query, f"page {number}: record {position} has no integer {field!r} to page by (got {value!r})"
+            )
+        if previous is not None and not (value > previous if order == "asc" else value < previous):
+            raise ApiResponseError(
+                spec.name,
+                path,
+                query,
+                f"page {number}: records out of {order} order: record {position} has {field} {value}"
+                f" after {previous}; stopping rather than risk losing records",
+            )
+        previous = value
+
+
 @dataclass
 class WalkFrontiers:
     """How far each end of a two-ended walk has read, so that no record is kept by both.
 
-    ``low`` is the highest key kept from the ascending end, ``high``
-    the lowest key the descending end has seen and ``top`` the highest, where it started.
+    ``low`` is the highest key kept from the ascending end, ``high`` the lowest key the
+    descending end has seen and ``top`` where it started (the newest record then).
     The ascending end drops keys in [high, top]; the descending end drops keys up to low.
     The ends have met once either drops a record, or the descending end reaches the bottom.
-    Keys that are not integers are kept: the cursor check and the merge report them.
+    Every page's keys are integers in the order asked for (the client checks that), but a
+    page may repeat records before its cursor: those are kept (the later copy wins in the
+    merge) and move no frontier, so an answer out of place cannot hide unread records.
     """
 
     low: int | None = None
@@ -487,25 +480,25 @@ class WalkFrontiers:
     def keep_ascending(self, items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
         kept = []
         for item in items:
-            value = _int_or_none(item.get(key))
-            if value is not None and self.high is not None and self.top is not None and self.high <= value <= self.top:
+            value: int = item[key]
+            if self.high is not None and self.top is not None and self.high <= value <= self.top:
                 self.met = True
                 continue
-            if value is not None:
-                self.low = value if self.low is None else max(self.low, value)
+            self.low = value if self.low is None else max(self.low, value)
             kept.append(item)
         return kept
 
     def keep_descending(self, items: list[dict[str, Any]], key: str, has_more: bool) -> list[dict[str, Any]]:
         kept = []
         for item in items:
-            value = _int_or_none(item.get(key))
-            if value is not None:
-                self.top = value if self.top is None else max(self.top, value)
+            value: int = item[key]
+            if self.top is None:
+                self.top = value
+            if value <= self.top:
                 self.high = value if self.high is None else min(self.high, value)
-                if self.low is not None and value <= self.low:
-                    self.met = True
-                    continue
+            if self.low is not None and value <= self.low:
+                self.met = True
+                continue
             kept.append(item)
         if not has_more:
             self.met = True  # the descending end read down to the oldest record
@@ -517,10 +510,6 @@ class WalkFrontiers:
         if self.met and self.top is not None and isinstance(cursor, int) and cursor < self.top:
             return {**following, "startingAfter": self.top}
         return following
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _with_items(page: Page, items: list[dict[str, Any]]) -> Page:

@@ -88,13 +88,13 @@ class PaginationError(ApiResponseError):
     """The cursor did not advance: following it would loop or skip records."""
 
 
-class RecordError(SyncError):
-    """A record is missing what the catalog requires of it."""
-
-
 class StagingError(SyncError):
     """Staged records could not be typed into their columns."""
 
 
 class WarehouseBusyError(SyncError):
     """The DuckDB file stayed locked by a process that does not take our lock."""
+
+
+class WarehouseWriteError(SyncError):
+    """A write to the DuckDB file failed on a file (a full disk, a staged chunk gone): rolled back."""

@@ -51,8 +51,11 @@ class MergingDuckDbClient(DbClient):
         context: dg.OutputContext | dg.InputContext, table_slice: TableSlice
     ) -> Iterator[warehouse.WarehouseFile]:
         config = context.resource_config
-        memory_limit = config.get("memory_limit") or warehouse.DEFAULT_MEMORY_LIMIT
-        yield warehouse.WarehouseFile(warehouse.database_path(config["database"]), memory_limit)
+        yield warehouse.WarehouseFile(
+            warehouse.database_path(config["database"]),
+            config.get("memory_limit") or warehouse.DEFAULT_MEMORY_LIMIT,
+            wait_seconds=config.get("wait_seconds", warehouse.DEFAULT_WAIT_SECONDS),
+        )
 
 
 class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
@@ -81,10 +84,16 @@ class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
                 table_slice.table,
                 obj,
                 deletions=self.deletions,
+                log=context.log.warning,
             )
         finally:
             obj.discard()
         merge_seconds = time.monotonic() - started
+        if result.duplicate_keys:
+            context.log.warning(
+                f"{table_slice.schema}.{table_slice.table}: {result.duplicate_keys} records came again"
+                " under a key already read in this sync (the API listed them twice); the later copy was kept"
+            )
         context.log.info(
             f"{table_slice.schema}.{table_slice.table}: {result.inserted} inserted, {result.updated} updated,"
             f" {result.unchanged} unchanged, {result.deleted} gone upstream; {result.row_count} live rows"
@@ -98,6 +107,7 @@ class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
             "rows_updated": result.updated,
             "rows_unchanged": result.unchanged,
             "rows_deleted_upstream": result.deleted,
+            "duplicate_keys": result.duplicate_keys,
             "complete_read": obj.complete,
             "merge_seconds": round(merge_seconds, 3),
             "preview": dg.MetadataValue.md(preview),
@@ -126,6 +136,11 @@ class MarketingDuckDBIOManager(DuckDBIOManager):
     memory_limit: str = Field(
         default=warehouse.DEFAULT_MEMORY_LIMIT,
         description="Memory DuckDB may use for a merge before spilling to disk (e.g. 256MB, 2GB).",
+    )
+    wait_seconds: float = Field(
+        default=warehouse.DEFAULT_WAIT_SECONDS,
+        ge=0,
+        description="Longest wait for the DuckDB file while another process holds it (env MKT_DUCKDB_WAIT_SECONDS).",
     )
 
     @field_validator("deletions")

@@ -9,7 +9,8 @@ The function must be importable at module level from a module that does not impo
 Dagster. Its arguments and its result, or the exception it raised, travel pickled over
 the child's stdin and stdout: both ends run this package's code from the same
 interpreter. If the caller is interrupted, the child is killed and DuckDB rolls back the
-open transaction.
+open transaction. What the child says while it works (``report``: a wait for the database
+file, say) reaches the caller's ``log`` as it happens, through a pipe of its own.
 """
 
 from __future__ import annotations
@@ -20,35 +21,78 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 Result = TypeVar("Result")
+# The descriptor of the pipe a child reports on, handed down in the environment.
+_REPORT_FD_ENV = "MKT_LEAN_REPORT_FD"
 
 
 class LeanProcessError(RuntimeError):
     """The child ended without an answer: killed (e.g. by the OOM killer) or crashed."""
 
 
-def call(function: Callable[..., Result], /, *args: Any, **kwargs: Any) -> Result:
+def call(
+    function: Callable[..., Result], /, *args: Any, log: Callable[[str], None] | None = None, **kwargs: Any
+) -> Result:
+    """``function(*args, **kwargs)`` in a fresh child; what it ``report``s goes to ``log``."""
     from mkt_assets.resource import API_KEY_ENV  # the caller's side only: the child stays lean
 
     request = pickle.dumps((function.__module__, function.__qualname__, args, kwargs))
+    reports, report_end = os.pipe()
     # DuckDB work never needs the API key: the child does not get it.
     environment = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
-    completed = subprocess.run(
-        [sys.executable, "-m", __name__], input=request, capture_output=True, check=False, env=environment
-    )
-    if completed.returncode != 0 or not completed.stdout:
-        raise LeanProcessError(
-            f"{function.__qualname__} ran in a child process that {_how_it_ended(completed.returncode)}"
-            f" without an answer; what it printed: {completed.stderr.decode(errors='replace')[-2000:]!r}"
+    environment[_REPORT_FD_ENV] = str(report_end)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment,
+            pass_fds=(report_end,),
         )
-    succeeded, value = pickle.loads(completed.stdout)
+    finally:
+        os.close(report_end)
+    listener = threading.Thread(target=_relay, args=(reports, log), name="lean-reports", daemon=True)
+    listener.start()
+    try:
+        stdout, stderr = child.communicate(request)
+    except BaseException:
+        child.kill()  # interrupted: DuckDB rolls the child's transaction back
+        child.wait()
+        raise
+    finally:
+        listener.join()
+    if child.returncode != 0 or not stdout:
+        raise LeanProcessError(
+            f"{function.__qualname__} ran in a child process that {_how_it_ended(child.returncode)}"
+            f" without an answer; what it printed: {stderr.decode(errors='replace')[-2000:]!r}"
+        )
+    succeeded, value = pickle.loads(stdout)
     if succeeded:
         return value  # type: ignore[no-any-return]
     raise value
+
+
+def report(message: str) -> None:
+    """Say something to whoever runs this work: the caller's log from a lean child, else stderr."""
+    descriptor = os.environ.get(_REPORT_FD_ENV)
+    line = message.replace("\n", " ") + "\n"
+    if descriptor is None:
+        sys.stderr.write(line)
+        return
+    os.write(int(descriptor), line.encode("utf-8", "replace"))
+
+
+def _relay(reports: int, log: Callable[[str], None] | None) -> None:
+    with os.fdopen(reports, "rb") as lines:
+        for line in lines:
+            if log is not None:
+                log(line.decode("utf-8", "replace").rstrip("\n"))
 
 
 def _how_it_ended(returncode: int) -> str:

@@ -75,8 +75,12 @@ def build_normalized_asset(
             ),
         },
     )
-    def normalized(warehouse: WarehouseResource) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-        result = lean_process.call(build_table_in_file, warehouse.file(), warehouse.schema_name, table)
+    def normalized(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        result = lean_process.call(
+            build_table_in_file, warehouse.file(), warehouse.schema_name, table, log=context.log.warning
+        )
         yield dg.MaterializeResult(
             metadata={
                 "dagster/row_count": result.row_count,

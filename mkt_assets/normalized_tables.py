@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident, streaming
+from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident, streamed, transaction
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,11 @@ def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
     names = {parent: fully_qualified(connection, schema, parent) for parent in table.reads}
     target = fully_qualified(connection, schema, table.name)
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
-    connection.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(connection, f"the build of {schema}.{table.name}"):
         # No ORDER BY: sorting millions of rows is what made the build run out of memory.
         connection.execute(
             f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})"
         )
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
     parent = names[table.reads[0]]
     (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone()  # type: ignore[misc]
     (expected,) = connection.execute(
@@ -116,5 +111,5 @@ def build_table_in_file(warehouse: WarehouseFile, schema: str, table: Normalized
     """Open the file and rebuild ``table``: one call a lean worker process can make.
 
     Every statement of a build streams (an unnest, a join to a small table, counts)."""
-    with warehouse.open() as connection, streaming(connection):
-        return build_table(connection, schema, table)
+    with warehouse.open() as connection:
+        return streamed(connection, lambda: build_table(connection, schema, table))

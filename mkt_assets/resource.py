@@ -12,7 +12,15 @@ import duckdb
 from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
-from mkt_assets.client import MAX_PAGE_SIZE, MIN_PAGE_SIZE, ORDERS, MarketingApiClient
+from mkt_assets.client import (
+    DEFAULT_MAX_PAGE_BYTES,
+    DEFAULT_MAX_WAIT_SECONDS,
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
+    ORDERS,
+    MarketingApiClient,
+)
+from mkt_assets.transport import Log
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
@@ -74,12 +82,29 @@ class MarketingApiResource(dg.ConfigurableResource):
         ),
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a connection.")
-    read_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for an answer.")
+    read_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds an answer may take, headers and body, from sending the request to its last byte.",
+    )
     max_retries: int = Field(
         default=3, ge=0, le=10, description="Retries on 429, 500, 502, 503 and 504 answers."
     )
     backoff_factor: float = Field(
         default=2.0, ge=0, description="Exponential backoff factor between retries (Retry-After wins)."
+    )
+    max_wait_seconds: float = Field(
+        default=DEFAULT_MAX_WAIT_SECONDS,
+        gt=0,
+        description=(
+            "Longest single wait the sync accepts (Retry-After, backoff, the rate-limit refill);"
+            " a server asking for longer fails the request at once, saying what it asked."
+        ),
+    )
+    max_page_mb: int = Field(
+        default=DEFAULT_MAX_PAGE_BYTES >> 20,
+        ge=1,
+        description="Largest answer accepted, in MiB once decompressed; a larger one fails the sync.",
     )
     staging_dir: str = Field(
         default="",
@@ -114,7 +139,8 @@ class MarketingApiResource(dg.ConfigurableResource):
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {value!r}")
         return value
 
-    def get_client(self) -> MarketingApiClient:
+    def get_client(self, log: Log | None = None) -> MarketingApiClient:
+        """A client with these settings; ``log`` hears about long waits (the run's log)."""
         if not self.api_key:
             raise ConfigurationError(
                 f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings."
@@ -128,8 +154,11 @@ class MarketingApiResource(dg.ConfigurableResource):
             read_timeout=self.read_timeout,
             max_retries=self.max_retries,
             backoff_factor=self.backoff_factor,
+            max_wait_seconds=self.max_wait_seconds,
+            max_page_bytes=self.max_page_mb << 20,
             key_setting=API_KEY_ENV,
             rate_limiter=self._rate_limiter(),
+            log=log,
         )
 
     def _rate_limiter(self) -> SharedRateLimiter | None:
@@ -148,13 +177,20 @@ class WarehouseResource(dg.ConfigurableResource):
     memory_limit: str = Field(
         default=warehouse.DEFAULT_MEMORY_LIMIT, description="Memory DuckDB may use before spilling to disk."
     )
+    wait_seconds: float = Field(
+        default=warehouse.DEFAULT_WAIT_SECONDS,
+        ge=0,
+        description="Longest wait for the DuckDB file while another process holds it (env MKT_DUCKDB_WAIT_SECONDS).",
+    )
 
     def file(self) -> warehouse.WarehouseFile:
         """What a lean child process needs to open the file itself (see ``lean_process``)."""
-        return warehouse.WarehouseFile(warehouse.database_path(self.database), self.memory_limit)
+        return warehouse.WarehouseFile(
+            warehouse.database_path(self.database), self.memory_limit, wait_seconds=self.wait_seconds
+        )
 
     @contextmanager
-    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connection(self, log: Log | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection that queues behind writers instead of failing on DuckDB's lock."""
-        with self.file().open() as connection:
+        with self.file().open(log) as connection:
             yield connection

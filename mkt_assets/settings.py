@@ -13,7 +13,7 @@ from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mkt_assets.errors import ConfigurationError
-from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT
+from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 
 DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 # Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
@@ -35,6 +35,7 @@ class Settings:
     row_count_max_drop: float = 0.1
     progress_interval_seconds: float = 10.0
     duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT
+    duckdb_wait_seconds: float = DEFAULT_WAIT_SECONDS
 
     def __post_init__(self) -> None:
         try:
@@ -53,6 +54,8 @@ class Settings:
             raise ConfigurationError(f"MKT_DELETIONS must be 'mark' or 'delete', got {self.deletions!r}")
         if self.progress_interval_seconds <= 0:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
+        if self.duckdb_wait_seconds < 0:
+            raise ConfigurationError("MKT_DUCKDB_WAIT_SECONDS must be zero or more")
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] | None = None) -> Settings:
@@ -85,4 +88,5 @@ class Settings:
             row_count_max_drop=number("MKT_ROW_COUNT_MAX_DROP", defaults.row_count_max_drop),
             progress_interval_seconds=number("MKT_PROGRESS_SECONDS", defaults.progress_interval_seconds),
             duckdb_memory_limit=env.get("MKT_DUCKDB_MEMORY_LIMIT") or defaults.duckdb_memory_limit,
+            duckdb_wait_seconds=number("MKT_DUCKDB_WAIT_SECONDS", defaults.duckdb_wait_seconds),
         )

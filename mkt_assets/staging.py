@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
 from mkt_assets.catalog import ResourceSpec
-from mkt_assets.errors import RecordError
+from mkt_assets.errors import StagingError
 
 if TYPE_CHECKING:  # the DuckDB worker imports this module without the HTTP client
     from mkt_assets.client import Page
@@ -44,6 +44,8 @@ class StagedBatch:
     keys_unique: bool = False
     # (JSON chunk, the same pages typed to Parquet) for the chunks typed during the fetch.
     typed: tuple[tuple[Path, Path], ...] = ()
+    # The longest staged line: DuckDB's JSON reader must be told a page may be that long.
+    longest_line: int = 0
 
     def discard(self) -> None:
         for path in (*self.paths, *(parquet for _, parquet in self.typed)):
@@ -67,15 +69,17 @@ class PageStager:
     complete: bool = True
     keys_monotonic: bool = True
     chunk_pages: int = DEFAULT_CHUNK_PAGES
-    # Called with each full chunk's path once it is closed; the last chunk is never handed
-    # over (the merge reads it as it is, rather than wait for it to be typed).
-    on_chunk: Callable[[Path], None] | None = None
+    # Called with each full chunk's path and longest line once it is closed; the last chunk
+    # is never handed over (the merge reads it as it is, rather than wait for it to be typed).
+    on_chunk: Callable[[Path, int], None] | None = None
     # Per end of the walk (the page's `order`): the last key seen and the direction keys took.
     _previous_keys: dict[object, object] = field(default_factory=dict)
     _directions: dict[object, int] = field(default_factory=dict)
     _file: BinaryIO | None = None
     _paths: list[Path] = field(default_factory=list)
     _chunk_pages_written: int = 0
+    _chunk_longest_line: int = 0
+    longest_line: int = 0
 
     def __enter__(self) -> PageStager:
         if self.directory:
@@ -90,7 +94,12 @@ class PageStager:
         traceback: TracebackType | None,
     ) -> None:
         if self._file is not None and not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                if exc_type is None:
+                    raise
+                # Already failing (often for the same full disk): that error is the one to show.
         if exc_type is not None:
             for path in self._paths:
                 path.unlink(missing_ok=True)
@@ -99,20 +108,26 @@ class PageStager:
         self._check_records(page)
         assert self._file is not None, "use PageStager as a context manager"
         if self._chunk_pages_written == self.chunk_pages:
-            self._file.close()
+            self._close_chunk()
             if self.on_chunk is not None:
-                self.on_chunk(self._paths[-1])
+                self.on_chunk(self._paths[-1], self._chunk_longest_line)
             self._open_chunk()
         # JSON text never holds a raw newline inside a string, so folding them keeps one page a line.
         body = page.body.replace(b"\r", b" ").replace(b"\n", b" ")
-        self._file.write(b'{"page":%d,"body":%s}\n' % (page.number, body))
+        line = b'{"page":%d,"body":%s}\n' % (page.number, body)
+        try:
+            self._file.write(line)
+        except OSError as error:
+            raise self._write_failed(error, f"page {page.number}") from None
+        self._chunk_longest_line = max(self._chunk_longest_line, len(line))
+        self.longest_line = max(self.longest_line, len(line))
         self._chunk_pages_written += 1
         self.pages += 1
         self.records += len(page.items)
 
     def finish(self) -> StagedBatch:
         assert self._file is not None, "use PageStager as a context manager"
-        self._file.close()
+        self._close_chunk()
         return StagedBatch(
             spec=self.spec,
             paths=tuple(self._paths),
@@ -122,6 +137,21 @@ class PageStager:
             synced_at=self.synced_at,
             complete=self.complete,
             keys_unique=self.keys_monotonic,
+            longest_line=self.longest_line,
+        )
+
+    def _close_chunk(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.close()  # flushes what is buffered: a full disk can refuse it here
+        except OSError as error:
+            raise self._write_failed(error, "a chunk") from None
+
+    def _write_failed(self, error: OSError, what: str) -> StagingError:
+        return StagingError(
+            f"{self.spec.name}: could not stage {what} to {self._paths[-1]}:"
+            f" {error.strerror or error} (errno {error.errno}); nothing was written to the"
+            " database. Free space there, or point staging_dir at a disk that has it."
         )
 
     def _open_chunk(self) -> None:
@@ -131,17 +161,13 @@ class PageStager:
         self._file = os.fdopen(handle, "wb")
         self._paths.append(Path(name))
         self._chunk_pages_written = 0
+        self._chunk_longest_line = 0
 
     def _check_records(self, page: Page) -> None:
+        # The client has checked every record's key and values (see ``records``).
         key = self.spec.primary_key
         known = self.spec.known_fields
-        for position, record in enumerate(page.items, start=1):
-            if record.get(key) is None:
-                raise RecordError(
-                    f"{self.spec.name}: {page.path}: record {position} of page {page.number}"
-                    f" (record {self.records + position} of the sync) has no {key!r}:"
-                    f" {_preview(record)}"
-                )
+        for record in page.items:
             if record.keys() - known:
                 self.unknown_fields.update(record.keys() - known)
             if self.keys_monotonic:
@@ -158,7 +184,3 @@ class PageStager:
         if self._directions.setdefault(end, direction) != direction:
             self.keys_monotonic = False
 
-
-def _preview(record: dict[str, object]) -> str:
-    text = repr(record)
-    return text if len(text) <= 160 else text[:157] + "..."

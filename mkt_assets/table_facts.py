@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.warehouse import WarehouseFile, fully_qualified, quote_ident, streaming, table_exists
+from mkt_assets.warehouse import WarehouseFile, fully_qualified, quote_ident, streamed, table_exists
 
 # How many offending keys a failing check lists in its metadata.
 SAMPLE_SIZE = 20
@@ -96,11 +96,14 @@ def live_rows(connection: duckdb.DuckDBPyConnection, schema: str, spec: Resource
 def synced_table_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> SyncedTableFacts:
     """Everything a sync asset's own checks need, in one call a lean child process can make."""
     # Counts and a GROUP BY on the key, which spills to disk past the limit: all streaming.
-    with warehouse.open() as connection, streaming(connection):
-        return SyncedTableFacts(
-            primary_key_facts(connection, schema, spec),
-            required_fields_facts(connection, schema, spec),
-            live_rows(connection, schema, spec),
+    with warehouse.open() as connection:
+        return streamed(
+            connection,
+            lambda: SyncedTableFacts(
+                primary_key_facts(connection, schema, spec),
+                required_fields_facts(connection, schema, spec),
+                live_rows(connection, schema, spec),
+            ),
         )
 
 
@@ -118,19 +121,23 @@ def reference_facts(
             return ReferenceFacts(missing_table=f"{schema}.{spec.name}")
     contacts = fully_qualified(connection, schema, CONTACTS.name)
     target = fully_qualified(connection, schema, referenced.name)
-    # The scan streams; the DISTINCT aggregates below get the full limit (all dangling, a
-    # million contacts need more than the streaming limit).
-    with streaming(connection):
-        connection.execute(
+    # The scan streams; the aggregates below get the full limit (all dangling, a million
+    # contacts need more than the streaming limit) and group rather than count DISTINCT,
+    # since a grouping spills to disk past the limit and a DISTINCT count does not.
+    streamed(
+        connection,
+        lambda: connection.execute(
             # Unnested in the SELECT list, not laterally: see NormalizedTable.select for why.
             "CREATE OR REPLACE TEMP TABLE dangling AS"
             f" SELECT u.id, u.value FROM (SELECT c.id, unnest(c.{quote_ident(list_column)}).{quote_ident(member)}"
             f" AS value FROM {contacts} AS c WHERE c.{LIVE}) AS u"
             f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS r"
             f" WHERE r.{quote_ident(referenced_key)} = u.value AND r.{LIVE})"
-        )
+        ),
+    )
     try:
-        (dangling, contact_count) = connection.execute("SELECT count(*), count(DISTINCT id) FROM dangling").fetchone()  # type: ignore[misc]
+        (dangling,) = connection.execute("SELECT count(*) FROM dangling").fetchone()  # type: ignore[misc]
+        (contact_count,) = connection.execute("SELECT count(*) FROM (SELECT id FROM dangling GROUP BY id)").fetchone()  # type: ignore[misc]
         contact_ids = connection.execute(f"SELECT DISTINCT id FROM dangling ORDER BY id LIMIT {SAMPLE_SIZE + 1}").fetchall()
         values = connection.execute(
             f"SELECT DISTINCT value FROM dangling ORDER BY CAST(value AS VARCHAR) NULLS LAST LIMIT {SAMPLE_SIZE + 1}"

@@ -9,23 +9,34 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TypeVar
 
 import duckdb
 
+from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
-from mkt_assets.errors import StagingError, WarehouseBusyError
+from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.records import shortened
 from mkt_assets.staging import StagedBatch
 
-# How long a writer waits for a process outside this project to release the file.
-OUTSIDER_PATIENCE_SECONDS = 120.0
+Result = TypeVar("Result")
 
-# Pages of 100 records are far below this; the default (16 MB) would refuse a fat page.
-_MAX_PAGE_BYTES = 1 << 23
+# How long, at most, one opening of the file waits for others to let go of it: our own
+# writers queue on the lock file, a DuckDB session opened by hand holds DuckDB's own lock.
+DEFAULT_WAIT_SECONDS = 300.0
+# A wait is logged once it has lasted this long, and again at this interval.
+WAIT_LOG_SECONDS = 10.0
+_POLL_SECONDS = (0.01, 0.25)  # first and longest pause between two tries
+
+# DuckDB's JSON reader refuses a line longer than this unless told, and buffers about twice
+# what it is told: so it is told the longest staged line, never less than its default.
+_JSON_OBJECT_FLOOR = 16 << 20
 
 
 def quote_ident(name: str) -> str:
@@ -68,19 +79,64 @@ STREAMING_MEMORY_LIMIT = "16MB"
 _MEMORY_LIMIT_VARIABLE = "mkt_memory_limit"
 
 
-@contextmanager
-def streaming(connection: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """Run the statements inside under ``STREAMING_MEMORY_LIMIT``, then restore the limit."""
+def configured_memory_limit(connection: duckdb.DuckDBPyConnection) -> str:
     # The limit as configured: DuckDB prints it rounded (244.1 MiB for 256MB), and setting
     # that back would shrink it a little each time.
     (limit,) = connection.execute(
         f"SELECT coalesce(getvariable({quote_literal(_MEMORY_LIMIT_VARIABLE)}), current_setting('memory_limit'))"
     ).fetchone()  # type: ignore[misc]
+    return str(limit)
+
+
+def streamed(connection: duckdb.DuckDBPyConnection, work: Callable[[], Result]) -> Result:
+    """``work()`` under ``STREAMING_MEMORY_LIMIT``, then the configured limit restored.
+
+    A table holding a large value (a 10 MB field) needs more than the streaming limit to
+    scan: if ``work`` runs out of memory there, it runs once more under the full limit, so
+    large values land everywhere while ordinary tables keep the small footprint. ``work``
+    must be safe to run twice (read only, or one transaction that rolls back).
+    """
+    limit = configured_memory_limit(connection)
     connection.execute(f"SET memory_limit = {quote_literal(STREAMING_MEMORY_LIMIT)}")
     try:
-        yield
+        try:
+            return work()
+        except duckdb.OutOfMemoryException:
+            connection.execute(f"SET memory_limit = {quote_literal(limit)}")
+            return work()
     finally:
         connection.execute(f"SET memory_limit = {quote_literal(limit)}")
+
+
+@contextmanager
+def transaction(connection: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
+    """One transaction: committed whole, or rolled back leaving everything as it was.
+
+    A COMMIT that fails (a full disk refusing the write-ahead log) leaves no transaction to
+    roll back, and DuckDB's answer to the ROLLBACK would hide the real cause: it is the
+    first error that is raised, naming the file and what went wrong.
+    """
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException as error:
+        try:
+            connection.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # DuckDB already ended the transaction it could not commit
+        # A failed read or write of a file, or a COMMIT the disk refused ("Failed to commit:
+        # Could not write file ...: No space left on device").
+        if isinstance(error, (duckdb.IOException, duckdb.TransactionException)):
+            raise WarehouseWriteError(
+                f"{_database_file(connection)}: {what} failed and nothing of it was written: {error}"
+            ) from error
+        raise
+
+
+def _database_file(connection: duckdb.DuckDBPyConnection) -> str:
+    row = connection.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return str(row[0]) if row and row[0] else "the DuckDB file"
 
 
 @contextmanager
@@ -90,12 +146,17 @@ def connect(
     read_only: bool = False,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int = DEFAULT_THREADS,
+    wait_seconds: float = DEFAULT_WAIT_SECONDS,
+    log: Callable[[str], None] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection to the DuckDB file, holding its lock file for as long as it is open.
 
     DuckDB lets one process at a time open a file for writing and fails the others at
-    once. The five assets run in parallel processes, and scheduled and manual runs can
-    overlap, so every opener queues on an OS lock beside the file instead of failing.
+    once. The assets run in parallel processes, and scheduled and manual runs can overlap,
+    so every opener queues on an OS lock beside the file instead of failing, and then
+    waits for a DuckDB session opened by hand (which knows nothing of that lock) to close.
+    Both waits together last at most ``wait_seconds``; a wait is logged (``log``, else the
+    lean process's report) every ``WAIT_LOG_SECONDS`` with who holds the file.
     """
     if database == ":memory:":
         with duckdb.connect(database) as connection:
@@ -103,15 +164,93 @@ def connect(
         return
     path = Path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
+    wait = _Wait(path, wait_seconds, log or lean_process.report)
     with open(f"{path}.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        while not _try_lock(lock):
+            wait.pause(_lock_holder(lock))
         try:
-            with _open_waiting_for_outsiders(
-                path, read_only=read_only and path.exists(), memory_limit=memory_limit, threads=threads
-            ) as connection:
+            _say_who_holds(lock, "")
+            while True:
+                try:
+                    connection = duckdb.connect(
+                        str(path),
+                        read_only=read_only and path.exists(),
+                        config={"memory_limit": memory_limit, "threads": threads, "preserve_insertion_order": False},
+                    )
+                    break
+                except duckdb.IOException as error:
+                    if "lock" not in str(error).lower():
+                        raise
+                    outsider = _duckdb_lock_holder(str(error))
+                    _say_who_holds(lock, f", itself waiting for {outsider}")
+                    wait.pause(outsider)
+            with connection:
+                connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(memory_limit)}")
                 yield connection
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _Wait:
+    """One opening's wait for the file: bounded, paced, and said out loud while it lasts."""
+
+    def __init__(self, path: Path, seconds: float, log: Callable[[str], None]) -> None:
+        self.path, self.seconds, self.log = path, seconds, log
+        self.started: float | None = None
+        self.next_log = 0.0
+        self.delay = _POLL_SECONDS[0]
+
+    def pause(self, holder: str) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started, self.next_log = now, now + WAIT_LOG_SECONDS
+        waited = now - self.started
+        if waited >= self.seconds:
+            raise WarehouseBusyError(
+                f"{self.path} stayed locked for {waited:.0f} s, longer than the {self.seconds:g} s a sync"
+                f" waits (MKT_DUCKDB_WAIT_SECONDS), by {holder}: close DuckDB sessions open on it and"
+                " run again; every table is as it was"
+            )
+        if now >= self.next_log:
+            self.next_log = now + WAIT_LOG_SECONDS
+            self.log(
+                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s,"
+                f" MKT_DUCKDB_WAIT_SECONDS): held by {holder}"
+            )
+        time.sleep(min(self.delay, max(self.seconds - waited, 0.0)))
+        self.delay = min(self.delay * 2, _POLL_SECONDS[1])
+
+
+def _try_lock(lock: IO[bytes]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _say_who_holds(lock: IO[bytes], doing: str) -> None:
+    """Written into the lock file, so a waiter can say who it waits for."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"PID {os.getpid()} (a sync of this project{doing})".encode())
+    lock.flush()
+
+
+def _lock_holder(lock: IO[bytes]) -> str:
+    lock.seek(0)
+    return lock.read(400).decode("utf-8", "replace").strip() or "another process of this project"
+
+
+_DUCKDB_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
+
+
+def _duckdb_lock_holder(message: str) -> str:
+    """Who holds DuckDB's own lock, as DuckDB's error names it."""
+    found = _DUCKDB_HOLDER.search(message)
+    if found is None:
+        return f"a process outside this project ({message})"
+    return f"PID {found['pid']} ({found['program']}), a DuckDB session outside this project"
 
 
 @dataclass(frozen=True)
@@ -121,38 +260,17 @@ class WarehouseFile:
     database: str
     memory_limit: str = DEFAULT_MEMORY_LIMIT
     threads: int = DEFAULT_THREADS
+    wait_seconds: float = DEFAULT_WAIT_SECONDS
 
-    def open(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """``connect`` with these settings: the lock, the wait for outsiders, the limits."""
-        return connect(self.database, memory_limit=self.memory_limit, threads=self.threads)
-
-
-def _open_waiting_for_outsiders(
-    path: Path, *, read_only: bool, memory_limit: str, threads: int
-) -> duckdb.DuckDBPyConnection:
-    """Open the file, waiting a while for a process that ignores our lock file (a DuckDB
-    shell or notebook left open on it) to let go, then failing with what to do."""
-    deadline = time.monotonic() + OUTSIDER_PATIENCE_SECONDS
-    delay = 0.1
-    while True:
-        try:
-            connection = duckdb.connect(
-                str(path),
-                read_only=read_only,
-                config={"memory_limit": memory_limit, "threads": threads, "preserve_insertion_order": False},
-            )
-            connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(memory_limit)}")
-            return connection
-        except duckdb.IOException as error:
-            if "lock" not in str(error).lower():
-                raise
-            if time.monotonic() >= deadline:
-                raise WarehouseBusyError(
-                    f"{path} stayed locked by another process for {OUTSIDER_PATIENCE_SECONDS:.0f}s"
-                    f" (close DuckDB sessions open on it and run again): {error}"
-                ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    def open(self, log: Callable[[str], None] | None = None) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """``connect`` with these settings: the lock, the bounded wait, the limits."""
+        return connect(
+            self.database,
+            memory_limit=self.memory_limit,
+            threads=self.threads,
+            wait_seconds=self.wait_seconds,
+            log=log,
+        )
 
 
 def column_definitions(spec: ResourceSpec) -> list[str]:
@@ -199,13 +317,18 @@ def _typed_expression(column: Column, record: str = "r") -> str:
     )
 
 
-def _records_sql() -> str:
+def json_object_limit(longest_line: int) -> int:
+    """What DuckDB's JSON reader is told a staged line may be long."""
+    return max(_JSON_OBJECT_FLOOR, longest_line + 1024)
+
+
+def _records_sql(longest_line: int) -> str:
     """Each staged record as raw JSON: slow (every field is parsed from text again), but
     it sees every field, so it finds the unknown ones and names a value that does not cast."""
     return (
         "SELECT page, unnest(body.items) AS r, generate_subscripts(body.items, 1) AS position"
         " FROM read_json($path, format = 'newline_delimited', maximum_object_size = "
-        f"{_MAX_PAGE_BYTES}, columns = {{'page': 'BIGINT', 'body': 'STRUCT(items JSON[])'}})"
+        f"{json_object_limit(longest_line)}, columns = {{'page': 'BIGINT', 'body': 'STRUCT(items JSON[])'}})"
     )
 
 
@@ -217,7 +340,7 @@ def _api_type(column: Column) -> str:
     return f"STRUCT({members})[]"
 
 
-def _typed_records_sql(spec: ResourceSpec) -> str:
+def _typed_records_sql(spec: ResourceSpec, longest_line: int) -> str:
     """Each staged record as a typed struct, parsed once by DuckDB's JSON reader (fields the
     catalog does not know are skipped: the stager says when there are any)."""
     item = ", ".join(f"{quote_ident(column.api_name)} {_api_type(column)}" for column in spec.columns)
@@ -225,7 +348,7 @@ def _typed_records_sql(spec: ResourceSpec) -> str:
     return (
         "SELECT page, unnest(body.items) AS r, generate_subscripts(body.items, 1) AS position"
         " FROM read_json($path, format = 'newline_delimited', maximum_object_size = "
-        f"{_MAX_PAGE_BYTES}, columns = {{'page': 'BIGINT', 'body': {body}}})"
+        f"{json_object_limit(longest_line)}, columns = {{'page': 'BIGINT', 'body': {body}}})"
     )
 
 
@@ -237,16 +360,22 @@ def _typed_member_expression(column: Column) -> str:
     return f"CAST(list_transform({field}, lambda x: struct_pack({renamed})) AS {column.sql_type})"
 
 
-def _typed_rows_sql(spec: ResourceSpec, path_parameter: str = "$path") -> str:
+def _typed_rows_sql(spec: ResourceSpec, longest_line: int) -> str:
     """``page, position`` and the table's data columns of staged JSON pages, typed by
     DuckDB's JSON reader as it parses them (what ``type_staged_chunk`` writes to Parquet)."""
     typed = [f"{_typed_member_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
-    records = _typed_records_sql(spec).replace("$path", path_parameter)
+    records = _typed_records_sql(spec, longest_line)
     return f"SELECT page, position, {', '.join(typed)} FROM ({records})"
 
 
 def staged_select_sql(
-    spec: ResourceSpec, *, raw: bool = True, deduplicate: bool = True, json: bool = True, parquet: bool = False
+    spec: ResourceSpec,
+    *,
+    raw: bool = True,
+    deduplicate: bool = True,
+    json: bool = True,
+    parquet: bool = False,
+    longest_line: int = 0,
 ) -> str:
     """One typed row per key, the last one seen winning, as the table's columns.
 
@@ -258,12 +387,12 @@ def staged_select_sql(
     """
     names = [quote_ident(c.name) for c in spec.columns]
     if raw:
-        records = _records_sql()
+        records = _records_sql(longest_line)
         typed = [f"{_typed_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
         extra = "CAST(nullif(json_merge_patch(r, $known), '{}') AS JSON)"
     else:
         sources = ([f"SELECT page, position, {', '.join(names)} FROM read_parquet($typed)"] if parquet else []) + (
-            [_typed_rows_sql(spec)] if json else []
+            [_typed_rows_sql(spec, longest_line)] if json else []
         )
         records = " UNION ALL ".join(sources)
         typed = names
@@ -280,7 +409,7 @@ def staged_select_sql(
     return sql
 
 
-def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str) -> None:
+def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str, longest_line: int) -> None:
     """Type one chunk of staged pages into a Parquet file, in an in-memory DuckDB.
 
     Runs in a lean child while the fetch goes on: the JSON parsing, most of a first load's
@@ -288,7 +417,7 @@ def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, mem
     config = {"memory_limit": memory_limit, "threads": 1, "preserve_insertion_order": False}
     with duckdb.connect(":memory:", config=config) as connection:
         connection.execute(
-            f"COPY ({_typed_rows_sql(spec)}) TO {quote_literal(parquet_path)} (FORMAT parquet)",
+            f"COPY ({_typed_rows_sql(spec, longest_line)}) TO {quote_literal(parquet_path)} (FORMAT parquet)",
             {"path": json_path},
         )
 
@@ -309,6 +438,8 @@ class MergeResult:
     deleted: int  # rows this sync marked deleted (or removed, in "delete" mode)
     row_count: int  # live rows: not marked deleted
     total_rows: int  # live rows and rows marked deleted
+    # Records dropped because a later record of the same sync had the same key (it won).
+    duplicate_keys: int = 0
 
 
 def merge_staged(
@@ -350,59 +481,59 @@ def merge_staged(
     if raw:
         parameters["known"] = _known_fields_patch(spec)
     staged = staged_select_sql(
-        spec, raw=raw, deduplicate=not batch.keys_unique, json=bool(json_paths), parquet=bool(typed)
+        spec,
+        raw=raw,
+        deduplicate=not batch.keys_unique,
+        json=bool(json_paths),
+        parquet=bool(typed),
+        longest_line=batch.longest_line,
     )
-    connection.execute("BEGIN TRANSACTION")
     try:
-        ensure_table(connection, schema, table, spec)
-        # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
-        connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
-        (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
-        # A row marked deleted that the API lists again has changed: it is back. (Two different
-        # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
-        connection.execute(
-            f"CREATE OR REPLACE TEMP TABLE changed AS SELECT s.{key} FROM"
-            f" (SELECT {key}, hash({', '.join(data_columns)}) AS h FROM staged) AS s JOIN"
-            f" (SELECT {key}, hash({', '.join(data_columns)}) AS h, {deleted_at} FROM {target}) AS t"
-            f" ON s.{key} = t.{key} WHERE s.h <> t.h OR t.{deleted_at} IS NOT NULL"
-        )
-        updated = 0
-        if connection.execute("SELECT 1 FROM changed LIMIT 1").fetchone():
-            (updated,) = connection.execute(
-                f"MERGE INTO {target} AS t"
-                f" USING (SELECT * FROM staged SEMI JOIN changed USING ({key})) AS s ON t.{key} = s.{key}"
-                f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in written_columns)},"
-                f" {deleted_at} = NULL"
-            ).fetchone()  # type: ignore[misc]
-        (inserted,) = connection.execute(
-            f"INSERT INTO {target} ({', '.join(written_columns)})"
-            f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s"
-            f" ANTI JOIN {target} AS t ON s.{key} = t.{key}"
-        ).fetchone()  # type: ignore[misc]
-        deleted = 0
-        if batch.complete:
-            missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
-            if deletions == "delete":
-                (deleted,) = connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}").fetchone()  # type: ignore[misc]
-            else:
-                (deleted,) = connection.execute(
-                    f"UPDATE {target} AS t SET {deleted_at} = $synced_at"
-                    f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}",
-                    {"synced_at": batch.synced_at},
+        with transaction(connection, f"the merge into {schema}.{table}"):
+            ensure_table(connection, schema, table, spec)
+            # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
+            connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
+            (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
+            # A row marked deleted that the API lists again has changed: it is back. (Two different
+            # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
+            connection.execute(
+                f"CREATE OR REPLACE TEMP TABLE changed AS SELECT s.{key} FROM"
+                f" (SELECT {key}, hash({', '.join(data_columns)}) AS h FROM staged) AS s JOIN"
+                f" (SELECT {key}, hash({', '.join(data_columns)}) AS h, {deleted_at} FROM {target}) AS t"
+                f" ON s.{key} = t.{key} WHERE s.h <> t.h OR t.{deleted_at} IS NOT NULL"
+            )
+            updated = 0
+            if connection.execute("SELECT 1 FROM changed LIMIT 1").fetchone():
+                (updated,) = connection.execute(
+                    f"MERGE INTO {target} AS t"
+                    f" USING (SELECT * FROM staged SEMI JOIN changed USING ({key})) AS s ON t.{key} = s.{key}"
+                    f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in written_columns)},"
+                    f" {deleted_at} = NULL"
                 ).fetchone()  # type: ignore[misc]
-        (row_count, total_rows) = connection.execute(
-            f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
-        ).fetchone()  # type: ignore[misc]
-        connection.execute("DROP TABLE staged")
-        connection.execute("DROP TABLE changed")
-        connection.execute("COMMIT")
+            (inserted,) = connection.execute(
+                f"INSERT INTO {target} ({', '.join(written_columns)})"
+                f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s"
+                f" ANTI JOIN {target} AS t ON s.{key} = t.{key}"
+            ).fetchone()  # type: ignore[misc]
+            deleted = 0
+            if batch.complete:
+                missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
+                if deletions == "delete":
+                    (deleted,) = connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}").fetchone()  # type: ignore[misc]
+                else:
+                    (deleted,) = connection.execute(
+                        f"UPDATE {target} AS t SET {deleted_at} = $synced_at"
+                        f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}",
+                        {"synced_at": batch.synced_at},
+                    ).fetchone()  # type: ignore[misc]
+            (row_count, total_rows) = connection.execute(
+                f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
+            ).fetchone()  # type: ignore[misc]
+            connection.execute("DROP TABLE staged")
+            connection.execute("DROP TABLE changed")
     except (duckdb.ConversionException, duckdb.InvalidInputException) as error:
         # A value the column's type cannot hold (DuckDB's JSON reader says InvalidInput).
-        connection.execute("ROLLBACK")
         raise _explain_cast_failure(connection, spec, batch, error) from None
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),
@@ -410,6 +541,7 @@ def merge_staged(
         deleted=int(deleted),
         row_count=row_count,
         total_rows=total_rows,
+        duplicate_keys=0 if batch.keys_unique else batch.records - int(staged_rows),
     )
 
 
@@ -436,7 +568,7 @@ def _explain_cast_failure(
         expression = _typed_expression(column).replace("CAST(", "TRY_CAST(")
         value = f"(r -> {quote_literal(column.api_name)})"
         row = connection.execute(
-            f"WITH records AS ({_records_sql()})"
+            f"WITH records AS ({_records_sql(batch.longest_line)})"
             f" SELECT page, position, {value} FROM records"
             f" WHERE json_type({value}) IS DISTINCT FROM 'NULL' AND {value} IS NOT NULL"
             f" AND {expression} IS NULL LIMIT 1",
@@ -446,7 +578,7 @@ def _explain_cast_failure(
             page, position, value = row
             return StagingError(
                 f"{spec.name}: record {position} of page {page}: field"
-                f" {column.api_name!r} (column {column.name} {column.sql_type}) cannot hold {value}"
+                f" {column.api_name!r} (column {column.name} {column.sql_type}) cannot hold {shortened(str(value))}"
             )
     return StagingError(f"{spec.name}: a value could not be typed: {error}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 from typing import Any
@@ -10,9 +11,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import responses
 from responses import matchers
+from urllib3 import HTTPResponse
 
 from mkt_assets.catalog import RESOURCES_BY_NAME
 from mkt_assets.client import MarketingApiClient
+from mkt_assets.transport import WaitTooLong
 from mkt_assets.errors import (
     ApiAuthError,
     ApiError,
@@ -236,11 +239,139 @@ def test_a_cursor_that_does_not_advance_stops_the_client(second_page: dict[str, 
 
 
 @responses.activate
-def test_a_last_record_without_id_cannot_continue() -> None:
-    responses.get(f"{BASE}/tags", json={"items": [{"id": 1}, {"name": "no id"}], "hasMore": True})
+def test_a_record_without_its_key_is_named_by_position_and_fields_never_by_its_values() -> None:
+    secret_email = "private.person@example.com"
+    items = [{"id": 1, "email": "a@example.com"}, {"email": secret_email, "locale": "fr", "fields": []}]
+    responses.get(f"{BASE}/contacts", json={"items": items, "hasMore": True})
 
-    with make_client() as client, pytest.raises(PaginationError, match=r"page 1: the last record \(position 2\) has no integer 'id'"):
+    with make_client() as client, pytest.raises(ApiResponseError) as caught:
+        list(client.iter_pages(CONTACTS))
+
+    message = str(caught.value)
+    assert message == (
+        "contacts: GET /api/contacts?limit=100&order=asc: record 2 of page 1 has no 'id'"
+        " (its fields: email, fields, locale)"
+    )
+    assert secret_email not in message
+
+
+def contacts_page(ids: list[Any], has_more: bool = True, **fields: Any) -> dict[str, Any]:
+    return {"items": [{"id": i, "email": f"c{i}@example.com", **fields} for i in ids], "hasMore": has_more}
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"id": 2.5}, "record 2 of page 1: field 'id' (column id BIGINT) cannot hold 2.5: not an integer"),
+        ({"id": 2.0}, "record 2 of page 1: field 'id' (column id BIGINT) cannot hold 2.0: not an integer"),
+        ({"id": True}, "record 2 of page 1: field 'id' (column id BIGINT) cannot hold true: not an integer"),
+        ({"id": "2"}, "record 2 of page 1: field 'id' (column id BIGINT) cannot hold \"2\": not an integer"),
+        ({"id": 1 << 63}, "cannot hold 9223372036854775808: outside the 64-bit integer range"),
+        ({"id": 2, "tags": [{"id": 7, "name": "a"}, {"id": 3.5, "name": "b"}]},
+         "record 2 of page 1: field 'tags[1].id' (column tags, member id BIGINT) cannot hold 3.5: not an integer"),
+        ({"id": 2, "tags": {"id": 7}}, "field 'tags' (column tags) cannot hold {\"id\": 7}: not a list"),
+        ({"id": 2, "unsubscribed": 1}, "field 'unsubscribed' (column unsubscribed BOOLEAN) cannot hold 1: not a boolean"),
+        ({"id": 2, "unsubscribed": "t"}, "cannot hold \"t\": not a boolean"),
+        ({"id": 2, "locale": 42}, "field 'locale' (column locale VARCHAR) cannot hold 42: not a string"),
+        ({"id": 2, "registeredAt": 1700000000}, "field 'registeredAt' (column registered_at TIMESTAMPTZ) cannot hold 1700000000"),
+    ],
+)  # fmt: skip
+def test_a_value_that_would_not_land_exactly_fails_the_read_naming_record_field_and_value(
+    record: dict[str, Any], problem: str
+) -> None:
+    # DuckDB would store 2.5 as 2 (overwriting contact 2), true as 1, "t" as true, 42 as '42'.
+    items = [{"id": 1, "email": "a@example.com"}, {"email": "b@example.com", **record}, {"id": 3, "email": "c@example.com"}]
+    responses.get(f"{BASE}/contacts", json={"items": items, "hasMore": False})
+
+    with make_client() as client, pytest.raises(ApiResponseError) as caught:
+        list(client.iter_pages(CONTACTS))
+
+    assert str(caught.value).startswith("contacts: GET /api/contacts?limit=100&order=asc: record 2 of page 1: field ")
+    assert problem in str(caught.value)
+    assert "b@example.com" not in str(caught.value)
+
+
+@responses.activate
+def test_values_of_the_right_types_and_nulls_pass() -> None:
+    record = {"id": 1, "email": "a@example.com", "registeredAt": "2024-01-01T00:00:00+00:00", "locale": None,
+              "unsubscribed": False, "fields": [None, {"slug": "city", "value": None}], "tags": [], "score": 2.5}  # fmt: skip
+    responses.get(f"{BASE}/contacts", json={"items": [record], "hasMore": False})
+
+    with make_client() as client:
+        assert [p.items for p in client.iter_pages(CONTACTS)] == [[record]]
+
+
+@responses.activate
+@pytest.mark.parametrize(("order", "ids"), [("asc", [1, 2, 4, 3, 5]), ("desc", [9, 8, 6, 7, 5]), ("asc", [1, 2, 2, 3])])
+def test_a_page_out_of_the_requested_order_fails_naming_the_page(order: str, ids: list[int]) -> None:
+    responses.get(f"{BASE}/contacts", json=contacts_page(ids))
+
+    with make_client(order=order) as client, pytest.raises(ApiResponseError) as caught:
+        list(client.iter_pages(CONTACTS))
+
+    assert f"contacts: GET /api/contacts?limit=100&order={order}: page 1: records out of {order} order: record" in str(caught.value)
+
+
+@responses.activate
+def test_a_page_longer_than_the_limit_is_refused_naming_its_length() -> None:
+    responses.get(f"{BASE}/contacts", json=contacts_page(list(range(1, 1002)), has_more=True))
+
+    with make_client() as client, pytest.raises(ApiResponseError) as caught:
+        list(client.iter_pages(CONTACTS))
+
+    assert str(caught.value) == (
+        "contacts: GET /api/contacts?limit=100&order=asc: page 1: 1001 records, more than the 100 asked for"
+        " (limit=100); refusing the page"
+    )
+
+
+@responses.activate
+def test_an_unpaginated_list_that_says_there_is_more_is_an_incomplete_read() -> None:
+    responses.get(f"{BASE}/contact_fields", json={"items": [{"slug": "city", "fieldName": "City"}], "hasMore": True})
+
+    with make_client() as client, pytest.raises(ApiResponseError) as caught:
+        list(client.iter_pages(FIELDS))
+
+    assert str(caught.value) == (
+        "contact_fields: GET /api/contact_fields: page 1: hasMore is true, but /api/contact_fields takes no"
+        " parameters to ask for the rest: the read is incomplete, so nothing is written and nothing is marked deleted"
+    )
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_json_nested_too_deep_to_parse_fails_like_any_bad_body() -> None:
+    deep = b"[" * 10_000 + b"]" * 10_000
+    responses.get(f"{BASE}/tags", body=b'{"items": [{"id": 1, "deep": ' + deep + b'}], "hasMore": false}', content_type="application/json")
+
+    with make_client() as client, pytest.raises(ApiResponseError) as caught:
         list(client.iter_pages(TAGS))
+
+    assert str(caught.value).startswith("tags: GET /api/tags?limit=100&order=asc: page 1: the JSON body nests deeper")
+
+
+@responses.activate
+def test_a_body_inflating_past_the_page_cap_is_cut_off() -> None:
+    bomb = gzip.compress(b'{"items": [' + b" " * (3 << 20))
+    responses.get(f"{BASE}/tags", body=bomb, headers={"Content-Encoding": "gzip"}, content_type="application/json")
+
+    with make_client(max_page_bytes=1 << 20) as client, pytest.raises(ApiResponseError) as caught:
+        list(client.iter_pages(TAGS))
+
+    assert str(caught.value) == (
+        "tags: GET /api/tags?limit=100&order=asc: page 1: the answer is larger than 1 MiB once decompressed"
+        " (max_page_mb); stopped reading it"
+    )
+
+
+@responses.activate
+def test_a_compressed_page_under_the_cap_is_read() -> None:
+    body = gzip.compress(json.dumps(page([1, 2], False)).encode())
+    responses.get(f"{BASE}/tags", body=body, headers={"Content-Encoding": "gzip"}, content_type="application/json")
+
+    with make_client(max_page_bytes=1 << 20) as client:
+        assert [item["id"] for p in client.iter_pages(TAGS) for item in p.items] == [1, 2]
 
 
 @responses.activate
@@ -437,3 +568,73 @@ def test_a_failing_descending_request_fails_the_walk_naming_it() -> None:
             list(client.iter_pages(TAGS))
 
     assert str(caught.value).startswith("tags: GET /api/tags?limit=10&order=desc: HTTP 500")
+
+
+def test_a_descending_answer_repeating_records_behind_its_cursor_hides_no_unread_record() -> None:
+    # The descending end's second answer starts with a record newer than where that end
+    # started (created during the walk, repeated out of place). Taking it as the new top made
+    # the ascending end skip everything created meanwhile below it.
+    fake = FakeList(list(range(1, 101)))
+    created = list(range(101, 121)) + [150]
+
+    def serve(request: Any) -> tuple[int, dict[str, str], str]:
+        status, headers, text = fake(request)
+        query = fake.served[-1]
+        if query["order"] == "desc" and query.get("startingAfter"):
+            if 101 not in fake.ids:
+                fake.ids = sorted(fake.ids + created)
+            body = json.loads(text)
+            body["items"] = [{"id": 150, "name": "tag 150"}, *body["items"][:-1]]
+            text = json.dumps(body)
+        return status, headers, text
+
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.GET, f"{BASE}/tags", callback=serve)
+        with make_client(order="both", page_size=10) as client:
+            pages = list(client.iter_pages(TAGS))
+
+    read = [item["id"] for p in pages for item in p.items]
+    assert set(read) == set(range(1, 121)) | {150}
+
+
+def test_a_server_asking_to_wait_longer_than_the_cap_fails_at_once_saying_both() -> None:
+    slept: list[float] = []
+    retry = make_client(max_wait_seconds=120)._session.get_adapter(BASE).max_retries
+    retry = retry.new(sleeper=slept.append)
+    answer = HTTPResponse(body=b"", headers={"Retry-After": "99999"}, status=429, preload_content=False)
+
+    with pytest.raises(WaitTooLong) as caught:
+        retry.sleep(answer)
+
+    assert str(caught.value) == (
+        "HTTP 429 asking to retry after 99,999 s (Retry-After), longer than the 120 s the sync waits at most"
+        " (max_wait_seconds); failing now instead of waiting"
+    )
+    assert slept == []
+
+
+def test_long_waits_between_retries_are_logged_and_short_ones_are_not() -> None:
+    said: list[str] = []
+    slept: list[float] = []
+    retry = make_client(max_wait_seconds=120, backoff_factor=4, log=said.append)._session.get_adapter(BASE).max_retries
+    retry = retry.new(sleeper=slept.append)
+
+    retry.sleep(HTTPResponse(body=b"", headers={"Retry-After": "2"}, status=503, preload_content=False))
+    retry.sleep(HTTPResponse(body=b"", headers={"Retry-After": "30"}, status=429, preload_content=False))
+    backed_off = retry.increment("GET", "/api/tags", response=HTTPResponse(status=502)).increment(
+        "GET", "/api/tags", response=HTTPResponse(status=502)
+    )
+    backed_off.sleep(HTTPResponse(body=b"", status=502, preload_content=False))
+
+    assert slept == [2.0, 30.0, 8.0]
+    assert said == [
+        "waiting 30 s before retrying after HTTP 429 (as Retry-After asks)",
+        "waiting 8 s before retrying after HTTP 502 (backing off)",
+    ]
+
+
+def test_backoff_is_capped_by_the_longest_wait() -> None:
+    retry = make_client(max_wait_seconds=5, backoff_factor=100)._session.get_adapter(BASE).max_retries
+    for _ in range(3):
+        retry = retry.increment("GET", "/api/tags", response=HTTPResponse(status=503))
+    assert retry.get_backoff_time() == 5

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified
 
 API_KEY = "fault-secret-5d1e0b7a"
 CONTACTS = RESOURCES_BY_NAME["contacts"]
@@ -252,7 +252,7 @@ def test_the_simulators_own_validation_reaches_the_user(harness: Harness) -> Non
         ("no_items", ": page 3: the body has no 'items'"),
         ("items_not_list", ": page 3: 'items' is dict, not a list"),
         ("no_has_more", ": page 3: 'hasMore' is missing or not a boolean"),
-        ("missing_id", "contacts: /api/contacts: record 51 of page 3 (record 251 of the sync) has no 'id'"),
+        ("missing_id", ": record 51 of page 3 has no 'id' (its fields: bounced, email, fields, locale,"),
         ("repeat_cursor", ": page 3: the cursor did not advance"),
         ("empty_has_more", ": page 3: hasMore is true but the page is empty"),
     ],
@@ -403,3 +403,34 @@ def test_a_rate_limited_parallel_sync_stays_under_the_quota_and_near_its_floor(t
     floor = len(served) / (limit / window)  # 64 requests at 10 per second
     span = max(r.at for r in served) - min(r.at for r in served)
     assert span <= 1.2 * floor, (span, floor)
+
+
+# Checks that cannot run: failed checks, not a failed materialization.
+
+
+class UnreachableWarehouse(WarehouseResource):
+    """Where the checks look: a file that cannot be opened (as when their queries cannot run)."""
+
+    def file(self) -> WarehouseFile:
+        return replace(super().file(), database="/dev/null/unreachable.duckdb")
+
+
+def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(harness: Harness) -> None:
+    harness.account.add_contacts(5)
+    resources = {**harness.resources(), "warehouse": UnreachableWarehouse(database=harness.database)}
+    instance = dg.DagsterInstance.ephemeral()
+
+    result = dg.materialize(
+        [build_sync_asset(CONTACTS, Settings())], resources=resources, instance=instance, raise_on_error=False
+    )
+
+    assert result.get_step_failure_events() == []
+    (materialization,) = result.get_asset_materialization_events()
+    assert materialization.materialization.metadata["rows_inserted"].value == 5
+    assert len(harness.table()) == ACCOUNT_SIZE + 5
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {"primary_key_unique", "required_fields_present", "row_count_not_dropping"}
+    assert all(not e.passed for e in evaluations.values())
+    assert all(e.description.startswith("the check could not run: ") for e in evaluations.values())  # type: ignore[union-attr]
+    # A blocking check failing with ERROR would fail the step whose table has changed.
+    assert all(e.severity == dg.AssetCheckSeverity.WARN for e in evaluations.values())

@@ -1,0 +1,363 @@
+"""HTTP plumbing under the client: retries, pacing, a deadline per answer, bounded bodies.
+
+Knows requests and urllib3, nothing of the API's pages or of Dagster. The client sends each
+request inside ``Deadlines.bound`` and reads its body with ``read_body``, so every wait and
+size a server could stretch is bounded:
+
+- urllib3's ``Retry`` retries 429/500/502/503/504, honouring ``Retry-After`` on all of them,
+  but never waits longer than ``max_wait`` at once: a server asking for more fails the
+  request at once (``WaitTooLong``) instead of holding the run for hours;
+- urllib3's read timeout bounds each socket read, which a server dripping a byte a second
+  never trips; a watchdog shuts the connection's socket once an answer (headers and body)
+  has taken longer than the read timeout since its request was sent;
+- a body that inflates past ``max_bytes`` (a gzip bomb, an endless page) is cut off.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util.retry import Retry
+
+from mkt_assets.ratelimit import SharedRateLimiter
+
+RETRY_STATUSES: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+# Waits at least this long are logged: a user watching a run should see why it stands still.
+LOGGED_WAIT_SECONDS = 5.0
+# Bodies are read in pieces of this size; urllib3 inflates compressed ones a piece at a time.
+_READ_CHUNK_BYTES = 1 << 16
+
+Log = Callable[[str], None]
+
+
+def _ignore(message: str) -> None:
+    return None
+
+
+@dataclass
+class RequestStats:
+    """What the retry layer met, shared by every request of one client (and its threads)."""
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0  # 429 answers
+    statuses: dict[int, int] = field(default_factory=dict)
+    paced_seconds: float = 0.0  # waited for the rate-limit window to refill
+    retry_wait_seconds: float = 0.0  # waited between retries (Retry-After or backoff)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def count_retry(self, status: int | None) -> None:
+        with self._lock:
+            self.retries += 1
+            if status is not None:
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                if status == 429:
+                    self.throttled += 1
+
+    def count_pacing(self, seconds: float) -> None:
+        with self._lock:
+            self.paced_seconds += seconds
+
+    def count_retry_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.retry_wait_seconds += seconds
+
+
+class WaitTooLong(Exception):
+    """The server asked to wait longer before retrying than the sync accepts."""
+
+    def __init__(self, status: int, asked: float, cap: float) -> None:
+        self.status, self.asked, self.cap = status, asked, cap
+        super().__init__(
+            f"HTTP {status} asking to retry after {asked:,.0f} s (Retry-After), longer than the"
+            f" {cap:g} s the sync waits at most (max_wait_seconds); failing now instead of waiting"
+        )
+
+
+class AnswerTooLarge(Exception):
+    """A body grew past the size a page may have once decompressed."""
+
+
+class CappedRetry(Retry):
+    """urllib3's Retry with every wait capped, counted and, when long, logged.
+
+    urllib3 honours Retry-After on 413/429/503 only; a 502 or 504 that says when to come
+    back is believed too. Its own cap on Retry-After is six hours per retry; ours is
+    ``max_wait``, and a longer demand fails rather than being shortened: retrying sooner
+    than the server asked would only be refused again.
+    """
+
+    RETRY_AFTER_STATUS_CODES = RETRY_STATUSES
+
+    def __init__(
+        self,
+        *args: Any,
+        stats: RequestStats | None = None,
+        max_wait: float = 120.0,
+        log: Log = _ignore,
+        sleeper: Callable[[float], None] = time.sleep,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["backoff_max"] = max_wait
+        # Compared with max_wait in sleep() below: a larger value must fail, not be clamped.
+        kwargs["retry_after_max"] = sys.maxsize
+        super().__init__(*args, **kwargs)
+        self.stats = stats if stats is not None else RequestStats()
+        self.max_wait = max_wait
+        self.log = log
+        self.sleeper = sleeper
+
+    def new(self, **kw: Any) -> CappedRetry:
+        kw.setdefault("stats", self.stats)
+        kw.setdefault("max_wait", self.max_wait)
+        kw.setdefault("log", self.log)
+        kw.setdefault("sleeper", self.sleeper)
+        return super().new(**kw)  # type: ignore[return-value]
+
+    def increment(self, *args: Any, **kwargs: Any) -> CappedRetry:
+        self.stats.count_retry(getattr(kwargs.get("response"), "status", None))
+        return super().increment(*args, **kwargs)  # type: ignore[return-value]
+
+    def sleep(self, response: Any = None) -> None:
+        # Between two attempts nothing is on the wire: the previous answer's deadline is over.
+        _pause_current_deadline()
+        asked = self.get_retry_after(response) if response is not None and self.respect_retry_after_header else None
+        if asked is not None and asked > self.max_wait:
+            raise WaitTooLong(int(response.status), asked, self.max_wait)
+        seconds = asked if asked else self.get_backoff_time()
+        if seconds <= 0:
+            return
+        if seconds >= LOGGED_WAIT_SECONDS:
+            why = f"HTTP {response.status}" if response is not None else "a failed attempt"
+            source = "as Retry-After asks" if asked else "backing off"
+            self.log(f"waiting {seconds:.0f} s before retrying after {why} ({source})")
+        self.stats.count_retry_wait(seconds)
+        self.sleeper(seconds)
+
+
+# ---------------------------------------------------------------------- deadlines
+
+
+class _Bound:
+    """One request's deadline: from each attempt's request to the last byte of its answer."""
+
+    __slots__ = ("seconds", "connection", "due", "generation", "expired")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.connection: HTTPConnection | None = None
+        self.due: float | None = None
+        self.generation = 0
+        self.expired = False
+
+
+_current = threading.local()
+
+
+def _current_bound() -> _Bound | None:
+    return getattr(_current, "bound", None)
+
+
+def _pause_current_deadline() -> None:
+    bound = _current_bound()
+    if bound is not None:
+        bound.due = None
+        bound.generation += 1
+
+
+class Deadlines:
+    """Shuts the socket of any answer that is still arriving when its time is up.
+
+    One watchdog thread per client, started on first use. An attempt's clock starts when
+    urllib3 sends its request (a retry starts a fresh one) and stops once the caller has
+    read the whole body; a wait between attempts is not counted (``CappedRetry`` bounds it).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, int, _Bound]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextmanager
+    def bound(self, seconds: float) -> Iterator[_Bound]:
+        """Within this block, each attempt on this thread must be answered within ``seconds``."""
+        bound = _Bound(seconds)
+        _current.bound = bound
+        try:
+            yield bound
+        finally:
+            _current.bound = None
+            bound.due = None
+            bound.generation += 1
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+
+    def _arm(self, bound: _Bound, connection: HTTPConnection) -> None:
+        bound.connection = connection
+        bound.generation += 1
+        bound.due = time.monotonic() + bound.seconds
+        with self._condition:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="answer-deadlines", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (bound.due, next(self._order), bound.generation, bound))
+            self._condition.notify()
+
+    def _watch(self) -> None:
+        with self._condition:
+            while not self._closed:
+                if not self._heap:
+                    self._condition.wait()
+                    continue
+                due, _, generation, bound = self._heap[0]
+                now = time.monotonic()
+                if due > now:
+                    self._condition.wait(due - now)
+                    continue
+                heapq.heappop(self._heap)
+                if generation == bound.generation and bound.due is not None:
+                    bound.expired = True
+                    if not _shut(bound.connection):
+                        # Still connecting (the connect timeout bounds that): look again soon.
+                        heapq.heappush(self._heap, (now + 0.05, next(self._order), generation, bound))
+
+
+def _shut(connection: HTTPConnection | None) -> bool:
+    """Wake a read blocked on ``connection``'s socket; False if it has no socket yet."""
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed: nothing is waiting on it
+    return True
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    deadlines: Deadlines | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        bound = _current_bound()
+        if bound is not None and self.deadlines is not None:
+            self.deadlines._arm(bound, self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    deadlines: Deadlines | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        bound = _current_bound()
+        if bound is not None and self.deadlines is not None:
+            self.deadlines._arm(bound, self)
+        super().request(*args, **kwargs)
+
+
+def _watched_pools(deadlines: Deadlines) -> dict[str, type[HTTPConnectionPool]]:
+    """Connection pool classes whose connections start the deadline of each attempt."""
+    http_connection = type("WatchedHTTPConnection", (_WatchedHTTPConnection,), {"deadlines": deadlines})
+    https_connection = type("WatchedHTTPSConnection", (_WatchedHTTPSConnection,), {"deadlines": deadlines})
+    return {
+        "http": type("WatchedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_connection}),
+        "https": type("WatchedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_connection}),
+    }
+
+
+class ApiAdapter(HTTPAdapter):
+    """Holds each request until the shared quota allows it, reports each answer's quota, and
+    hands every connection to the deadline watchdog."""
+
+    def __init__(
+        self, deadlines: Deadlines, limiter: SharedRateLimiter | None, stats: RequestStats, **kwargs: Any
+    ) -> None:
+        self._pools = _watched_pools(deadlines)
+        self._limiter = limiter
+        self._stats = stats
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pools
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = self._pools
+        return manager
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        if self._limiter is not None:
+            self._stats.count_pacing(self._limiter.acquire())
+        response = super().send(request, *args, **kwargs)
+        if self._limiter is not None:
+            self._limiter.observe(response.headers)
+        return response
+
+
+def read_body(response: requests.Response, max_bytes: int) -> bytes:
+    """The whole (decompressed) body of a streamed answer, refusing one larger than ``max_bytes``."""
+    body = bytearray()
+    for piece in response.iter_content(_READ_CHUNK_BYTES):
+        body += piece
+        if len(body) > max_bytes:
+            response.close()
+            raise AnswerTooLarge(
+                f"the answer is larger than {max_bytes / (1 << 20):g} MiB"
+                f"{' once decompressed' if response.headers.get('Content-Encoding') else ''}"
+                " (max_page_mb); stopped reading it"
+            )
+    return bytes(body)
+
+
+# ---------------------------------------------------------------------- redirects
+
+
+class OffOriginRedirect(requests.exceptions.InvalidURL):
+    """A redirect to another origin: following it would send the key there."""
+
+
+class OriginBoundSession(requests.Session):
+    """A session that refuses to follow a redirect off the API's origin.
+
+    requests drops ``Authorization`` on such redirects but forwards custom headers
+    like ``X-API-Key``; refusing is the only safe answer for a key in a custom header.
+    """
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        target, source = origin(prepared_request.url or ""), origin(response.request.url or "")
+        if target != source:
+            raise OffOriginRedirect(
+                f"the API redirected to another origin ({target}, not {source});"
+                " refusing to follow it with the API key"
+            )
+        super().rebuild_auth(prepared_request, response)
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` with the default port spelled out, so equal origins compare equal."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
