@@ -22,6 +22,7 @@ from mkt_assets.resource import (
     DEFAULT_BASE_URL,
     MarketingApiResource,
     WarehouseResource,
+    check_base_url,
 )
 from mkt_assets.normalized import NORMALIZED_GROUP, build_normalized_asset
 from mkt_assets.normalized_tables import NORMALIZED_TABLES
@@ -79,21 +80,28 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         ],
         jobs=[full, incremental],
         schedules=build_schedules(full, incremental, settings),
+        # configure_at_launch: a run config that sets some settings (the launchpad, a job's
+        # config) keeps these values for the others; a plain instance would reset them all,
+        # the key and the base URL included, to the class defaults.
         resources={
             # The key stays an EnvVar so Dagster shows its name, never its value, and the
             # definitions load (and the UI opens) with no key set.
-            "marketing_api": MarketingApiResource(
-                base_url=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
+            "marketing_api": MarketingApiResource.configure_at_launch(
+                base_url=check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL),
                 api_key=dg.EnvVar(API_KEY_ENV),
             ),
-            "warehouse": WarehouseResource(
-                database=database, schema_name=ASSET_PREFIX, memory_limit=settings.duckdb_memory_limit
+            "warehouse": WarehouseResource.configure_at_launch(
+                database=database,
+                schema_name=ASSET_PREFIX,
+                memory_limit=settings.duckdb_memory_limit,
+                wait_seconds=settings.duckdb_wait_seconds,
             ),
-            IO_MANAGER_KEY: MarketingDuckDBIOManager(
+            IO_MANAGER_KEY: MarketingDuckDBIOManager.configure_at_launch(
                 database=database,
                 schema=ASSET_PREFIX,
                 deletions=settings.deletions,
                 memory_limit=settings.duckdb_memory_limit,
+                wait_seconds=settings.duckdb_wait_seconds,
             ),
         },
     )

@@ -15,6 +15,7 @@ import pytest
 
 from mkt_assets.assets import build_sync_asset, build_sync_assets
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
+from mkt_assets.definitions import build_definitions
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
@@ -238,3 +239,28 @@ def test_overlapping_runs_of_the_job_both_succeed_on_one_database(server: Sandbo
     assert all("STEP_FAILURE" not in output for output in outputs)
     for spec in RESOURCES:
         assert table_rows(str(database), spec) == expected_rows(spec, account), spec.name
+
+
+def test_a_run_config_setting_one_option_keeps_every_other_setting_key_and_base_url_included(
+    server: SandboxServer, account: SandboxData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The launchpad (or a job's config) that set staging_dir reset base_url to production
+    # and api_key to empty: the environment's values were lost.
+    database = tmp_path / "configured.duckdb"
+    monkeypatch.setenv("MKT_API_BASE_URL", server.base_url)
+    monkeypatch.setenv("MKT_API_KEY", API_KEY)
+    monkeypatch.setenv("MKT_DUCKDB_PATH", str(database))
+    job = build_definitions().resolve_job_def("marketing_sync")
+    staging = tmp_path / "my-staging"
+
+    result = job.execute_in_process(
+        run_config={"resources": {"marketing_api": {"config": {"staging_dir": str(staging)}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+
+    assert result.success
+    assert staging.is_dir()
+    assert {r.path for r in server.requests} >= {f"/api{spec.path}" for spec in RESOURCES}
+    assert all(r.headers.get("X-API-Key") == API_KEY for r in server.requests)
+    for spec in RESOURCES:
+        assert len(table_rows(str(database), spec)) == account.count(spec.name)
