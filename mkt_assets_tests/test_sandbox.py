@@ -395,6 +395,142 @@ def test_invalid_faults_are_rejected() -> None:
         Fault("redirect")
 
 
+# ===================================================================== hostile records
+
+
+def ids_of(body: dict[str, Any]) -> list[Any]:
+    return [item["id"] for item in body["items"]]
+
+
+def max_depth(text: bytes) -> int:
+    """The deepest bracket nesting of a JSON text, counted in a loop (json.loads would recurse)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    assert depth == 0 and not in_string, "unbalanced JSON text"
+    return deepest
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_float_id_fault_gives_the_middle_record_the_previous_id_plus_a_half(
+    server: SandboxServer, session: requests.Session, order: str
+) -> None:
+    normal = get(session, server, "/contacts", order=order, limit=10).json()
+    server.add_fault(Fault("float_id", path="/api/contacts"))
+    broken = get(session, server, "/contacts", order=order, limit=10)
+    ids, expected = ids_of(broken.json()), ids_of(normal)
+    assert ids[5] == expected[4] + 0.5 and isinstance(ids[5], float)
+    assert ids[:5] == expected[:5] and ids[6:] == expected[6:]
+    assert f'"id":{expected[4]}.5,'.encode() in broken.content  # a JSON number, not a string
+    assert broken.json()["items"][5]["email"] == normal["items"][5]["email"]  # only the id changed
+
+
+def test_float_id_fault_gives_a_record_without_id_the_id_half(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    server.add_fault(Fault("float_id", path="/api/contact_fields"))
+    fields = list(data.records("contact_fields"))
+    fields[len(fields) // 2]["id"] = 0.5
+    assert get(session, server, "/contact_fields").json()["items"] == fields
+
+
+def test_swapped_fault_trades_the_two_middle_records(server: SandboxServer, session: requests.Session) -> None:
+    normal = get(session, server, "/tags", order="asc", limit=10).json()
+    server.add_fault(Fault("swapped", path="/api/tags"))
+    broken = get(session, server, "/tags", order="asc", limit=10).json()
+    items = normal["items"]
+    assert broken["items"] == items[:4] + [items[5], items[4]] + items[6:]
+    assert broken["hasMore"] == normal["hasMore"]
+    assert ids_of(broken) != sorted(ids_of(broken))
+
+
+@pytest.mark.parametrize(
+    ("resource", "value_of"),
+    [
+        ("contacts", lambda record: record["fields"][0]["value"]),
+        ("tags", lambda record: record["name"]),
+        ("course_resources", lambda record: record["name"]),
+        ("contact_fields", lambda record: record["fieldName"]),
+    ],
+)
+def test_big_value_fault_puts_size_x_in_the_middle_record(
+    server: SandboxServer, session: requests.Session, data: SandboxData, resource: str, value_of: Any
+) -> None:
+    normal = get(session, server, PATHS[resource], limit=10).json()["items"]
+    middle = len(normal) // 2
+    if resource == "contacts":
+        assert normal[middle]["fields"], "the middle contact of this page must have a field to overwrite"
+    server.add_fault(Fault("big_value", size=300_000))
+    broken = get(session, server, PATHS[resource], limit=10).json()["items"]
+    assert value_of(broken[middle]) == "x" * 300_000
+    assert broken[:middle] + broken[middle + 1 :] == normal[:middle] + normal[middle + 1 :]
+
+
+def test_big_value_fault_adds_a_field_to_a_contact_without_any(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    contacts = list(data.records("contacts"))
+    bare = next(index for index, contact in enumerate(contacts) if index > 5 and contact["fields"] == [])
+    cursor = contacts[bare - 6]["id"]  # ascending pages of 10: the page after it has `bare` in the middle
+    server.add_fault(Fault("big_value", size=1000))
+    items = get(session, server, "/contacts", order="asc", limit=10, startingAfter=cursor).json()["items"]
+    first_field = next(data.records("contact_fields"))
+    assert items[5]["id"] == contacts[bare]["id"]
+    assert items[5]["fields"] == [{**first_field, "value": "x" * 1000}]
+
+
+def test_deep_json_fault_nests_a_list_size_levels_deep_in_valid_json(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    depth = 5000  # deeper than the recursion limit: the body cannot have come from json.dumps
+    normal = get(session, server, "/tags", limit=10).json()
+    server.add_fault(Fault("deep_json", path="/api/tags", size=depth))
+    body = get(session, server, "/tags", limit=10).content
+    assert max_depth(body) == depth + 3  # the page object, its items list, the record
+    start = body.index(b'"deep":') + len(b'"deep":')
+    assert body[start : start + 2 * depth] == b"[" * depth + b"]" * depth
+    shallow = json.loads(body[:start] + b"[]" + body[start + 2 * depth :])
+    assert shallow["items"][5].pop("deep") == []
+    assert shallow == normal
+
+
+def test_short_has_more_fault_drops_the_last_record_and_says_more_follow(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    server.add_fault(Fault("short_has_more", path="/api/contact_fields"))
+    fields = list(data.records("contact_fields"))
+    assert get(session, server, "/contact_fields").json() == {"items": fields[:-1], "hasMore": True}
+    assert get(session, server, "/contact_fields").json() == {"items": fields, "hasMore": False}
+    ids = list(data.contact_ids)
+    last_page = get(session, server, "/contacts", order="asc", startingAfter=ids[-11]).json()
+    server.add_fault(Fault("short_has_more"))
+    short = get(session, server, "/contacts", order="asc", startingAfter=ids[-11]).json()
+    assert last_page["hasMore"] is False
+    assert short == {"items": last_page["items"][:-1], "hasMore": True}
+
+
+def test_size_defaults_resolve_as_documented() -> None:
+    assert Fault("big_value").effective_size() == 10 * 1024 * 1024
+    assert Fault("deep_json").effective_size() == 10_000
+    assert Fault("big_value", size=7).effective_size() == 7
+    assert Fault("short_has_more").effective_size() == 0  # takes no size
+
+
+def test_new_fault_fields_are_validated() -> None:
+    for bad_size in (-1, True, 1.5, "10"):
+        with pytest.raises(ValueError):
+            Fault("big_value", size=bad_size)  # type: ignore[arg-type]
+
+
 # ===================================================================== admin endpoints and log
 
 

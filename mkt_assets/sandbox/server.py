@@ -60,6 +60,9 @@ HTML_PAGE = (
     "<body><h1>We'll be right back</h1><p>The site is under maintenance.</p></body></html>"
 )
 
+# What a 0 `size` means, per kind that takes one.
+DEFAULT_SIZES: dict[str, int] = {"big_value": 10 * 1024 * 1024, "deep_json": 10_000}
+
 # Symfony validator codes, as API Platform puts them in `violations[].code`.
 RANGE_CODE = "04b91c99-a946-4221-afc5-e65ebac401eb"
 CHOICE_CODE = "8e179f1b-97aa-4560-a02f-2a8b42e49df7"
@@ -70,6 +73,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
     {
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
         "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
+        "float_id", "swapped", "big_value", "deep_json", "short_has_more",
     }
 )  # fmt: skip
 
@@ -96,6 +100,19 @@ class Fault:
     - ``reset``: headers and half the body, then a TCP reset.
     - ``delay``: sleep ``delay`` seconds, then answer normally.
     - ``redirect``: 302 to ``location`` + the same path and query.
+    - ``float_id``: the middle record's id becomes the previous record's id + 0.5, a JSON number
+      such as ``2.5`` (a one-record page: its own id + 0.5; contact_fields, without ids: ``0.5``).
+    - ``swapped``: the records at ``len // 2 - 1`` and ``len // 2`` trade places, so ids are out
+      of the requested order (pages of fewer than two records are left alone).
+    - ``big_value``: the middle record carries a string of ``size`` ASCII ``x`` (0: 10 MiB):
+      contacts in their first field's ``value`` (a field is added if they have none),
+      contact_fields in ``fieldName``, the other resources in ``name``.
+    - ``deep_json``: the middle record gets ``"deep": [[...]]``, lists ``size`` levels deep
+      (0: 10,000); still valid JSON text.
+    - ``short_has_more``: the page without its last record, and ``"hasMore": true`` (on any
+      resource, contact_fields included).
+
+    Sizes, when 0, resolve as ``effective_size`` says (``DEFAULT_SIZES``).
     """
 
     kind: str
@@ -106,6 +123,7 @@ class Fault:
     retry_after: float | None = None
     delay: float = 0.0
     location: str | None = None
+    size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -116,6 +134,12 @@ class Fault:
             raise ValueError(f"after must be >= 0, got {self.after}")
         if self.kind == "redirect" and not self.location:
             raise ValueError("a 'redirect' fault needs a location, e.g. 'http://127.0.0.1:9'")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"size must be an int >= 0 (0: the kind's default), got {self.size!r}")
+
+    def effective_size(self) -> int:
+        """``size``, or what 0 stands for with this kind."""
+        return self.size or DEFAULT_SIZES.get(self.kind, 0)
 
     @classmethod
     def from_json(cls, obj: Json) -> Fault:
@@ -288,6 +312,64 @@ def _apply_shape_fault(kind: str, items: list[Json], has_more: bool) -> Json:
         for item in items:
             item["score"] = 42
     return {"items": items, "hasMore": has_more}
+
+
+# A contact with no custom field still needs one to carry a big_value: the account's first field,
+# or this one for an account without any.
+_FALLBACK_FIELD: Json = {"fieldName": "First name", "slug": "first_name"}
+# The value deep_json puts in the body before its text replaces it: no record holds a NUL.
+_DEEP_MARK = "\x00deep\x00"
+
+
+def _apply_record_fault(
+    fault: Fault, resource: str, items: list[Json], has_more: bool, field_entry: Json
+) -> tuple[list[Json], bool]:
+    """The (items, has_more) a fault that breaks single records turns the page into.
+
+    ``field_entry`` is the contact field a contact without fields gets for ``big_value``.
+    """
+    middle = len(items) // 2
+    if fault.kind == "short_has_more":
+        return items[:-1], True
+    if fault.kind == "float_id" and items:
+        items[middle]["id"] = _float_id(items, middle)
+    elif fault.kind == "swapped" and len(items) >= 2:
+        items[middle - 1], items[middle] = items[middle], items[middle - 1]
+    elif fault.kind == "big_value" and items:
+        _put_big_value(resource, items[middle], "x" * fault.effective_size(), field_entry)
+    return items, has_more
+
+
+def _float_id(items: list[Json], middle: int) -> float:
+    """Half past the previous record's id: a number no JSON int parser should accept."""
+    for neighbour in (items[middle - 1] if middle else None, items[middle]):
+        base = neighbour.get("id") if neighbour else None
+        if isinstance(base, int) and not isinstance(base, bool):
+            return base + 0.5
+    return 0.5  # contact_fields have no ids at all
+
+
+def _put_big_value(resource: str, record: Json, value: str, field_entry: Json) -> None:
+    if resource == "contact_fields":
+        record["fieldName"] = value
+    elif resource != "contacts":
+        record["name"] = value
+    elif record["fields"]:
+        record["fields"][0]["value"] = value
+    else:
+        record["fields"].append({**field_entry, "value": value})
+
+
+def _deep_json_body(items: list[Json], has_more: bool, depth: int) -> bytes:
+    """The page whose middle record has ``"deep": [[...]]``, ``depth`` lists deep.
+
+    Built as text: ``json.dumps`` recurses once per level and would hit the recursion limit.
+    """
+    if not items:
+        return _json_bytes({"items": items, "hasMore": has_more})
+    items[len(items) // 2]["deep"] = _DEEP_MARK
+    body = _json_bytes({"items": items, "hasMore": has_more})
+    return body.replace(_json_bytes(_DEEP_MARK), b"[" * depth + b"]" * depth, 1)
 
 
 # ===================================================================== request parsing
@@ -544,30 +626,34 @@ class _Handler(BaseHTTPRequestHandler):
             return _Response.json(404, NOT_FOUND)
         if self.command != "GET":
             return _Response.json(405, _error_body(405), Allow="GET")
-        return self._page(resource, query, fault.kind if fault else None)
+        return self._page(resource, query, fault)
 
-    def _page(self, resource: str, query: dict[str, str], kind: str | None) -> _Response:
-        data = self.server.sandbox.data
+    def _page(self, resource: str, query: dict[str, str], fault: Fault | None) -> _Response:
         try:
             # contact_fields take no parameters at all, so nothing of theirs can be invalid.
             page_query = _PageQuery() if resource == "contact_fields" else _parse_page_query(resource, query)
         except _Invalid as invalid:
             return _Response.json(422, invalid.body())
-        items, has_more = data.page(
-            resource,
-            limit=page_query.limit,
-            order=page_query.order,
-            starting_after=page_query.starting_after,
-            registered_after=page_query.registered_after,
-            registered_before=page_query.registered_before,
-            repeat_cursor=kind == "repeat_cursor",
-        )
-        body = _json_bytes(_apply_shape_fault(kind or "", items, has_more))
+        body = self._page_body(resource, page_query, fault)
+        kind = fault.kind if fault else None
         if kind == "truncated":
             return _Response(200, body[: len(body) // 2])
         if kind == "reset":
             return _Response(200, body, reset_after=len(body) // 2)
         return _Response(200, body)
+
+    def _page_body(self, resource: str, page_query: _PageQuery, fault: Fault | None) -> bytes:
+        """The JSON body of one page, as ``fault`` (if any) breaks it."""
+        data = self.server.sandbox.data
+        kind = fault.kind if fault else ""
+        items, has_more = _query_page(data, resource, page_query, repeat_cursor=kind == "repeat_cursor")
+        if fault is None:
+            return _json_bytes({"items": items, "hasMore": has_more})
+        if kind == "deep_json":
+            return _deep_json_body(items, has_more, fault.effective_size())
+        field_entry = next(data.records("contact_fields"), _FALLBACK_FIELD) if kind == "big_value" else {}
+        items, has_more = _apply_record_fault(fault, resource, items, has_more, field_entry)
+        return _json_bytes(_apply_shape_fault(kind, items, has_more))
 
     # ----------------------------------------------------------------- helpers
 
@@ -627,6 +713,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+def _query_page(
+    data: SandboxData, resource: str, page_query: _PageQuery, *, repeat_cursor: bool = False
+) -> tuple[list[Json], bool]:
+    """``data.page`` for a parsed query."""
+    return data.page(
+        resource,
+        limit=page_query.limit,
+        order=page_query.order,
+        starting_after=page_query.starting_after,
+        registered_after=page_query.registered_after,
+        registered_before=page_query.registered_before,
+        repeat_cursor=repeat_cursor,
+    )
 
 
 def _whole_response_fault(fault: Fault, path: str, raw_query: str) -> _Response:
