@@ -5,8 +5,11 @@ Every test talks HTTP (requests) to a real SandboxServer on 127.0.0.1 with a fre
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -529,6 +532,80 @@ def test_new_fault_fields_are_validated() -> None:
     for bad_size in (-1, True, 1.5, "10"):
         with pytest.raises(ValueError):
             Fault("big_value", size=bad_size)  # type: ignore[arg-type]
+
+
+# ===================================================================== hostile pages
+
+
+@pytest.mark.parametrize("resource", PAGED)
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_repeat_last_fault_starts_the_page_with_the_previous_pages_last_record(
+    session: requests.Session, resource: str, order: str
+) -> None:
+    path = PATHS[resource]
+    # Every resource needs a second page, which the default few communities do not fill.
+    with SandboxServer(SandboxData(seed=2, contacts=60, communities=25, courses=25), api_key=KEY) as server:
+        first = get(session, server, path, order=order, limit=10).json()
+        cursor = first["items"][-1]["id"]
+        normal = get(session, server, path, order=order, limit=10, startingAfter=cursor).json()
+        server.add_fault(Fault("repeat_last", path="/api" + path))
+        repeated = get(session, server, path, order=order, limit=10, startingAfter=cursor).json()
+    assert len(normal["items"]) == 10 and normal["hasMore"] is True
+    assert repeated == {"items": [first["items"][-1]] + normal["items"][:-1], "hasMore": True}
+
+
+def test_repeat_last_fault_leaves_a_first_page_alone_but_is_spent(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    first = get(session, server, "/contacts", limit=10).json()
+    second = get(session, server, "/contacts", limit=10, startingAfter=first["items"][-1]["id"]).json()
+    server.add_fault(Fault("repeat_last"))
+    assert get(session, server, "/contacts", limit=10).json() == first
+    assert get(session, server, "/contacts", limit=10, startingAfter=first["items"][-1]["id"]).json() == second
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_oversized_fault_sends_size_records_continuing_the_page_in_order(
+    server: SandboxServer, session: requests.Session, data: SandboxData, order: str
+) -> None:
+    cursor = data.contact_ids[200]
+    normal = get(session, server, "/contacts", order=order, limit=10, startingAfter=cursor).json()
+    server.add_fault(Fault("oversized", path="/api/contacts", size=1500))  # more than the account holds
+    big = get(session, server, "/contacts", order=order, limit=10, startingAfter=cursor).json()
+    ids = ids_of(big)
+    assert len(ids) == 1500 and big["items"][:10] == normal["items"] and big["hasMore"] == normal["hasMore"]
+    pairs = list(itertools.pairwise(ids))
+    assert all(a < b for a, b in pairs) if order == "asc" else all(a > b for a, b in pairs)
+    assert all(type(i) is int for i in ids)
+    assert all(item.keys() == normal["items"][0].keys() for item in big["items"])
+
+
+def test_oversized_fault_defaults_to_ten_times_the_limit_and_works_without_ids(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    server.add_fault(Fault("oversized", path="/api/tags"))
+    assert len(get(session, server, "/tags", limit=37).json()["items"]) == 370
+    server.add_fault(Fault("oversized", path="/api/contact_fields", size=50))
+    fields = get(session, server, "/contact_fields").json()["items"]
+    assert len(fields) == 50 and len({field["slug"] for field in fields}) == 50
+    assert all(set(field) == {"fieldName", "slug"} for field in fields)
+
+
+def test_oversized_fault_serves_100k_records_in_seconds(server: SandboxServer, session: requests.Session) -> None:
+    server.add_fault(Fault("oversized", path="/api/contacts", size=100_000))
+    started = time.monotonic()
+    body = get(session, server, "/contacts", order="asc", limit=100).content
+    elapsed = time.monotonic() - started
+    # Ids read from the text: parsing ~60 MB of JSON would cost more than serving it.
+    ids = [int(found) for found in re.findall(rb'\{"id":(\d+),"email"', body)]
+    assert len(ids) == 100_000 and all(a < b for a, b in itertools.pairwise(ids))
+    assert elapsed < 5, f"100k oversized records took {elapsed:.1f} s"
+
+
+def test_oversized_size_defaults_to_ten_times_the_limit() -> None:
+    assert Fault("oversized").effective_size(limit=37) == 370
+    assert Fault("oversized").effective_size() == 100  # contact_fields: the default limit
+    assert Fault("oversized", size=5).effective_size(limit=37) == 5
 
 
 # ===================================================================== admin endpoints and log

@@ -60,7 +60,8 @@ HTML_PAGE = (
     "<body><h1>We'll be right back</h1><p>The site is under maintenance.</p></body></html>"
 )
 
-# What a 0 `size` means, per kind that takes one.
+# What a 0 `size` means, per kind that takes one (oversized: a multiple of the requested limit).
+OVERSIZED_FACTOR = 10
 DEFAULT_SIZES: dict[str, int] = {"big_value": 10 * 1024 * 1024, "deep_json": 10_000}
 
 # Symfony validator codes, as API Platform puts them in `violations[].code`.
@@ -73,7 +74,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
     {
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
         "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
-        "float_id", "swapped", "big_value", "deep_json", "short_has_more",
+        "float_id", "swapped", "big_value", "deep_json", "short_has_more", "repeat_last", "oversized",
     }
 )  # fmt: skip
 
@@ -104,6 +105,14 @@ class Fault:
       such as ``2.5`` (a one-record page: its own id + 0.5; contact_fields, without ids: ``0.5``).
     - ``swapped``: the records at ``len // 2 - 1`` and ``len // 2`` trade places, so ids are out
       of the requested order (pages of fewer than two records are left alone).
+    - ``repeat_last``: the page starts with the record whose id is ``startingAfter`` (the last one
+      of the previous page), then the page minus its last record: same length, same ``hasMore``.
+      Left alone (the fault still counts as fired) without ``startingAfter``, on an empty page,
+      or when no live record has that id.
+    - ``oversized``: ``size`` records instead of ``limit`` (0: 10 x ``limit``): the page, then
+      copies of its records, cycled, with fresh ids one apart continuing the requested order
+      (in desc they may reach 0 and below; contact_fields get fresh slugs instead). Fewer than
+      ``limit`` if ``size`` is smaller; an empty page stays empty.
     - ``big_value``: the middle record carries a string of ``size`` ASCII ``x`` (0: 10 MiB):
       contacts in their first field's ``value`` (a field is added if they have none),
       contact_fields in ``fieldName``, the other resources in ``name``.
@@ -112,7 +121,7 @@ class Fault:
     - ``short_has_more``: the page without its last record, and ``"hasMore": true`` (on any
       resource, contact_fields included).
 
-    Sizes, when 0, resolve as ``effective_size`` says (``DEFAULT_SIZES``).
+    Sizes, when 0, resolve as ``effective_size`` says (``DEFAULT_SIZES``, ``OVERSIZED_FACTOR``).
     """
 
     kind: str
@@ -137,9 +146,13 @@ class Fault:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise ValueError(f"size must be an int >= 0 (0: the kind's default), got {self.size!r}")
 
-    def effective_size(self) -> int:
-        """``size``, or what 0 stands for with this kind."""
-        return self.size or DEFAULT_SIZES.get(self.kind, 0)
+    def effective_size(self, limit: int = DEFAULT_LIMIT) -> int:
+        """``size``, or what 0 stands for with this kind (``oversized``: 10 x ``limit``)."""
+        if self.size:
+            return self.size
+        if self.kind == "oversized":
+            return OVERSIZED_FACTOR * limit
+        return DEFAULT_SIZES.get(self.kind, 0)
 
     @classmethod
     def from_json(cls, obj: Json) -> Fault:
@@ -651,6 +664,10 @@ class _Handler(BaseHTTPRequestHandler):
             return _json_bytes({"items": items, "hasMore": has_more})
         if kind == "deep_json":
             return _deep_json_body(items, has_more, fault.effective_size())
+        if kind == "oversized":
+            return _oversized_body(resource, page_query.order, items, has_more, fault.effective_size(page_query.limit))
+        if kind == "repeat_last":
+            items = _repeat_last(data, resource, page_query, items)
         field_entry = next(data.records("contact_fields"), _FALLBACK_FIELD) if kind == "big_value" else {}
         items, has_more = _apply_record_fault(fault, resource, items, has_more, field_entry)
         return _json_bytes(_apply_shape_fault(kind, items, has_more))
@@ -716,18 +733,67 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _query_page(
-    data: SandboxData, resource: str, page_query: _PageQuery, *, repeat_cursor: bool = False
+    data: SandboxData, resource: str, page_query: _PageQuery, *, limit: int | None = None, repeat_cursor: bool = False
 ) -> tuple[list[Json], bool]:
-    """``data.page`` for a parsed query."""
+    """``data.page`` for a parsed query (``limit`` overrides the query's)."""
     return data.page(
         resource,
-        limit=page_query.limit,
+        limit=page_query.limit if limit is None else limit,
         order=page_query.order,
         starting_after=page_query.starting_after,
         registered_after=page_query.registered_after,
         registered_before=page_query.registered_before,
         repeat_cursor=repeat_cursor,
     )
+
+
+def _repeat_last(data: SandboxData, resource: str, page_query: _PageQuery, items: list[Json]) -> list[Json]:
+    """The page shifted back by one: the cursor's own record first, the page's last one dropped.
+
+    Unchanged on a first page, an empty page, or when no live record has the cursor's id.
+    """
+    cursor = page_query.starting_after
+    if cursor is None or not items:
+        return items
+    # A window *ending* at the cursor, one record long: the cursor's record if it is live.
+    previous, _ = _query_page(data, resource, page_query, limit=1, repeat_cursor=True)
+    if not previous or previous[0].get("id") != cursor:
+        return items
+    return previous + items[:-1]
+
+
+def _oversized_body(resource: str, order: str, items: list[Json], has_more: bool, size: int) -> bytes:
+    """The page grown (or cut) to ``size`` records: copies of its records continue it.
+
+    The copies get fresh ids one apart in the page's order (contact_fields, which have no ids,
+    fresh slugs instead). Copies are spliced as text, so 100k records cost milliseconds, not the
+    seconds building and serializing them would.
+    """
+    parts = [_json_bytes(item) for item in items[:size]]
+    missing = size - len(parts)
+    if missing > 0 and items:
+        if resource == "contact_fields":
+            parts += [_json_bytes(record) for record in _fresh_slug_copies(items, missing)]
+        else:
+            parts += _fresh_id_copies(items, missing, -1 if order == "desc" else 1)
+    return b'{"items":[' + b",".join(parts) + b'],"hasMore":' + _json_bytes(has_more) + b"}"
+
+
+def _fresh_id_copies(items: list[Json], count: int, step: int) -> list[bytes]:
+    """``count`` copies of ``items`` (cycled), ids continuing from the last one by ``step``."""
+    # Every record serializes with "id" first: the rest of its text is reused after a new id.
+    tails = []
+    for item in items:
+        rest = _json_bytes({key: value for key, value in item.items() if key != "id"})
+        tails.append(b"}" if rest == b"{}" else b"," + rest[1:])
+    last = int(items[-1]["id"])
+    return [b'{"id":%d%s' % (last + step * n, tails[(n - 1) % len(tails)]) for n in range(1, count + 1)]
+
+
+def _fresh_slug_copies(fields: list[Json], count: int) -> Iterable[Json]:
+    for n in range(1, count + 1):
+        entry = fields[(n - 1) % len(fields)]
+        yield {**entry, "fieldName": f"{entry['fieldName']} (extra {n})", "slug": f"{entry['slug']}_extra_{n}"}
 
 
 def _whole_response_fault(fault: Fault, path: str, raw_query: str) -> _Response:
