@@ -8,8 +8,10 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -608,6 +610,153 @@ def test_oversized_size_defaults_to_ten_times_the_limit() -> None:
     assert Fault("oversized", size=5).effective_size(limit=37) == 5
 
 
+# ===================================================================== hostile transport
+
+
+def send_raw(server: SandboxServer, path: str) -> socket.socket:
+    """A GET written by hand on a new connection, so the answer can be read byte by byte."""
+    connection = socket.create_connection((server.host, server.port), timeout=5)
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: sandbox\r\nX-API-Key: {KEY}\r\n\r\n".encode())
+    return connection
+
+
+def read_timed(connection: socket.socket, count: int) -> list[tuple[bytes, float]]:
+    return [(connection.recv(1), time.monotonic()) for _ in range(count)]
+
+
+def assert_spaced(stamps: list[tuple[bytes, float]], delay: float) -> None:
+    """Bytes came one by one, ``delay`` apart.
+
+    Judged on the whole span: on a busy machine one late read can shorten a gap, not the span.
+    """
+    gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(stamps)]
+    assert all(len(byte) == 1 for byte, _ in stamps)
+    assert sum(gaps) >= 0.6 * delay * len(gaps) and max(gaps) < delay + 1.0, gaps
+
+
+def read_head(connection: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = connection.recv(4096)
+        assert chunk, f"connection closed inside the head: {head!r}"
+        head += chunk
+    return head
+
+
+def test_drip_fault_sends_the_answer_from_the_status_line_one_byte_at_a_time(session: requests.Session) -> None:
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY) as server:
+        server.add_fault(Fault("drip", delay=0.05))
+        with send_raw(server, "/api/tags") as connection:
+            stamps = read_timed(connection, 5)
+        assert b"".join(byte for byte, _ in stamps) == b"HTTP/"
+        assert_spaced(stamps, 0.05)
+        assert get(session, server, "/tags").status_code == 200  # times=1: the next one is normal
+
+
+def test_stop_returns_promptly_while_a_drip_is_in_progress() -> None:
+    server = SandboxServer(SandboxData(contacts=20), api_key=KEY).start()
+    server.add_fault(Fault("drip", delay=30.0))
+    with send_raw(server, "/api/tags") as connection:
+        assert connection.recv(1) == b"H"  # the handler is inside its drip now
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 2
+        assert connection.recv(100) == b""  # the rest of the answer never comes
+
+
+def test_drip_body_fault_sends_the_head_at_once_then_the_body_slowly(session: requests.Session) -> None:
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY) as server:
+        normal = get(session, server, "/tags")
+        server.add_fault(Fault("drip_body", delay=0.05))
+        with send_raw(server, "/api/tags") as connection:
+            started = time.monotonic()
+            head, _, early_body = read_head(connection).partition(b"\r\n\r\n")
+            head_time = time.monotonic() - started
+            stamps = read_timed(connection, 4)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head_time < 0.5
+        assert f"Content-Length: {len(normal.content)}".encode() in head.split(b"\r\n")
+        assert len(early_body) <= 1  # at most the first byte, sent with no wait
+        assert_spaced(stamps, 0.05)
+        assert early_body + b"".join(byte for byte, _ in stamps) == normal.content[: len(early_body) + 4]
+
+
+def test_drip_body_fault_delivers_the_whole_body_in_the_end(session: requests.Session) -> None:
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY) as server:
+        normal = get(session, server, "/nothing")  # a 404: a short body, so dripping it is quick
+        server.add_fault(Fault("drip_body", delay=0.002))
+        dripped = get(session, server, "/nothing")
+        assert (dripped.status_code, dripped.content) == (404, normal.content)
+
+
+def test_drip_stops_quietly_when_the_client_goes_away() -> None:
+    written: list[bytes] = []
+
+    def write(chunk: bytes) -> None:
+        if len(written) == 2:
+            raise BrokenPipeError
+        written.append(chunk)
+
+    assert server_module._drip(write, b"abcdef", 0.001, threading.Event()) is False
+    assert written == [b"a", b"b"]
+    stopped = threading.Event()
+    stopped.set()
+    started = time.monotonic()
+    assert server_module._drip(written.append, b"xyz", 30.0, stopped) is False
+    assert time.monotonic() - started < 1 and written[-1] == b"x"
+    assert server_module._drip(written.append, b"pq", 0.001, threading.Event()) is True
+
+
+def test_gzip_bomb_fault_sends_a_small_gzip_body_that_inflates_to_size(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    size = 32 << 20
+    server.add_fault(Fault("gzip_bomb", path="/api/contacts", size=size))
+    with session.get(server.base_url + "/contacts", stream=True, timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["Content-Encoding"] == "gzip"
+        compressed = response.raw.read(1 << 20, decode_content=False)
+        assert len(compressed) == int(response.headers["Content-Length"]) < size // 500
+    prefix = zlib.decompressobj(31).decompress(compressed, 4096)  # inflate 4 KiB, not 32 MiB
+    assert prefix == (b'{"items": [' + b" " * 4096)[:4096]
+
+
+def test_gzip_bomb_inflates_exactly_to_size_and_is_compressed_once() -> None:
+    size = (3 << 20) + 5
+    bomb = server_module._gzip_bomb(size)
+    assert server_module._gzip_bomb(size) is bomb  # cached
+    inflated = zlib.decompress(bomb, 31)
+    assert len(inflated) == size and inflated == b'{"items": [' + b" " * (size - 11)
+    assert zlib.decompress(server_module._gzip_bomb(4), 31) == b'{"it'
+    assert Fault("gzip_bomb").effective_size() == 1 << 30
+
+
+def test_headers_fault_overrides_the_rate_limit_headers(server: SandboxServer, session: requests.Session) -> None:
+    normal = get(session, server, "/tags")
+    injected = {"X-RateLimit-Remaining": "0", "X-RateLimit-Refill": "99999", "x-ratelimit-limit": "7"}
+    server.add_fault(Fault("headers", path="/api/tags", headers=injected))
+    lying = get(session, server, "/tags")
+    assert (lying.status_code, lying.content) == (200, normal.content)
+    assert lying.headers["X-RateLimit-Remaining"] == "0" and lying.headers["X-RateLimit-Refill"] == "99999"
+    assert lying.raw.headers.getlist("X-RateLimit-Limit") == ["7"]  # replaced, not sent twice
+    assert get(session, server, "/tags").headers["X-RateLimit-Remaining"] != "0"
+
+
+def test_transport_fault_fields_are_validated() -> None:
+    with pytest.raises(ValueError):
+        Fault("headers")
+    with pytest.raises(ValueError):
+        Fault("status", headers={"X-A": "1"})
+    for bad in ({}, {"X-A": 1}, {"X-A": "1\r\nX-B: 2"}, {"Bad Name": "1"}, {"": "1"}):
+        with pytest.raises(ValueError):
+            Fault("headers", headers=bad)  # type: ignore[arg-type]
+    for kind in ("drip", "drip_body"):
+        with pytest.raises(ValueError):
+            Fault(kind)
+        with pytest.raises(ValueError):
+            Fault(kind, delay=-1)
+
+
 # ===================================================================== admin endpoints and log
 
 
@@ -620,6 +769,24 @@ def test_faults_can_be_set_and_cleared_over_http(server: SandboxServer, session:
     assert requests.delete(admin, timeout=10).status_code == 200
     assert get(session, server, "/tags").status_code == 200
     assert requests.post(admin, json=[{"kind": "nope"}], timeout=10).status_code == 400
+
+
+def test_new_fault_fields_can_be_set_over_http(server: SandboxServer, session: requests.Session) -> None:
+    admin = server.url + "/__sandbox/faults"
+    faults: list[Any] = [
+        {"kind": "headers", "path": "/api/tags", "headers": {"X-RateLimit-Remaining": "0"}},
+        {"kind": "oversized", "path": "/api/contacts", "size": 25},
+    ]
+    assert requests.post(admin, json=faults, timeout=10).status_code == 200
+    listed = requests.get(admin, timeout=10).json()["faults"]
+    assert [(fault["kind"], fault["headers"], fault["size"]) for fault in listed] == [
+        ("headers", {"X-RateLimit-Remaining": "0"}, 0),
+        ("oversized", None, 25),
+    ]
+    assert get(session, server, "/tags").headers["X-RateLimit-Remaining"] == "0"
+    assert len(get(session, server, "/contacts").json()["items"]) == 25
+    bad: list[Any] = [{"kind": "headers", "headers": {"X-A": 1}}]
+    assert requests.post(admin, json=bad, timeout=10).status_code == 400
 
 
 def test_request_log_records_path_query_headers_and_status(server: SandboxServer, session: requests.Session) -> None:

@@ -3,7 +3,10 @@
 It serves the five synced resources of a ``SandboxData`` account with the real API's
 authentication, cursor pagination, validation errors and rate-limit headers, and can be told to
 misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies, wrong
-shapes, cursors that do not advance, resets, slow answers and redirects.
+shapes, records of the wrong type or order, cursors that do not advance, pages that lie about
+their length, answers too big or too deep to swallow whole (gzip bombs included), lying headers,
+resets, slow and dripping answers, and redirects. Faults can be set over HTTP too
+(``/__sandbox/faults``), so a client in another process can be tested the same way.
 
 Standard library only, and independent of the rest of ``mkt_assets`` on purpose: tests of the
 real client run against it, so it must not share the client's assumptions.
@@ -12,6 +15,7 @@ real client run against it, so it must not share the client's assumptions.
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import http
 import json
@@ -23,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -62,7 +67,9 @@ HTML_PAGE = (
 
 # What a 0 `size` means, per kind that takes one (oversized: a multiple of the requested limit).
 OVERSIZED_FACTOR = 10
-DEFAULT_SIZES: dict[str, int] = {"big_value": 10 * 1024 * 1024, "deep_json": 10_000}
+DEFAULT_SIZES: dict[str, int] = {"big_value": 10 * 1024 * 1024, "deep_json": 10_000, "gzip_bomb": 1 << 30}
+# What a gzip_bomb inflates to starts like a page, so only a size cap can tell it apart.
+GZIP_BOMB_PREFIX = b'{"items": ['
 
 # Symfony validator codes, as API Platform puts them in `violations[].code`.
 RANGE_CODE = "04b91c99-a946-4221-afc5-e65ebac401eb"
@@ -75,6 +82,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
         "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
         "float_id", "swapped", "big_value", "deep_json", "short_has_more", "repeat_last", "oversized",
+        "drip", "drip_body", "gzip_bomb", "headers",
     }
 )  # fmt: skip
 
@@ -120,6 +128,15 @@ class Fault:
       (0: 10,000); still valid JSON text.
     - ``short_has_more``: the page without its last record, and ``"hasMore": true`` (on any
       resource, contact_fields included).
+    - ``drip``: the whole answer, status line included, one byte every ``delay`` seconds (> 0),
+      the first at once; it stops when the client goes away or the server stops.
+    - ``drip_body``: the status line and headers (with the true Content-Length) at once, then the
+      body as ``drip`` sends it.
+    - ``gzip_bomb``: 200 ``application/json`` with ``Content-Encoding: gzip``, whose body
+      inflates to ``size`` bytes (0: 1 GiB): ``{"items": [`` then spaces. Compressed once per
+      size and cached; Content-Length is the compressed length.
+    - ``headers``: answer normally, with ``headers`` (required, and only for this kind) set on the
+      answer over its own (rate-limit headers included), whatever the case of their names.
 
     Sizes, when 0, resolve as ``effective_size`` says (``DEFAULT_SIZES``, ``OVERSIZED_FACTOR``).
     """
@@ -133,6 +150,8 @@ class Fault:
     delay: float = 0.0
     location: str | None = None
     size: int = 0
+    # Not hashed: a dict cannot be, and a Fault must stay usable as a set member or dict key.
+    headers: dict[str, str] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -145,6 +164,21 @@ class Fault:
             raise ValueError("a 'redirect' fault needs a location, e.g. 'http://127.0.0.1:9'")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise ValueError(f"size must be an int >= 0 (0: the kind's default), got {self.size!r}")
+        if self.kind in ("drip", "drip_body") and not self.delay > 0:
+            raise ValueError(f"a {self.kind!r} fault needs delay > 0 (seconds between bytes), got {self.delay!r}")
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        if self.kind != "headers":
+            if self.headers is not None:
+                raise ValueError(f"headers only go with kind 'headers', not {self.kind!r}")
+            return
+        if not isinstance(self.headers, dict) or not self.headers:
+            raise ValueError("a 'headers' fault needs headers, e.g. {\"X-RateLimit-Remaining\": \"0\"}")
+        for name, value in self.headers.items():
+            _check_header(name, value)
+        # A copy: the caller's dict must not change a fault that is already installed.
+        object.__setattr__(self, "headers", dict(self.headers))
 
     def effective_size(self, limit: int = DEFAULT_LIMIT) -> int:
         """``size``, or what 0 stands for with this kind (``oversized``: 10 x ``limit``)."""
@@ -164,6 +198,16 @@ class Fault:
         if unknown:
             raise ValueError(f"unknown fault fields {unknown}; expected some of {sorted(known)}")
         return cls(**obj)
+
+
+def _check_header(name: object, value: object) -> None:
+    """Reject what would break the answer's framing instead of just lying in it."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise ValueError(f"header names and values must be strings, got {name!r}: {value!r}")
+    if not name or any(ch in name for ch in ":\r\n \t") or not name.isascii():
+        raise ValueError(f"not a header name: {name!r}")
+    if "\r" in value or "\n" in value or not value.isascii():
+        raise ValueError(f"header {name!r}: the value must be one line of ASCII, got {value!r}")
 
 
 class CaseInsensitiveHeaders(dict[str, str]):
@@ -525,6 +569,11 @@ def _phrase(status: int) -> str:
 # ===================================================================== responses
 
 
+class _Drip(NamedTuple):
+    delay: float  # seconds between two bytes
+    with_head: bool  # False: the head goes at once, only the body drips
+
+
 @dataclass
 class _Response:
     status: int
@@ -532,6 +581,7 @@ class _Response:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     reset_after: int | None = None  # send this many body bytes, then reset the connection
+    drip: _Drip | None = None
 
     @classmethod
     def json(cls, status: int, obj: Json, **headers: str) -> _Response:
@@ -629,10 +679,11 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "delay":
             sandbox._sleep(fault.delay)  # then answer normally: the client's read timeout is the test
             fault = None
-        return self._with_quota(self._route(path, raw_query, query, fault), quota)
+        response = self._with_quota(self._route(path, raw_query, query, fault), quota)
+        return _with_transport_fault(response, fault)
 
     def _route(self, path: str, raw_query: str, query: dict[str, str], fault: Fault | None) -> _Response:
-        if fault is not None and fault.kind in ("status", "html", "redirect"):
+        if fault is not None and fault.kind in ("status", "html", "redirect", "gzip_bomb"):
             return _whole_response_fault(fault, path, raw_query)
         resource = RESOURCE_PATHS.get(path)
         if resource is None:
@@ -702,8 +753,8 @@ class _Handler(BaseHTTPRequestHandler):
             "Content-Type": response.content_type,
             "Content-Length": str(len(response.body)),
             "Date": self.date_time_string(),
-            **response.headers,
         }
+        _override_headers(headers, response.headers)
         if self.close_connection:
             headers["Connection"] = "close"
         head = f"{self.protocol_version} {response.status} {_phrase(response.status)}\r\n"
@@ -712,6 +763,9 @@ class _Handler(BaseHTTPRequestHandler):
         if response.reset_after is not None:
             body = body[: response.reset_after]
         try:
+            if response.drip is not None:
+                self._write_dripping(head.encode("latin-1"), body, response.drip)
+                return
             # One write: head and body in the same segment.
             self.wfile.write(head.encode("latin-1") + body)
         except OSError:
@@ -719,6 +773,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if response.reset_after is not None:
             self._reset()
+
+    def _write_dripping(self, head: bytes, body: bytes, drip: _Drip) -> None:
+        if not drip.with_head:
+            self.wfile.write(head)
+        slow = head + body if drip.with_head else body
+        if not _drip(self.wfile.write, slow, drip.delay, self.server.sandbox._stopping):
+            self.close_connection = True  # half an answer: the connection is of no further use
 
     def _reset(self) -> None:
         """Abort the connection with a TCP RST (SO_LINGER 0), mid-body."""
@@ -796,8 +857,69 @@ def _fresh_slug_copies(fields: list[Json], count: int) -> Iterable[Json]:
         yield {**entry, "fieldName": f"{entry['fieldName']} (extra {n})", "slug": f"{entry['slug']}_extra_{n}"}
 
 
+def _with_transport_fault(response: _Response, fault: Fault | None) -> _Response:
+    """Faults that keep the answer but change its headers or how it is sent."""
+    if fault is not None and fault.kind == "headers":
+        # After the rate-limit headers, so an injected quota wins over the real one.
+        _override_headers(response.headers, fault.headers or {})
+    elif fault is not None and fault.kind in ("drip", "drip_body"):
+        response.drip = _Drip(fault.delay, with_head=fault.kind == "drip")
+    return response
+
+
+def _override_headers(headers: dict[str, str], overrides: dict[str, str]) -> None:
+    """Set ``overrides`` on ``headers`` in place, replacing names in any case (HTTP ignores it)."""
+    lowered = {name.lower() for name in overrides}
+    for name in [name for name in headers if name.lower() in lowered]:
+        del headers[name]
+    headers.update(overrides)
+
+
+def _drip(write: Callable[[bytes], object], data: bytes, delay: float, stopping: threading.Event) -> bool:
+    """Write ``data`` one byte every ``delay`` seconds, the first at once.
+
+    False when it could not finish: the client went away, or ``stopping`` was set (the server is
+    stopping, and must not wait for a slow answer to end).
+    """
+    for index in range(len(data)):
+        if index and stopping.wait(delay):
+            return False
+        try:
+            write(data[index : index + 1])
+        except OSError:
+            return False
+    return True
+
+
+_gzip_lock = threading.Lock()
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """gzip data inflating to ``size`` bytes: ``GZIP_BOMB_PREFIX``, then spaces."""
+    with _gzip_lock:  # one compression per size, even when clients ask at the same time
+        return _compressed_spaces(size)
+
+
+@functools.lru_cache(maxsize=4)
+def _compressed_spaces(size: int) -> bytes:
+    # 1 GiB takes ~2 s to compress (to ~1 MB): done once per size, then served from the cache.
+    compressor = zlib.compressobj(zlib.Z_BEST_COMPRESSION, zlib.DEFLATED, 31)  # 31: gzip framing
+    prefix = GZIP_BOMB_PREFIX[:size]
+    parts = [compressor.compress(prefix)]
+    block = b" " * min(size - len(prefix), 1 << 20)  # reused, so memory stays one block
+    remaining = size - len(prefix)
+    while remaining >= len(block) > 0:
+        parts.append(compressor.compress(block))
+        remaining -= len(block)
+    parts.append(compressor.compress(block[:remaining]))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
 def _whole_response_fault(fault: Fault, path: str, raw_query: str) -> _Response:
-    """The answer of a fault that replaces the response outright (status, html, redirect)."""
+    """The answer of a fault that replaces the response outright (status, html, redirect, gzip_bomb)."""
+    if fault.kind == "gzip_bomb":
+        return _Response(200, _gzip_bomb(fault.effective_size()), headers={"Content-Encoding": "gzip"})
     if fault.kind == "status":
         extra = {} if fault.retry_after is None else {"Retry-After": _retry_after_text(fault.retry_after)}
         return _Response.json(fault.status, _error_body(fault.status), **extra)
