@@ -5,8 +5,13 @@ Every test talks HTTP (requests) to a real SandboxServer on 127.0.0.1 with a fre
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import socket
 import threading
+import time
+import zlib
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -395,6 +400,363 @@ def test_invalid_faults_are_rejected() -> None:
         Fault("redirect")
 
 
+# ===================================================================== hostile records
+
+
+def ids_of(body: dict[str, Any]) -> list[Any]:
+    return [item["id"] for item in body["items"]]
+
+
+def max_depth(text: bytes) -> int:
+    """The deepest bracket nesting of a JSON text, counted in a loop (json.loads would recurse)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    assert depth == 0 and not in_string, "unbalanced JSON text"
+    return deepest
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_float_id_fault_gives_the_middle_record_the_previous_id_plus_a_half(
+    server: SandboxServer, session: requests.Session, order: str
+) -> None:
+    normal = get(session, server, "/contacts", order=order, limit=10).json()
+    server.add_fault(Fault("float_id", path="/api/contacts"))
+    broken = get(session, server, "/contacts", order=order, limit=10)
+    ids, expected = ids_of(broken.json()), ids_of(normal)
+    assert ids[5] == expected[4] + 0.5 and isinstance(ids[5], float)
+    assert ids[:5] == expected[:5] and ids[6:] == expected[6:]
+    assert f'"id":{expected[4]}.5,'.encode() in broken.content  # a JSON number, not a string
+    assert broken.json()["items"][5]["email"] == normal["items"][5]["email"]  # only the id changed
+
+
+def test_float_id_fault_gives_a_record_without_id_the_id_half(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    server.add_fault(Fault("float_id", path="/api/contact_fields"))
+    fields = list(data.records("contact_fields"))
+    fields[len(fields) // 2]["id"] = 0.5
+    assert get(session, server, "/contact_fields").json()["items"] == fields
+
+
+def test_swapped_fault_trades_the_two_middle_records(server: SandboxServer, session: requests.Session) -> None:
+    normal = get(session, server, "/tags", order="asc", limit=10).json()
+    server.add_fault(Fault("swapped", path="/api/tags"))
+    broken = get(session, server, "/tags", order="asc", limit=10).json()
+    items = normal["items"]
+    assert broken["items"] == items[:4] + [items[5], items[4]] + items[6:]
+    assert broken["hasMore"] == normal["hasMore"]
+    assert ids_of(broken) != sorted(ids_of(broken))
+
+
+@pytest.mark.parametrize(
+    ("resource", "value_of"),
+    [
+        ("contacts", lambda record: record["fields"][0]["value"]),
+        ("tags", lambda record: record["name"]),
+        ("course_resources", lambda record: record["name"]),
+        ("contact_fields", lambda record: record["fieldName"]),
+    ],
+)
+def test_big_value_fault_puts_size_x_in_the_middle_record(
+    server: SandboxServer, session: requests.Session, data: SandboxData, resource: str, value_of: Any
+) -> None:
+    normal = get(session, server, PATHS[resource], limit=10).json()["items"]
+    middle = len(normal) // 2
+    if resource == "contacts":
+        assert normal[middle]["fields"], "the middle contact of this page must have a field to overwrite"
+    server.add_fault(Fault("big_value", size=300_000))
+    broken = get(session, server, PATHS[resource], limit=10).json()["items"]
+    assert value_of(broken[middle]) == "x" * 300_000
+    assert broken[:middle] + broken[middle + 1 :] == normal[:middle] + normal[middle + 1 :]
+
+
+def test_big_value_fault_adds_a_field_to_a_contact_without_any(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    contacts = list(data.records("contacts"))
+    bare = next(index for index, contact in enumerate(contacts) if index > 5 and contact["fields"] == [])
+    cursor = contacts[bare - 6]["id"]  # ascending pages of 10: the page after it has `bare` in the middle
+    server.add_fault(Fault("big_value", size=1000))
+    items = get(session, server, "/contacts", order="asc", limit=10, startingAfter=cursor).json()["items"]
+    first_field = next(data.records("contact_fields"))
+    assert items[5]["id"] == contacts[bare]["id"]
+    assert items[5]["fields"] == [{**first_field, "value": "x" * 1000}]
+
+
+def test_deep_json_fault_nests_a_list_size_levels_deep_in_valid_json(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    depth = 5000  # deeper than the recursion limit: the body cannot have come from json.dumps
+    normal = get(session, server, "/tags", limit=10).json()
+    server.add_fault(Fault("deep_json", path="/api/tags", size=depth))
+    body = get(session, server, "/tags", limit=10).content
+    assert max_depth(body) == depth + 3  # the page object, its items list, the record
+    start = body.index(b'"deep":') + len(b'"deep":')
+    assert body[start : start + 2 * depth] == b"[" * depth + b"]" * depth
+    shallow = json.loads(body[:start] + b"[]" + body[start + 2 * depth :])
+    assert shallow["items"][5].pop("deep") == []
+    assert shallow == normal
+
+
+def test_short_has_more_fault_drops_the_last_record_and_says_more_follow(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    server.add_fault(Fault("short_has_more", path="/api/contact_fields"))
+    fields = list(data.records("contact_fields"))
+    assert get(session, server, "/contact_fields").json() == {"items": fields[:-1], "hasMore": True}
+    assert get(session, server, "/contact_fields").json() == {"items": fields, "hasMore": False}
+    ids = list(data.contact_ids)
+    last_page = get(session, server, "/contacts", order="asc", startingAfter=ids[-11]).json()
+    server.add_fault(Fault("short_has_more"))
+    short = get(session, server, "/contacts", order="asc", startingAfter=ids[-11]).json()
+    assert last_page["hasMore"] is False
+    assert short == {"items": last_page["items"][:-1], "hasMore": True}
+
+
+def test_size_defaults_resolve_as_documented() -> None:
+    assert Fault("big_value").effective_size() == 10 * 1024 * 1024
+    assert Fault("deep_json").effective_size() == 10_000
+    assert Fault("big_value", size=7).effective_size() == 7
+    assert Fault("short_has_more").effective_size() == 0  # takes no size
+
+
+def test_new_fault_fields_are_validated() -> None:
+    for bad_size in (-1, True, 1.5, "10"):
+        with pytest.raises(ValueError):
+            Fault("big_value", size=bad_size)  # type: ignore[arg-type]
+
+
+# ===================================================================== hostile pages
+
+
+@pytest.mark.parametrize("resource", PAGED)
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_repeat_last_fault_starts_the_page_with_the_previous_pages_last_record(
+    session: requests.Session, resource: str, order: str
+) -> None:
+    path = PATHS[resource]
+    # Every resource needs a second page, which the default few communities do not fill.
+    with SandboxServer(SandboxData(seed=2, contacts=60, communities=25, courses=25), api_key=KEY) as server:
+        first = get(session, server, path, order=order, limit=10).json()
+        cursor = first["items"][-1]["id"]
+        normal = get(session, server, path, order=order, limit=10, startingAfter=cursor).json()
+        server.add_fault(Fault("repeat_last", path="/api" + path))
+        repeated = get(session, server, path, order=order, limit=10, startingAfter=cursor).json()
+    assert len(normal["items"]) == 10 and normal["hasMore"] is True
+    assert repeated == {"items": [first["items"][-1]] + normal["items"][:-1], "hasMore": True}
+
+
+def test_repeat_last_fault_leaves_a_first_page_alone_but_is_spent(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    first = get(session, server, "/contacts", limit=10).json()
+    second = get(session, server, "/contacts", limit=10, startingAfter=first["items"][-1]["id"]).json()
+    server.add_fault(Fault("repeat_last"))
+    assert get(session, server, "/contacts", limit=10).json() == first
+    assert get(session, server, "/contacts", limit=10, startingAfter=first["items"][-1]["id"]).json() == second
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_oversized_fault_sends_size_records_continuing_the_page_in_order(
+    server: SandboxServer, session: requests.Session, data: SandboxData, order: str
+) -> None:
+    cursor = data.contact_ids[200]
+    normal = get(session, server, "/contacts", order=order, limit=10, startingAfter=cursor).json()
+    server.add_fault(Fault("oversized", path="/api/contacts", size=1500))  # more than the account holds
+    big = get(session, server, "/contacts", order=order, limit=10, startingAfter=cursor).json()
+    ids = ids_of(big)
+    assert len(ids) == 1500 and big["items"][:10] == normal["items"] and big["hasMore"] == normal["hasMore"]
+    pairs = list(itertools.pairwise(ids))
+    assert all(a < b for a, b in pairs) if order == "asc" else all(a > b for a, b in pairs)
+    assert all(type(i) is int for i in ids)
+    assert all(item.keys() == normal["items"][0].keys() for item in big["items"])
+
+
+def test_oversized_fault_defaults_to_ten_times_the_limit_and_works_without_ids(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    server.add_fault(Fault("oversized", path="/api/tags"))
+    assert len(get(session, server, "/tags", limit=37).json()["items"]) == 370
+    server.add_fault(Fault("oversized", path="/api/contact_fields", size=50))
+    fields = get(session, server, "/contact_fields").json()["items"]
+    assert len(fields) == 50 and len({field["slug"] for field in fields}) == 50
+    assert all(set(field) == {"fieldName", "slug"} for field in fields)
+
+
+def test_oversized_fault_serves_100k_records_in_seconds(server: SandboxServer, session: requests.Session) -> None:
+    server.add_fault(Fault("oversized", path="/api/contacts", size=100_000))
+    started = time.monotonic()
+    body = get(session, server, "/contacts", order="asc", limit=100).content
+    elapsed = time.monotonic() - started
+    # Ids read from the text: parsing ~60 MB of JSON would cost more than serving it.
+    ids = [int(found) for found in re.findall(rb'\{"id":(\d+),"email"', body)]
+    assert len(ids) == 100_000 and all(a < b for a, b in itertools.pairwise(ids))
+    assert elapsed < 5, f"100k oversized records took {elapsed:.1f} s"
+
+
+def test_oversized_size_defaults_to_ten_times_the_limit() -> None:
+    assert Fault("oversized").effective_size(limit=37) == 370
+    assert Fault("oversized").effective_size() == 100  # contact_fields: the default limit
+    assert Fault("oversized", size=5).effective_size(limit=37) == 5
+
+
+# ===================================================================== hostile transport
+
+
+def send_raw(server: SandboxServer, path: str) -> socket.socket:
+    """A GET written by hand on a new connection, so the answer can be read byte by byte."""
+    connection = socket.create_connection((server.host, server.port), timeout=5)
+    connection.sendall(f"GET {path} HTTP/1.1\r\nHost: sandbox\r\nX-API-Key: {KEY}\r\n\r\n".encode())
+    return connection
+
+
+def read_timed(connection: socket.socket, count: int) -> list[tuple[bytes, float]]:
+    return [(connection.recv(1), time.monotonic()) for _ in range(count)]
+
+
+def assert_spaced(stamps: list[tuple[bytes, float]], delay: float) -> None:
+    """Bytes came one by one, ``delay`` apart.
+
+    Judged on the whole span: on a busy machine one late read can shorten a gap, not the span.
+    """
+    gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(stamps)]
+    assert all(len(byte) == 1 for byte, _ in stamps)
+    assert sum(gaps) >= 0.6 * delay * len(gaps) and max(gaps) < delay + 1.0, gaps
+
+
+def read_head(connection: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = connection.recv(4096)
+        assert chunk, f"connection closed inside the head: {head!r}"
+        head += chunk
+    return head
+
+
+def test_drip_fault_sends_the_answer_from_the_status_line_one_byte_at_a_time(session: requests.Session) -> None:
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY) as server:
+        server.add_fault(Fault("drip", delay=0.05))
+        with send_raw(server, "/api/tags") as connection:
+            stamps = read_timed(connection, 5)
+        assert b"".join(byte for byte, _ in stamps) == b"HTTP/"
+        assert_spaced(stamps, 0.05)
+        assert get(session, server, "/tags").status_code == 200  # times=1: the next one is normal
+
+
+def test_stop_returns_promptly_while_a_drip_is_in_progress() -> None:
+    server = SandboxServer(SandboxData(contacts=20), api_key=KEY).start()
+    server.add_fault(Fault("drip", delay=30.0))
+    with send_raw(server, "/api/tags") as connection:
+        assert connection.recv(1) == b"H"  # the handler is inside its drip now
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 2
+        assert connection.recv(100) == b""  # the rest of the answer never comes
+
+
+def test_drip_body_fault_sends_the_head_at_once_then_the_body_slowly(session: requests.Session) -> None:
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY) as server:
+        normal = get(session, server, "/tags")
+        server.add_fault(Fault("drip_body", delay=0.05))
+        with send_raw(server, "/api/tags") as connection:
+            started = time.monotonic()
+            head, _, early_body = read_head(connection).partition(b"\r\n\r\n")
+            head_time = time.monotonic() - started
+            stamps = read_timed(connection, 4)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head_time < 0.5
+        assert f"Content-Length: {len(normal.content)}".encode() in head.split(b"\r\n")
+        assert len(early_body) <= 1  # at most the first byte, sent with no wait
+        assert_spaced(stamps, 0.05)
+        assert early_body + b"".join(byte for byte, _ in stamps) == normal.content[: len(early_body) + 4]
+
+
+def test_drip_body_fault_delivers_the_whole_body_in_the_end(session: requests.Session) -> None:
+    with SandboxServer(SandboxData(contacts=20), api_key=KEY) as server:
+        normal = get(session, server, "/nothing")  # a 404: a short body, so dripping it is quick
+        server.add_fault(Fault("drip_body", delay=0.002))
+        dripped = get(session, server, "/nothing")
+        assert (dripped.status_code, dripped.content) == (404, normal.content)
+
+
+def test_drip_stops_quietly_when_the_client_goes_away() -> None:
+    written: list[bytes] = []
+
+    def write(chunk: bytes) -> None:
+        if len(written) == 2:
+            raise BrokenPipeError
+        written.append(chunk)
+
+    assert server_module._drip(write, b"abcdef", 0.001, threading.Event()) is False
+    assert written == [b"a", b"b"]
+    stopped = threading.Event()
+    stopped.set()
+    started = time.monotonic()
+    assert server_module._drip(written.append, b"xyz", 30.0, stopped) is False
+    assert time.monotonic() - started < 1 and written[-1] == b"x"
+    assert server_module._drip(written.append, b"pq", 0.001, threading.Event()) is True
+
+
+def test_gzip_bomb_fault_sends_a_small_gzip_body_that_inflates_to_size(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    size = 32 << 20
+    server.add_fault(Fault("gzip_bomb", path="/api/contacts", size=size))
+    with session.get(server.base_url + "/contacts", stream=True, timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["Content-Encoding"] == "gzip"
+        compressed = response.raw.read(1 << 20, decode_content=False)
+        assert len(compressed) == int(response.headers["Content-Length"]) < size // 500
+    prefix = zlib.decompressobj(31).decompress(compressed, 4096)  # inflate 4 KiB, not 32 MiB
+    assert prefix == (b'{"items": [' + b" " * 4096)[:4096]
+
+
+def test_gzip_bomb_inflates_exactly_to_size_and_is_compressed_once() -> None:
+    size = (3 << 20) + 5
+    bomb = server_module._gzip_bomb(size)
+    assert server_module._gzip_bomb(size) is bomb  # cached
+    inflated = zlib.decompress(bomb, 31)
+    assert len(inflated) == size and inflated == b'{"items": [' + b" " * (size - 11)
+    assert zlib.decompress(server_module._gzip_bomb(4), 31) == b'{"it'
+    assert Fault("gzip_bomb").effective_size() == 1 << 30
+
+
+def test_headers_fault_overrides_the_rate_limit_headers(server: SandboxServer, session: requests.Session) -> None:
+    normal = get(session, server, "/tags")
+    injected = {"X-RateLimit-Remaining": "0", "X-RateLimit-Refill": "99999", "x-ratelimit-limit": "7"}
+    server.add_fault(Fault("headers", path="/api/tags", headers=injected))
+    lying = get(session, server, "/tags")
+    assert (lying.status_code, lying.content) == (200, normal.content)
+    assert lying.headers["X-RateLimit-Remaining"] == "0" and lying.headers["X-RateLimit-Refill"] == "99999"
+    assert lying.raw.headers.getlist("X-RateLimit-Limit") == ["7"]  # replaced, not sent twice
+    assert get(session, server, "/tags").headers["X-RateLimit-Remaining"] != "0"
+
+
+def test_transport_fault_fields_are_validated() -> None:
+    with pytest.raises(ValueError):
+        Fault("headers")
+    with pytest.raises(ValueError):
+        Fault("status", headers={"X-A": "1"})
+    for bad in ({}, {"X-A": 1}, {"X-A": "1\r\nX-B: 2"}, {"Bad Name": "1"}, {"": "1"}):
+        with pytest.raises(ValueError):
+            Fault("headers", headers=bad)  # type: ignore[arg-type]
+    for kind in ("drip", "drip_body"):
+        with pytest.raises(ValueError):
+            Fault(kind)
+        with pytest.raises(ValueError):
+            Fault(kind, delay=-1)
+
+
 # ===================================================================== admin endpoints and log
 
 
@@ -407,6 +769,24 @@ def test_faults_can_be_set_and_cleared_over_http(server: SandboxServer, session:
     assert requests.delete(admin, timeout=10).status_code == 200
     assert get(session, server, "/tags").status_code == 200
     assert requests.post(admin, json=[{"kind": "nope"}], timeout=10).status_code == 400
+
+
+def test_new_fault_fields_can_be_set_over_http(server: SandboxServer, session: requests.Session) -> None:
+    admin = server.url + "/__sandbox/faults"
+    faults: list[Any] = [
+        {"kind": "headers", "path": "/api/tags", "headers": {"X-RateLimit-Remaining": "0"}},
+        {"kind": "oversized", "path": "/api/contacts", "size": 25},
+    ]
+    assert requests.post(admin, json=faults, timeout=10).status_code == 200
+    listed = requests.get(admin, timeout=10).json()["faults"]
+    assert [(fault["kind"], fault["headers"], fault["size"]) for fault in listed] == [
+        ("headers", {"X-RateLimit-Remaining": "0"}, 0),
+        ("oversized", None, 25),
+    ]
+    assert get(session, server, "/tags").headers["X-RateLimit-Remaining"] == "0"
+    assert len(get(session, server, "/contacts").json()["items"]) == 25
+    bad: list[Any] = [{"kind": "headers", "headers": {"X-A": 1}}]
+    assert requests.post(admin, json=bad, timeout=10).status_code == 400
 
 
 def test_request_log_records_path_query_headers_and_status(server: SandboxServer, session: requests.Session) -> None:

@@ -3,7 +3,10 @@
 It serves the five synced resources of a ``SandboxData`` account with the real API's
 authentication, cursor pagination, validation errors and rate-limit headers, and can be told to
 misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies, wrong
-shapes, cursors that do not advance, resets, slow answers and redirects.
+shapes, records of the wrong type or order, cursors that do not advance, pages that lie about
+their length, answers too big or too deep to swallow whole (gzip bombs included), lying headers,
+resets, slow and dripping answers, and redirects. Faults can be set over HTTP too
+(``/__sandbox/faults``), so a client in another process can be tested the same way.
 
 Standard library only, and independent of the rest of ``mkt_assets`` on purpose: tests of the
 real client run against it, so it must not share the client's assumptions.
@@ -12,6 +15,7 @@ real client run against it, so it must not share the client's assumptions.
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import http
 import json
@@ -23,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -60,6 +65,12 @@ HTML_PAGE = (
     "<body><h1>We'll be right back</h1><p>The site is under maintenance.</p></body></html>"
 )
 
+# What a 0 `size` means, per kind that takes one (oversized: a multiple of the requested limit).
+OVERSIZED_FACTOR = 10
+DEFAULT_SIZES: dict[str, int] = {"big_value": 10 * 1024 * 1024, "deep_json": 10_000, "gzip_bomb": 1 << 30}
+# What a gzip_bomb inflates to starts like a page, so only a size cap can tell it apart.
+GZIP_BOMB_PREFIX = b'{"items": ['
+
 # Symfony validator codes, as API Platform puts them in `violations[].code`.
 RANGE_CODE = "04b91c99-a946-4221-afc5-e65ebac401eb"
 CHOICE_CODE = "8e179f1b-97aa-4560-a02f-2a8b42e49df7"
@@ -70,6 +81,8 @@ FAULT_KINDS: frozenset[str] = frozenset(
     {
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
         "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
+        "float_id", "swapped", "big_value", "deep_json", "short_has_more", "repeat_last", "oversized",
+        "drip", "drip_body", "gzip_bomb", "headers",
     }
 )  # fmt: skip
 
@@ -96,6 +109,36 @@ class Fault:
     - ``reset``: headers and half the body, then a TCP reset.
     - ``delay``: sleep ``delay`` seconds, then answer normally.
     - ``redirect``: 302 to ``location`` + the same path and query.
+    - ``float_id``: the middle record's id becomes the previous record's id + 0.5, a JSON number
+      such as ``2.5`` (a one-record page: its own id + 0.5; contact_fields, without ids: ``0.5``).
+    - ``swapped``: the records at ``len // 2 - 1`` and ``len // 2`` trade places, so ids are out
+      of the requested order (pages of fewer than two records are left alone).
+    - ``repeat_last``: the page starts with the record whose id is ``startingAfter`` (the last one
+      of the previous page), then the page minus its last record: same length, same ``hasMore``.
+      Left alone (the fault still counts as fired) without ``startingAfter``, on an empty page,
+      or when no live record has that id.
+    - ``oversized``: ``size`` records instead of ``limit`` (0: 10 x ``limit``): the page, then
+      copies of its records, cycled, with fresh ids one apart continuing the requested order
+      (in desc they may reach 0 and below; contact_fields get fresh slugs instead). Fewer than
+      ``limit`` if ``size`` is smaller; an empty page stays empty.
+    - ``big_value``: the middle record carries a string of ``size`` ASCII ``x`` (0: 10 MiB):
+      contacts in their first field's ``value`` (a field is added if they have none),
+      contact_fields in ``fieldName``, the other resources in ``name``.
+    - ``deep_json``: the middle record gets ``"deep": [[...]]``, lists ``size`` levels deep
+      (0: 10,000); still valid JSON text.
+    - ``short_has_more``: the page without its last record, and ``"hasMore": true`` (on any
+      resource, contact_fields included).
+    - ``drip``: the whole answer, status line included, one byte every ``delay`` seconds (> 0),
+      the first at once; it stops when the client goes away or the server stops.
+    - ``drip_body``: the status line and headers (with the true Content-Length) at once, then the
+      body as ``drip`` sends it.
+    - ``gzip_bomb``: 200 ``application/json`` with ``Content-Encoding: gzip``, whose body
+      inflates to ``size`` bytes (0: 1 GiB): ``{"items": [`` then spaces. Compressed once per
+      size and cached; Content-Length is the compressed length.
+    - ``headers``: answer normally, with ``headers`` (required, and only for this kind) set on the
+      answer over its own (rate-limit headers included), whatever the case of their names.
+
+    Sizes, when 0, resolve as ``effective_size`` says (``DEFAULT_SIZES``, ``OVERSIZED_FACTOR``).
     """
 
     kind: str
@@ -106,6 +149,9 @@ class Fault:
     retry_after: float | None = None
     delay: float = 0.0
     location: str | None = None
+    size: int = 0
+    # Not hashed: a dict cannot be, and a Fault must stay usable as a set member or dict key.
+    headers: dict[str, str] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -116,6 +162,31 @@ class Fault:
             raise ValueError(f"after must be >= 0, got {self.after}")
         if self.kind == "redirect" and not self.location:
             raise ValueError("a 'redirect' fault needs a location, e.g. 'http://127.0.0.1:9'")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"size must be an int >= 0 (0: the kind's default), got {self.size!r}")
+        if self.kind in ("drip", "drip_body") and not self.delay > 0:
+            raise ValueError(f"a {self.kind!r} fault needs delay > 0 (seconds between bytes), got {self.delay!r}")
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        if self.kind != "headers":
+            if self.headers is not None:
+                raise ValueError(f"headers only go with kind 'headers', not {self.kind!r}")
+            return
+        if not isinstance(self.headers, dict) or not self.headers:
+            raise ValueError("a 'headers' fault needs headers, e.g. {\"X-RateLimit-Remaining\": \"0\"}")
+        for name, value in self.headers.items():
+            _check_header(name, value)
+        # A copy: the caller's dict must not change a fault that is already installed.
+        object.__setattr__(self, "headers", dict(self.headers))
+
+    def effective_size(self, limit: int = DEFAULT_LIMIT) -> int:
+        """``size``, or what 0 stands for with this kind (``oversized``: 10 x ``limit``)."""
+        if self.size:
+            return self.size
+        if self.kind == "oversized":
+            return OVERSIZED_FACTOR * limit
+        return DEFAULT_SIZES.get(self.kind, 0)
 
     @classmethod
     def from_json(cls, obj: Json) -> Fault:
@@ -127,6 +198,16 @@ class Fault:
         if unknown:
             raise ValueError(f"unknown fault fields {unknown}; expected some of {sorted(known)}")
         return cls(**obj)
+
+
+def _check_header(name: object, value: object) -> None:
+    """Reject what would break the answer's framing instead of just lying in it."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        raise ValueError(f"header names and values must be strings, got {name!r}: {value!r}")
+    if not name or any(ch in name for ch in ":\r\n \t") or not name.isascii():
+        raise ValueError(f"not a header name: {name!r}")
+    if "\r" in value or "\n" in value or not value.isascii():
+        raise ValueError(f"header {name!r}: the value must be one line of ASCII, got {value!r}")
 
 
 class CaseInsensitiveHeaders(dict[str, str]):
@@ -290,6 +371,64 @@ def _apply_shape_fault(kind: str, items: list[Json], has_more: bool) -> Json:
     return {"items": items, "hasMore": has_more}
 
 
+# A contact with no custom field still needs one to carry a big_value: the account's first field,
+# or this one for an account without any.
+_FALLBACK_FIELD: Json = {"fieldName": "First name", "slug": "first_name"}
+# The value deep_json puts in the body before its text replaces it: no record holds a NUL.
+_DEEP_MARK = "\x00deep\x00"
+
+
+def _apply_record_fault(
+    fault: Fault, resource: str, items: list[Json], has_more: bool, field_entry: Json
+) -> tuple[list[Json], bool]:
+    """The (items, has_more) a fault that breaks single records turns the page into.
+
+    ``field_entry`` is the contact field a contact without fields gets for ``big_value``.
+    """
+    middle = len(items) // 2
+    if fault.kind == "short_has_more":
+        return items[:-1], True
+    if fault.kind == "float_id" and items:
+        items[middle]["id"] = _float_id(items, middle)
+    elif fault.kind == "swapped" and len(items) >= 2:
+        items[middle - 1], items[middle] = items[middle], items[middle - 1]
+    elif fault.kind == "big_value" and items:
+        _put_big_value(resource, items[middle], "x" * fault.effective_size(), field_entry)
+    return items, has_more
+
+
+def _float_id(items: list[Json], middle: int) -> float:
+    """Half past the previous record's id: a number no JSON int parser should accept."""
+    for neighbour in (items[middle - 1] if middle else None, items[middle]):
+        base = neighbour.get("id") if neighbour else None
+        if isinstance(base, int) and not isinstance(base, bool):
+            return base + 0.5
+    return 0.5  # contact_fields have no ids at all
+
+
+def _put_big_value(resource: str, record: Json, value: str, field_entry: Json) -> None:
+    if resource == "contact_fields":
+        record["fieldName"] = value
+    elif resource != "contacts":
+        record["name"] = value
+    elif record["fields"]:
+        record["fields"][0]["value"] = value
+    else:
+        record["fields"].append({**field_entry, "value": value})
+
+
+def _deep_json_body(items: list[Json], has_more: bool, depth: int) -> bytes:
+    """The page whose middle record has ``"deep": [[...]]``, ``depth`` lists deep.
+
+    Built as text: ``json.dumps`` recurses once per level and would hit the recursion limit.
+    """
+    if not items:
+        return _json_bytes({"items": items, "hasMore": has_more})
+    items[len(items) // 2]["deep"] = _DEEP_MARK
+    body = _json_bytes({"items": items, "hasMore": has_more})
+    return body.replace(_json_bytes(_DEEP_MARK), b"[" * depth + b"]" * depth, 1)
+
+
 # ===================================================================== request parsing
 
 
@@ -430,6 +569,11 @@ def _phrase(status: int) -> str:
 # ===================================================================== responses
 
 
+class _Drip(NamedTuple):
+    delay: float  # seconds between two bytes
+    with_head: bool  # False: the head goes at once, only the body drips
+
+
 @dataclass
 class _Response:
     status: int
@@ -437,6 +581,7 @@ class _Response:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     reset_after: int | None = None  # send this many body bytes, then reset the connection
+    drip: _Drip | None = None
 
     @classmethod
     def json(cls, status: int, obj: Json, **headers: str) -> _Response:
@@ -534,40 +679,49 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "delay":
             sandbox._sleep(fault.delay)  # then answer normally: the client's read timeout is the test
             fault = None
-        return self._with_quota(self._route(path, raw_query, query, fault), quota)
+        response = self._with_quota(self._route(path, raw_query, query, fault), quota)
+        return _with_transport_fault(response, fault)
 
     def _route(self, path: str, raw_query: str, query: dict[str, str], fault: Fault | None) -> _Response:
-        if fault is not None and fault.kind in ("status", "html", "redirect"):
+        if fault is not None and fault.kind in ("status", "html", "redirect", "gzip_bomb"):
             return _whole_response_fault(fault, path, raw_query)
         resource = RESOURCE_PATHS.get(path)
         if resource is None:
             return _Response.json(404, NOT_FOUND)
         if self.command != "GET":
             return _Response.json(405, _error_body(405), Allow="GET")
-        return self._page(resource, query, fault.kind if fault else None)
+        return self._page(resource, query, fault)
 
-    def _page(self, resource: str, query: dict[str, str], kind: str | None) -> _Response:
-        data = self.server.sandbox.data
+    def _page(self, resource: str, query: dict[str, str], fault: Fault | None) -> _Response:
         try:
             # contact_fields take no parameters at all, so nothing of theirs can be invalid.
             page_query = _PageQuery() if resource == "contact_fields" else _parse_page_query(resource, query)
         except _Invalid as invalid:
             return _Response.json(422, invalid.body())
-        items, has_more = data.page(
-            resource,
-            limit=page_query.limit,
-            order=page_query.order,
-            starting_after=page_query.starting_after,
-            registered_after=page_query.registered_after,
-            registered_before=page_query.registered_before,
-            repeat_cursor=kind == "repeat_cursor",
-        )
-        body = _json_bytes(_apply_shape_fault(kind or "", items, has_more))
+        body = self._page_body(resource, page_query, fault)
+        kind = fault.kind if fault else None
         if kind == "truncated":
             return _Response(200, body[: len(body) // 2])
         if kind == "reset":
             return _Response(200, body, reset_after=len(body) // 2)
         return _Response(200, body)
+
+    def _page_body(self, resource: str, page_query: _PageQuery, fault: Fault | None) -> bytes:
+        """The JSON body of one page, as ``fault`` (if any) breaks it."""
+        data = self.server.sandbox.data
+        kind = fault.kind if fault else ""
+        items, has_more = _query_page(data, resource, page_query, repeat_cursor=kind == "repeat_cursor")
+        if fault is None:
+            return _json_bytes({"items": items, "hasMore": has_more})
+        if kind == "deep_json":
+            return _deep_json_body(items, has_more, fault.effective_size())
+        if kind == "oversized":
+            return _oversized_body(resource, page_query.order, items, has_more, fault.effective_size(page_query.limit))
+        if kind == "repeat_last":
+            items = _repeat_last(data, resource, page_query, items)
+        field_entry = next(data.records("contact_fields"), _FALLBACK_FIELD) if kind == "big_value" else {}
+        items, has_more = _apply_record_fault(fault, resource, items, has_more, field_entry)
+        return _json_bytes(_apply_shape_fault(kind, items, has_more))
 
     # ----------------------------------------------------------------- helpers
 
@@ -599,8 +753,8 @@ class _Handler(BaseHTTPRequestHandler):
             "Content-Type": response.content_type,
             "Content-Length": str(len(response.body)),
             "Date": self.date_time_string(),
-            **response.headers,
         }
+        _override_headers(headers, response.headers)
         if self.close_connection:
             headers["Connection"] = "close"
         head = f"{self.protocol_version} {response.status} {_phrase(response.status)}\r\n"
@@ -609,6 +763,9 @@ class _Handler(BaseHTTPRequestHandler):
         if response.reset_after is not None:
             body = body[: response.reset_after]
         try:
+            if response.drip is not None:
+                self._write_dripping(head.encode("latin-1"), body, response.drip)
+                return
             # One write: head and body in the same segment.
             self.wfile.write(head.encode("latin-1") + body)
         except OSError:
@@ -616,6 +773,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if response.reset_after is not None:
             self._reset()
+
+    def _write_dripping(self, head: bytes, body: bytes, drip: _Drip) -> None:
+        if not drip.with_head:
+            self.wfile.write(head)
+        slow = head + body if drip.with_head else body
+        if not _drip(self.wfile.write, slow, drip.delay, self.server.sandbox._stopping):
+            self.close_connection = True  # half an answer: the connection is of no further use
 
     def _reset(self) -> None:
         """Abort the connection with a TCP RST (SO_LINGER 0), mid-body."""
@@ -629,8 +793,133 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
+def _query_page(
+    data: SandboxData, resource: str, page_query: _PageQuery, *, limit: int | None = None, repeat_cursor: bool = False
+) -> tuple[list[Json], bool]:
+    """``data.page`` for a parsed query (``limit`` overrides the query's)."""
+    return data.page(
+        resource,
+        limit=page_query.limit if limit is None else limit,
+        order=page_query.order,
+        starting_after=page_query.starting_after,
+        registered_after=page_query.registered_after,
+        registered_before=page_query.registered_before,
+        repeat_cursor=repeat_cursor,
+    )
+
+
+def _repeat_last(data: SandboxData, resource: str, page_query: _PageQuery, items: list[Json]) -> list[Json]:
+    """The page shifted back by one: the cursor's own record first, the page's last one dropped.
+
+    Unchanged on a first page, an empty page, or when no live record has the cursor's id.
+    """
+    cursor = page_query.starting_after
+    if cursor is None or not items:
+        return items
+    # A window *ending* at the cursor, one record long: the cursor's record if it is live.
+    previous, _ = _query_page(data, resource, page_query, limit=1, repeat_cursor=True)
+    if not previous or previous[0].get("id") != cursor:
+        return items
+    return previous + items[:-1]
+
+
+def _oversized_body(resource: str, order: str, items: list[Json], has_more: bool, size: int) -> bytes:
+    """The page grown (or cut) to ``size`` records: copies of its records continue it.
+
+    The copies get fresh ids one apart in the page's order (contact_fields, which have no ids,
+    fresh slugs instead). Copies are spliced as text, so 100k records cost milliseconds, not the
+    seconds building and serializing them would.
+    """
+    parts = [_json_bytes(item) for item in items[:size]]
+    missing = size - len(parts)
+    if missing > 0 and items:
+        if resource == "contact_fields":
+            parts += [_json_bytes(record) for record in _fresh_slug_copies(items, missing)]
+        else:
+            parts += _fresh_id_copies(items, missing, -1 if order == "desc" else 1)
+    return b'{"items":[' + b",".join(parts) + b'],"hasMore":' + _json_bytes(has_more) + b"}"
+
+
+def _fresh_id_copies(items: list[Json], count: int, step: int) -> list[bytes]:
+    """``count`` copies of ``items`` (cycled), ids continuing from the last one by ``step``."""
+    # Every record serializes with "id" first: the rest of its text is reused after a new id.
+    tails = []
+    for item in items:
+        rest = _json_bytes({key: value for key, value in item.items() if key != "id"})
+        tails.append(b"}" if rest == b"{}" else b"," + rest[1:])
+    last = int(items[-1]["id"])
+    return [b'{"id":%d%s' % (last + step * n, tails[(n - 1) % len(tails)]) for n in range(1, count + 1)]
+
+
+def _fresh_slug_copies(fields: list[Json], count: int) -> Iterable[Json]:
+    for n in range(1, count + 1):
+        entry = fields[(n - 1) % len(fields)]
+        yield {**entry, "fieldName": f"{entry['fieldName']} (extra {n})", "slug": f"{entry['slug']}_extra_{n}"}
+
+
+def _with_transport_fault(response: _Response, fault: Fault | None) -> _Response:
+    """Faults that keep the answer but change its headers or how it is sent."""
+    if fault is not None and fault.kind == "headers":
+        # After the rate-limit headers, so an injected quota wins over the real one.
+        _override_headers(response.headers, fault.headers or {})
+    elif fault is not None and fault.kind in ("drip", "drip_body"):
+        response.drip = _Drip(fault.delay, with_head=fault.kind == "drip")
+    return response
+
+
+def _override_headers(headers: dict[str, str], overrides: dict[str, str]) -> None:
+    """Set ``overrides`` on ``headers`` in place, replacing names in any case (HTTP ignores it)."""
+    lowered = {name.lower() for name in overrides}
+    for name in [name for name in headers if name.lower() in lowered]:
+        del headers[name]
+    headers.update(overrides)
+
+
+def _drip(write: Callable[[bytes], object], data: bytes, delay: float, stopping: threading.Event) -> bool:
+    """Write ``data`` one byte every ``delay`` seconds, the first at once.
+
+    False when it could not finish: the client went away, or ``stopping`` was set (the server is
+    stopping, and must not wait for a slow answer to end).
+    """
+    for index in range(len(data)):
+        if index and stopping.wait(delay):
+            return False
+        try:
+            write(data[index : index + 1])
+        except OSError:
+            return False
+    return True
+
+
+_gzip_lock = threading.Lock()
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """gzip data inflating to ``size`` bytes: ``GZIP_BOMB_PREFIX``, then spaces."""
+    with _gzip_lock:  # one compression per size, even when clients ask at the same time
+        return _compressed_spaces(size)
+
+
+@functools.lru_cache(maxsize=4)
+def _compressed_spaces(size: int) -> bytes:
+    # 1 GiB takes ~2 s to compress (to ~1 MB): done once per size, then served from the cache.
+    compressor = zlib.compressobj(zlib.Z_BEST_COMPRESSION, zlib.DEFLATED, 31)  # 31: gzip framing
+    prefix = GZIP_BOMB_PREFIX[:size]
+    parts = [compressor.compress(prefix)]
+    block = b" " * min(size - len(prefix), 1 << 20)  # reused, so memory stays one block
+    remaining = size - len(prefix)
+    while remaining >= len(block) > 0:
+        parts.append(compressor.compress(block))
+        remaining -= len(block)
+    parts.append(compressor.compress(block[:remaining]))
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
 def _whole_response_fault(fault: Fault, path: str, raw_query: str) -> _Response:
-    """The answer of a fault that replaces the response outright (status, html, redirect)."""
+    """The answer of a fault that replaces the response outright (status, html, redirect, gzip_bomb)."""
+    if fault.kind == "gzip_bomb":
+        return _Response(200, _gzip_bomb(fault.effective_size()), headers={"Content-Encoding": "gzip"})
     if fault.kind == "status":
         extra = {} if fault.retry_after is None else {"Retry-After": _retry_after_text(fault.retry_after)}
         return _Response.json(fault.status, _error_body(fault.status), **extra)
