@@ -4,11 +4,13 @@ holds or fails clearly, leaving the table as it was, and never shows the key."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,6 +66,7 @@ class Harness:
         self.server = SandboxServer(self.account, api_key=API_KEY).start()
         self.database = str(tmp_path / "faults.duckdb")
         self.quota_dir = str(tmp_path / "quota")
+        self.deletions = "mark"
         assert self.sync(CONTACTS).result.success
         self.server.reset_log()
 
@@ -74,7 +77,9 @@ class Harness:
                     "quota_state_dir": self.quota_dir, "order": "asc", **api_settings}  # fmt: skip
         return {
             "marketing_api": MarketingApiResource(**settings),
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
+            "duckdb_io_manager": MarketingDuckDBIOManager(
+                database=self.database, schema="marketing", deletions=self.deletions
+            ),
             "warehouse": WarehouseResource(database=self.database),
         }
 
@@ -434,3 +439,134 @@ def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(har
     assert all(e.description.startswith("the check could not run: ") for e in evaluations.values())  # type: ignore[union-attr]
     # A blocking check failing with ERROR would fail the step whose table has changed.
     assert all(e.severity == dg.AssetCheckSeverity.WARN for e in evaluations.values())
+
+
+# A hostile server: every answer checked, every wait and size bounded, nothing lost.
+
+
+def test_an_id_that_is_not_an_exact_integer_fails_the_read_and_overwrites_nothing(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("float_id", path="/api/contacts", after=1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc&startingAfter=" in outcome.error
+    assert ": record 51 of page 2: field 'id' (column id BIGINT) cannot hold " in outcome.error
+    assert ".5: not an integer" in outcome.error
+
+
+@pytest.mark.parametrize("deletions", ["mark", "delete"])
+def test_an_unpaginated_list_saying_there_is_more_marks_nothing_deleted(harness: Harness, deletions: str) -> None:
+    fields = RESOURCES_BY_NAME["contact_fields"]
+    assert harness.sync(fields).result.success
+    before = harness.table(fields)
+    harness.deletions = deletions
+
+    outcome = harness.sync(fields, Fault("short_has_more", path="/api/contact_fields"))
+
+    assert not outcome.result.success
+    assert harness.table(fields) == before  # the missing field is neither marked nor removed
+    assert "contact_fields: GET /api/contact_fields: page 1: hasMore is true, but /api/contact_fields" in outcome.error
+
+
+@pytest.mark.parametrize("order", ["asc", "both"])
+def test_a_page_out_of_order_fails_naming_the_page_instead_of_losing_records(harness: Harness, order: str) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("swapped", path="/api/contacts", after=1), order=order)
+
+    assert_failed_cleanly(harness, outcome, before)
+    # Pages of a two-ended walk are numbered in the order they were asked for.
+    assert re.search(r"contacts: GET /api/contacts\?limit=100&order=(asc|desc)&startingAfter=\d+: page \d+: records out of", outcome.error)
+    assert "stopping rather than risk losing records" in outcome.error
+
+
+def test_the_same_record_on_two_pages_is_kept_once_counted_and_warned_about(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("repeat_last", path="/api/contacts", after=1, times=2))
+
+    assert outcome.result.success
+    assert harness.table() == before
+    metadata = outcome.metadata()
+    assert (metadata["duplicate_keys"], metadata["records_fetched"], metadata["rows_unchanged"]) == (2, ACCOUNT_SIZE + 2, ACCOUNT_SIZE)
+    assert "marketing.contacts: 2 records came again under a key already read in this sync" in outcome.everything_recorded()
+
+
+def test_a_page_longer_than_asked_fails_naming_its_length_before_anything_is_staged(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("oversized", path="/api/contacts", size=100_000, after=1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert ": page 2: 100000 records, more than the 100 asked for (limit=100); refusing the page" in outcome.error
+
+
+def test_a_ten_megabyte_value_lands_whole(harness: Harness) -> None:
+    outcome = harness.sync(CONTACTS, Fault("big_value", path="/api/contacts", after=2))
+
+    assert outcome.result.success
+    with connect(harness.database) as connection:
+        table = fully_qualified(connection, "marketing", "contacts")
+        (longest,) = connection.execute(f"SELECT max(length(f.value)) FROM (SELECT unnest(fields) AS f FROM {table})").fetchone()  # type: ignore[misc]
+    assert longest == 10 << 20
+
+
+def test_json_nested_ten_thousand_deep_fails_like_any_bad_body(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("deep_json", path="/api/contacts", after=1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc&startingAfter=" in outcome.error
+    assert ": page 2: the JSON body nests deeper than it can be parsed" in outcome.error
+    assert "RecursionError" not in outcome.error
+
+
+def test_a_record_without_its_key_puts_no_personal_value_in_the_log(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("missing_id", path="/api/contacts", after=2))
+
+    assert_failed_cleanly(harness, outcome, before)
+    recorded = outcome.everything_recorded()
+    assert "(its fields: bounced, email, fields, locale, needsConfirmation, registeredAt" in outcome.error
+    assert "@" not in outcome.error
+    emails = [harness.account.contact(contact_id)["email"] for contact_id in harness.account.contact_ids[200:300]]
+    assert not any(email in recorded for email in emails)
+
+
+def test_a_retry_after_beyond_the_longest_wait_fails_at_once_saying_what_was_asked(harness: Harness) -> None:
+    before = harness.table()
+    started = time.monotonic()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=429, retry_after=99999, after=1))
+
+    assert time.monotonic() - started < 30
+    assert_failed_cleanly(harness, outcome, before)
+    assert (
+        "HTTP 429 asking to retry after 99,999 s (Retry-After), longer than the 120 s the sync waits at most"
+        " (max_wait_seconds); failing now instead of waiting"
+    ) in outcome.error
+    assert len(harness.contact_requests()) == 2
+
+
+def test_a_long_retry_after_is_waited_and_logged(harness: Harness) -> None:
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=503, retry_after=6, after=1))
+
+    assert outcome.result.success
+    assert "waiting 6 s before retrying after HTTP 503 (as Retry-After asks)" in outcome.everything_recorded()
+
+
+@pytest.mark.parametrize("kind", ["drip", "drip_body"])
+def test_an_answer_dripping_a_byte_at_a_time_is_cut_at_the_read_timeout(harness: Harness, kind: str) -> None:
+    before = harness.table()
+    started = time.monotonic()
+    outcome = harness.sync(CONTACTS, Fault(kind, path="/api/contacts", delay=0.05, times=-1, after=1), read_timeout=1.0, max_retries=1)
+
+    took = time.monotonic() - started
+    assert_failed_cleanly(harness, outcome, before)
+    assert "contacts: GET /api/contacts?limit=100&order=asc&startingAfter=" in outcome.error
+    assert "timed out: no complete answer (headers and body) within read_timeout (1 s) of sending the request" in outcome.error
+    assert took < 20, took  # two attempts of a second each, plus Dagster; a drip would take hours
+
+
+def test_a_gzip_bomb_is_cut_off_at_the_page_cap(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("gzip_bomb", path="/api/contacts", size=256 << 20, after=1), max_page_mb=8)
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert ": page 2: the answer is larger than 8 MiB once decompressed (max_page_mb); stopped reading it" in outcome.error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpe
 from mkt_assets.definitions import build_definitions
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
-from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import connect, fully_qualified
 
@@ -264,3 +265,27 @@ def test_a_run_config_setting_one_option_keeps_every_other_setting_key_and_base_
     assert all(r.headers.get("X-API-Key") == API_KEY for r in server.requests)
     for spec in RESOURCES:
         assert len(table_rows(str(database), spec)) == account.count(spec.name)
+
+
+def test_a_read_timeout_set_in_run_config_bounds_a_dripping_answer(
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MKT_API_BASE_URL", server.base_url)
+    monkeypatch.setenv("MKT_API_KEY", API_KEY)
+    monkeypatch.setenv("MKT_DUCKDB_PATH", str(tmp_path / "dripped.duckdb"))
+    server.add_fault(Fault("drip_body", path="/api/contacts", delay=0.05, times=-1))
+    job = build_definitions().resolve_job_def("marketing_sync")
+    started = time.monotonic()
+
+    result = job.execute_in_process(
+        run_config={"resources": {"marketing_api": {"config": {"read_timeout": 1.0, "max_retries": 0}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+    assert time.monotonic() - started < 60
+    (failure,) = result.get_step_failure_events()
+    assert failure.step_key == "marketing__contacts"
+    message = str(failure.event_specific_data.error)  # type: ignore[union-attr]
+    assert "contacts: GET /api/contacts?limit=100&order=asc: timed out: no complete answer (headers and body)" in message
+    assert "within read_timeout (1 s)" in message
