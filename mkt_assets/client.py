@@ -53,7 +53,9 @@ MIN_PAGE_SIZE = 10
 # Walk orders: one cursor ascending, one descending, or both at once meeting in the middle.
 ORDERS = ("asc", "desc", "both")
 # A page of 100 contacts is a few tens of kB; this leaves room for fat records, not for a bomb.
-DEFAULT_MAX_PAGE_BYTES = 64 << 20
+# DuckDB's JSON reader buffers about twice the longest staged line, so a page this large still
+# merges under the default memory limit (MKT_DUCKDB_MEMORY_LIMIT).
+DEFAULT_MAX_PAGE_BYTES = 16 << 20
 DEFAULT_MAX_WAIT_SECONDS = 120.0
 
 

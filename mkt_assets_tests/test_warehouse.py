@@ -664,3 +664,16 @@ def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_c
         table = fully_qualified(connection, "marketing", "contact_field_values")
         (length,) = connection.execute(f"SELECT length(value) FROM {table} WHERE contact_id = 151").fetchone()  # type: ignore[misc]
     assert length == len(big)
+
+
+def test_a_page_as_large_as_the_client_accepts_merges_under_the_default_memory_limit(database: str, tmp_path: Path) -> None:
+    from mkt_assets import lean_process
+    from mkt_assets.client import DEFAULT_MAX_PAGE_BYTES
+
+    people = [contact(i) for i in range(1, 101)]
+    people[50]["fields"] = [{"fieldName": "Bio", "slug": "bio", "value": "x" * (DEFAULT_MAX_PAGE_BYTES - (64 << 10))}]
+    batch = stage(CONTACTS, [people], tmp_path)
+
+    result, _ = lean_process.call(warehouse.merge_staged_file, warehouse.WarehouseFile(database), "marketing", "contacts", batch)
+
+    assert result.inserted == 100
