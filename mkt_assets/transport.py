@@ -31,6 +31,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from mkt_assets.ratelimit import SharedRateLimiter
@@ -139,7 +140,10 @@ class CappedRetry(Retry):
     def sleep(self, response: Any = None) -> None:
         # Between two attempts nothing is on the wire: the previous answer's deadline is over.
         _pause_current_deadline()
-        asked = self.get_retry_after(response) if response is not None and self.respect_retry_after_header else None
+        try:
+            asked = self.get_retry_after(response) if response is not None and self.respect_retry_after_header else None
+        except InvalidHeader:
+            asked = None  # a Retry-After that is neither seconds nor a date: back off instead
         if asked is not None and asked > self.max_wait:
             raise WaitTooLong(int(response.status), asked, self.max_wait)
         seconds = asked if asked else self.get_backoff_time()

@@ -638,3 +638,15 @@ def test_backoff_is_capped_by_the_longest_wait() -> None:
     for _ in range(3):
         retry = retry.increment("GET", "/api/tags", response=HTTPResponse(status=503))
     assert retry.get_backoff_time() == 5
+
+
+def test_a_retry_after_that_is_neither_seconds_nor_a_date_falls_back_to_backing_off() -> None:
+    slept: list[float] = []
+    retry = make_client(backoff_factor=3)._session.get_adapter(BASE).max_retries.new(sleeper=slept.append)
+    retry = retry.increment("GET", "/api/tags", response=HTTPResponse(status=503)).increment(
+        "GET", "/api/tags", response=HTTPResponse(status=503)
+    )
+
+    retry.sleep(HTTPResponse(body=b"", headers={"Retry-After": "soon-ish"}, status=503, preload_content=False))
+
+    assert slept == [6.0]
