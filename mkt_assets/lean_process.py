@@ -9,7 +9,7 @@ The function must be importable at module level from a module that does not impo
 Dagster. Its arguments and its result, or the exception it raised, travel pickled over
 the child's stdin and stdout: both ends run this package's code from the same
 interpreter. If the caller is interrupted, the child is killed and DuckDB rolls back the
-open transaction.
+open transaction. The child inherits the caller's staging locks (see ``private_files``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from mkt_assets import private_files
 
 Result = TypeVar("Result")
 
@@ -38,7 +40,14 @@ def call(function: Callable[..., Result], /, *args: Any, **kwargs: Any) -> Resul
     # DuckDB work never needs the API key: the child does not get it.
     environment = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
     completed = subprocess.run(
-        [sys.executable, "-m", __name__], input=request, capture_output=True, check=False, env=environment
+        [sys.executable, "-m", __name__],
+        input=request,
+        capture_output=True,
+        check=False,
+        env=environment,
+        # The child holds this process's staging locks too: should this process be killed,
+        # the files the child may still be reading stay claimed until it ends.
+        pass_fds=private_files.area_lock_fds(),
     )
     if completed.returncode != 0 or not completed.stdout:
         raise LeanProcessError(

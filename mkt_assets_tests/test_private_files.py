@@ -11,6 +11,9 @@ import os
 import re
 import signal
 import stat
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from mkt_assets import private_files
+from mkt_assets.catalog import RESOURCES_BY_NAME
 from mkt_assets.errors import ConfigurationError, PrivateDirectoryError, PrivateFileError
 from mkt_assets.private_files import (
     AREA_LOCK_NAME,
@@ -28,6 +32,10 @@ from mkt_assets.private_files import (
     private_directory,
     sweep_dead_areas,
 )
+from mkt_assets.staging import PageStager
+
+TAGS = RESOURCES_BY_NAME["tags"]
+
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
@@ -232,6 +240,106 @@ def test_loose_chunks_of_older_versions_are_swept_once_a_day_old(tmp_path: Path)
 
     assert sorted(sweep_dead_areas(tmp_path)) == sorted([old_json, old_parquet])
     assert recent.exists() and unrelated.exists()
+
+
+STAGING_RUN = textwrap.dedent(
+    """
+    import json, sys
+    from mkt_assets.catalog import RESOURCES_BY_NAME
+    from mkt_assets.client import Page
+    from mkt_assets.staging import PageStager
+
+    items = [{"id": 1, "name": "a", "createdAt": None}]
+    with PageStager(RESOURCES_BY_NAME["tags"], directory=sys.argv[1]) as stager:
+        stager.add(Page("tags", 1, "/api/tags", {}, items, False, json.dumps({"items": items}).encode()))
+        print(stager.finish().paths[0], flush=True)
+        sys.stdin.read()  # staged, and holding its claim, until told to go or killed
+    """
+)
+
+
+def start_staging_run(staging: Path) -> tuple[subprocess.Popen[str], Path]:
+    run = subprocess.Popen(
+        [sys.executable, "-c", STAGING_RUN, str(staging)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert run.stdout is not None
+    with within(60):
+        line = run.stdout.readline().strip()
+    assert line, f"the staging run ended first (status {run.wait()})"
+    return run, Path(line)
+
+
+def test_the_next_stager_sweeps_the_area_of_a_killed_run_and_leaves_a_live_runs(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    killed, killed_chunk = start_staging_run(staging)
+    live, live_chunk = start_staging_run(staging)
+    try:
+        killed.kill()  # SIGKILL: no cleanup of its own runs
+        killed.wait()
+        assert killed_chunk.exists()
+
+        with PageStager(TAGS, directory=str(staging)) as stager:
+            swept = stager.swept
+            stager.finish().discard()
+
+        assert swept == [killed_chunk.parent]
+        assert not killed_chunk.parent.exists()
+        assert live_chunk.read_text().startswith('{"page":1')
+    finally:
+        live.communicate("")  # told to go: it leaves normally
+    assert not live_chunk.parent.exists()  # and tidied its own area as it went
+
+
+ORPHANING_STEP = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from mkt_assets import lean_process
+    from mkt_assets.private_files import claim_area
+
+    print(claim_area(sys.argv[1]), flush=True)
+    # A lean child that reads the FIFO until the test closes it: it outlives this step once killed.
+    lean_process.call(Path.read_text, Path(sys.argv[2]))
+    """
+)
+
+
+def wait_until_unlocked(area: Path) -> None:
+    descriptor = os.open(area / AREA_LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # returns once the last holder has ended
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def test_an_orphaned_lean_child_of_a_killed_step_keeps_its_area_from_the_sweep(tmp_path: Path) -> None:
+    staging = private_directory(tmp_path / "staging")
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo, 0o600)
+    step = subprocess.Popen([sys.executable, "-c", ORPHANING_STEP, str(staging), str(fifo)], stdout=subprocess.PIPE, text=True)
+    assert step.stdout is not None
+    try:
+        with within(60):
+            area = Path(step.stdout.readline().strip())
+            hold = open(fifo, "w")  # noqa: SIM115 - returns once the lean child has opened the FIFO
+    except BaseException:
+        step.kill()
+        os.close(os.open(fifo, os.O_RDWR))  # never blocks: lets a lean child reach the end of it
+        raise
+    try:
+        step.kill()
+        step.wait()
+
+        assert sweep_dead_areas(staging) == []  # the orphan still holds the lock it inherited
+        assert area.is_dir()
+    finally:
+        hold.close()  # the orphan reads to the end and exits
+    with within(60):
+        wait_until_unlocked(area)
+
+    assert sweep_dead_areas(staging) == [area]
+    assert not area.exists()
 
 
 def test_areas_claimed_before_a_fork_stay_the_parents(tmp_path: Path) -> None:
