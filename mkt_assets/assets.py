@@ -132,13 +132,20 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
         # Ids only grow: in ascending order after the newest stored id come exactly the new records.
         query = {"order": "asc", "startingAfter": newest} if newest is not None else None
         read = "full" if newest is None else f"incremental, after {spec.primary_key} {newest}"
-        with marketing_api.get_client() as client, ChunkTyper(spec, warehouse.memory_limit) as typer, PageStager(
+        with marketing_api.get_client(log=context.log.warning) as client, ChunkTyper(spec, warehouse.memory_limit) as typer, PageStager(
             spec,
             directory=marketing_api.staging_dir or None,
             complete=newest is None,
             chunk_pages=marketing_api.staging_chunk_pages,
             on_chunk=typer.submit,
         ) as stager:
+            if stager.swept:
+                more = len(stager.swept) - 10
+                shown = ", ".join(map(str, stager.swept[:10])) + (f" and {more} more" if more > 0 else "")
+                context.log.info(
+                    f"{spec.name}: removed {len(stager.swept)} staging directories and files left by runs"
+                    f" that died: {shown}"
+                )
             for page in client.iter_pages(spec, query):
                 stager.add(page)
                 progress.tick(stager.records, stager.pages)
