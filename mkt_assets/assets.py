@@ -140,6 +140,13 @@ def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinit
             chunk_pages=marketing_api.staging_chunk_pages,
             on_chunk=typer.submit,
         ) as stager:
+            if stager.swept:
+                more = len(stager.swept) - 10
+                shown = ", ".join(map(str, stager.swept[:10])) + (f" and {more} more" if more > 0 else "")
+                context.log.info(
+                    f"{spec.name}: removed {len(stager.swept)} staging directories and files left by runs"
+                    f" that died: {shown}"
+                )
             for page in client.iter_pages(spec, query):
                 stager.add(page)
                 progress.tick(stager.records, stager.pages)

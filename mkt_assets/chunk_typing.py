@@ -25,6 +25,9 @@ def type_chunk_at_lowest_priority(
     """``type_staged_chunk`` at nice 19, in the child: the fetch (and, on one machine, the
     API) keeps the cores it needs, and the typing takes only what they leave idle."""
     os.nice(19)
+    # DuckDB creates the Parquet with the umask's mode: the contacts' e-mails in it are for
+    # this user alone, like the JSON chunk beside it (0600).
+    os.umask(0o077)
     type_staged_chunk(spec, json_path, parquet_path, memory_limit, longest_line)
 
 

@@ -19,6 +19,14 @@ class ConfigurationError(SyncError):
     """A setting is missing or invalid."""
 
 
+class PrivateDirectoryError(ConfigurationError):
+    """A directory meant for this user's files alone is not: another owner, open modes, a symlink."""
+
+
+class PrivateFileError(PrivateDirectoryError):
+    """A file in a private directory is not this user's alone, or is a symlink."""
+
+
 class ApiError(SyncError):
     """A request to the API did not give a usable page."""
 

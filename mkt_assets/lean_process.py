@@ -10,7 +10,8 @@ Dagster. Its arguments and its result, or the exception it raised, travel pickle
 the child's stdin and stdout: both ends run this package's code from the same
 interpreter. If the caller is interrupted, the child is killed and DuckDB rolls back the
 open transaction. What the child says while it works (``report``: a wait for the database
-file, say) reaches the caller's ``log`` as it happens, through a pipe of its own.
+file, say) reaches the caller's ``log`` as it happens, through a pipe of its own. The child
+inherits the caller's staging locks (see ``private_files``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import threading
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from mkt_assets import private_files
 
 Result = TypeVar("Result")
 # The descriptor of the pipe a child reports on, handed down in the environment.
@@ -53,7 +56,9 @@ def call(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=environment,
-            pass_fds=(report_end,),
+            # The child holds this process's staging locks too: should this process be killed,
+            # the files the child may still be reading stay claimed until it ends.
+            pass_fds=(report_end, *private_files.area_lock_fds()),
         )
     finally:
         os.close(report_end)

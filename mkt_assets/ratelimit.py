@@ -5,6 +5,11 @@ scheduled run can overlap a manual one), so the client's view of the quota lives
 small state file that every process reads and updates under an OS lock. Requests are
 reserved against the remaining quota before they are sent; when it is spent, the
 reserving process waits for the window to refill instead of collecting 429s.
+
+The state file lives in a private directory (see ``private_files``) and is checked when
+read: a value no answer could mean (a refill hours or millennia ahead, a negative count) is
+treated as unknown, so no state left by a bogus header, an older version or anyone else can
+stall or break a later run. No wait is ever longer than the horizon, and a long one is logged.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
+import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +28,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+
+from mkt_assets.private_files import default_private_directory, open_private_file, private_directory
 
 # Headers the API sends on every response.
 LIMIT_HEADER = "X-RateLimit-Limit"
@@ -36,6 +44,15 @@ _REFILL_MARGIN_SECONDS = 0.02
 _STATE_BYTES = 256
 # How long a spent quota is assumed to last when no answer said when it refills.
 _UNKNOWN_WINDOW_SECONDS = 1.0
+# A refill further ahead than this is no window any API keeps: treated as unknown.
+DEFAULT_HORIZON_SECONDS = 120.0
+# Waits this long or longer are logged: a run that waits should say why.
+_LOGGED_WAIT_SECONDS = 5.0
+# Distinct implausible values logged per limiter: a server sending a new one on every answer
+# (a Unix time in milliseconds) must not flood the run's log.
+_MAX_REPORTED_VALUES = 5
+
+_logger = logging.getLogger(__name__)
 
 
 def parse_refill(value: str, now: float) -> float | None:
@@ -50,20 +67,25 @@ def parse_refill(value: str, now: float) -> float | None:
     except ValueError:
         number = None
     if number is not None:
+        if not math.isfinite(number):
+            return None  # "nan", "inf" and "1e400" parse as floats, and no sleep takes them
         if number >= _UNIX_TIME_THRESHOLD:
             return number + (1.0 if number.is_integer() else 0.0)
         return now + max(number, 0.0)
     try:
         moment = parsedate_to_datetime(text)  # an HTTP date
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
             return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    # Dates carry whole seconds: the refill is within the second after the one named.
-    return moment.timestamp() + (1.0 if moment.microsecond == 0 else 0.0)
+    try:
+        # Dates carry whole seconds: the refill is within the second after the one named.
+        return moment.timestamp() + (1.0 if moment.microsecond == 0 else 0.0)
+    except (OverflowError, ValueError):
+        return None
 
 
 @dataclass
@@ -74,9 +96,46 @@ class QuotaState:
 
 
 def state_path_for(origin: str, directory: str | None = None) -> Path:
-    """One state file per API origin: every key of the account shares the quota."""
+    """One state file per API origin (every key of the account shares the quota), in
+    ``directory`` or ``<temp>/mkt_assets-<uid>/quota``, made or checked private here."""
     digest = hashlib.sha256(origin.encode()).hexdigest()[:16]
-    return Path(directory or tempfile.gettempdir()) / f"mkt_assets_quota_{digest}.json"
+    parent = private_directory(directory) if directory else default_private_directory("quota")
+    return parent / f"mkt_assets_quota_{digest}.json"
+
+
+def _is_count(value: object) -> bool:
+    return value is None or (type(value) is int and value >= 0)  # bool is an int, and no count
+
+
+def _is_moment(value: object) -> bool:
+    return value is None or (type(value) in (int, float) and math.isfinite(value))  # type: ignore[arg-type]
+
+
+def _read_state(text: str) -> QuotaState:
+    """The state a file holds, or a fresh one if it is torn, foreign or ill-typed."""
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError:
+        return QuotaState()
+    if not isinstance(data, dict) or not data.keys() <= {"limit", "remaining", "refill_at"}:
+        return QuotaState()
+    limit, remaining, refill_at = data.get("limit"), data.get("remaining"), data.get("refill_at")
+    if not (_is_count(limit) and _is_count(remaining) and _is_moment(refill_at)):
+        return QuotaState()
+    return QuotaState(limit, remaining, None if refill_at is None else float(refill_at))
+
+
+def describe_duration(seconds: float) -> str:
+    """``120 s``, ``4.5 min``, ``27.8 h``, ``12.0 days``, ``55,860 years``."""
+    if seconds <= 600:
+        return f"{seconds:.0f} s" if float(seconds).is_integer() else f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 72 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds < 730 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / (365.25 * 86400):,.0f} years"
 
 
 class SharedRateLimiter:
@@ -86,15 +145,23 @@ class SharedRateLimiter:
         self,
         path: Path,
         *,
+        horizon: float = DEFAULT_HORIZON_SECONDS,
+        log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        if not (math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon must be a positive number of seconds, got {horizon!r}")
         self.path = path
+        self.horizon = horizon
+        self._log = log if log is not None else _logger.warning
         self._clock = clock
         self._sleep = sleep
         self._descriptor: int | None = None
         # flock excludes other processes only: threads of this one share the descriptor.
         self._thread_lock = threading.Lock()
+        self._reported: set[str] = set()
+        self._reported_lock = threading.Lock()
 
     def acquire(self) -> float:
         """Block until a request may be sent; return the seconds spent waiting."""
@@ -113,7 +180,18 @@ class SharedRateLimiter:
                     # Spent, and no answer has said when this window ends (they all failed):
                     # guess a second, rather than wait for an answer that may never come.
                     state.refill_at = now + _UNKNOWN_WINDOW_SECONDS
-                pause = state.refill_at - now + _REFILL_MARGIN_SECONDS
+                    why = "no answer said when; a second is assumed"
+                else:
+                    why = f"it refills then, by the answers' {REFILL_HEADER}"
+                # The state is checked against the horizon when read; this bounds a clock
+                # that stepped back since.
+                pause = min(state.refill_at - now + _REFILL_MARGIN_SECONDS, self.horizon)
+                limit = "?" if state.limit is None else state.limit
+            if pause >= _LOGGED_WAIT_SECONDS:
+                self._log(
+                    f"rate limit: waiting {pause:.1f} s for the quota to refill before the next request:"
+                    f" 0 of {limit} requests remain in this window ({why})"
+                )
             self._sleep(pause)
             waited += pause
 
@@ -125,15 +203,22 @@ class SharedRateLimiter:
             return
         now = self._clock() if received_at is None else received_at
         try:
-            remaining = int(remaining_text)
+            remaining = max(int(remaining_text), 0)
         except ValueError:
             return
         refill_at = parse_refill(refill_text, now)
         if refill_at is None:
             return
-        limit_text = headers.get(LIMIT_HEADER, "")
+        if refill_at - now > self.horizon:
+            self._report(
+                f"{REFILL_HEADER}: {refill_text.strip()} is {describe_duration(refill_at - now)} ahead, more"
+                f" than the {describe_duration(self.horizon)} horizon: treated as unknown",
+                key=refill_text.strip(),
+            )
+            return
+        limit_text = headers.get(LIMIT_HEADER, "").strip()
         with self._state() as state:
-            if limit_text.isdigit():
+            if limit_text.isascii() and limit_text.isdigit():  # int() also takes "²" and "٣"
                 state.limit = int(limit_text)
             if refill_at <= now:
                 return  # it describes a window that has already ended
@@ -150,33 +235,45 @@ class SharedRateLimiter:
                 state.remaining = remaining if state.remaining is None else min(state.remaining, remaining)
                 state.refill_at = min(state.refill_at, refill_at)
 
+    def _report(self, message: str, key: str) -> None:
+        with self._reported_lock:
+            if key in self._reported or len(self._reported) == _MAX_REPORTED_VALUES:
+                return
+            self._reported.add(key)
+            if len(self._reported) == _MAX_REPORTED_VALUES:
+                message = f"{message} (further implausible values are not logged)"
+        self._log(message)
+
     @contextmanager
     def _state(self) -> Iterator[QuotaState]:
         # Called twice a request: read and write in place, with no truncate (a metadata
         # write on most file systems, and the costliest step when the file shrinks).
+        dropped: float | None = None
         with self._thread_lock:
             if self._descriptor is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            with self._locked_file(self._descriptor) as state:
-                yield state
-
-    @staticmethod
-    @contextmanager
-    def _locked_file(descriptor: int) -> Iterator[QuotaState]:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        try:
-            text = os.pread(descriptor, _STATE_BYTES, 0).decode("utf-8", "replace").strip()
+                private_directory(self.path.parent)
+                self._descriptor = open_private_file(self.path, os.O_RDWR | os.O_CREAT)
+            descriptor = self._descriptor
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
             try:
-                state = QuotaState(**json.loads(text)) if text else QuotaState()
-            except (ValueError, TypeError):
-                state = QuotaState()  # a torn or foreign file: start afresh
-            yield state
-            updated = json.dumps(asdict(state))
-            if updated != text:
-                os.pwrite(descriptor, updated.ljust(_STATE_BYTES).encode(), 0)
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
+                text = os.pread(descriptor, _STATE_BYTES, 0).decode("utf-8", "replace").strip()
+                state = _read_state(text)
+                ahead = None if state.refill_at is None else state.refill_at - self._clock()
+                if ahead is not None and ahead > self.horizon:
+                    # No answer within the horizon stored it: the window it counts is unknown.
+                    state.remaining, state.refill_at, dropped = None, None, ahead
+                yield state
+                updated = json.dumps(asdict(state))
+                if updated != text:
+                    os.pwrite(descriptor, updated.ljust(_STATE_BYTES).encode(), 0)
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+        if dropped is not None:  # logged outside the locks: a log call may be slow
+            self._report(
+                f"rate-limit state {self.path}: a refill {describe_duration(dropped)} ahead is beyond the"
+                f" {describe_duration(self.horizon)} horizon: treated as unknown",
+                key=f"stored {dropped:.0f}",
+            )
 
     def close(self) -> None:
         if self._descriptor is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -108,7 +108,11 @@ class MarketingApiResource(dg.ConfigurableResource):
     )
     staging_dir: str = Field(
         default="",
-        description="Where pages are staged before the DuckDB merge (empty: the system temp dir).",
+        description=(
+            "Where pages are staged before the DuckDB merge (empty: <temp>/mkt_assets-<uid>/staging)."
+            " A directory given must be private: yours, mode 0700 (a missing one is created so)."
+            " Each process stages in its own subdirectory; a run sweeps those of runs that died."
+        ),
     )
     staging_chunk_pages: int = Field(
         default=DEFAULT_CHUNK_PAGES,
@@ -124,7 +128,10 @@ class MarketingApiResource(dg.ConfigurableResource):
     )
     quota_state_dir: str = Field(
         default="",
-        description="Where the shared view of the quota is kept (empty: the system temp dir).",
+        description=(
+            "Where the shared view of the quota is kept (empty: <temp>/mkt_assets-<uid>/quota)."
+            " A directory given must be private: yours, mode 0700 (a missing one is created so)."
+        ),
     )
 
     @field_validator("base_url")
@@ -140,7 +147,7 @@ class MarketingApiResource(dg.ConfigurableResource):
         return value
 
     def get_client(self, log: Log | None = None) -> MarketingApiClient:
-        """A client with these settings; ``log`` hears about long waits (the run's log)."""
+        """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit headers."""
         if not self.api_key:
             raise ConfigurationError(
                 f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings."
@@ -157,16 +164,18 @@ class MarketingApiResource(dg.ConfigurableResource):
             max_wait_seconds=self.max_wait_seconds,
             max_page_bytes=self.max_page_mb << 20,
             key_setting=API_KEY_ENV,
-            rate_limiter=self._rate_limiter(),
+            rate_limiter=self._rate_limiter(log),
             log=log,
         )
 
-    def _rate_limiter(self) -> SharedRateLimiter | None:
+    def _rate_limiter(self, log: Callable[[str], None] | None = None) -> SharedRateLimiter | None:
         if not self.pace_requests:
             return None
         parts = urlsplit(self.base_url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        return SharedRateLimiter(state_path_for(origin, self.quota_state_dir or None))
+        return SharedRateLimiter(
+            state_path_for(origin, self.quota_state_dir or None), horizon=self.max_wait_seconds, log=log
+        )
 
 
 class WarehouseResource(dg.ConfigurableResource):

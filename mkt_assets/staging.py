@@ -5,12 +5,17 @@ the raw body is kept, so no record is re-encoded in Python and none is held afte
 page is written. Pages go to chunk files of ``chunk_pages`` pages; each full chunk is
 handed to ``on_chunk`` as soon as it is written (to be typed while the fetch goes on).
 The IO manager types and merges the chunks in DuckDB.
+
+Chunks hold contacts' e-mail addresses: they are written 0600 in this process's own area
+(see ``private_files``) of a private staging directory. The first stager of a process sweeps
+what runs that died (killed, say) left in that directory.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import StagingError
+from mkt_assets.private_files import claim_area, default_private_directory, private_directory, sweep_dead_areas
 
 if TYPE_CHECKING:  # the DuckDB worker imports this module without the HTTP client
     from mkt_assets.client import Page
@@ -55,6 +61,27 @@ class StagedBatch:
 # 25,000 contacts, 14 MB of JSON: typed in about 0.25 s, small against a process start.
 DEFAULT_CHUNK_PAGES = 250
 
+# Staging directories this process has swept: once is enough, later dead runs are the next
+# process's to sweep.
+_swept_directories: set[Path] = set()
+_swept_lock = threading.Lock()
+
+
+def staging_directory(directory: str | None) -> Path:
+    """The private staging directory: ``directory``, or ``<temp>/mkt_assets-<uid>/staging``."""
+    return private_directory(directory) if directory else default_private_directory("staging")
+
+
+def sweep_once(parent: Path, *, default: bool) -> list[Path]:
+    """Sweep ``parent`` of dead runs' areas, the first time this process stages there."""
+    with _swept_lock:
+        if parent in _swept_directories:
+            return []
+        _swept_directories.add(parent)
+    # Before areas, the default was the temp directory itself: its old chunks are swept too.
+    legacy = (parent, Path(tempfile.gettempdir())) if default else (parent,)
+    return sweep_dead_areas(parent, legacy_directories=legacy)
+
 
 @dataclass
 class PageStager:
@@ -72,6 +99,8 @@ class PageStager:
     # Called with each full chunk's path and longest line once it is closed; the last chunk
     # is never handed over (the merge reads it as it is, rather than wait for it to be typed).
     on_chunk: Callable[[Path, int], None] | None = None
+    # What this stager swept on entering: areas (and old loose chunks) of runs that died.
+    swept: list[Path] = field(default_factory=list)
     # Per end of the walk (the page's `order`): the last key seen and the direction keys took.
     _previous_keys: dict[object, object] = field(default_factory=dict)
     _directions: dict[object, int] = field(default_factory=dict)
@@ -80,10 +109,12 @@ class PageStager:
     _chunk_pages_written: int = 0
     _chunk_longest_line: int = 0
     longest_line: int = 0
+    _area: Path | None = None
 
     def __enter__(self) -> PageStager:
-        if self.directory:
-            os.makedirs(self.directory, exist_ok=True)
+        parent = staging_directory(self.directory)
+        self._area = claim_area(parent)
+        self.swept = sweep_once(parent, default=not self.directory)
         self._open_chunk()
         return self
 
@@ -155,8 +186,8 @@ class PageStager:
         )
 
     def _open_chunk(self) -> None:
-        handle, name = tempfile.mkstemp(
-            prefix=f"mkt_{self.spec.name}_{len(self._paths) + 1:05d}_", suffix=".ndjson", dir=self.directory
+        handle, name = tempfile.mkstemp(  # 0600
+            prefix=f"mkt_{self.spec.name}_{len(self._paths) + 1:05d}_", suffix=".ndjson", dir=self._area
         )
         self._file = os.fdopen(handle, "wb")
         self._paths.append(Path(name))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from mkt_assets import lean_process
+from mkt_assets.private_files import AREA_LOCK_NAME, area_lock_fds, claim_area
 
 
 def test_the_child_returns_the_function_result() -> None:
@@ -43,3 +45,14 @@ def test_the_child_does_not_get_the_api_key(monkeypatch: pytest.MonkeyPatch) -> 
 
     assert lean_process.call(os.getenv, "MKT_API_KEY") is None
     assert lean_process.call(os.getenv, "MKT_DUCKDB_PATH") == "kept.duckdb"
+
+
+def test_the_child_inherits_the_callers_staging_locks(tmp_path: Path) -> None:
+    # A flock lasts while any descriptor of it is open: a child still reading staged files
+    # keeps them claimed should its step be killed (see test_private_files).
+    lock = os.stat(claim_area(tmp_path) / AREA_LOCK_NAME)
+    (descriptor,) = [fd for fd in area_lock_fds() if os.fstat(fd).st_ino == lock.st_ino]
+
+    inherited = lean_process.call(os.fstat, descriptor)
+
+    assert (inherited.st_dev, inherited.st_ino) == (lock.st_dev, lock.st_ino)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import stat
+import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mkt_assets.errors import PrivateDirectoryError, PrivateFileError
 from mkt_assets.ratelimit import SharedRateLimiter, parse_refill, state_path_for
 
 NOW = 1_800_000_000.0  # a Unix time in 2027
@@ -87,7 +94,7 @@ def test_threads_of_one_process_share_the_quota_without_losing_reservations(tmp_
         raise QuotaSpent
 
     pacer = SharedRateLimiter(tmp_path / "quota.json", clock=clock, sleep=refuse)
-    pacer.observe(headers(remaining=400, refill="3600", limit=400))
+    pacer.observe(headers(remaining=400, refill="60", limit=400))
     granted: list[int] = []
     start = threading.Barrier(8)
 
@@ -155,6 +162,7 @@ def test_answers_without_rate_limit_headers_leave_requests_unpaced(tmp_path: Pat
 def test_a_corrupt_state_file_is_started_afresh(tmp_path: Path) -> None:
     clock = FakeClock()
     (tmp_path / "quota.json").write_text("{not json")
+    (tmp_path / "quota.json").chmod(0o600)  # ours and private, only torn
 
     assert limiter(tmp_path, clock).acquire() == 0
 
@@ -174,3 +182,196 @@ def test_a_spent_quota_with_no_refill_known_is_waited_out_not_forever(tmp_path: 
     assert pacer.acquire() == 0  # the window refilled; the request it sent got no answer
 
     assert pacer.acquire() == pytest.approx(1.02)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def logging_limiter(path: Path, clock: FakeClock, **options: float) -> tuple[SharedRateLimiter, list[str]]:
+    logged: list[str] = []
+    return SharedRateLimiter(path, log=logged.append, clock=clock, sleep=clock.sleep, **options), logged
+
+
+def test_a_state_directory_owned_by_another_user_is_refused(tmp_path: Path, give_away: Callable[[Path], int]) -> None:
+    quota = tmp_path / "quota"
+    quota.mkdir(mode=0o700)
+    owner = give_away(quota)
+
+    problem = rf"refusing {re.escape(str(quota))} for private files: it is owned by uid {owner}, not you \(uid {os.getuid()}\); remove it, or set staging_dir / quota_state_dir"
+    with pytest.raises(PrivateDirectoryError, match=problem):
+        state_path_for("https://api.systeme.io", str(quota))
+
+
+def test_a_state_directory_others_may_enter_is_refused(tmp_path: Path) -> None:
+    quota = tmp_path / "quota"
+    quota.mkdir()
+    quota.chmod(0o755)
+
+    with pytest.raises(PrivateDirectoryError, match=r"quota for private files: its mode is 0755: group or others have access"):
+        state_path_for("https://api.systeme.io", str(quota))
+
+
+def test_the_default_state_directory_is_the_users_own_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, usual_umask: None) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    path = state_path_for("https://api.systeme.io")
+
+    assert path.parent == tmp_path / f"mkt_assets-{os.getuid()}" / "quota"
+    assert (mode(path.parent.parent), mode(path.parent)) == (0o700, 0o700)
+
+
+def test_a_default_directory_planted_by_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"mkt_assets-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)  # open to all, so its maker can swap what we put in it
+    if os.getuid() == 0:
+        os.chown(planted, 1001, -1)
+
+    with pytest.raises(PrivateDirectoryError, match=rf"refusing {re.escape(str(planted))} for private files"):
+        state_path_for("https://api.systeme.io")
+    assert list(planted.iterdir()) == []
+
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["to a file", "dangling"])
+def test_a_symlinked_state_file_is_refused_and_its_target_never_written(tmp_path: Path, target_exists: bool) -> None:
+    target = tmp_path / "someone_elses_file"
+    if target_exists:
+        target.write_text("precious")
+    (tmp_path / "quota.json").symlink_to(target)
+    pacer = limiter(tmp_path, FakeClock())
+
+    with pytest.raises(PrivateFileError, match=r"quota.json: it is a symbolic link \(to .*someone_elses_file\)"):
+        pacer.acquire()
+    with pytest.raises(PrivateFileError):
+        pacer.observe(headers(remaining=5, refill="2"))
+
+    assert (target.read_text() if target_exists else target.exists()) == ("precious" if target_exists else False)
+
+
+def test_a_state_file_others_may_read_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "quota.json").write_text("")
+    (tmp_path / "quota.json").chmod(0o644)
+
+    with pytest.raises(PrivateFileError, match=r"quota.json: its mode is 0644"):
+        limiter(tmp_path, FakeClock()).acquire()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        '{"limit": 20, "remaining": 0, "refill_at": %r}' % (NOW + 3600),  # an hour ahead
+        '{"limit": 20, "remaining": 0, "refill_at": %r}' % (NOW + 99999),  # what 'Refill: 99999' stored
+        '{"limit": 20, "remaining": 0, "refill_at": 1764612345679.0}',  # ... and Unix milliseconds
+        '{"limit": 20, "remaining": 0, "refill_at": NaN}',
+        '{"limit": 20, "remaining": 0, "refill_at": Infinity}',
+        '{"limit": 20, "remaining": -1, "refill_at": %r}' % (NOW + 60),
+        '{"limit": 20, "remaining": "0", "refill_at": %r}' % (NOW + 60),
+        '{"limit": 20, "remaining": false, "refill_at": %r}' % (NOW + 60),
+        '{"limit": 20, "remaining": 0, "refill_at": "soon"}',
+        '{"limit": 20, "remaining": 0, "refill_at": %r, "wait": 1}' % (NOW + 60),
+        '[0, 0, 0]',
+    ],
+)
+def test_no_stored_state_stalls_or_breaks_a_later_run(tmp_path: Path, stored: str) -> None:
+    state = tmp_path / "quota.json"
+    state.write_text(stored)
+    state.chmod(0o600)
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+
+    assert [pacer.acquire() for _ in range(3)] == [0, 0, 0]
+    assert clock.slept == []
+    assert json.loads(state.read_text())["refill_at"] is None  # and it is gone for the next run too
+
+
+def test_a_stored_refill_beyond_the_horizon_is_logged_when_dropped(tmp_path: Path) -> None:
+    state = tmp_path / "quota.json"
+    state.write_text(json.dumps({"limit": 20, "remaining": 0, "refill_at": NOW + 3600}))
+    state.chmod(0o600)
+    pacer, logged = logging_limiter(state, FakeClock())
+
+    assert pacer.acquire() == 0
+
+    assert logged == [f"rate-limit state {state}: a refill 60.0 min ahead is beyond the 120 s horizon: treated as unknown"]
+
+
+@pytest.mark.parametrize(
+    ("refill", "ahead"),
+    [("99999", "27.8 h"), ("1764612345678", "55,860 years"), ("Fri, 31 Dec 9999 23:59:59 GMT", "7,973 years")],
+)
+def test_a_refill_beyond_the_horizon_is_treated_as_unknown_and_logged_once(tmp_path: Path, refill: str, ahead: str) -> None:
+    clock = FakeClock()
+    pacer, logged = logging_limiter(tmp_path / "quota.json", clock)
+
+    for _ in range(3):
+        pacer.observe(headers(remaining=0, refill=refill))
+        assert pacer.acquire() == 0
+
+    assert clock.slept == []
+    assert logged == [f"X-RateLimit-Refill: {refill} is {ahead} ahead, more than the 120 s horizon: treated as unknown"]
+
+
+def test_the_horizon_is_a_setting(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer, logged = logging_limiter(tmp_path / "quota.json", clock, horizon=600.0)
+    pacer.observe(headers(remaining=0, refill="300"))
+
+    assert pacer.acquire() == pytest.approx(300.02)
+    assert logged[0].startswith("rate limit: waiting 300.0 s")
+
+
+def test_a_server_sending_a_new_implausible_refill_on_every_answer_does_not_flood_the_log(tmp_path: Path) -> None:
+    pacer, logged = logging_limiter(tmp_path / "quota.json", FakeClock())
+
+    for millisecond in range(50):
+        pacer.observe(headers(remaining=0, refill=str(1764612345678 + millisecond)))
+
+    assert len(logged) == 5 and logged[-1].endswith("(further implausible values are not logged)")
+
+
+@pytest.mark.parametrize("refill", ["nan", "inf", "-inf", "1e400", "Mon, 01 Jan 99999 00:00:00 GMT"])
+def test_refill_values_no_clock_can_reach_are_ignored(tmp_path: Path, refill: str) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+
+    pacer.observe(headers(remaining=0, refill=refill))
+
+    assert pacer.acquire() == 0 and clock.slept == []
+
+
+def test_odd_counts_in_the_headers_never_break_the_pacing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+
+    pacer.observe({"X-RateLimit-Limit": "²", "X-RateLimit-Remaining": "-3", "X-RateLimit-Refill": "2"})
+
+    assert pacer.acquire() == pytest.approx(2.02)  # a negative count is a spent quota
+
+
+def test_a_wait_of_five_seconds_or_more_is_logged_and_a_shorter_one_is_not(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer, logged = logging_limiter(tmp_path / "quota.json", clock)
+    pacer.observe(headers(remaining=0, refill="2"))
+    assert pacer.acquire() == pytest.approx(2.02)
+    assert logged == []
+
+    pacer.observe(headers(remaining=0, refill="30"))
+    assert pacer.acquire() == pytest.approx(30.02)
+
+    assert logged == [
+        "rate limit: waiting 30.0 s for the quota to refill before the next request: 0 of 20 requests"
+        " remain in this window (it refills then, by the answers' X-RateLimit-Refill)"
+    ]
+
+
+def test_no_single_wait_is_longer_than_the_horizon_even_when_the_clock_steps_back(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = SharedRateLimiter(tmp_path / "quota.json", horizon=60.0, clock=clock, sleep=clock.sleep)
+    pacer.observe(headers(remaining=0, refill="50"))
+    clock.now -= 30  # the stored refill is now 80 s ahead
+
+    pacer.acquire()
+
+    assert all(pause <= 60.0 for pause in clock.slept)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from mkt_assets.errors import ConfigurationError
+from mkt_assets.errors import ConfigurationError, PrivateDirectoryError
 from mkt_assets.resource import MarketingApiResource
 
 KEY = "resource-secret-77aa"
@@ -63,3 +65,30 @@ def test_the_key_is_not_in_the_resource_repr_or_str() -> None:
 def test_a_client_without_a_key_cannot_be_built_and_says_which_setting() -> None:
     with pytest.raises(ConfigurationError, match="No API key: set MKT_API_KEY"):
         MarketingApiResource().get_client()
+
+
+def test_the_rate_limiter_waits_at_most_max_wait_seconds_and_logs_through_the_callers_log(tmp_path: Path) -> None:
+    resource = MarketingApiResource(api_key=KEY, quota_state_dir=str(tmp_path / "quota"), max_wait_seconds=30)
+    logged: list[str] = []
+    limiter = resource._rate_limiter(logged.append)
+    assert limiter is not None
+
+    limiter.observe({"X-RateLimit-Remaining": "0", "X-RateLimit-Refill": "60"})
+
+    assert limiter.horizon == 30
+    assert logged == ["X-RateLimit-Refill: 60 is 60 s ahead, more than the 30 s horizon: treated as unknown"]
+
+
+def test_max_wait_seconds_must_be_positive() -> None:
+    with pytest.raises(ValidationError, match="max_wait_seconds"):
+        MarketingApiResource(api_key=KEY, max_wait_seconds=0)
+
+
+def test_a_quota_state_dir_others_may_enter_is_refused_when_a_client_is_built(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    resource = MarketingApiResource(api_key=KEY, quota_state_dir=str(shared))
+
+    with pytest.raises(PrivateDirectoryError, match=r"shared for private files: its mode is 0755"):
+        resource.get_client()

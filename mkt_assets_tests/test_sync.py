@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from mkt_assets.assets import build_sync_asset, build_sync_assets
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.definitions import build_definitions
 from mkt_assets.io_manager import MarketingDuckDBIOManager
+from mkt_assets.private_files import AREA_LOCK_NAME, open_private_file, private_directory
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
@@ -112,7 +115,8 @@ def test_chunks_typed_during_the_fetch_land_the_same_rows_and_leave_no_file(
     assert metadata["pages"] in (13, 14)
     assert (metadata["staging_chunks"], metadata["chunks_typed_during_fetch"]) == (4, 3)
     assert table_rows(database, RESOURCES_BY_NAME["contacts"]) == expected_rows(RESOURCES_BY_NAME["contacts"], account)
-    assert list(staging.iterdir()) == []
+    # Nothing staged is left; only this process's area remains, with its lock, until it exits.
+    assert [path for path in staging.rglob("*") if path.is_file() and path.name != AREA_LOCK_NAME] == []
 
 
 def test_a_second_sync_changes_nothing(server: SandboxServer, tmp_path: Path) -> None:
@@ -289,3 +293,30 @@ def test_a_read_timeout_set_in_run_config_bounds_a_dripping_answer(
     message = str(failure.event_specific_data.error)  # type: ignore[union-attr]
     assert "contacts: GET /api/contacts?limit=100&order=asc: timed out: no complete answer (headers and body)" in message
     assert "within read_timeout (1 s)" in message
+
+
+def test_a_sync_reports_what_it_swept_and_what_the_rate_limiter_made_of_the_headers(
+    account: SandboxData, tmp_path: Path
+) -> None:
+    staging = private_directory(tmp_path / "staging")
+    dead = staging / "999999-0123456789abcdef"  # the area of a run killed mid-fetch
+    dead.mkdir(mode=0o700)
+    os.close(open_private_file(dead / AREA_LOCK_NAME, os.O_RDWR | os.O_CREAT))
+    (dead / "mkt_contacts_00001_abcdefgh.ndjson").write_text("{}")
+    tags = build_sync_asset(RESOURCES_BY_NAME["tags"], Settings())
+    instance = dg.DagsterInstance.ephemeral()
+
+    # A window of an hour: never spent here, but its Refill is beyond the 120 s horizon.
+    with SandboxServer(account, api_key=API_KEY, rate_limit=(10_000, 3600)) as server:
+        settings = {"staging_dir": str(staging), "quota_state_dir": str(tmp_path / "quota")}
+        result = dg.materialize([tags], resources=resources(server, str(tmp_path / "s.duckdb"), **settings), instance=instance)
+
+    assert result.success
+    assert not dead.exists()
+    warnings = {entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING}
+    infos = {entry.user_message for entry in instance.all_logs(result.run_id) if entry.level == logging.INFO}
+    assert f"tags: removed 1 staging directories and files left by runs that died: {dead}" in infos
+    assert any(
+        re.fullmatch(r"X-RateLimit-Refill: \d+ is [\d.]+ min ahead, more than the 120 s horizon: treated as unknown", m)
+        for m in warnings
+    ), warnings

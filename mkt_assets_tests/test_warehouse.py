@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import resource
 import signal
 import threading
 import time
 from collections.abc import Iterator
+import stat
+import tempfile
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +25,8 @@ from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import Page
 from mkt_assets import warehouse
 from mkt_assets.chunk_typing import ChunkTyper
-from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.private_files import AREA_LOCK_NAME
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
 from mkt_assets.warehouse import connect, fully_qualified, merge_staged
 
@@ -72,6 +76,11 @@ def stage(
                 stager.add(Page(spec.name, number, f"/api{spec.path}", {}, items, number < len(pages), body))
             batch = stager.finish()
         return replace(batch, typed=typer.finish())
+
+
+def staged_files(directory: Path) -> list[Path]:
+    """The chunks staged under ``directory`` (in this process's area, beside its lock)."""
+    return sorted(path for path in directory.rglob("*") if path.is_file() and path.name != AREA_LOCK_NAME)
 
 
 # How a batch was staged: in one JSON file, or a page a chunk with every chunk but the last
@@ -249,9 +258,9 @@ def test_staging_on_a_full_disk_names_the_file_and_the_cause(tmp_path: Path) -> 
     stager.join(60)
 
     assert message.startswith(f"StagingError: contacts: could not stage page "), message
-    assert f" to {tmp_path}/mkt_contacts_00001_" in message
-    assert ".ndjson: File too large (errno 27); nothing was written to the database." in message
-    assert list(tmp_path.iterdir()) == []  # the partial chunk is gone
+    assert re.search(rf" to {re.escape(str(tmp_path))}/\d+-[0-9a-f]+/mkt_contacts_00001_\w+\.ndjson: File too large \(errno 27\);", message)
+    assert "nothing was written to the database." in message
+    assert staged_files(tmp_path) == []  # the partial chunk is gone
 
 
 def test_unknown_fields_are_kept_in_extra(database: str, tmp_path: Path) -> None:
@@ -599,16 +608,59 @@ def test_a_failed_fetch_leaves_no_typed_chunk_behind(tmp_path: Path) -> None:
                 stager.add(Page(TAGS.name, number, "/api/tags", {}, items, True, json.dumps({"items": items, "hasMore": True}).encode()))
             raise FetchFailed("the API went away after three pages")
 
-    assert list(tmp_path.iterdir()) == []
+    assert staged_files(tmp_path) == []
 
 
 def test_discarding_a_batch_removes_its_json_and_parquet_chunks(tmp_path: Path) -> None:
     batch = stage(TAGS, [[{"id": 1, "name": "a"}], [{"id": 2, "name": "b"}]], tmp_path, chunk_pages=1, typed=True)
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len(staged_files(tmp_path)) == 3
 
     batch.discard()
 
-    assert list(tmp_path.iterdir()) == []
+    assert staged_files(tmp_path) == []
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_staged_json_and_parquet_chunks_are_the_users_alone(tmp_path: Path, usual_umask: None) -> None:
+    # Chunks hold contacts' e-mails; under the usual umask DuckDB would make the Parquet 0644.
+    staging = tmp_path / "staging"
+    batch = stage(CONTACTS, [[contact(1)], [contact(2)], [contact(3)]], staging, chunk_pages=1, typed=True)
+    parquets = [parquet for _, parquet in batch.typed]
+    assert len(parquets) == 2 and all(parquet.exists() for parquet in parquets)
+
+    assert {path: mode(path) for path in (*batch.paths, *parquets)} == dict.fromkeys((*batch.paths, *parquets), 0o600)
+    (area,) = {path.parent for path in (*batch.paths, *parquets)}
+    assert area.parent == staging
+    assert (mode(staging), mode(area)) == (0o700, 0o700)
+    batch.discard()
+
+
+def test_the_default_staging_directory_is_the_users_own_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, usual_umask: None
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with PageStager(TAGS) as stager:
+        batch = stager.finish()
+
+    (chunk,) = batch.paths
+    staging = tmp_path / f"mkt_assets-{os.getuid()}" / "staging"
+    assert chunk.parent.parent == staging
+    assert [mode(path) for path in (staging.parent, staging, chunk.parent, chunk)] == [0o700, 0o700, 0o700, 0o600]
+    batch.discard()
+
+
+def test_a_staging_directory_others_may_enter_is_refused(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o755)
+    staging.chmod(0o755)
+
+    with pytest.raises(PrivateDirectoryError, match=r"staging for private files: its mode is 0755"):
+        with PageStager(TAGS, directory=str(staging)):
+            pass
+    assert list(staging.iterdir()) == []
 
 
 def test_streaming_statements_run_under_the_small_limit_which_is_then_restored(database: str) -> None:
