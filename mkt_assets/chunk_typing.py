@@ -16,7 +16,7 @@ from types import TracebackType
 
 from mkt_assets import lean_process
 from mkt_assets.catalog import ResourceSpec
-from mkt_assets.warehouse import type_staged_chunk
+from mkt_assets.warehouse import type_staged_chunk, without_values
 
 
 def type_chunk_at_lowest_priority(
@@ -76,5 +76,5 @@ class ChunkTyper:
                 typed.append((json_path, parquet))
             else:
                 parquet.unlink(missing_ok=True)
-                self.failures.append(f"{json_path.name} left to the merge to read as JSON: {error}")
+                self.failures.append(f"{json_path.name} left to the merge to read as JSON: {without_values(str(error))}")
         return tuple(typed)

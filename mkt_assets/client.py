@@ -33,19 +33,21 @@ from mkt_assets.errors import (
     PaginationError,
 )
 from mkt_assets.ratelimit import SharedRateLimiter
-from mkt_assets.records import RecordProblem, record_checker
+from mkt_assets.records import RecordChecker, RecordProblem, record_checker
 from mkt_assets.transport import (
     RETRY_STATUSES,
     AnswerTooLarge,
     ApiAdapter,
     CappedRetry,
     Deadlines,
+    MAX_REDIRECTS,
     Log,
-    OffOriginRedirect,
-    OriginBoundSession,
+    ManualRedirectSession,
     RequestStats,
     WaitTooLong,
+    off_origin,
     read_body,
+    redirect_target,
 )
 
 MAX_PAGE_SIZE = 100
@@ -70,6 +72,8 @@ class Page:
     items: list[dict[str, Any]]
     has_more: bool
     body: bytes  # the raw JSON, so a stager can hand it to DuckDB without re-encoding
+    # Fields of its records the catalog does not know (``tags[].color`` for a list member's).
+    unknown_fields: frozenset[str] = frozenset()
 
 
 class MarketingApiClient:
@@ -120,7 +124,7 @@ class MarketingApiClient:
             log=log or (lambda message: None),
         )
         self._headers = {"X-API-Key": api_key, "Accept": "application/json", "User-Agent": "mkt-assets"}
-        self._checkers: dict[str, Any] = {}
+        self._checkers: dict[str, RecordChecker] = {}
         # One keep-alive session per fetching thread: requests does not promise a Session
         # is safe to share between threads, and each end of a walk has its own connection.
         self._local = threading.local()
@@ -137,7 +141,7 @@ class MarketingApiClient:
         return session
 
     def _new_session(self) -> requests.Session:
-        session = OriginBoundSession()
+        session = ManualRedirectSession()
         adapter = ApiAdapter(self._deadlines, self._rate_limiter, self.stats, max_retries=self._retry)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
@@ -296,12 +300,12 @@ class MarketingApiClient:
         if checker is None:
             checker = self._checkers[spec.name] = record_checker(spec)
         try:
-            checker(items, number)
+            unknown = checker(items, number)
         except RecordProblem as problem:
             raise ApiResponseError(spec.name, path, query, str(problem)) from None
         if spec.paginated:
             _check_order(spec, path, query, number, items)
-        return Page(spec.name, number, path, dict(query), items, has_more, body)
+        return Page(spec.name, number, path, dict(query), items, has_more, body, frozenset(unknown))
 
     def _get(self, spec: ResourceSpec, path: str, query: Mapping[str, object], number: int) -> tuple[bytes, str]:
         """The body of a successful answer and its content type, read whole within the
@@ -309,12 +313,22 @@ class MarketingApiClient:
         self.stats.count_request()
         with self._deadlines.bound(self.read_timeout) as bound:
             try:
-                with self._session.get(
-                    self.base_url + spec.path, params=query, timeout=self.timeout, stream=True
-                ) as response:
-                    body = read_body(response, self.max_page_bytes)
-            except OffOriginRedirect as error:
-                raise ApiError(spec.name, path, query, str(error)) from None
+                url, params = self.base_url + spec.path, query
+                for _ in range(MAX_REDIRECTS + 1):
+                    with self._session.get(
+                        url, params=params, timeout=self.timeout, stream=True, allow_redirects=False
+                    ) as response:
+                        target = redirect_target(response)
+                        if target is None:
+                            body = read_body(response, self.max_page_bytes)
+                            bound.finish()
+                            break
+                    refusal = off_origin(target, response.url)
+                    if refusal is not None:
+                        raise ApiError(spec.name, path, query, refusal)
+                    url, params = target, None  # the Location carries the query it wants
+                else:
+                    raise ApiResponseError(spec.name, path, query, f"more than {MAX_REDIRECTS} redirects; refusing to follow more")
             except WaitTooLong as error:
                 raise ApiStatusError(spec.name, path, query, error.status, str(error)) from None
             except AnswerTooLarge as error:
@@ -403,7 +417,7 @@ def _read_page(
         return ApiResponseError(spec.name, path, query, f"page {number}: {problem}")
 
     try:
-        body = json.loads(content)
+        body = json.loads(content, parse_constant=_not_json)
     except RecursionError:
         raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
     except ValueError as error:
@@ -433,6 +447,11 @@ def _read_page(
         if not isinstance(item, dict):
             raise fail(f"record {position} is {type(item).__name__}, not an object")
     return items, has_more
+
+
+def _not_json(constant: str) -> None:
+    # Python reads NaN and Infinity, which JSON (and DuckDB's JSON columns) do not allow.
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _check_order(spec: ResourceSpec, path: str, query: Mapping[str, object], number: int, items: list[dict[str, Any]]) -> None:

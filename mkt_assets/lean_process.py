@@ -60,6 +60,9 @@ def call(
             # the files the child may still be reading stay claimed until it ends.
             pass_fds=(report_end, *private_files.area_lock_fds()),
         )
+    except BaseException:
+        os.close(reports)
+        raise
     finally:
         os.close(report_end)
     listener = threading.Thread(target=_relay, args=(reports, log), name="lean-reports", daemon=True)
@@ -83,21 +86,29 @@ def call(
     raise value
 
 
+_report_fd: int | None = None  # set in a lean child: where ``report`` writes
+
+
 def report(message: str) -> None:
     """Say something to whoever runs this work: the caller's log from a lean child, else stderr."""
-    descriptor = os.environ.get(_REPORT_FD_ENV)
     line = message.replace("\n", " ") + "\n"
-    if descriptor is None:
+    if _report_fd is None:
         sys.stderr.write(line)
         return
-    os.write(int(descriptor), line.encode("utf-8", "replace"))
+    try:
+        os.write(_report_fd, line.encode("utf-8", "replace"))
+    except OSError:
+        pass  # the caller stopped listening: the work itself goes on
 
 
 def _relay(reports: int, log: Callable[[str], None] | None) -> None:
     with os.fdopen(reports, "rb") as lines:
-        for line in lines:
+        for line in lines:  # read to the end even if logging fails, so the child never blocks
             if log is not None:
-                log(line.decode("utf-8", "replace").rstrip("\n"))
+                try:
+                    log(line.decode("utf-8", "replace").rstrip("\n"))
+                except Exception:  # noqa: BLE001 - a log that fails must not fail the work
+                    pass
 
 
 def _how_it_ended(returncode: int) -> str:
@@ -108,6 +119,10 @@ def _how_it_ended(returncode: int) -> str:
 
 def _serve() -> None:
     """The child's side: read one call from stdin, write its outcome to stdout."""
+    # Taken out of the environment, so nothing this child starts writes to that number; set
+    # on the module as the work imports it (this one runs as __main__).
+    descriptor = os.environ.pop(_REPORT_FD_ENV, None)
+    importlib.import_module("mkt_assets.lean_process")._report_fd = int(descriptor) if descriptor else None
     module_name, qualname, args, kwargs = pickle.loads(sys.stdin.buffer.read())
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):

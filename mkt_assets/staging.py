@@ -196,13 +196,11 @@ class PageStager:
 
     def _check_records(self, page: Page) -> None:
         # The client has checked every record's key and values (see ``records``).
-        key = self.spec.primary_key
-        known = self.spec.known_fields
-        for record in page.items:
-            if record.keys() - known:
-                self.unknown_fields.update(record.keys() - known)
-            if self.keys_monotonic:
-                self._follow_key_order(page.query.get("order"), record[key])
+        self.unknown_fields.update(page.unknown_fields)
+        if self.keys_monotonic:
+            key, end = self.spec.primary_key, page.query.get("order")
+            for record in page.items:
+                self._follow_key_order(end, record[key])
 
     def _follow_key_order(self, end: object, key: object) -> None:
         previous, self._previous_keys[end] = self._previous_keys.get(end), key

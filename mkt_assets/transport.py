@@ -25,12 +25,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
@@ -161,16 +160,46 @@ class CappedRetry(Retry):
 
 
 class _Bound:
-    """One request's deadline: from each attempt's request to the last byte of its answer."""
+    """One request's deadline: from each attempt's request to the last byte of its answer.
 
-    __slots__ = ("seconds", "connection", "due", "generation", "expired")
+    Its fields change under ``lock``, which the watchdog holds from its check to the shutdown:
+    once ``finish`` or ``pause`` returns, the watchdog cannot shut the connection, which the
+    next request may already be reusing.
+    """
+
+    __slots__ = ("seconds", "lock", "connection", "due", "generation", "expired")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.lock = threading.Lock()
         self.connection: HTTPConnection | None = None
         self.due: float | None = None
         self.generation = 0
-        self.expired = False
+        self.expired = False  # the last attempt was cut at its deadline
+
+    def start(self, connection: HTTPConnection) -> tuple[float, int]:
+        with self.lock:
+            self.connection = connection
+            self.generation += 1
+            self.due = time.monotonic() + self.seconds
+            self.expired = False
+            return self.due, self.generation
+
+    def pause(self) -> None:
+        """Nothing is on the wire (between attempts, or the answer is read): stop the clock."""
+        with self.lock:
+            self.due = None
+            self.generation += 1
+
+    finish = pause
+
+    def fire(self, generation: int) -> bool:
+        """Cut the attempt ``generation`` if it is still running; False to look again soon."""
+        with self.lock:
+            if generation != self.generation or self.due is None:
+                return True  # that attempt is over
+            self.expired = True
+            return _shut(self.connection)
 
 
 _current = threading.local()
@@ -183,8 +212,7 @@ def _current_bound() -> _Bound | None:
 def _pause_current_deadline() -> None:
     bound = _current_bound()
     if bound is not None:
-        bound.due = None
-        bound.generation += 1
+        bound.pause()
 
 
 class Deadlines:
@@ -211,8 +239,7 @@ class Deadlines:
             yield bound
         finally:
             _current.bound = None
-            bound.due = None
-            bound.generation += 1
+            bound.finish()
 
     def close(self) -> None:
         with self._condition:
@@ -220,33 +247,35 @@ class Deadlines:
             self._condition.notify()
 
     def _arm(self, bound: _Bound, connection: HTTPConnection) -> None:
-        bound.connection = connection
-        bound.generation += 1
-        bound.due = time.monotonic() + bound.seconds
+        due, generation = bound.start(connection)
+        self._push(due, generation, bound)
+
+    def _push(self, due: float, generation: int, bound: _Bound) -> None:
         with self._condition:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="answer-deadlines", daemon=True)
                 self._thread.start()
-            heapq.heappush(self._heap, (bound.due, next(self._order), bound.generation, bound))
+            heapq.heappush(self._heap, (due, next(self._order), generation, bound))
             self._condition.notify()
 
     def _watch(self) -> None:
-        with self._condition:
-            while not self._closed:
-                if not self._heap:
-                    self._condition.wait()
-                    continue
-                due, _, generation, bound = self._heap[0]
-                now = time.monotonic()
-                if due > now:
-                    self._condition.wait(due - now)
-                    continue
-                heapq.heappop(self._heap)
-                if generation == bound.generation and bound.due is not None:
-                    bound.expired = True
-                    if not _shut(bound.connection):
-                        # Still connecting (the connect timeout bounds that): look again soon.
-                        heapq.heappush(self._heap, (now + 0.05, next(self._order), generation, bound))
+        while True:
+            with self._condition:
+                due: list[tuple[int, _Bound]] = []
+                while not due:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    while self._heap and self._heap[0][0] <= now:
+                        _, _, generation, bound = heapq.heappop(self._heap)
+                        due.append((generation, bound))
+                    if not due:
+                        self._condition.wait(self._heap[0][0] - now if self._heap else None)
+            # Outside the condition: a bound's lock is taken before the condition when armed.
+            for generation, bound in due:
+                if not bound.fire(generation):
+                    # Still connecting (the connect timeout bounds that): look again soon.
+                    self._push(time.monotonic() + 0.05, generation, bound)
 
 
 def _shut(connection: HTTPConnection | None) -> bool:
@@ -261,34 +290,27 @@ def _shut(connection: HTTPConnection | None) -> bool:
     return True
 
 
-class _WatchedHTTPConnection(HTTPConnection):
+class _Watched:
+    """Mixed into a pool's connection class: each request starts its attempt's deadline."""
+
     deadlines: Deadlines | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         bound = _current_bound()
         if bound is not None and self.deadlines is not None:
-            self.deadlines._arm(bound, self)
-        super().request(*args, **kwargs)
+            self.deadlines._arm(bound, self)  # type: ignore[arg-type]
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    deadlines: Deadlines | None = None
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        bound = _current_bound()
-        if bound is not None and self.deadlines is not None:
-            self.deadlines._arm(bound, self)
-        super().request(*args, **kwargs)
-
-
-def _watched_pools(deadlines: Deadlines) -> dict[str, type[HTTPConnectionPool]]:
-    """Connection pool classes whose connections start the deadline of each attempt."""
-    http_connection = type("WatchedHTTPConnection", (_WatchedHTTPConnection,), {"deadlines": deadlines})
-    https_connection = type("WatchedHTTPSConnection", (_WatchedHTTPSConnection,), {"deadlines": deadlines})
-    return {
-        "http": type("WatchedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http_connection}),
-        "https": type("WatchedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https_connection}),
-    }
+def _watch_pools(manager: Any, deadlines: Deadlines, made: dict[type, type]) -> None:
+    """Make ``manager``'s pools (plain, TLS, SOCKS: whatever it uses) start deadlines."""
+    watched = {}
+    for scheme, pool in manager.pool_classes_by_scheme.items():
+        if pool not in made:
+            connection = type(f"Watched{pool.ConnectionCls.__name__}", (_Watched, pool.ConnectionCls), {"deadlines": deadlines})
+            made[pool] = type(f"Watched{pool.__name__}", (pool,), {"ConnectionCls": connection})
+        watched[scheme] = made[pool]
+    manager.pool_classes_by_scheme = watched
 
 
 class ApiAdapter(HTTPAdapter):
@@ -298,18 +320,21 @@ class ApiAdapter(HTTPAdapter):
     def __init__(
         self, deadlines: Deadlines, limiter: SharedRateLimiter | None, stats: RequestStats, **kwargs: Any
     ) -> None:
-        self._pools = _watched_pools(deadlines)
+        self._deadlines = deadlines
+        self._watched: dict[type, type] = {}
         self._limiter = limiter
         self._stats = stats
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = self._pools
+        _watch_pools(self.poolmanager, self._deadlines, self._watched)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        fresh = proxy not in self.proxy_manager
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        manager.pool_classes_by_scheme = self._pools
+        if fresh:
+            _watch_pools(manager, self._deadlines, self._watched)
         return manager
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
@@ -338,26 +363,39 @@ def read_body(response: requests.Response, max_bytes: int) -> bytes:
 
 # ---------------------------------------------------------------------- redirects
 
+# The API does not redirect; a few hops within its origin are followed, in case a proxy does.
+MAX_REDIRECTS = 5
 
-class OffOriginRedirect(requests.exceptions.InvalidURL):
-    """A redirect to another origin: following it would send the key there."""
+
+class ManualRedirectSession(requests.Session):
+    """A session that never follows (nor prepares to follow) a redirect itself.
+
+    Even with ``allow_redirects=False`` requests reads a redirect's body whole to prepare
+    ``Response.next``; the client follows redirects itself (``redirect_target``)."""
+
+    def resolve_redirects(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        return iter(())
 
 
-class OriginBoundSession(requests.Session):
-    """A session that refuses to follow a redirect off the API's origin.
+def redirect_target(response: requests.Response) -> str | None:
+    """Where a redirect points (absolute), or None when ``response`` is not a redirect.
 
-    requests drops ``Authorization`` on such redirects but forwards custom headers
-    like ``X-API-Key``; refusing is the only safe answer for a key in a custom header.
-    """
+    Redirects are followed by the client, not by requests: requests would read each hop's
+    body whole (unbounded) and forward ``X-API-Key`` to another origin (it drops only
+    ``Authorization``)."""
+    if not response.is_redirect:
+        return None
+    return urljoin(response.url, response.headers["Location"])
 
-    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
-        target, source = origin(prepared_request.url or ""), origin(response.request.url or "")
-        if target != source:
-            raise OffOriginRedirect(
-                f"the API redirected to another origin ({target}, not {source});"
-                " refusing to follow it with the API key"
-            )
-        super().rebuild_auth(prepared_request, response)
+
+def off_origin(target: str, source: str) -> str | None:
+    """Why following ``source`` to ``target`` would be refused, or None when it is safe."""
+    if origin(target) == origin(source):
+        return None
+    return (
+        f"the API redirected to another origin ({origin(target)}, not {origin(source)});"
+        " refusing to follow it with the API key"
+    )
 
 
 def origin(url: str) -> str:

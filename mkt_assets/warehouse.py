@@ -116,6 +116,7 @@ def transaction(connection: duckdb.DuckDBPyConnection, what: str) -> Iterator[No
     roll back, and DuckDB's answer to the ROLLBACK would hide the real cause: it is the
     first error that is raised, naming the file and what went wrong.
     """
+    database = _database_file(connection)  # asked now: a failed write may leave DuckDB unable to say
     connection.execute("BEGIN TRANSACTION")
     try:
         yield
@@ -129,7 +130,7 @@ def transaction(connection: duckdb.DuckDBPyConnection, what: str) -> Iterator[No
         # Could not write file ...: No space left on device").
         if isinstance(error, (duckdb.IOException, duckdb.TransactionException)):
             raise WarehouseWriteError(
-                f"{_database_file(connection)}: {what} failed and nothing of it was written: {error}"
+                f"{database}: {what} failed and nothing of it was written: {without_values(str(error))}"
             ) from error
         raise
 
@@ -179,7 +180,7 @@ def connect(
                     )
                     break
                 except duckdb.IOException as error:
-                    if "lock" not in str(error).lower():
+                    if not _DUCKDB_LOCK_CONFLICT.search(str(error)):
                         raise
                     outsider = _duckdb_lock_holder(str(error))
                     _say_who_holds(lock, f", itself waiting for {outsider}")
@@ -206,10 +207,15 @@ class _Wait:
             self.started, self.next_log = now, now + WAIT_LOG_SECONDS
         waited = now - self.started
         if waited >= self.seconds:
+            what_to_do = (
+                "close DuckDB sessions open on it"
+                if "outside this project" in holder
+                else "let that sync finish, or stop it if it hangs,"
+            )
             raise WarehouseBusyError(
                 f"{self.path} stayed locked for {waited:.0f} s, longer than the {self.seconds:g} s a sync"
-                f" waits (MKT_DUCKDB_WAIT_SECONDS), by {holder}: close DuckDB sessions open on it and"
-                " run again; every table is as it was"
+                f" waits (MKT_DUCKDB_WAIT_SECONDS), by {holder}: {what_to_do} and run again; every"
+                " table is as it was"
             )
         if now >= self.next_log:
             self.next_log = now + WAIT_LOG_SECONDS
@@ -242,6 +248,9 @@ def _lock_holder(lock: IO[bytes]) -> str:
     return lock.read(400).decode("utf-8", "replace").strip() or "another process of this project"
 
 
+# What DuckDB says when another process has the file open (not any error that names a path
+# with "lock" in it).
+_DUCKDB_LOCK_CONFLICT = re.compile(r"Could not set lock on file|Conflicting lock is held")
 _DUCKDB_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.+?) \(PID (?P<pid>\d+)\)")
 
 
@@ -308,11 +317,12 @@ def _typed_expression(column: Column, record: str = "r") -> str:
         if column.duckdb_type == "JSON":
             return f"({record} -> {key})"
         return f"CAST({record} ->> {key} AS {column.duckdb_type})"
-    # JSON objects cast to structs by key, so cast with the API's names, then rename.
-    api_struct = ", ".join(f"{quote_ident(m.api_name)} {m.sql_type}" for m in column.fields)
+    # Read with the API's names, then renamed. from_json, not a CAST to STRUCT: a CAST refuses
+    # members with fields the catalog does not know, which the raw path keeps in _extra.
+    structure = quote_literal(json.dumps([{m.api_name: m.sql_type for m in column.fields}]))
     renamed = ", ".join(f"{quote_ident(m.name)} := x.{quote_ident(m.api_name)}" for m in column.fields)
     return (
-        f"CAST(list_transform(CAST({record} -> {key} AS STRUCT({api_struct})[]),"
+        f"CAST(list_transform(from_json({record} -> {key}, {structure}),"
         f" lambda x: struct_pack({renamed})) AS {column.sql_type})"
     )
 
@@ -376,6 +386,7 @@ def staged_select_sql(
     json: bool = True,
     parquet: bool = False,
     longest_line: int = 0,
+    unknown_fields: tuple[str, ...] = (),
 ) -> str:
     """One typed row per key, the last one seen winning, as the table's columns.
 
@@ -389,7 +400,7 @@ def staged_select_sql(
     if raw:
         records = _records_sql(longest_line)
         typed = [f"{_typed_expression(c)} AS {quote_ident(c.name)}" for c in spec.columns]
-        extra = "CAST(nullif(json_merge_patch(r, $known), '{}') AS JSON)"
+        extra = _extra_sql(spec, unknown_fields)
     else:
         sources = ([f"SELECT page, position, {', '.join(names)} FROM read_parquet($typed)"] if parquet else []) + (
             [_typed_rows_sql(spec, longest_line)] if json else []
@@ -425,6 +436,34 @@ def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, mem
 def _known_fields_patch(spec: ResourceSpec) -> str:
     # An RFC 7396 merge patch that nulls every known field leaves only the unknown ones.
     return json.dumps({name: None for name in sorted(spec.known_fields)})
+
+
+def _extra_sql(spec: ResourceSpec, unknown_fields: tuple[str, ...]) -> str:
+    """``_extra`` of a raw record: the fields the catalog does not know, and whole any list
+    whose members carry such fields (``tags[].color``: the typed column keeps only the known
+    members' fields, so the list as sent is kept beside it)."""
+    extra = "json_merge_patch(r, $known)"
+    with_unknown_members = {name.split("[]", 1)[0] for name in unknown_fields if "[]." in name}
+    for column in spec.columns:
+        if column.api_name not in with_unknown_members:
+            continue
+        key = quote_literal(column.api_name)
+        known = "[" + ", ".join(quote_literal(member.api_name) for member in column.fields) + "]"
+        carries_unknown = (
+            f"len(list_filter(CAST(r -> {key} AS JSON[]), lambda m: json_type(m) = 'OBJECT'"
+            f" AND len(list_filter(json_keys(m), lambda k: NOT list_contains({known}, k))) > 0)) > 0"
+        )
+        extra = f"json_merge_patch({extra}, CASE WHEN coalesce({carries_unknown}, false) THEN json_object({key}, r -> {key}) ELSE '{{}}' END)"
+    return f"CAST(nullif({extra}, '{{}}') AS JSON)"
+
+
+def without_values(message: str) -> str:
+    """A DuckDB message without the JSON it quotes (a whole record, e-mail included)."""
+    return shortened_message(re.sub(r"[\[{].*[\]}]", "{...}", message, flags=re.S))
+
+
+def shortened_message(message: str, limit: int = 600) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 DELETIONS_MODES = ("mark", "delete")
@@ -487,7 +526,12 @@ def merge_staged(
         json=bool(json_paths),
         parquet=bool(typed),
         longest_line=batch.longest_line,
+        unknown_fields=batch.unknown_fields,
     )
+    if raw and json_paths:
+        problem = _duplicated_field(connection, batch, parameters)
+        if problem is not None:
+            raise StagingError(problem)
     try:
         with transaction(connection, f"the merge into {schema}.{table}"):
             ensure_table(connection, schema, table, spec)
@@ -563,24 +607,55 @@ def _explain_cast_failure(
 ) -> StagingError:
     """Find which column and value could not be typed, which DuckDB's message does not say.
 
-    Runs after the rollback: an aborted transaction answers no further query."""
-    for column in spec.columns:
-        expression = _typed_expression(column).replace("CAST(", "TRY_CAST(")
-        value = f"(r -> {quote_literal(column.api_name)})"
-        row = connection.execute(
-            f"WITH records AS ({_records_sql(batch.longest_line)})"
-            f" SELECT page, position, {value} FROM records"
-            f" WHERE json_type({value}) IS DISTINCT FROM 'NULL' AND {value} IS NOT NULL"
-            f" AND {expression} IS NULL LIMIT 1",
-            {"path": [str(path) for path in batch.paths]},
-        ).fetchone()
-        if row is not None:
-            page, position, value = row
-            return StagingError(
-                f"{spec.name}: record {position} of page {page}: field"
-                f" {column.api_name!r} (column {column.name} {column.sql_type}) cannot hold {shortened(str(value))}"
-            )
-    return StagingError(f"{spec.name}: a value could not be typed: {error}")
+    The client has checked every value's type already: what is left is what DuckDB reads
+    differently from Python (a field sent twice in one object, a timestamp form DuckDB does
+    not know, text that is not valid Unicode). Runs after the rollback: an aborted
+    transaction answers no further query."""
+    duplicated = re.search(r'has duplicate key "([^"]*)"', str(error))
+    if duplicated is not None:
+        return StagingError(
+            f"{spec.name}: a record sends the field {duplicated[1]!r} twice; DuckDB and the checks would"
+            " read different values, so nothing is written"
+        )
+    try:
+        for column in spec.columns:
+            expression = _typed_expression(column).replace("CAST(", "TRY_CAST(")
+            value = f"(r -> {quote_literal(column.api_name)})"
+            row = connection.execute(
+                f"WITH records AS ({_records_sql(batch.longest_line)})"
+                f" SELECT page, position, {value} FROM records"
+                f" WHERE json_type({value}) IS DISTINCT FROM 'NULL' AND {value} IS NOT NULL"
+                f" AND {expression} IS NULL LIMIT 1",
+                {"path": [str(path) for path in batch.paths]},
+            ).fetchone()
+            if row is not None:
+                page, position, value = row
+                shown = shortened(str(value)) if column.duckdb_type in ("BIGINT", "BOOLEAN", "TIMESTAMPTZ") else "it"
+                return StagingError(
+                    f"{spec.name}: record {position} of page {page}: field"
+                    f" {column.api_name!r} (column {column.name} {column.sql_type}) cannot hold {shown}"
+                )
+    except duckdb.Error as unreadable:
+        return StagingError(f"{spec.name}: the staged pages could not be read: {without_values(str(unreadable))}")
+    return StagingError(f"{spec.name}: a value could not be typed: {without_values(str(error))}")
+
+
+def _duplicated_field(connection: duckdb.DuckDBPyConnection, batch: StagedBatch, parameters: dict[str, object]) -> str | None:
+    """A record sending one of its fields twice, found where the raw path would read the
+    first copy (DuckDB's ``->>``) while the client checked the last (Python's parser)."""
+    row = connection.execute(
+        f"WITH records AS ({_records_sql(batch.longest_line)})"
+        " SELECT page, position, k FROM (SELECT page, position, unnest(json_keys(r)) AS k FROM records)"
+        " GROUP BY ALL HAVING count(*) > 1 LIMIT 1",
+        {"path": parameters["path"]},
+    ).fetchone()
+    if row is None:
+        return None
+    page, position, name = row
+    return (
+        f"{batch.spec.name}: record {position} of page {page} sends the field {name!r} twice; DuckDB and"
+        " the checks would read different values, so nothing is written"
+    )
 
 
 def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:

@@ -475,7 +475,7 @@ def test_a_page_out_of_order_fails_naming_the_page_instead_of_losing_records(har
 
     assert_failed_cleanly(harness, outcome, before)
     # Pages of a two-ended walk are numbered in the order they were asked for.
-    assert re.search(r"contacts: GET /api/contacts\?limit=100&order=(asc|desc)&startingAfter=\d+: page \d+: records out of", outcome.error)
+    assert re.search(r"contacts: GET /api/contacts\?limit=100&order=(asc|desc)(&startingAfter=\d+)?: page \d+: records out of", outcome.error)
     assert "stopping rather than risk losing records" in outcome.error
 
 
@@ -490,12 +490,22 @@ def test_the_same_record_on_two_pages_is_kept_once_counted_and_warned_about(harn
     assert "marketing.contacts: 2 records came again under a key already read in this sync" in outcome.everything_recorded()
 
 
-def test_a_page_longer_than_asked_fails_naming_its_length_before_anything_is_staged(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("records", "problem"),
+    [
+        (20_000, ": page 2: 20000 records, more than the 100 asked for (limit=100); refusing the page"),
+        # 100,000 contacts are 55 MB: the size cap stops the read before the page is parsed.
+        (100_000, ": page 2: the answer is larger than 16 MiB (max_page_mb); stopped reading it"),
+    ],
+)
+def test_a_page_longer_than_asked_fails_naming_its_length_before_anything_is_staged(
+    harness: Harness, records: int, problem: str
+) -> None:
     before = harness.table()
-    outcome = harness.sync(CONTACTS, Fault("oversized", path="/api/contacts", size=100_000, after=1))
+    outcome = harness.sync(CONTACTS, Fault("oversized", path="/api/contacts", size=records, after=1))
 
     assert_failed_cleanly(harness, outcome, before)
-    assert ": page 2: 100000 records, more than the 100 asked for (limit=100); refusing the page" in outcome.error
+    assert problem in outcome.error
 
 
 def test_a_ten_megabyte_value_lands_whole(harness: Harness) -> None:
@@ -570,3 +580,12 @@ def test_a_gzip_bomb_is_cut_off_at_the_page_cap(harness: Harness) -> None:
 
     assert_failed_cleanly(harness, outcome, before)
     assert ": page 2: the answer is larger than 8 MiB once decompressed (max_page_mb); stopped reading it" in outcome.error
+
+
+def test_an_answer_cut_at_its_deadline_is_retried_and_a_prompt_retry_succeeds(harness: Harness) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("delay", path="/api/contacts", delay=3.0, after=1), read_timeout=1.0)
+
+    assert outcome.result.success
+    assert harness.table() == before
+    assert outcome.metadata()["retries"] == 1

@@ -56,3 +56,19 @@ def test_the_child_inherits_the_callers_staging_locks(tmp_path: Path) -> None:
     inherited = lean_process.call(os.fstat, descriptor)
 
     assert (inherited.st_dev, inherited.st_ino) == (lock.st_dev, lock.st_ino)
+
+
+def test_what_the_child_reports_reaches_the_callers_log_as_it_happens() -> None:
+    heard: list[str] = []
+
+    assert lean_process.call(lean_process.report, "waiting 10 s for the file\nheld by PID 7", log=heard.append) is None
+
+    assert heard == ["waiting 10 s for the file held by PID 7"]
+    assert lean_process.call(os.getenv, "MKT_LEAN_REPORT_FD") is None  # nothing the child starts inherits it
+
+
+def test_a_log_that_fails_does_not_fail_the_work() -> None:
+    def broken_log(line: str) -> None:
+        raise RuntimeError("the log is gone")
+
+    assert lean_process.call(lean_process.report, "hello", log=broken_log) is None
