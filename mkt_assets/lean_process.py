@@ -1,56 +1,62 @@
-"""Run one function in a fresh, lean Python process and return its result.
+"""Run functions in a lean Python process, one call after another, and return their results.
 
-Used for the DuckDB work of a sync (merges, table builds, the checks' queries). A Dagster step process holds
-about 130 MB before it does anything, and DuckDB's JSON reader and joins take up to its
-memory cap on top; a child that imports only DuckDB and this package's DuckDB modules
-starts at about 36 MB, so every process of a sync stays small however large the account.
+Used for the DuckDB work of a sync (typing staged chunks, the run's one transaction, the
+checks' queries). A Dagster process holds about 130 MB before it does anything, and DuckDB's
+JSON reader and joins take up to its memory cap on top; a child that imports only DuckDB and
+this package's DuckDB modules starts at about 36 MB, so every process of a sync stays small
+however large the account. A ``Worker`` is started once and serves many calls, so a run pays
+for one process start, not one per call; ``call`` is a worker for a single call.
 
-The function must be importable at module level from a module that does not import
-Dagster. Its arguments and its result, or the exception it raised, travel pickled over
-the child's stdin and stdout: both ends run this package's code from the same
-interpreter. If the caller is interrupted, the child is killed and DuckDB rolls back the
-open transaction. What the child says while it works (``report``: a wait for the database
-file, say) reaches the caller's ``log`` as it happens, through a pipe of its own. The child
+A function must be importable at module level from a module that does not import Dagster.
+Its arguments and its result, or the exception it raised, travel pickled over the child's
+stdin and stdout: both ends run this package's code from the same interpreter. If the caller
+is interrupted during a call, the child is killed and DuckDB rolls back the open
+transaction. What the child says while it works (``report``: a wait for the database file,
+say) reaches the caller's ``log`` as it happens, through a pipe of its own. The child
 inherits the caller's staging locks (see ``private_files``).
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import IO, Any, TypeVar
 
 from mkt_assets import private_files
 
 Result = TypeVar("Result")
-# The descriptor of the pipe a child reports on, handed down in the environment.
-_REPORT_FD_ENV = "MKT_LEAN_REPORT_FD"
+Log = Callable[[str], None]
+_FRAME = struct.Struct("!cQ")  # each message: its kind and its length
+_ANSWER, _REPORT = b"A", b"R"  # from the child: a call's outcome (pickled), or a line it reports
+# What a child printed last, kept to explain how it died.
+_STDERR_TAIL_LINES = 40
 
 
 class LeanProcessError(RuntimeError):
     """The child ended without an answer: killed (e.g. by the OOM killer) or crashed."""
 
 
-def call(
-    function: Callable[..., Result], /, *args: Any, log: Callable[[str], None] | None = None, **kwargs: Any
-) -> Result:
-    """``function(*args, **kwargs)`` in a fresh child; what it ``report``s goes to ``log``."""
-    from mkt_assets.resource import API_KEY_ENV  # the caller's side only: the child stays lean
+class Worker:
+    """One lean child process serving calls in order until it is closed."""
 
-    request = pickle.dumps((function.__module__, function.__qualname__, args, kwargs))
-    reports, report_end = os.pipe()
-    # DuckDB work never needs the API key: the child does not get it.
-    environment = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
-    environment[_REPORT_FD_ENV] = str(report_end)
-    try:
-        child = subprocess.Popen(
+    def __init__(self, name: str = "lean worker") -> None:
+        from mkt_assets.resource import API_KEY_ENV  # the caller's side only: the child stays lean
+
+        self.name = name
+        self._lock = threading.Lock()
+        # DuckDB work never needs the API key: the child does not get it.
+        environment = {key: value for key, value in os.environ.items() if key != API_KEY_ENV}
+        self._child = subprocess.Popen(
             [sys.executable, "-m", __name__],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -58,57 +64,126 @@ def call(
             env=environment,
             # The child holds this process's staging locks too: should this process be killed,
             # the files the child may still be reading stay claimed until it ends.
-            pass_fds=(report_end, *private_files.area_lock_fds()),
+            pass_fds=private_files.area_lock_fds(),
         )
-    except BaseException:
-        os.close(reports)
-        raise
-    finally:
-        os.close(report_end)
-    listener = threading.Thread(target=_relay, args=(reports, log), name="lean-reports", daemon=True)
-    listener.start()
-    try:
-        stdout, stderr = child.communicate(request)
-    except BaseException:
-        child.kill()  # interrupted: DuckDB rolls the child's transaction back
-        child.wait()
-        raise
-    finally:
-        listener.join()
-    if child.returncode != 0 or not stdout:
-        raise LeanProcessError(
-            f"{function.__qualname__} ran in a child process that {_how_it_ended(child.returncode)}"
-            f" without an answer; what it printed: {stderr.decode(errors='replace')[-2000:]!r}"
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._stderr_reader = threading.Thread(target=self._keep_stderr, name=f"{name}-stderr", daemon=True)
+        self._stderr_reader.start()
+
+    def call(self, function: Callable[..., Result], /, *args: Any, log: Log | None = None, **kwargs: Any) -> Result:
+        """``function(*args, **kwargs)`` in the child; what it ``report``s goes to ``log``."""
+        request = pickle.dumps((function.__module__, function.__qualname__, args, kwargs))
+        with self._lock:
+            try:
+                assert self._child.stdin is not None and self._child.stdout is not None
+                _write_frame(self._child.stdin, _ANSWER, request)
+                while True:
+                    kind, data = _read_frame(self._child.stdout)
+                    if kind == _ANSWER:
+                        break
+                    _tell(log, data.decode("utf-8", "replace"))
+            except BaseException as error:
+                self.kill()  # interrupted, or the child died: DuckDB rolls its transaction back
+                if isinstance(error, (OSError, EOFError)):
+                    raise self._died(function) from None
+                raise
+        succeeded, value = pickle.loads(data)
+        if succeeded:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def close(self) -> None:
+        """Let the child finish and exit; kill it if it does not."""
+        if self._child.poll() is None and self._child.stdin is not None:
+            try:
+                self._child.stdin.close()
+                self._child.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        self._join()
+
+    def kill(self) -> None:
+        if self._child.poll() is None:
+            self._child.kill()
+        self._child.wait()
+        self._join()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.kill()
+
+    def _died(self, function: Callable[..., Any]) -> LeanProcessError:
+        self._child.wait()
+        self._join()
+        printed = "".join(self._stderr)[-2000:]
+        return LeanProcessError(
+            f"{function.__qualname__} ran in a child process that {_how_it_ended(self._child.returncode)}"
+            f" without an answer; what it printed: {printed!r}"
         )
-    succeeded, value = pickle.loads(stdout)
-    if succeeded:
-        return value  # type: ignore[no-any-return]
-    raise value
+
+    def _join(self) -> None:
+        self._stderr_reader.join(timeout=30)
+
+    def _keep_stderr(self) -> None:
+        assert self._child.stderr is not None
+        for line in self._child.stderr:
+            self._stderr.append(line.decode("utf-8", "replace"))
 
 
-_report_fd: int | None = None  # set in a lean child: where ``report`` writes
+def call(function: Callable[..., Result], /, *args: Any, log: Log | None = None, **kwargs: Any) -> Result:
+    """``function(*args, **kwargs)`` in a fresh child of its own; what it ``report``s goes to ``log``."""
+    with Worker(function.__qualname__) as worker:
+        return worker.call(function, *args, log=log, **kwargs)
+
+
+_answers: IO[bytes] | None = None  # set in a lean child: where answers and reports go
+_answers_lock = threading.Lock()
 
 
 def report(message: str) -> None:
     """Say something to whoever runs this work: the caller's log from a lean child, else stderr."""
-    line = message.replace("\n", " ") + "\n"
-    if _report_fd is None:
-        sys.stderr.write(line)
+    line = message.replace("\n", " ")
+    if _answers is None:
+        sys.stderr.write(line + "\n")
         return
-    try:
-        os.write(_report_fd, line.encode("utf-8", "replace"))
-    except OSError:
-        pass  # the caller stopped listening: the work itself goes on
+    with _answers_lock:
+        _write_frame(_answers, _REPORT, line.encode("utf-8", "replace"))
 
 
-def _relay(reports: int, log: Callable[[str], None] | None) -> None:
-    with os.fdopen(reports, "rb") as lines:
-        for line in lines:  # read to the end even if logging fails, so the child never blocks
-            if log is not None:
-                try:
-                    log(line.decode("utf-8", "replace").rstrip("\n"))
-                except Exception:  # noqa: BLE001 - a log that fails must not fail the work
-                    pass
+def _tell(log: Log | None, line: str) -> None:
+    if log is not None:
+        try:
+            log(line)
+        except Exception:  # noqa: BLE001 - a log that fails must not fail the work
+            pass
+
+
+def lower_priority() -> None:
+    """Run this child's later calls at nice 19: they take only CPU the rest leaves idle."""
+    os.nice(19)
+
+
+def _write_frame(stream: IO[bytes], kind: bytes, data: bytes) -> None:
+    stream.write(_FRAME.pack(kind, len(data)) + data)
+    stream.flush()
+
+
+def _read_frame(stream: IO[bytes]) -> tuple[bytes, bytes]:
+    head = stream.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        raise EOFError("the other end closed")
+    kind, length = _FRAME.unpack(head)
+    data = stream.read(length)
+    if len(data) < length:
+        raise EOFError("the other end closed mid-message")
+    return kind, data
 
 
 def _how_it_ended(returncode: int) -> str:
@@ -118,12 +193,27 @@ def _how_it_ended(returncode: int) -> str:
 
 
 def _serve() -> None:
-    """The child's side: read one call from stdin, write its outcome to stdout."""
-    # Taken out of the environment, so nothing this child starts writes to that number; set
-    # on the module as the work imports it (this one runs as __main__).
-    descriptor = os.environ.pop(_REPORT_FD_ENV, None)
-    importlib.import_module("mkt_assets.lean_process")._report_fd = int(descriptor) if descriptor else None
-    module_name, qualname, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+    """The child's side: answer calls from stdin on stdout, one after another, until stdin ends."""
+    # Answers go to a private copy of stdout; what the work prints goes to stderr instead, so
+    # it can never corrupt an answer. Set on the module as the work imports it (this one
+    # runs as __main__), for ``report``.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    module = importlib.import_module("mkt_assets.lean_process")
+    module._answers = answers
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            _, request = _read_frame(requests)
+        except EOFError:
+            return
+        outcome = _answer(request)
+        with module._answers_lock:
+            _write_frame(answers, _ANSWER, outcome)
+
+
+def _answer(request: bytes) -> bytes:
+    module_name, qualname, args, kwargs = pickle.loads(request)
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         target = getattr(target, part)
@@ -133,12 +223,10 @@ def _serve() -> None:
         error.add_note(f"raised in a lean child process:\n{traceback.format_exc()}")
         outcome = (False, error)
     try:
-        answer = pickle.dumps(outcome)
+        return pickle.dumps(outcome)
     except Exception:  # an exception that does not pickle: keep its type name and message
         failed = outcome[1]
-        answer = pickle.dumps((False, RuntimeError(f"{type(failed).__name__}: {failed}")))
-    sys.stdout.buffer.write(answer)
-    sys.stdout.buffer.flush()
+        return pickle.dumps((False, RuntimeError(f"{type(failed).__name__}: {failed}")))
 
 
 if __name__ == "__main__":

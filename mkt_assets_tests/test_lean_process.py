@@ -64,7 +64,15 @@ def test_what_the_child_reports_reaches_the_callers_log_as_it_happens() -> None:
     assert lean_process.call(lean_process.report, "waiting 10 s for the file\nheld by PID 7", log=heard.append) is None
 
     assert heard == ["waiting 10 s for the file held by PID 7"]
-    assert lean_process.call(os.getenv, "MKT_LEAN_REPORT_FD") is None  # nothing the child starts inherits it
+
+
+def test_reports_arrive_in_order_before_the_answer() -> None:
+    heard: list[str] = []
+    with lean_process.Worker() as worker:
+        worker.call(lean_process.report, "first", log=heard.append)
+        worker.call(lean_process.report, "second", log=heard.append)
+        assert worker.call(pow, 2, 3, log=heard.append) == 8
+    assert heard == ["first", "second"]
 
 
 def test_a_log_that_fails_does_not_fail_the_work() -> None:
@@ -72,3 +80,25 @@ def test_a_log_that_fails_does_not_fail_the_work() -> None:
         raise RuntimeError("the log is gone")
 
     assert lean_process.call(lean_process.report, "hello", log=broken_log) is None
+
+
+def test_a_worker_serves_many_calls_from_one_process() -> None:
+    with lean_process.Worker() as worker:
+        pids = {worker.call(os.getpid) for _ in range(5)}
+        assert worker.call(pow, 3, 4) == 81
+
+    assert len(pids) == 1 and os.getpid() not in pids
+
+
+def test_what_a_call_prints_cannot_corrupt_the_answers() -> None:
+    with lean_process.Worker() as worker:
+        assert worker.call(print, "noise on stdout") is None
+        assert worker.call(pow, 2, 5) == 32
+
+
+def test_a_worker_whose_child_dies_says_how_and_later_calls_fail_too() -> None:
+    with lean_process.Worker() as worker:
+        with pytest.raises(lean_process.LeanProcessError, match="killed by SIGABRT"):
+            worker.call(os.abort)
+        with pytest.raises(lean_process.LeanProcessError):
+            worker.call(pow, 2, 2)
