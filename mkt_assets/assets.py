@@ -1,31 +1,58 @@
-"""One software-defined asset per API resource, generated from the catalog."""
+"""The marketing assets: one per API resource and one per normalized table, generated from the
+catalog and materialized together by one step.
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+A run is one step in one process: it reads every selected resource at once (a thread each),
+then hands every table to the IO manager, which lands them in a single DuckDB transaction, and
+reports each table's checks. Each resource stays an asset of its own, with its checks,
+freshness policy, metadata and column schema; materializing one alone reads only that one.
+The stages themselves (``sync``) know nothing of Dagster: this module hands them their inputs
+and turns what they return into Dagster's outputs, materializations and check results.
+"""
+
+
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, ResourceSpec
 from mkt_assets import lean_process
-from mkt_assets.chunk_typing import ChunkTyper
+from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.checks import (
     could_not_run,
+    contact_field_slugs_result,
+    contact_tags_result,
+    normalized_check_specs,
+    normalized_results,
     primary_key_result,
+    reference_check_specs,
     required_fields_result,
     row_count_result,
     sync_check_specs,
 )
+from mkt_assets.chunk_typing import TypingQueue
+from mkt_assets.commit import RunCommit, newest_keys
+from mkt_assets.normalized_tables import NORMALIZED_TABLES, NormalizedTable
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.settings import Settings
-from mkt_assets.staging import PageStager, StagedBatch
-from mkt_assets.table_facts import synced_table_facts_in_file
-from mkt_assets.warehouse import newest_key
+from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
 
 ASSET_PREFIX = "marketing"
 GROUP_NAME = "marketing"
+NORMALIZED_GROUP = "marketing_normalized"
 IO_MANAGER_KEY = "duckdb_io_manager"
+# The one step (op) that materializes every marketing asset.
+STEP_NAME = "sync_marketing"
+
+CONTACTS, TAGS, CONTACT_FIELDS = (RESOURCES_BY_NAME[name] for name in ("contacts", "tags", "contact_fields"))
+
+
+def asset_key(spec: ResourceSpec) -> dg.AssetKey:
+    return dg.AssetKey([ASSET_PREFIX, spec.name])
+
+
+def table_key(table: NormalizedTable) -> dg.AssetKey:
+    return dg.AssetKey([ASSET_PREFIX, table.name])
 
 
 def column_schema(spec: ResourceSpec) -> dg.TableSchema:
@@ -44,38 +71,55 @@ def column_schema(spec: ResourceSpec) -> dg.TableSchema:
     )
 
 
-def asset_key(spec: ResourceSpec) -> dg.AssetKey:
-    return dg.AssetKey([ASSET_PREFIX, spec.name])
-
-
 def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
     return dg.FreshnessPolicy.time_window(fail_window=settings.freshness_fail, warn_window=settings.freshness_warn)
 
 
-@dataclass
-class ProgressLog:
-    """Logs a long fetch's progress at a steady pace, so a user watching the run sees it move."""
+def synced_asset_spec(spec: ResourceSpec, settings: Settings) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        key=asset_key(spec),
+        group_name=GROUP_NAME,
+        description=spec.description,
+        kinds={"python", "duckdb"},
+        owners=list(settings.owners),
+        freshness_policy=freshness_policy(settings),
+        metadata={
+            "dagster/column_schema": column_schema(spec),
+            "dagster/table_name": f"{ASSET_PREFIX}.{spec.name}",
+            "api_path": spec.path,
+            "primary_key": spec.primary_key_column.name,
+        },
+    ).with_io_manager_key(IO_MANAGER_KEY)
 
-    log: dg.DagsterLogManager
-    resource: str
-    interval: float
-    started: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
 
-    def tick(self, records: int, pages: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        elapsed = now - self.started
-        self.log.info(
-            f"{self.resource}: {records} records in {pages} pages so far"
-            f" ({records / elapsed:,.0f} records/s, {elapsed:.0f}s)"
-        )
+def normalized_asset_spec(table: NormalizedTable, settings: Settings) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        key=table_key(table),
+        deps=[dg.AssetKey([ASSET_PREFIX, parent]) for parent in table.reads],
+        group_name=NORMALIZED_GROUP,
+        description=table.description,
+        kinds={"duckdb", "sql"},
+        owners=list(settings.owners),
+        freshness_policy=freshness_policy(settings),
+        metadata={
+            "dagster/table_name": f"{ASSET_PREFIX}.{table.name}",
+            "dagster/column_schema": dg.TableSchema(
+                columns=[dg.TableColumn(name, column_type) for name, column_type in table.columns]
+            ),
+        },
+    ).with_io_manager_key(IO_MANAGER_KEY)
+
+
+def check_specs(settings: Settings) -> list[dg.AssetCheckSpec]:
+    return [
+        *(check for spec in RESOURCES for check in sync_check_specs(spec, asset_key(spec), settings.row_count_max_drop)),
+        *reference_check_specs(asset_key(CONTACTS), asset_key(TAGS), asset_key(CONTACT_FIELDS)),
+        *(check for table in NORMALIZED_TABLES for check in normalized_check_specs(table, table_key(table))),
+    ]
 
 
 class SyncConfig(dg.Config):
-    """How a sync asset reads its resource in this run."""
+    """How the run reads its resources."""
 
     incremental: bool = Field(
         default=False,
@@ -87,121 +131,166 @@ class SyncConfig(dg.Config):
     )
 
 
-def _previous_row_count(context: dg.AssetExecutionContext) -> int | None:
-    event = context.instance.get_latest_materialization_event(context.asset_key)
+def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
+    specs = [
+        *(synced_asset_spec(spec, settings) for spec in RESOURCES),
+        *(normalized_asset_spec(table, settings) for table in NORMALIZED_TABLES),
+    ]
+
+    @dg.multi_asset(name=STEP_NAME, specs=specs, check_specs=check_specs(settings), can_subset=True)
+    def sync_marketing(
+        context: dg.AssetExecutionContext,
+        config: SyncConfig,
+        marketing_api: MarketingApiResource,
+        warehouse: WarehouseResource,
+    ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
+        selected = context.selected_asset_keys
+        resources = [spec for spec in RESOURCES if asset_key(spec) in selected]
+        tables = [table for table in NORMALIZED_TABLES if table_key(table) in selected]
+        file = warehouse.file()
+        # One worker for the run's DuckDB work, started now so its start overlaps the fetch;
+        # one more types staged chunks during the fetch, at the lowest priority.
+        with lean_process.Worker("duckdb") as duckdb, TypingQueue(warehouse.memory_limit) as typing:
+            newest: dict[str, int | None] = {}
+            incremental = [spec for spec in resources if spec.incremental]
+            if config.incremental and incremental:
+                newest = duckdb.call(newest_keys, file, warehouse.schema_name, incremental, log=context.log.warning)
+                for name in [name for name, key in newest.items() if key is None]:
+                    context.log.info(f"{name}: nothing stored yet, so a full read")
+            plan = plan_sync(resources, tables, NORMALIZED_TABLES, newest)
+            fetched = fetch_all(
+                plan,
+                lambda: marketing_api.get_client(log=context.log.warning),
+                FetchOptions(
+                    staging_dir=marketing_api.staging_dir or None,
+                    chunk_pages=marketing_api.staging_chunk_pages,
+                    progress_seconds=settings.progress_interval_seconds,
+                ),
+                typing,
+                context.log.info,
+            )
+            for done in fetched.values():
+                _log_fetch(context, done)
+            previous = {key: _previous_row_count(context, key) for key in selected}
+            write = RunWrite(
+                batches=tuple(fetched[spec.name].batch for spec in resources),
+                tables=plan.tables,
+                contact_references=asset_key(CONTACTS) in selected,
+                runner=duckdb.call,
+                asked=frozenset(table.name for table in tables),
+            )
+            for spec in resources:
+                yield dg.Output(
+                    TableWrite(write, spec.name),
+                    output_name=asset_key(spec).to_python_identifier(),
+                    metadata=_fetch_metadata(fetched[spec.name]),
+                )
+            for table in plan.tables:
+                if table_key(table) in selected:
+                    yield dg.Output(TableWrite(write, table.name), output_name=table_key(table).to_python_identifier())
+            commit = write.result
+            assert commit is not None, "the IO manager writes the run's tables as the first output is handled"
+            for table in plan.tables:
+                if table.name in commit.skipped:
+                    context.log.info(f"{warehouse.schema_name}.{table.name} not rebuilt: {commit.skipped[table.name]}")
+                elif table_key(table) not in selected:
+                    # Rebuilt with the tables it reads, so it never lags them: said as what it is.
+                    yield _rebuilt_materialization(table, commit, warehouse.schema_name)
+            yield from _check_results(context, commit, resources, plan.tables, previous, settings, warehouse.schema_name)
+
+    return sync_marketing
+
+
+def _log_fetch(context: dg.AssetExecutionContext, done: Fetched) -> None:
+    name, batch, stats = done.spec.name, done.batch, done.stats
+    if done.swept:
+        context.log.info(
+            f"{name}: removed {len(done.swept)} staging directories and files left by runs that died:"
+            f" {', '.join(str(path) for path in done.swept)}"
+        )
+    for failure in done.typing_failures:
+        context.log.warning(f"{name}: {failure}")
+    if batch.unknown_fields:
+        context.log.warning(
+            f"{name}: the API sent fields the catalog does not know, kept in _extra: {', '.join(batch.unknown_fields)}"
+        )
+    context.log.info(
+        f"{name}: fetched {batch.records} records in {batch.pages} pages"
+        f" ({stats.requests} requests, {stats.retries} retries) in {done.seconds:.1f}s"
+    )
+
+
+def _fetch_metadata(done: Fetched) -> dict[str, Any]:
+    batch, stats = done.batch, done.stats
+    return {
+        "dagster/column_schema": column_schema(done.spec),
+        "read": done.read,
+        "records_fetched": batch.records,
+        "pages": batch.pages,
+        "requests": stats.requests,
+        "retries": stats.retries,
+        "throttled_429": stats.throttled,
+        "paced_seconds": round(stats.paced_seconds, 3),  # waited for the rate limit
+        "fetch_seconds": round(done.seconds, 3),
+        "unknown_fields": ", ".join(batch.unknown_fields) or "none",
+        # Chunks typed to Parquet while the fetch went on; the merge parses the rest.
+        "staging_chunks": len(batch.paths),
+        "chunks_typed_during_fetch": len(batch.typed),
+    }
+
+
+def _rebuilt_materialization(table: NormalizedTable, commit: RunCommit, schema: str) -> dg.AssetMaterialization:
+    build = commit.written[table.name].build
+    assert build is not None
+    return dg.AssetMaterialization(
+        asset_key=table_key(table),
+        description=f"Rebuilt in the same transaction as {', '.join(table.reads)}, so it never lags them.",
+        metadata={
+            "dagster/row_count": build.row_count,
+            "dagster/table_name": f"{schema}.{table.name}",
+            "preview": dg.MetadataValue.md(build.preview),
+        },
+    )
+
+
+def _previous_row_count(context: dg.AssetExecutionContext, key: dg.AssetKey) -> int | None:
+    event = context.instance.get_latest_materialization_event(key)
     materialization = event.asset_materialization if event else None
     value = materialization.metadata.get("dagster/row_count") if materialization else None
     return int(value.value) if value is not None else None  # type: ignore[arg-type]
 
 
-def build_sync_asset(spec: ResourceSpec, settings: Settings) -> dg.AssetsDefinition:
-    """The asset that reads every record of ``spec``, hands them to the DuckDB IO manager,
-    then checks the table it landed in."""
-    key = asset_key(spec)
-
-    @dg.asset(
-        key=key,
-        group_name=GROUP_NAME,
-        description=spec.description,
-        kinds={"python", "duckdb"},
-        owners=list(settings.owners),
-        io_manager_key=IO_MANAGER_KEY,
-        freshness_policy=freshness_policy(settings),
-        check_specs=sync_check_specs(spec, key, settings.row_count_max_drop),
-        metadata={
-            "dagster/column_schema": column_schema(spec),
-            "dagster/table_name": f"{ASSET_PREFIX}.{spec.name}",
-            "api_path": spec.path,
-            "primary_key": spec.primary_key_column.name,
-        },
-    )
-    def sync(
-        context: dg.AssetExecutionContext,
-        config: SyncConfig,
-        marketing_api: MarketingApiResource,
-        warehouse: WarehouseResource,
-    ) -> Iterator[dg.Output[StagedBatch] | dg.AssetCheckResult]:
-        previous_rows = _previous_row_count(context)
-        started = time.monotonic()
-        progress = ProgressLog(context.log, spec.name, settings.progress_interval_seconds)
-        newest = None
-        if config.incremental and spec.incremental:
-            with warehouse.connection(log=context.log.warning) as connection:
-                newest = newest_key(connection, warehouse.schema_name, spec)
-            if newest is None:
-                context.log.info(f"{spec.name}: nothing stored yet, so a full read")
-        # Ids only grow: in ascending order after the newest stored id come exactly the new records.
-        query = {"order": "asc", "startingAfter": newest} if newest is not None else None
-        read = "full" if newest is None else f"incremental, after {spec.primary_key} {newest}"
-        with marketing_api.get_client(log=context.log.warning) as client, ChunkTyper(spec, warehouse.memory_limit) as typer, PageStager(
-            spec,
-            directory=marketing_api.staging_dir or None,
-            complete=newest is None,
-            chunk_pages=marketing_api.staging_chunk_pages,
-            on_chunk=typer.submit,
-        ) as stager:
-            if stager.swept:
-                more = len(stager.swept) - 10
-                shown = ", ".join(map(str, stager.swept[:10])) + (f" and {more} more" if more > 0 else "")
-                context.log.info(
-                    f"{spec.name}: removed {len(stager.swept)} staging directories and files left by runs"
-                    f" that died: {shown}"
-                )
-            for page in client.iter_pages(spec, query):
-                stager.add(page)
-                progress.tick(stager.records, stager.pages)
-            batch = replace(stager.finish(), typed=typer.finish())
-            stats = client.stats
-        for failure in typer.failures:
-            context.log.warning(f"{spec.name}: {failure}")
-        fetch_seconds = time.monotonic() - started
-        if batch.unknown_fields:
-            context.log.warning(
-                f"{spec.name}: the API sent fields the catalog does not know, kept in _extra:"
-                f" {', '.join(batch.unknown_fields)}"
+def _check_results(
+    context: dg.AssetExecutionContext,
+    commit: RunCommit,
+    resources: Sequence[ResourceSpec],
+    tables: Sequence[NormalizedTable],
+    previous: dict[dg.AssetKey, int | None],
+    settings: Settings,
+    schema: str,
+) -> Iterator[dg.AssetCheckResult]:
+    """Every selected check's result, from the facts queried once the write committed."""
+    wanted = context.selected_asset_check_keys
+    specs_by_key = {spec.key: spec for spec in context.assets_def.check_specs}
+    facts = commit.facts
+    if facts.error is not None:
+        # The tables have changed: checks that cannot run fail as checks (see could_not_run).
+        context.log.error(f"the checks could not run: {facts.error}")
+        synced = {asset_key(spec) for spec in resources}
+        yield from could_not_run([specs_by_key[key] for key in wanted if key.asset_key in synced], facts.error)
+    else:
+        for spec in resources:
+            key, table_facts = asset_key(spec), facts.synced[spec.name]
+            yield primary_key_result(table_facts.primary_key, schema, spec, key)
+            yield required_fields_result(table_facts.required_fields, schema, spec, key)
+            yield row_count_result(
+                table_facts.live_rows, previous.get(key), settings.row_count_max_drop, f"{schema}.{spec.name}", key
             )
-        context.log.info(
-            f"{spec.name}: fetched {batch.records} records in {batch.pages} pages"
-            f" ({stats.requests} requests, {stats.retries} retries) in {fetch_seconds:.1f}s"
-        )
-        # The IO manager merges the batch as soon as it is yielded; the checks below read the result.
-        yield dg.Output(
-            batch,
-            metadata={
-                "dagster/column_schema": column_schema(spec),
-                "read": read,
-                "records_fetched": batch.records,
-                "pages": batch.pages,
-                "requests": stats.requests,
-                "retries": stats.retries,
-                "throttled_429": stats.throttled,
-                "paced_seconds": round(stats.paced_seconds, 3),  # waited for the rate limit
-                "fetch_seconds": round(fetch_seconds, 3),
-                "unknown_fields": ", ".join(batch.unknown_fields) or "none",
-                # Chunks typed to Parquet while the fetch went on; the merge parses the rest.
-                "staging_chunks": len(batch.paths),
-                "chunks_typed_during_fetch": len(batch.typed),
-            },
-        )
-        # Queried in a lean child process, like the merge: the step keeps no DuckDB memory.
-        # The table has changed by now: a check that cannot run fails as a check, and the
-        # materialization stands.
-        try:
-            facts = lean_process.call(
-                synced_table_facts_in_file, warehouse.file(), warehouse.schema_name, spec, log=context.log.warning
-            )
-        except Exception as error:  # noqa: BLE001 - reported as the checks' outcome
-            context.log.error(f"{spec.name}: the checks could not run: {error}")
-            yield from could_not_run(sync_check_specs(spec, key, settings.row_count_max_drop), error)
-            return
-        yield primary_key_result(facts.primary_key, warehouse.schema_name, spec)
-        yield required_fields_result(facts.required_fields, warehouse.schema_name, spec)
-        yield row_count_result(
-            facts.live_rows, previous_rows, settings.row_count_max_drop, f"{ASSET_PREFIX}.{spec.name}"
-        )
-
-    return sync
-
-
-def build_sync_assets(settings: Settings) -> list[dg.AssetsDefinition]:
-    return [build_sync_asset(spec, settings) for spec in RESOURCES]
+        if facts.references is not None:
+            tag_facts, slug_facts = facts.references
+            yield contact_tags_result(tag_facts, schema, asset_key(CONTACTS))
+            yield contact_field_slugs_result(slug_facts, schema, asset_key(CONTACTS))
+    for table in tables:
+        key, written = table_key(table), commit.written.get(table.name)
+        if key in context.selected_asset_keys and written is not None and written.build is not None:
+            yield from normalized_results(table, written.build, schema, key)

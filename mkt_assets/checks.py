@@ -1,9 +1,9 @@
-"""Asset checks that guard the synced tables.
+"""Asset checks that guard the synced and normalized tables.
 
-Each check is a function of facts about a table (``table_facts``, queried in DuckDB,
-in a lean child process when a step runs them) returning an ``AssetCheckResult`` whose
-metadata says what failed and where, so it can be tested on tables built to break it.
-The specs are declared here once and attached by the assets.
+Each check is a function of facts about a table (``table_facts``, queried in DuckDB by the
+run's worker once its write has committed) returning an ``AssetCheckResult`` whose metadata
+says what failed and where, so it can be tested on tables built to break it. The specs are
+declared here once and attached by the assets.
 """
 
 
@@ -11,9 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import dagster as dg
 
-from mkt_assets import lean_process
 from mkt_assets.catalog import ResourceSpec
-from mkt_assets.resource import WarehouseResource
+from mkt_assets.normalized_tables import BuildResult, NormalizedTable
 from mkt_assets.table_facts import (
     CONTACT_FIELDS,
     SAMPLE_SIZE,
@@ -21,7 +20,6 @@ from mkt_assets.table_facts import (
     PrimaryKeyFacts,
     ReferenceFacts,
     RequiredFieldsFacts,
-    contact_reference_facts_in_file,
 )
 
 PRIMARY_KEY_CHECK = "primary_key_unique"
@@ -29,11 +27,13 @@ REQUIRED_FIELDS_CHECK = "required_fields_present"
 ROW_COUNT_CHECK = "row_count_not_dropping"
 CONTACT_TAGS_CHECK = "contact_tags_exist"
 CONTACT_FIELDS_CHECK = "contact_field_slugs_exist"
+MATCHES_PARENT_CHECK = "matches_nested_lists"
+NOT_NULL_CHECK = "keys_present"
 
 
 
 def sync_check_specs(spec: ResourceSpec, asset_key: dg.AssetKey, max_drop: float) -> list[dg.AssetCheckSpec]:
-    """The checks every synced asset runs in its own step, right after its merge."""
+    """The checks every synced asset runs right after the run's write."""
     key = spec.primary_key_column.name
     required = ", ".join(c.name for c in spec.columns if c.required)
     return [
@@ -56,14 +56,13 @@ def sync_check_specs(spec: ResourceSpec, asset_key: dg.AssetKey, max_drop: float
     ]
 
 
-def could_not_run(specs: Sequence[dg.AssetCheckSpec], error: BaseException) -> Iterator[dg.AssetCheckResult]:
+def could_not_run(specs: Sequence[dg.AssetCheckSpec], reason: str) -> Iterator[dg.AssetCheckResult]:
     """Failed results for checks whose facts could not be queried (the database ran out of
     memory, was held too long): a check that cannot run has not passed.
 
     They fail as warnings, blocking ones included: a failed blocking check of ERROR severity
     fails its step, and the step's materialization has committed by then; the table's own
     PRIMARY KEY still guards what the blocking check would have found."""
-    reason = str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__
     for spec in specs:
         yield dg.AssetCheckResult(
             check_name=spec.name,
@@ -71,7 +70,6 @@ def could_not_run(specs: Sequence[dg.AssetCheckSpec], error: BaseException) -> I
             passed=False,
             severity=dg.AssetCheckSeverity.WARN,
             description=f"the check could not run: {reason}",
-            metadata={"error": type(error).__name__},
         )
 
 
@@ -79,7 +77,7 @@ def _table_name(spec: ResourceSpec, schema: str) -> str:
     return f"{schema}.{spec.name}"
 
 
-def primary_key_result(facts: PrimaryKeyFacts, schema: str, spec: ResourceSpec) -> dg.AssetCheckResult:
+def primary_key_result(facts: PrimaryKeyFacts, schema: str, spec: ResourceSpec, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
     missing, duplicated = facts.rows_without_key, facts.duplicated_keys
     passed = missing == 0 and not duplicated
     problems = []
@@ -88,6 +86,7 @@ def primary_key_result(facts: PrimaryKeyFacts, schema: str, spec: ResourceSpec) 
     if duplicated:
         problems.append(f"duplicated {spec.primary_key_column.name}s: {_listed(duplicated)}")
     return dg.AssetCheckResult(
+        asset_key=asset_key,
         check_name=PRIMARY_KEY_CHECK,
         passed=passed,
         severity=dg.AssetCheckSeverity.ERROR,
@@ -100,10 +99,13 @@ def primary_key_result(facts: PrimaryKeyFacts, schema: str, spec: ResourceSpec) 
     )
 
 
-def required_fields_result(facts: RequiredFieldsFacts, schema: str, spec: ResourceSpec) -> dg.AssetCheckResult:
+def required_fields_result(
+    facts: RequiredFieldsFacts, schema: str, spec: ResourceSpec, asset_key: dg.AssetKey | None = None
+) -> dg.AssetCheckResult:
     missing = facts.rows_missing_by_column
     passed = not missing
     return dg.AssetCheckResult(
+        asset_key=asset_key,
         check_name=REQUIRED_FIELDS_CHECK,
         passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
@@ -121,7 +123,9 @@ def required_fields_result(facts: RequiredFieldsFacts, schema: str, spec: Resour
     )
 
 
-def row_count_result(current: int, previous: int | None, max_drop: float, table: str) -> dg.AssetCheckResult:
+def row_count_result(
+    current: int, previous: int | None, max_drop: float, table: str, asset_key: dg.AssetKey | None = None
+) -> dg.AssetCheckResult:
     """Warns when the table shrank by more than ``max_drop`` since the previous materialization."""
     floor = None if previous is None else previous * (1 - max_drop)
     passed = floor is None or current >= floor
@@ -132,6 +136,7 @@ def row_count_result(current: int, previous: int | None, max_drop: float, table:
             f" ({(previous - current) / previous:.1%} fewer; at most {max_drop:.0%} expected)"
         )
     return dg.AssetCheckResult(
+        asset_key=asset_key,
         check_name=ROW_COUNT_CHECK,
         passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
@@ -145,21 +150,32 @@ def row_count_result(current: int, previous: int | None, max_drop: float, table:
     )
 
 
-def contact_tags_result(facts: ReferenceFacts, schema: str) -> dg.AssetCheckResult:
+def contact_tags_result(facts: ReferenceFacts, schema: str, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
     """Every tag on a contact is a row of ``tags``."""
-    return _references_result(facts, schema, check_name=CONTACT_TAGS_CHECK, referenced=TAGS, member="id")
+    return _references_result(facts, schema, asset_key, check_name=CONTACT_TAGS_CHECK, referenced=TAGS, member="id")
 
 
-def contact_field_slugs_result(facts: ReferenceFacts, schema: str) -> dg.AssetCheckResult:
+def contact_field_slugs_result(
+    facts: ReferenceFacts, schema: str, asset_key: dg.AssetKey | None = None
+) -> dg.AssetCheckResult:
     """Every field slug on a contact is a row of ``contact_fields``."""
-    return _references_result(facts, schema, check_name=CONTACT_FIELDS_CHECK, referenced=CONTACT_FIELDS, member="slug")
+    return _references_result(
+        facts, schema, asset_key, check_name=CONTACT_FIELDS_CHECK, referenced=CONTACT_FIELDS, member="slug"
+    )
 
 
 def _references_result(
-    facts: ReferenceFacts, schema: str, *, check_name: str, referenced: ResourceSpec, member: str
+    facts: ReferenceFacts,
+    schema: str,
+    asset_key: dg.AssetKey | None,
+    *,
+    check_name: str,
+    referenced: ResourceSpec,
+    member: str,
 ) -> dg.AssetCheckResult:
     if facts.missing_table is not None:
         return dg.AssetCheckResult(
+            asset_key=asset_key,
             check_name=check_name,
             passed=False,
             severity=dg.AssetCheckSeverity.WARN,
@@ -167,6 +183,7 @@ def _references_result(
         )
     passed = not facts.dangling
     return dg.AssetCheckResult(
+        asset_key=asset_key,
         check_name=check_name,
         passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
@@ -191,38 +208,62 @@ def _listed(values: Sequence[object]) -> str:
     return shown + (" ..." if len(values) > SAMPLE_SIZE else "")
 
 
-def build_contact_reference_checks(contacts: dg.AssetKey, tags: dg.AssetKey, fields: dg.AssetKey) -> dg.AssetChecksDefinition:
-    """Cross-table checks on contacts, run once contacts, tags and contact fields have landed."""
+def reference_check_specs(contacts: dg.AssetKey, tags: dg.AssetKey, fields: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    """Cross-table checks on contacts, against the tags and contact fields they name."""
+    return [
+        dg.AssetCheckSpec(
+            CONTACT_TAGS_CHECK,
+            asset=contacts,
+            additional_deps=[tags],
+            description="Every tag on a contact exists in tags.",
+        ),
+        dg.AssetCheckSpec(
+            CONTACT_FIELDS_CHECK,
+            asset=contacts,
+            additional_deps=[fields],
+            description="Every field slug on a contact exists in contact_fields.",
+        ),
+    ]
 
-    @dg.multi_asset_check(
-        name="contact_references",
-        specs=[
-            dg.AssetCheckSpec(
-                CONTACT_TAGS_CHECK,
-                asset=contacts,
-                additional_deps=[tags],
-                description="Every tag on a contact exists in tags.",
-            ),
-            dg.AssetCheckSpec(
-                CONTACT_FIELDS_CHECK,
-                asset=contacts,
-                additional_deps=[fields],
-                description="Every field slug on a contact exists in contact_fields.",
-            ),
-        ],
-    )
-    def contact_references(
-        context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-    ) -> Iterator[dg.AssetCheckResult]:
-        try:
-            tag_facts, slug_facts = lean_process.call(
-                contact_reference_facts_in_file, warehouse.file(), warehouse.schema_name, log=context.log.warning
-            )
-        except Exception as error:  # noqa: BLE001 - reported as the checks' outcome
-            context.log.error(f"contact_references could not run: {error}")
-            yield from could_not_run(list(context.check_specs), error)
-            return
-        yield contact_tags_result(tag_facts, warehouse.schema_name)
-        yield contact_field_slugs_result(slug_facts, warehouse.schema_name)
 
-    return contact_references
+def normalized_check_specs(table: NormalizedTable, asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec(
+            MATCHES_PARENT_CHECK,
+            asset=asset_key,
+            description=f"One row per entry of the live {table.reads[0]}' {table.list_column} lists.",
+        ),
+        dg.AssetCheckSpec(NOT_NULL_CHECK, asset=asset_key, description=f"No row lacks {', '.join(table.not_null)}."),
+    ]
+
+
+def normalized_results(
+    table: NormalizedTable, result: BuildResult, schema: str, asset_key: dg.AssetKey
+) -> list[dg.AssetCheckResult]:
+    matches = result.row_count == result.expected_rows
+    missing = {column: count for column, count in result.null_keys.items() if count}
+    return [
+        dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=MATCHES_PARENT_CHECK,
+            passed=matches,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=None
+            if matches
+            else (
+                f"{schema}.{table.name} has {result.row_count} rows but the live {table.reads[0]}"
+                f" carry {result.expected_rows} {table.list_column}"
+            ),
+            metadata={"row_count": result.row_count, "nested_list_entries": result.expected_rows},
+        ),
+        dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=NOT_NULL_CHECK,
+            passed=not missing,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=None
+            if not missing
+            else f"{schema}.{table.name}: " + "; ".join(f"{n} rows without {c}" for c, n in missing.items()),
+            metadata={"null_keys": dg.MetadataValue.json(result.null_keys)},
+        ),
+    ]

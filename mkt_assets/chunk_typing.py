@@ -1,10 +1,11 @@
 """Type staged chunks to Parquet while the fetch goes on.
 
 A fetch leaves CPU idle: the client waits on the API's answer, then parses it, one page at
-a time. Each full chunk the stager closes is typed by DuckDB in a lean child process (one at
-a time, in this object's one thread, at the lowest CPU priority so it never slows the fetch),
-so the merge mostly reads Parquet instead of parsing all the JSON after the last page. A chunk that fails to type is simply left to the
-merge, which reads it as JSON and, if a value really does not cast, says which one.
+a time. Each full chunk a stager closes is typed by DuckDB in one lean worker process for the
+whole run, one chunk at a time, at the lowest CPU priority so it never slows the fetch, so the
+merge mostly reads Parquet instead of parsing all the JSON after the last page. A chunk that
+fails to type is simply left to the merge, which reads it as JSON and, if a value really does
+not cast, says which one.
 """
 
 from __future__ import annotations
@@ -19,23 +20,53 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.warehouse import type_staged_chunk, without_values
 
 
-def type_chunk_at_lowest_priority(
-    spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str, longest_line: int
-) -> None:
-    """``type_staged_chunk`` at nice 19, in the child: the fetch (and, on one machine, the
-    API) keeps the cores it needs, and the typing takes only what they leave idle."""
-    os.nice(19)
+def type_chunk_privately(spec: ResourceSpec, json_path: str, parquet_path: str, memory_limit: str, longest_line: int) -> None:
+    """``type_staged_chunk`` in the worker, its Parquet readable by this user alone."""
     # DuckDB creates the Parquet with the umask's mode: the contacts' e-mails in it are for
     # this user alone, like the JSON chunk beside it (0600).
     os.umask(0o077)
     type_staged_chunk(spec, json_path, parquet_path, memory_limit, longest_line)
 
 
-class ChunkTyper:
-    def __init__(self, spec: ResourceSpec, memory_limit: str) -> None:
-        self.spec = spec
+class TypingQueue:
+    """The run's one typing worker and the single thread that feeds it, shared by every
+    resource's ``ChunkTyper``. The worker starts with the first chunk, at nice 19."""
+
+    def __init__(self, memory_limit: str) -> None:
         self.memory_limit = memory_limit
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"type-{spec.name}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-typing")
+        self._worker: lean_process.Worker | None = None
+
+    def __enter__(self) -> TypingQueue:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if self._worker is not None:
+            self._worker.close()
+
+    def submit(self, spec: ResourceSpec, json_path: Path, parquet: Path, longest_line: int) -> Future[None]:
+        return self._executor.submit(self._type, spec, json_path, parquet, longest_line)
+
+    def _type(self, spec: ResourceSpec, json_path: Path, parquet: Path, longest_line: int) -> None:
+        if self._worker is None:
+            self._worker = lean_process.Worker("chunk typing")
+            self._worker.call(lean_process.lower_priority)
+        try:
+            self._worker.call(type_chunk_privately, spec, str(json_path), str(parquet), self.memory_limit, longest_line)
+        except lean_process.LeanProcessError:
+            self._worker = None  # it died (killed, out of memory): the next chunk starts another
+            raise
+
+
+class ChunkTyper:
+    """One resource's chunks handed to the run's typing queue as the stager closes them."""
+
+    def __init__(self, spec: ResourceSpec, queue: TypingQueue) -> None:
+        self.spec = spec
+        self.queue = queue
         self._pending: list[tuple[Path, Path, Future[None]]] = []
         self.failures: list[str] = []  # why a chunk was left to the merge, for the run's log
 
@@ -43,29 +74,18 @@ class ChunkTyper:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         if exc_type is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            for _, parquet, _ in self._pending:
+            for _, parquet, future in self._pending:
+                future.cancel()
+                if not future.cancelled():
+                    future.exception()  # wait: the file may still be being written
                 parquet.unlink(missing_ok=True)
-        self._executor.shutdown(wait=True)
 
     def submit(self, json_path: Path, longest_line: int) -> None:
         parquet = json_path.with_suffix(".parquet")
-        future = self._executor.submit(
-            lean_process.call,
-            type_chunk_at_lowest_priority,
-            self.spec,
-            str(json_path),
-            str(parquet),
-            self.memory_limit,
-            longest_line,
-        )
-        self._pending.append((json_path, parquet, future))
+        self._pending.append((json_path, parquet, self.queue.submit(self.spec, json_path, parquet, longest_line)))
 
     def finish(self) -> tuple[tuple[Path, Path], ...]:
         """Wait for the chunks handed over; the (JSON, Parquet) pairs of those typed."""

@@ -9,12 +9,11 @@ from mkt_assets.assets import (
     ASSET_PREFIX,
     GROUP_NAME,
     IO_MANAGER_KEY,
-    asset_key,
-    build_sync_assets,
-    freshness_policy,
+    NORMALIZED_GROUP,
+    STEP_NAME,
+    build_marketing_assets,
 )
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME
-from mkt_assets.checks import build_contact_reference_checks
+from mkt_assets.catalog import RESOURCES
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import (
     API_KEY_ENV,
@@ -24,8 +23,6 @@ from mkt_assets.resource import (
     WarehouseResource,
     check_base_url,
 )
-from mkt_assets.normalized import NORMALIZED_GROUP, build_normalized_asset
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.schedules import build_schedules
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import database_path
@@ -33,28 +30,29 @@ from mkt_assets.warehouse import database_path
 
 def build_jobs() -> tuple[UnresolvedAssetJobDefinition, UnresolvedAssetJobDefinition]:
     selection = dg.AssetSelection.groups(GROUP_NAME, NORMALIZED_GROUP)
-    # The steps mostly wait on the network, so all of them fetch at once even on a machine
-    # with fewer cores (the default caps parallel steps at the core count).
-    executor = dg.multiprocess_executor.configured({"max_concurrent": len(RESOURCES)})
+    # One step in the run's own process: every resource is fetched in a thread of its own and
+    # the DuckDB work runs in lean workers, so a step process per asset would only add Dagster's
+    # start-up (a second or more each) to every run.
+    resources = len(RESOURCES)
     full = dg.define_asset_job(
         "marketing_sync",
         selection=selection,
         description=(
-            "Read every record of the five marketing resources, merge them into DuckDB, mark"
-            " what is gone upstream, and rebuild the normalized tables."
+            f"Read every record of the {resources} marketing resources and write them, with the"
+            " rebuilt normalized tables, in one DuckDB transaction, marking what is gone upstream."
         ),
-        executor_def=executor,
+        executor_def=dg.in_process_executor,
     )
-    contacts_step = "__".join(asset_key(RESOURCES_BY_NAME["contacts"]).path)
     incremental = dg.define_asset_job(
         "marketing_incremental",
         selection=selection,
         description=(
-            "Read only contacts newer than the newest stored and the four small resources in"
-            " full; rebuild the normalized tables. Sees no changes to older contacts."
+            "Read only the records newer than the newest stored of the resources that allow it"
+            " (contacts), the others in full, and write them with the rebuilt normalized tables in"
+            " one DuckDB transaction. Sees no changes to older contacts."
         ),
-        executor_def=executor,
-        config={"ops": {contacts_step: {"config": {"incremental": True}}}},
+        executor_def=dg.in_process_executor,
+        config={"ops": {STEP_NAME: {"config": {"incremental": True}}}},
     )
     return full, incremental
 
@@ -64,20 +62,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     database = database_path(settings.duckdb_path)
     full, incremental = build_jobs()
     return dg.Definitions(
-        assets=[
-            *build_sync_assets(settings),
-            *(
-                build_normalized_asset(table, ASSET_PREFIX, list(settings.owners), freshness_policy(settings))
-                for table in NORMALIZED_TABLES
-            ),
-        ],
-        asset_checks=[
-            build_contact_reference_checks(
-                asset_key(RESOURCES_BY_NAME["contacts"]),
-                asset_key(RESOURCES_BY_NAME["tags"]),
-                asset_key(RESOURCES_BY_NAME["contact_fields"]),
-            )
-        ],
+        assets=[build_marketing_assets(settings)],
         jobs=[full, incremental],
         schedules=build_schedules(full, incremental, settings),
         # configure_at_launch: a run config that sets some settings (the launchpad, a job's

@@ -1,130 +1,29 @@
-"""Dagster IO manager that merges staged syncs into DuckDB.
+"""The IO manager: how the marketing tables reach DuckDB, and how downstream code reads them.
 
-Built on dagster-duckdb's ``DuckDBIOManager``/``DbIOManager`` (table from the asset key,
-schema handling, table-name metadata), with three things replaced: the client no longer
-deletes the table before writing; its "connection" is the file, which the merge opens in a
-lean child process (a Dagster step holds ~130 MB already, DuckDB's merge needs up to its
-memory cap more); and the type handler merges on the primary key.
+``handle_output`` lands a run's tables: the first table of a run that it is handed writes
+every table of that run (the merges of the synced resources and the rebuilds of the normalized
+tables) in one transaction, in the run's DuckDB worker (see ``sync.RunWrite`` and ``commit``),
+and each table then reports what changed in it. ``load_input`` hands an asset downstream of a
+marketing table a DuckDB relation over its live rows.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
-from dagster._core.storage.db_io_manager import DbClient, DbIOManager, DbTypeHandler, TableSlice
-from dagster_duckdb import DuckDBIOManager
+import duckdb
 from pydantic import Field, field_validator
 
-from mkt_assets import lean_process, warehouse
-from mkt_assets.staging import StagedBatch
+from mkt_assets import warehouse
+from mkt_assets.sync import TableWrite
 
 
-class MergingDuckDbClient(DbClient):
-    """dagster-duckdb's client deletes the table slice before each write; a merge must not."""
+class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
+    """Writes each marketing asset to ``<schema>.<asset name>``, all of a run's in one transaction."""
 
-    @staticmethod
-    def delete_table_slice(context: dg.OutputContext, table_slice: TableSlice, connection: Any) -> None:
-        return None
-
-    @staticmethod
-    def ensure_schema_exists(
-        context: dg.OutputContext, table_slice: TableSlice, connection: warehouse.WarehouseFile
-    ) -> None:
-        return None  # the merge creates the schema and the table in its own transaction
-
-    @staticmethod
-    def get_select_statement(table_slice: TableSlice) -> str:
-        return f"SELECT * FROM {warehouse.qualified(table_slice.schema, table_slice.table)}"
-
-    @staticmethod
-    def get_table_name(table_slice: TableSlice) -> str:
-        # The schema-qualified name a user queries, not the database file's path.
-        return f"{table_slice.schema}.{table_slice.table}"
-
-    @staticmethod
-    @contextmanager
-    def connect(
-        context: dg.OutputContext | dg.InputContext, table_slice: TableSlice
-    ) -> Iterator[warehouse.WarehouseFile]:
-        config = context.resource_config
-        yield warehouse.WarehouseFile(
-            warehouse.database_path(config["database"]),
-            config.get("memory_limit") or warehouse.DEFAULT_MEMORY_LIMIT,
-            wait_seconds=config.get("wait_seconds", warehouse.DEFAULT_WAIT_SECONDS),
-        )
-
-
-class StagedBatchTypeHandler(DbTypeHandler[StagedBatch]):
-    """Merges a ``StagedBatch`` into its table and reports what changed."""
-
-    def __init__(self, deletions: str = "mark") -> None:
-        self.deletions = deletions
-
-    @property
-    def supported_types(self) -> Sequence[type[object]]:
-        return [StagedBatch]
-
-    def handle_output(
-        self,
-        context: dg.OutputContext,
-        table_slice: TableSlice,
-        obj: StagedBatch,
-        connection: warehouse.WarehouseFile,
-    ) -> Mapping[str, dg.RawMetadataValue]:
-        started = time.monotonic()
-        try:
-            result, preview = lean_process.call(
-                warehouse.merge_staged_file,
-                connection,
-                table_slice.schema,
-                table_slice.table,
-                obj,
-                deletions=self.deletions,
-                log=context.log.warning,
-            )
-        finally:
-            obj.discard()
-        merge_seconds = time.monotonic() - started
-        if result.duplicate_keys:
-            context.log.warning(
-                f"{table_slice.schema}.{table_slice.table}: {result.duplicate_keys} records came again"
-                " under a key already read in this sync (the API listed them twice); the later copy was kept"
-            )
-        context.log.info(
-            f"{table_slice.schema}.{table_slice.table}: {result.inserted} inserted, {result.updated} updated,"
-            f" {result.unchanged} unchanged, {result.deleted} gone upstream; {result.row_count} live rows"
-            f" ({merge_seconds:.1f}s)"
-        )
-        return {
-            # Live rows: what a user counts. Rows marked deleted are in total_rows.
-            "dagster/row_count": result.row_count,
-            "total_rows": result.total_rows,
-            "rows_inserted": result.inserted,
-            "rows_updated": result.updated,
-            "rows_unchanged": result.unchanged,
-            "rows_deleted_upstream": result.deleted,
-            "duplicate_keys": result.duplicate_keys,
-            "complete_read": obj.complete,
-            "merge_seconds": round(merge_seconds, 3),
-            "preview": dg.MetadataValue.md(preview),
-        }
-
-    def load_input(
-        self, context: dg.InputContext, table_slice: TableSlice, connection: warehouse.WarehouseFile
-    ) -> StagedBatch:
-        raise dg.DagsterInvariantViolationError(
-            f"{table_slice.schema}.{table_slice.table} is a DuckDB table, not a Python value: depend on"
-            " it with deps=[...] and read it with SQL instead of loading it as an input."
-        )
-
-
-class MarketingDuckDBIOManager(DuckDBIOManager):
-    """Writes each marketing asset to ``<schema>.<asset name>`` with a MERGE on its primary key."""
-
+    database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
+    schema_: str = Field(default="marketing", alias="schema", description="Schema of the tables.")
     deletions: str = Field(
         default="mark",
         description=(
@@ -132,10 +31,9 @@ class MarketingDuckDBIOManager(DuckDBIOManager):
             " _deleted_at (cleared if they come back), 'delete' removes them."
         ),
     )
-
     memory_limit: str = Field(
         default=warehouse.DEFAULT_MEMORY_LIMIT,
-        description="Memory DuckDB may use for a merge before spilling to disk (e.g. 256MB, 2GB).",
+        description="Memory DuckDB may use for the run's write before spilling to disk (e.g. 256MB, 2GB).",
     )
     wait_seconds: float = Field(
         default=warehouse.DEFAULT_WAIT_SECONDS,
@@ -150,15 +48,61 @@ class MarketingDuckDBIOManager(DuckDBIOManager):
             raise ValueError(f"deletions must be one of {warehouse.DELETIONS_MODES}, got {value!r}")
         return value
 
-    @staticmethod
-    def type_handlers() -> Sequence[DbTypeHandler]:
-        return [StagedBatchTypeHandler()]
-
-    def create_io_manager(self, context: dg.InitResourceContext) -> DbIOManager:
-        return DbIOManager(
-            db_client=MergingDuckDbClient(),
-            database=self.database,
-            schema=self.schema_,
-            type_handlers=[StagedBatchTypeHandler(self.deletions)],
-            io_manager_name="MarketingDuckDBIOManager",
+    def file(self) -> warehouse.WarehouseFile:
+        return warehouse.WarehouseFile(
+            warehouse.database_path(self.database), self.memory_limit, wait_seconds=self.wait_seconds
         )
+
+    def handle_output(self, context: dg.OutputContext, obj: TableWrite) -> None:
+        if not isinstance(obj, TableWrite):
+            raise dg.DagsterInvariantViolationError(
+                f"{'/'.join(context.asset_key.path)}: this IO manager writes the marketing assets' tables;"
+                f" it was handed a {type(obj).__name__}"
+            )
+        commit = obj.write.commit(self.file(), self.schema_, self.deletions, log=context.log.warning)
+        written = commit.written[obj.table]
+        name = f"{self.schema_}.{obj.table}"
+        metadata: dict[str, Any] = {
+            "dagster/table_name": name,
+            "commit_seconds": round(commit.seconds, 3),  # the run's whole transaction, every table
+        }
+        if written.merge is not None:
+            merge = written.merge
+            context.log.info(
+                f"{name}: {merge.inserted} inserted, {merge.updated} updated, {merge.unchanged} unchanged,"
+                f" {merge.deleted} gone upstream; {merge.row_count} live rows ({written.seconds:.1f}s)"
+            )
+            if merge.duplicate_keys:
+                context.log.warning(
+                    f"{name}: {merge.duplicate_keys} records came again under a key already read in this sync"
+                    " (the API listed them twice); the later copy was kept"
+                )
+            batch = next(batch for batch in obj.write.batches if batch.spec.name == obj.table)
+            metadata.update(
+                {
+                    # Live rows: what a user counts. Rows marked deleted are in total_rows.
+                    "dagster/row_count": merge.row_count,
+                    "total_rows": merge.total_rows,
+                    "rows_inserted": merge.inserted,
+                    "rows_updated": merge.updated,
+                    "rows_unchanged": merge.unchanged,
+                    "rows_deleted_upstream": merge.deleted,
+                    "duplicate_keys": merge.duplicate_keys,
+                    "complete_read": batch.complete,
+                    "merge_seconds": round(written.seconds, 3),
+                }
+            )
+        if written.build is not None:
+            metadata.update({"dagster/row_count": written.build.row_count, "build_seconds": round(written.seconds, 3)})
+        metadata["preview"] = dg.MetadataValue.md(written.preview)
+        context.add_output_metadata(metadata)
+
+    def load_input(self, context: dg.InputContext) -> duckdb.DuckDBPyRelation:
+        """The table's live rows, as a relation on a read-only connection that lives as long as
+        the relation (while it does, writers of the file wait for it)."""
+        table = context.asset_key.path[-1]
+        connection = warehouse.read_only(self.file(), log=context.log.warning)
+        name = warehouse.fully_qualified(connection, self.schema_, table)
+        columns = {row[0] for row in connection.execute(f"DESCRIBE {name}").fetchall()}
+        live = " WHERE _deleted_at IS NULL" if "_deleted_at" in columns else ""
+        return connection.sql(f"SELECT * FROM {name}{live}")

@@ -83,16 +83,13 @@ class BuildResult:
     preview: str
 
 
-def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
-    """Rebuild ``table`` from the synced tables, in one transaction."""
+def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
+    """Rebuild ``table`` from the synced tables, inside the caller's transaction."""
     names = {parent: fully_qualified(connection, schema, parent) for parent in table.reads}
     target = fully_qualified(connection, schema, table.name)
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
-    with transaction(connection, f"the build of {schema}.{table.name}"):
-        # No ORDER BY: sorting millions of rows is what made the build run out of memory.
-        connection.execute(
-            f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})"
-        )
+    # No ORDER BY: sorting millions of rows is what made the build run out of memory.
+    connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")
     parent = names[table.reads[0]]
     (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone()  # type: ignore[misc]
     (expected,) = connection.execute(
@@ -105,6 +102,12 @@ def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
         ).fetchone()  # type: ignore[misc]
         null_keys[column] = count
     return BuildResult(row_count, int(expected), null_keys, preview_markdown(connection, schema, table.name))
+
+
+def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
+    """Rebuild ``table`` from the synced tables, in a transaction of its own."""
+    with transaction(connection, f"the build of {schema}.{table.name}"):
+        return build_in_transaction(connection, schema, table)
 
 
 def build_table_in_file(warehouse: WarehouseFile, schema: str, table: NormalizedTable) -> BuildResult:

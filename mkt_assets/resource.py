@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import dagster as dg
 import duckdb
+from dagster_duckdb import DuckDBResource
 from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
@@ -178,8 +179,11 @@ class MarketingApiResource(dg.ConfigurableResource):
         )
 
 
-class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB file the assets write to, for the checks and anything else that reads it."""
+class WarehouseResource(DuckDBResource):
+    """The DuckDB file the marketing assets write, for the checks and for your own assets:
+    ``get_connection()`` as with dagster-duckdb's ``DuckDBResource``, but queued behind this
+    project's writers (and, up to ``wait_seconds``, behind sessions opened by hand) instead of
+    failing on DuckDB's lock."""
 
     database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
     schema_name: str = Field(default="marketing", description="Schema holding the synced tables.")
@@ -199,7 +203,7 @@ class WarehouseResource(dg.ConfigurableResource):
         )
 
     @contextmanager
-    def connection(self, log: Log | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def get_connection(self, log: Log | None = None) -> Iterator[duckdb.DuckDBPyConnection]:  # type: ignore[override]
         """A connection that queues behind writers instead of failing on DuckDB's lock."""
         with self.file().open(log) as connection:
             yield connection

@@ -93,18 +93,20 @@ def live_rows(connection: duckdb.DuckDBPyConnection, schema: str, spec: Resource
     return int(rows)
 
 
+def synced_table_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> SyncedTableFacts:
+    """Everything a synced table's own checks need."""
+    return SyncedTableFacts(
+        primary_key_facts(connection, schema, spec),
+        required_fields_facts(connection, schema, spec),
+        live_rows(connection, schema, spec),
+    )
+
+
 def synced_table_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> SyncedTableFacts:
-    """Everything a sync asset's own checks need, in one call a lean child process can make."""
+    """``synced_table_facts`` as one call a lean child process can make."""
     # Counts and a GROUP BY on the key, which spills to disk past the limit: all streaming.
     with warehouse.open() as connection:
-        return streamed(
-            connection,
-            lambda: SyncedTableFacts(
-                primary_key_facts(connection, schema, spec),
-                required_fields_facts(connection, schema, spec),
-                live_rows(connection, schema, spec),
-            ),
-        )
+        return streamed(connection, lambda: synced_table_facts(connection, schema, spec))
 
 
 def reference_facts(
@@ -164,9 +166,14 @@ def contact_field_slug_facts(connection: duckdb.DuckDBPyConnection, schema: str)
     )
 
 
+def contact_reference_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> tuple[ReferenceFacts, ReferenceFacts]:
+    """The contacts' tags and field slugs that name no live tag or contact field."""
+    return contact_tag_facts(connection, schema), contact_field_slug_facts(connection, schema)
+
+
 def contact_reference_facts_in_file(warehouse: WarehouseFile, schema: str) -> tuple[ReferenceFacts, ReferenceFacts]:
     with warehouse.open() as connection:
-        return contact_tag_facts(connection, schema), contact_field_slug_facts(connection, schema)
+        return contact_reference_facts(connection, schema)
 
 
 def _plain(value: object) -> object:

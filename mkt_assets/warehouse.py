@@ -192,6 +192,24 @@ def connect(
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection, waiting (as ``connect`` does, up to the file's bound) while a
+    writer holds the file; it holds DuckDB's shared lock until it is closed."""
+    path = Path(file.database)
+    wait = _Wait(path, file.wait_seconds, log or lean_process.report)
+    while True:
+        try:
+            connection = duckdb.connect(
+                str(path), read_only=True, config={"memory_limit": file.memory_limit, "threads": file.threads}
+            )
+            connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(file.memory_limit)}")
+            return connection
+        except duckdb.IOException as error:
+            if not _DUCKDB_LOCK_CONFLICT.search(str(error)):
+                raise
+            wait.pause(_duckdb_lock_holder(str(error)))
+
+
 class _Wait:
     """One opening's wait for the file: bounded, paced, and said out loud while it lasts."""
 
@@ -481,7 +499,7 @@ class MergeResult:
     duplicate_keys: int = 0
 
 
-def merge_staged(
+def merge_batch(
     connection: duckdb.DuckDBPyConnection,
     schema: str,
     table: str,
@@ -489,7 +507,7 @@ def merge_staged(
     *,
     deletions: str = "mark",
 ) -> MergeResult:
-    """Merge ``batch`` into ``schema.table`` on the primary key, in one transaction.
+    """Merge ``batch`` into ``schema.table`` on the primary key, inside the caller's transaction.
 
     When the batch is a complete read of the resource, rows it lacks were deleted upstream:
     they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
@@ -532,52 +550,47 @@ def merge_staged(
         problem = _duplicated_field(connection, batch, parameters)
         if problem is not None:
             raise StagingError(problem)
-    try:
-        with transaction(connection, f"the merge into {schema}.{table}"):
-            ensure_table(connection, schema, table, spec)
-            # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
-            connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
-            (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
-            # A row marked deleted that the API lists again has changed: it is back. (Two different
-            # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
-            connection.execute(
-                f"CREATE OR REPLACE TEMP TABLE changed AS SELECT s.{key} FROM"
-                f" (SELECT {key}, hash({', '.join(data_columns)}) AS h FROM staged) AS s JOIN"
-                f" (SELECT {key}, hash({', '.join(data_columns)}) AS h, {deleted_at} FROM {target}) AS t"
-                f" ON s.{key} = t.{key} WHERE s.h <> t.h OR t.{deleted_at} IS NOT NULL"
-            )
-            updated = 0
-            if connection.execute("SELECT 1 FROM changed LIMIT 1").fetchone():
-                (updated,) = connection.execute(
-                    f"MERGE INTO {target} AS t"
-                    f" USING (SELECT * FROM staged SEMI JOIN changed USING ({key})) AS s ON t.{key} = s.{key}"
-                    f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in written_columns)},"
-                    f" {deleted_at} = NULL"
-                ).fetchone()  # type: ignore[misc]
-            (inserted,) = connection.execute(
-                f"INSERT INTO {target} ({', '.join(written_columns)})"
-                f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s"
-                f" ANTI JOIN {target} AS t ON s.{key} = t.{key}"
+    ensure_table(connection, schema, table, spec)
+    # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
+    connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
+    (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
+    # A row marked deleted that the API lists again has changed: it is back. (Two different
+    # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
+    connection.execute(
+        f"CREATE OR REPLACE TEMP TABLE changed AS SELECT s.{key} FROM"
+        f" (SELECT {key}, hash({', '.join(data_columns)}) AS h FROM staged) AS s JOIN"
+        f" (SELECT {key}, hash({', '.join(data_columns)}) AS h, {deleted_at} FROM {target}) AS t"
+        f" ON s.{key} = t.{key} WHERE s.h <> t.h OR t.{deleted_at} IS NOT NULL"
+    )
+    updated = 0
+    if connection.execute("SELECT 1 FROM changed LIMIT 1").fetchone():
+        (updated,) = connection.execute(
+            f"MERGE INTO {target} AS t"
+            f" USING (SELECT * FROM staged SEMI JOIN changed USING ({key})) AS s ON t.{key} = s.{key}"
+            f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in written_columns)},"
+            f" {deleted_at} = NULL"
+        ).fetchone()  # type: ignore[misc]
+    (inserted,) = connection.execute(
+        f"INSERT INTO {target} ({', '.join(written_columns)})"
+        f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s"
+        f" ANTI JOIN {target} AS t ON s.{key} = t.{key}"
+    ).fetchone()  # type: ignore[misc]
+    deleted = 0
+    if batch.complete:
+        missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
+        if deletions == "delete":
+            (deleted,) = connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}").fetchone()  # type: ignore[misc]
+        else:
+            (deleted,) = connection.execute(
+                f"UPDATE {target} AS t SET {deleted_at} = $synced_at"
+                f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}",
+                {"synced_at": batch.synced_at},
             ).fetchone()  # type: ignore[misc]
-            deleted = 0
-            if batch.complete:
-                missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
-                if deletions == "delete":
-                    (deleted,) = connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}").fetchone()  # type: ignore[misc]
-                else:
-                    (deleted,) = connection.execute(
-                        f"UPDATE {target} AS t SET {deleted_at} = $synced_at"
-                        f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}",
-                        {"synced_at": batch.synced_at},
-                    ).fetchone()  # type: ignore[misc]
-            (row_count, total_rows) = connection.execute(
-                f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
-            ).fetchone()  # type: ignore[misc]
-            connection.execute("DROP TABLE staged")
-            connection.execute("DROP TABLE changed")
-    except (duckdb.ConversionException, duckdb.InvalidInputException) as error:
-        # A value the column's type cannot hold (DuckDB's JSON reader says InvalidInput).
-        raise _explain_cast_failure(connection, spec, batch, error) from None
+    (row_count, total_rows) = connection.execute(
+        f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
+    ).fetchone()  # type: ignore[misc]
+    connection.execute("DROP TABLE staged")
+    connection.execute("DROP TABLE changed")
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),
@@ -587,6 +600,27 @@ def merge_staged(
         total_rows=total_rows,
         duplicate_keys=0 if batch.keys_unique else batch.records - int(staged_rows),
     )
+
+
+def merge_staged(
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    table: str,
+    batch: StagedBatch,
+    *,
+    deletions: str = "mark",
+) -> MergeResult:
+    """``merge_batch`` in a transaction of its own: the table is merged whole or left as it was,
+    and a value DuckDB cannot type is named."""
+    try:
+        with transaction(connection, f"the merge into {schema}.{table}"):
+            return merge_batch(connection, schema, table, batch, deletions=deletions)
+    except CAST_FAILURES as error:
+        raise explain_cast_failure(connection, batch.spec, batch, error) from None
+
+
+# What DuckDB raises for a value a column's type cannot hold (its JSON reader says InvalidInput).
+CAST_FAILURES = (duckdb.ConversionException, duckdb.InvalidInputException)
 
 
 def merge_staged_file(
@@ -599,7 +633,7 @@ def merge_staged_file(
         return result, preview_markdown(connection, schema, table)
 
 
-def _explain_cast_failure(
+def explain_cast_failure(
     connection: duckdb.DuckDBPyConnection,
     spec: ResourceSpec,
     batch: StagedBatch,

@@ -36,3 +36,44 @@ def usual_umask() -> Iterator[None]:
     previous = os.umask(0o022)
     yield
     os.umask(previous)
+
+
+# ---------------------------------------------------------------- materializing marketing assets
+
+import dagster as dg  # noqa: E402
+
+from mkt_assets.assets import ASSET_PREFIX, build_marketing_assets  # noqa: E402
+from mkt_assets.settings import Settings  # noqa: E402
+
+MARKETING_ASSETS = build_marketing_assets(Settings())
+
+
+def marketing_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey([ASSET_PREFIX, name])
+
+
+def materialize_marketing(
+    names: list[str],
+    resources: dict[str, object],
+    *,
+    settings: Settings | None = None,
+    instance: dg.DagsterInstance | None = None,
+    also: list[dg.AssetsDefinition] | None = None,
+    raise_on_error: bool = True,
+) -> dg.ExecuteInProcessResult:
+    """Materialize the named marketing assets (and ``also``), as "Materialize" in the UI does."""
+    assets = build_marketing_assets(settings) if settings is not None else MARKETING_ASSETS
+    extra = also or []
+    return dg.materialize(
+        [assets, *extra],
+        selection=[marketing_key(name) for name in names] + [asset.key for asset in extra],
+        resources=resources,
+        instance=instance,
+        raise_on_error=raise_on_error,
+    )
+
+
+def materialization(result: dg.ExecuteInProcessResult, name: str) -> dict[str, object]:
+    """The metadata of the one materialization of ``marketing/<name>`` in ``result``."""
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == marketing_key(name)]
+    return {key: value.value for key, value in event.materialization.metadata.items()}

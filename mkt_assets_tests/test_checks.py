@@ -21,13 +21,12 @@ from mkt_assets.checks import (
     required_fields_result,
     row_count_result,
 )
-from mkt_assets.assets import build_sync_asset
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.settings import Settings
 from mkt_assets.table_facts import contact_field_slug_facts, contact_tag_facts, primary_key_facts, required_fields_facts
 from mkt_assets.warehouse import connect
+from mkt_assets_tests.conftest import marketing_key, materialize_marketing
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
 CONTACT_COLUMNS = (
@@ -174,24 +173,24 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
         opened.execute("CREATE SCHEMA marketing")
         opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR, _deleted_at TIMESTAMPTZ)")  # no constraint
         opened.execute("INSERT INTO marketing.tags VALUES (-5, 'x', NULL), (-5, 'x again', NULL)")
-    tags = build_sync_asset(RESOURCES_BY_NAME["tags"], Settings())
 
-    @dg.asset(deps=[tags.key])
+    @dg.asset(deps=[marketing_key("tags")])
     def downstream() -> None:
         return None
 
     with SandboxServer(SandboxData(seed=1, contacts=10), api_key="k") as server:
-        result = dg.materialize(
-            [tags, downstream],
-            resources={
+        result = materialize_marketing(
+            ["tags"],
+            {
                 "marketing_api": MarketingApiResource(base_url=server.base_url, api_key="k"),
                 "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
                 "warehouse": WarehouseResource(database=database),
             },
+            also=[downstream],
             raise_on_error=False,
         )
 
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not evaluations[PRIMARY_KEY_CHECK].passed
     assert evaluations[PRIMARY_KEY_CHECK].metadata["duplicated_keys"].value == [-5]
-    assert [e.asset_key for e in result.get_asset_materialization_events()] == [tags.key]
+    assert [e.asset_key for e in result.get_asset_materialization_events()] == [marketing_key("tags")]

@@ -54,12 +54,19 @@ def test_each_catalog_resource_is_an_asset_with_group_kinds_and_column_schema() 
 
 
 @pytest.mark.parametrize("job_name", ["marketing_sync", "marketing_incremental"])
-def test_both_jobs_select_the_five_and_the_normalized_tables_and_fetch_all_at_once(job_name: str) -> None:
+def test_both_jobs_select_every_resource_and_normalized_table_in_one_step_in_the_run_process(job_name: str) -> None:
     job = defs.resolve_job_def(job_name)
 
     assert job.asset_layer.executable_asset_keys == EXPECTED_KEYS | NORMALIZED_KEYS
-    assert job.executor_def.name == "multiprocess"
-    assert job.executor_def.apply_config_mapping({}).value["config"]["max_concurrent"] == 5
+    assert job.executor_def.name == "in_process"
+    assert [node.name for node in job.nodes] == ["sync_marketing"]
+
+
+def test_each_asset_can_be_materialized_alone() -> None:
+    (assets,) = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]  # type: ignore[union-attr]
+
+    assert assets.can_subset
+    assert assets.keys == EXPECTED_KEYS | NORMALIZED_KEYS
 
 
 def test_the_daily_schedule_runs_the_sync_without_being_switched_on() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.assets import build_sync_asset
+from mkt_assets import sync
 from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import MarketingApiClient
 from mkt_assets.errors import ApiValidationError
@@ -27,7 +27,9 @@ from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
-from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified
+from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets_tests._failing_facts import commit_run_then_fail_the_facts
+from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "fault-secret-5d1e0b7a"
 CONTACTS = RESOURCES_BY_NAME["contacts"]
@@ -50,9 +52,8 @@ class Outcome:
             error = error.cause
         return "\n".join(messages)
 
-    def metadata(self) -> dict[str, Any]:
-        (event,) = self.result.get_asset_materialization_events()
-        return {k: v.value for k, v in event.materialization.metadata.items()}
+    def metadata(self, name: str = "contacts") -> dict[str, Any]:
+        return materialization(self.result, name)
 
     def everything_recorded(self) -> str:
         return "\n".join(str(entry) for entry in self.instance.all_logs(self.result.run_id))
@@ -88,11 +89,8 @@ class Harness:
         for fault in faults:
             self.server.add_fault(fault)
         instance = dg.DagsterInstance.ephemeral()
-        result = dg.materialize(
-            [build_sync_asset(spec, Settings())],
-            resources=self.resources(**api_settings),
-            instance=instance,
-            raise_on_error=False,
+        result = materialize_marketing(
+            [spec.name], self.resources(**api_settings), instance=instance, raise_on_error=False
         )
         return Outcome(result, instance)
 
@@ -413,30 +411,27 @@ def test_a_rate_limited_parallel_sync_stays_under_the_quota_and_near_its_floor(t
 # Checks that cannot run: failed checks, not a failed materialization.
 
 
-class UnreachableWarehouse(WarehouseResource):
-    """Where the checks look: a file that cannot be opened (as when their queries cannot run)."""
-
-    def file(self) -> WarehouseFile:
-        return replace(super().file(), database="/dev/null/unreachable.duckdb")
-
-
-def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(harness: Harness) -> None:
+def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     harness.account.add_contacts(5)
-    resources = {**harness.resources(), "warehouse": UnreachableWarehouse(database=harness.database)}
-    instance = dg.DagsterInstance.ephemeral()
+    monkeypatch.setattr(sync, "commit_run", commit_run_then_fail_the_facts)
 
-    result = dg.materialize(
-        [build_sync_asset(CONTACTS, Settings())], resources=resources, instance=instance, raise_on_error=False
-    )
+    outcome = harness.sync(CONTACTS)
 
-    assert result.get_step_failure_events() == []
-    (materialization,) = result.get_asset_materialization_events()
-    assert materialization.materialization.metadata["rows_inserted"].value == 5
+    assert outcome.result.get_step_failure_events() == []
+    assert outcome.metadata()["rows_inserted"] == 5
     assert len(harness.table()) == ACCOUNT_SIZE + 5
-    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == {"primary_key_unique", "required_fields_present", "row_count_not_dropping"}
+    evaluations = {e.check_name: e for e in outcome.result.get_asset_check_evaluations()}
+    assert set(evaluations) == {
+        "primary_key_unique", "required_fields_present", "row_count_not_dropping", "contact_tags_exist",
+        "contact_field_slugs_exist",
+    }  # fmt: skip
     assert all(not e.passed for e in evaluations.values())
-    assert all(e.description.startswith("the check could not run: ") for e in evaluations.values())  # type: ignore[union-attr]
+    assert all(
+        e.description == "the check could not run: Out of Memory Error: failed to pin block of size 256.0 KiB"
+        for e in evaluations.values()
+    )
     # A blocking check failing with ERROR would fail the step whose table has changed.
     assert all(e.severity == dg.AssetCheckSeverity.WARN for e in evaluations.values())
 

@@ -1,73 +1,144 @@
-"""The Dagster IO manager: merges staged batches into <schema>.<asset> and reports it."""
+"""The IO manager: lands a run's tables in one transaction, reports each, and reads them back."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import duckdb
 import pytest
 
-from mkt_assets.catalog import RESOURCES_BY_NAME
+from mkt_assets import lean_process
+from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import Page
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.staging import PageStager, StagedBatch
+from mkt_assets.sync import RunWrite, TableWrite
 from mkt_assets.warehouse import connect
 
 TAGS = RESOURCES_BY_NAME["tags"]
+COMMUNITIES = RESOURCES_BY_NAME["communities"]
 
 
-def tag_batch(directory: Path, names: dict[int, str]) -> StagedBatch:
-    items = [{"id": i, "name": name, "createdAt": "2024-01-01T00:00:00+00:00"} for i, name in names.items()]
-    with PageStager(TAGS, directory=str(directory)) as stager:
-        stager.add(Page("tags", 1, "/api/tags", {}, items, False, json.dumps({"items": items, "hasMore": False}).encode()))
+def batch_of(spec: ResourceSpec, directory: Path, items: list[dict[str, Any]]) -> StagedBatch:
+    with PageStager(spec, directory=str(directory)) as stager:
+        stager.add(Page(spec.name, 1, f"/api{spec.path}", {}, items, False, json.dumps({"items": items, "hasMore": False}).encode()))
         return stager.finish()
 
 
-def materialize_tags(database: str, batch: StagedBatch) -> dg.ExecuteInProcessResult:
-    @dg.asset(key=["marketing", "tags"], io_manager_key="duckdb_io_manager")
-    def tags() -> StagedBatch:
-        return batch
+def tags(directory: Path, names: dict[int, str]) -> StagedBatch:
+    return batch_of(TAGS, directory, [{"id": i, "name": n, "createdAt": "2024-01-01T00:00:00+00:00"} for i, n in names.items()])
 
-    return dg.materialize(
-        [tags], resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")}
-    )
+
+def write_assets(write: RunWrite) -> dg.AssetsDefinition:
+    specs = [dg.AssetSpec(["marketing", batch.spec.name]).with_io_manager_key("duckdb_io_manager") for batch in write.batches]
+
+    @dg.multi_asset(specs=specs)
+    def run_write():  # type: ignore[no-untyped-def]
+        for batch in write.batches:
+            yield dg.Output(TableWrite(write, batch.spec.name), output_name=f"marketing__{batch.spec.name}")
+
+    return run_write
+
+
+def materialize(database: str, *batches: StagedBatch, runner: Any = None) -> dg.ExecuteInProcessResult:
+    with lean_process.Worker() as worker:
+        write = RunWrite(batches=batches, tables=(), contact_references=False, runner=runner or worker.call)
+        return dg.materialize(
+            [write_assets(write)],
+            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+            raise_on_error=False,
+        )
+
+
+def metadata(result: dg.ExecuteInProcessResult, name: str) -> dict[str, Any]:
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == name]
+    return {key: value.value for key, value in event.materialization.metadata.items()}
 
 
 def test_materializations_merge_and_report_what_changed(tmp_path: Path) -> None:
     database = str(tmp_path / "warehouse.duckdb")
-    materialize_tags(database, tag_batch(tmp_path, {1: "a", 2: "b"}))
-    second = tag_batch(tmp_path, {2: "b2", 3: "c"})
+    materialize(database, tags(tmp_path, {1: "a", 2: "b"}))
+    second = tags(tmp_path, {2: "b2", 3: "c"})
 
-    result = materialize_tags(database, second)
+    result = materialize(database, second)
 
-    metadata = result.get_asset_materialization_events()[0].materialization.metadata
-    assert metadata["rows_inserted"].value == 1
-    assert metadata["rows_updated"].value == 1
-    assert metadata["rows_unchanged"].value == 0
-    assert metadata["rows_deleted_upstream"].value == 1  # tag 1 is no longer listed
-    assert (metadata["dagster/row_count"].value, metadata["total_rows"].value) == (2, 3)
-    assert metadata["dagster/table_name"].value == "marketing.tags"
+    assert result.success
+    reported = metadata(result, "tags")
+    assert (reported["rows_inserted"], reported["rows_updated"], reported["rows_unchanged"]) == (1, 1, 0)
+    assert reported["rows_deleted_upstream"] == 1  # tag 1 is no longer listed
+    assert (reported["dagster/row_count"], reported["total_rows"]) == (2, 3)
+    assert reported["dagster/table_name"] == "marketing.tags"
     with connect(database) as connection:
         rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
     assert rows == [(1, "a", True), (2, "b2", False), (3, "c", False)]
     assert not any(path.exists() for path in second.paths), "the staging files are removed once merged"
 
 
-def test_loading_a_table_as_an_input_explains_how_to_read_it(tmp_path: Path) -> None:
+def test_every_table_of_a_run_lands_in_one_transaction_at_the_first_output(tmp_path: Path) -> None:
     database = str(tmp_path / "warehouse.duckdb")
-    batch = tag_batch(tmp_path, {1: "a"})
+    calls: list[str] = []
 
-    @dg.asset(key=["marketing", "tags"], io_manager_key="duckdb_io_manager")
-    def tags() -> StagedBatch:
-        return batch
+    def runner(function: Any, *args: Any, log: Any = None, **kwargs: Any) -> Any:
+        calls.append(function.__name__)
+        return function(*args, **kwargs)
+
+    result = materialize(
+        database,
+        tags(tmp_path, {1: "a"}),
+        batch_of(COMMUNITIES, tmp_path, [{"id": 7, "name": "Lounge", "domainName": None, "path": "x"}]),
+        runner=runner,
+    )
+
+    assert result.success
+    assert calls == ["commit_run"]  # once, for both tables
+    assert metadata(result, "tags")["commit_seconds"] == metadata(result, "communities")["commit_seconds"]
+
+
+def test_a_run_whose_write_fails_writes_no_table_and_materializes_none(tmp_path: Path) -> None:
+    database = str(tmp_path / "warehouse.duckdb")
+    materialize(database, tags(tmp_path, {1: "a"}))
+    broken = batch_of(COMMUNITIES, tmp_path, [{"id": 7, "name": "Lounge", "domainName": None, "path": "x"}])
+    broken.paths[0].write_text("not the staged pages")
+
+    result = materialize(database, tags(tmp_path, {1: "renamed", 2: "new"}), broken)
+
+    assert not result.success
+    assert result.get_asset_materialization_events() == []
+    with connect(database) as connection:
+        assert connection.execute("SELECT id, name FROM marketing.tags").fetchall() == [(1, "a")]
+        assert connection.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'communities'").fetchone() == (0,)
+
+
+def test_a_downstream_asset_reads_the_live_rows_as_a_duckdb_relation(tmp_path: Path) -> None:
+    database = str(tmp_path / "warehouse.duckdb")
+    materialize(database, tags(tmp_path, {1: "a", 2: "b"}))
+    materialize(database, tags(tmp_path, {2: "b"}))  # tag 1 is now marked deleted
+    seen: list[Any] = []
 
     @dg.asset(ins={"tags": dg.AssetIn(key=["marketing", "tags"])})
-    def downstream(tags: StagedBatch) -> None:
-        return None
+    def tag_names(tags: duckdb.DuckDBPyRelation) -> None:
+        seen.append(tags.project("id, name").order("id").fetchall())
 
-    with pytest.raises(dg.DagsterInvariantViolationError, match="read it with SQL"):
+    result = dg.materialize(
+        [tag_names, *[dg.AssetSpec(["marketing", "tags"]).with_io_manager_key("duckdb_io_manager")]],
+        resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+        selection=[tag_names.key],
+    )
+
+    assert result.success
+    assert seen == [[(2, "b")]]
+
+
+def test_a_value_that_is_not_a_run_write_is_refused_saying_so(tmp_path: Path) -> None:
+    @dg.asset(key=["marketing", "tags"], io_manager_key="duckdb_io_manager")
+    def tags_asset() -> list[int]:
+        return [1, 2]
+
+    with pytest.raises(dg.DagsterInvariantViolationError, match="it was handed a list"):
         dg.materialize(
-            [tags, downstream],
-            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+            [tags_asset],
+            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=str(tmp_path / "w.duckdb"))},
         )

@@ -16,18 +16,21 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.assets import build_sync_asset, build_sync_assets
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.definitions import build_definitions
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.private_files import AREA_LOCK_NAME, open_private_file, private_directory
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "integration-secret-3f9a1c"
-SYNC_ASSETS = build_sync_assets(Settings())
+SYNCED = [spec.name for spec in RESOURCES]
+# What both jobs select: the synced resources and the normalized tables.
+EVERYTHING = SYNCED + [table.name for table in NORMALIZED_TABLES]
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +82,13 @@ def test_every_record_of_the_five_resources_lands_field_for_field(
 ) -> None:
     database = str(tmp_path / "sync.duckdb")
 
-    result = dg.materialize(SYNC_ASSETS, resources=resources(server, database))
+    result = materialize_marketing(EVERYTHING, resources(server, database))
 
     assert result.success
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 15 and all(check.passed for check in checks)
+    # Three per synced table, the contacts' two references, two per normalized table.
+    assert len(checks) == 3 * len(RESOURCES) + 2 + 2 * len(NORMALIZED_TABLES)
+    assert all(check.passed for check in checks)
     for spec in RESOURCES:
         assert table_rows(database, spec) == expected_rows(spec, account), spec.name
     assert account.count("contacts") == 1234
@@ -101,15 +106,12 @@ def test_chunks_typed_during_the_fetch_land_the_same_rows_and_leave_no_file(
 ) -> None:
     database = str(tmp_path / "sync.duckdb")
     staging = tmp_path / "staging"
-    contacts = build_sync_asset(RESOURCES_BY_NAME["contacts"], Settings())
-
-    result = dg.materialize(
-        [contacts], resources=resources(server, database, staging_dir=str(staging), staging_chunk_pages=4)
+    result = materialize_marketing(
+        ["contacts"], resources(server, database, staging_dir=str(staging), staging_chunk_pages=4)
     )
 
     assert result.success
-    (event,) = result.get_asset_materialization_events()
-    metadata = {key: value.value for key, value in event.materialization.metadata.items()}
+    metadata = materialization(result, "contacts")
     # 13 pages (14 if the two ends split the page where they met) in chunks of 4: all but
     # the last typed during the fetch, the last read as JSON.
     assert metadata["pages"] in (13, 14)
@@ -121,20 +123,22 @@ def test_chunks_typed_during_the_fetch_land_the_same_rows_and_leave_no_file(
 
 def test_a_second_sync_changes_nothing(server: SandboxServer, tmp_path: Path) -> None:
     database = str(tmp_path / "sync.duckdb")
-    dg.materialize(SYNC_ASSETS, resources=resources(server, database))
+    materialize_marketing(EVERYTHING, resources(server, database))
     before = {spec.name: table_rows(database, spec, with_bookkeeping=True) for spec in RESOURCES}
 
-    second = dg.materialize(SYNC_ASSETS, resources=resources(server, database))
+    second = materialize_marketing(EVERYTHING, resources(server, database))
 
     after = {spec.name: table_rows(database, spec, with_bookkeeping=True) for spec in RESOURCES}
     assert after == before
     for event in second.get_asset_materialization_events():
+        if event.asset_key.path[-1] not in SYNCED:
+            continue
         metadata = event.materialization.metadata
         assert metadata["rows_inserted"].value == 0 and metadata["rows_updated"].value == 0
         assert metadata["rows_unchanged"].value == metadata["dagster/row_count"].value
 
 
-def test_dagster_job_execute_runs_all_five_in_parallel_processes_without_lock_errors(
+def test_dagster_job_execute_runs_every_asset_in_one_step_in_its_own_process(
     server: SandboxServer, account: SandboxData, tmp_path: Path
 ) -> None:
     """The command a user runs: `dagster job execute -m mkt_assets -j marketing_sync`."""
@@ -157,7 +161,9 @@ def test_dagster_job_execute_runs_all_five_in_parallel_processes_without_lock_er
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     log = "\n".join(outputs)
-    assert "multiprocess" in log  # the default executor: one process per step
+    # One step, in the job's own process: no step process pays Dagster's start-up again.
+    assert log.count('STEP_START - Started execution of step "sync_marketing"') == 2
+    assert "Launching subprocess" not in log and "Executing steps in process" in log
     assert "RUN_SUCCESS" in log and "lock" not in log.lower()
     for spec in RESOURCES:
         assert table_rows(str(database), spec) == expected_rows(spec, account), spec.name
@@ -187,26 +193,29 @@ def test_a_run_without_a_key_fails_at_once_saying_so(tmp_path: Path) -> None:
 
 
 def test_a_long_fetch_reports_its_progress_in_the_run_log(server: SandboxServer, tmp_path: Path) -> None:
-    contacts = build_sync_asset(RESOURCES_BY_NAME["contacts"], Settings(progress_interval_seconds=1e-9))
     instance = dg.DagsterInstance.ephemeral()
 
-    result = dg.materialize([contacts], resources=resources(server, str(tmp_path / "p.duckdb")), instance=instance)
+    result = materialize_marketing(
+        ["contacts"],
+        resources(server, str(tmp_path / "p.duckdb")),
+        settings=Settings(progress_interval_seconds=1e-9),
+        instance=instance,
+    )
 
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     progress = [m for m in messages if "so far" in m]
     assert progress[0].startswith("contacts: 100 records in 1 pages so far (")
     assert "records/s" in progress[0]
-    (event,) = result.get_asset_materialization_events()
-    pages = event.materialization.metadata["pages"].value
+    pages = materialization(result, "contacts")["pages"]
     assert progress[-1].startswith(f"contacts: 1234 records in {pages} pages so far")
 
 
 def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Path) -> None:
     database = str(tmp_path / "m.duckdb")
     instance = dg.DagsterInstance.ephemeral()
-    dg.materialize(SYNC_ASSETS, resources=resources(server, database), instance=instance)
+    materialize_marketing(EVERYTHING, resources(server, database), instance=instance)
 
-    second = dg.materialize(SYNC_ASSETS, resources=resources(server, database), instance=instance)
+    second = materialize_marketing(EVERYTHING, resources(server, database), instance=instance)
 
     by_asset = {e.asset_key.path[-1]: e.materialization.metadata for e in second.get_asset_materialization_events()}
     contacts = by_asset["contacts"]
@@ -224,7 +233,7 @@ def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Pa
 
 
 def test_overlapping_runs_of_the_job_both_succeed_on_one_database(server: SandboxServer, account: SandboxData, tmp_path: Path) -> None:
-    """A scheduled run and a manual run at once: ten step processes, one DuckDB file."""
+    """A scheduled run and a manual run at once: two writers of one DuckDB file."""
     database = tmp_path / "shared.duckdb"
     runs = []
     for name in ("scheduled", "manual"):
@@ -289,7 +298,7 @@ def test_a_read_timeout_set_in_run_config_bounds_a_dripping_answer(
 
     assert time.monotonic() - started < 60
     (failure,) = result.get_step_failure_events()
-    assert failure.step_key == "marketing__contacts"
+    assert failure.step_key == "sync_marketing"
     message = str(failure.event_specific_data.error)  # type: ignore[union-attr]
     assert "contacts: GET /api/contacts?limit=100&order=asc: timed out: no complete answer (headers and body)" in message
     assert "within read_timeout (1 s)" in message
@@ -303,13 +312,12 @@ def test_a_sync_reports_what_it_swept_and_what_the_rate_limiter_made_of_the_head
     dead.mkdir(mode=0o700)
     os.close(open_private_file(dead / AREA_LOCK_NAME, os.O_RDWR | os.O_CREAT))
     (dead / "mkt_contacts_00001_abcdefgh.ndjson").write_text("{}")
-    tags = build_sync_asset(RESOURCES_BY_NAME["tags"], Settings())
     instance = dg.DagsterInstance.ephemeral()
 
     # A window of an hour: never spent here, but its Refill is beyond the 120 s horizon.
     with SandboxServer(account, api_key=API_KEY, rate_limit=(10_000, 3600)) as server:
         settings = {"staging_dir": str(staging), "quota_state_dir": str(tmp_path / "quota")}
-        result = dg.materialize([tags], resources=resources(server, str(tmp_path / "s.duckdb"), **settings), instance=instance)
+        result = materialize_marketing(["tags"], resources(server, str(tmp_path / "s.duckdb"), **settings), instance=instance)
 
     assert result.success
     assert not dead.exists()

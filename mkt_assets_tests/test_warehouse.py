@@ -24,7 +24,7 @@ import pytest
 from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import Page
 from mkt_assets import warehouse
-from mkt_assets.chunk_typing import ChunkTyper
+from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.private_files import AREA_LOCK_NAME
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
@@ -75,7 +75,7 @@ def stage(
     typed: bool = False,
 ) -> StagedBatch:
     """Stage ``pages`` as the sync asset does; ``typed`` types each full chunk as it closes."""
-    with ChunkTyper(spec, warehouse.DEFAULT_MEMORY_LIMIT) as typer:
+    with TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(spec, queue) as typer:
         stager = PageStager(
             spec, directory=str(directory), complete=complete, chunk_pages=chunk_pages, on_chunk=typer.submit if typed else None
         )
@@ -584,7 +584,7 @@ def test_a_chunk_that_fails_to_type_is_left_to_the_merge_which_names_the_value(d
     merge(database, "contacts", stage(CONTACTS, [[contact(1)]], tmp_path))
     before = rows(database, "contacts")
     pages = [[contact(2)], [contact(3, registeredAt="yesterday")], [contact(4)]]
-    with ChunkTyper(CONTACTS, warehouse.DEFAULT_MEMORY_LIMIT) as typer:
+    with TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(CONTACTS, queue) as typer:
         stager = PageStager(CONTACTS, directory=str(tmp_path), chunk_pages=1, on_chunk=typer.submit)
         with stager:
             for number, items in enumerate(pages, start=1):
@@ -615,7 +615,7 @@ class FetchFailed(Exception):
 
 def test_a_failed_fetch_leaves_no_typed_chunk_behind(tmp_path: Path) -> None:
     pages = [[{"id": 1, "name": "a"}], [{"id": 2, "name": "b"}], [{"id": 3, "name": "c"}]]
-    with pytest.raises(FetchFailed), ChunkTyper(TAGS, warehouse.DEFAULT_MEMORY_LIMIT) as typer:
+    with pytest.raises(FetchFailed), TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(TAGS, queue) as typer:
         with PageStager(TAGS, directory=str(tmp_path), chunk_pages=1, on_chunk=typer.submit) as stager:
             for number, items in enumerate(pages, start=1):
                 stager.add(Page(TAGS.name, number, "/api/tags", {}, items, True, json.dumps({"items": items, "hasMore": True}).encode()))
@@ -803,7 +803,7 @@ def test_a_record_sending_a_field_twice_fails_without_quoting_it(database: str, 
 
 def test_a_chunk_that_fails_to_type_is_logged_without_the_records_it_quotes(tmp_path: Path) -> None:
     batch = _page_with_a_field_twice(CONTACTS, tmp_path, "")
-    with ChunkTyper(CONTACTS, warehouse.DEFAULT_MEMORY_LIMIT) as typer:
+    with TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(CONTACTS, queue) as typer:
         typer.submit(batch.paths[0], batch.longest_line)
         assert typer.finish() == ()
 

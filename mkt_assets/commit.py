@@ -1,0 +1,140 @@
+"""The run's one transaction: every table a sync writes, merged and built together, then the
+facts its checks need.
+
+A reader of the file sees every table of one sync or every table of the one before, never
+contacts of one beside contact_tags of another: a sync that fails anywhere, or is killed at any
+moment, leaves every table as it was. DuckDB only, no Dagster: it runs in a lean worker
+process (see ``lean_process``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import duckdb
+
+from mkt_assets.catalog import ResourceSpec
+from mkt_assets.errors import SyncError
+from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_in_transaction
+from mkt_assets.staging import StagedBatch
+from mkt_assets.table_facts import ReferenceFacts, SyncedTableFacts, contact_reference_facts, synced_table_facts
+from mkt_assets.warehouse import (
+    CAST_FAILURES,
+    MergeResult,
+    WarehouseFile,
+    explain_cast_failure,
+    merge_batch,
+    newest_key,
+    preview_markdown,
+    streamed,
+    table_exists,
+    transaction,
+    without_values,
+)
+
+
+class MissingTableError(SyncError):
+    """A normalized table asked for reads a table that was never synced."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the run's transaction did to one table."""
+
+    table: str
+    seconds: float
+    preview: str
+    merge: MergeResult | None = None  # a synced table
+    build: BuildResult | None = None  # a normalized table
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the checks need, queried once everything is committed (or why it could not be)."""
+
+    synced: dict[str, SyncedTableFacts] = field(default_factory=dict)
+    references: tuple[ReferenceFacts, ReferenceFacts] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunCommit:
+    written: dict[str, Written]
+    facts: Facts
+    seconds: float
+    # Normalized tables not rebuilt because a table they read does not exist yet, and why.
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def commit_run(
+    file: WarehouseFile,
+    schema: str,
+    batches: Sequence[StagedBatch],
+    tables: Sequence[NormalizedTable],
+    *,
+    deletions: str,
+    contact_references: bool,
+    asked: frozenset[str] = frozenset(),
+) -> RunCommit:
+    """Merge every batch and rebuild every table in one transaction, then gather the facts the
+    checks need: per synced table, and the contacts' references when ``contact_references``.
+
+    A table rebuilt only because it reads a table the run writes is skipped while another
+    table it reads does not exist yet; one in ``asked`` cannot be, and fails the write."""
+    started = time.monotonic()
+    written: dict[str, Written] = {}
+    skipped: dict[str, str] = {}
+    with file.open() as connection:
+        merging: StagedBatch | None = None
+        try:
+            with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
+                for batch in batches:
+                    merging, began = batch, time.monotonic()
+                    merge = merge_batch(connection, schema, batch.spec.name, batch, deletions=deletions)
+                    written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
+                merging = None
+                for table in tables:
+                    missing = [name for name in table.reads if not table_exists(connection, schema, name)]
+                    if missing:
+                        reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
+                        if table.name in asked:
+                            raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
+                        skipped[table.name] = reason
+                        continue
+                    began = time.monotonic()
+                    build = build_in_transaction(connection, schema, table)
+                    written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
+        except CAST_FAILURES as error:
+            if merging is None:
+                raise
+            raise explain_cast_failure(connection, merging.spec, merging, error) from None
+        for batch in batches:
+            name = batch.spec.name
+            written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
+        facts = _facts(connection, schema, [batch.spec for batch in batches], contact_references)
+    return RunCommit(written, facts, time.monotonic() - started, skipped)
+
+
+def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) -> list[str]:
+    return [*(batch.spec.name for batch in batches), *(table.name for table in tables)] or ["nothing"]
+
+
+def _facts(
+    connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[ResourceSpec], contact_references: bool
+) -> Facts:
+    """The checks' facts; the tables have changed by now, so a query that fails says why in
+    ``error`` (the checks then fail) instead of failing the run."""
+    try:
+        synced = {spec.name: streamed(connection, lambda spec=spec: synced_table_facts(connection, schema, spec)) for spec in specs}
+        references = contact_reference_facts(connection, schema) if contact_references else None
+    except duckdb.Error as error:
+        return Facts(error=without_values(str(error)))
+    return Facts(synced, references)
+
+
+def newest_keys(file: WarehouseFile, schema: str, specs: Sequence[ResourceSpec]) -> dict[str, int | None]:
+    """The highest key stored for each of ``specs`` (None: nothing stored yet)."""
+    with file.open() as connection:
+        return {spec.name: newest_key(connection, schema, spec) for spec in specs}

@@ -1,0 +1,259 @@
+"""A sync from plan to write, knowing nothing of Dagster.
+
+plan (which resources, from which cursor, and which normalized tables) → fetch and stage every
+resource at once → one write that lands every table together (``commit.commit_run``, through
+``RunWrite``). The Dagster layer (``assets``) hands these stages their inputs and reports what
+they return.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mkt_assets.catalog import ResourceSpec
+from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
+from mkt_assets.client import MarketingApiClient
+from mkt_assets.commit import RunCommit, commit_run
+from mkt_assets.errors import SyncError
+from mkt_assets.normalized_tables import NormalizedTable
+from mkt_assets.staging import PageStager, StagedBatch
+from mkt_assets.transport import RequestStats
+from mkt_assets.warehouse import WarehouseFile
+
+Log = Callable[[str], None]
+# Runs a DuckDB function in a lean worker: ``lean_process.Worker.call``.
+Runner = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What one run reads and writes."""
+
+    resources: tuple[ResourceSpec, ...]
+    # Resources read incrementally: only the records after this key (ids only grow).
+    after: Mapping[str, int]
+    # Normalized tables rebuilt in the run's transaction: those asked for, and every one that
+    # reads a resource the run writes, so none ever lags the tables it is built from.
+    tables: tuple[NormalizedTable, ...]
+
+    def read(self, spec: ResourceSpec) -> str:
+        after = self.after.get(spec.name)
+        return "full" if after is None else f"incremental, after {spec.primary_key} {after}"
+
+
+def plan_sync(
+    resources: Sequence[ResourceSpec],
+    tables: Sequence[NormalizedTable],
+    all_tables: Sequence[NormalizedTable],
+    newest: Mapping[str, int | None],
+) -> SyncPlan:
+    """``newest``: for an incremental run, the newest stored key of each resource that can be
+    read incrementally (None when nothing is stored: that one is read in full)."""
+    written = {spec.name for spec in resources}
+    rebuilt = tuple(table for table in all_tables if table in tables or written & set(table.reads))
+    after = {name: key for name, key in newest.items() if key is not None and name in written}
+    return SyncPlan(tuple(resources), after, rebuilt)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One resource, read to its end and staged."""
+
+    spec: ResourceSpec
+    batch: StagedBatch
+    stats: RequestStats
+    seconds: float
+    read: str
+    typing_failures: tuple[str, ...]
+    swept: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    staging_dir: str | None
+    chunk_pages: int
+    progress_seconds: float
+
+
+class Stopped(Exception):
+    """A fetch stopped because another resource of the run failed: nothing will be written."""
+
+
+class FetchFailed(SyncError):
+    """One resource or more could not be read; the run writes nothing."""
+
+    def __init__(self, failures: Mapping[str, BaseException], fetched: Sequence[str], stopped: Sequence[str]) -> None:
+        self.failures = dict(failures)
+        lines = [str(error) for error in failures.values()]
+        others = []
+        if fetched:
+            others.append(f"{_listed(fetched)} {'was' if len(fetched) == 1 else 'were'} read in full")
+        if stopped:
+            others.append(f"{_listed(stopped)} {'was' if len(stopped) == 1 else 'were'} stopped")
+        lines.append(
+            "Nothing was written: a run writes all its tables or none"
+            + (f" ({'; '.join(others)})." if others else ".")
+        )
+        super().__init__("\n".join(lines))
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def fetch_all(
+    plan: SyncPlan,
+    open_client: Callable[[], MarketingApiClient],
+    options: FetchOptions,
+    typing: TypingQueue,
+    log: Log,
+) -> dict[str, Fetched]:
+    """Read every resource of ``plan`` at once, each in a thread of its own, staging its pages.
+
+    The first failure stops the others at their next page; then every staged batch is
+    discarded and ``FetchFailed`` names each failure and what became of the others."""
+    stop = threading.Event()
+    fetched: dict[str, Fetched] = {}
+    failures: dict[str, BaseException] = {}
+    stopped: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, len(plan.resources)), thread_name_prefix="fetch") as pool:
+        futures = {spec.name: pool.submit(_fetch, spec, plan, open_client, options, typing, stop, log) for spec in plan.resources}
+        for name, future in futures.items():
+            error = future.exception()
+            if error is None:
+                fetched[name] = future.result()
+            elif isinstance(error, Stopped):
+                stopped.append(name)
+            else:
+                failures[name] = error
+                stop.set()
+    if failures:
+        for done in fetched.values():
+            done.batch.discard()
+        raise FetchFailed(failures, list(fetched), stopped) from next(iter(failures.values()))
+    return fetched
+
+
+def _fetch(
+    spec: ResourceSpec,
+    plan: SyncPlan,
+    open_client: Callable[[], MarketingApiClient],
+    options: FetchOptions,
+    typing: TypingQueue,
+    stop: threading.Event,
+    log: Log,
+) -> Fetched:
+    try:
+        return _fetch_one(spec, plan, open_client, options, typing, stop, log)
+    except BaseException:
+        stop.set()  # the others stop at their next page: this run will write nothing
+        raise
+
+
+def _fetch_one(
+    spec: ResourceSpec,
+    plan: SyncPlan,
+    open_client: Callable[[], MarketingApiClient],
+    options: FetchOptions,
+    typing: TypingQueue,
+    stop: threading.Event,
+    log: Log,
+) -> Fetched:
+    started = time.monotonic()
+    after = plan.after.get(spec.name)
+    # Ids only grow: in ascending order after the newest stored id come exactly the new records.
+    query = {"order": "asc", "startingAfter": after} if after is not None else None
+    progress = Progress(log, spec.name, options.progress_seconds)
+    with open_client() as client, ChunkTyper(spec, typing) as typer, PageStager(
+        spec,
+        directory=options.staging_dir,
+        complete=after is None,
+        chunk_pages=options.chunk_pages,
+        on_chunk=typer.submit,
+    ) as stager:
+        for page in client.iter_pages(spec, query):
+            if stop.is_set():
+                raise Stopped(spec.name)
+            stager.add(page)
+            progress.tick(stager.records, stager.pages)
+        batch = replace(stager.finish(), typed=typer.finish())
+        return Fetched(
+            spec,
+            batch,
+            client.stats,
+            time.monotonic() - started,
+            plan.read(spec),
+            tuple(typer.failures),
+            tuple(stager.swept),
+        )
+
+
+@dataclass
+class Progress:
+    """Logs a long fetch's progress at a steady pace, so a user watching the run sees it move."""
+
+    log: Log
+    resource: str
+    interval: float
+    started: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+
+    def tick(self, records: int, pages: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.started
+        self.log(
+            f"{self.resource}: {records} records in {pages} pages so far"
+            f" ({records / elapsed:,.0f} records/s, {elapsed:.0f}s)"
+        )
+
+
+@dataclass
+class RunWrite:
+    """Everything one run writes, landed in one transaction the first time any of its tables
+    is handed to the IO manager; the staged files are gone once it has been tried."""
+
+    batches: tuple[StagedBatch, ...]
+    tables: tuple[NormalizedTable, ...]
+    contact_references: bool
+    runner: Runner
+    # Tables the run was asked for (the others are rebuilt only to keep up with their reads).
+    asked: frozenset[str] = frozenset()
+    result: RunCommit | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def commit(self, file: WarehouseFile, schema: str, deletions: str, log: Log | None) -> RunCommit:
+        with self._lock:
+            if self.result is None:
+                try:
+                    self.result = self.runner(
+                        commit_run,
+                        file,
+                        schema,
+                        self.batches,
+                        self.tables,
+                        deletions=deletions,
+                        contact_references=self.contact_references,
+                        asked=self.asked,
+                        log=log,
+                    )
+                finally:
+                    for batch in self.batches:
+                        batch.discard()
+            return self.result
+
+
+@dataclass(frozen=True)
+class TableWrite:
+    """What an asset's output hands the IO manager: its table, within the run's write."""
+
+    write: RunWrite
+    table: str

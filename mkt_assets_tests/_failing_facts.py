@@ -1,0 +1,15 @@
+"""A run's write whose checks' facts then fail, as when their queries run out of memory.
+
+Imported by the lean DuckDB worker, so it imports no Dagster (see lean_process)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from mkt_assets.commit import Facts, RunCommit, commit_run
+
+
+def commit_run_then_fail_the_facts(*args: Any, **kwargs: Any) -> RunCommit:
+    committed = commit_run(*args, **kwargs)
+    return replace(committed, facts=Facts(error="Out of Memory Error: failed to pin block of size 256.0 KiB"))
