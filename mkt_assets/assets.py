@@ -150,7 +150,9 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         file = warehouse.file()
         # One worker for the run's DuckDB work, started now so its start overlaps the fetch;
         # one more types staged chunks during the fetch, at the lowest priority.
-        with lean_process.Worker("duckdb") as duckdb, TypingQueue(warehouse.memory_limit) as typing:
+        with lean_process.Worker("duckdb", preload=("mkt_assets.commit",)) as duckdb, TypingQueue(
+            warehouse.memory_limit
+        ) as typing:
             newest: dict[str, int | None] = {}
             incremental = [spec for spec in resources if spec.incremental]
             if config.incremental and incremental:
@@ -169,8 +171,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 typing,
                 context.log.info,
             )
-            for done in fetched.values():
-                _log_fetch(context, done)
+            _log_fetches(context, list(fetched.values()))
             previous = {key: _previous_row_count(context, key) for key in selected}
             write = RunWrite(
                 batches=tuple(fetched[spec.name].batch for spec in resources),
@@ -201,23 +202,31 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
     return sync_marketing
 
 
-def _log_fetch(context: dg.AssetExecutionContext, done: Fetched) -> None:
-    name, batch, stats = done.spec.name, done.batch, done.stats
-    if done.swept:
+def _log_fetches(context: dg.AssetExecutionContext, fetches: Sequence[Fetched]) -> None:
+    """What the fetches met, in as few lines as the run's log can take: each line is an event
+    the instance stores, and a run with many costs seconds."""
+    for done in fetches:
+        name, batch = done.spec.name, done.batch
+        if done.swept:
+            context.log.info(
+                f"{name}: removed {len(done.swept)} staging directories and files left by runs that died:"
+                f" {', '.join(str(path) for path in done.swept)}"
+            )
+        for failure in done.typing_failures:
+            context.log.warning(f"{name}: {failure}")
+        if batch.unknown_fields:
+            context.log.warning(
+                f"{name}: the API sent fields the catalog does not know, kept in _extra: {', '.join(batch.unknown_fields)}"
+            )
+    if fetches:
         context.log.info(
-            f"{name}: removed {len(done.swept)} staging directories and files left by runs that died:"
-            f" {', '.join(str(path) for path in done.swept)}"
+            "fetched "
+            + "; ".join(
+                f"{done.spec.name}: {done.batch.records} records in {done.batch.pages} pages"
+                f" ({done.stats.requests} requests, {done.stats.retries} retries, {done.seconds:.1f}s)"
+                for done in fetches
+            )
         )
-    for failure in done.typing_failures:
-        context.log.warning(f"{name}: {failure}")
-    if batch.unknown_fields:
-        context.log.warning(
-            f"{name}: the API sent fields the catalog does not know, kept in _extra: {', '.join(batch.unknown_fields)}"
-        )
-    context.log.info(
-        f"{name}: fetched {batch.records} records in {batch.pages} pages"
-        f" ({stats.requests} requests, {stats.retries} retries) in {done.seconds:.1f}s"
-    )
 
 
 def _fetch_metadata(done: Fetched) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import duckdb
 from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
+from mkt_assets.commit import RunCommit
 from mkt_assets.sync import TableWrite
 
 
@@ -59,7 +60,10 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                 f"{'/'.join(context.asset_key.path)}: this IO manager writes the marketing assets' tables;"
                 f" it was handed a {type(obj).__name__}"
             )
+        first = obj.write.result is None
         commit = obj.write.commit(self.file(), self.schema_, self.deletions, log=context.log.warning)
+        if first:
+            context.log.info(_summary(commit, self.schema_))
         written = commit.written[obj.table]
         name = f"{self.schema_}.{obj.table}"
         metadata: dict[str, Any] = {
@@ -68,10 +72,6 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
         }
         if written.merge is not None:
             merge = written.merge
-            context.log.info(
-                f"{name}: {merge.inserted} inserted, {merge.updated} updated, {merge.unchanged} unchanged,"
-                f" {merge.deleted} gone upstream; {merge.row_count} live rows ({written.seconds:.1f}s)"
-            )
             if merge.duplicate_keys:
                 context.log.warning(
                     f"{name}: {merge.duplicate_keys} records came again under a key already read in this sync"
@@ -106,3 +106,18 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
         columns = {row[0] for row in connection.execute(f"DESCRIBE {name}").fetchall()}
         live = " WHERE _deleted_at IS NULL" if "_deleted_at" in columns else ""
         return connection.sql(f"SELECT * FROM {name}{live}")
+
+
+def _summary(commit: RunCommit, schema: str) -> str:
+    """The run's write in one line of the run's log (each line is an event the instance stores)."""
+    parts = []
+    for name, written in commit.written.items():
+        if written.merge is not None:
+            merge = written.merge
+            parts.append(
+                f"{schema}.{name}: {merge.inserted} inserted, {merge.updated} updated, {merge.unchanged} unchanged,"
+                f" {merge.deleted} gone upstream, {merge.row_count} live rows"
+            )
+        elif written.build is not None:
+            parts.append(f"{schema}.{name}: rebuilt, {written.build.row_count} rows")
+    return f"wrote {len(parts)} tables in one transaction ({commit.seconds:.1f}s): " + "; ".join(parts)

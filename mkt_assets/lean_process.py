@@ -19,6 +19,7 @@ inherits the caller's staging locks (see ``private_files``).
 from __future__ import annotations
 
 import collections
+import ctypes
 import importlib
 import os
 import pickle
@@ -36,6 +37,8 @@ from mkt_assets import private_files
 
 Result = TypeVar("Result")
 Log = Callable[[str], None]
+_PARENT_ENV = "MKT_LEAN_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 _FRAME = struct.Struct("!cQ")  # each message: its kind and its length
 _ANSWER, _REPORT = b"A", b"R"  # from the child: a call's outcome (pickled), or a line it reports
 # What a child printed last, kept to explain how it died.
@@ -49,15 +52,18 @@ class LeanProcessError(RuntimeError):
 class Worker:
     """One lean child process serving calls in order until it is closed."""
 
-    def __init__(self, name: str = "lean worker") -> None:
+    def __init__(self, name: str = "lean worker", preload: tuple[str, ...] = ()) -> None:
+        """``preload``: modules the child imports as soon as it starts, so that the first call
+        does not wait for them (DuckDB's import takes a good part of a second)."""
         from mkt_assets.resource import API_KEY_ENV  # the caller's side only: the child stays lean
 
         self.name = name
         self._lock = threading.Lock()
         # DuckDB work never needs the API key: the child does not get it.
         environment = {key: value for key, value in os.environ.items() if key != API_KEY_ENV}
+        environment[_PARENT_ENV] = str(os.getpid())
         self._child = subprocess.Popen(
-            [sys.executable, "-m", __name__],
+            [sys.executable, "-m", __name__, *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -192,8 +198,24 @@ def _how_it_ended(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+def _die_with_the_parent(parent: int) -> None:
+    """Be killed when the process that started this one dies, however it dies.
+
+    Otherwise a caller killed with SIGKILL (the OOM killer, a stopped run) would leave this
+    child to commit its transaction after the run had failed: a killed sync must leave every
+    table as it was. Linux only (prctl); elsewhere the child outlives a killed parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the signal was asked for
+
+
 def _serve() -> None:
     """The child's side: answer calls from stdin on stdout, one after another, until stdin ends."""
+    _die_with_the_parent(int(os.environ.pop(_PARENT_ENV, os.getppid())))
     # Answers go to a private copy of stdout; what the work prints goes to stderr instead, so
     # it can never corrupt an answer. Set on the module as the work imports it (this one
     # runs as __main__), for ``report``.
@@ -201,6 +223,8 @@ def _serve() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     module = importlib.import_module("mkt_assets.lean_process")
     module._answers = answers
+    for name in sys.argv[1:]:
+        importlib.import_module(name)
     requests = sys.stdin.buffer
     while True:
         try:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +106,29 @@ def test_a_worker_whose_child_dies_says_how_and_later_calls_fail_too() -> None:
             worker.call(os.abort)
         with pytest.raises(lean_process.LeanProcessError):
             worker.call(pow, 2, 2)
+
+
+_KILLED_PARENT = """
+import os, sys, threading, time
+from mkt_assets import lean_process
+worker = lean_process.Worker()
+print(worker.call(os.getpid), flush=True)
+# The worker busy in a call (as in the middle of a transaction) when its parent is killed.
+threading.Thread(target=worker.call, args=(time.sleep, 120), daemon=True).start()
+sys.stdin.read()  # held here until killed
+"""
+
+
+def test_a_worker_dies_with_its_parent_however_the_parent_dies() -> None:
+    # Otherwise a run killed with SIGKILL leaves its DuckDB worker to commit after the run failed.
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = os.pidfd_open(int(parent.stdout.readline()))  # readable once the worker has exited
+    try:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(30)
+
+        exited, _, _ = select.select([child], [], [], 10)
+    finally:
+        os.close(child)
+    assert exited, "the worker outlived its killed parent"

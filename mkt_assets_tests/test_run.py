@@ -1,0 +1,219 @@
+"""A run as a whole: one asset alone, a failing resource beside succeeding ones, and run-level
+atomicity: every table of one sync, or every table as it was, whatever fails or is killed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mkt_assets.catalog import RESOURCES
+from mkt_assets.client import Page
+from mkt_assets.commit import commit_run
+from mkt_assets.errors import StagingError
+from mkt_assets.io_manager import MarketingDuckDBIOManager
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
+from mkt_assets.staging import PageStager
+from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified
+from mkt_assets_tests.conftest import materialization, materialize_marketing
+
+API_KEY = "run-secret-41d7"
+SYNCED = [spec.name for spec in RESOURCES]
+EVERYTHING = SYNCED + [table.name for table in NORMALIZED_TABLES]
+
+
+class Account:
+    """A simulator and a DuckDB file holding a first full sync of it."""
+
+    def __init__(self, tmp_path: Path, contacts: int = 800) -> None:
+        self.data = SandboxData(seed=31, contacts=contacts)
+        self.server = SandboxServer(self.data, api_key=API_KEY).start()
+        self.tmp_path = tmp_path
+        self.database = str(tmp_path / "run.duckdb")
+
+    def resources(self) -> dict[str, Any]:
+        return {
+            "marketing_api": MarketingApiResource(
+                base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0, quota_state_dir=str(self.tmp_path / "quota")
+            ),
+            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
+            "warehouse": WarehouseResource(database=self.database),
+        }
+
+    def sync(self, names: list[str] = EVERYTHING, *faults: Fault) -> Any:
+        self.server.clear_faults()
+        for fault in faults:
+            self.server.add_fault(fault)
+        self.server.reset_log()
+        return materialize_marketing(names, self.resources(), raise_on_error=False)
+
+    def tables(self, stamps: bool = True) -> dict[str, list[tuple[Any, ...]]]:
+        """Every table's rows, bookkeeping included, in key order; without ``stamps``, when
+        rows were written is left out (two runs of the same sync write different times)."""
+        with connect(self.database) as connection:
+            tables = {}
+            for name in EVERYTHING:
+                table = fully_qualified(connection, "marketing", name)
+                columns = "*" if stamps or name not in SYNCED else "* EXCLUDE (_synced_at, _deleted_at), _deleted_at IS NULL"
+                tables[name] = connection.execute(f"SELECT {columns} FROM {table} ORDER BY ALL").fetchall()
+            return tables
+
+    def change_contacts(self) -> None:
+        """What only a full sync sees: new contacts, retagged ones, a deleted one."""
+        self.data.add_contacts(150)
+        ids = list(self.data.contact_ids)
+        for contact_id in ids[:40]:
+            self.data.set_contact_tags(contact_id, self.data.tag_ids[:2])
+        self.data.delete_contact(ids[50])
+
+
+@pytest.fixture()
+def account(tmp_path: Path) -> Iterator[Account]:
+    running = Account(tmp_path)
+    try:
+        assert running.sync().success
+        yield running
+    finally:
+        running.server.stop()
+
+
+def test_materializing_one_asset_alone_reads_only_its_resource_and_rebuilds_what_reads_it(account: Account) -> None:
+    account.change_contacts()
+
+    result = account.sync(["contacts"])
+
+    assert result.success
+    assert {request.path for request in account.server.requests} == {"/api/contacts"}
+    assert materialization(result, "contacts")["rows_inserted"] == 150
+    # The normalized tables reading contacts were rebuilt in the same transaction, and say so;
+    # course_modules, which does not read contacts, was not touched.
+    rebuilt = {event.asset_key.path[-1]: event for event in result.get_asset_materialization_events()}
+    assert set(rebuilt) == {"contacts", "contact_tags", "contact_field_values"}
+    assert "Rebuilt in the same transaction as contacts, tags" in (rebuilt["contact_tags"].materialization.description or "")
+    assert_normalized_tables_match_their_contacts(account)
+
+
+@pytest.mark.parametrize("failing", ["tags", "contacts"])
+def test_a_failing_resource_fails_the_run_naming_it_and_every_table_stays_as_it_was(account: Account, failing: str) -> None:
+    before = account.tables()
+    account.change_contacts()
+
+    result = account.sync(EVERYTHING, Fault("status", path=f"/api{_path(failing)}", status=502, times=-1, after=1 if failing == "contacts" else 0))
+
+    assert not result.success
+    assert result.get_asset_materialization_events() == []
+    assert account.tables() == before
+    (failure,) = result.get_step_failure_events()
+    message = str(failure.event_specific_data.error)  # type: ignore[union-attr]
+    assert f"{failing}: GET /api{_path(failing)}" in message and "HTTP 502 after retries" in message
+    assert "Nothing was written: a run writes all its tables or none (" in message
+    others = [name for name in SYNCED if name != failing]
+    assert all(name in message for name in others), message  # each other resource's fate is said
+
+
+def _path(name: str) -> str:
+    return next(spec.path for spec in RESOURCES if spec.name == name)
+
+
+def test_a_write_that_fails_on_one_table_writes_none(tmp_path: Path) -> None:
+    database = str(tmp_path / "atomic.duckdb")
+    tags, communities = (spec for spec in RESOURCES if spec.name in ("tags", "communities"))
+    first = [
+        _staged(tags, tmp_path, b'{"items": [{"id": 1, "name": "a"}], "hasMore": false}'),
+        _staged(communities, tmp_path, b'{"items": [{"id": 5, "name": "Lounge"}], "hasMore": false}'),
+    ]
+    commit_run(WarehouseFile(database), "marketing", first, [], deletions="mark", contact_references=False)
+    with connect(database) as connection:
+        before = connection.execute("SELECT id, name FROM marketing.tags UNION ALL SELECT id, name FROM marketing.communities").fetchall()
+    second = [
+        _staged(tags, tmp_path, b'{"items": [{"id": 1, "name": "renamed"}, {"id": 2, "name": "new"}], "hasMore": false}'),
+        # Sends its id twice: DuckDB refuses it, after the tags merge ran in the same transaction.
+        _staged(communities, tmp_path, b'{"items": [{"id": 6, "id": 7, "name": "Twice"}], "hasMore": false}'),
+    ]
+
+    with pytest.raises(StagingError, match="sends the field 'id' twice"):
+        commit_run(WarehouseFile(database), "marketing", second, [], deletions="mark", contact_references=False)
+
+    with connect(database) as connection:
+        after = connection.execute("SELECT id, name FROM marketing.tags UNION ALL SELECT id, name FROM marketing.communities").fetchall()
+    assert after == before
+
+
+def _staged(spec: Any, directory: Path, body: bytes) -> Any:
+    import json
+
+    items = json.loads(body)["items"]
+    with PageStager(spec, directory=str(directory)) as stager:
+        stager.add(Page(spec.name, 1, f"/api{spec.path}", {}, items, False, body))
+        return stager.finish()
+
+
+def assert_normalized_tables_match_their_contacts(account: Account) -> None:
+    """contact_tags and contact_field_values hold exactly what the live contacts carry."""
+    with connect(account.database) as connection:
+        contacts = fully_qualified(connection, "marketing", "contacts")
+        for table, column, member in (("contact_tags", "tags", "id"), ("contact_field_values", "fields", "slug")):
+            name = fully_qualified(connection, "marketing", table)
+            key = "tag_id" if table == "contact_tags" else "slug"
+            expected = connection.execute(
+                f"SELECT id, unnest({column}).{member} FROM {contacts} WHERE _deleted_at IS NULL ORDER BY ALL"
+            ).fetchall()
+            actual = connection.execute(f"SELECT contact_id, {key} FROM {name} ORDER BY ALL").fetchall()
+            assert actual == expected, table
+
+
+_RUN = """
+import sys
+import dagster as dg
+from mkt_assets.definitions import build_definitions
+result = build_definitions().resolve_job_def("marketing_sync").execute_in_process(instance=dg.DagsterInstance.ephemeral())
+print("RUN", result.success, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_moment_leaves_every_table_from_one_sync(tmp_path: Path) -> None:
+    account = Account(tmp_path, contacts=6000)
+    saved = tmp_path / "first-sync.duckdb"
+    try:
+        assert account.sync().success
+        first_sync = account.tables(stamps=False)
+        shutil.copyfile(account.database, saved)
+        account.change_contacts()
+        environment = {
+            **os.environ,
+            "MKT_API_BASE_URL": account.server.base_url,
+            "MKT_API_KEY": API_KEY,
+            "MKT_DUCKDB_PATH": account.database,
+        }
+        started = time.monotonic()
+        finished = subprocess.run([sys.executable, "-c", _RUN], env=environment, capture_output=True, text=True, timeout=300)
+        whole_run = time.monotonic() - started
+        assert "RUN True" in finished.stdout, finished.stdout[-2000:] + finished.stderr[-2000:]
+        second_sync = account.tables(stamps=False)
+        assert second_sync != first_sync
+        # Back to the first sync, then the same run again, killed at moments spread over its
+        # whole length: each time every table is as the first sync left it, or as the second.
+        for step in range(1, 13):
+            shutil.copyfile(saved, account.database)
+            Path(f"{account.database}.wal").unlink(missing_ok=True)
+            runner = subprocess.Popen([sys.executable, "-c", _RUN], env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            moment = whole_run * step / 12
+            time.sleep(moment)  # when to kill: this test's input, not a synchronisation
+            os.kill(runner.pid, signal.SIGKILL)
+            runner.wait(60)
+            state = account.tables(stamps=False)
+            assert state in (first_sync, second_sync), f"killed at {moment:.1f}s of {whole_run:.1f}s: a mix of two syncs"
+            assert_normalized_tables_match_their_contacts(account)
+    finally:
+        account.server.stop()
