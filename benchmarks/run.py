@@ -36,7 +36,15 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dlt_env import DEFAULT_VENV, DLT_REQUIREMENTS, VenvFailed, ensure_venv, installed_versions  # noqa: E402
+from _dlt_env import (  # noqa: E402
+    DAGSTER_DLT_REQUIREMENTS,
+    DEFAULT_DAGSTER_DLT_VENV,
+    DEFAULT_VENV,
+    DLT_REQUIREMENTS,
+    VenvFailed,
+    ensure_venv,
+    installed_versions,
+)
 from _measure import (  # noqa: E402  (the sibling modules, found through the line above)
     ChildFailed,
     Measured,
@@ -116,6 +124,7 @@ class Bench:
     env: dict[str, str]
     pace_requests: bool = True
     dlt_python: Path | None = None  # the dlt venv's interpreter, once it is ready
+    dagster_dlt_python: Path | None = None  # dagster-dlt's venv's, likewise (optional part)
     counter: int = 0
     errors: list[str] = field(default_factory=list)  # runs that failed, with their log's tail
 
@@ -458,30 +467,76 @@ def run_dlt(bench: Bench, sim: Simulator, timeout: float, expected: dict[str, in
     assert bench.dlt_python is not None
     run_dir = bench.run_dir(f"dlt-{label(sim.contacts)}")
     database = run_dir / "dlt.duckdb"
-    env = dlt_env(bench, run_dir)
-    runner = str(HERE / "_dlt_runner.py")
+    command = [str(bench.dlt_python), str(HERE / "_dlt_runner.py"), "run", "--base-url", sim.base_url,
+               "--database", str(database), "--pipelines-dir", str(run_dir / "pipelines")]  # fmt: skip
+    return run_dlt_kind(bench, sim, timeout, expected, run_dir, command, dlt_env(bench, run_dir), "dlt process")
+
+
+DAGSTER_DLT_JOB = "dlt_sync"
+
+
+def run_dagster_dlt(bench: Bench, sim: Simulator, timeout: float, expected: dict[str, int]) -> dict[str, Any]:
+    """dagster-dlt's @dlt_assets over the same configuration (_dagster_dlt_defs.py), as
+    ``dagster job execute`` with a fresh DAGSTER_HOME like the job: context, not a target."""
+    assert bench.dagster_dlt_python is not None
+    run_dir = bench.run_dir(f"dagster-dlt-{label(sim.contacts)}")
+    home = run_dir / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    database = run_dir / "dlt.duckdb"
+    env = {
+        **dlt_env(bench, run_dir),
+        "DAGSTER_HOME": str(home),
+        "MKT_API_BASE_URL": sim.base_url,
+        "BENCH_DLT_DATABASE": str(database),
+        "BENCH_DLT_PIPELINES_DIR": str(run_dir / "pipelines"),
+    }
+    command = [str(bench.dagster_dlt_python), "-m", "dagster", "job", "execute",
+               "-f", str(HERE / "_dagster_dlt_defs.py"), "-j", DAGSTER_DLT_JOB]  # fmt: skip
+    return run_dlt_kind(bench, sim, timeout, expected, run_dir, command, env, JOB_PROCESS, home)
+
+
+def run_dlt_kind(
+    bench: Bench,
+    sim: Simulator,
+    timeout: float,
+    expected: dict[str, int],
+    run_dir: Path,
+    command: list[str],
+    env: dict[str, str],
+    root_kind: str,
+    dagster_home: Path | None = None,
+) -> dict[str, Any]:
+    """Measure one dlt load (plain or inside Dagster) into ``run_dir/dlt.duckdb``, count what
+    landed, clean up, and fail the run unless every record of the account is there."""
+    database = run_dir / "dlt.duckdb"
     try:
-        measured = run_measured(
-            [str(bench.dlt_python), runner, "run", "--base-url", sim.base_url, "--database", str(database),
-             "--pipelines-dir", str(run_dir / "pipelines")],
-            env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout, simulator_pid=sim.pid,
-        )  # fmt: skip
-        report = bench_json(measured)
+        measured = run_measured(command, env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout,
+                                simulator_pid=sim.pid)  # fmt: skip
+        report = bench_json(measured) if dagster_home is None else {}
         landed = count_dlt_rows(bench, database, run_dir, env)
     finally:
         remove_database(database)
         # dlt keeps every loaded package's Parquet files: at 1M, gigabytes.
         shutil.rmtree(run_dir / "pipelines", ignore_errors=True)
     check_dlt_rows(landed, expected, run_dir)
+    if dagster_home is None:
+        summary = process_summary(measured, {measured.pid: root_kind})
+    else:
+        events = summarize_job_events(read_run_events(dagster_home), measured.started_at, measured.started_at + measured.seconds)
+        summary = process_summary(measured, {}, default=lambda p: job_process_kind(p, measured.pid, events["step_pids"]))
+        report = {"step_seconds": events["step_seconds"], "startup_seconds": events.get("startup_seconds")}
     # The whole process's wall, like the job's: the runner's own figure excludes its imports.
-    return {**report, "seconds": measured.seconds, "rows": landed, **process_summary(measured, {measured.pid: "dlt process"})}
+    return {**report, "seconds": measured.seconds, "rows": landed, **summary}
 
 
 def count_dlt_rows(bench: Bench, database: Path, run_dir: Path, env: dict[str, str]) -> dict[str, int]:
-    assert bench.dlt_python is not None
+    # Either venv has dlt's DuckDB; the plain one starts quicker.
+    python = bench.dlt_python or bench.dagster_dlt_python
+    assert python is not None
     log_path = run_dir / "count.log"
     with open(log_path, "wb") as log:
-        command = [str(bench.dlt_python), str(HERE / "_dlt_runner.py"), "count", "--database", str(database)]
+        command = [str(python), str(HERE / "_dlt_runner.py"), "count", "--database", str(database)]
         if subprocess.run(command, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode:
             raise ChildFailed(f"counting dlt's rows failed (log: {log_path})")
     for line in reversed(log_path.read_text(errors="replace").splitlines()):
@@ -533,9 +588,12 @@ def attempt(bench: Bench, what: str, runs: list[dict[str, Any]], run: Callable[[
 
 
 def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt")}
+    runs: dict[str, list[dict[str, Any]]] = {
+        kind: [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt", "dagster-dlt")
+    }
     with bench.start_simulator(contacts) as sim:
-        expected = account_sizes(sim, bench.api_key) if "dlt" in plan.parts and bench.dlt_python else None
+        wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
+        expected = account_sizes(sim, bench.api_key) if wanted else None
         for repeat in range(1, plan.repeat + 1):
             where = f"{label(contacts)} {repeat}/{plan.repeat}"
             # Interleaved rather than all bare loops then all assets: a slow spell of the
@@ -550,11 +608,25 @@ def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict
             if "job" in plan.parts:
                 measure_job_pair(bench, sim, where, runs)
             if expected is not None:
-                run = attempt(bench, f"{where} dlt", runs["dlt"], lambda: run_dlt(bench, sim, timeout_for(contacts, 0.5), expected))
-                if run:
-                    progress(f"{where}: dlt rest_api {run['seconds']:.1f}s, CPU {run['cpu_seconds']:.1f}s,"
-                             f" peak {max(run['peak_mb_by_kind'].values()):.0f} MB")  # fmt: skip
+                measure_dlt_runs(bench, sim, plan, where, expected, runs)
     return runs
+
+
+def measure_dlt_runs(
+    bench: Bench, sim: Simulator, plan: Plan, where: str, expected: dict[str, int], runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    """dlt (N2b, N2c), then dagster-dlt if asked for (context), each checked against ``expected``."""
+    timeout = timeout_for(sim.contacts, 0.5)
+    for kind, ready, runner in (
+        ("dlt", bench.dlt_python, run_dlt),
+        ("dagster-dlt", bench.dagster_dlt_python, run_dagster_dlt),
+    ):
+        if kind not in plan.parts or ready is None:
+            continue
+        run = attempt(bench, f"{where} {kind}", runs[kind], lambda: runner(bench, sim, timeout, expected))
+        if run:
+            progress(f"{where}: {kind} {run['seconds']:.1f}s, CPU {run['cpu_seconds']:.1f}s,"
+                     f" peak {max(run['peak_mb_by_kind'].values()):.0f} MB")  # fmt: skip
 
 
 def measure_job_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str, list[dict[str, Any]]]) -> None:
@@ -593,18 +665,17 @@ def measure_asset_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str,
 def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """The job against an empty account (T3's and T6's fixed cost, N1a), and dlt beside it
     for context when dlt is measured."""
-    runs: dict[str, list[dict[str, Any]]] = {"job": [], "dlt": []}
+    runs: dict[str, list[dict[str, Any]]] = {"job": [], "dlt": [], "dagster-dlt": []}
     with bench.start_simulator(0) as sim:
-        expected = account_sizes(sim, bench.api_key) if "dlt" in plan.parts and bench.dlt_python else None
+        wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
+        expected = account_sizes(sim, bench.api_key) if wanted else None
         for repeat in range(1, plan.repeat + 1):
             where = f"empty account {repeat}/{plan.repeat}"
             run = attempt(bench, where, runs["job"], lambda: run_job(bench, sim, 300.0, "fixed"))
             if run:
                 progress(f"{where}: marketing_sync {run['seconds']:.1f}s")
             if expected is not None:
-                run = attempt(bench, f"{where} dlt", runs["dlt"], lambda: run_dlt(bench, sim, 300.0, expected))
-                if run:
-                    progress(f"{where}: dlt rest_api {run['seconds']:.1f}s")
+                measure_dlt_runs(bench, sim, plan, where, expected, runs)
     return runs
 
 
@@ -737,6 +808,7 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
         table.add("  job CPU (all its processes)", "0", cpu_line(fixed_runs))
         add_peak_rows(table, "0", peaks_by_kind(fixed_runs), contacts_step(fixed_runs))
     add_dlt_rows(table, "0", results.get("fixed_cost_dlt") or [])
+    add_dagster_dlt_rows(table, "0", results.get("fixed_cost_dagster_dlt") or [], fixed_runs)
     for contacts in plan.sizes:
         add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed)
     add_memory_rows(table, "T4", "every process of the sync", memory_peaks(results, plan, {"job": ""}))
@@ -776,8 +848,8 @@ def add_simulator_rows(table: Table, probe: dict[str, Any] | None) -> None:
 
 def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, Any]]], fixed: float) -> None:
     size = label(contacts)
-    bare, asset, resync, job, incremental, dlt = (
-        runs.get(kind) or [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt")
+    bare, asset, resync, job, incremental, dlt, dagster_dlt = (
+        runs.get(kind) or [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt", "dagster-dlt")
     )
     bare_contacts = median(run["resources"]["contacts"]["seconds"] for run in bare)
     bare_all = median(run["seconds"] for run in bare)
@@ -803,6 +875,7 @@ def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, An
                     f"{job_seconds:.1f} / {dlt_seconds:.1f} s")  # fmt: skip
         table.check("N2c job CPU / dlt-parquet CPU", size, job_cpu / dlt_cpu, DLT_CPU_RATIO_MAX,
                     f"{job_cpu:.1f} / {dlt_cpu:.1f} CPU s")  # fmt: skip
+    add_dagster_dlt_rows(table, size, dagster_dlt, job)
 
 
 def add_asset_rows(table: Table, size: str, asset: list[dict[str, Any]], bare_contacts: float) -> None:
@@ -910,6 +983,22 @@ def add_dlt_rows(table: Table, size: str, dlt: list[dict[str, Any]]) -> None:
     rows = dlt[0]["rows"]
     table.add("  dlt rows landed (= the account, checked)", size,
               ", ".join(f"{name} {count}" for name, count in sorted(rows.items())) or "no tables (empty account)")  # fmt: skip
+
+
+def add_dagster_dlt_rows(table: Table, size: str, runs: list[dict[str, Any]], job: list[dict[str, Any]]) -> None:
+    """dagster-dlt's @dlt_assets: context beside the job, no target."""
+    if not runs:
+        return
+    table.add("dagster-dlt @dlt_assets (in-process executor), its own venv", size, spread([run["seconds"] for run in runs]))
+    table.add("  dagster-dlt CPU (all its processes)", size, cpu_line(runs))
+    table.add("  dagster-dlt peak RSS", size, max_peak(runs))
+    table.add("  dagster-dlt rows landed", size, "= the account, checked (as dlt's)")
+    if job:
+        job_seconds, other = median(r["seconds"] for r in job), median(r["seconds"] for r in runs)
+        job_cpu, other_cpu = median(r["cpu_seconds"] for r in job), median(r["cpu_seconds"] for r in runs)
+        table.add("  job / dagster-dlt: wall, CPU", size,
+                  f"{job_seconds / other:.2f} ({job_seconds:.1f} / {other:.1f} s), {job_cpu / other_cpu:.2f}"
+                  f" ({job_cpu:.1f} / {other_cpu:.1f} CPU s)")  # fmt: skip
 
 
 def max_peak(runs: Sequence[dict[str, Any]]) -> str:
@@ -1033,11 +1122,18 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
-    parts = ("probe", "bare", "asset", "job", "fixed", "latency", "dlt")
-    parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts), help="what to measure (default: all)")
+    parts = ("probe", "bare", "asset", "job", "fixed", "latency", "dlt", "dagster-dlt")
+    # dagster-dlt is context, not a target, and costs a venv with Dagster of its own: asked for.
+    default_parts = [part for part in parts if part != "dagster-dlt"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=default_parts,
+                        help="what to measure (default: all but dagster-dlt)")  # fmt: skip
     parser.add_argument(
         "--dlt-venv", type=Path, default=DEFAULT_VENV,
         help=f"the dlt anchor's venv, created with {' '.join(DLT_REQUIREMENTS)} if missing (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dagster-dlt-venv", type=Path, default=DEFAULT_DAGSTER_DLT_VENV,
+        help=f"dagster-dlt's venv, created with {' '.join(DAGSTER_DLT_REQUIREMENTS)} if missing (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--no-pace", action="store_true", help="the asset runs with pace_requests=False (the job cannot)")
     parser.add_argument("--json", type=Path, help="also write every raw run here")
@@ -1069,8 +1165,9 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
     if "fixed" in plan.parts:
         fixed = measure_fixed_cost(bench, plan)
         results["fixed_cost"], results["fixed_cost_dlt"] = fixed["job"], fixed["dlt"]
+        results["fixed_cost_dagster_dlt"] = fixed["dagster-dlt"]
     for contacts in plan.sizes:
-        if plan.parts & {"bare", "asset", "job", "dlt"}:
+        if plan.parts & {"bare", "asset", "job", "dlt", "dagster-dlt"}:
             results["sizes"][str(contacts)] = measure_size(bench, contacts, plan)
     if "latency" in plan.parts and plan.latency > 0:
         results["latency"] = {str(contacts): measure_latency(bench, contacts, plan) for contacts in plan.latency_sizes}
@@ -1087,7 +1184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = make_bench(root, pace_requests=not arguments.no_pace)
     try:
         if "dlt" in plan.parts:
-            prepare_dlt(bench, arguments.dlt_venv)
+            bench.dlt_python = prepare_venv(bench, "dlt", arguments.dlt_venv, DLT_REQUIREMENTS, ("dlt", "pyarrow", "duckdb"))
+        if "dagster-dlt" in plan.parts:
+            bench.dagster_dlt_python = prepare_venv(
+                bench, "dagster-dlt", arguments.dagster_dlt_venv, DAGSTER_DLT_REQUIREMENTS, ("dagster-dlt", "dagster", "dlt")
+            )
         results = measure(bench, plan)
         results["machine"] = asdict(machine)
         results["elapsed_seconds"] = time.monotonic() - started
@@ -1109,22 +1210,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if bench.errors else 0
 
 
-def prepare_dlt(bench: Bench, venv: Path) -> None:
-    """The dlt venv, made once and reused; without it the dlt runs are skipped, and said so."""
+def prepare_venv(bench: Bench, what: str, venv: Path, requirements: Sequence[str], shown: Sequence[str]) -> Path | None:
+    """A venv made once and reused; without it those runs are skipped, and said so."""
     try:
-        bench.dlt_python = ensure_venv(venv, log=progress)
-        versions = installed_versions(bench.dlt_python)
+        python = ensure_venv(venv, requirements, log=progress)
+        versions = installed_versions(python, shown)
     except (VenvFailed, OSError) as error:
-        bench.dlt_python = None
-        bench.errors.append(f"the dlt venv: {error}")
-        progress(f"no dlt runs: {error}")
-        return
-    print(f"dlt:     {', '.join(f'{name} {version}' for name, version in versions.items())}"
-          f" (the anchor's own venv, {venv})", flush=True)  # fmt: skip
+        bench.errors.append(f"the {what} venv: {error}")
+        progress(f"no {what} runs: {error}")
+        return None
+    print(f"{what + ':':<8} {', '.join(f'{name} {version}' for name, version in versions.items())}"
+          f" (its own venv, {venv})", flush=True)  # fmt: skip
+    return python
 
 
 def all_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    runs = [*(results.get("fixed_cost") or []), *(results.get("fixed_cost_dlt") or [])]
+    runs = [*(results.get("fixed_cost") or []), *(results.get("fixed_cost_dlt") or []),
+            *(results.get("fixed_cost_dagster_dlt") or [])]  # fmt: skip
     for by_kind in [*results["sizes"].values(), *(results.get("latency") or {}).values()]:
         for kind_runs in by_kind.values():
             runs.extend(kind_runs)
