@@ -1,4 +1,6 @@
-"""Benchmark the marketing sync against the bundled simulator and check the issue's six targets.
+"""Benchmark the marketing sync against the bundled simulator and check the issues' targets:
+the six of the first (T1-T6) and those of "a lean run, well ahead of dlt" (N1-N3), for which
+dlt's rest_api source runs as an anchor beside the job, in a venv of its own.
 
     python benchmarks/run.py --sizes 100000 1000000 --repeat 3
     python benchmarks/run.py --quick            # a small smoke run: does the script work?
@@ -21,6 +23,7 @@ import secrets
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +36,16 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import (  # noqa: E402  (the sibling module, found through the line above)
+from _dlt_env import (  # noqa: E402
+    DAGSTER_DLT_REQUIREMENTS,
+    DEFAULT_DAGSTER_DLT_VENV,
+    DEFAULT_VENV,
+    DLT_REQUIREMENTS,
+    VenvFailed,
+    ensure_venv,
+    installed_versions,
+)
+from _measure import (  # noqa: E402  (the sibling modules, found through the line above)
     ChildFailed,
     Measured,
     ProcessRecord,
@@ -55,8 +67,25 @@ PEAK_GROWTH_MAX = 1.25  # 4: peak at the largest size / at the next smaller one
 MERGE_SHARE_MAX = 0.15  # 5: merge / asset time when re-syncing unchanged contacts
 LATENCY_RATIO_MAX = 1.15  # 6: job <= 1.15 x (contact pages x latency) + fixed cost
 
-JOB_COMMAND = [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"]
-CONTACTS_STEP = "marketing__contacts"
+# The lean run's targets ("A lean run: ... well ahead of dlt").
+FIXED_SYNC_MAX_SECONDS = 4.0  # N1a: marketing_sync against an empty account
+FIXED_INCREMENTAL_MAX_SECONDS = 5.0  # N1b: marketing_incremental with nothing new, per size
+BARE_SLACK_SECONDS = 3.0  # N2a: job <= bare loop (all five resources) + 3 s, per size
+DLT_WALL_RATIO_MAX = 0.65  # N2b: job wall / dlt-parquet wall, per size
+DLT_CPU_RATIO_MAX = 1.0  # N2c: job CPU / dlt CPU (whole process trees), per size
+# N3 is T4's check (PEAK_MB_MAX, PEAK_GROWTH_MAX) over the full and the incremental runs.
+
+SYNC_JOB = "marketing_sync"
+INCREMENTAL_JOB = "marketing_incremental"
+# The contacts asset, found by key in the event log whatever step materialized it: the job's
+# step layout changes (one step per asset today, one multi-asset step tomorrow).
+CONTACTS_ASSET = ("marketing", "contacts")
+CONTACTS_METADATA = ("fetch_seconds", "merge_seconds", "pages", "records_fetched", "dagster/row_count")
+JOB_PROCESS = "job process (dagster job execute)"
+
+
+def job_command(job: str) -> list[str]:
+    return [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", job]
 
 
 def progress(message: str) -> None:
@@ -94,6 +123,8 @@ class Bench:
     api_key: str
     env: dict[str, str]
     pace_requests: bool = True
+    dlt_python: Path | None = None  # the dlt venv's interpreter, once it is ready
+    dagster_dlt_python: Path | None = None  # dagster-dlt's venv's, likewise (optional part)
     counter: int = 0
     errors: list[str] = field(default_factory=list)  # runs that failed, with their log's tail
 
@@ -241,31 +272,44 @@ def materialization_metadata(event: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+def materialized_asset(event: dict[str, Any]) -> tuple[str, ...]:
+    materialization = event["dagster_event"]["event_specific_data"]["materialization"]
+    return tuple((materialization.get("asset_key") or {}).get("path") or ())
+
+
 def summarize_job_events(events: list[dict[str, Any]], started_at: float, ended_at: float) -> dict[str, Any]:
-    """Which pid ran which step, each step's duration, the contacts asset's own timings, and
-    the job's timeline: start-up until the first step, the contacts step, what came after it."""
+    """Which pid ran which steps, each step's duration, the contacts asset's own timings, and
+    the job's timeline: start-up until the first step, the step that materialized contacts,
+    what came after it. Step keys are whatever the job has: nothing here names one."""
     kinds = [event["dagster_event"]["event_type_value"] for event in events]
     if not set(RUN_SUCCESS) & set(kinds):
         raise ChildFailed("the job's event log has no RUN_SUCCESS")
-    step_pids: dict[int, str] = {}
+    # A pid may run several steps: with the in-process executor, the job process runs all.
+    step_pids: dict[int, list[str]] = {}
     starts: dict[str, float] = {}
+    ends: dict[str, float] = {}
     step_seconds: dict[str, float] = {}
     summary: dict[str, Any] = {}
     for event, kind in zip(events, kinds):
-        step = event.get("step_key")
+        step: str = event.get("step_key") or ""  # run-level events have none
         if kind == "STEP_START":
-            step_pids[int(event["dagster_event"]["pid"])] = step
+            step_pids.setdefault(int(event["dagster_event"]["pid"]), []).append(step)
             starts[step] = event["timestamp"]
         elif kind == "STEP_SUCCESS" and step in starts:
             step_seconds[step] = event["timestamp"] - starts[step]
-            if step == CONTACTS_STEP:
-                summary["after_contacts_seconds"] = ended_at - event["timestamp"]
-        elif kind == "ASSET_MATERIALIZATION" and step == CONTACTS_STEP:
+            ends[step] = event["timestamp"]
+        elif kind == "ASSET_MATERIALIZATION" and materialized_asset(event) == CONTACTS_ASSET:
+            summary["contacts_step"] = step
+            summary["contacts_materialized_seconds"] = event["timestamp"] - started_at
             metadata = materialization_metadata(event)
-            for key in ("fetch_seconds", "merge_seconds", "pages", "records_fetched", "dagster/row_count"):
+            for key in CONTACTS_METADATA:
                 summary[key.split("/")[-1]] = metadata.get(key)
     if starts:
         summary["startup_seconds"] = min(starts.values()) - started_at
+    contacts_step = summary.get("contacts_step")
+    if contacts_step in ends:
+        summary["contacts_step_seconds"] = step_seconds[contacts_step]
+        summary["after_contacts_seconds"] = ended_at - ends[contacts_step]
     return {"step_pids": step_pids, "step_seconds": step_seconds, **summary}
 
 
@@ -273,13 +317,22 @@ def summarize_job_events(events: list[dict[str, Any]], started_at: float, ended_
 LEAN_PROCESS_MODULE = "mkt_assets.lean_process"
 
 
-def job_process_kind(process: ProcessRecord, root_pid: int, step_pids: dict[int, str]) -> str:
+def step_names(steps: Sequence[str]) -> str:
+    return steps[0] if len(steps) == 1 else f"{len(steps)} steps ({', '.join(steps[:3])}{', ...' if len(steps) > 3 else ''})"
+
+
+def job_process_kind(process: ProcessRecord, root_pid: int, step_pids: dict[int, list[str]]) -> str:
+    """The kind T4 and N3 compare across sizes: the job process (which runs every step under
+    the in-process executor), each step process (the multiprocess executor), each lean DuckDB
+    worker named by its parent, and the helpers."""
     if process.pid == root_pid:
-        return "job process (dagster job execute)"
+        return JOB_PROCESS
     if process.pid in step_pids:
-        return f"step: {step_pids[process.pid]}"
+        return f"step: {step_names(step_pids[process.pid])}"
     if LEAN_PROCESS_MODULE in process.cmdline:
-        return f"DuckDB worker of step: {step_pids.get(process.ppid, 'unknown')}"
+        if process.ppid == root_pid:
+            return "DuckDB worker of the job process"
+        return f"DuckDB worker of step: {step_names(step_pids.get(process.ppid, ['unknown']))}"
     if "multiprocessing" in process.cmdline and (process.ppid == root_pid or process.ppid in step_pids):
         # A fork that has not exec'd its helper yet (tail, the watcher) still shows its
         # parent's command line and shares its parent's pages: never above the parent.
@@ -318,40 +371,187 @@ def process_summary(measured: Measured, kinds: dict[int, str], default: Callable
         "peak_mb_by_kind": peaks,
         "processes": processes,
         "cpu_seconds": measured.cpu_seconds,
+        "sampled_cpu_seconds": measured.sampled_cpu_seconds,
         "simulator_cpu_seconds": measured.simulator_cpu_seconds,
         "other_cpu_seconds": measured.other_cpu_seconds,
     }
 
 
-def run_job(bench: Bench, sim: Simulator, timeout: float, name: str = "job") -> dict[str, Any]:
+def run_job(
+    bench: Bench,
+    sim: Simulator,
+    timeout: float,
+    name: str = "job",
+    job: str = SYNC_JOB,
+    database: Path | None = None,
+) -> dict[str, Any]:
+    """``dagster job execute`` of ``job`` with a fresh DAGSTER_HOME. Into a fresh DuckDB file
+    that is removed afterwards, unless ``database`` names one: the caller's, kept."""
     run_dir = bench.run_dir(f"{name}-{label(sim.contacts)}")
     home = run_dir / "dagster_home"
     home.mkdir()
     # A fresh instance per run (its fixed cost is then the same in every run), no telemetry.
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    database = run_dir / "sync.duckdb"
+    target = database or run_dir / "sync.duckdb"
     env = {
         **bench.env,
         "MKT_API_BASE_URL": sim.base_url,
         "MKT_API_KEY": bench.api_key,
-        "MKT_DUCKDB_PATH": str(database),
+        "MKT_DUCKDB_PATH": str(target),
         "DAGSTER_HOME": str(home),
     }
-    measured = run_measured(
-        JOB_COMMAND, env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout, simulator_pid=sim.pid
-    )
+    try:
+        measured = run_measured(
+            job_command(job), env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout, simulator_pid=sim.pid
+        )
+    finally:
+        if database is None:
+            remove_database(target)
     parsed = summarize_job_events(read_run_events(home), measured.started_at, measured.started_at + measured.seconds)
     root = measured.pid
     summary = process_summary(
         measured, {}, default=lambda process: job_process_kind(process, root, parsed["step_pids"])
     )
-    remove_database(database)
-    return {"seconds": measured.seconds, **parsed, **summary, "step_pids": {str(k): v for k, v in parsed["step_pids"].items()}}
+    return {"seconds": measured.seconds, "job": job, **parsed, **summary,
+            "step_pids": {str(k): v for k, v in parsed["step_pids"].items()}}  # fmt: skip
 
 
 def remove_database(database: Path) -> None:
     for path in (database, Path(f"{database}.lock"), Path(f"{database}.wal")):
         path.unlink(missing_ok=True)
+
+
+# ===================================================================== the dlt anchor
+
+# (name, path) of the four small resources, read in full to know what the account holds.
+SMALL_RESOURCES = (
+    ("communities", "/community/communities"),
+    ("tags", "/tags"),
+    ("course_resources", "/school/courses"),
+)
+
+
+def account_sizes(sim: Simulator, api_key: str) -> dict[str, int]:
+    """Records per resource the simulator serves: contacts as it was started with (reading
+    them all would cost a bare loop), the small resources read here, a page or two each."""
+    sizes = {"contacts": sim.contacts}
+    with closing(_session(api_key)) as session:
+        for name, path in SMALL_RESOURCES:
+            params: dict[str, Any] = {"limit": PAGE_SIZE, "order": "asc"}
+            sizes[name] = 0
+            while True:
+                body = session.get(sim.base_url + path, params=params, timeout=(10, 60)).json()
+                sizes[name] += len(body["items"])
+                if not body["hasMore"]:
+                    break
+                params["startingAfter"] = body["items"][-1]["id"]
+        sizes["contact_fields"] = len(session.get(sim.base_url + "/contact_fields", timeout=(10, 60)).json()["items"])
+    return sizes
+
+
+def dlt_env(bench: Bench, run_dir: Path) -> dict[str, str]:
+    """The harness's environment without what would make the dlt venv's python reach into
+    the project's (PYTHONPATH, the project venv), dlt's home in the run's directory."""
+    env = {name: value for name, value in bench.env.items() if name not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    return {
+        **env,
+        "MKT_API_KEY": bench.api_key,
+        "DLT_DATA_DIR": str(run_dir / "dlt_data"),  # nothing from ~/.dlt, nothing left there
+        "RUNTIME__DLTHUB_TELEMETRY": "false",  # no call out of the machine
+    }
+
+
+def run_dlt(bench: Bench, sim: Simulator, timeout: float, expected: dict[str, int]) -> dict[str, Any]:
+    """dlt's rest_api source into a fresh DuckDB file, measured like the job; then (unmeasured)
+    the rows that landed, which must match the account or the run fails."""
+    assert bench.dlt_python is not None
+    run_dir = bench.run_dir(f"dlt-{label(sim.contacts)}")
+    database = run_dir / "dlt.duckdb"
+    command = [str(bench.dlt_python), str(HERE / "_dlt_runner.py"), "run", "--base-url", sim.base_url,
+               "--database", str(database), "--pipelines-dir", str(run_dir / "pipelines")]  # fmt: skip
+    return run_dlt_kind(bench, sim, timeout, expected, run_dir, command, dlt_env(bench, run_dir), "dlt process")
+
+
+DAGSTER_DLT_JOB = "dlt_sync"
+
+
+def run_dagster_dlt(bench: Bench, sim: Simulator, timeout: float, expected: dict[str, int]) -> dict[str, Any]:
+    """dagster-dlt's @dlt_assets over the same configuration (_dagster_dlt_defs.py), as
+    ``dagster job execute`` with a fresh DAGSTER_HOME like the job: context, not a target."""
+    assert bench.dagster_dlt_python is not None
+    run_dir = bench.run_dir(f"dagster-dlt-{label(sim.contacts)}")
+    home = run_dir / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    database = run_dir / "dlt.duckdb"
+    env = {
+        **dlt_env(bench, run_dir),
+        "DAGSTER_HOME": str(home),
+        "MKT_API_BASE_URL": sim.base_url,
+        "BENCH_DLT_DATABASE": str(database),
+        "BENCH_DLT_PIPELINES_DIR": str(run_dir / "pipelines"),
+    }
+    command = [str(bench.dagster_dlt_python), "-m", "dagster", "job", "execute",
+               "-f", str(HERE / "_dagster_dlt_defs.py"), "-j", DAGSTER_DLT_JOB]  # fmt: skip
+    return run_dlt_kind(bench, sim, timeout, expected, run_dir, command, env, JOB_PROCESS, home)
+
+
+def run_dlt_kind(
+    bench: Bench,
+    sim: Simulator,
+    timeout: float,
+    expected: dict[str, int],
+    run_dir: Path,
+    command: list[str],
+    env: dict[str, str],
+    root_kind: str,
+    dagster_home: Path | None = None,
+) -> dict[str, Any]:
+    """Measure one dlt load (plain or inside Dagster) into ``run_dir/dlt.duckdb``, count what
+    landed, clean up, and fail the run unless every record of the account is there."""
+    database = run_dir / "dlt.duckdb"
+    try:
+        measured = run_measured(command, env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout,
+                                simulator_pid=sim.pid)  # fmt: skip
+        report = bench_json(measured) if dagster_home is None else {}
+        landed = count_dlt_rows(bench, database, run_dir, env)
+    finally:
+        remove_database(database)
+        # dlt keeps every loaded package's Parquet files: at 1M, gigabytes.
+        shutil.rmtree(run_dir / "pipelines", ignore_errors=True)
+    check_dlt_rows(landed, expected, run_dir)
+    if dagster_home is None:
+        summary = process_summary(measured, {measured.pid: root_kind})
+    else:
+        events = summarize_job_events(read_run_events(dagster_home), measured.started_at, measured.started_at + measured.seconds)
+        summary = process_summary(measured, {}, default=lambda p: job_process_kind(p, measured.pid, events["step_pids"]))
+        report = {"step_seconds": events["step_seconds"], "startup_seconds": events.get("startup_seconds")}
+    # The whole process's wall, like the job's: the runner's own figure excludes its imports.
+    return {**report, "seconds": measured.seconds, "rows": landed, **summary}
+
+
+def count_dlt_rows(bench: Bench, database: Path, run_dir: Path, env: dict[str, str]) -> dict[str, int]:
+    # Either venv has dlt's DuckDB; the plain one starts quicker.
+    python = bench.dlt_python or bench.dagster_dlt_python
+    assert python is not None
+    log_path = run_dir / "count.log"
+    with open(log_path, "wb") as log:
+        command = [str(python), str(HERE / "_dlt_runner.py"), "count", "--database", str(database)]
+        if subprocess.run(command, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode:
+            raise ChildFailed(f"counting dlt's rows failed (log: {log_path})")
+    for line in reversed(log_path.read_text(errors="replace").splitlines()):
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON ") :])["rows"]
+    raise ChildFailed(f"no BENCH_JSON line in {log_path}")
+
+
+def check_dlt_rows(landed: dict[str, int], expected: dict[str, int], run_dir: Path) -> None:
+    """dlt stops early without complaint when its paginator is misconfigured (origin spec):
+    a dlt run counts only if every record of the account landed."""
+    wrong = {name: (landed.get(name, 0), count) for name, count in expected.items() if landed.get(name, 0) != count}
+    if wrong:
+        details = ", ".join(f"{name}: {got} rows, the account has {count}" for name, (got, count) in wrong.items())
+        raise ChildFailed(f"dlt did not land every record ({details}; log: {run_dir / 'output.log'})")
 
 
 # ===================================================================== the plan
@@ -388,12 +588,17 @@ def attempt(bench: Bench, what: str, runs: list[dict[str, Any]], run: Callable[[
 
 
 def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "asset": [], "resync": [], "job": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        kind: [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt", "dagster-dlt")
+    }
     with bench.start_simulator(contacts) as sim:
+        wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
+        expected = account_sizes(sim, bench.api_key) if wanted else None
         for repeat in range(1, plan.repeat + 1):
             where = f"{label(contacts)} {repeat}/{plan.repeat}"
             # Interleaved rather than all bare loops then all assets: a slow spell of the
-            # shared machine then hits every kind of run, not one.
+            # shared machine then hits every kind of run, not one. The project's job and dlt
+            # take turns the same way (job, dlt, job, dlt...), their ratios being targets.
             if "bare" in plan.parts:
                 run = attempt(bench, f"{where} bare loop", runs["bare"], lambda: run_bare_loop(bench, sim, timeout_for(contacts, 0.2)))
                 if run:
@@ -401,10 +606,47 @@ def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict
             if "asset" in plan.parts:
                 measure_asset_pair(bench, sim, where, runs)
             if "job" in plan.parts:
-                run = attempt(bench, f"{where} job", runs["job"], lambda: run_job(bench, sim, timeout_for(contacts, 0.5)))
-                if run:
-                    progress(f"{where}: marketing_sync {run['seconds']:.1f}s, peak {max(run['peak_mb_by_kind'].values()):.0f} MB")
+                measure_job_pair(bench, sim, where, runs)
+            if expected is not None:
+                measure_dlt_runs(bench, sim, plan, where, expected, runs)
     return runs
+
+
+def measure_dlt_runs(
+    bench: Bench, sim: Simulator, plan: Plan, where: str, expected: dict[str, int], runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    """dlt (N2b, N2c), then dagster-dlt if asked for (context), each checked against ``expected``."""
+    timeout = timeout_for(sim.contacts, 0.5)
+    for kind, ready, runner in (
+        ("dlt", bench.dlt_python, run_dlt),
+        ("dagster-dlt", bench.dagster_dlt_python, run_dagster_dlt),
+    ):
+        if kind not in plan.parts or ready is None:
+            continue
+        run = attempt(bench, f"{where} {kind}", runs[kind], lambda: runner(bench, sim, timeout, expected))
+        if run:
+            progress(f"{where}: {kind} {run['seconds']:.1f}s, CPU {run['cpu_seconds']:.1f}s,"
+                     f" peak {max(run['peak_mb_by_kind'].values()):.0f} MB")  # fmt: skip
+
+
+def measure_job_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """marketing_sync into a fresh file, then the hourly marketing_incremental on that file
+    (fresh DAGSTER_HOME, nothing added to the simulator): its fixed cost at this size (N1b)."""
+    database = bench.run_dir(f"job-db-{label(sim.contacts)}") / "sync.duckdb"
+    try:
+        run = attempt(bench, f"{where} job", runs["job"],
+                      lambda: run_job(bench, sim, timeout_for(sim.contacts, 0.5), database=database))  # fmt: skip
+        if run is None:
+            return
+        progress(f"{where}: marketing_sync {run['seconds']:.1f}s, CPU {run['cpu_seconds']:.1f}s,"
+                 f" peak {max(run['peak_mb_by_kind'].values()):.0f} MB")  # fmt: skip
+        timeout = timeout_for(sim.contacts, 0.2)
+        run = attempt(bench, f"{where} incremental", runs["incremental"],
+                      lambda: run_job(bench, sim, timeout, "incremental", INCREMENTAL_JOB, database))  # fmt: skip
+        if run:
+            progress(f"{where}: marketing_incremental {run['seconds']:.1f}s ({run.get('records_fetched')} new contacts)")
+    finally:
+        remove_database(database)
 
 
 def measure_asset_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str, list[dict[str, Any]]]) -> None:
@@ -420,14 +662,20 @@ def measure_asset_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str,
     remove_database(database)
 
 
-def measure_fixed_cost(bench: Bench, plan: Plan) -> list[dict[str, Any]]:
-    runs: list[dict[str, Any]] = []
+def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """The job against an empty account (T3's and T6's fixed cost, N1a), and dlt beside it
+    for context when dlt is measured."""
+    runs: dict[str, list[dict[str, Any]]] = {"job": [], "dlt": [], "dagster-dlt": []}
     with bench.start_simulator(0) as sim:
+        wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
+        expected = account_sizes(sim, bench.api_key) if wanted else None
         for repeat in range(1, plan.repeat + 1):
             where = f"empty account {repeat}/{plan.repeat}"
-            run = attempt(bench, where, runs, lambda: run_job(bench, sim, 300.0, "fixed"))
+            run = attempt(bench, where, runs["job"], lambda: run_job(bench, sim, 300.0, "fixed"))
             if run:
                 progress(f"{where}: marketing_sync {run['seconds']:.1f}s")
+            if expected is not None:
+                measure_dlt_runs(bench, sim, plan, where, expected, runs)
     return runs
 
 
@@ -475,6 +723,11 @@ class Table:
         verdict = "n/a" if math.isnan(ratio) else ("PASS" if ratio <= limit else "FAIL")
         self.add(measure, contacts, f"{shown} ({detail})", target, verdict)
 
+    def check_seconds(self, measure: str, contacts: str, value: float, limit: float, detail: str = "") -> None:
+        """A target in seconds rather than a ratio (the lean run's N1 and N2a)."""
+        verdict = "n/a" if math.isnan(value) else ("PASS" if value <= limit else "FAIL")
+        self.add(measure, contacts, f"{seconds(value)}" + (f" ({detail})" if detail else ""), f"<= {limit:g} s", verdict)
+
     def render(self) -> str:
         header = Row("measure", "contacts", "value (median s unless stated)", "target", "result")
         rows = [header, *self.rows]
@@ -492,7 +745,7 @@ def seconds(value: float) -> str:
     return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
 
 
-def spread(values: Sequence[float]) -> str:
+def spread(values: Sequence[float | None]) -> str:
     """The median, and the range when there are several runs."""
     present = [value for value in values if value is not None and not math.isnan(value)]
     if not present:
@@ -510,13 +763,14 @@ def peaks_by_kind(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
     return peaks
 
 
-def add_peak_rows(table: Table, size: str, peaks: dict[str, float]) -> None:
-    """The job's peak RSS by process kind: the contacts step, the largest other step (named),
-    and Dagster's helpers."""
+def add_peak_rows(table: Table, size: str, peaks: dict[str, float], focus_step: str | None = None) -> None:
+    """The job's peak RSS by process kind: the job process, the step that materialized
+    contacts and its DuckDB workers (``focus_step``, when it ran in a process of its own), the
+    largest other step and worker (named), and Dagster's helpers."""
     grouped: dict[str, dict[str, float]] = {"step: ": {}, "DuckDB worker of step: ": {}}
     for prefix, members in grouped.items():
         members.update(
-            (kind, peak) for kind, peak in peaks.items() if kind.startswith(prefix) and kind != prefix + CONTACTS_STEP
+            (kind, peak) for kind, peak in peaks.items() if kind.startswith(prefix) and kind != f"{prefix}{focus_step}"
         )
     rows = {kind: peak for kind, peak in peaks.items() if not any(kind in members for members in grouped.values())}
     for kind, peak in sorted(rows.items(), key=lambda item: -item[1]):
@@ -524,8 +778,14 @@ def add_peak_rows(table: Table, size: str, peaks: dict[str, float]) -> None:
     for prefix, members in grouped.items():
         if members:
             kind, peak = max(members.items(), key=lambda item: item[1])
-            what = "steps" if prefix == "step: " else "DuckDB workers"
-            table.add(f"  peak RSS: largest of the {len(members)} other {what}", size, f"{peak:.0f} MB ({kind[len(prefix):]})")
+            what = "steps" if prefix == "step: " else "DuckDB workers of steps"
+            other = "other " if focus_step and f"{prefix}{focus_step}" in peaks else ""
+            table.add(f"  peak RSS: largest of the {len(members)} {other}{what}", size, f"{peak:.0f} MB ({kind[len(prefix):]})")
+
+
+def contacts_step(runs: Sequence[dict[str, Any]]) -> str | None:
+    """The step that materialized marketing/contacts in these runs (the same in all)."""
+    return next((run["contacts_step"] for run in runs if run.get("contacts_step")), None)
 
 
 def cpu_line(runs: Sequence[dict[str, Any]]) -> str:
@@ -541,15 +801,31 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
     fixed_runs = results.get("fixed_cost") or []
     fixed = median(run["seconds"] for run in fixed_runs)
     if fixed_runs:
-        table.add("marketing_sync, empty account = fixed cost", "0", spread([run["seconds"] for run in fixed_runs]))
-        add_peak_rows(table, "0", peaks_by_kind(fixed_runs))
+        table.check_seconds(
+            "N1a marketing_sync, empty account (= fixed cost of T3, T6)", "0", fixed, FIXED_SYNC_MAX_SECONDS,
+            spread_detail([run["seconds"] for run in fixed_runs]),
+        )  # fmt: skip
+        table.add("  job CPU (all its processes)", "0", cpu_line(fixed_runs))
+        add_peak_rows(table, "0", peaks_by_kind(fixed_runs), contacts_step(fixed_runs))
+    add_dlt_rows(table, "0", results.get("fixed_cost_dlt") or [])
+    add_dagster_dlt_rows(table, "0", results.get("fixed_cost_dagster_dlt") or [], fixed_runs)
     for contacts in plan.sizes:
         add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed)
-    add_memory_rows(table, results, plan)
+    add_memory_rows(table, "T4", "every process of the sync", memory_peaks(results, plan, {"job": ""}))
+    add_memory_rows(
+        table, "N3", "every process of the full and the incremental job",
+        memory_peaks(results, plan, {"job": "", "incremental": INCREMENTAL_PREFIX}),
+    )  # fmt: skip
     for contacts in plan.latency_sizes:
         latency_runs = (results.get("latency") or {}).get(str(contacts), {})
         add_latency_rows(table, contacts, latency_runs.get("job"), latency_runs.get("bare"), plan, fixed)
     return table
+
+
+def spread_detail(values: Sequence[float | None]) -> str:
+    """The range and count of several runs, for a row whose value is already the median."""
+    present = [value for value in values if value is not None and not math.isnan(value)]
+    return f"[{min(present):.1f}-{max(present):.1f}, n={len(present)}]" if len(present) > 1 else ""
 
 
 def add_simulator_rows(table: Table, probe: dict[str, Any] | None) -> None:
@@ -572,7 +848,9 @@ def add_simulator_rows(table: Table, probe: dict[str, Any] | None) -> None:
 
 def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, Any]]], fixed: float) -> None:
     size = label(contacts)
-    bare, asset, resync, job = (runs.get(kind) or [] for kind in ("bare", "asset", "resync", "job"))
+    bare, asset, resync, job, incremental, dlt, dagster_dlt = (
+        runs.get(kind) or [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt", "dagster-dlt")
+    )
     bare_contacts = median(run["resources"]["contacts"]["seconds"] for run in bare)
     bare_all = median(run["seconds"] for run in bare)
     if bare:
@@ -582,54 +860,152 @@ def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, An
         table.add("  bare loop CPU", size, cpu_line(bare))
         table.add("  bare loop peak RSS", size, f"{max(peaks_by_kind(bare).values()):.0f} MB")
     if asset:
-        work = [run["fetch_seconds"] + run["merge_seconds"] for run in asset]
-        table.add("contacts asset: fetch+stage+merge", size, f"{asset[0]['pages']} pages, {spread(work)}")
-        table.add("  fetch+stage / merge", size, f"{spread([r['fetch_seconds'] for r in asset])} / {spread([r['merge_seconds'] for r in asset])}")
-        table.add("  whole step (with checks) / materialize()", size,
-                  f"{spread([r['step_seconds'] for r in asset])} / {spread([r['seconds'] for r in asset])}")  # fmt: skip
-        table.add("  asset runner CPU", size, cpu_line(asset))
-        table.add("  asset runner peak RSS", size, f"{max(peaks_by_kind(asset).values()):.0f} MB")
-        table.check(
-            "T2 contacts asset / bare loop (contacts)",
-            size,
-            median(work) / bare_contacts,
-            THROUGHPUT_RATIO_MAX,
-            f"{median(work):.1f} / {bare_contacts:.1f} s",
-        )
+        add_asset_rows(table, size, asset, bare_contacts)
     if resync:
-        work = [run["fetch_seconds"] + run["merge_seconds"] for run in resync]
-        shares = [run["merge_seconds"] / (run["fetch_seconds"] + run["merge_seconds"]) for run in resync]
-        unchanged = resync[0]["rows_unchanged"]
-        table.add("re-sync unchanged: fetch+stage / merge", size,
-                  f"{spread([r['fetch_seconds'] for r in resync])} / {spread([r['merge_seconds'] for r in resync])}"
-                  f" ({unchanged} rows unchanged)")  # fmt: skip
-        table.check(
-            "T5 re-sync: merge share of fetch+merge",
-            size,
-            median(shares),
-            MERGE_SHARE_MAX,
-            f"{median(r['merge_seconds'] for r in resync):.1f} of {median(work):.1f} s",
-            percent=True,
-        )
+        add_resync_rows(table, size, resync)
     if job:
-        table.add("marketing_sync (dagster job execute)", size, spread([run["seconds"] for run in job]))
-        table.add("  contacts asset in the job: fetch+stage / merge", size,
-                  f"{spread([r.get('fetch_seconds', math.nan) for r in job])} /"
-                  f" {spread([r.get('merge_seconds', math.nan) for r in job])}")  # fmt: skip
-        table.add("  job CPU (all its processes)", size, cpu_line(job))
-        table.add("  timeline: start-up / contacts step / after it", size,
-                  f"{spread([r.get('startup_seconds', math.nan) for r in job])} /"
-                  f" {spread([r['step_seconds'].get(CONTACTS_STEP, math.nan) for r in job])} /"
-                  f" {spread([r.get('after_contacts_seconds', math.nan) for r in job])}")  # fmt: skip
-        add_peak_rows(table, size, peaks_by_kind(job))
-        job_seconds = median(run["seconds"] for run in job)
-        table.check(
-            "T3 (job - fixed cost) / bare loop (all five)",
-            size,
-            (job_seconds - fixed) / bare_all,
-            END_TO_END_SLACK,
-            f"({job_seconds:.1f} - {fixed:.1f}) / {bare_all:.1f} s" + below_fixed_note(job_seconds, fixed),
-        )
+        add_job_rows(table, size, job, fixed, bare_all)
+    if incremental:
+        add_incremental_rows(table, size, incremental)
+    add_dlt_rows(table, size, dlt)
+    if job and dlt:
+        job_seconds, dlt_seconds = median(r["seconds"] for r in job), median(r["seconds"] for r in dlt)
+        job_cpu, dlt_cpu = median(r["cpu_seconds"] for r in job), median(r["cpu_seconds"] for r in dlt)
+        table.check("N2b job wall / dlt-parquet wall", size, job_seconds / dlt_seconds, DLT_WALL_RATIO_MAX,
+                    f"{job_seconds:.1f} / {dlt_seconds:.1f} s")  # fmt: skip
+        table.check("N2c job CPU / dlt-parquet CPU", size, job_cpu / dlt_cpu, DLT_CPU_RATIO_MAX,
+                    f"{job_cpu:.1f} / {dlt_cpu:.1f} CPU s")  # fmt: skip
+    add_dagster_dlt_rows(table, size, dagster_dlt, job)
+
+
+def add_asset_rows(table: Table, size: str, asset: list[dict[str, Any]], bare_contacts: float) -> None:
+    # _asset_runner.py promises fetch_seconds, merge_seconds, seconds and peak_kb; the rest may go.
+    work = [run["fetch_seconds"] + run["merge_seconds"] for run in asset]
+    pages = asset[0].get("pages")
+    table.add("contacts asset: fetch+stage+merge", size, (f"{pages} pages, " if pages else "") + spread(work))
+    table.add("  fetch+stage / merge", size, f"{spread([r['fetch_seconds'] for r in asset])} / {spread([r['merge_seconds'] for r in asset])}")
+    table.add("  whole step (with checks) / materialize()", size,
+              f"{spread([r.get('step_seconds') for r in asset])} / {spread([r['seconds'] for r in asset])}")  # fmt: skip
+    table.add("  asset runner CPU", size, cpu_line(asset))
+    table.add("  asset runner peak RSS", size, f"{max(peaks_by_kind(asset).values()):.0f} MB")
+    table.check(
+        "T2 contacts asset / bare loop (contacts)",
+        size,
+        median(work) / bare_contacts,
+        THROUGHPUT_RATIO_MAX,
+        f"{median(work):.1f} / {bare_contacts:.1f} s",
+    )
+
+
+def add_resync_rows(table: Table, size: str, resync: list[dict[str, Any]]) -> None:
+    work = [run["fetch_seconds"] + run["merge_seconds"] for run in resync]
+    shares = [run["merge_seconds"] / (run["fetch_seconds"] + run["merge_seconds"]) for run in resync]
+    unchanged = resync[0].get("rows_unchanged")
+    table.add("re-sync unchanged: fetch+stage / merge", size,
+              f"{spread([r['fetch_seconds'] for r in resync])} / {spread([r['merge_seconds'] for r in resync])}"
+              + (f" ({unchanged} rows unchanged)" if unchanged is not None else ""))  # fmt: skip
+    table.check(
+        "T5 re-sync: merge share of fetch+merge",
+        size,
+        median(shares),
+        MERGE_SHARE_MAX,
+        f"{median(r['merge_seconds'] for r in resync):.1f} of {median(work):.1f} s",
+        percent=True,
+    )
+
+
+def timeline_row(table: Table, size: str, runs: Sequence[dict[str, Any]], what: str = "") -> None:
+    """Start-up, the step that materialized contacts (whatever its key), what came after it."""
+    step = contacts_step(runs) or "?"
+    table.add(f"  {what}timeline: start-up / step {step} / after it", size,
+              f"{spread([r.get('startup_seconds', math.nan) for r in runs])} /"
+              f" {spread([r.get('contacts_step_seconds', math.nan) for r in runs])} /"
+              f" {spread([r.get('after_contacts_seconds', math.nan) for r in runs])}")  # fmt: skip
+
+
+def slowest_steps(runs: Sequence[dict[str, Any]], count: int = 3) -> str:
+    """The longest steps by median duration, named by key: the job's layout is not assumed."""
+    keys = {key for run in runs for key in run.get("step_seconds", {})}
+    medians = {key: median(run.get("step_seconds", {}).get(key) for run in runs) for key in keys}
+    ranked = sorted(medians.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"{key} {value:.1f}" for key, value in ranked[:count])
+    return f"{len(keys)} step(s); " + (shown or "none")
+
+
+def add_job_rows(table: Table, size: str, job: list[dict[str, Any]], fixed: float, bare_all: float) -> None:
+    job_seconds = median(run["seconds"] for run in job)
+    table.add("marketing_sync (dagster job execute)", size, spread([run["seconds"] for run in job]))
+    table.add("  contacts asset in the job: fetch+stage / merge", size,
+              f"{spread([r.get('fetch_seconds', math.nan) for r in job])} /"
+              f" {spread([r.get('merge_seconds', math.nan) for r in job])}")  # fmt: skip
+    table.add("  job CPU (all its processes)", size, cpu_line(job))
+    timeline_row(table, size, job)
+    table.add("  slowest steps (median s)", size, slowest_steps(job))
+    add_peak_rows(table, size, peaks_by_kind(job), contacts_step(job))
+    # A job quicker than the empty account's gives a negative ratio: no verdict, not a PASS.
+    t3 = (job_seconds - fixed) / bare_all if job_seconds >= fixed else math.nan
+    table.check(
+        "T3 (job - fixed cost) / bare loop (all five)",
+        size,
+        t3,
+        END_TO_END_SLACK,
+        f"({job_seconds:.1f} - {fixed:.1f}) / {bare_all:.1f} s" + below_fixed_note(job_seconds, fixed),
+    )
+    # Everything beyond fetching the five resources' pages, Dagster included.
+    table.check_seconds(
+        "N2a job - bare loop (all five resources)", size, job_seconds - bare_all, BARE_SLACK_SECONDS,
+        f"{job_seconds:.1f} - {bare_all:.1f} s" if not math.isnan(bare_all) else "needs the bare loop: --parts bare",
+    )  # fmt: skip
+
+
+def add_incremental_rows(table: Table, size: str, incremental: list[dict[str, Any]]) -> None:
+    times = [run["seconds"] for run in incremental]
+    table.check_seconds(
+        "N1b marketing_incremental, nothing new (after the full job)", size, median(times),
+        FIXED_INCREMENTAL_MAX_SECONDS, spread_detail(times),
+    )  # fmt: skip
+    fetched = median(run.get("records_fetched") for run in incremental)
+    pages = median(run.get("pages") for run in incremental)
+    table.add("  incremental: new contacts fetched / pages", size, f"{fetched:.0f} / {pages:.0f}")
+    table.add("  incremental CPU (all its processes)", size, cpu_line(incremental))
+    timeline_row(table, size, incremental, "incremental ")
+    table.add("  incremental peak RSS", size, max_peak(incremental))
+
+
+def add_dlt_rows(table: Table, size: str, dlt: list[dict[str, Any]]) -> None:
+    if not dlt:
+        return
+    table.add("dlt rest_api -> DuckDB (parquet), its own venv", size, spread([run["seconds"] for run in dlt]))
+    table.add("  dlt CPU (all its processes)", size, cpu_line(dlt))
+    steps = [run.get("steps", {}) for run in dlt]
+    table.add("  dlt pipeline.run(): extract / normalize / load", size,
+              f"{spread([run.get('pipeline_seconds') for run in dlt])}: "
+              + " / ".join(spread([step.get(name) for step in steps]) for name in ("extract", "normalize", "load")))  # fmt: skip
+    table.add("  dlt peak RSS", size, max_peak(dlt))
+    rows = dlt[0]["rows"]
+    table.add("  dlt rows landed (= the account, checked)", size,
+              ", ".join(f"{name} {count}" for name, count in sorted(rows.items())) or "no tables (empty account)")  # fmt: skip
+
+
+def add_dagster_dlt_rows(table: Table, size: str, runs: list[dict[str, Any]], job: list[dict[str, Any]]) -> None:
+    """dagster-dlt's @dlt_assets: context beside the job, no target."""
+    if not runs:
+        return
+    table.add("dagster-dlt @dlt_assets (in-process executor), its own venv", size, spread([run["seconds"] for run in runs]))
+    table.add("  dagster-dlt CPU (all its processes)", size, cpu_line(runs))
+    table.add("  dagster-dlt peak RSS", size, max_peak(runs))
+    table.add("  dagster-dlt rows landed", size, "= the account, checked (as dlt's)")
+    if job:
+        job_seconds, other = median(r["seconds"] for r in job), median(r["seconds"] for r in runs)
+        job_cpu, other_cpu = median(r["cpu_seconds"] for r in job), median(r["cpu_seconds"] for r in runs)
+        table.add("  job / dagster-dlt: wall, CPU", size,
+                  f"{job_seconds / other:.2f} ({job_seconds:.1f} / {other:.1f} s), {job_cpu / other_cpu:.2f}"
+                  f" ({job_cpu:.1f} / {other_cpu:.1f} CPU s)")  # fmt: skip
+
+
+def max_peak(runs: Sequence[dict[str, Any]]) -> str:
+    kind, peak = max(peaks_by_kind(runs).items(), key=lambda item: item[1])
+    return f"{peak:.0f} MB ({kind})"
 
 
 def below_fixed_note(job_seconds: float, fixed: float) -> str:
@@ -637,40 +1013,60 @@ def below_fixed_note(job_seconds: float, fixed: float) -> str:
     return "; below the fixed cost: too small a size to judge" if job_seconds < fixed else ""
 
 
-def add_memory_rows(table: Table, results: dict[str, Any], plan: Plan) -> None:
-    """Target 4: at the largest size, every job process under 300 MB and grown at most 1.25x
-    from the next smaller size, process kind by process kind."""
-    measured = [size for size in plan.sizes if results["sizes"].get(str(size), {}).get("job")]
-    if not measured:
+INCREMENTAL_PREFIX = "incremental: "
+# The kinds whose growth T4 and N3 judge; Dagster's helpers (tail, watchers) are a few MB
+# whatever the size.
+GROWTH_KINDS = ("step: ", "job process", "DuckDB worker")
+
+
+def memory_peaks(results: dict[str, Any], plan: Plan, run_kinds: dict[str, str]) -> dict[int, dict[str, float]]:
+    """Peak RSS per process kind at each size where the full job ran, over the runs named in
+    ``run_kinds`` (run kind -> prefix of its process kinds, so a kind is compared with itself)."""
+    peaks_at: dict[int, dict[str, float]] = {}
+    for size in plan.sizes:
+        runs = results["sizes"].get(str(size), {})
+        if not runs.get("job"):
+            continue
+        peaks: dict[str, float] = {}
+        for run_kind, prefix in run_kinds.items():
+            for kind, peak in peaks_by_kind(runs.get(run_kind) or []).items():
+                peaks[prefix + kind] = max(peaks.get(prefix + kind, 0.0), peak)
+        peaks_at[size] = peaks
+    return peaks_at
+
+
+def add_memory_rows(table: Table, name: str, what: str, peaks_at: dict[int, dict[str, float]]) -> None:
+    """T4 (and N3, its check over more runs): at the largest size, every process under 300 MB
+    and grown at most 1.25x from the next smaller size, process kind by process kind."""
+    if not peaks_at:
         return
-    largest = max(measured)
-    peaks = peaks_by_kind(results["sizes"][str(largest)]["job"])
+    largest = max(peaks_at)
+    peaks = peaks_at[largest]
     worst_kind, worst = max(peaks.items(), key=lambda item: item[1])
     table.add(
-        "T4 peak RSS, every process of the sync",
+        f"{name} peak RSS, {what}",
         label(largest),
         f"{worst:.0f} MB ({worst_kind})",
         f"<= {PEAK_MB_MAX:.0f} MB",
         "PASS" if worst <= PEAK_MB_MAX else "FAIL",
     )
-    smaller = [size for size in measured if size < largest]
+    smaller = [size for size in peaks_at if size < largest]
     if not smaller:
-        table.add("T4 peak RSS growth", label(largest), "n/a (needs two sizes)", f"<= {PEAK_GROWTH_MAX:.2f}", "n/a")
+        table.add(f"{name} peak RSS growth", label(largest), "n/a (needs two sizes)", f"<= {PEAK_GROWTH_MAX:.2f}", "n/a")
         return
-    previous = peaks_by_kind(results["sizes"][str(max(smaller))]["job"])
-    # Steps and the job process: the helpers (tail, watchers) are a few MB whatever the size.
+    previous = peaks_at[max(smaller)]
     growth = {
         kind: peaks[kind] / previous[kind]
         for kind in peaks
-        if previous.get(kind) and kind.startswith(("step: ", "job process", "DuckDB worker"))
+        if previous.get(kind) and kind.removeprefix(INCREMENTAL_PREFIX).startswith(GROWTH_KINDS)
     }
-    kind, ratio = max(growth.items(), key=lambda item: item[1])
+    kind, ratio = max(growth.items(), key=lambda item: item[1]) if growth else ("none comparable", math.nan)
     table.check(
-        f"T4 peak RSS growth {label(largest)} / {label(max(smaller))}",
+        f"{name} peak RSS growth {label(largest)} / {label(max(smaller))}",
         f"{label(largest)}/{label(max(smaller))}",
         ratio,
         PEAK_GROWTH_MAX,
-        f"worst: {kind}, {peaks[kind]:.0f} / {previous[kind]:.0f} MB",
+        f"worst: {kind}, {peaks.get(kind, math.nan):.0f} / {previous.get(kind, math.nan):.0f} MB",
     )
 
 
@@ -686,7 +1082,7 @@ def add_latency_rows(
         return
     size = label(contacts)
     job_seconds = median(run["seconds"] for run in runs)
-    pages = runs[0].get("pages", math.ceil(contacts / PAGE_SIZE))
+    pages = runs[0].get("pages") or math.ceil(contacts / PAGE_SIZE)
     floor = pages * plan.latency
     if bare:
         bare_contacts = [run["resources"]["contacts"]["seconds"] for run in bare]
@@ -698,10 +1094,7 @@ def add_latency_rows(
             f"{median(bare_contacts) / floor:.2f} ({median(bare_contacts):.1f} / {floor:.1f} s)",
         )
     table.add(f"marketing_sync, {plan.latency * 1000:g} ms per request", size, spread([run["seconds"] for run in runs]))
-    table.add("  timeline: start-up / contacts step / after it", size,
-              f"{spread([r.get('startup_seconds', math.nan) for r in runs])} /"
-              f" {spread([r['step_seconds'].get(CONTACTS_STEP, math.nan) for r in runs])} /"
-              f" {spread([r.get('after_contacts_seconds', math.nan) for r in runs])}")  # fmt: skip
+    timeline_row(table, size, runs)
     table.add("  contacts fetch+stage per page", size,
               f"{median(r.get('fetch_seconds') for r in runs) / pages * 1000:.1f} ms"
               f" ({plan.latency * 1000:g} ms of it the simulator's added latency)")  # fmt: skip
@@ -731,8 +1124,19 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
-    parts = ("probe", "bare", "asset", "job", "fixed", "latency")
-    parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts), help="what to measure (default: all)")
+    parts = ("probe", "bare", "asset", "job", "fixed", "latency", "dlt", "dagster-dlt")
+    # dagster-dlt is context, not a target, and costs a venv with Dagster of its own: asked for.
+    default_parts = [part for part in parts if part != "dagster-dlt"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=default_parts,
+                        help="what to measure (default: all but dagster-dlt)")  # fmt: skip
+    parser.add_argument(
+        "--dlt-venv", type=Path, default=DEFAULT_VENV,
+        help=f"the dlt anchor's venv, created with {' '.join(DLT_REQUIREMENTS)} if missing (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dagster-dlt-venv", type=Path, default=DEFAULT_DAGSTER_DLT_VENV,
+        help=f"dagster-dlt's venv, created with {' '.join(DAGSTER_DLT_REQUIREMENTS)} if missing (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--no-pace", action="store_true", help="the asset runs with pace_requests=False (the job cannot)")
     parser.add_argument("--json", type=Path, help="also write every raw run here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every run)")
@@ -761,9 +1165,11 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
     if "probe" in plan.parts:
         results["simulator_probe"] = run_simulator_probe(bench, plan.probe_sizes, plan.probe_requests)
     if "fixed" in plan.parts:
-        results["fixed_cost"] = measure_fixed_cost(bench, plan)
+        fixed = measure_fixed_cost(bench, plan)
+        results["fixed_cost"], results["fixed_cost_dlt"] = fixed["job"], fixed["dlt"]
+        results["fixed_cost_dagster_dlt"] = fixed["dagster-dlt"]
     for contacts in plan.sizes:
-        if plan.parts & {"bare", "asset", "job"}:
+        if plan.parts & {"bare", "asset", "job", "dlt", "dagster-dlt"}:
             results["sizes"][str(contacts)] = measure_size(bench, contacts, plan)
     if "latency" in plan.parts and plan.latency > 0:
         results["latency"] = {str(contacts): measure_latency(bench, contacts, plan) for contacts in plan.latency_sizes}
@@ -779,6 +1185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     bench = make_bench(root, pace_requests=not arguments.no_pace)
     try:
+        if "dlt" in plan.parts:
+            bench.dlt_python = prepare_venv(bench, "dlt", arguments.dlt_venv, DLT_REQUIREMENTS, ("dlt", "pyarrow", "duckdb"))
+        if "dagster-dlt" in plan.parts:
+            bench.dagster_dlt_python = prepare_venv(
+                bench, "dagster-dlt", arguments.dagster_dlt_venv, DAGSTER_DLT_REQUIREMENTS, ("dagster-dlt", "dagster", "dlt")
+            )
         results = measure(bench, plan)
         results["machine"] = asdict(machine)
         results["elapsed_seconds"] = time.monotonic() - started
@@ -800,8 +1212,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if bench.errors else 0
 
 
+def prepare_venv(bench: Bench, what: str, venv: Path, requirements: Sequence[str], shown: Sequence[str]) -> Path | None:
+    """A venv made once and reused; without it those runs are skipped, and said so."""
+    try:
+        python = ensure_venv(venv, requirements, log=progress)
+        versions = installed_versions(python, shown)
+    except (VenvFailed, OSError) as error:
+        bench.errors.append(f"the {what} venv: {error}")
+        progress(f"no {what} runs: {error}")
+        return None
+    print(f"{what + ':':<8} {', '.join(f'{name} {version}' for name, version in versions.items())}"
+          f" (its own venv, {venv})", flush=True)  # fmt: skip
+    return python
+
+
 def all_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    runs = list(results.get("fixed_cost") or [])
+    runs = [*(results.get("fixed_cost") or []), *(results.get("fixed_cost_dlt") or []),
+            *(results.get("fixed_cost_dagster_dlt") or [])]  # fmt: skip
     for by_kind in [*results["sizes"].values(), *(results.get("latency") or {}).values()]:
         for kind_runs in by_kind.values():
             runs.extend(kind_runs)
@@ -817,7 +1244,8 @@ def print_noise(results: dict[str, Any]) -> None:
     print(f"\nOther processes on the machine used {typical:.2f} cores (median; worst {worst:.2f}) of"
           f" {os.cpu_count()} while runs were measured.")  # fmt: skip
     if typical > 0.2:
-        print("The timings and time ratios above are pessimistic and noisy: rerun on a quiet machine to judge T2, T3, T6.")
+        print("The timings and time ratios above are pessimistic and noisy: rerun on a quiet machine to judge"
+              " T2, T3, T6, N1, N2.")  # fmt: skip
 
 
 def print_errors(errors: Sequence[str], root: Path) -> None:

@@ -1,0 +1,150 @@
+"""Tests of the harness's own logic, with no simulator and no Dagster run:
+
+    .venv/bin/python -m pytest benchmarks/test_harness.py
+
+The job's step layout is about to change (one multi-asset step in the job process instead of
+one process per asset), so both layouts are exercised here on made-up event logs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dlt_runner  # noqa: E402
+import run  # noqa: E402
+from _measure import ChildFailed, ProcessRecord  # noqa: E402
+
+ROOT_PID = 100
+
+
+def event(kind: str, timestamp: float, step: str | None = None, pid: int = ROOT_PID, **data: Any) -> dict[str, Any]:
+    return {
+        "step_key": step,
+        "timestamp": timestamp,
+        "dagster_event": {"event_type_value": kind, "pid": pid, "event_specific_data": data},
+    }
+
+
+def materialization(timestamp: float, step: str, path: list[str], pid: int, **metadata: float) -> dict[str, Any]:
+    entries = [{"label": key, "entry_data": {"value": value}} for key, value in metadata.items()]
+    return event(
+        "ASSET_MATERIALIZATION", timestamp, step, pid,
+        materialization={"asset_key": {"__class__": "AssetKey", "path": path}, "metadata_entries": entries},
+    )  # fmt: skip
+
+
+def one_step_per_asset() -> list[dict[str, Any]]:
+    """Today's layout: a process per step, contacts in ``marketing__contacts``."""
+    return [
+        event("STEP_START", 12.0, "marketing__tags", pid=201),
+        event("STEP_START", 12.5, "marketing__contacts", pid=202),
+        materialization(13.0, "marketing__tags", ["marketing", "tags"], 201, fetch_seconds=0.1),
+        event("STEP_SUCCESS", 13.2, "marketing__tags", pid=201),
+        materialization(15.0, "marketing__contacts", ["marketing", "contacts"], 202, fetch_seconds=1.5,
+                        merge_seconds=0.5, pages=20, records_fetched=2000, **{"dagster/row_count": 2000}),  # fmt: skip
+        event("STEP_SUCCESS", 15.5, "marketing__contacts", pid=202),
+        event("RUN_SUCCESS", 16.0),
+    ]
+
+
+def one_multi_asset_step() -> list[dict[str, Any]]:
+    """The coming layout: ``sync_marketing`` materializes everything in the job process."""
+    return [
+        event("STEP_START", 11.0, "sync_marketing"),
+        materialization(12.0, "sync_marketing", ["marketing", "tags"], ROOT_PID, fetch_seconds=0.1),
+        materialization(14.0, "sync_marketing", ["marketing", "contacts"], ROOT_PID, fetch_seconds=1.2,
+                        merge_seconds=0.4, pages=20, records_fetched=2000, **{"dagster/row_count": 2000}),  # fmt: skip
+        event("STEP_SUCCESS", 14.5, "sync_marketing"),
+        event("PIPELINE_SUCCESS", 15.0),  # the name Dagster stores RUN_SUCCESS under
+    ]
+
+
+def test_contacts_timings_come_from_its_asset_key_in_either_layout() -> None:
+    today = run.summarize_job_events(one_step_per_asset(), started_at=10.0, ended_at=16.0)
+    assert today["contacts_step"] == "marketing__contacts"
+    assert (today["fetch_seconds"], today["merge_seconds"], today["row_count"]) == (1.5, 0.5, 2000)
+    assert today["startup_seconds"] == pytest.approx(2.0)
+    assert today["contacts_step_seconds"] == pytest.approx(3.0)
+    assert today["after_contacts_seconds"] == pytest.approx(0.5)
+    assert today["step_pids"] == {201: ["marketing__tags"], 202: ["marketing__contacts"]}
+
+    lean = run.summarize_job_events(one_multi_asset_step(), started_at=10.0, ended_at=15.0)
+    assert lean["contacts_step"] == "sync_marketing"
+    assert (lean["fetch_seconds"], lean["pages"], lean["records_fetched"]) == (1.2, 20, 2000)
+    assert lean["step_seconds"] == {"sync_marketing": pytest.approx(3.5)}
+    assert lean["step_pids"] == {ROOT_PID: ["sync_marketing"]}
+
+
+def test_a_run_without_success_fails() -> None:
+    with pytest.raises(ChildFailed):
+        run.summarize_job_events(one_multi_asset_step()[:-1], 10.0, 15.0)
+
+
+def process(pid: int, ppid: int, cmdline: str) -> ProcessRecord:
+    return ProcessRecord(pid=pid, ppid=ppid, cmdline=cmdline, peak_kb=1024)
+
+
+def test_process_kinds_in_either_layout() -> None:
+    lean = "/venv/bin/python -m mkt_assets.lean_process"
+    step_pids = {201: ["marketing__tags"], 202: ["marketing__contacts"]}
+    kinds = {
+        p.pid: run.job_process_kind(p, ROOT_PID, step_pids)
+        for p in (process(ROOT_PID, 1, "python -m dagster job execute"), process(202, ROOT_PID, "python -c ..."),
+                  process(302, 202, lean), process(303, ROOT_PID, "tail -F x"))  # fmt: skip
+    }
+    assert kinds == {
+        ROOT_PID: run.JOB_PROCESS,
+        202: "step: marketing__contacts",
+        302: "DuckDB worker of step: marketing__contacts",
+        303: "compute-log tail (one per step)",
+    }
+    # In-process executor: the job process runs the step, its workers are the job process's.
+    in_process = {ROOT_PID: ["sync_marketing"]}
+    assert run.job_process_kind(process(ROOT_PID, 1, "dagster"), ROOT_PID, in_process) == run.JOB_PROCESS
+    assert run.job_process_kind(process(400, ROOT_PID, lean), ROOT_PID, in_process) == "DuckDB worker of the job process"
+
+
+def test_memory_growth_compares_each_kind_with_itself() -> None:
+    def sizes(job_mb: float, worker_mb: float, incremental_mb: float) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "job": [{"peak_mb_by_kind": {run.JOB_PROCESS: job_mb, "DuckDB worker of the job process": worker_mb}}],
+            "incremental": [{"peak_mb_by_kind": {run.JOB_PROCESS: incremental_mb}}],
+        }
+
+    results = {"sizes": {"100000": sizes(130, 100, 140), "1000000": sizes(135, 120, 200)}}
+    plan = run.Plan([100_000, 1_000_000], 1, 0.0, [], 1, 1, [1, 2], 1, {"job"})
+    table = run.Table()
+    run.add_memory_rows(table, "N3", "all", run.memory_peaks(results, plan, {"job": "", "incremental": run.INCREMENTAL_PREFIX}))
+    peak, growth = table.rows
+    assert (peak.verdict, growth.verdict) == ("PASS", "FAIL")  # 200 MB, but 200 / 140 = 1.43
+    assert "incremental: job process" in growth.value
+
+
+def test_dlt_rows_must_match_the_account(tmp_path: Path) -> None:
+    account = {"contacts": 2000, "tags": 40, "communities": 5, "course_resources": 12, "contact_fields": 9}
+    landed = {**account, "contacts__tags": 4147}
+    run.check_dlt_rows(landed, account, tmp_path)
+    with pytest.raises(ChildFailed, match="contacts: 100 rows, the account has 2000"):
+        run.check_dlt_rows({**landed, "contacts": 100}, account, tmp_path)
+    # An empty account: dlt makes no contacts table, and that is every record.
+    run.check_dlt_rows({"tags": 40}, {"contacts": 0, "tags": 40}, tmp_path)
+
+
+def test_dlt_configuration_is_the_corrected_one() -> None:
+    config = _dlt_runner.source_config("http://127.0.0.1:1/api", "key")
+    assert config["client"]["auth"] == {"type": "api_key", "name": "X-API-Key", "api_key": "key", "location": "header"}
+    assert config["resource_defaults"] == {"primary_key": "id", "write_disposition": "merge"}
+    by_name = {resource["name"]: resource for resource in config["resources"]}
+    assert set(by_name) == set(_dlt_runner.TOP_LEVEL_TABLES)
+    contacts = by_name["contacts"]["endpoint"]
+    assert contacts["params"] == {"limit": 100} and contacts["data_selector"] == "items"
+    assert contacts["paginator"] == {
+        "type": "cursor", "cursor_path": "items[-1].id", "cursor_param": "startingAfter", "has_more_path": "hasMore",
+    }  # fmt: skip
+    assert by_name["contact_fields"]["primary_key"] == "slug"
+    assert by_name["contact_fields"]["endpoint"]["paginator"] == {"type": "single_page"}
