@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -142,6 +143,12 @@ class MarketingApiClient:
 
     def _new_session(self) -> requests.Session:
         session = ManualRedirectSession()
+        # The environment's proxies and CA bundle, read once: requests reads the environment
+        # again on every request otherwise (a fifth of the client's time per page). trust_env
+        # off also keeps ~/.netrc from adding credentials.
+        session.proxies = requests.utils.get_environ_proxies(self.base_url)
+        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        session.trust_env = False
         adapter = ApiAdapter(self._deadlines, self._rate_limiter, self.stats, max_retries=self._retry)
         session.mount("https://", adapter)
         session.mount("http://", adapter)

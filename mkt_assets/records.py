@@ -99,7 +99,16 @@ def record_checker(spec: ResourceSpec) -> RecordChecker:
         for column in spec.columns
         if not column.fields and _PYTHON_TYPES[column.duckdb_type] is not None
     )
-    lists = tuple((column, frozenset(member.api_name for member in column.fields)) for column in spec.columns if column.fields)
+    lists = tuple(
+        (
+            column.api_name,
+            column,
+            frozenset(member.api_name for member in column.fields),
+            tuple((member.api_name, _PYTHON_TYPES[member.duckdb_type], member.duckdb_type == "BIGINT") for member in column.fields),
+        )
+        for column in spec.columns
+        if column.fields
+    )
     columns = spec.columns
 
     def check(records: Sequence[dict[str, Any]], page: int) -> set[str]:
@@ -120,10 +129,21 @@ def record_checker(spec: ResourceSpec) -> RecordChecker:
                     or (duckdb_type == "TIMESTAMPTZ" and not _is_datetime_with_offset(value))
                 ):
                     _explain(columns, record, position, page)
-            for column, members in lists:
-                value = record.get(column.api_name)
-                if value is not None:
+            for name, column, members, member_types in lists:
+                value = record.get(name)
+                if value is None:
+                    continue
+                if type(value) is not list:
                     _check_list(column, members, value, position, page, unknown)
+                for member in value:
+                    # The common path, inline: a member of the known fields, each of its type.
+                    if type(member) is not dict or not members.issuperset(member):
+                        _check_list(column, members, value, position, page, unknown)
+                        break
+                    for field_name, expected, ranged in member_types:
+                        item = member.get(field_name)
+                        if item is not None and (type(item) is not expected or (ranged and item not in BIGINT_RANGE)):
+                            _check_list(column, members, value, position, page, unknown)
         return unknown
 
     return check
