@@ -85,7 +85,7 @@ JOB_PROCESS = "job process (dagster job execute)"
 
 
 def job_command(job: str) -> list[str]:
-    return [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", job]
+    return [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets.definitions", "-j", job]
 
 
 def progress(message: str) -> None:

@@ -32,6 +32,7 @@ from mkt_assets.checks import (
 )
 from mkt_assets.chunk_typing import TypingQueue
 from mkt_assets.commit import RunCommit, newest_keys
+from mkt_assets.errors import ConfigurationError
 from mkt_assets.normalized_tables import NORMALIZED_TABLES, NormalizedTable
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.settings import Settings
@@ -146,6 +147,12 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
     ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
         selected = context.selected_asset_keys
         resources = [spec for spec in RESOURCES if asset_key(spec) in selected]
+        if resources:
+            try:
+                marketing_api.key()
+            except ConfigurationError as missing:
+                # At once, before anything is fetched, and without a traceback: it says what to do.
+                raise dg.Failure(description=str(missing), allow_retries=False) from None
         tables = [table for table in NORMALIZED_TABLES if table_key(table) in selected]
         file = warehouse.file()
         # One worker for the run's DuckDB work, started now so its start overlaps the fetch;

@@ -1,4 +1,4 @@
-"""``mkt-assets``: run the API simulator, a demo sync, or the UI on simulator data."""
+"""mkt-assets: run the API simulator, a demo sync, or the UI on simulator data."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import main as sandbox_main
 
 DEMO_DATABASE = "data/demo.duckdb"
+# Where the demo and the UI keep Dagster's instance (runs, materializations, check results),
+# so what one did, the other shows, and a restart forgets nothing.
+DAGSTER_HOME = "data/dagster_home"
+# The instance settings the project's dagster.yaml holds, for a home made here.
+INSTANCE_SETTINGS = """\
+telemetry:
+  enabled: false
+# The daemon turns each asset's freshness policy into a status in the UI.
+freshness:
+  enabled: true
+"""
 
 
 @contextmanager
@@ -40,23 +51,46 @@ def simulator_environment(contacts: int, seed: int, database: str) -> Iterator[d
         }
 
 
-def _dagster_command(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "dagster", *arguments]
+def dagster_home(path: str) -> Path:
+    """``path`` as a Dagster home that persists: made with the project's instance settings
+    the first time, left as it is (yours to edit) after that."""
+    home = Path(path).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():
+        settings.write_text(INSTANCE_SETTINGS)
+    return home
 
 
-def run_demo(contacts: int, seed: int, database: str) -> int:
+def project_root() -> Path | None:
+    """The checkout this package runs from (where ``pyproject.toml`` declares it for dg), if any."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.exists() and "[tool.dg]" in pyproject.read_text() else None
+
+
+def dagster_cli(dg: list[str], dagster: list[str]) -> tuple[list[str], Path | None]:
+    """The command to run and where: dg in the project's checkout (Dagster 1.13's own CLI
+    commands print a warning that they are superseded by dg), else Dagster's own CLI."""
+    root = project_root()
+    executable = Path(sys.executable).with_name("dg")
+    if root is not None and executable.exists():
+        return [str(executable), *dg], root
+    return [sys.executable, "-m", "dagster", *dagster], None
+
+
+def run_demo(contacts: int, seed: int, database: str, home: str) -> int:
     log_path = Path(database).with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"Starting the API simulator ({contacts} contacts) and running marketing_sync ...")
     started = time.monotonic()
+    command, cwd = dagster_cli(
+        ["launch", "--job", "marketing_sync"],
+        ["job", "execute", "-m", "mkt_assets.definitions", "-j", "marketing_sync"],
+    )
     with simulator_environment(contacts, seed, database) as environment, open(log_path, "w") as log:
-        result = subprocess.run(
-            _dagster_command("job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"),
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+        environment["DAGSTER_HOME"] = str(dagster_home(home))
+        result = subprocess.run(command, env=environment, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.monotonic() - started
     if result.returncode != 0:
         print(f"marketing_sync failed after {seconds:.1f}s; the run's log is in {log_path}:")
@@ -70,6 +104,7 @@ def run_demo(contacts: int, seed: int, database: str) -> int:
             print(f"  {ASSET_PREFIX}.{name:<21} {rows:>9} rows")
     print(f"DuckDB file: {os.path.abspath(database)}")
     print(f"Query it:    {shlex.join(query_command(database))}")
+    print(f"See the run: mkt-assets dev opens the UI, which keeps it (Dagster's home: {home})")
     return 0
 
 
@@ -87,14 +122,16 @@ def query_command(database: str) -> list[str]:
     return [interpreter, "-c", code]
 
 
-def run_dev(contacts: int, seed: int, database: str, port: int) -> int:
+def run_dev(contacts: int, seed: int, database: str, port: int, home: str) -> int:
+    command, cwd = dagster_cli(["dev", "--port", str(port)], ["dev", "-m", "mkt_assets.definitions", "--port", str(port)])
     with simulator_environment(contacts, seed, database) as environment:
-        print(f"API simulator serving {environment[BASE_URL_ENV]}; tables go to {database}")
-        dev = subprocess.Popen(_dagster_command("dev", "-m", "mkt_assets", "--port", str(port)), env=environment)
+        environment["DAGSTER_HOME"] = str(dagster_home(home))
+        print(f"API simulator serving {environment[BASE_URL_ENV]}; tables go to {database}; Dagster keeps its runs in {home}")
+        dev = subprocess.Popen(command, env=environment, cwd=cwd)
         try:
             return dev.wait()
         except KeyboardInterrupt:
-            # Ctrl-C reaches dagster dev too; let it stop its webserver and daemon before
+            # Ctrl-C reaches the dev server too; let it stop its webserver and daemon before
             # the simulator goes away. A signal sent to this process alone is passed on.
             dev.send_signal(signal.SIGINT)
             return dev.wait()
@@ -106,12 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("sandbox", help="serve the API simulator (see mkt-assets sandbox --help)", add_help=False)
     for name, help_text in (
         ("demo", "sync the simulator into a local DuckDB file with the real job, and show the tables"),
-        ("dev", "open the Dagster UI (dagster dev) on simulator data"),
+        ("dev", "open the Dagster UI (dg dev) on simulator data"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--contacts", type=int, default=5000, help="contacts in the simulator")
         command.add_argument("--seed", type=int, default=0, help="seed of the simulated account")
         command.add_argument("--database", default=DEMO_DATABASE, help="DuckDB file to write")
+        command.add_argument(
+            "--dagster-home", default=DAGSTER_HOME, help="where Dagster keeps runs and materializations (kept across runs)"
+        )
         if name == "dev":
             command.add_argument("--port", type=int, default=3000, help="port of the UI")
     arguments, rest = parser.parse_known_args(argv)
@@ -120,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if arguments.command == "demo":
-        return run_demo(arguments.contacts, arguments.seed, arguments.database)
-    return run_dev(arguments.contacts, arguments.seed, arguments.database, arguments.port)
+        return run_demo(arguments.contacts, arguments.seed, arguments.database, arguments.dagster_home)
+    return run_dev(arguments.contacts, arguments.seed, arguments.database, arguments.port, arguments.dagster_home)
 
 
 if __name__ == "__main__":

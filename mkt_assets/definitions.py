@@ -1,9 +1,9 @@
 """The Dagster definitions: assets, checks, the sync job, its schedule and the resources."""
 
 import os
+from typing import Any
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from mkt_assets.assets import (
     ASSET_PREFIX,
@@ -23,19 +23,20 @@ from mkt_assets.resource import (
     WarehouseResource,
     check_base_url,
 )
-from mkt_assets.schedules import build_schedules
+from mkt_assets.schedules import FULL_JOB, INCREMENTAL_JOB, build_schedules
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import database_path
 
 
-def build_jobs() -> tuple[UnresolvedAssetJobDefinition, UnresolvedAssetJobDefinition]:
+def build_jobs() -> list[Any]:
+    """Both jobs (Dagster does not export the type ``define_asset_job`` returns)."""
     selection = dg.AssetSelection.groups(GROUP_NAME, NORMALIZED_GROUP)
     # One step in the run's own process: every resource is fetched in a thread of its own and
     # the DuckDB work runs in lean workers, so a step process per asset would only add Dagster's
     # start-up (a second or more each) to every run.
     resources = len(RESOURCES)
     full = dg.define_asset_job(
-        "marketing_sync",
+        FULL_JOB,
         selection=selection,
         description=(
             f"Read every record of the {resources} marketing resources and write them, with the"
@@ -44,7 +45,7 @@ def build_jobs() -> tuple[UnresolvedAssetJobDefinition, UnresolvedAssetJobDefini
         executor_def=dg.in_process_executor,
     )
     incremental = dg.define_asset_job(
-        "marketing_incremental",
+        INCREMENTAL_JOB,
         selection=selection,
         description=(
             "Read only the records newer than the newest stored of the resources that allow it"
@@ -54,26 +55,28 @@ def build_jobs() -> tuple[UnresolvedAssetJobDefinition, UnresolvedAssetJobDefini
         executor_def=dg.in_process_executor,
         config={"ops": {STEP_NAME: {"config": {"incremental": True}}}},
     )
-    return full, incremental
+    return [full, incremental]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_environment()
     database = database_path(settings.duckdb_path)
-    full, incremental = build_jobs()
+    jobs = build_jobs()
     return dg.Definitions(
         assets=[build_marketing_assets(settings)],
-        jobs=[full, incremental],
-        schedules=build_schedules(full, incremental, settings),
+        jobs=jobs,
+        schedules=build_schedules(settings),
         # configure_at_launch: a run config that sets some settings (the launchpad, a job's
         # config) keeps these values for the others; a plain instance would reset them all,
         # the key and the base URL included, to the class defaults.
         resources={
-            # The key stays an EnvVar so Dagster shows its name, never its value, and the
-            # definitions load (and the UI opens) with no key set.
+            # The key is an EnvVar, so Dagster shows its name, never its value. Unset as the
+            # definitions load, it is left out: the UI opens, and a run without it fails in one
+            # line naming it (the resource reads the environment) instead of in Dagster's
+            # seventy-line traceback for an unset EnvVar.
             "marketing_api": MarketingApiResource.configure_at_launch(
                 base_url=check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL),
-                api_key=dg.EnvVar(API_KEY_ENV),
+                **({"api_key": dg.EnvVar(API_KEY_ENV)} if os.environ.get(API_KEY_ENV) else {}),
             ),
             "warehouse": WarehouseResource.configure_at_launch(
                 database=database,
@@ -92,4 +95,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What Dagster loads (``dg dev``, ``dagster dev``): built when it asks, with the environment's settings."""
+    return build_definitions()

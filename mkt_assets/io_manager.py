@@ -21,7 +21,7 @@ from mkt_assets.sync import TableWrite
 
 
 class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
-    """Writes each marketing asset to ``<schema>.<asset name>``, all of a run's in one transaction."""
+    """Writes each marketing asset to its table, schema.asset_name, all of a run's in one transaction."""
 
     database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
     schema_: str = Field(default="marketing", alias="schema", description="Schema of the tables.")

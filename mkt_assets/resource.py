@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -147,15 +148,19 @@ class MarketingApiResource(dg.ConfigurableResource):
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {value!r}")
         return value
 
+    def key(self) -> str:
+        """The API key: the configured one, else the environment's (the definitions leave it
+        unset when the variable was not set as they loaded, so the UI opens without it)."""
+        key = self.api_key or os.environ.get(API_KEY_ENV, "")
+        if not key:
+            raise ConfigurationError(f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings.")
+        return key
+
     def get_client(self, log: Log | None = None) -> MarketingApiClient:
         """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit headers."""
-        if not self.api_key:
-            raise ConfigurationError(
-                f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings."
-            )
         return MarketingApiClient(
             self.base_url,
-            self.api_key,
+            self.key(),
             page_size=self.page_size,
             order=self.order,
             connect_timeout=self.connect_timeout,
@@ -181,9 +186,9 @@ class MarketingApiResource(dg.ConfigurableResource):
 
 class WarehouseResource(DuckDBResource):
     """The DuckDB file the marketing assets write, for the checks and for your own assets:
-    ``get_connection()`` as with dagster-duckdb's ``DuckDBResource``, but queued behind this
-    project's writers (and, up to ``wait_seconds``, behind sessions opened by hand) instead of
-    failing on DuckDB's lock."""
+    get_connection() as with dagster-duckdb's DuckDBResource, but queued behind this project's
+    writers (and, up to wait_seconds, behind sessions opened by hand) instead of failing on
+    DuckDB's lock."""
 
     database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
     schema_name: str = Field(default="marketing", description="Schema holding the synced tables.")

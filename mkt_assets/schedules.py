@@ -2,17 +2,17 @@
 the code is deployed (no one has to switch them on in the UI)."""
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from mkt_assets.settings import Settings
 
+FULL_JOB = "marketing_sync"
+INCREMENTAL_JOB = "marketing_incremental"
 
-def _running_schedule(
-    name: str, job: UnresolvedAssetJobDefinition, cron: str, timezone: str, what: str
-) -> dg.ScheduleDefinition:
+
+def _running_schedule(name: str, job_name: str, cron: str, timezone: str, what: str) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
         name=name,
-        job=job,
+        job_name=job_name,
         cron_schedule=cron,
         execution_timezone=timezone,
         default_status=dg.DefaultScheduleStatus.RUNNING,
@@ -20,17 +20,15 @@ def _running_schedule(
     )
 
 
-def build_schedules(
-    full: UnresolvedAssetJobDefinition, incremental: UnresolvedAssetJobDefinition, settings: Settings
-) -> list[dg.ScheduleDefinition]:
+def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
     zone = settings.sync_timezone
     return [
         _running_schedule(
-            "marketing_sync_daily", full, settings.sync_cron, zone,
+            "marketing_sync_daily", FULL_JOB, settings.sync_cron, zone,
             "Full sync: every record, so changes and deletions are seen",
         ),
         _running_schedule(
-            "marketing_incremental_hourly", incremental, settings.incremental_cron, zone,
+            "marketing_incremental_hourly", INCREMENTAL_JOB, settings.incremental_cron, zone,
             "New contacts, and the small resources in full",
         ),
     ]  # fmt: skip

@@ -1,23 +1,25 @@
-"""What `dagster dev` loads: five assets from the catalog, one job, resources that need no key to load."""
+"""What `dg dev` (and `dagster dev`) loads: an asset per resource and normalized table, two jobs,
+resources that need no key to load, and nothing the UI or --help shows in reST markup."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-
 from datetime import timedelta
+from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.definitions.freshness import TimeWindowFreshnessPolicy
 
-from mkt_assets import defs
 from mkt_assets.catalog import RESOURCES
 from mkt_assets.definitions import build_definitions
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.settings import Settings
 
+defs = build_definitions()
+REPO = Path(__file__).resolve().parents[1]
 NORMALIZED_KEYS = {dg.AssetKey(["marketing", name]) for name in ("contact_tags", "contact_field_values", "course_modules")}
 EXPECTED_KEYS = {
     dg.AssetKey(["marketing", name])
@@ -28,7 +30,7 @@ EXPECTED_KEYS = {
 def test_the_definitions_load_without_any_warning_and_without_a_key() -> None:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
     loaded = subprocess.run(
-        [sys.executable, "-W", "error", "-c", "import mkt_assets; mkt_assets.defs.get_repository_def()"],
+        [sys.executable, "-W", "error", "-c", "from mkt_assets.definitions import defs; defs().get_repository_def()"],
         env=environment,
         capture_output=True,
         text=True,
@@ -79,10 +81,9 @@ def test_the_daily_schedule_runs_the_sync_without_being_switched_on() -> None:
 
 def test_every_asset_has_a_freshness_policy_following_the_schedule_and_an_owner() -> None:
     for spec in defs.resolve_all_asset_specs():
-        policy = spec.freshness_policy
-        assert isinstance(policy, TimeWindowFreshnessPolicy), spec.key
-        assert policy.warn_window.to_timedelta() == timedelta(hours=25)
-        assert policy.fail_window.to_timedelta() == timedelta(hours=28)
+        assert spec.freshness_policy == dg.FreshnessPolicy.time_window(
+            warn_window=timedelta(hours=25), fail_window=timedelta(hours=28)
+        ), spec.key
         assert spec.owners == ["team:data-engineering"]
 
 
@@ -146,3 +147,80 @@ def test_the_normalized_tables_sit_downstream_of_what_they_read() -> None:
         "contact_field_values": {"contacts", "contact_fields"},
         "course_modules": {"course_resources"},
     }
+
+
+def test_the_package_imports_no_private_dagster_module() -> None:
+    # Dagster moves fast: its private modules change between minor versions without notice.
+    private = re.compile(r"^\s*(from|import)\s+dagster\._", re.MULTILINE)
+    sources = [*(REPO / "mkt_assets").rglob("*.py"), *(REPO / "mkt_assets_tests").rglob("*.py")]
+    assert sources and [str(path) for path in sources if private.search(path.read_text())] == []
+
+
+def test_the_package_imports_no_dagster_on_its_own() -> None:
+    # The DuckDB worker imports the package: Dagster is loaded only by what Dagster loads.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mkt_assets, mkt_assets.commit; print('dagster' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "False", loaded.stderr
+
+
+def _shown_texts() -> list[tuple[str, str]]:
+    """Everything of the project's that the UI shows: descriptions of assets, checks, jobs,
+    schedules, resources and every config field of the launchpad."""
+    texts = [(f"asset {spec.key.to_user_string()}", spec.description or "") for spec in defs.resolve_all_asset_specs()]
+    (assets,) = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
+    texts += [(f"check {spec.key.name}", spec.description or "") for spec in assets.check_specs]
+    for name in ("marketing_sync", "marketing_incremental"):
+        job = defs.resolve_job_def(name)
+        texts.append((f"job {name}", job.description or ""))
+
+        def walk(config_type: object, path: str) -> None:
+            for field_name, field in getattr(config_type, "fields", {}).items():
+                texts.append((f"{path}.{field_name}", field.description or ""))
+                walk(field.config_type, f"{path}.{field_name}")
+
+        walk(job.run_config_schema.config_type, name)
+    texts += [(f"schedule {s.name}", s.description or "") for s in (defs.resolve_schedule_def(n) for n in ("marketing_sync_daily", "marketing_incremental_hourly"))]
+    return texts
+
+
+def test_nothing_the_ui_or_help_shows_is_in_rest_markup() -> None:
+    texts = _shown_texts()
+    for command in (["--help"], ["demo", "--help"], ["dev", "--help"], ["sandbox", "--help"]):
+        shown = subprocess.run(
+            [str(Path(sys.executable).with_name("mkt-assets")), *command], capture_output=True, text=True, timeout=60
+        )
+        assert shown.returncode == 0, shown.stderr
+        texts.append((f"mkt-assets {' '.join(command)}", shown.stdout))
+
+    assert len(texts) > 50
+    assert [(where, text[:120]) for where, text in texts if "``" in text] == []
+
+
+def test_the_project_is_declared_for_dg() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dg_settings = project["tool"]["dg"]
+
+    assert dg_settings["directory_type"] == "project"
+    assert dg_settings["project"]["root_module"] == "mkt_assets"
+    assert dg_settings["project"]["code_location_target_module"] == "mkt_assets.definitions"
+    assert "dagster-dg-cli==1.13.27" in project["project"]["dependencies"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["check", "defs"], ["list", "defs"]])
+def test_dg_loads_the_definitions_with_no_warning(command: list[str]) -> None:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
+    ran = subprocess.run(
+        [str(Path(sys.executable).with_name("dg")), *command], cwd=REPO, env=environment,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0, output[-3000:]
+    assert not re.search(r"(Supersession|Deprecation|Preview|Beta)Warning|warning", output, re.IGNORECASE), output[-3000:]
+    if command == ["list", "defs"]:
+        assert "marketing/contacts" in output and "marketing_sync" in output

@@ -28,6 +28,7 @@ from mkt_assets.warehouse import connect, fully_qualified
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "integration-secret-3f9a1c"
+REPO = Path(__file__).resolve().parents[1]
 SYNCED = [spec.name for spec in RESOURCES]
 # What both jobs select: the synced resources and the normalized tables.
 EVERYTHING = SYNCED + [table.name for table in NORMALIZED_TABLES]
@@ -138,10 +139,11 @@ def test_a_second_sync_changes_nothing(server: SandboxServer, tmp_path: Path) ->
         assert metadata["rows_unchanged"].value == metadata["dagster/row_count"].value
 
 
+@pytest.mark.slow
 def test_dagster_job_execute_runs_every_asset_in_one_step_in_its_own_process(
     server: SandboxServer, account: SandboxData, tmp_path: Path
 ) -> None:
-    """The command a user runs: `dagster job execute -m mkt_assets -j marketing_sync`."""
+    """The command a user runs: `dagster job execute -m mkt_assets.definitions -j marketing_sync`."""
     database = tmp_path / "job.duckdb"
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
@@ -152,7 +154,7 @@ def test_dagster_job_execute_runs_every_asset_in_one_step_in_its_own_process(
         "MKT_DUCKDB_PATH": str(database),
         "DAGSTER_HOME": str(dagster_home),
     }
-    command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"]
+    command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets.definitions", "-j", "marketing_sync"]
 
     outputs = []
     for _ in range(2):
@@ -174,21 +176,43 @@ def test_dagster_job_execute_runs_every_asset_in_one_step_in_its_own_process(
             assert API_KEY.encode() not in path.read_bytes(), path
 
 
-def test_a_run_without_a_key_fails_at_once_saying_so(tmp_path: Path) -> None:
+def test_a_run_without_a_key_fails_at_once_in_one_line_naming_the_variable(
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MKT_API_KEY", raising=False)
+    monkeypatch.setenv("MKT_API_BASE_URL", server.base_url)
+    monkeypatch.setenv("MKT_DUCKDB_PATH", str(tmp_path / "x.duckdb"))
+    job = build_definitions().resolve_job_def("marketing_sync")
+
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+    (failure,) = result.get_step_failure_events()
+    error = failure.event_specific_data.error  # type: ignore[union-attr]
+    assert error.message.strip().splitlines() == [
+        "dagster._core.definitions.events.Failure: No API key: set MKT_API_KEY to a key made in the account's profile settings."
+    ]
+    assert server.requests == [] and not (tmp_path / "x.duckdb").exists()
+
+
+@pytest.mark.slow
+def test_dg_launch_without_a_key_fails_naming_the_variable_not_in_dagsters_env_var_traceback(tmp_path: Path) -> None:
     environment = {key: value for key, value in os.environ.items() if key != "MKT_API_KEY"}
     environment.update({"MKT_DUCKDB_PATH": str(tmp_path / "x.duckdb"), "DAGSTER_HOME": str(tmp_path)})
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
 
     run = subprocess.run(
-        [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"],
+        [str(Path(sys.executable).with_name("dg")), "launch", "--job", "marketing_sync"],
         env=environment,
-        cwd=tmp_path,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
 
+    output = run.stdout + run.stderr
     assert run.returncode != 0
-    assert 'environment variable "MKT_API_KEY" which is not set' in run.stdout + run.stderr
+    assert "Failure: No API key: set MKT_API_KEY to a key made in the account's profile settings." in output
+    assert "PostProcessingError" not in output and "Warning" not in output
     assert not (tmp_path / "x.duckdb").exists()
 
 
@@ -232,6 +256,7 @@ def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Pa
     assert row_checks["contacts"].metadata["previous_row_count"].value == 1234
 
 
+@pytest.mark.slow
 def test_overlapping_runs_of_the_job_both_succeed_on_one_database(server: SandboxServer, account: SandboxData, tmp_path: Path) -> None:
     """A scheduled run and a manual run at once: two writers of one DuckDB file."""
     database = tmp_path / "shared.duckdb"
@@ -243,7 +268,7 @@ def test_overlapping_runs_of_the_job_both_succeed_on_one_database(server: Sandbo
                        "MKT_DUCKDB_PATH": str(database), "DAGSTER_HOME": str(home)}  # fmt: skip
         runs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets", "-j", "marketing_sync"],
+                [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets.definitions", "-j", "marketing_sync"],
                 env=environment, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
         )

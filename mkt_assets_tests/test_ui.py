@@ -66,7 +66,10 @@ STOP_SECONDS = 30.0
 POLL_SECONDS = 0.5
 
 # Process groups and SIGINT are POSIX: the test drives `dagster dev` the way a terminal does.
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="stops dagster dev with os.killpg(SIGINT)")
+pytestmark = [
+    pytest.mark.slow,  # starts dagster dev: webserver, daemon and code server
+    pytest.mark.skipif(sys.platform == "win32", reason="stops dagster dev with os.killpg(SIGINT)"),
+]
 
 METADATA_ENTRY = """
 fragment MetadataEntryFields on MetadataEntry {

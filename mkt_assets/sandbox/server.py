@@ -42,6 +42,8 @@ Json = Any
 Clock = Callable[[], float]
 
 API_PREFIX = "/api"
+# What the simulator accepts when it is given no key: not a secret, so its banner prints it.
+DEFAULT_SANDBOX_KEY = "sandbox-key"
 ADMIN_PREFIX = "/__sandbox"
 RESOURCE_PATHS: dict[str, str] = {
     "/api/community/communities": "communities",
@@ -1127,22 +1129,36 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("MKT_API_KEY", "sandbox-key"),
-        help="the X-API-Key clients must send (default: $MKT_API_KEY or 'sandbox-key')",
+        default=None,
+        help=f"the X-API-Key clients must send (default: $MKT_API_KEY, else {DEFAULT_SANDBOX_KEY!r})",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every API request")
     parser.add_argument("--rate-limit", type=_parse_rate_limit, default=None, metavar="N/SECONDS")
     return parser
 
 
+def _accepted_key(given: str | None, environment: str | None) -> tuple[str, str]:
+    """The key the simulator accepts, and how the banner names it: a key of the user's own
+    (a real one, perhaps) is named by where it came from, never printed."""
+    if given is not None:
+        return given, "given by --api-key"
+    if environment:
+        return environment, "from MKT_API_KEY"
+    return DEFAULT_SANDBOX_KEY, repr(DEFAULT_SANDBOX_KEY)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _argument_parser().parse_args(argv)
+    api_key, which_key = _accepted_key(args.api_key, os.environ.get("MKT_API_KEY"))
     data = SandboxData(seed=args.seed, contacts=args.contacts)
     server = SandboxServer(
-        data, api_key=args.api_key, host=args.host, port=args.port, latency=args.latency, rate_limit=args.rate_limit
+        data, api_key=api_key, host=args.host, port=args.port, latency=args.latency, rate_limit=args.rate_limit
     )
-    # The key is a secret even here: never print it.
-    print(f"Sandbox API serving {server.base_url} (contacts={args.contacts}, seed={args.seed})", flush=True)
+    print(
+        f"Sandbox API serving {server.base_url} (contacts={args.contacts}, seed={args.seed});"
+        f" it accepts X-API-Key {which_key}",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
