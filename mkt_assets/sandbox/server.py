@@ -1,14 +1,14 @@
 """A local HTTP fake of the systeme.io public API (see /work/shared/API.md), with fault injection.
 
-It serves the five synced resources of a ``SandboxData`` account, and its two relation
-collections (community memberships, course enrollments, with their id filters), with the real
-API's authentication, cursor pagination, validation errors and rate-limit headers, and can be told to
-misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies, wrong
-shapes, records of the wrong type or order, references to records that do not exist, cursors that
-do not advance, pages that lie about
-their length, answers too big or too deep to swallow whole (gzip bombs included), lying headers,
-resets, slow and dripping answers, and redirects. Faults can be set over HTTP too
-(``/__sandbox/faults``), so a client in another process can be tested the same way.
+It serves the five synced resources of a ``SandboxData`` account and its two relation
+collections (community memberships and course enrollments, with their id filters) with the real
+API's authentication, cursor pagination, validation errors and rate-limit headers, and can be
+told to misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies,
+wrong shapes, records of the wrong type or order, references to records that do not exist,
+cursors that do not advance, pages that lie about their length, answers too big or too deep to
+swallow whole (gzip bombs included), lying headers, resets, slow and dripping answers, and
+redirects. Faults can be set over HTTP too (``/__sandbox/faults``), so a client in another
+process can be tested the same way.
 
 Standard library only, and independent of the rest of ``mkt_assets`` on purpose: tests of the
 real client run against it, so it must not share the client's assumptions.
@@ -529,7 +529,7 @@ def _parse_filters(resource: str, query: dict[str, str], violations: list[_Viola
         elif spec_type == "integer":
             violations.append(_Violation(name, name, "This value should be of type int.", TYPE_CODE))
         else:
-            # A string-typed filter that names no id: what API Platform says of an invalid value.
+            # Not an id. The spec does not say how the API words this; Symfony's generic message.
             violations.append(_Violation(name, name, "This value is not valid.", TYPE_CODE))
     return tuple(parsed)
 
