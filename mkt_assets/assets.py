@@ -17,7 +17,14 @@ import dagster as dg
 from pydantic import Field
 
 from mkt_assets import lean_process
-from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.catalog import (
+    BOOKKEEPING_COLUMNS,
+    RESOURCES,
+    RESOURCES_BY_NAME,
+    ResourceSpec,
+    referenced_first,
+    referenced_resources,
+)
 from mkt_assets.checks import (
     could_not_run,
     normalized_check_specs,
@@ -75,11 +82,10 @@ def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
 
 
 def synced_asset_spec(spec: ResourceSpec, settings: Settings) -> dg.AssetSpec:
-    referenced = {(member or column).references.resource for column, member in spec.references()}  # type: ignore[union-attr]
     return dg.AssetSpec(
         key=asset_key(spec),
         # The lineage follows the catalog's references: an enrollment names a contact and a course.
-        deps=[asset_key(RESOURCES_BY_NAME[name]) for name in sorted(referenced)],
+        deps=[asset_key(RESOURCES_BY_NAME[name]) for name in referenced_resources(spec)],
         group_name=GROUP_NAME,
         description=spec.description,
         kinds={"python", "duckdb"},
@@ -147,7 +153,8 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         warehouse: WarehouseResource,
     ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
         selected = context.selected_asset_keys
-        resources = [spec for spec in RESOURCES if asset_key(spec) in selected]
+        # Reported after what they reference, as Dagster asks of one step's outputs.
+        resources = referenced_first(spec for spec in RESOURCES if asset_key(spec) in selected)
         if resources:
             try:
                 marketing_api.key()

@@ -10,6 +10,7 @@ a reference or a link table is one entry here.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -311,14 +312,37 @@ RESOURCES: tuple[ResourceSpec, ...] = (
 RESOURCES_BY_NAME: dict[str, ResourceSpec] = {spec.name: spec for spec in RESOURCES}
 
 
+def referenced_resources(spec: ResourceSpec, catalog: Sequence[ResourceSpec] = RESOURCES) -> list[str]:
+    """The other resources ``spec`` names, each once, in the catalog's order."""
+    named = {(member or column).references.resource for column, member in spec.references()}  # type: ignore[union-attr]
+    return [other.name for other in catalog if other.name in named and other is not spec]
+
+
+def referenced_first(specs: Iterable[ResourceSpec], catalog: Sequence[ResourceSpec] = RESOURCES) -> list[ResourceSpec]:
+    """``specs`` with each after the resources it references, even through others, and otherwise
+    in the catalog's order: the order in which lineage lets one step report them."""
+    wanted = {spec.name for spec in specs}
+    pending = list(catalog)
+    placed: list[ResourceSpec] = []
+    while pending:
+        done = {spec.name for spec in placed}
+        ready = next((spec for spec in pending if set(referenced_resources(spec, catalog)) <= done), None)
+        if ready is None:
+            raise ValueError(f"the references of {', '.join(spec.name for spec in pending)} go round in a circle")
+        pending.remove(ready)
+        placed.append(ready)
+    return [spec for spec in placed if spec.name in wanted]
+
+
 def _check_references() -> None:
-    """Every reference names a resource of the catalog, by a column that resource has."""
+    """Every reference names a resource of the catalog, and no chain of them comes back on itself."""
     for spec in RESOURCES:
         for column, member in spec.references():
             reference = (member or column).references
             assert reference is not None
             if reference.resource not in RESOURCES_BY_NAME:
                 raise ValueError(f"{spec.name}.{column.api_name} references {reference.resource!r}, not in the catalog")
+    referenced_first(RESOURCES)
 
 
 _check_references()

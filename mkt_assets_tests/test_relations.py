@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME
+from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, Reference, ResourceSpec, referenced_first
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
@@ -131,3 +131,26 @@ def test_every_reference_of_the_catalog_has_a_check_and_every_list_with_a_table_
     assert len(references) == 6 and {("enrollments", "course_ids_exist"), ("memberships", "community_ids_exist")} <= references
     assert tables | {"contact_profiles"} == {table.name for table in NORMALIZED_TABLES}
     assert RESOURCES_BY_NAME["enrollments"].column("contact").name == "contact_id"
+
+
+def _resource(name: str, *references: str) -> ResourceSpec:
+    columns = (Column("id", "BIGINT", "Key."),) + tuple(
+        Column(f"{other}Id", "BIGINT", "Names one.", references=Reference(other)) for other in references
+    )
+    return ResourceSpec(name=name, row_name=name, path=f"/{name}", primary_key="id", description=name, columns=columns)
+
+
+def test_resources_come_after_those_they_reference_even_through_one_left_out() -> None:
+    catalog = [_resource("a", "c"), _resource("b"), _resource("c", "d"), _resource("d")]
+
+    assert [spec.name for spec in referenced_first(catalog, catalog)] == ["b", "d", "c", "a"]
+    assert [spec.name for spec in referenced_first([catalog[0], catalog[3]], catalog)] == ["d", "a"]
+    names = [spec.name for spec in referenced_first(RESOURCES)]
+    assert names.index("tags") < names.index("contacts") and names.index("contacts") < names.index("enrollments")
+
+
+def test_references_that_go_round_in_a_circle_are_refused_naming_them() -> None:
+    catalog = [_resource("a", "b"), _resource("b", "a"), _resource("c")]
+
+    with pytest.raises(ValueError, match="the references of a, b go round in a circle"):
+        referenced_first(catalog, catalog)
