@@ -17,15 +17,21 @@ import dagster as dg
 from pydantic import Field
 
 from mkt_assets import lean_process
-from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.catalog import (
+    BOOKKEEPING_COLUMNS,
+    RESOURCES,
+    RESOURCES_BY_NAME,
+    ResourceSpec,
+    referenced_first,
+    referenced_resources,
+)
 from mkt_assets.checks import (
     could_not_run,
-    contact_field_slugs_result,
-    contact_tags_result,
     normalized_check_specs,
     normalized_results,
     primary_key_result,
     reference_check_specs,
+    reference_result,
     required_fields_result,
     row_count_result,
     sync_check_specs,
@@ -45,7 +51,6 @@ IO_MANAGER_KEY = "duckdb_io_manager"
 # The one step (op) that materializes every marketing asset.
 STEP_NAME = "sync_marketing"
 
-CONTACTS, TAGS, CONTACT_FIELDS = (RESOURCES_BY_NAME[name] for name in ("contacts", "tags", "contact_fields"))
 
 
 def asset_key(spec: ResourceSpec) -> dg.AssetKey:
@@ -79,6 +84,8 @@ def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
 def synced_asset_spec(spec: ResourceSpec, settings: Settings) -> dg.AssetSpec:
     return dg.AssetSpec(
         key=asset_key(spec),
+        # The lineage follows the catalog's references: an enrollment names a contact and a course.
+        deps=[asset_key(RESOURCES_BY_NAME[name]) for name in referenced_resources(spec)],
         group_name=GROUP_NAME,
         description=spec.description,
         kinds={"python", "duckdb"},
@@ -114,7 +121,7 @@ def normalized_asset_spec(table: NormalizedTable, settings: Settings) -> dg.Asse
 def check_specs(settings: Settings) -> list[dg.AssetCheckSpec]:
     return [
         *(check for spec in RESOURCES for check in sync_check_specs(spec, asset_key(spec), settings.row_count_max_drop)),
-        *reference_check_specs(asset_key(CONTACTS), asset_key(TAGS), asset_key(CONTACT_FIELDS)),
+        *(check for spec in RESOURCES for check in reference_check_specs(spec, asset_key)),
         *(check for table in NORMALIZED_TABLES for check in normalized_check_specs(table, table_key(table))),
     ]
 
@@ -146,7 +153,8 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         warehouse: WarehouseResource,
     ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
         selected = context.selected_asset_keys
-        resources = [spec for spec in RESOURCES if asset_key(spec) in selected]
+        # Reported after what they reference, as Dagster asks of one step's outputs.
+        resources = referenced_first(spec for spec in RESOURCES if asset_key(spec) in selected)
         if resources:
             try:
                 marketing_api.key()
@@ -183,7 +191,6 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             write = RunWrite(
                 batches=tuple(fetched[spec.name].batch for spec in resources),
                 tables=plan.tables,
-                contact_references=asset_key(CONTACTS) in selected,
                 runner=duckdb.call,
                 asked=frozenset(table.name for table in tables),
             )
@@ -302,10 +309,9 @@ def _check_results(
             yield row_count_result(
                 table_facts.live_rows, previous.get(key), settings.row_count_max_drop, f"{schema}.{spec.name}", key
             )
-        if facts.references is not None:
-            tag_facts, slug_facts = facts.references
-            yield contact_tags_result(tag_facts, schema, asset_key(CONTACTS))
-            yield contact_field_slugs_result(slug_facts, schema, asset_key(CONTACTS))
+            for column, member in spec.references():
+                check = (member or column).check_name
+                yield reference_result(facts.references[spec.name][check], schema, spec, column, member, key)
     for table in tables:
         key, written = table_key(table), commit.written.get(table.name)
         if key in context.selected_asset_keys and written is not None and written.build is not None:

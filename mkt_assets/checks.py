@@ -7,27 +7,17 @@ declared here once and attached by the assets.
 """
 
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import dagster as dg
 
-from mkt_assets.catalog import ResourceSpec
+from mkt_assets.catalog import RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.normalized_tables import BuildResult, NormalizedTable
-from mkt_assets.table_facts import (
-    CONTACT_FIELDS,
-    SAMPLE_SIZE,
-    TAGS,
-    PrimaryKeyFacts,
-    ReferenceFacts,
-    RequiredFieldsFacts,
-)
+from mkt_assets.table_facts import SAMPLE_SIZE, PrimaryKeyFacts, ReferenceFacts, RequiredFieldsFacts
 
 PRIMARY_KEY_CHECK = "primary_key_unique"
 REQUIRED_FIELDS_CHECK = "required_fields_present"
 ROW_COUNT_CHECK = "row_count_not_dropping"
-CONTACT_TAGS_CHECK = "contact_tags_exist"
-CONTACT_FIELDS_CHECK = "contact_field_slugs_exist"
-MATCHES_PARENT_CHECK = "matches_nested_lists"
 NOT_NULL_CHECK = "keys_present"
 
 
@@ -150,29 +140,20 @@ def row_count_result(
     )
 
 
-def contact_tags_result(facts: ReferenceFacts, schema: str, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
-    """Every tag on a contact is a row of ``tags``."""
-    return _references_result(facts, schema, asset_key, check_name=CONTACT_TAGS_CHECK, referenced=TAGS, member="id")
-
-
-def contact_field_slugs_result(
-    facts: ReferenceFacts, schema: str, asset_key: dg.AssetKey | None = None
-) -> dg.AssetCheckResult:
-    """Every field slug on a contact is a row of ``contact_fields``."""
-    return _references_result(
-        facts, schema, asset_key, check_name=CONTACT_FIELDS_CHECK, referenced=CONTACT_FIELDS, member="slug"
-    )
-
-
-def _references_result(
+def reference_result(
     facts: ReferenceFacts,
     schema: str,
-    asset_key: dg.AssetKey | None,
-    *,
-    check_name: str,
-    referenced: ResourceSpec,
-    member: str,
+    spec: ResourceSpec,
+    column: Column,
+    member: Column | None,
+    asset_key: dg.AssetKey | None = None,
 ) -> dg.AssetCheckResult:
+    """Every reference of ``spec``'s live rows through ``column`` (or its list's ``member``)
+    names a live row of the resource it refers to; a warning, not blocking."""
+    field = member or column
+    assert field.references is not None
+    referenced = RESOURCES_BY_NAME[field.references.resource]
+    check_name = field.check_name
     if facts.missing_table is not None:
         return dg.AssetCheckResult(
             asset_key=asset_key,
@@ -190,15 +171,15 @@ def _references_result(
         description=None
         if passed
         else (
-            f"{facts.contacts} contacts carry {member}s missing from {_table_name(referenced, schema)}:"
+            f"{facts.rows} {spec.name} carry {field.name}s missing from {_table_name(referenced, schema)}:"
             f" {_listed(facts.values)}"
         ),
         metadata={
             "references_checked_against": _table_name(referenced, schema),
             "dangling_references": facts.dangling,
-            "contacts_with_dangling_references": facts.contacts,
-            "contact_ids": dg.MetadataValue.json(facts.contact_ids[:SAMPLE_SIZE]),
-            f"missing_{member}s": dg.MetadataValue.json(facts.values[:SAMPLE_SIZE]),
+            f"{spec.name}_with_dangling_references": facts.rows,
+            f"{spec.row_name}_{spec.primary_key_column.name}s": dg.MetadataValue.json(facts.keys[:SAMPLE_SIZE]),
+            f"missing_{field.name}s": dg.MetadataValue.json(facts.values[:SAMPLE_SIZE]),
         },
     )
 
@@ -208,31 +189,28 @@ def _listed(values: Sequence[object]) -> str:
     return shown + (" ..." if len(values) > SAMPLE_SIZE else "")
 
 
-def reference_check_specs(contacts: dg.AssetKey, tags: dg.AssetKey, fields: dg.AssetKey) -> list[dg.AssetCheckSpec]:
-    """Cross-table checks on contacts, against the tags and contact fields they name."""
-    return [
-        dg.AssetCheckSpec(
-            CONTACT_TAGS_CHECK,
-            asset=contacts,
-            additional_deps=[tags],
-            description="Every tag on a contact exists in tags.",
-        ),
-        dg.AssetCheckSpec(
-            CONTACT_FIELDS_CHECK,
-            asset=contacts,
-            additional_deps=[fields],
-            description="Every field slug on a contact exists in contact_fields.",
-        ),
-    ]
+def reference_check_specs(spec: ResourceSpec, key_of: Callable[[ResourceSpec], dg.AssetKey]) -> list[dg.AssetCheckSpec]:
+    """One check per reference the resource makes, reading the table it refers to too."""
+    specs = []
+    for column, member in spec.references():
+        field = member or column
+        assert field.references is not None
+        referenced = RESOURCES_BY_NAME[field.references.resource]
+        where = f"{column.name}[].{member.name}" if member else column.name
+        specs.append(
+            dg.AssetCheckSpec(
+                field.check_name,
+                asset=key_of(spec),
+                additional_deps=[key_of(referenced)],
+                description=f"Every {where} of a live row names a live row of {referenced.name}.",
+            )
+        )
+    return specs
 
 
 def normalized_check_specs(table: NormalizedTable, asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     return [
-        dg.AssetCheckSpec(
-            MATCHES_PARENT_CHECK,
-            asset=asset_key,
-            description=f"One row per entry of the live {table.reads[0]}' {table.list_column} lists.",
-        ),
+        dg.AssetCheckSpec(table.row_check, asset=asset_key, description=table.row_check_description),
         dg.AssetCheckSpec(NOT_NULL_CHECK, asset=asset_key, description=f"No row lacks {', '.join(table.not_null)}."),
     ]
 
@@ -245,16 +223,16 @@ def normalized_results(
     return [
         dg.AssetCheckResult(
             asset_key=asset_key,
-            check_name=MATCHES_PARENT_CHECK,
+            check_name=table.row_check,
             passed=matches,
             severity=dg.AssetCheckSeverity.ERROR,
             description=None
             if matches
             else (
-                f"{schema}.{table.name} has {result.row_count} rows but the live {table.reads[0]}"
-                f" carry {result.expected_rows} {table.list_column}"
+                f"{schema}.{table.name} has {result.row_count} rows, {result.expected_rows} expected"
+                f" ({table.row_check_description.rstrip('.').lower()})"
             ),
-            metadata={"row_count": result.row_count, "nested_list_entries": result.expected_rows},
+            metadata={"row_count": result.row_count, "expected_rows": result.expected_rows},
         ),
         dg.AssetCheckResult(
             asset_key=asset_key,

@@ -19,7 +19,7 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import SyncError
 from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_in_transaction
 from mkt_assets.staging import StagedBatch
-from mkt_assets.table_facts import ReferenceFacts, SyncedTableFacts, contact_reference_facts, synced_table_facts
+from mkt_assets.table_facts import ReferenceFacts, SyncedTableFacts, all_reference_facts, synced_table_facts
 from mkt_assets.warehouse import (
     CAST_FAILURES,
     MergeResult,
@@ -55,7 +55,8 @@ class Facts:
     """What the checks need, queried once everything is committed (or why it could not be)."""
 
     synced: dict[str, SyncedTableFacts] = field(default_factory=dict)
-    references: tuple[ReferenceFacts, ReferenceFacts] | None = None
+    # By synced table, then by reference check.
+    references: dict[str, dict[str, ReferenceFacts]] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -75,11 +76,10 @@ def commit_run(
     tables: Sequence[NormalizedTable],
     *,
     deletions: str,
-    contact_references: bool,
     asked: frozenset[str] = frozenset(),
 ) -> RunCommit:
     """Merge every batch and rebuild every table in one transaction, then gather the facts the
-    checks need: per synced table, and the contacts' references when ``contact_references``.
+    checks need: per synced table, its own and those of its references.
 
     A table rebuilt only because it reads a table the run writes is skipped while another
     table it reads does not exist yet; one in ``asked`` cannot be, and fails the write."""
@@ -113,7 +113,7 @@ def commit_run(
         for batch in batches:
             name = batch.spec.name
             written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
-        facts = _facts(connection, schema, [batch.spec for batch in batches], contact_references)
+        facts = _facts(connection, schema, [batch.spec for batch in batches])
     return RunCommit(written, facts, time.monotonic() - started, skipped)
 
 
@@ -121,14 +121,12 @@ def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) ->
     return [*(batch.spec.name for batch in batches), *(table.name for table in tables)] or ["nothing"]
 
 
-def _facts(
-    connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[ResourceSpec], contact_references: bool
-) -> Facts:
+def _facts(connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[ResourceSpec]) -> Facts:
     """The checks' facts; the tables have changed by now, so a query that fails says why in
     ``error`` (the checks then fail) instead of failing the run."""
     try:
         synced = {spec.name: streamed(connection, lambda spec=spec: synced_table_facts(connection, schema, spec)) for spec in specs}
-        references = contact_reference_facts(connection, schema) if contact_references else None
+        references = {spec.name: all_reference_facts(connection, schema, spec) for spec in specs}
     except duckdb.Error as error:
         return Facts(error=without_values(str(error)))
     return Facts(synced, references)

@@ -35,6 +35,7 @@ def build_jobs() -> list[Any]:
     # the DuckDB work runs in lean workers, so a step process per asset would only add Dagster's
     # start-up (a second or more each) to every run.
     resources = len(RESOURCES)
+    incremental_resources = [spec.name for spec in RESOURCES if spec.incremental]
     full = dg.define_asset_job(
         FULL_JOB,
         selection=selection,
@@ -49,8 +50,8 @@ def build_jobs() -> list[Any]:
         selection=selection,
         description=(
             "Read only the records newer than the newest stored of the resources that allow it"
-            " (contacts), the others in full, and write them with the rebuilt normalized tables in"
-            " one DuckDB transaction. Sees no changes to older contacts."
+            f" ({', '.join(incremental_resources)}), the others in full, and write them with the rebuilt"
+            " normalized tables in one DuckDB transaction. Sees no changes to older records of those."
         ),
         executor_def=dg.in_process_executor,
         config={"ops": {STEP_NAME: {"config": {"incremental": True}}}},

@@ -1,25 +1,30 @@
-"""Tables an analyst can join, built in DuckDB from the synced tables' nested lists.
+"""Tables an analyst can join, built in DuckDB from the synced tables.
 
-Declared once as data, like the catalog: each is one SQL query over the live rows of
-the tables it reads, rebuilt whole (in one transaction) after those tables sync. This
-module is DuckDB only (no Dagster), so a build runs in a lean child process; the assets
-are in ``normalized``.
+Each is one SQL query over the live rows of the tables it reads, rebuilt whole in the run's
+transaction whenever one of them is written. Most are generated from the catalog: one per
+list column declared with a ``NestedTable`` (contact_tags, contact_field_values,
+course_modules); ``contact_profiles`` is declared here. DuckDB only (no Dagster), so a build
+runs in a lean worker.
 """
 
 from dataclasses import dataclass
 
 import duckdb
 
+from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident, streamed, transaction
+
+LIVE = "_deleted_at IS NULL"
+# The check that a table has exactly the rows it should (see ``expected_rows``).
+MATCHES_PARENT_CHECK = "matches_nested_lists"
 
 
 @dataclass(frozen=True)
 class NormalizedTable:
     name: str
     description: str
-    # The synced tables it reads; the first holds the nested list it unnests.
+    # The synced tables it reads; the first is the one whose rows it follows.
     reads: tuple[str, ...]
-    list_column: str
     columns: tuple[tuple[str, str], ...]  # (name, DuckDB type)
     not_null: tuple[str, ...]
     # SELECT over {contacts}, {tags}, ...: placeholders for the fully qualified table names.
@@ -27,58 +32,112 @@ class NormalizedTable:
     # DuckDB runs a lateral unnest as a dependent join that copies every list to a temporary
     # buffer first, which made contact_field_values take 17 s at a million contacts, not 2 s.
     select: str
+    # How many rows it must have (same placeholders), and the check that says so.
+    expected_rows: str
+    row_check: str = MATCHES_PARENT_CHECK
+    row_check_description: str = ""
 
+
+def nested_table(spec: ResourceSpec, column: Column) -> NormalizedTable:
+    """The table a list column declares (``Column.table``): one row per member of a live row."""
+    nested = column.table
+    assert nested is not None
+    key = spec.primary_key_column
+    members = {member.api_name: member for member in column.fields}
+    referencing = next((member for member in column.fields if member.references is not None), None)
+    referenced = RESOURCES_BY_NAME[referencing.references.resource] if referencing and referencing.references else None
+    columns = [(spec.key_name, key.sql_type)]
+    selected = [f"u.{quote_ident(spec.key_name)}"]
+    for item in nested.layout or tuple(members):
+        if item == "position":
+            columns.append(("position", "BIGINT"))
+            selected.append("u.position")
+            continue
+        member = members[item]
+        name = f"{nested.prefix}{member.name}"
+        value = f"u.member.{quote_ident(member.name)}"
+        if referenced is not None and member is not referencing and member.api_name in referenced.known_fields:
+            # The referenced row's current value (a renamed tag), else the copy the list holds.
+            value = f"coalesce(r.{quote_ident(referenced.column(member.api_name).name)}, {value})"
+        columns.append((name, member.sql_type))
+        selected.append(f"{value} AS {quote_ident(name)}")
+    listed = quote_ident(column.name)
+    position = f", generate_subscripts(c.{listed}, 1) AS position" if "position" in nested.layout else ""
+    select = (
+        f"SELECT {', '.join(selected)} FROM (SELECT c.{quote_ident(key.name)} AS {quote_ident(spec.key_name)},"
+        f" unnest(c.{listed}) AS member{position} FROM {{{spec.name}}} AS c WHERE c.{LIVE}) AS u"
+    )
+    reads: tuple[str, ...] = (spec.name,)
+    if referenced is not None and referencing is not None:
+        reads += (referenced.name,)
+        select += (
+            f" LEFT JOIN {{{referenced.name}}} AS r ON r.{quote_ident(referenced.primary_key_column.name)}"
+            f" = u.member.{quote_ident(referencing.name)} AND r.{LIVE}"
+        )
+    not_null_member = f"{nested.prefix}{referencing.name}" if referencing else ("position" if "position" in nested.layout else "")
+    return NormalizedTable(
+        name=nested.name,
+        description=nested.description,
+        reads=reads,
+        columns=tuple(columns),
+        not_null=(spec.key_name, *([not_null_member] if not_null_member else [])),
+        select=select,
+        expected_rows=f"SELECT coalesce(sum(len({listed})), 0) FROM {{{spec.name}}} WHERE {LIVE}",
+        row_check_description=f"One row per entry of the live {spec.name}' {column.name} lists.",
+    )
+
+
+# Where an analyst starts: every live contact with what it carries and belongs to.
+CONTACT_PROFILES = NormalizedTable(
+    name="contact_profiles",
+    description=(
+        "One row per live contact: its email and subscription, the ids and current names of its"
+        " tags, the courses it is enrolled in and the communities it is a member of (each list"
+        " distinct and ascending; empty, not null, when there is none)."
+    ),
+    reads=("contacts", "tags", "enrollments", "memberships"),
+    columns=(
+        ("contact_id", "BIGINT"),
+        ("email", "VARCHAR"),
+        ("unsubscribed", "BOOLEAN"),
+        ("tag_ids", "BIGINT[]"),
+        ("tag_names", "VARCHAR[]"),
+        ("course_ids", "BIGINT[]"),
+        ("community_ids", "BIGINT[]"),
+    ),
+    not_null=("contact_id",),
+    # The tags' current names through a map of the (few) live tags, looked up per contact: a
+    # grouping of every contact's tags would hold a million lists at once.
+    select=(
+        "SELECT c.id AS contact_id, c.email, c.unsubscribed,"
+        " list_sort(list_distinct([tag.id FOR tag IN coalesce(c.tags, []) IF tag.id IS NOT NULL])) AS tag_ids,"
+        " list_sort(list_distinct([coalesce(names.names[tag.id], tag.name) FOR tag IN coalesce(c.tags, [])"
+        " IF coalesce(names.names[tag.id], tag.name) IS NOT NULL])) AS tag_names,"
+        " coalesce(e.course_ids, []) AS course_ids, coalesce(m.community_ids, []) AS community_ids"
+        " FROM {contacts} AS c"
+        " CROSS JOIN (SELECT coalesce(map(list(id), list(name)), map()) AS names FROM {tags} WHERE _deleted_at IS NULL) AS names"
+        " LEFT JOIN (SELECT contact_id, list(DISTINCT course_id ORDER BY course_id) AS course_ids FROM {enrollments}"
+        " WHERE _deleted_at IS NULL AND course_id IS NOT NULL GROUP BY contact_id) AS e ON e.contact_id = c.id"
+        " LEFT JOIN (SELECT contact_id, list(DISTINCT community_id ORDER BY community_id) AS community_ids"
+        " FROM {memberships} WHERE _deleted_at IS NULL AND community_id IS NOT NULL GROUP BY contact_id) AS m"
+        " ON m.contact_id = c.id"
+        " WHERE c._deleted_at IS NULL"
+    ),
+    expected_rows="SELECT count(*) FROM {contacts} WHERE _deleted_at IS NULL",
+    row_check="one_row_per_live_contact",
+    row_check_description="One row per live contact.",
+)
 
 NORMALIZED_TABLES: tuple[NormalizedTable, ...] = (
-    NormalizedTable(
-        name="contact_tags",
-        description="One row per tag on a live contact, with the tag's current name.",
-        reads=("contacts", "tags"),
-        list_column="tags",
-        columns=(("contact_id", "BIGINT"), ("tag_id", "BIGINT"), ("tag_name", "VARCHAR")),
-        not_null=("contact_id", "tag_id"),
-        select=(
-            "SELECT u.contact_id, u.tag.id AS tag_id, coalesce(t.name, u.tag.name) AS tag_name"
-            " FROM (SELECT c.id AS contact_id, unnest(c.tags) AS tag FROM {contacts} AS c"
-            " WHERE c._deleted_at IS NULL) AS u"
-            " LEFT JOIN {tags} AS t ON t.id = u.tag.id AND t._deleted_at IS NULL"
-        ),
-    ),
-    NormalizedTable(
-        name="contact_field_values",
-        description="One row per custom field value on a live contact, with the field's current name.",
-        reads=("contacts", "contact_fields"),
-        list_column="fields",
-        columns=(("contact_id", "BIGINT"), ("slug", "VARCHAR"), ("field_name", "VARCHAR"), ("value", "VARCHAR")),
-        not_null=("contact_id", "slug"),
-        select=(
-            "SELECT u.contact_id, u.field.slug AS slug,"
-            " coalesce(f.field_name, u.field.field_name) AS field_name, u.field.value AS value"
-            " FROM (SELECT c.id AS contact_id, unnest(c.fields) AS field FROM {contacts} AS c"
-            " WHERE c._deleted_at IS NULL) AS u"
-            " LEFT JOIN {contact_fields} AS f ON f.slug = u.field.slug AND f._deleted_at IS NULL"
-        ),
-    ),
-    NormalizedTable(
-        name="course_modules",
-        description="One row per module of a live course, in course order (module ids may be null).",
-        reads=("course_resources",),
-        list_column="modules",
-        columns=(("course_id", "BIGINT"), ("module_id", "BIGINT"), ("position", "BIGINT"), ("module_name", "VARCHAR")),
-        not_null=("course_id", "position"),
-        select=(
-            "SELECT m.course_id, m.module.id AS module_id, m.position, m.module.name AS module_name"
-            " FROM (SELECT c.id AS course_id, unnest(c.modules) AS module,"
-            " generate_subscripts(c.modules, 1) AS position"
-            " FROM {course_resources} AS c WHERE c._deleted_at IS NULL) AS m"
-        ),
-    ),
+    *(nested_table(spec, column) for spec in RESOURCES for column in spec.columns if column.table is not None),
+    CONTACT_PROFILES,
 )
+
 
 @dataclass(frozen=True)
 class BuildResult:
     row_count: int
-    expected_rows: int  # the length of the nested lists of the live parent rows
+    expected_rows: int  # what the table's expected_rows query counts
     null_keys: dict[str, int]
     preview: str
 
@@ -90,11 +149,8 @@ def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, tab
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
     # No ORDER BY: sorting millions of rows is what made the build run out of memory.
     connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")
-    parent = names[table.reads[0]]
     (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone()  # type: ignore[misc]
-    (expected,) = connection.execute(
-        f"SELECT coalesce(sum(len({quote_ident(table.list_column)})), 0) FROM {parent} WHERE _deleted_at IS NULL"
-    ).fetchone()  # type: ignore[misc]
+    (expected,) = connection.execute(table.expected_rows.format(**names)).fetchone()  # type: ignore[misc]
     null_keys = {}
     for column in table.not_null:
         (count,) = connection.execute(

@@ -97,8 +97,10 @@ def record_checker(spec: ResourceSpec) -> RecordChecker:
     scalars = tuple(
         (column.api_name, _PYTHON_TYPES[column.duckdb_type], column.duckdb_type)
         for column in spec.columns
-        if not column.fields and _PYTHON_TYPES[column.duckdb_type] is not None
+        if not column.fields and not column.member and _PYTHON_TYPES[column.duckdb_type] is not None
     )
+    # Objects of which one field is kept (an enrollment's contact: its id).
+    objects = tuple(column for column in spec.columns if column.member)
     lists = tuple(
         (
             column.api_name,
@@ -129,6 +131,10 @@ def record_checker(spec: ResourceSpec) -> RecordChecker:
                     or (duckdb_type == "TIMESTAMPTZ" and not _is_datetime_with_offset(value))
                 ):
                     _explain(columns, record, position, page)
+            for column in objects:
+                value = record.get(column.api_name)
+                if value is not None:
+                    _check_object(column, value, position, page)
             for name, column, members, member_types in lists:
                 value = record.get(name)
                 if value is None:
@@ -149,10 +155,20 @@ def record_checker(spec: ResourceSpec) -> RecordChecker:
     return check
 
 
+def _check_object(column: Column, value: object, position: int, page: int) -> None:
+    if type(value) is not dict:
+        raise _problem(position, page, column.api_name, f"column {column.name}", column, value, "not an object")
+    item = value.get(column.member)
+    why = None if item is None else _why_not(column.duckdb_type, item)
+    if why is not None:
+        label = f"{column.api_name}.{column.member}"
+        raise _problem(position, page, label, f"column {column.name} {column.sql_type}", column, item, why)
+
+
 def _explain(columns: Sequence[Column], record: dict[str, Any], position: int, page: int) -> None:
     for column in columns:
         value = record.get(column.api_name)
-        if value is not None and not column.fields:
+        if value is not None and not column.fields and not column.member:
             why = _why_not(column.duckdb_type, value)
             if why is not None:
                 raise _problem(position, page, column.api_name, f"column {column.name} {column.sql_type}", column, value, why)

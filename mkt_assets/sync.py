@@ -223,7 +223,6 @@ class RunWrite:
 
     batches: tuple[StagedBatch, ...]
     tables: tuple[NormalizedTable, ...]
-    contact_references: bool
     runner: Runner
     # Tables the run was asked for (the others are rebuilt only to keep up with their reads).
     asked: frozenset[str] = frozenset()
@@ -241,7 +240,6 @@ class RunWrite:
                         self.batches,
                         self.tables,
                         deletions=deletions,
-                        contact_references=self.contact_references,
                         asked=self.asked,
                         log=log,
                     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.catalog import RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.warehouse import WarehouseFile, fully_qualified, quote_ident, streamed, table_exists
 
 # How many offending keys a failing check lists in its metadata.
@@ -19,9 +19,6 @@ SAMPLE_SIZE = 20
 # Rows a complete sync no longer found upstream are kept, marked; checks look at the rest.
 LIVE = "_deleted_at IS NULL"
 
-CONTACTS = RESOURCES_BY_NAME["contacts"]
-TAGS = RESOURCES_BY_NAME["tags"]
-CONTACT_FIELDS = RESOURCES_BY_NAME["contact_fields"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +42,14 @@ class SyncedTableFacts:
 
 @dataclass(frozen=True)
 class ReferenceFacts:
-    """Entries of a contact list column that name no live row of the referenced table."""
+    """Live rows' references (a column, or a list's member field) that name no live row of
+    the table they refer to."""
 
     missing_table: str | None = None  # a table the check needs that does not exist yet
-    dangling: int = 0
-    contacts: int = 0
-    contact_ids: list[object] = field(default_factory=list)  # up to SAMPLE_SIZE + 1
-    values: list[object] = field(default_factory=list)  # up to SAMPLE_SIZE + 1
+    dangling: int = 0  # references
+    rows: int = 0  # rows holding one or more of them
+    keys: list[object] = field(default_factory=list)  # of those rows, up to SAMPLE_SIZE + 1
+    values: list[object] = field(default_factory=list)  # the dangling values, up to SAMPLE_SIZE + 1
 
 
 def primary_key_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> PrimaryKeyFacts:
@@ -110,37 +108,37 @@ def synced_table_facts_in_file(warehouse: WarehouseFile, schema: str, spec: Reso
 
 
 def reference_facts(
-    connection: duckdb.DuckDBPyConnection,
-    schema: str,
-    *,
-    referenced: ResourceSpec,
-    list_column: str,
-    member: str,
-    referenced_key: str,
+    connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec, column: Column, member: Column | None
 ) -> ReferenceFacts:
-    for spec in (CONTACTS, referenced):
-        if not table_exists(connection, schema, spec.name):
-            return ReferenceFacts(missing_table=f"{schema}.{spec.name}")
-    contacts = fully_qualified(connection, schema, CONTACTS.name)
+    """The references of ``spec``'s live rows through ``column`` (or its list's ``member``)
+    that find no live row of the resource they refer to; a null is no reference."""
+    reference = (member or column).references
+    assert reference is not None
+    referenced = RESOURCES_BY_NAME[reference.resource]
+    for needed in (spec, referenced):
+        if not table_exists(connection, schema, needed.name):
+            return ReferenceFacts(missing_table=f"{schema}.{needed.name}")
+    source = fully_qualified(connection, schema, spec.name)
     target = fully_qualified(connection, schema, referenced.name)
+    key = quote_ident(spec.primary_key_column.name)
+    # Unnested in the SELECT list, not laterally: see NormalizedTable.select for why.
+    value = f"unnest(s.{quote_ident(column.name)}).{quote_ident(member.name)}" if member else f"s.{quote_ident(column.name)}"
     # The scan streams; the aggregates below get the full limit (all dangling, a million
     # contacts need more than the streaming limit) and group rather than count DISTINCT,
     # since a grouping spills to disk past the limit and a DISTINCT count does not.
     streamed(
         connection,
         lambda: connection.execute(
-            # Unnested in the SELECT list, not laterally: see NormalizedTable.select for why.
             "CREATE OR REPLACE TEMP TABLE dangling AS"
-            f" SELECT u.id, u.value FROM (SELECT c.id, unnest(c.{quote_ident(list_column)}).{quote_ident(member)}"
-            f" AS value FROM {contacts} AS c WHERE c.{LIVE}) AS u"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {target} AS r"
-            f" WHERE r.{quote_ident(referenced_key)} = u.value AND r.{LIVE})"
+            f" SELECT u.key, u.value FROM (SELECT s.{key} AS key, {value} AS value FROM {source} AS s WHERE s.{LIVE}) AS u"
+            f" WHERE u.value IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {target} AS r"
+            f" WHERE r.{quote_ident(referenced.primary_key_column.name)} = u.value AND r.{LIVE})"
         ),
     )
     try:
         (dangling,) = connection.execute("SELECT count(*) FROM dangling").fetchone()  # type: ignore[misc]
-        (contact_count,) = connection.execute("SELECT count(*) FROM (SELECT id FROM dangling GROUP BY id)").fetchone()  # type: ignore[misc]
-        contact_ids = connection.execute(f"SELECT DISTINCT id FROM dangling ORDER BY id LIMIT {SAMPLE_SIZE + 1}").fetchall()
+        (rows,) = connection.execute("SELECT count(*) FROM (SELECT key FROM dangling GROUP BY key)").fetchone()  # type: ignore[misc]
+        keys = connection.execute(f"SELECT DISTINCT key FROM dangling ORDER BY key LIMIT {SAMPLE_SIZE + 1}").fetchall()
         values = connection.execute(
             f"SELECT DISTINCT value FROM dangling ORDER BY CAST(value AS VARCHAR) NULLS LAST LIMIT {SAMPLE_SIZE + 1}"
         ).fetchall()
@@ -148,32 +146,15 @@ def reference_facts(
         connection.execute("DROP TABLE dangling")
     return ReferenceFacts(
         dangling=int(dangling),
-        contacts=int(contact_count),
-        contact_ids=[_plain(row[0]) for row in contact_ids],
+        rows=int(rows),
+        keys=[_plain(row[0]) for row in keys],
         values=[_plain(row[0]) for row in values],
     )
 
 
-def contact_tag_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> ReferenceFacts:
-    """Tags on live contacts that are not live rows of ``tags``."""
-    return reference_facts(connection, schema, referenced=TAGS, list_column="tags", member="id", referenced_key="id")
-
-
-def contact_field_slug_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> ReferenceFacts:
-    """Field slugs on live contacts that are not live rows of ``contact_fields``."""
-    return reference_facts(
-        connection, schema, referenced=CONTACT_FIELDS, list_column="fields", member="slug", referenced_key="slug"
-    )
-
-
-def contact_reference_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> tuple[ReferenceFacts, ReferenceFacts]:
-    """The contacts' tags and field slugs that name no live tag or contact field."""
-    return contact_tag_facts(connection, schema), contact_field_slug_facts(connection, schema)
-
-
-def contact_reference_facts_in_file(warehouse: WarehouseFile, schema: str) -> tuple[ReferenceFacts, ReferenceFacts]:
-    with warehouse.open() as connection:
-        return contact_reference_facts(connection, schema)
+def all_reference_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> dict[str, ReferenceFacts]:
+    """Every reference check's facts for ``spec``, by check name."""
+    return {(member or column).check_name: reference_facts(connection, schema, spec, column, member) for column, member in spec.references()}
 
 
 def _plain(value: object) -> object:

@@ -331,6 +331,8 @@ def ensure_table(connection: duckdb.DuckDBPyConnection, schema: str, table: str,
 def _typed_expression(column: Column, record: str = "r") -> str:
     """SQL that reads ``column`` out of the JSON record ``record`` as its DuckDB type."""
     key = quote_literal(column.api_name)
+    if column.member:
+        return f"CAST({record} -> {key} ->> {quote_literal(column.member)} AS {column.duckdb_type})"
     if not column.fields:
         if column.duckdb_type == "JSON":
             return f"({record} -> {key})"
@@ -362,6 +364,8 @@ def _records_sql(longest_line: int) -> str:
 
 def _api_type(column: Column) -> str:
     """The column's type with the API's own field names, as DuckDB's JSON reader reads it."""
+    if column.member:
+        return f"STRUCT({quote_ident(column.member)} {column.duckdb_type})"
     if not column.fields:
         return column.duckdb_type
     members = ", ".join(f"{quote_ident(member.api_name)} {_api_type(member)}" for member in column.fields)
@@ -382,6 +386,8 @@ def _typed_records_sql(spec: ResourceSpec, longest_line: int) -> str:
 
 def _typed_member_expression(column: Column) -> str:
     field = f"r.{quote_ident(column.api_name)}"
+    if column.member:
+        return f"{field}.{quote_ident(column.member)}"
     if not column.fields:
         return field
     renamed = ", ".join(f"{quote_ident(m.name)} := x.{quote_ident(m.api_name)}" for m in column.fields)
@@ -655,6 +661,8 @@ def explain_cast_failure(
         for column in spec.columns:
             expression = _typed_expression(column).replace("CAST(", "TRY_CAST(")
             value = f"(r -> {quote_literal(column.api_name)})"
+            if column.member:
+                value = f"(r -> {quote_literal(column.api_name)} -> {quote_literal(column.member)})"
             row = connection.execute(
                 f"WITH records AS ({_records_sql(batch.longest_line)})"
                 f" SELECT page, position, {value} FROM records"

@@ -11,24 +11,36 @@ import duckdb
 import pytest
 
 from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.checks import (
-    CONTACT_FIELDS_CHECK,
-    CONTACT_TAGS_CHECK,
-    PRIMARY_KEY_CHECK,
-    contact_field_slugs_result,
-    contact_tags_result,
-    primary_key_result,
-    required_fields_result,
-    row_count_result,
-)
+from mkt_assets.checks import PRIMARY_KEY_CHECK, primary_key_result, reference_result, required_fields_result, row_count_result
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.table_facts import contact_field_slug_facts, contact_tag_facts, primary_key_facts, required_fields_facts
+from mkt_assets.table_facts import ReferenceFacts, primary_key_facts, reference_facts, required_fields_facts
 from mkt_assets.warehouse import connect
 from mkt_assets_tests.conftest import marketing_key, materialize_marketing
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
+TAGS_OF_CONTACTS = (CONTACTS.column("tags"), CONTACTS.column("tags").fields[0])  # tags[].id -> tags
+SLUGS_OF_CONTACTS = (CONTACTS.column("fields"), CONTACTS.column("fields").fields[1])  # fields[].slug -> contact_fields
+
+
+def contact_tag_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> ReferenceFacts:
+    return reference_facts(connection, schema, CONTACTS, *TAGS_OF_CONTACTS)
+
+
+def contact_field_slug_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> ReferenceFacts:
+    return reference_facts(connection, schema, CONTACTS, *SLUGS_OF_CONTACTS)
+
+
+def contact_tags_result(facts: ReferenceFacts, schema: str) -> Any:
+    return reference_result(facts, schema, CONTACTS, *TAGS_OF_CONTACTS)
+
+
+def contact_field_slugs_result(facts: ReferenceFacts, schema: str) -> Any:
+    return reference_result(facts, schema, CONTACTS, *SLUGS_OF_CONTACTS)
+
+
+CONTACT_TAGS_CHECK, CONTACT_FIELDS_CHECK = "contact_tags_exist", "contact_field_slugs_exist"
 CONTACT_COLUMNS = (
     "id BIGINT, email VARCHAR, registered_at TIMESTAMPTZ,"
     " fields STRUCT(field_name VARCHAR, slug VARCHAR, value VARCHAR)[], tags STRUCT(id BIGINT, name VARCHAR)[],"

@@ -14,17 +14,15 @@ import dagster as dg
 import pytest
 
 from mkt_assets.catalog import RESOURCES
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.definitions import build_definitions
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.settings import Settings
 
 defs = build_definitions()
 REPO = Path(__file__).resolve().parents[1]
-NORMALIZED_KEYS = {dg.AssetKey(["marketing", name]) for name in ("contact_tags", "contact_field_values", "course_modules")}
-EXPECTED_KEYS = {
-    dg.AssetKey(["marketing", name])
-    for name in ("communities", "contacts", "tags", "contact_fields", "course_resources")
-}
+NORMALIZED_KEYS = {dg.AssetKey(["marketing", table.name]) for table in NORMALIZED_TABLES}
+EXPECTED_KEYS = {dg.AssetKey(["marketing", spec.name]) for spec in RESOURCES}
 
 
 def test_the_definitions_load_without_any_warning_and_without_a_key() -> None:
@@ -90,10 +88,17 @@ def test_every_asset_has_a_freshness_policy_following_the_schedule_and_an_owner(
 def test_every_asset_carries_its_checks() -> None:
     checks = {(key.asset_key.path[-1], key.name) for key in defs.resolve_asset_graph().asset_check_keys}
 
-    for resource in RESOURCES:
-        for name in ("primary_key_unique", "required_fields_present", "row_count_not_dropping"):
-            assert (resource.name, name) in checks
-    assert {("contacts", "contact_tags_exist"), ("contacts", "contact_field_slugs_exist")} <= checks
+    expected = {
+        *((resource.name, name) for resource in RESOURCES for name in ("primary_key_unique", "required_fields_present", "row_count_not_dropping")),
+        *((resource.name, (member or column).check_name) for resource in RESOURCES for column, member in resource.references()),
+        *((table.name, name) for table in NORMALIZED_TABLES for name in (table.row_check, "keys_present")),
+    }
+    assert checks == expected
+    # The catalog's references, as the UI and README name them.
+    assert {
+        ("contacts", "contact_tags_exist"), ("contacts", "contact_field_slugs_exist"), ("memberships", "community_ids_exist"),
+        ("memberships", "contact_ids_exist"), ("enrollments", "contact_ids_exist"), ("enrollments", "course_ids_exist"),
+    } <= checks  # fmt: skip
 
 
 def test_settings_come_from_the_environment() -> None:
@@ -146,7 +151,19 @@ def test_the_normalized_tables_sit_downstream_of_what_they_read() -> None:
         "contact_tags": {"contacts", "tags"},
         "contact_field_values": {"contacts", "contact_fields"},
         "course_modules": {"course_resources"},
+        "contact_profiles": {"contacts", "tags", "enrollments", "memberships"},
     }
+
+
+def test_the_synced_assets_sit_downstream_of_what_they_reference() -> None:
+    graph = defs.resolve_asset_graph()
+    parents = {key.path[-1]: {p.path[-1] for p in graph.get(key).parent_keys} for key in EXPECTED_KEYS}
+    assert parents == {
+        "communities": set(), "tags": set(), "contact_fields": set(), "course_resources": set(),
+        "contacts": {"tags", "contact_fields"},
+        "memberships": {"communities", "contacts"},
+        "enrollments": {"contacts", "course_resources"},
+    }  # fmt: skip
 
 
 def test_the_package_imports_no_private_dagster_module() -> None:

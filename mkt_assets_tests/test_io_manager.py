@@ -45,7 +45,7 @@ def write_assets(write: RunWrite) -> dg.AssetsDefinition:
 
 def materialize(database: str, *batches: StagedBatch, runner: Any = None) -> dg.ExecuteInProcessResult:
     with lean_process.Worker() as worker:
-        write = RunWrite(batches=batches, tables=(), contact_references=False, runner=runner or worker.call)
+        write = RunWrite(batches=batches, tables=(), runner=runner or worker.call)
         return dg.materialize(
             [write_assets(write)],
             resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},

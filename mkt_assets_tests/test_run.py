@@ -132,7 +132,7 @@ def test_a_write_that_fails_on_one_table_writes_none(tmp_path: Path) -> None:
         _staged(tags, tmp_path, b'{"items": [{"id": 1, "name": "a"}], "hasMore": false}'),
         _staged(communities, tmp_path, b'{"items": [{"id": 5, "name": "Lounge"}], "hasMore": false}'),
     ]
-    commit_run(WarehouseFile(database), "marketing", first, [], deletions="mark", contact_references=False)
+    commit_run(WarehouseFile(database), "marketing", first, [], deletions="mark")
     with connect(database) as connection:
         before = connection.execute("SELECT id, name FROM marketing.tags UNION ALL SELECT id, name FROM marketing.communities").fetchall()
     second = [
@@ -142,7 +142,7 @@ def test_a_write_that_fails_on_one_table_writes_none(tmp_path: Path) -> None:
     ]
 
     with pytest.raises(StagingError, match="sends the field 'id' twice"):
-        commit_run(WarehouseFile(database), "marketing", second, [], deletions="mark", contact_references=False)
+        commit_run(WarehouseFile(database), "marketing", second, [], deletions="mark")
 
     with connect(database) as connection:
         after = connection.execute("SELECT id, name FROM marketing.tags UNION ALL SELECT id, name FROM marketing.communities").fetchall()

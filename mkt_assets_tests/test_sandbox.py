@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from mkt_assets.sandbox import LOCALES, Fault, SandboxData, SandboxServer
+from mkt_assets.sandbox import ACCESS_TYPES, LOCALES, Fault, SandboxData, SandboxServer
 from mkt_assets.sandbox import server as server_module
 
 KEY = "test-key"
@@ -29,8 +30,11 @@ PATHS = {
     "tags": "/tags",
     "contact_fields": "/contact_fields",
     "course_resources": "/school/courses",
+    "memberships": "/community/memberships",
+    "enrollments": "/school/enrollments",
 }
-PAGED = ["communities", "contacts", "tags", "course_resources"]
+PAGED = ["communities", "contacts", "tags", "course_resources", "memberships", "enrollments"]
+RELATIONS = ["memberships", "enrollments"]
 
 
 class FakeClock:
@@ -265,6 +269,254 @@ def test_unicode_and_quotes_survive_the_round_trip(
     assert names == {tag["name"] for tag in data.records("tags")}
 
 
+# ===================================================================== memberships and enrollments
+
+
+def embedded_contact(contact: dict[str, Any]) -> dict[str, Any]:
+    """A contact as enrollments embed it: the record without fields and tags."""
+    return {key: value for key, value in contact.items() if key not in ("fields", "tags")}
+
+
+def embedded_course(course: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in course.items() if key not in ("domainName", "modules")}
+
+
+
+
+@pytest.mark.parametrize("resource", RELATIONS)
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("limit", [10, 100])
+def test_relation_walk_gives_every_record_once_in_strict_id_order(
+    server: SandboxServer, session: requests.Session, data: SandboxData, resource: str, order: str, limit: int
+) -> None:
+    items = walk(session, server, PATHS[resource], order=order, limit=limit)
+    ids = ids_of({"items": items})
+    pairs = list(itertools.pairwise(ids))
+    assert all(a < b for a, b in pairs) if order == "asc" else all(a > b for a, b in pairs)
+    assert sorted(ids) == [record["id"] for record in data.records(resource)]
+    assert len(ids) == data.count(resource) > 100  # several pages of 100, so the cursor was used
+    # Ids grow with the contact: walking them is walking the contacts in the same order.
+    contacts = [item["contact"]["id"] for item in items]
+    assert contacts == sorted(contacts, reverse=order == "desc")
+
+
+def test_memberships_have_the_spec_shape_and_current_communities(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    communities = {community["id"]: community for community in data.records("communities")}
+    live = set(data.contact_ids)
+    items = walk(session, server, "/community/memberships", limit=100)
+    for item in items:
+        assert list(item) == ["id", "community", "contact"]
+        assert type(item["id"]) is int
+        assert item["community"] == communities[item["community"]["id"]]
+        assert list(item["community"]) == ["id", "name", "domainName", "path"]
+        assert list(item["contact"]) == ["id"] and item["contact"]["id"] in live
+    per_contact: dict[int, list[int]] = {}
+    for item in items:
+        per_contact.setdefault(item["contact"]["id"], []).append(item["community"]["id"])
+    assert {len(ids) for ids in per_contact.values()} == {1, 2}
+    assert all(len(set(ids)) == len(ids) for ids in per_contact.values())  # never twice in one community
+    assert {item["community"]["id"] for item in items} == set(communities)
+
+
+def test_enrollments_have_the_spec_shape_with_the_current_contact_and_course(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    courses = {course["id"]: course for course in data.records("course_resources")}
+    items = walk(session, server, "/school/enrollments", limit=100)
+    for item in items:
+        assert list(item) == ["id", "contact", "course", "accessType", "active"]
+        assert type(item["id"]) is int
+        assert item["contact"] == embedded_contact(data.contact(item["contact"]["id"]))
+        assert list(item["contact"]) == [
+            "id", "email", "registeredAt", "locale", "sourceURL", "unsubscribed", "bounced", "needsConfirmation",
+        ]  # fmt: skip
+        assert item["course"] == embedded_course(courses[item["course"]["id"]])
+        assert list(item["course"]) == ["id", "locale", "path", "active", "name"]
+        assert item["accessType"] in ACCESS_TYPES and type(item["active"]) is bool
+    assert {item["accessType"] for item in items} == set(ACCESS_TYPES)
+    assert {item["active"] for item in items} == {True, False}
+    per_contact: dict[int, list[int]] = {}
+    for item in items:
+        per_contact.setdefault(item["contact"]["id"], []).append(item["course"]["id"])
+    assert {len(ids) for ids in per_contact.values()} == {1, 2}
+    assert all(len(set(ids)) == len(ids) for ids in per_contact.values())
+
+
+def test_relations_follow_contact_mutations(session: requests.Session) -> None:
+    data = SandboxData(seed=9, contacts=200)
+    enrollments = list(data.records("enrollments"))
+    memberships = list(data.records("memberships"))
+    enrolled = enrollments[len(enrollments) // 2]["contact"]["id"]
+    member = next(item["contact"]["id"] for item in memberships if item["contact"]["id"] != enrolled)
+    data.set_contact_tags(enrolled, data.tag_ids[:3])
+    gone_enrollments = sum(item["contact"]["id"] == member for item in enrollments)
+    data.delete_contact(member)
+    new_ids = data.add_contacts(60)
+    with SandboxServer(data, api_key=KEY) as server:
+        served_enrollments = walk(session, server, "/school/enrollments", order="asc", limit=100)
+        served_memberships = walk(session, server, "/community/memberships", order="asc", limit=100)
+        for path in ("/community/memberships", "/school/enrollments"):
+            assert get(session, server, path, contact=member).json() == {"items": [], "hasMore": False}
+        tagged = get(session, server, "/school/enrollments", contact=enrolled).json()["items"]
+    # Retagged: the embedded contact is still the contact as it is now.
+    assert tagged and all(item["contact"] == embedded_contact(data.contact(enrolled)) for item in tagged)
+    # Deleted: its memberships and enrollments went with it, and nothing else did.
+    assert member not in {item["contact"]["id"] for item in served_memberships + served_enrollments}
+    assert served_memberships == list(data.records("memberships"))
+    assert served_enrollments == list(data.records("enrollments"))
+    old_ids = set(data.contact_ids) - set(new_ids)
+    assert [item for item in served_memberships if item["contact"]["id"] in old_ids] == [
+        item for item in memberships if item["contact"]["id"] != member
+    ]
+    assert len([item for item in served_enrollments if item["contact"]["id"] in old_ids]) == (
+        len(enrollments) - gone_enrollments
+    )
+    # Added: the new contacts come with memberships and enrollments of their own.
+    assert {item["contact"]["id"] for item in served_memberships} & set(new_ids)
+    assert {item["contact"]["id"] for item in served_enrollments} & set(new_ids)
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_relation_filters_select_matching_records(
+    server: SandboxServer, session: requests.Session, data: SandboxData, order: str
+) -> None:
+    memberships = list(data.records("memberships"))
+    enrollments = list(data.records("enrollments"))
+    if order == "desc":
+        memberships.reverse()
+        enrollments.reverse()
+    for community_id in data.community_ids:
+        expected = [item for item in memberships if item["community"]["id"] == community_id]
+        served = walk(session, server, "/community/memberships", order=order, limit=10, community=community_id)
+        assert served == expected and len(expected) > 10  # more than a page: the cursor is filtered too
+    for course_id in data.course_ids[:3]:
+        expected = [item for item in enrollments if item["course"]["id"] == course_id]
+        assert walk(session, server, "/school/enrollments", order=order, limit=10, course=course_id) == expected
+    two_communities = next(
+        contact for contact, n in Counter(item["contact"]["id"] for item in memberships).items() if n == 2
+    )
+    mine = [item for item in memberships if item["contact"]["id"] == two_communities]
+    assert walk(session, server, "/community/memberships", order=order, contact=two_communities) == mine
+    both = {"contact": two_communities, "community": mine[1]["community"]["id"]}
+    assert walk(session, server, "/community/memberships", order=order, **both) == mine[1:]
+    enrolled = enrollments[7]["contact"]["id"]
+    expected = [item for item in enrollments if item["contact"]["id"] == enrolled]
+    assert walk(session, server, "/school/enrollments", order=order, contact=str(enrolled)) == expected
+    # Ids that name nothing (no such community, course or contact) match nothing.
+    nobody = max(data.contact_ids) + 1
+    for path, params in [
+        ("/community/memberships", {"community": max(data.community_ids) + 1}),
+        ("/community/memberships", {"contact": nobody}),
+        ("/community/memberships", {"contact": -4}),
+        ("/school/enrollments", {"course": max(data.course_ids) + 1}),
+        ("/school/enrollments", {"contact": nobody}),
+    ]:
+        assert get(session, server, path, order=order, **params).json() == {"items": [], "hasMore": False}
+
+
+def test_relation_filters_empty_or_of_the_other_resource_are_ignored(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    everything = get(session, server, "/community/memberships", limit=50).json()
+    assert get(session, server, "/community/memberships", limit=50, community="", contact="").json() == everything
+    # Like API Platform, a parameter the collection has no filter for changes nothing.
+    assert get(session, server, "/community/memberships", limit=50, course="1").json() == everything
+    with pytest.raises(ValueError):
+        SandboxData(contacts=10).page("memberships", limit=10, order="asc", filters={"course": 1})
+
+
+@pytest.mark.parametrize("path", ["/community/memberships", "/school/enrollments"])
+@pytest.mark.parametrize("limit", ["9", "101", "ten"])
+def test_relation_limits_outside_10_to_100_are_422(
+    server: SandboxServer, session: requests.Session, path: str, limit: str
+) -> None:
+    response = get(session, server, path, limit=limit)
+    assert response.status_code == 422
+    assert [violation["propertyPath"] for violation in response.json()["violations"]] == ["pagination.limit"]
+    assert get(session, server, path, order="sideways").json()["violations"][0]["propertyPath"] == "pagination.order"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "bad"),
+    [
+        ("/community/memberships", {"community": "abc"}, ["community"]),
+        ("/community/memberships", {"contact": "1.5"}, ["contact"]),
+        ("/community/memberships", {"community": "x", "contact": "12a"}, ["community", "contact"]),
+        ("/school/enrollments", {"course": "abc"}, ["course"]),
+        ("/school/enrollments", {"contact": "-3"}, ["contact"]),  # a string filter: digits only
+        ("/school/enrollments", {"contact": "1e3", "limit": "5"}, ["pagination.limit", "contact"]),
+    ],
+)
+def test_relation_filters_that_are_not_ids_are_422(
+    server: SandboxServer, session: requests.Session, path: str, params: dict[str, str], bad: list[str]
+) -> None:
+    response = get(session, server, path, **params)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["title"] == "An error occurred"
+    assert [violation["propertyPath"] for violation in body["violations"]] == bad
+    assert body["detail"].splitlines()[-1].startswith(f"{bad[-1]}: ")
+
+
+def test_same_seed_gives_byte_identical_relation_pages(session: requests.Session) -> None:
+    first, second = SandboxData(seed=21, contacts=400), SandboxData(seed=21, contacts=400)
+    other = SandboxData(seed=22, contacts=400)
+    with (
+        SandboxServer(first, api_key=KEY) as one,
+        SandboxServer(second, api_key=KEY) as two,
+        SandboxServer(other, api_key=KEY) as three,
+    ):
+        for path in ("/community/memberships", "/school/enrollments"):
+            for order in ("asc", "desc"):
+                cursor: Any = None
+                for _ in range(3):
+                    params = {"order": order, "limit": 37, "startingAfter": cursor}
+                    page_one = get(session, one, path, **params)
+                    assert page_one.content == get(session, two, path, **params).content
+                    assert page_one.content != get(session, three, path, **params).content
+                    cursor = page_one.json()["items"][-1]["id"]
+
+
+def test_relations_average_about_0_3_memberships_and_0_4_enrollments_per_contact() -> None:
+    data = SandboxData(seed=13, contacts=20_000)
+    memberships, enrollments = data.count("memberships") / 20_000, data.count("enrollments") / 20_000
+    # The standard error of each mean is ~0.004 here: a band of +-0.03 only fails on a real change.
+    assert 0.27 <= memberships <= 0.33, memberships
+    assert 0.37 <= enrollments <= 0.43, enrollments
+    per_contact = Counter(item["contact"]["id"] for item in data.records("memberships"))
+    assert set(per_contact.values()) == {1, 2}
+    assert 0.7 < 1 - len(per_contact) / 20_000 < 0.8  # three in four contacts are in no community
+
+
+def test_a_relation_page_of_a_million_contacts_is_served_in_milliseconds(session: requests.Session) -> None:
+    data = SandboxData(seed=1, contacts=1_000_000)
+    middle = data.contact_ids[500_000] * 4
+    with SandboxServer(data, api_key=KEY) as server:
+        assert get(session, server, "/tags").status_code == 200  # the connection is open before timing
+        timings = {}
+        for path in ("/community/memberships", "/school/enrollments"):
+            started = time.perf_counter()
+            response = get(session, server, path, limit=100, startingAfter=middle)
+            timings[path] = time.perf_counter() - started
+            assert response.status_code == 200 and len(response.json()["items"]) == 100
+    # A walk from the start (or a count) would take seconds at this size; a page takes a few ms.
+    assert timings["/community/memberships"] < 0.05, timings
+    assert timings["/school/enrollments"] < 0.05, timings
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_repeat_cursor_fault_on_a_relation_serves_the_page_the_client_already_has(
+    server: SandboxServer, session: requests.Session, order: str
+) -> None:
+    for path in ("/community/memberships", "/school/enrollments"):
+        first = get(session, server, path, order=order, limit=20).json()
+        server.add_fault(Fault("repeat_cursor", path="/api" + path))
+        again = get(session, server, path, order=order, limit=20, startingAfter=first["items"][-1]["id"]).json()
+        assert again == first
+
+
 # ===================================================================== rate limit
 
 
@@ -465,6 +717,8 @@ def test_swapped_fault_trades_the_two_middle_records(server: SandboxServer, sess
         ("tags", lambda record: record["name"]),
         ("course_resources", lambda record: record["name"]),
         ("contact_fields", lambda record: record["fieldName"]),
+        ("memberships", lambda record: record["community"]["name"]),
+        ("enrollments", lambda record: record["course"]["name"]),
     ],
 )
 def test_big_value_fault_puts_size_x_in_the_middle_record(
@@ -491,6 +745,67 @@ def test_big_value_fault_adds_a_field_to_a_contact_without_any(
     first_field = next(data.records("contact_fields"))
     assert items[5]["id"] == contacts[bare]["id"]
     assert items[5]["fields"] == [{**first_field, "value": "x" * 1000}]
+
+
+def test_dangling_fault_points_a_membership_at_a_contact_that_never_existed(session: requests.Session) -> None:
+    data = SandboxData(seed=4, contacts=300)
+    newest = max(data.contact_ids)
+    data.delete_contact(newest)  # the dangling id must not be a deleted one either
+    with SandboxServer(data, api_key=KEY) as server:
+        normal = get(session, server, "/community/memberships", limit=10).json()
+        server.add_fault(Fault("dangling", path="/api/community/memberships"))
+        broken = get(session, server, "/community/memberships", limit=10).json()
+        assert get(session, server, "/community/memberships", limit=10).json() == normal  # times=1
+    dangling = broken["items"][5]["contact"]["id"]
+    assert dangling == data.next_contact_id and dangling > newest
+    assert dangling not in set(data.contact_ids)
+    assert broken["items"][5] == {**normal["items"][5], "contact": {"id": dangling}}  # only the contact changed
+    assert broken["items"][:5] + broken["items"][6:] == normal["items"][:5] + normal["items"][6:]
+    assert broken["hasMore"] == normal["hasMore"]
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_dangling_fault_embeds_a_contact_not_yet_registered_in_an_enrollment(
+    session: requests.Session, order: str
+) -> None:
+    data = SandboxData(seed=4, contacts=300)
+    with SandboxServer(data, api_key=KEY) as server:
+        normal = get(session, server, "/school/enrollments", order=order, limit=10).json()
+        server.add_fault(Fault("dangling"))
+        broken = get(session, server, "/school/enrollments", order=order, limit=10).json()
+    items, expected = broken["items"], normal["items"]
+    phantom = items[5]["contact"]
+    assert phantom["id"] not in set(data.contact_ids) and phantom["id"] > max(data.contact_ids)
+    assert list(phantom) == list(expected[5]["contact"])  # a whole, well-formed contact
+    assert items[5] == {**expected[5], "contact": phantom}
+    assert items[:5] + items[6:] == expected[:5] + expected[6:]
+    # It is the contact the next registration creates: what a sync that read contacts first misses.
+    (added,) = data.add_contacts(1)
+    assert phantom == embedded_contact(data.contact(added))
+
+
+def test_dangling_fault_gives_a_contact_a_tag_that_does_not_exist(
+    server: SandboxServer, session: requests.Session, data: SandboxData
+) -> None:
+    normal = get(session, server, "/contacts", limit=10).json()["items"]
+    server.add_fault(Fault("dangling", path="/api/contacts"))
+    broken = get(session, server, "/contacts", limit=10).json()["items"]
+    extra = broken[5]["tags"][-1]
+    assert extra["id"] not in set(data.tag_ids) and extra["id"] == data.unused_tag_id
+    assert type(extra["id"]) is int and isinstance(extra["name"], str)
+    assert broken[5] == {**normal[5], "tags": normal[5]["tags"] + [extra]}
+    assert broken[:5] + broken[6:] == normal[:5] + normal[6:]
+
+
+def test_dangling_fault_leaves_resources_without_references_alone_but_is_spent(
+    server: SandboxServer, session: requests.Session
+) -> None:
+    normal = {path: get(session, server, path, limit=10).content for path in ("/tags", "/contact_fields", "/contacts")}
+    server.add_fault(Fault("dangling"))
+    assert get(session, server, "/tags", limit=10).content == normal["/tags"]
+    assert get(session, server, "/contacts", limit=10).content == normal["/contacts"]  # already fired
+    server.add_fault(Fault("dangling", path="/api/contact_fields"))
+    assert get(session, server, "/contact_fields").content == normal["/contact_fields"]
 
 
 def test_deep_json_fault_nests_a_list_size_levels_deep_in_valid_json(
@@ -545,8 +860,9 @@ def test_repeat_last_fault_starts_the_page_with_the_previous_pages_last_record(
     session: requests.Session, resource: str, order: str
 ) -> None:
     path = PATHS[resource]
-    # Every resource needs a second page, which the default few communities do not fill.
-    with SandboxServer(SandboxData(seed=2, contacts=60, communities=25, courses=25), api_key=KEY) as server:
+    # Every resource needs a second page, which the default few communities do not fill, nor
+    # fewer than ~70 contacts' memberships and enrollments (0.3 and 0.4 per contact).
+    with SandboxServer(SandboxData(seed=2, contacts=100, communities=25, courses=25), api_key=KEY) as server:
         first = get(session, server, path, order=order, limit=10).json()
         cursor = first["items"][-1]["id"]
         normal = get(session, server, path, order=order, limit=10, startingAfter=cursor).json()

@@ -58,6 +58,8 @@ def resources(server: SandboxServer, database: str, **api_settings: Any) -> dict
 def expected_value(column: Column, value: Any) -> Any:
     if value is None:
         return None
+    if column.member:  # an embedded object of which the table keeps one field
+        return value.get(column.member)
     if column.fields:
         return [{member.name: item.get(member.api_name) for member in column.fields} for item in value]
     if column.duckdb_type == "TIMESTAMPTZ":

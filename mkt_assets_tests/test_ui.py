@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 import requests
 
-from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES_BY_NAME
+from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, RESOURCES_BY_NAME
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.sandbox import SandboxData, SandboxServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,22 +38,24 @@ REPOSITORY = "__repository__"
 REPOSITORY_SELECTOR = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
 JOB = "marketing_sync"
 SCHEDULE = "marketing_sync_daily"
-ASSET_NAMES = ("communities", "contacts", "tags", "contact_fields", "course_resources")
+# What the webserver must show follows from the catalog and the normalized tables' declarations.
+ASSET_NAMES = tuple(spec.name for spec in RESOURCES)
 ASSET_PATHS = {("marketing", name) for name in ASSET_NAMES}
 # The tables built in DuckDB from the synced ones, and what each reads.
-NORMALIZED_READS = {
-    ("marketing", "contact_tags"): {("marketing", "contacts"), ("marketing", "tags")},
-    ("marketing", "contact_field_values"): {("marketing", "contacts"), ("marketing", "contact_fields")},
-    ("marketing", "course_modules"): {("marketing", "course_resources")},
-}
-NORMALIZED_CHECKS = {"matches_nested_lists", "keys_present"}
+NORMALIZED_READS = {("marketing", table.name): {("marketing", read) for read in table.reads} for table in NORMALIZED_TABLES}
+NORMALIZED_CHECKS = {("marketing", table.name): {table.row_check, "keys_present"} for table in NORMALIZED_TABLES}
 ALL_PATHS = ASSET_PATHS | set(NORMALIZED_READS)
 SYNC_CHECKS = {"primary_key_unique", "required_fields_present", "row_count_not_dropping"}
-# The cross-table checks on contacts, and the asset each one also reads.
+# Each synced asset's reference checks, and the asset each one also reads.
 REFERENCE_CHECKS = {
-    "contact_tags_exist": ("marketing", "tags"),
-    "contact_field_slugs_exist": ("marketing", "contact_fields"),
+    ("marketing", spec.name): {
+        (member or column).check_name: ("marketing", (member or column).references.resource)  # type: ignore[union-attr]
+        for column, member in spec.references()
+    }
+    for spec in RESOURCES
 }
+# The lineage: each synced asset depends on those it references.
+REFERENCED = {path: set(checks.values()) for path, checks in REFERENCE_CHECKS.items()}
 PAGE_SIZE = 100  # the resource's default page_size
 # Not a multiple of the page size, so the number of pages is unambiguous.
 CONTACTS = 550
@@ -538,7 +541,7 @@ def paths(keys: list[dict[str, Any]]) -> set[tuple[str, ...]]:
 # ---------------------------------------------------------------------------- definitions
 
 
-def test_the_webserver_shows_the_five_assets_in_group_marketing_with_kinds_owner_and_freshness_policy(
+def test_the_webserver_shows_every_synced_asset_in_group_marketing_with_kinds_owner_and_freshness_policy(
     dagster_dev: DagsterDev,
 ) -> None:
     every_node = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
@@ -564,39 +567,38 @@ def test_the_webserver_shows_the_five_assets_in_group_marketing_with_kinds_owner
         assert columns == [column.name for column in (*spec.columns, *BOOKKEEPING_COLUMNS)], path
 
 
-def test_the_assets_are_independent_and_the_contact_reference_checks_read_tags_and_contact_fields(
-    dagster_dev: DagsterDev,
-) -> None:
+def test_the_lineage_follows_the_references_and_each_reference_has_its_check(dagster_dev: DagsterDev) -> None:
     every_node = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
     nodes = {path: node for path, node in every_node.items() if path in ASSET_PATHS}
 
-    # Lineage: the five syncs read only the API, so none depends on another; the normalized
-    # tables fan in from the synced tables they are built from.
+    # Lineage: a synced asset depends on those it references (an enrollment names a contact
+    # and a course); the normalized tables fan in from the synced tables they are built from.
+    assert REFERENCED[("marketing", "enrollments")] == {("marketing", "contacts"), ("marketing", "course_resources")}
     for path, node in nodes.items():
         readers = {table for table, reads in NORMALIZED_READS.items() if path in reads}
-        assert node["dependencyKeys"] == [] and paths(node["dependedByKeys"]) == readers, path
+        referencing = {other for other, referenced in REFERENCED.items() if path in referenced}
+        assert paths(node["dependencyKeys"]) == REFERENCED[path], path
+        assert paths(node["dependedByKeys"]) == readers | referencing, path
     for path, reads in NORMALIZED_READS.items():
         node = every_node[path]
         assert node["groupName"] == "marketing_normalized", path
         assert paths(node["dependencyKeys"]) == reads, path
-        assert {c["name"] for c in node["assetChecksOrError"]["checks"]} == NORMALIZED_CHECKS, path
+        assert {c["name"] for c in node["assetChecksOrError"]["checks"]} == NORMALIZED_CHECKS[path], path
         assert JOB in node["jobNames"], path
-    # ...and the cross-table checks on contacts are what ties contacts to tags and contact fields.
+    # ...and one reference check per reference, reading the table it refers to (a warning).
     for path, node in nodes.items():
         checks_or_error = node["assetChecksOrError"]
         assert checks_or_error["__typename"] == "AssetChecks", checks_or_error
         checks = {check["name"]: check for check in checks_or_error["checks"]}
-        expected = SYNC_CHECKS | (set(REFERENCE_CHECKS) if path == ("marketing", "contacts") else set())
-        assert set(checks) == expected, path
+        assert set(checks) == SYNC_CHECKS | set(REFERENCE_CHECKS[path]), path
         for name in SYNC_CHECKS:
             assert checks[name]["blocking"] is (name == "primary_key_unique"), (path, name)
             assert checks[name]["additionalAssetKeys"] == [], (path, name)
             assert JOB in checks[name]["jobNames"], (path, name)
-        for name, referenced in REFERENCE_CHECKS.items():
-            if name in checks:
-                assert checks[name]["blocking"] is False, name
-                assert paths(checks[name]["additionalAssetKeys"]) == {referenced}, name
-                assert JOB in checks[name]["jobNames"], name
+        for name, referenced in REFERENCE_CHECKS[path].items():
+            assert checks[name]["blocking"] is False, name
+            assert paths(checks[name]["additionalAssetKeys"]) == {referenced}, name
+            assert JOB in checks[name]["jobNames"], name
 
 
 def test_the_daily_sync_schedule_runs_at_its_configured_hour_utc_and_the_daemon_is_healthy(dagster_dev: DagsterDev) -> None:
@@ -724,11 +726,11 @@ def test_every_check_evaluated_in_the_run_passed_and_shows_as_latest(
     evaluated = {(tuple(e["assetKey"]["path"]), e["checkName"]) for e in evaluations}
     expected = (
         {(path, check) for path in ASSET_PATHS for check in SYNC_CHECKS}
-        | {(("marketing", "contacts"), check) for check in REFERENCE_CHECKS}
-        | {(path, check) for path in NORMALIZED_READS for check in NORMALIZED_CHECKS}
+        | {(path, check) for path, checks in REFERENCE_CHECKS.items() for check in checks}
+        | {(path, check) for path, checks in NORMALIZED_CHECKS.items() for check in checks}
     )
 
-    assert len(evaluations) == len(expected) == 23
+    assert len(evaluations) == len(expected)
     assert evaluated == expected
     failed = [e for e in evaluations if not e["success"]]
     assert failed == [], json.dumps(failed, indent=2)[:4000]

@@ -4,7 +4,10 @@ It is independent of the rest of ``mkt_assets`` on purpose, so tests of the clie
 circular. ``mkt-assets sandbox`` (``server.main``) serves one from the command line.
 """
 
-from .data import LOCALES, RESOURCES, SandboxData
+from .data import ACCESS_TYPES, FILTERS, LOCALES, RESOURCES, SandboxData
 from .server import FAULT_KINDS, Fault, RequestRecord, SandboxServer, main
 
-__all__ = ["FAULT_KINDS", "LOCALES", "RESOURCES", "Fault", "RequestRecord", "SandboxData", "SandboxServer", "main"]
+__all__ = [
+    "ACCESS_TYPES", "FAULT_KINDS", "FILTERS", "LOCALES", "RESOURCES", "Fault", "RequestRecord", "SandboxData",
+    "SandboxServer", "main",
+]  # fmt: skip

@@ -8,6 +8,18 @@ records: the account keeps a sorted ``array('q')`` of contact ids and builds eac
 from ``(seed, id)``. Serving a page therefore costs O(log n + page), whatever the account size.
 The small resources (tags, communities, courses, contact fields) are plain lists of records.
 
+Memberships (contact in a community) and enrollments (contact in a course) scale with contacts, so
+they are not held either: each contact's 0-2 of each are a pure function of a cheap integer hash
+of ``(seed, contact id)`` (never of the contact record), and their ids are
+``4 * contact id + slot`` (memberships: slots 0-1, enrollments: 2-3), strictly increasing with
+``(contact id, slot)`` and never shared between the two. On average a contact has 0.3
+memberships and 0.4 enrollments (so 100k contacts: ~30k and ~40k). A page walks the live contact
+ids from the cursor's contact on, so it also costs O(log n + page) (a ``community``/``course``
+filter also walks the contacts whose items do not match: with five communities, ~17 contacts per
+membership served); deleting a contact takes its memberships and enrollments with it, and added
+contacts come with theirs.
+Their records embed the community, course and contact as they are when served.
+
 This module is deliberately independent of the rest of ``mkt_assets``: it is a fake of the real
 API, and tests compare the real client against it.
 """
@@ -20,14 +32,25 @@ import threading
 import unicodedata
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from itertools import accumulate
-from typing import Any
+from itertools import accumulate, islice
+from typing import Any, NamedTuple
 
 Record = dict[str, Any]
 
-RESOURCES: tuple[str, ...] = ("communities", "contacts", "tags", "contact_fields", "course_resources")
+RESOURCES: tuple[str, ...] = (
+    "communities", "contacts", "tags", "contact_fields", "course_resources", "memberships", "enrollments",
+)  # fmt: skip
+
+# The filters of the two relation collections, as the spec names them (each takes one id).
+FILTERS: dict[str, tuple[str, ...]] = {
+    "memberships": ("community", "contact"),
+    "enrollments": ("course", "contact"),
+}
+
+# The spec types accessType as a plain string; these three are the values the simulator serves.
+ACCESS_TYPES: tuple[str, ...] = ("full_access", "partial_access", "dripping_content")
 
 # The 28 values of the contact `locale` enum in the official OpenAPI description.
 LOCALES: tuple[str, ...] = (
@@ -98,11 +121,37 @@ _TIME_SPAN_SECONDS = 6 * 365 * 24 * 3600
 _MEAN_ID_GAP = 2.2
 
 
+class _Relation(NamedTuple):
+    """How one relation collection is derived from the contacts."""
+
+    salt: int  # keeps the two collections' hashes independent
+    id_offset: int  # item id = 4 * contact id + id_offset + slot
+    none_below: int  # a 16-bit draw below this: the contact has none
+    one_below: int  # ... else below this: one; else two (fewer if the account has fewer targets)
+    target_filter: str  # the filter naming the other side ("community" / "course")
+
+
+# P(0, 1, 2) = (.75, .20, .05): 0.30 memberships per contact; (.68, .24, .08): 0.40 enrollments.
+_RELATIONS: dict[str, _Relation] = {
+    "memberships": _Relation(0x6D656D62, 0, 49_152, 62_259, "community"),
+    "enrollments": _Relation(0x656E726F, 2, 44_564, 60_293, "course"),
+}
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15  # splitmix64's increment: consecutive ids land far apart
+# The fields of a contact that an enrollment embeds (all but fields and tags), in record order.
+_EMBEDDED_CONTACT_KEYS: tuple[str, ...] = (
+    "id", "email", "registeredAt", "locale", "sourceURL", "unsubscribed", "bounced", "needsConfirmation",
+)  # fmt: skip
+_EMBEDDED_COURSE_KEYS: tuple[str, ...] = ("id", "locale", "path", "active", "name")
+
+
 class SandboxData:
     """A deterministic, mutable fake systeme.io account.
 
     ``contacts`` is the only required size; the other sizes default to values drawn from
     ``seed`` (tags ~40, communities ~5, courses ~12, contact fields ~8) and may be overridden.
+    Memberships and enrollments follow from the contacts (0-2 each per contact; an account with a
+    single community or course caps them at one, one without any has none).
     """
 
     def __init__(
@@ -139,6 +188,15 @@ class SandboxData:
         }
         self._small_ids: dict[str, list[int]] = {
             name: [record["id"] for record in records] for name, records in self._small.items()
+        }
+        # What each relation links a contact to, and the per-seed base of its hash.
+        self._targets: dict[str, list[Record]] = {"memberships": self._communities, "enrollments": self._courses}
+        self._target_index: dict[str, dict[int, int]] = {
+            name: {record["id"]: index for index, record in enumerate(records)}
+            for name, records in self._targets.items()
+        }
+        self._relation_bases: dict[str, int] = {
+            name: _mix64((seed * 0x100000001B3 + relation.salt) & _MASK64) for name, relation in _RELATIONS.items()
         }
 
         # The id generator is kept so add_contacts() continues the same deterministic sequence.
@@ -185,6 +243,10 @@ class SandboxData:
                 return len(self._contact_ids)
         if resource == "contact_fields":
             return len(self._contact_fields)
+        if resource in _RELATIONS:
+            # O(contacts): one hash per contact, fine for the small accounts tests count.
+            ids = self.contact_ids
+            return sum(len(self._slots(resource, contact_id)) for contact_id in ids)
         return len(self._small[resource])
 
     def records(self, resource: str) -> Iterator[Record]:
@@ -199,6 +261,10 @@ class SandboxData:
             return (self.contact(contact_id) for contact_id in ids)
         if resource == "contact_fields":
             return iter(copy.deepcopy(self._contact_fields))
+        if resource in _RELATIONS:
+            ids = self.contact_ids  # a snapshot: later mutations do not disturb the iteration
+            slots = self._relation_slots(resource, ids, 0, len(ids), True, None, False, None)
+            return (self._relation_record(resource, *slot) for slot in slots)
         return iter(copy.deepcopy(self._small[resource]))
 
     def contact(self, contact_id: int) -> Record:
@@ -208,6 +274,25 @@ class SandboxData:
                 raise KeyError(f"no contact with id {contact_id}")
             tag_override = self._tag_overrides.get(contact_id)
         return self._build_contact(contact_id, tag_override)
+
+    @property
+    def next_contact_id(self) -> int:
+        """The id ``add_contacts`` gives its next contact: above every id ever used (deleted too)."""
+        with self._lock:
+            return self._next_id
+
+    def phantom_contact(self) -> Record:
+        """The record the next added contact will have (id ``next_contact_id``), not registered.
+
+        What a reference to a contact that registered after the contacts were read looks like:
+        the ``dangling`` fault embeds it. Its tags are the ones it would be created with.
+        """
+        return self._build_contact(self.next_contact_id, None)
+
+    @property
+    def unused_tag_id(self) -> int:
+        """A tag id no tag has (tags are fixed, so none ever will): above the highest one."""
+        return max(self._small_ids["tags"], default=0) + 1
 
     def registered_at(self, contact_id: int) -> datetime:
         """When a contact (live, deleted or future) registered: a pure function of its id."""
@@ -224,21 +309,30 @@ class SandboxData:
         starting_after: int | None = None,
         registered_after: datetime | None = None,
         registered_before: datetime | None = None,
+        filters: Mapping[str, int] | None = None,
         repeat_cursor: bool = False,
     ) -> tuple[list[Record], bool]:
         """One page of ``resource`` as the API would serve it: ``(items, has_more)``.
 
         ``order`` is ``"asc"`` or ``"desc"``; ``starting_after`` need not be a live id. The
-        ``registered_*`` filters apply to contacts only (strict bounds). With ``repeat_cursor`` the
-        page is the one *ending* at ``starting_after`` (the page the client already has), so its
-        last id equals the cursor it was asked for: the fault of a cursor that does not advance.
-        Contact fields ignore every parameter and come back whole in one page.
+        ``registered_*`` filters apply to contacts only (strict bounds). ``filters`` are the
+        relation collections' id filters (``FILTERS``: memberships ``community``/``contact``,
+        enrollments ``course``/``contact``), all of which must match; a filter another resource
+        does not take is a ValueError. With ``repeat_cursor`` the page is the one *ending* at
+        ``starting_after`` (the page the client already has), so its last id equals the cursor it
+        was asked for: the fault of a cursor that does not advance. Contact fields ignore every
+        parameter and come back whole in one page.
         """
         _check_resource(resource)
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
+        unknown = sorted(set(filters or {}) - set(FILTERS.get(resource, ())))
+        if unknown:
+            raise ValueError(f"{resource} take no filter {unknown}; they take {list(FILTERS.get(resource, ()))}")
         if resource == "contact_fields":
             return copy.deepcopy(self._contact_fields), False
+        if resource in _RELATIONS:
+            return self._relation_page(resource, limit, order, starting_after, filters or {}, repeat_cursor)
         if resource != "contacts":
             ids = self._small_ids[resource]
             window = _window(ids, 0, len(ids), limit, order, starting_after, repeat_cursor)
@@ -339,6 +433,123 @@ class SandboxData:
             "tags": [{"id": tag_id, "name": self._tag_names[tag_id]} for tag_id in tag_ids],
         }
 
+    # ----------------------------------------------------------------- relations
+
+    def _slots(self, resource: str, contact_id: int) -> tuple[tuple[int, int], ...]:
+        """``(item id, target index)`` of one contact's memberships or enrollments, by slot.
+
+        A few integer operations, never the contact record: a page may hash a few hundred
+        contacts to find its items, and count() hashes them all.
+        """
+        relation = _RELATIONS[resource]
+        targets = len(self._targets[resource])
+        draw = _mix64((self._relation_bases[resource] + contact_id * _GOLDEN64) & _MASK64)
+        low = draw & 0xFFFF
+        if targets == 0 or low < relation.none_below:
+            return ()
+        first_id = 4 * contact_id + relation.id_offset
+        first = (draw >> 16) % targets
+        if targets == 1 or low < relation.one_below:
+            return ((first_id, first),)
+        # A second, different target: an offset of 1..targets-1 from the first.
+        second = (first + 1 + (draw >> 32) % (targets - 1)) % targets
+        return (first_id, first), (first_id + 1, second)
+
+    def _relation_slots(
+        self,
+        resource: str,
+        ids: Sequence[int],
+        lo: int,
+        hi: int,
+        ascending: bool,
+        cursor: int | None,
+        inclusive: bool,
+        target: int | None,
+    ) -> Iterator[tuple[int, int, int]]:
+        """``(item id, contact id, target index)`` of the contacts ids[lo:hi], in id order.
+
+        Only items beyond ``cursor`` in that order (``inclusive``: the cursor's own id too) and,
+        when ``target`` is set, linked to that target. The start is a binary search for the
+        cursor's contact (item id // 4, whatever the slot), so a page costs O(log n + contacts
+        walked). The caller holds the lock (or passes a snapshot) while it iterates.
+        """
+        step = 1 if ascending else -1
+        if ascending:
+            index = lo if cursor is None else max(lo, bisect_left(ids, cursor // 4))
+        else:
+            index = (hi if cursor is None else min(hi, bisect_right(ids, cursor // 4))) - 1
+        while lo <= index < hi:
+            contact_id = ids[index]
+            slots = self._slots(resource, contact_id)
+            for item_id, target_index in slots if ascending else reversed(slots):
+                if target is not None and target_index != target:
+                    continue
+                if cursor is not None and not (
+                    (item_id > cursor if ascending else item_id < cursor) or (inclusive and item_id == cursor)
+                ):
+                    continue
+                yield item_id, contact_id, target_index
+            index += step
+
+    def _relation_page(
+        self,
+        resource: str,
+        limit: int,
+        order: str,
+        cursor: int | None,
+        filters: Mapping[str, int],
+        repeat_cursor: bool,
+    ) -> tuple[list[Record], bool]:
+        ascending = order == "asc"
+        target: int | None = None
+        target_id = filters.get(_RELATIONS[resource].target_filter)
+        with self._lock:
+            ids = self._contact_ids
+            lo, hi = 0, len(ids)
+            if target_id is not None:
+                target = self._target_index[resource].get(target_id)
+                if target is None:  # no such community/course: nothing to walk for
+                    lo = hi
+            contact_id = filters.get("contact")
+            if contact_id is not None:
+                # One contact at most: the walk is confined to its place in the id array.
+                lo = bisect_left(ids, contact_id) if lo < hi else lo
+                hi = lo + 1 if lo < hi and ids[lo] == contact_id else lo
+
+            def walk(forwards: bool, inclusive: bool) -> Iterator[tuple[int, int, int]]:
+                return self._relation_slots(resource, ids, lo, hi, forwards, cursor, inclusive, target)
+
+            if cursor is not None and repeat_cursor:
+                # The page ending at the cursor, walked backwards from it, then put in order.
+                chosen = list(islice(walk(not ascending, True), limit))
+                chosen.reverse()
+                has_more = next(walk(ascending, False), None) is not None
+            else:
+                chosen = list(islice(walk(ascending, False), limit + 1))  # one more tells hasMore
+                has_more = len(chosen) > limit
+                del chosen[limit:]
+        # Built outside the lock: a record depends on (seed, ids) only, not on mutable state.
+        return [self._relation_record(resource, *slot) for slot in chosen], has_more
+
+    def _relation_record(self, resource: str, item_id: int, contact_id: int, target_index: int) -> Record:
+        target = self._targets[resource][target_index]
+        if resource == "memberships":
+            return {"id": item_id, "community": dict(target), "contact": {"id": contact_id}}
+        # Attributes from a second hash of the item id, so the two slots of a contact differ.
+        draw = _mix64(((self._relation_bases[resource] ^ 0x5DEECE66D) + item_id * _GOLDEN64) & _MASK64)
+        return {
+            "id": item_id,
+            "contact": self._embedded_contact(contact_id),
+            "course": {key: target[key] for key in _EMBEDDED_COURSE_KEYS},
+            "accessType": _pick_access_type(draw & 0xFF),
+            "active": (draw >> 8) & 0xFF < 224,  # 7 in 8: a few enrollments are suspended
+        }
+
+    def _embedded_contact(self, contact_id: int) -> Record:
+        """The contact as ``contact()`` builds it, minus fields and tags (what enrollments embed)."""
+        record = self._build_contact(contact_id, ())  # no override lookup: tags are dropped anyway
+        return {key: record[key] for key in _EMBEDDED_CONTACT_KEYS}
+
     def _pick_tag_ids(self, rng: random.Random) -> tuple[int, ...]:
         tag_ids = self._small_ids["tags"]
         if not tag_ids or rng.random() < 0.3:
@@ -388,6 +599,20 @@ def _window(
 
 
 # --------------------------------------------------------------------- generators
+
+
+def _mix64(value: int) -> int:
+    """splitmix64's finalizer: a cheap, well-spread 64-bit hash of a 64-bit integer."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
+    return value ^ (value >> 31)
+
+
+def _pick_access_type(draw: int) -> str:
+    """Six in ten enrollments have full access, a quarter partial, the rest dripping content."""
+    if draw < 154:
+        return ACCESS_TYPES[0]
+    return ACCESS_TYPES[1] if draw < 218 else ACCESS_TYPES[2]
 
 
 def _size(override: int | None, default: int, name: str) -> int:

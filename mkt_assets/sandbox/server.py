@@ -1,12 +1,14 @@
 """A local HTTP fake of the systeme.io public API (see /work/shared/API.md), with fault injection.
 
-It serves the five synced resources of a ``SandboxData`` account with the real API's
-authentication, cursor pagination, validation errors and rate-limit headers, and can be told to
-misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies, wrong
-shapes, records of the wrong type or order, cursors that do not advance, pages that lie about
-their length, answers too big or too deep to swallow whole (gzip bombs included), lying headers,
-resets, slow and dripping answers, and redirects. Faults can be set over HTTP too
-(``/__sandbox/faults``), so a client in another process can be tested the same way.
+It serves the five synced resources of a ``SandboxData`` account and its two relation
+collections (community memberships and course enrollments, with their id filters) with the real
+API's authentication, cursor pagination, validation errors and rate-limit headers, and can be
+told to misbehave (``Fault``) in the ways a client must survive: error statuses, broken bodies,
+wrong shapes, records of the wrong type or order, references to records that do not exist,
+cursors that do not advance, pages that lie about their length, answers too big or too deep to
+swallow whole (gzip bombs included), lying headers, resets, slow and dripping answers, and
+redirects. Faults can be set over HTTP too (``/__sandbox/faults``), so a client in another
+process can be tested the same way.
 
 Standard library only, and independent of the rest of ``mkt_assets`` on purpose: tests of the
 real client run against it, so it must not share the client's assumptions.
@@ -36,7 +38,7 @@ from socketserver import TCPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
-from .data import SandboxData
+from .data import FILTERS, SandboxData
 
 Json = Any
 Clock = Callable[[], float]
@@ -51,7 +53,16 @@ RESOURCE_PATHS: dict[str, str] = {
     "/api/tags": "tags",
     "/api/contact_fields": "contact_fields",
     "/api/school/courses": "course_resources",
+    "/api/community/memberships": "memberships",
+    "/api/school/enrollments": "enrollments",
 }
+# How the spec types each relation filter: memberships' are integers; enrollments' are strings,
+# of which the sandbox accepts digit strings only (an id; anything else is a 422).
+FILTER_TYPES: dict[str, dict[str, str]] = {
+    "memberships": {"community": "integer", "contact": "integer"},
+    "enrollments": {"course": "string", "contact": "string"},
+}
+assert {name: tuple(types) for name, types in FILTER_TYPES.items()} == FILTERS, "filters out of step with data.py"
 DEFAULT_LIMIT = 10  # what API Platform uses when `limit` is absent
 MIN_LIMIT, MAX_LIMIT = 10, 100
 # How often serve_forever checks for shutdown: stop() waits up to this long.
@@ -84,7 +95,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
         "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
         "float_id", "swapped", "big_value", "deep_json", "short_has_more", "repeat_last", "oversized",
-        "drip", "drip_body", "gzip_bomb", "headers",
+        "drip", "drip_body", "gzip_bomb", "headers", "dangling",
     }
 )  # fmt: skip
 
@@ -125,7 +136,8 @@ class Fault:
       ``limit`` if ``size`` is smaller; an empty page stays empty.
     - ``big_value``: the middle record carries a string of ``size`` ASCII ``x`` (0: 10 MiB):
       contacts in their first field's ``value`` (a field is added if they have none),
-      contact_fields in ``fieldName``, the other resources in ``name``.
+      contact_fields in ``fieldName``, memberships in ``community.name``, enrollments in
+      ``course.name``, the other resources in ``name``.
     - ``deep_json``: the middle record gets ``"deep": [[...]]``, lists ``size`` levels deep
       (0: 10,000); still valid JSON text.
     - ``short_has_more``: the page without its last record, and ``"hasMore": true`` (on any
@@ -139,6 +151,14 @@ class Fault:
       size and cached; Content-Length is the compressed length.
     - ``headers``: answer normally, with ``headers`` (required, and only for this kind) set on the
       answer over its own (rate-limit headers included), whatever the case of their names.
+    - ``dangling``: the middle record refers to a record the account does not hold, everything
+      else valid. Memberships: its ``contact`` becomes ``{"id": next_contact_id}``; enrollments:
+      its ``contact`` becomes ``phantom_contact()`` minus fields and tags. That id is above every
+      id ever used (never a deleted one): a contact that registered after the contacts were read,
+      as ``add_contacts`` would create it. Contacts: the middle contact gets one more tag,
+      ``{"id": unused_tag_id, "name": "new-tag-<id>"}``, a tag id no tag has. The other resources
+      refer to nothing, so their pages are left alone (the fault still counts as fired); so is
+      an empty page.
 
     Sizes, when 0, resolve as ``effective_size`` says (``DEFAULT_SIZES``, ``OVERSIZED_FACTOR``).
     """
@@ -411,6 +431,10 @@ def _float_id(items: list[Json], middle: int) -> float:
 def _put_big_value(resource: str, record: Json, value: str, field_entry: Json) -> None:
     if resource == "contact_fields":
         record["fieldName"] = value
+    elif resource == "memberships":
+        record["community"]["name"] = value
+    elif resource == "enrollments":
+        record["course"]["name"] = value
     elif resource != "contacts":
         record["name"] = value
     elif record["fields"]:
@@ -466,10 +490,13 @@ class _PageQuery:
     starting_after: int | None = None
     registered_after: datetime | None = None
     registered_before: datetime | None = None
+    # The relation collections' id filters, as (name, id) pairs: a tuple keeps the query hashable.
+    filters: tuple[tuple[str, int], ...] = ()
 
 
 def _parse_page_query(resource: str, query: dict[str, str]) -> _PageQuery:
-    """Validate the pagination (and, for contacts, registered*) parameters; raise _Invalid.
+    """Validate the pagination (and, for contacts, registered*; for relations, id filters)
+    parameters; raise _Invalid.
 
     Like API Platform, every bad parameter is reported, not just the first. An empty value
     counts as absent (the spec's allowEmptyValue).
@@ -482,9 +509,29 @@ def _parse_page_query(resource: str, query: dict[str, str]) -> _PageQuery:
     if resource == "contacts":
         after = _parse_datetime("registeredAfter", query.get("registeredAfter", ""), violations)
         before = _parse_datetime("registeredBefore", query.get("registeredBefore", ""), violations)
+    filters = _parse_filters(resource, query, violations)
     if violations:
         raise _Invalid(violations)
-    return _PageQuery(limit, order, cursor, after, before)
+    return _PageQuery(limit, order, cursor, after, before, filters)
+
+
+def _parse_filters(resource: str, query: dict[str, str], violations: list[_Violation]) -> tuple[tuple[str, int], ...]:
+    """The id filters ``resource`` takes that the query sets (an empty value counts as absent)."""
+    parsed: list[tuple[str, int]] = []
+    for name, spec_type in FILTER_TYPES.get(resource, {}).items():
+        raw = query.get(name, "")
+        if not raw:
+            continue
+        if spec_type == "integer" and _is_int(raw):
+            parsed.append((name, int(raw)))
+        elif spec_type == "string" and raw.isascii() and raw.isdigit():
+            parsed.append((name, int(raw)))
+        elif spec_type == "integer":
+            violations.append(_Violation(name, name, "This value should be of type int.", TYPE_CODE))
+        else:
+            # Not an id. The spec does not say how the API words this; Symfony's generic message.
+            violations.append(_Violation(name, name, "This value is not valid.", TYPE_CODE))
+    return tuple(parsed)
 
 
 def _is_int(text: str) -> bool:
@@ -721,6 +768,8 @@ class _Handler(BaseHTTPRequestHandler):
             return _oversized_body(resource, page_query.order, items, has_more, fault.effective_size(page_query.limit))
         if kind == "repeat_last":
             items = _repeat_last(data, resource, page_query, items)
+        if kind == "dangling":
+            _dangle(data, resource, items)
         field_entry = next(data.records("contact_fields"), _FALLBACK_FIELD) if kind == "big_value" else {}
         items, has_more = _apply_record_fault(fault, resource, items, has_more, field_entry)
         return _json_bytes(_apply_shape_fault(kind, items, has_more))
@@ -806,8 +855,25 @@ def _query_page(
         starting_after=page_query.starting_after,
         registered_after=page_query.registered_after,
         registered_before=page_query.registered_before,
+        filters=dict(page_query.filters),
         repeat_cursor=repeat_cursor,
     )
+
+
+def _dangle(data: SandboxData, resource: str, items: list[Json]) -> None:
+    """Make the middle record refer to something the account does not hold (see ``dangling``)."""
+    if not items:
+        return
+    record = items[len(items) // 2]
+    if resource == "memberships":
+        record["contact"] = {"id": data.next_contact_id}
+    elif resource == "enrollments":
+        phantom = data.phantom_contact()
+        record["contact"] = {key: value for key, value in phantom.items() if key not in ("fields", "tags")}
+    elif resource == "contacts":
+        # Above every tag id, so the tags stay in id order as the API serves them.
+        tag_id = data.unused_tag_id
+        record["tags"].append({"id": tag_id, "name": f"new-tag-{tag_id}"})
 
 
 def _repeat_last(data: SandboxData, resource: str, page_query: _PageQuery, items: list[Json]) -> list[Json]:
