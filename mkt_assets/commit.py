@@ -126,7 +126,7 @@ def _facts(connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[R
     ``error`` (the checks then fail) instead of failing the run."""
     try:
         synced = {spec.name: streamed(connection, lambda spec=spec: synced_table_facts(connection, schema, spec)) for spec in specs}
-        references = {spec.name: all_reference_facts(connection, schema, spec) for spec in specs}
+        references = {spec.name: streamed(connection, lambda spec=spec: all_reference_facts(connection, schema, spec)) for spec in specs}
     except duckdb.Error as error:
         return Facts(error=without_values(str(error)))
     return Facts(synced, references)

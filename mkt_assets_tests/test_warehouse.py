@@ -705,7 +705,7 @@ def test_a_streaming_statement_that_runs_out_of_memory_runs_again_under_the_full
 
 def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_checks(database: str, tmp_path: Path) -> None:
     from mkt_assets.normalized_tables import NORMALIZED_TABLES, build_table_in_file
-    from mkt_assets.table_facts import contact_reference_facts_in_file, synced_table_facts_in_file
+    from mkt_assets.table_facts import all_reference_facts_in_file, synced_table_facts_in_file
 
     big = "x" * (10 << 20)
     people = [contact(i) for i in range(1, 300)]
@@ -720,7 +720,8 @@ def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_c
     values = build_table_in_file(file, "marketing", by_name["contact_field_values"])
     tags = build_table_in_file(file, "marketing", by_name["contact_tags"])
     facts = synced_table_facts_in_file(file, "marketing", CONTACTS)
-    tag_facts, slug_facts = contact_reference_facts_in_file(file, "marketing")
+    references = all_reference_facts_in_file(file, "marketing", CONTACTS)
+    tag_facts, slug_facts = references["contact_tags_exist"], references["contact_field_slugs_exist"]
 
     assert (values.row_count, values.expected_rows) == (299 * 2 - 1, 299 * 2 - 1)
     assert (tags.row_count, facts.live_rows) == (299, 299)
