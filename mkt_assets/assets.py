@@ -208,7 +208,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             for table in plan.tables:
                 if table.name in commit.skipped:
                     context.log.info(f"{warehouse.schema_name}.{table.name} not rebuilt: {commit.skipped[table.name]}")
-                elif table_key(table) not in selected:
+                elif table_key(table) not in selected and commit.written[table.name].build.rebuilt:  # type: ignore[union-attr]
                     # Rebuilt with the tables it reads, so it never lags them: said as what it is.
                     yield _rebuilt_materialization(table, commit, warehouse.schema_name)
             yield from _check_results(context, commit, resources, plan.tables, previous, settings, warehouse.schema_name)

@@ -17,7 +17,7 @@ import duckdb
 
 from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import SyncError
-from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_in_transaction
+from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_facts, build_in_transaction, is_current
 from mkt_assets.staging import StagedBatch
 from mkt_assets.table_facts import ReferenceFacts, SyncedTableFacts, all_reference_facts, synced_table_facts
 from mkt_assets.warehouse import (
@@ -82,7 +82,9 @@ def commit_run(
     checks need: per synced table, its own and those of its references.
 
     A table rebuilt only because it reads a table the run writes is skipped while another
-    table it reads does not exist yet; one in ``asked`` cannot be, and fails the write."""
+    table it reads does not exist yet; one in ``asked`` cannot be, and fails the write. A run
+    that writes synced tables keeps, unrebuilt, a table none of whose reads changed and whose
+    definition is the one it was built from; a run that writes none rebuilds what it is asked."""
     started = time.monotonic()
     written: dict[str, Written] = {}
     skipped: dict[str, str] = {}
@@ -95,6 +97,7 @@ def commit_run(
                     merge = merge_batch(connection, schema, batch.spec.name, batch, deletions=deletions)
                     written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
                 merging = None
+                changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
                 for table in tables:
                     missing = [name for name in table.reads if not table_exists(connection, schema, name)]
                     if missing:
@@ -104,7 +107,11 @@ def commit_run(
                         skipped[table.name] = reason
                         continue
                     began = time.monotonic()
-                    build = build_in_transaction(connection, schema, table)
+                    if batches and not changed & set(table.reads) and is_current(connection, schema, table):
+                        # Already what a rebuild would make: the same query over the same rows.
+                        build = build_facts(connection, schema, table, rebuilt=False)
+                    else:
+                        build = build_in_transaction(connection, schema, table)
                     written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
         except CAST_FAILURES as error:
             if merging is None:

@@ -93,7 +93,14 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                 }
             )
         if written.build is not None:
-            metadata.update({"dagster/row_count": written.build.row_count, "build_seconds": round(written.seconds, 3)})
+            metadata.update(
+                {
+                    "dagster/row_count": written.build.row_count,
+                    # False: nothing it reads changed, so it was kept as it was.
+                    "rebuilt": written.build.rebuilt,
+                    "build_seconds": round(written.seconds, 3),
+                }
+            )
         metadata["preview"] = dg.MetadataValue.md(written.preview)
         context.add_output_metadata(metadata)
 
@@ -119,5 +126,6 @@ def _summary(commit: RunCommit, schema: str) -> str:
                 f" {merge.deleted} gone upstream, {merge.row_count} live rows"
             )
         elif written.build is not None:
-            parts.append(f"{schema}.{name}: rebuilt, {written.build.row_count} rows")
+            done = "rebuilt" if written.build.rebuilt else "kept, since nothing it reads changed"
+            parts.append(f"{schema}.{name}: {done}, {written.build.row_count} rows")
     return f"wrote {len(parts)} tables in one transaction ({commit.seconds:.1f}s): " + "; ".join(parts)

@@ -1,12 +1,14 @@
 """Tables an analyst can join, built in DuckDB from the synced tables.
 
 Each is one SQL query over the live rows of the tables it reads, rebuilt whole in the run's
-transaction whenever one of them is written. Most are generated from the catalog: one per
+transaction whenever one of them changes (or its query does). Most are generated from the catalog: one per
 list column declared with a ``NestedTable`` (contact_tags, contact_field_values,
 course_modules); ``contact_profiles`` is declared here. DuckDB only (no Dagster), so a build
 runs in a lean worker.
 """
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 import duckdb
@@ -36,6 +38,12 @@ class NormalizedTable:
     expected_rows: str
     row_check: str = MATCHES_PARENT_CHECK
     row_check_description: str = ""
+
+    @property
+    def definition(self) -> str:
+        """A digest of what the table holds: it changes whenever the query or a column does."""
+        text = repr((self.columns, self.select))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def nested_table(spec: ResourceSpec, column: Column) -> NormalizedTable:
@@ -140,6 +148,12 @@ class BuildResult:
     expected_rows: int  # what the table's expected_rows query counts
     null_keys: dict[str, int]
     preview: str
+    # False: kept as it was, since nothing it reads changed and its definition is the same.
+    rebuilt: bool = True
+
+
+# The table's comment ends with the definition it was built from.
+_DEFINITION = re.compile(r"\[mkt_assets definition ([0-9a-f]{16})\]$")
 
 
 def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
@@ -149,6 +163,27 @@ def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, tab
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
     # No ORDER BY: sorting millions of rows is what made the build run out of memory.
     connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")
+    comment = f"{table.description} [mkt_assets definition {table.definition}]".replace("'", "''")
+    connection.execute(f"COMMENT ON TABLE {target} IS '{comment}'")
+    return build_facts(connection, schema, table)
+
+
+def is_current(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> bool:
+    """``table`` exists, built from the definition it has now."""
+    row = connection.execute(
+        "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = ? AND table_name = ?",
+        [schema, table.name],
+    ).fetchone()
+    found = _DEFINITION.search(row[0] or "") if row else None
+    return found is not None and found.group(1) == table.definition
+
+
+def build_facts(
+    connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable, *, rebuilt: bool = True
+) -> BuildResult:
+    """What the checks of ``table`` need, as it stands."""
+    names = {parent: fully_qualified(connection, schema, parent) for parent in table.reads}
+    target = fully_qualified(connection, schema, table.name)
     (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone()  # type: ignore[misc]
     (expected,) = connection.execute(table.expected_rows.format(**names)).fetchone()  # type: ignore[misc]
     null_keys = {}
@@ -157,7 +192,7 @@ def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, tab
             f"SELECT count(*) FROM {target} WHERE {quote_ident(column)} IS NULL"
         ).fetchone()  # type: ignore[misc]
         null_keys[column] = count
-    return BuildResult(row_count, int(expected), null_keys, preview_markdown(connection, schema, table.name))
+    return BuildResult(row_count, int(expected), null_keys, preview_markdown(connection, schema, table.name), rebuilt)
 
 
 def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:

@@ -504,6 +504,10 @@ class MergeResult:
     # Records dropped because a later record of the same sync had the same key (it won).
     duplicate_keys: int = 0
 
+    @property
+    def changed(self) -> bool:
+        return bool(self.inserted or self.updated or self.deleted)
+
 
 def merge_batch(
     connection: duckdb.DuckDBPyConnection,

@@ -158,3 +158,30 @@ def assert_normalized_tables_match_the_nested_lists(account: Account) -> None:
     assert account.query("SELECT * FROM marketing.contact_tags ORDER BY ALL") == expected_tags
     assert sorted(account.query("SELECT * FROM marketing.contact_field_values"), key=repr) == sorted(expected_fields, key=repr)
     assert sorted(account.query("SELECT * FROM marketing.course_modules"), key=repr) == sorted(expected_modules, key=repr)
+
+
+def test_a_table_is_kept_while_nothing_it_reads_changes_and_rebuilt_when_something_does(account: Account) -> None:
+    account.run("marketing_sync")
+    built = account.query("SELECT * FROM marketing.contact_tags ORDER BY ALL")
+
+    quiet = account.run("marketing_incremental")
+
+    assert {name: quiet[name]["rebuilt"] for name in ("contact_tags", "contact_field_values", "course_modules", "contact_profiles")} == {
+        "contact_tags": False,
+        "contact_field_values": False,
+        "course_modules": False,
+        "contact_profiles": False,
+    }
+    assert account.query("SELECT * FROM marketing.contact_tags ORDER BY ALL") == built
+
+    account.data.add_contacts(30)
+    grown = account.run("marketing_incremental")
+
+    assert grown["contacts"]["rows_inserted"] == 30
+    assert grown["contact_tags"]["rebuilt"] is True and grown["contact_profiles"]["rebuilt"] is True
+    assert grown["course_modules"]["rebuilt"] is False  # it reads course_resources alone
+    assert account.query("SELECT count(*) FROM marketing.contact_profiles") == [(700 + 30,)]
+
+    # A table built by another definition of it (an older version of the project) is rebuilt.
+    account.query("COMMENT ON TABLE marketing.course_modules IS 'built before definitions were recorded'")
+    assert account.run("marketing_incremental")["course_modules"]["rebuilt"] is True
