@@ -1,4 +1,4 @@
-"""The baseline: the least work that reads every page of the five resources.
+"""The baseline: the least work that reads every page of every resource.
 
 One keep-alive ``requests.Session``; every paginated resource with ``limit=100``,
 ``order=asc`` and ``startingAfter`` = the last id until ``hasMore`` is false; contact fields in
@@ -20,13 +20,15 @@ import time
 
 import requests
 
-# (name, path, paginated): the five resources, in the catalog's order.
+# (name, path, paginated): every resource, in the catalog's order.
 RESOURCES: tuple[tuple[str, str, bool], ...] = (
     ("communities", "/community/communities", True),
     ("contacts", "/contacts", True),
     ("tags", "/tags", True),
     ("contact_fields", "/contact_fields", False),
     ("course_resources", "/school/courses", True),
+    ("memberships", "/community/memberships", True),
+    ("enrollments", "/school/enrollments", True),
 )
 PAGE_SIZE = 100
 

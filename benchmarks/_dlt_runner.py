@@ -1,4 +1,4 @@
-"""The anchor: dlt's ``rest_api`` source over the five resources, with the corrected
+"""The anchor: dlt's ``rest_api`` source over every resource, with the corrected
 configuration of shared/reference/origin-spec.md, loading Parquet into a fresh DuckDB file.
 
 Run by benchmarks/run.py with the interpreter of a venv of its own (``dlt[duckdb]``,
@@ -38,6 +38,8 @@ PAGINATED = (
     ("contacts", "/contacts"),
     ("tags", "/tags"),
     ("course_resources", "/school/courses"),
+    ("memberships", "/community/memberships"),
+    ("enrollments", "/school/enrollments"),
 )
 TOP_LEVEL_TABLES = (*(name for name, _ in PAGINATED), "contact_fields")
 
@@ -129,7 +131,7 @@ def count(database: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="load the five resources into a fresh DuckDB file")
+    run_parser = commands.add_parser("run", help="load every resource into a fresh DuckDB file")
     run_parser.add_argument("--base-url", required=True)
     run_parser.add_argument("--database", required=True)
     run_parser.add_argument("--pipelines-dir", required=True, help="dlt's working directory for this run")
