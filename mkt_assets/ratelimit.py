@@ -1,8 +1,8 @@
 """Pace requests by the API's rate-limit headers, across every process on the machine.
 
-The quota belongs to the account, and a sync runs five assets in five processes (and a
-scheduled run can overlap a manual one), so the client's view of the quota lives in a
-small state file that every process reads and updates under an OS lock. Requests are
+The quota belongs to the account, and a sync reads its resources in threads while a
+scheduled run can overlap a manual one (each in its own process), so the client's view of
+the quota lives in a small state file that every process reads and updates under an OS lock. Requests are
 reserved against the remaining quota before they are sent; when it is spent, the
 reserving process waits for the window to refill instead of collecting 429s.
 
