@@ -42,8 +42,15 @@ _UNIX_TIME_THRESHOLD = 1_000_000_000
 _REFILL_MARGIN_SECONDS = 0.02
 # The state is padded to this size so every write overwrites the whole of it.
 _STATE_BYTES = 256
+# Reservation counts start again from zero before they leave the integers JSON keeps exact.
+_MAX_ISSUED = 2**53
 # How long a spent quota is assumed to last when no answer said when it refills.
 _UNKNOWN_WINDOW_SECONDS = 1.0
+# While nothing is known of the quota, one request goes first and the others wait for its
+# answer, which tells the count: this long at most (a first request can fail with no answer),
+# looking again this often.
+_PROBE_SECONDS = 2.0
+_PROBE_POLL_SECONDS = 0.005
 # A refill further ahead than this is no window any API keeps: treated as unknown.
 DEFAULT_HORIZON_SECONDS = 120.0
 # Waits this long or longer are logged: a run that waits should say why.
@@ -93,6 +100,21 @@ class QuotaState:
     limit: int | None = None
     remaining: int | None = None
     refill_at: float | None = None
+    # Requests reserved so far by every process, and those answered (or given up): the
+    # difference is in flight, and an answer's count may or may not include them.
+    issued: int = 0
+    answered: int = 0
+    # False once an answer came without the rate-limit headers: nothing to learn by probing.
+    paced: bool = True
+    # While nothing is known: until when the first request out holds the others back.
+    probe_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A request allowed out, and how long it waited for that."""
+
+    waited: float
 
 
 def state_path_for(origin: str, directory: str | None = None) -> Path:
@@ -117,12 +139,20 @@ def _read_state(text: str) -> QuotaState:
         data = json.loads(text) if text else {}
     except ValueError:
         return QuotaState()
-    if not isinstance(data, dict) or not data.keys() <= {"limit", "remaining", "refill_at"}:
+    fields = {"limit", "remaining", "refill_at", "issued", "answered", "paced", "probe_until"}
+    if not isinstance(data, dict) or not data.keys() <= fields:
         return QuotaState()
     limit, remaining, refill_at = data.get("limit"), data.get("remaining"), data.get("refill_at")
-    if not (_is_count(limit) and _is_count(remaining) and _is_moment(refill_at)):
+    issued, answered, paced, probe_until = data.get("issued", 0), data.get("answered", 0), data.get("paced", True), data.get("probe_until")
+    if not all(_is_count(count) for count in (limit, remaining, issued, answered)):
         return QuotaState()
-    return QuotaState(limit, remaining, None if refill_at is None else float(refill_at))
+    if not (_is_moment(refill_at) and _is_moment(probe_until) and type(paced) is bool):
+        return QuotaState()
+    refill = None if refill_at is None else float(refill_at)
+    if issued < answered or issued >= _MAX_ISSUED:
+        # Counts no run of ours could leave, or near the end of what JSON keeps exact.
+        return QuotaState(limit, remaining, refill, paced=paced)
+    return QuotaState(limit, remaining, refill, issued, answered, paced, None if probe_until is None else float(probe_until))
 
 
 def describe_duration(seconds: float) -> str:
@@ -165,6 +195,10 @@ class SharedRateLimiter:
 
     def acquire(self) -> float:
         """Block until a request may be sent; return the seconds spent waiting."""
+        return self.reserve().waited
+
+    def reserve(self) -> Reservation:
+        """Block until a request may be sent; then ``observe`` its answer, or ``abandon`` it."""
         waited = 0.0
         while True:
             with self._state() as state:
@@ -172,20 +206,29 @@ class SharedRateLimiter:
                 if state.refill_at is not None and now >= state.refill_at:
                     # The window has refilled; the next answer will say when it ends.
                     state.remaining, state.refill_at = state.limit, None
-                if state.remaining is None or state.remaining > 0:
+                probing = state.remaining is None and state.paced
+                if probing and state.issued > state.answered and now < (state.probe_until or 0.0):
+                    # The first request is out; its answer will say how many may follow.
+                    pause = _PROBE_POLL_SECONDS
+                    why = ""
+                elif state.remaining is None or state.remaining > 0:
                     if state.remaining is not None:
                         state.remaining -= 1
-                    return waited
-                if state.refill_at is None:
-                    # Spent, and no answer has said when this window ends (they all failed):
-                    # guess a second, rather than wait for an answer that may never come.
-                    state.refill_at = now + _UNKNOWN_WINDOW_SECONDS
-                    why = "no answer said when; a second is assumed"
+                    elif probing:
+                        state.probe_until = now + _PROBE_SECONDS
+                    state.issued += 1
+                    return Reservation(waited)
                 else:
-                    why = f"it refills then, by the answers' {REFILL_HEADER}"
-                # The state is checked against the horizon when read; this bounds a clock
-                # that stepped back since.
-                pause = min(state.refill_at - now + _REFILL_MARGIN_SECONDS, self.horizon)
+                    if state.refill_at is None:
+                        # Spent, and no answer has said when this window ends (they all failed):
+                        # guess a second, rather than wait for an answer that may never come.
+                        state.refill_at = now + _UNKNOWN_WINDOW_SECONDS
+                        why = "no answer said when; a second is assumed"
+                    else:
+                        why = f"it refills then, by the answers' {REFILL_HEADER}"
+                    # The state is checked against the horizon when read; this bounds a clock
+                    # that stepped back since.
+                    pause = min(state.refill_at - now + _REFILL_MARGIN_SECONDS, self.horizon)
                 limit = "?" if state.limit is None else state.limit
             if pause >= _LOGGED_WAIT_SECONDS:
                 self._log(
@@ -195,45 +238,73 @@ class SharedRateLimiter:
             self._sleep(pause)
             waited += pause
 
-    def observe(self, headers: Mapping[str, str], received_at: float | None = None) -> None:
-        """Fold an answer's rate-limit headers into the shared view of the quota."""
+    def observe(
+        self, headers: Mapping[str, str], received_at: float | None = None, reservation: Reservation | None = None
+    ) -> None:
+        """Fold an answer's rate-limit headers into the shared view of the quota.
+
+        ``reservation``: that of the request answered, which is then no longer in flight. An
+        answer's count was taken when its request arrived, before or after the others in
+        flight: where the count replaces our own (a new window began before we thought it
+        would) those are taken off it. While nothing is known, one request goes first (see
+        ``reserve``), so the first count comes with nothing else in flight."""
+        now = self._clock() if received_at is None else received_at
+        quota = self._quota(headers, now)
+        with self._state() as state:
+            if reservation is not None:
+                state.answered = min(state.answered + 1, state.issued)
+            # Nothing to pace by (no headers, or none that mean anything): requests no longer
+            # wait for a first answer to tell more than this one did.
+            state.paced = quota is not None
+            if quota is None:
+                return
+            remaining, refill_at, limit = quota
+            if limit is not None:
+                state.limit = limit
+            if refill_at <= now:
+                return  # it describes a window that has already ended
+            unseen = max(remaining - (state.issued - state.answered), 0)
+            if state.refill_at is None:
+                # The first answer from a fresh window: reservations made since it began
+                # are already taken off `remaining`, so the lower count is the truer one.
+                state.remaining = unseen if state.remaining is None else min(state.remaining, remaining)
+                state.refill_at = refill_at
+            elif refill_at >= state.refill_at + 1.0:
+                # The server moved to a new window before our estimate of the old one ran out.
+                state.remaining, state.refill_at = unseen, refill_at
+            else:
+                # Same window: the lowest count and the earliest refill seen are the truest.
+                state.remaining = remaining if state.remaining is None else min(state.remaining, remaining)
+                state.refill_at = min(state.refill_at, refill_at)
+
+    def _quota(self, headers: Mapping[str, str], now: float) -> tuple[int, float, int | None] | None:
+        """(remaining, refill time, limit) from an answer's headers, or None if they say nothing."""
         remaining_text = headers.get(REMAINING_HEADER)
         refill_text = headers.get(REFILL_HEADER)
         if remaining_text is None or refill_text is None:
-            return
-        now = self._clock() if received_at is None else received_at
+            return None
         try:
             remaining = max(int(remaining_text), 0)
         except ValueError:
-            return
+            return None
         refill_at = parse_refill(refill_text, now)
         if refill_at is None:
-            return
+            return None
         if refill_at - now > self.horizon:
             self._report(
                 f"{REFILL_HEADER}: {refill_text.strip()} is {describe_duration(refill_at - now)} ahead, more"
                 f" than the {describe_duration(self.horizon)} horizon: treated as unknown",
                 key=refill_text.strip(),
             )
-            return
+            return None
         limit_text = headers.get(LIMIT_HEADER, "").strip()
+        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() else None  # int() takes "²" too
+        return remaining, refill_at, limit
+
+    def abandon(self, reservation: Reservation) -> None:
+        """The request failed with no answer: it is no longer in flight."""
         with self._state() as state:
-            if limit_text.isascii() and limit_text.isdigit():  # int() also takes "²" and "٣"
-                state.limit = int(limit_text)
-            if refill_at <= now:
-                return  # it describes a window that has already ended
-            if state.refill_at is None:
-                # The first answer from a fresh window: reservations made since it began
-                # are already taken off `remaining`, so the lower count is the truer one.
-                state.remaining = remaining if state.remaining is None else min(state.remaining, remaining)
-                state.refill_at = refill_at
-            elif refill_at >= state.refill_at + 1.0:
-                # The server moved to a new window before our estimate of the old one ran out.
-                state.remaining, state.refill_at = remaining, refill_at
-            else:
-                # Same window: the lowest count and the earliest refill seen are the truest.
-                state.remaining = remaining if state.remaining is None else min(state.remaining, remaining)
-                state.refill_at = min(state.refill_at, refill_at)
+            state.answered = min(state.answered + 1, state.issued)
 
     def _report(self, message: str, key: str) -> None:
         with self._reported_lock:

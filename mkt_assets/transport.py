@@ -338,11 +338,18 @@ class ApiAdapter(HTTPAdapter):
         return manager
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        reservation = None
         if self._limiter is not None:
-            self._stats.count_pacing(self._limiter.acquire())
-        response = super().send(request, *args, **kwargs)
+            reservation = self._limiter.reserve()
+            self._stats.count_pacing(reservation.waited)
+        try:
+            response = super().send(request, *args, **kwargs)
+        except BaseException:
+            if self._limiter is not None and reservation is not None:
+                self._limiter.abandon(reservation)
+            raise
         if self._limiter is not None:
-            self._limiter.observe(response.headers)
+            self._limiter.observe(response.headers, reservation=reservation)
         return response
 
 

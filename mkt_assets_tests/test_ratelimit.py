@@ -56,11 +56,17 @@ def limiter(tmp_path: Path, clock: FakeClock) -> SharedRateLimiter:
     return SharedRateLimiter(tmp_path / "quota.json", clock=clock, sleep=clock.sleep)
 
 
+def answered(pacer: SharedRateLimiter, answer: dict[str, str] | None = None) -> float:
+    """One request, reserved and answered (by ``answer``'s headers, or none); its wait."""
+    reservation = pacer.reserve()
+    pacer.observe(answer or {}, reservation=reservation)
+    return reservation.waited
+
+
 def test_requests_go_at_once_while_the_quota_lasts_then_wait_for_the_refill(tmp_path: Path) -> None:
     clock = FakeClock()
     pacer = limiter(tmp_path, clock)
-    assert pacer.acquire() == 0  # nothing known yet
-    pacer.observe(headers(remaining=2, refill="2"))
+    assert answered(pacer, headers(remaining=2, refill="2")) == 0  # nothing known yet
 
     assert pacer.acquire() == 0
     assert pacer.acquire() == 0
@@ -73,8 +79,7 @@ def test_requests_go_at_once_while_the_quota_lasts_then_wait_for_the_refill(tmp_
 def test_processes_sharing_the_state_file_share_the_quota(tmp_path: Path) -> None:
     clock = FakeClock()
     first, second = limiter(tmp_path, clock), limiter(tmp_path, clock)
-    first.acquire()
-    first.observe(headers(remaining=3, refill="2"))
+    answered(first, headers(remaining=3, refill="2"))
 
     taken = [first.acquire(), second.acquire(), first.acquire()]
     assert taken == [0, 0, 0]
@@ -281,7 +286,7 @@ def test_no_stored_state_stalls_or_breaks_a_later_run(tmp_path: Path, stored: st
     clock = FakeClock()
     pacer = limiter(tmp_path, clock)
 
-    assert [pacer.acquire() for _ in range(3)] == [0, 0, 0]
+    assert [answered(pacer) for _ in range(3)] == [0, 0, 0]
     assert clock.slept == []
     assert json.loads(state.read_text())["refill_at"] is None  # and it is gone for the next run too
 
@@ -375,3 +380,69 @@ def test_no_single_wait_is_longer_than_the_horizon_even_when_the_clock_steps_bac
     pacer.acquire()
 
     assert all(pause <= 60.0 for pause in clock.slept)
+
+
+def test_while_nothing_is_known_the_first_request_goes_alone_until_its_answer_says_how_many_follow(
+    tmp_path: Path,
+) -> None:
+    # Ten requests sent at once into a window nothing was known of overdrew it: its answers
+    # count only what had arrived, and each thread took the count as room for more.
+    clock = FakeClock()
+    first, second = limiter(tmp_path, clock), limiter(tmp_path, clock)
+    probe = first.reserve()
+    held = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        held.set()
+        clock.now += seconds
+        if len(clock.slept) == 3:  # the answer arrives while the second request waits
+            first.observe(headers(remaining=19, refill="2"), reservation=probe)
+        clock.slept.append(seconds)
+
+    waiting = SharedRateLimiter(tmp_path / "quota.json", clock=clock, sleep=sleep)
+
+    assert waiting.reserve().waited == pytest.approx(4 * 0.005)
+    assert held.is_set()
+    state = json.loads((tmp_path / "quota.json").read_text())
+    assert (state["remaining"], state["issued"] - state["answered"]) == (18, 1)  # 19 less the one in flight
+    assert second.reserve().waited == 0
+
+
+def test_a_first_request_that_never_answers_holds_the_others_two_seconds_at_most(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+    hanging = pacer.reserve()  # no answer, no error yet
+
+    second = pacer.reserve()
+    assert second.waited == pytest.approx(2.0, abs=0.006)
+
+    # Requests that fail with no answer are no longer in flight: the next goes at once.
+    pacer.abandon(hanging)
+    pacer.abandon(second)
+    assert pacer.reserve().waited == 0
+
+
+def test_an_answer_without_rate_limit_headers_stops_the_probing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+
+    assert answered(pacer) == 0
+    held = [pacer.reserve() for _ in range(5)]  # all at once: there is nothing to pace by
+
+    assert clock.slept == [] and len(held) == 5
+    assert answered(pacer, headers(remaining=10, refill="2")) == 0
+    assert json.loads((tmp_path / "quota.json").read_text())["paced"] is True
+
+
+def test_a_new_window_the_server_began_early_counts_the_requests_in_flight(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+    answered(pacer, headers(remaining=10, refill="5"))
+    in_flight = [pacer.reserve() for _ in range(4)]
+
+    # The server's window ended early; this answer is the new window's, its count taken
+    # before the three other requests in flight arrived.
+    pacer.observe(headers(remaining=19, refill="7"), reservation=in_flight[0])
+
+    state = json.loads((tmp_path / "quota.json").read_text())
+    assert (state["remaining"], state["refill_at"]) == (16, NOW + 7)
