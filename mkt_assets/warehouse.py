@@ -22,7 +22,9 @@ import duckdb
 from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.history import Versions, ensure_history, record_versions
 from mkt_assets.records import shortened
+from mkt_assets.sql_names import fully_qualified, quote_ident, quote_literal, table_columns, table_exists
 from mkt_assets.staging import StagedBatch
 
 Result = TypeVar("Result")
@@ -37,26 +39,6 @@ _POLL_SECONDS = (0.01, 0.25)  # first and longest pause between two tries
 # DuckDB's JSON reader refuses a line longer than this unless told, and buffers about twice
 # what it is told: so it is told the longest staged line, never less than its default.
 _JSON_OBJECT_FLOOR = 16 << 20
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def qualified(schema: str, table: str) -> str:
-    return f"{quote_ident(schema)}.{quote_ident(table)}"
-
-
-def fully_qualified(connection: duckdb.DuckDBPyConnection, schema: str, table: str | None = None) -> str:
-    """``"catalog"."schema"."table"``: a file named like the schema (marketing.duckdb holding
-    schema marketing) makes two-part names ambiguous in DuckDB, so our own SQL never uses them."""
-    (catalog,) = connection.execute("SELECT current_database()").fetchone()  # type: ignore[misc]
-    name = f"{quote_ident(catalog)}.{quote_ident(schema)}"
-    return f"{name}.{quote_ident(table)}" if table is not None else name
 
 
 # DuckDB may use this much memory before it spills to `<database>.tmp`: a sync's memory
@@ -313,14 +295,7 @@ def ensure_table(connection: duckdb.DuckDBPyConnection, schema: str, table: str,
     connection.execute(f"CREATE SCHEMA IF NOT EXISTS {fully_qualified(connection, schema)}")
     target = fully_qualified(connection, schema, table)
     connection.execute(f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(column_definitions(spec))})")
-    existing = {
-        row[0]
-        for row in connection.execute(
-            "SELECT column_name FROM information_schema.columns"
-            " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
-            [schema, table],
-        ).fetchall()
-    }
+    existing = table_columns(connection, schema, table)
     for column in (*spec.columns, *BOOKKEEPING_COLUMNS):
         if column.name not in existing:
             connection.execute(
@@ -503,6 +478,9 @@ class MergeResult:
     total_rows: int  # live rows and rows marked deleted
     # Records dropped because a later record of the same sync had the same key (it won).
     duplicate_keys: int = 0
+    # Versions of <table>_history this merge opened and closed (see ``history``).
+    versions_opened: int = 0
+    versions_closed: int = 0
 
     @property
     def changed(self) -> bool:
@@ -516,12 +494,14 @@ def merge_batch(
     batch: StagedBatch,
     *,
     deletions: str = "mark",
+    history: bool = True,
 ) -> MergeResult:
     """Merge ``batch`` into ``schema.table`` on the primary key, inside the caller's transaction.
 
     When the batch is a complete read of the resource, rows it lacks were deleted upstream:
     they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
     (an incremental one) says nothing about rows it did not fetch, so it marks nothing.
+    With ``history``, ``<table>_history`` keeps every version, from the same change detection.
 
     Staged rows are told apart by a join on the key and a hash of the data columns, which
     keeps the join's memory to a few bytes a row. New rows are bulk-inserted and only changed
@@ -561,6 +541,8 @@ def merge_batch(
         if problem is not None:
             raise StagingError(problem)
     ensure_table(connection, schema, table, spec)
+    if history:
+        ensure_history(connection, schema, table, spec, batch.synced_at)
     # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
     connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
     (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
@@ -573,34 +555,57 @@ def merge_batch(
         f" ON s.{key} = t.{key} WHERE s.h <> t.h OR t.{deleted_at} IS NOT NULL"
     )
     updated = 0
-    if connection.execute("SELECT 1 FROM changed LIMIT 1").fetchone():
+    if _holds_rows(connection, "changed"):
         (updated,) = connection.execute(
             f"MERGE INTO {target} AS t"
             f" USING (SELECT * FROM staged SEMI JOIN changed USING ({key})) AS s ON t.{key} = s.{key}"
             f" WHEN MATCHED THEN UPDATE SET {', '.join(f'{c} = s.{c}' for c in written_columns)},"
             f" {deleted_at} = NULL"
         ).fetchone()  # type: ignore[misc]
-    (inserted,) = connection.execute(
-        f"INSERT INTO {target} ({', '.join(written_columns)})"
-        f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s"
-        f" ANTI JOIN {target} AS t ON s.{key} = t.{key}"
-    ).fetchone()  # type: ignore[misc]
+    # The keys new to the table, once: the insert takes them, and so does the history.
+    connection.execute(
+        f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT s.{key} FROM staged AS s ANTI JOIN {target} AS t ON s.{key} = t.{key}"
+    )
+    inserted = 0
+    if _holds_rows(connection, "fresh"):
+        (inserted,) = connection.execute(
+            f"INSERT INTO {target} ({', '.join(written_columns)})"
+            f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s SEMI JOIN fresh USING ({key})"
+        ).fetchone()  # type: ignore[misc]
     deleted = 0
+    gone: list[str] = []
     if batch.complete:
         missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
+        # The live rows the API no longer lists: marked (or removed), and their versions closed.
+        connection.execute(
+            f"CREATE OR REPLACE TEMP TABLE gone AS SELECT t.{key} FROM {target} AS t"
+            f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}"
+        )
+        gone.append("gone")
         if deletions == "delete":
             (deleted,) = connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}").fetchone()  # type: ignore[misc]
-        else:
+        elif _holds_rows(connection, "gone"):
             (deleted,) = connection.execute(
-                f"UPDATE {target} AS t SET {deleted_at} = $synced_at"
-                f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}",
+                f"UPDATE {target} SET {deleted_at} = $synced_at WHERE {key} IN (SELECT {key} FROM gone)",
                 {"synced_at": batch.synced_at},
             ).fetchone()  # type: ignore[misc]
+    versions = Versions()
+    if history:
+        keys = {name: _holds_rows(connection, name) for name in ("changed", "fresh", *gone)}
+        versions = record_versions(
+            connection,
+            schema,
+            table,
+            spec,
+            batch.synced_at,
+            opened=[name for name in ("changed", "fresh") if keys[name]],
+            closed=[name for name in ("changed", *gone) if keys[name]],
+        )
     (row_count, total_rows) = connection.execute(
         f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
     ).fetchone()  # type: ignore[misc]
-    connection.execute("DROP TABLE staged")
-    connection.execute("DROP TABLE changed")
+    for temporary in ("staged", "changed", "fresh", *gone):
+        connection.execute(f"DROP TABLE {temporary}")
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),
@@ -609,7 +614,13 @@ def merge_batch(
         row_count=row_count,
         total_rows=total_rows,
         duplicate_keys=0 if batch.keys_unique else batch.records - int(staged_rows),
+        versions_opened=versions.opened,
+        versions_closed=versions.closed,
     )
+
+
+def _holds_rows(connection: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
 
 
 def merge_staged(
@@ -619,12 +630,13 @@ def merge_staged(
     batch: StagedBatch,
     *,
     deletions: str = "mark",
+    history: bool = True,
 ) -> MergeResult:
     """``merge_batch`` in a transaction of its own: the table is merged whole or left as it was,
     and a value DuckDB cannot type is named."""
     try:
         with transaction(connection, f"the merge into {schema}.{table}"):
-            return merge_batch(connection, schema, table, batch, deletions=deletions)
+            return merge_batch(connection, schema, table, batch, deletions=deletions, history=history)
     except CAST_FAILURES as error:
         raise explain_cast_failure(connection, batch.spec, batch, error) from None
 
@@ -634,12 +646,12 @@ CAST_FAILURES = (duckdb.ConversionException, duckdb.InvalidInputException)
 
 
 def merge_staged_file(
-    warehouse: WarehouseFile, schema: str, table: str, batch: StagedBatch, *, deletions: str = "mark"
+    warehouse: WarehouseFile, schema: str, table: str, batch: StagedBatch, *, deletions: str = "mark", history: bool = True
 ) -> tuple[MergeResult, str]:
     """Open the file, merge ``batch`` and preview the table: the whole write of a sync,
     as one call a lean worker process can make (see ``lean_process``)."""
     with warehouse.open() as connection:
-        result = merge_staged(connection, schema, table, batch, deletions=deletions)
+        result = merge_staged(connection, schema, table, batch, deletions=deletions, history=history)
         return result, preview_markdown(connection, schema, table)
 
 
@@ -701,16 +713,6 @@ def _duplicated_field(connection: duckdb.DuckDBPyConnection, batch: StagedBatch,
     return (
         f"{batch.spec.name}: record {position} of page {page} sends the field {name!r} twice; DuckDB and"
         " the checks would read different values, so nothing is written"
-    )
-
-
-def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    return bool(
-        connection.execute(
-            "SELECT count(*) FROM information_schema.tables"
-            " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
-            [schema, table],
-        ).fetchone()[0]  # type: ignore[index]
     )
 
 
