@@ -27,6 +27,8 @@ from mkt_assets.catalog import (
 )
 from mkt_assets.checks import (
     could_not_run,
+    history_check_spec,
+    history_result,
     normalized_check_specs,
     normalized_results,
     primary_key_result,
@@ -122,6 +124,7 @@ def check_specs(settings: Settings) -> list[dg.AssetCheckSpec]:
     return [
         *(check for spec in RESOURCES for check in sync_check_specs(spec, asset_key(spec), settings.row_count_max_drop)),
         *(check for spec in RESOURCES for check in reference_check_specs(spec, asset_key)),
+        *(history_check_spec(spec, asset_key(spec)) for spec in RESOURCES if settings.history),
         *(check for table in NORMALIZED_TABLES for check in normalized_check_specs(table, table_key(table))),
     ]
 
@@ -193,6 +196,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 tables=plan.tables,
                 runner=duckdb.call,
                 asked=frozenset(table.name for table in tables),
+                history=settings.history,
             )
             for spec in resources:
                 yield dg.Output(
@@ -312,6 +316,8 @@ def _check_results(
             for column, member in spec.references():
                 check = (member or column).check_name
                 yield reference_result(facts.references[spec.name][check], schema, spec, column, member, key)
+            if spec.name in facts.history:
+                yield history_result(facts.history[spec.name], schema, spec, key)
     for table in tables:
         key, written = table_key(table), commit.written.get(table.name)
         if key in context.selected_asset_keys and written is not None and written.build is not None:

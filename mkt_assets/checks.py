@@ -13,12 +13,14 @@ import dagster as dg
 
 from mkt_assets.catalog import RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.normalized_tables import BuildResult, NormalizedTable
-from mkt_assets.table_facts import SAMPLE_SIZE, PrimaryKeyFacts, ReferenceFacts, RequiredFieldsFacts
+from mkt_assets.history import history_table
+from mkt_assets.table_facts import SAMPLE_SIZE, HistoryFacts, PrimaryKeyFacts, ReferenceFacts, RequiredFieldsFacts
 
 PRIMARY_KEY_CHECK = "primary_key_unique"
 REQUIRED_FIELDS_CHECK = "required_fields_present"
 ROW_COUNT_CHECK = "row_count_not_dropping"
 NOT_NULL_CHECK = "keys_present"
+HISTORY_CHECK = "history_is_consistent"
 
 
 
@@ -206,6 +208,53 @@ def reference_check_specs(spec: ResourceSpec, key_of: Callable[[ResourceSpec], d
             )
         )
     return specs
+
+
+def history_check_spec(spec: ResourceSpec, asset_key: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        HISTORY_CHECK,
+        asset=asset_key,
+        description=(
+            f"In {history_table(spec.name)}, every live row has exactly one open version, no other row has"
+            " one, and no two versions of a row overlap."
+        ),
+    )
+
+
+def history_result(facts: HistoryFacts, schema: str, spec: ResourceSpec, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
+    table = f"{schema}.{history_table(spec.name)}"
+    if facts.missing_table is not None:
+        return dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=HISTORY_CHECK,
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"{facts.missing_table} does not exist",
+        )
+    faults = {
+        "live rows without exactly one open version": facts.live_without_one_open,
+        "open versions of rows that are not live": facts.open_not_live,
+        "versions overlapping the next one of their row": facts.overlapping,
+    }
+    passed = not any(faults.values())
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=HISTORY_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=None
+        if passed
+        else f"{table}: " + "; ".join(f"{count} {what}" for what, count in faults.items() if count)
+        + f" ({spec.primary_key_column.name}s: {_listed(facts.keys)})",
+        metadata={
+            "table": table,
+            "versions": facts.versions,
+            "live_rows_without_one_open_version": facts.live_without_one_open,
+            "open_versions_not_live": facts.open_not_live,
+            "overlapping_versions": facts.overlapping,
+            f"{spec.primary_key_column.name}s_at_fault": dg.MetadataValue.json(facts.keys[:SAMPLE_SIZE]),
+        },
+    )
 
 
 def normalized_check_specs(table: NormalizedTable, asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:

@@ -19,7 +19,14 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import SyncError
 from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_facts, build_in_transaction, is_current
 from mkt_assets.staging import StagedBatch
-from mkt_assets.table_facts import ReferenceFacts, SyncedTableFacts, all_reference_facts, synced_table_facts
+from mkt_assets.table_facts import (
+    HistoryFacts,
+    ReferenceFacts,
+    SyncedTableFacts,
+    all_reference_facts,
+    history_facts,
+    synced_table_facts,
+)
 from mkt_assets.warehouse import (
     CAST_FAILURES,
     MergeResult,
@@ -57,6 +64,8 @@ class Facts:
     synced: dict[str, SyncedTableFacts] = field(default_factory=dict)
     # By synced table, then by reference check.
     references: dict[str, dict[str, ReferenceFacts]] = field(default_factory=dict)
+    # By synced table, when the run keeps their history.
+    history: dict[str, HistoryFacts] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -76,6 +85,7 @@ def commit_run(
     tables: Sequence[NormalizedTable],
     *,
     deletions: str,
+    history: bool = True,
     asked: frozenset[str] = frozenset(),
 ) -> RunCommit:
     """Merge every batch and rebuild every table in one transaction, then gather the facts the
@@ -94,7 +104,7 @@ def commit_run(
             with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
                 for batch in batches:
                     merging, began = batch, time.monotonic()
-                    merge = merge_batch(connection, schema, batch.spec.name, batch, deletions=deletions)
+                    merge = merge_batch(connection, schema, batch.spec.name, batch, deletions=deletions, history=history)
                     written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
                 merging = None
                 changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
@@ -120,7 +130,7 @@ def commit_run(
         for batch in batches:
             name = batch.spec.name
             written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
-        facts = _facts(connection, schema, [batch.spec for batch in batches])
+        facts = _facts(connection, schema, [batch.spec for batch in batches], history)
     return RunCommit(written, facts, time.monotonic() - started, skipped)
 
 
@@ -128,15 +138,16 @@ def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) ->
     return [*(batch.spec.name for batch in batches), *(table.name for table in tables)] or ["nothing"]
 
 
-def _facts(connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[ResourceSpec]) -> Facts:
+def _facts(connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[ResourceSpec], history: bool) -> Facts:
     """The checks' facts; the tables have changed by now, so a query that fails says why in
     ``error`` (the checks then fail) instead of failing the run."""
     try:
         synced = {spec.name: streamed(connection, lambda spec=spec: synced_table_facts(connection, schema, spec)) for spec in specs}
         references = {spec.name: streamed(connection, lambda spec=spec: all_reference_facts(connection, schema, spec)) for spec in specs}
+        versions = {spec.name: streamed(connection, lambda spec=spec: history_facts(connection, schema, spec)) for spec in specs if history}
     except duckdb.Error as error:
         return Facts(error=without_values(str(error)))
-    return Facts(synced, references)
+    return Facts(synced, references, versions)
 
 
 def newest_keys(file: WarehouseFile, schema: str, specs: Sequence[ResourceSpec]) -> dict[str, int | None]:

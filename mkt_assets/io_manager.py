@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
 from mkt_assets.commit import RunCommit
+from mkt_assets.history import history_table
 from mkt_assets.sync import TableWrite
 
 
@@ -63,7 +64,7 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
         first = obj.write.result is None
         commit = obj.write.commit(self.file(), self.schema_, self.deletions, log=context.log.warning)
         if first:
-            context.log.info(_summary(commit, self.schema_))
+            context.log.info(_summary(commit, self.schema_, obj.write.history))
         written = commit.written[obj.table]
         name = f"{self.schema_}.{obj.table}"
         metadata: dict[str, Any] = {
@@ -92,6 +93,15 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                     "merge_seconds": round(written.seconds, 3),
                 }
             )
+            if obj.write.history:
+                metadata.update(
+                    {
+                        # Where every version of the rows is kept (see mkt_assets.history).
+                        "history_table": f"{self.schema_}.{history_table(obj.table)}",
+                        "versions_opened": merge.versions_opened,
+                        "versions_closed": merge.versions_closed,
+                    }
+                )
         if written.build is not None:
             metadata.update(
                 {
@@ -115,15 +125,16 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
         return connection.sql(f"SELECT * FROM {name}{live}")
 
 
-def _summary(commit: RunCommit, schema: str) -> str:
+def _summary(commit: RunCommit, schema: str, history: bool) -> str:
     """The run's write in one line of the run's log (each line is an event the instance stores)."""
     parts = []
     for name, written in commit.written.items():
         if written.merge is not None:
             merge = written.merge
+            versions = f", versions {merge.versions_opened} opened and {merge.versions_closed} closed" if history else ""
             parts.append(
                 f"{schema}.{name}: {merge.inserted} inserted, {merge.updated} updated, {merge.unchanged} unchanged,"
-                f" {merge.deleted} gone upstream, {merge.row_count} live rows"
+                f" {merge.deleted} gone upstream, {merge.row_count} live rows{versions}"
             )
         elif written.build is not None:
             done = "rebuilt" if written.build.rebuilt else "kept, since nothing it reads changed"

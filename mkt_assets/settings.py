@@ -29,6 +29,8 @@ class Settings:
     # Hourly, at half past: clear of the daily full sync's start.
     incremental_cron: str = "30 * * * *"
     deletions: str = "mark"
+    # Keep <table>_history beside each synced table (see ``history``).
+    history: bool = True
     freshness_warn: timedelta = timedelta(hours=25)
     freshness_fail: timedelta = timedelta(hours=28)
     owners: tuple[str, ...] = ("team:data-engineering",)
@@ -71,6 +73,14 @@ class Settings:
             except ValueError:
                 raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
 
+        def switch(name: str, default: bool) -> bool:
+            raw = (env.get(name) or "").strip().lower()
+            if not raw:
+                return default
+            if raw not in ("on", "off"):
+                raise ConfigurationError(f"{name} must be 'on' or 'off', got {env[name]!r}")
+            return raw == "on"
+
         owners = env.get("MKT_ASSET_OWNERS")
         return cls(
             duckdb_path=env.get(DUCKDB_PATH_ENV) or defaults.duckdb_path,
@@ -78,6 +88,7 @@ class Settings:
             sync_timezone=env.get("MKT_SYNC_TIMEZONE") or defaults.sync_timezone,
             incremental_cron=env.get("MKT_INCREMENTAL_CRON") or defaults.incremental_cron,
             deletions=env.get("MKT_DELETIONS") or defaults.deletions,
+            history=switch("MKT_HISTORY", defaults.history),
             freshness_warn=timedelta(
                 hours=number("MKT_FRESHNESS_WARN_HOURS", defaults.freshness_warn / timedelta(hours=1))
             ),

@@ -226,6 +226,8 @@ class RunWrite:
     runner: Runner
     # Tables the run was asked for (the others are rebuilt only to keep up with their reads).
     asked: frozenset[str] = frozenset()
+    # Keep each synced table's history (see ``history``).
+    history: bool = True
     result: RunCommit | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -240,6 +242,7 @@ class RunWrite:
                         self.batches,
                         self.tables,
                         deletions=deletions,
+                        history=self.history,
                         asked=self.asked,
                         log=log,
                     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mkt_assets.catalog import RESOURCES_BY_NAME, Column, ResourceSpec
+from mkt_assets.history import VALID_FROM_COLUMN, VALID_TO_COLUMN, history_table
 from mkt_assets.warehouse import WarehouseFile, fully_qualified, quote_ident, streamed, table_exists
 
 # How many offending keys a failing check lists in its metadata.
@@ -162,6 +163,61 @@ def all_reference_facts_in_file(warehouse: WarehouseFile, schema: str, spec: Res
     # Anti joins and small samples: all streaming.
     with warehouse.open() as connection:
         return streamed(connection, lambda: all_reference_facts(connection, schema, spec))
+
+
+@dataclass(frozen=True)
+class HistoryFacts:
+    """How ``<table>_history`` stands against the table it keeps the versions of."""
+
+    missing_table: str | None = None
+    versions: int = 0
+    # Live keys with no open version, or with more than one.
+    live_without_one_open: int = 0
+    # Open versions of keys that are not live (marked deleted, or gone from the table).
+    open_not_live: int = 0
+    # Versions that end before they begin, or after the next version of their key begins.
+    overlapping: int = 0
+    keys: list[object] = field(default_factory=list)  # the keys at fault, up to SAMPLE_SIZE + 1
+
+
+def history_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> HistoryFacts:
+    """Every live key has exactly one open version, nothing else has one, and no two
+    versions of a key overlap."""
+    name = history_table(spec.name)
+    if not table_exists(connection, schema, name):
+        return HistoryFacts(missing_table=f"{schema}.{name}")
+    history = fully_qualified(connection, schema, name)
+    table = fully_qualified(connection, schema, spec.name)
+    key = quote_ident(spec.primary_key_column.name)
+    valid_from, valid_to = quote_ident(VALID_FROM_COLUMN.name), quote_ident(VALID_TO_COLUMN.name)
+    connection.execute(
+        f"CREATE OR REPLACE TEMP TABLE open_versions AS SELECT {key}, count(*) AS n FROM {history}"
+        f" WHERE {valid_to} IS NULL GROUP BY {key}"
+    )
+    connection.execute(
+        "CREATE OR REPLACE TEMP TABLE history_faults AS"
+        f" SELECT t.{key} AS key, 'live' AS fault FROM {table} AS t LEFT JOIN open_versions AS o ON o.{key} = t.{key}"
+        f" WHERE t.{LIVE} AND coalesce(o.n, 0) <> 1"
+        f" UNION ALL SELECT o.{key}, 'open' FROM open_versions AS o"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE t.{key} = o.{key} AND t.{LIVE})"
+        f" UNION ALL SELECT {key}, 'overlap' FROM (SELECT {key}, {valid_from} AS since, {valid_to} AS until,"
+        f" lead({valid_from}) OVER (PARTITION BY {key} ORDER BY {valid_from}, {valid_to} NULLS LAST) AS next FROM {history})"
+        " WHERE until < since OR (next IS NOT NULL AND (until IS NULL OR until > next))"
+    )
+    try:
+        (versions,) = connection.execute(f"SELECT count(*) FROM {history}").fetchone()  # type: ignore[misc]
+        counts = dict(connection.execute("SELECT fault, count(*) FROM history_faults GROUP BY fault").fetchall())
+        keys = connection.execute(f"SELECT DISTINCT key FROM history_faults ORDER BY key LIMIT {SAMPLE_SIZE + 1}").fetchall()
+    finally:
+        connection.execute("DROP TABLE open_versions")
+        connection.execute("DROP TABLE history_faults")
+    return HistoryFacts(
+        versions=int(versions),
+        live_without_one_open=int(counts.get("live", 0)),
+        open_not_live=int(counts.get("open", 0)),
+        overlapping=int(counts.get("overlap", 0)),
+        keys=[_plain(row[0]) for row in keys],
+    )
 
 
 def _plain(value: object) -> object:

@@ -89,7 +89,7 @@ def test_every_asset_carries_its_checks() -> None:
     checks = {(key.asset_key.path[-1], key.name) for key in defs.resolve_asset_graph().asset_check_keys}
 
     expected = {
-        *((resource.name, name) for resource in RESOURCES for name in ("primary_key_unique", "required_fields_present", "row_count_not_dropping")),
+        *((resource.name, name) for resource in RESOURCES for name in ("primary_key_unique", "required_fields_present", "row_count_not_dropping", "history_is_consistent")),
         *((resource.name, (member or column).check_name) for resource in RESOURCES for column, member in resource.references()),
         *((table.name, name) for table in NORMALIZED_TABLES for name in (table.row_check, "keys_present")),
     }
@@ -110,6 +110,7 @@ def test_settings_come_from_the_environment() -> None:
             "MKT_FRESHNESS_FAIL_HOURS": "3.5",
             "MKT_ASSET_OWNERS": "team:growth, ana@example.com",
             "MKT_ROW_COUNT_MAX_DROP": "0.25",
+            "MKT_HISTORY": "Off",
         }
     )
     built = build_definitions(settings)
@@ -120,6 +121,8 @@ def test_settings_come_from_the_environment() -> None:
     assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=3.5)  # type: ignore[union-attr]
     assert spec.owners == ["team:growth", "ana@example.com"]
     assert settings.row_count_max_drop == 0.25
+    assert settings.history is False and Settings.from_environment({}).history is True
+    assert "history_is_consistent" not in {key.name for key in built.resolve_asset_graph().asset_check_keys}
 
 
 @pytest.mark.parametrize(
@@ -129,6 +132,7 @@ def test_settings_come_from_the_environment() -> None:
         ({"MKT_FRESHNESS_WARN_HOURS": "30"}, "below MKT_FRESHNESS_FAIL_HOURS"),
         ({"MKT_ROW_COUNT_MAX_DROP": "1.5"}, "MKT_ROW_COUNT_MAX_DROP must be a share"),
         ({"MKT_PROGRESS_SECONDS": "soon"}, "MKT_PROGRESS_SECONDS must be a number"),
+        ({"MKT_HISTORY": "yes"}, "MKT_HISTORY must be 'on' or 'off', got 'yes'"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_variable(environment: dict[str, str], message: str) -> None:

@@ -425,7 +425,7 @@ def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(
     evaluations = {e.check_name: e for e in outcome.result.get_asset_check_evaluations()}
     assert set(evaluations) == {
         "primary_key_unique", "required_fields_present", "row_count_not_dropping", "contact_tags_exist",
-        "contact_field_slugs_exist",
+        "contact_field_slugs_exist", "history_is_consistent",
     }  # fmt: skip
     assert all(not e.passed for e in evaluations.values())
     assert all(

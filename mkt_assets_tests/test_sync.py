@@ -89,9 +89,9 @@ def test_every_record_of_every_resource_lands_field_for_field(
 
     assert result.success
     checks = result.get_asset_check_evaluations()
-    # Three per synced table, one per reference, two per normalized table.
+    # Four per synced table (its history's included), one per reference, two per normalized table.
     references = sum(len(spec.references()) for spec in RESOURCES)
-    assert len(checks) == 3 * len(RESOURCES) + references + 2 * len(NORMALIZED_TABLES)
+    assert len(checks) == 4 * len(RESOURCES) + references + 2 * len(NORMALIZED_TABLES)
     assert {(check.asset_key.path[-1], check.check_name) for check in checks} >= {
         ("enrollments", "contact_ids_exist"),
         ("memberships", "community_ids_exist"),

@@ -45,7 +45,7 @@ ASSET_PATHS = {("marketing", name) for name in ASSET_NAMES}
 NORMALIZED_READS = {("marketing", table.name): {("marketing", read) for read in table.reads} for table in NORMALIZED_TABLES}
 NORMALIZED_CHECKS = {("marketing", table.name): {table.row_check, "keys_present"} for table in NORMALIZED_TABLES}
 ALL_PATHS = ASSET_PATHS | set(NORMALIZED_READS)
-SYNC_CHECKS = {"primary_key_unique", "required_fields_present", "row_count_not_dropping"}
+SYNC_CHECKS = {"primary_key_unique", "required_fields_present", "row_count_not_dropping", "history_is_consistent"}
 # Each synced asset's reference checks, and the asset each one also reads.
 REFERENCE_CHECKS = {
     ("marketing", spec.name): {
