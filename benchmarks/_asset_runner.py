@@ -51,8 +51,8 @@ def step_seconds(instance: dg.DagsterInstance, run_id: str) -> float | None:
     return None
 
 
-def run(asset_name: str, base_url: str, database: str, pace_requests: bool) -> dict[str, Any]:
-    assets = build_marketing_assets(Settings())
+def run(asset_name: str, base_url: str, database: str, pace_requests: bool, history: bool = True) -> dict[str, Any]:
+    assets = build_marketing_assets(Settings(history=history))
     key = dg.AssetKey([ASSET_PREFIX, asset_name])
     resources = {
         # The same settings the job's definitions use, except the URL and key.
@@ -82,6 +82,7 @@ def run(asset_name: str, base_url: str, database: str, pace_requests: bool) -> d
         "rows_updated": metadata_value(metadata, "rows_updated"),
         "rows_unchanged": metadata_value(metadata, "rows_unchanged"),
         "row_count": metadata_value(metadata, "dagster/row_count"),
+        "versions_opened": metadata_value(metadata, "versions_opened"),
         "peak_kb": own_peak_kb(),
     }
 
@@ -92,8 +93,9 @@ def main() -> None:
     parser.add_argument("--database", required=True)
     parser.add_argument("--asset", default="contacts", choices=sorted(RESOURCES_BY_NAME))
     parser.add_argument("--no-pace", action="store_true", help="pace_requests=False on the resource")
+    parser.add_argument("--no-history", action="store_true", help="keep no history (MKT_HISTORY=off)")
     arguments = parser.parse_args()
-    report = run(arguments.asset, arguments.base_url, arguments.database, not arguments.no_pace)
+    report = run(arguments.asset, arguments.base_url, arguments.database, not arguments.no_pace, not arguments.no_history)
     print("BENCH_JSON " + json.dumps(report), flush=True)
 
 

@@ -65,6 +65,8 @@ END_TO_END_SLACK = 1.25  # 3: job <= fixed cost + 1.25 x bare loop (every resour
 PEAK_MB_MAX = 300.0  # 4: every process of a sync at the largest size
 PEAK_GROWTH_MAX = 1.25  # 4: peak at the largest size / at the next smaller one
 MERGE_SHARE_MAX = 0.15  # 5: merge / asset time when re-syncing unchanged contacts
+HISTORY_FIRST_SYNC_MAX = 1.20  # H1: contacts asset into a fresh file, with history / without
+HISTORY_RESYNC_MAX = 1.10  # H2: the unchanged re-sync, with history / without
 LATENCY_RATIO_MAX = 1.15  # 6: job <= 1.15 x (contact pages x latency) + fixed cost
 
 # The lean run's targets ("A lean run: ... well ahead of dlt").
@@ -223,11 +225,15 @@ def run_bare_loop(bench: Bench, sim: Simulator, timeout: float) -> dict[str, Any
     return {**bench_json(measured), **process_summary(measured, {measured.pid: "bare loop"})}
 
 
-def run_asset(bench: Bench, sim: Simulator, database: Path, timeout: float, name: str) -> dict[str, Any]:
+def run_asset(
+    bench: Bench, sim: Simulator, database: Path, timeout: float, name: str, history: bool = True
+) -> dict[str, Any]:
     run_dir = bench.run_dir(f"{name}-{label(sim.contacts)}")
     command = [sys.executable, str(HERE / "_asset_runner.py"), "--base-url", sim.base_url, "--database", str(database)]
     if not bench.pace_requests:
         command.append("--no-pace")
+    if not history:
+        command.append("--no-history")
     measured = run_measured(
         command,
         env={**bench.env, "MKT_API_KEY": bench.api_key},
@@ -592,7 +598,7 @@ def attempt(bench: Bench, what: str, runs: list[dict[str, Any]], run: Callable[[
 
 def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {
-        kind: [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt", "dagster-dlt")
+        kind: [] for kind in ("bare", "asset", "resync", "asset-no-history", "resync-no-history", "job", "incremental", "dlt", "dagster-dlt")
     }
     with bench.start_simulator(contacts) as sim:
         wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
@@ -607,7 +613,10 @@ def measure_size(bench: Bench, contacts: int, plan: Plan) -> dict[str, list[dict
                 if run:
                     progress(f"{where}: bare loop {run['seconds']:.1f}s (contacts {run['resources']['contacts']['seconds']:.1f}s)")
             if "asset" in plan.parts:
-                measure_asset_pair(bench, sim, where, runs)
+                # With history and without take turns in both orders: H1, H2 are their ratios.
+                order = [True, False] if repeat % 2 else [False, True]
+                for history in order if "history" in plan.parts else [True]:
+                    measure_asset_pair(bench, sim, where, runs, history)
             if "job" in plan.parts:
                 measure_job_pair(bench, sim, where, runs)
             if expected is not None:
@@ -652,17 +661,26 @@ def measure_job_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str, l
         remove_database(database)
 
 
-def measure_asset_pair(bench: Bench, sim: Simulator, where: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+def measure_asset_pair(
+    bench: Bench, sim: Simulator, where: str, runs: dict[str, list[dict[str, Any]]], history: bool = True
+) -> None:
     """The contacts asset into a fresh file (target 2), then the same data again into the
-    table it filled (target 5: a re-sync where every row is unchanged)."""
-    database = bench.run_dir(f"asset-db-{label(sim.contacts)}") / "asset.duckdb"
+    table it filled (target 5: a re-sync where every row is unchanged); without history, the
+    same pair under the names ``asset-no-history`` and ``resync-no-history``."""
+    suffix = "" if history else NO_HISTORY
+    database = bench.run_dir(f"asset{suffix}-db-{label(sim.contacts)}") / "asset.duckdb"
     timeout = timeout_for(sim.contacts, 0.5)
-    for name in ("asset", "resync"):
-        run = attempt(bench, f"{where} {name}", runs[name], lambda: run_asset(bench, sim, database, timeout, name))
+    for name in (f"asset{suffix}", f"resync{suffix}"):
+        run = attempt(bench, f"{where} {name}", runs[name],
+                      lambda: run_asset(bench, sim, database, timeout, name, history))  # fmt: skip
         if run is None:
             break
-        progress(f"{where}: {name} fetch {run['fetch_seconds']:.1f}s + merge {run['merge_seconds']:.1f}s")
+        progress(f"{where}: {name} fetch {run['fetch_seconds']:.1f}s + merge {run['merge_seconds']:.1f}s,"
+                 f" whole {run['seconds']:.1f}s")  # fmt: skip
     remove_database(database)
+
+
+NO_HISTORY = "-no-history"
 
 
 def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any]]]:
@@ -866,6 +884,7 @@ def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, An
         add_asset_rows(table, size, asset, bare_contacts)
     if resync:
         add_resync_rows(table, size, resync)
+    add_history_rows(table, size, runs)
     if job:
         add_job_rows(table, size, job, fixed, bare_all)
     if incremental:
@@ -915,6 +934,24 @@ def add_resync_rows(table: Table, size: str, resync: list[dict[str, Any]]) -> No
         f"{median(r['merge_seconds'] for r in resync):.1f} of {median(work):.1f} s",
         percent=True,
     )
+
+
+def add_history_rows(table: Table, size: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """H1, H2: what keeping the history adds to the contacts asset, whole (materialize(), the
+    checks included), measured against the same asset without it in the same invocation."""
+    for kind, what, limit in (
+        ("asset", "H1 first sync: with history / without", HISTORY_FIRST_SYNC_MAX),
+        ("resync", "H2 re-sync unchanged: with history / without", HISTORY_RESYNC_MAX),
+    ):
+        on, off = runs.get(kind) or [], runs.get(f"{kind}{NO_HISTORY}") or []
+        if not on or not off:
+            continue
+        table.add(f"  {kind}: whole / merge, with history", size,
+                  f"{spread([r['seconds'] for r in on])} / {spread([r['merge_seconds'] for r in on])}")  # fmt: skip
+        table.add(f"  {kind}: whole / merge, without", size,
+                  f"{spread([r['seconds'] for r in off])} / {spread([r['merge_seconds'] for r in off])}")  # fmt: skip
+        with_history, without = median(r["seconds"] for r in on), median(r["seconds"] for r in off)
+        table.check(what, size, with_history / without, limit, f"{with_history:.1f} / {without:.1f} s")
 
 
 def timeline_row(table: Table, size: str, runs: Sequence[dict[str, Any]], what: str = "") -> None:
@@ -1127,7 +1164,7 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
-    parts = ("probe", "bare", "asset", "job", "fixed", "latency", "dlt", "dagster-dlt")
+    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt")
     # dagster-dlt is context, not a target, and costs a venv with Dagster of its own: asked for.
     default_parts = [part for part in parts if part != "dagster-dlt"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=default_parts,

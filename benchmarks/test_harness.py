@@ -148,3 +148,25 @@ def test_dlt_configuration_is_the_corrected_one() -> None:
     }  # fmt: skip
     assert by_name["contact_fields"]["primary_key"] == "slug"
     assert by_name["contact_fields"]["endpoint"]["paginator"] == {"type": "single_page"}
+
+
+def test_history_rows_judge_each_pair_against_its_own_limit() -> None:
+    def runs_of(seconds: float, merge: float) -> list[dict[str, Any]]:
+        return [{"seconds": seconds + spread, "merge_seconds": merge} for spread in (-0.5, 0.0, 0.5)]
+
+    runs = {
+        "asset": runs_of(11.5, 2.0), "asset-no-history": runs_of(10.0, 1.0),  # 1.15: within 1.20
+        "resync": runs_of(12.0, 1.5), "resync-no-history": runs_of(10.0, 1.0),  # 1.20: over 1.10
+    }  # fmt: skip
+    table = run.Table()
+    run.add_history_rows(table, "1M", runs)
+
+    verdicts = {row.measure: (row.value.split(" ")[0], row.verdict) for row in table.rows if row.verdict}
+    assert verdicts == {
+        "H1 first sync: with history / without": ("1.15", "PASS"),
+        "H2 re-sync unchanged: with history / without": ("1.20", "FAIL"),
+    }
+    # Without the pair measured without history (no "history" part), no H row at all.
+    table = run.Table()
+    run.add_history_rows(table, "1M", {"asset": runs["asset"], "resync": runs["resync"]})
+    assert table.rows == []
