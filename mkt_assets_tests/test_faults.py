@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,13 +63,18 @@ class Outcome:
 class Harness:
     """A simulator and a DuckDB file that already holds a first, clean sync."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, first_sync: Path | None = None) -> None:
         self.account = SandboxData(seed=11, contacts=ACCOUNT_SIZE)
         self.server = SandboxServer(self.account, api_key=API_KEY).start()
         self.database = str(tmp_path / "faults.duckdb")
         self.quota_dir = str(tmp_path / "quota")
         self.deletions = "mark"
-        assert self.sync(CONTACTS).result.success
+        if first_sync is None:
+            assert self.sync(CONTACTS).result.success
+        else:
+            # The account is deterministic, so a first sync's file made once stands for each
+            # test's own first sync (copy2 keeps its private mode).
+            shutil.copy2(first_sync, self.database)
         self.server.reset_log()
 
     def resources(self, **api_settings: Any) -> dict[str, Any]:
@@ -103,9 +109,16 @@ class Harness:
         return [r for r in self.server.requests if r.path == "/api/contacts"]
 
 
+@pytest.fixture(scope="module")
+def first_sync(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    made = Harness(tmp_path_factory.mktemp("first_sync"))
+    made.server.stop()
+    return Path(made.database)
+
+
 @pytest.fixture()
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    running = Harness(tmp_path)
+def harness(tmp_path: Path, first_sync: Path) -> Iterator[Harness]:
+    running = Harness(tmp_path, first_sync)
     try:
         yield running
     finally:
@@ -549,6 +562,7 @@ def test_a_retry_after_beyond_the_longest_wait_fails_at_once_saying_what_was_ask
     assert len(harness.contact_requests()) == 2
 
 
+@pytest.mark.slow  # waits the 6 s it is asked to; test_client pins the message without waiting
 def test_a_long_retry_after_is_waited_and_logged(harness: Harness) -> None:
     outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=503, retry_after=6, after=1))
 
