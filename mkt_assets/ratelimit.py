@@ -108,6 +108,9 @@ class QuotaState:
     paced: bool = True
     # While nothing is known: until when the first request out holds the others back.
     probe_until: float | None = None
+    # When our estimate of the window ran out and the quota was taken as refilled: answers to
+    # requests reserved before then describe the window that ended.
+    window_began: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class Reservation:
     """A request allowed out, and how long it waited for that."""
 
     waited: float
+    reserved_at: float
 
 
 def state_path_for(origin: str, directory: str | None = None) -> Path:
@@ -139,20 +143,25 @@ def _read_state(text: str) -> QuotaState:
         data = json.loads(text) if text else {}
     except ValueError:
         return QuotaState()
-    fields = {"limit", "remaining", "refill_at", "issued", "answered", "paced", "probe_until"}
+    fields = {"limit", "remaining", "refill_at", "issued", "answered", "paced", "probe_until", "window_began"}
     if not isinstance(data, dict) or not data.keys() <= fields:
         return QuotaState()
     limit, remaining, refill_at = data.get("limit"), data.get("remaining"), data.get("refill_at")
     issued, answered, paced, probe_until = data.get("issued", 0), data.get("answered", 0), data.get("paced", True), data.get("probe_until")
+    window_began = data.get("window_began")
     if not all(_is_count(count) for count in (limit, remaining, issued, answered)):
         return QuotaState()
-    if not (_is_moment(refill_at) and _is_moment(probe_until) and type(paced) is bool):
+    if not (_is_moment(refill_at) and _is_moment(probe_until) and _is_moment(window_began) and type(paced) is bool):
         return QuotaState()
     refill = None if refill_at is None else float(refill_at)
     if issued < answered or issued >= _MAX_ISSUED:
         # Counts no run of ours could leave, or near the end of what JSON keeps exact.
         return QuotaState(limit, remaining, refill, paced=paced)
-    return QuotaState(limit, remaining, refill, issued, answered, paced, None if probe_until is None else float(probe_until))
+    return QuotaState(
+        limit, remaining, refill, issued, answered, paced,
+        None if probe_until is None else float(probe_until),
+        None if window_began is None else float(window_began),
+    )  # fmt: skip
 
 
 def describe_duration(seconds: float) -> str:
@@ -205,7 +214,7 @@ class SharedRateLimiter:
                 now = self._clock()
                 if state.refill_at is not None and now >= state.refill_at:
                     # The window has refilled; the next answer will say when it ends.
-                    state.remaining, state.refill_at = state.limit, None
+                    state.remaining, state.refill_at, state.window_began = state.limit, None, now
                 probing = state.remaining is None and state.paced
                 if probing and state.issued > state.answered and now < (state.probe_until or 0.0):
                     # The first request is out; its answer will say how many may follow.
@@ -217,7 +226,7 @@ class SharedRateLimiter:
                     elif probing:
                         state.probe_until = now + _PROBE_SECONDS
                     state.issued += 1
-                    return Reservation(waited)
+                    return Reservation(waited, now)
                 else:
                     if state.refill_at is None:
                         # Spent, and no answer has said when this window ends (they all failed):
@@ -253,6 +262,10 @@ class SharedRateLimiter:
         with self._state() as state:
             if reservation is not None:
                 state.answered = min(state.answered + 1, state.issued)
+                if state.window_began is not None and reservation.reserved_at < state.window_began:
+                    # Sent before we took the window as refilled: its count and refill are
+                    # the ended window's (its refill, still ahead, would end the new one early).
+                    return
             # Nothing to pace by (no headers, or none that mean anything): requests no longer
             # wait for a first answer to tell more than this one did.
             state.paced = quota is not None
@@ -264,13 +277,17 @@ class SharedRateLimiter:
             if refill_at <= now:
                 return  # it describes a window that has already ended
             unseen = max(remaining - (state.issued - state.answered), 0)
+            sent = now if reservation is None else reservation.reserved_at
             if state.refill_at is None:
                 # The first answer from a fresh window: reservations made since it began
                 # are already taken off `remaining`, so the lower count is the truer one.
                 state.remaining = unseen if state.remaining is None else min(state.remaining, remaining)
                 state.refill_at = refill_at
-            elif refill_at >= state.refill_at + 1.0:
-                # The server moved to a new window before our estimate of the old one ran out.
+            elif refill_at - (now - sent) >= state.refill_at + 1.0:
+                # The server moved to a new window before our estimate of the old one ran out:
+                # even counted from when its request left (the answer was decided after that)
+                # and a whole second early (refills come rounded up), the answer's window
+                # ends after ours. An older answer overtaken by a newer one is not this.
                 state.remaining, state.refill_at = unseen, refill_at
             else:
                 # Same window: the lowest count and the earliest refill seen are the truest.

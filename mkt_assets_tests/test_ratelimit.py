@@ -446,3 +446,42 @@ def test_a_new_window_the_server_began_early_counts_the_requests_in_flight(tmp_p
 
     state = json.loads((tmp_path / "quota.json").read_text())
     assert (state["remaining"], state["refill_at"]) == (16, NOW + 7)
+
+
+def test_an_answer_sent_before_the_window_refilled_does_not_end_the_new_window_early(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+    answered(pacer, headers(remaining=1, refill="2", limit=3))
+    late = pacer.reserve()  # the old window's last request; its answer is slow to come
+    clock.now += 2.0  # the old window ends; the next reservation takes the quota as refilled
+    fresh = pacer.reserve()
+
+    pacer.observe(headers(remaining=2, refill="2", limit=3), reservation=fresh)
+    # The late answer's count was taken in the old window, a moment before it ended: the
+    # refill it names ("1", rounded up to whole seconds) is that of the window that ended.
+    pacer.observe(headers(remaining=0, refill="1", limit=3), reservation=late)
+
+    state = json.loads((tmp_path / "quota.json").read_text())
+    assert (state["remaining"], state["refill_at"]) == (2, NOW + 2.0 + 2)
+    assert [pacer.acquire() for _ in range(2)] == [0, 0]
+    clock.now += 1.5  # where the stale answer would have refilled the quota
+    assert pacer.acquire() > 0
+
+
+def test_an_older_answer_overtaken_by_a_newer_one_is_not_taken_for_a_new_window(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+    # The server's window ends 1.01 s from now: whole seconds rounded up, "2" until 1 s is
+    # left, then "1". The older answer was counted before that moment, the newer one after.
+    answered(pacer, headers(remaining=12, refill="2"))
+    older = pacer.reserve()
+    clock.now += 0.02
+    newer = pacer.reserve()
+    clock.now += 0.01
+    pacer.observe(headers(remaining=9, refill="1"), reservation=newer)
+    clock.now += 0.03
+    pacer.observe(headers(remaining=10, refill="2"), reservation=older)
+
+    state = json.loads((tmp_path / "quota.json").read_text())
+    assert state["remaining"] == 9
+    assert state["refill_at"] == pytest.approx(NOW + 1.03)
