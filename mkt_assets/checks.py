@@ -56,13 +56,7 @@ def could_not_run(specs: Sequence[dg.AssetCheckSpec], reason: str) -> Iterator[d
     fails its step, and the step's materialization has committed by then; the table's own
     PRIMARY KEY still guards what the blocking check would have found."""
     for spec in specs:
-        yield dg.AssetCheckResult(
-            check_name=spec.name,
-            asset_key=spec.asset_key,
-            passed=False,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"the check could not run: {reason}",
-        )
+        yield _cannot_check(spec.asset_key, spec.name, f"the check could not run: {reason}")
 
 
 def _table_name(spec: ResourceSpec, schema: str) -> str:
@@ -157,13 +151,7 @@ def reference_result(
     referenced = RESOURCES_BY_NAME[field.references.resource]
     check_name = field.check_name
     if facts.missing_table is not None:
-        return dg.AssetCheckResult(
-            asset_key=asset_key,
-            check_name=check_name,
-            passed=False,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"{facts.missing_table} does not exist yet: materialize it first",
-        )
+        return _cannot_check(asset_key, check_name, f"{facts.missing_table} does not exist yet: materialize it first")
     passed = not facts.dangling
     return dg.AssetCheckResult(
         asset_key=asset_key,
@@ -183,6 +171,13 @@ def reference_result(
             f"{spec.row_name}_{spec.primary_key_column.name}s": dg.MetadataValue.json(facts.keys[:SAMPLE_SIZE]),
             f"missing_{field.name}s": dg.MetadataValue.json(facts.values[:SAMPLE_SIZE]),
         },
+    )
+
+
+def _cannot_check(asset_key: dg.AssetKey | None, check_name: str, why: str) -> dg.AssetCheckResult:
+    """A check that cannot say (its table is not there, or its query failed): failed as a warning."""
+    return dg.AssetCheckResult(
+        asset_key=asset_key, check_name=check_name, passed=False, severity=dg.AssetCheckSeverity.WARN, description=why
     )
 
 
@@ -224,13 +219,7 @@ def history_check_spec(spec: ResourceSpec, asset_key: dg.AssetKey) -> dg.AssetCh
 def history_result(facts: HistoryFacts, schema: str, spec: ResourceSpec, asset_key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
     table = f"{schema}.{history_table(spec.name)}"
     if facts.missing_table is not None:
-        return dg.AssetCheckResult(
-            asset_key=asset_key,
-            check_name=HISTORY_CHECK,
-            passed=False,
-            severity=dg.AssetCheckSeverity.WARN,
-            description=f"{facts.missing_table} does not exist",
-        )
+        return _cannot_check(asset_key, HISTORY_CHECK, f"{facts.missing_table} does not exist")
     faults = {
         "live rows without exactly one open version": facts.live_without_one_open,
         "open versions of rows that are not live": facts.open_not_live,
