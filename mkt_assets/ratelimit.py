@@ -119,6 +119,8 @@ class Reservation:
 
     waited: float
     reserved_at: float
+    # Its place among every process's reservations (``QuotaState.issued`` once it was made).
+    sequence: int
 
 
 def state_path_for(origin: str, directory: str | None = None) -> Path:
@@ -226,7 +228,7 @@ class SharedRateLimiter:
                     elif probing:
                         state.probe_until = now + _PROBE_SECONDS
                     state.issued += 1
-                    return Reservation(waited, now)
+                    return Reservation(waited, now, state.issued)
                 else:
                     if state.refill_at is None:
                         # Spent, and no answer has said when this window ends (they all failed):
@@ -276,22 +278,28 @@ class SharedRateLimiter:
                 state.limit = limit
             if refill_at <= now:
                 return  # it describes a window that has already ended
-            unseen = max(remaining - (state.issued - state.answered), 0)
+            in_flight = state.issued - state.answered
+            unseen = max(remaining - in_flight, 0)
+            # The answer's count was taken before the requests reserved after its own arrived:
+            # those still unanswered are taken off it, as they are off ours.
+            after_it = 0 if reservation is None else max(state.issued - reservation.sequence, 0)
+            counted = max(remaining - min(after_it, in_flight), 0)
             sent = now if reservation is None else reservation.reserved_at
             if state.refill_at is None:
                 # The first answer from a fresh window: reservations made since it began
                 # are already taken off `remaining`, so the lower count is the truer one.
-                state.remaining = unseen if state.remaining is None else min(state.remaining, remaining)
+                state.remaining = unseen if state.remaining is None else min(state.remaining, counted)
                 state.refill_at = refill_at
             elif refill_at - (now - sent) >= state.refill_at + 1.0:
                 # The server moved to a new window before our estimate of the old one ran out:
                 # even counted from when its request left (the answer was decided after that)
                 # and a whole second early (refills come rounded up), the answer's window
-                # ends after ours. An older answer overtaken by a newer one is not this.
-                state.remaining, state.refill_at = unseen, refill_at
+                # ends after ours. An older answer overtaken by a newer one is not this. The
+                # answers to requests already out are then the old window's, or counted here.
+                state.remaining, state.refill_at, state.window_began = unseen, refill_at, now
             else:
                 # Same window: the lowest count and the earliest refill seen are the truest.
-                state.remaining = remaining if state.remaining is None else min(state.remaining, remaining)
+                state.remaining = counted if state.remaining is None else min(state.remaining, counted)
                 state.refill_at = min(state.refill_at, refill_at)
 
     def _quota(self, headers: Mapping[str, str], now: float) -> tuple[int, float, int | None] | None:

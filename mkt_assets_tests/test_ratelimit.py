@@ -485,3 +485,31 @@ def test_an_older_answer_overtaken_by_a_newer_one_is_not_taken_for_a_new_window(
     state = json.loads((tmp_path / "quota.json").read_text())
     assert state["remaining"] == 9
     assert state["refill_at"] == pytest.approx(NOW + 1.03)
+
+
+def test_a_late_answer_from_the_window_the_server_ended_early_does_not_end_the_new_one(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+    answered(pacer, headers(remaining=5, refill="5"))
+    late, early = pacer.reserve(), pacer.reserve()
+    clock.now += 0.5
+    # The server began a new window already: the second request arrived in it, the first
+    # just before, and the second's answer comes first.
+    pacer.observe(headers(remaining=19, refill="7"), reservation=early)
+    pacer.observe(headers(remaining=2, refill="1"), reservation=late)
+
+    state = json.loads((tmp_path / "quota.json").read_text())
+    assert (state["remaining"], state["refill_at"]) == (18, NOW + 7.5)
+
+
+def test_a_lower_count_from_the_server_leaves_out_the_requests_reserved_after_it(tmp_path: Path) -> None:
+    clock = FakeClock()
+    pacer = limiter(tmp_path, clock)
+    answered(pacer, headers(remaining=10, refill="5"))
+    first = pacer.reserve()
+    [pacer.reserve() for _ in range(2)]  # out, unanswered: the server had not counted them
+    # Something else spent five of the quota (another machine with the same key).
+    pacer.observe(headers(remaining=4, refill="5"), reservation=first)
+
+    state = json.loads((tmp_path / "quota.json").read_text())
+    assert state["remaining"] == 2
