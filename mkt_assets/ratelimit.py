@@ -204,10 +204,6 @@ class SharedRateLimiter:
         self._reported: set[str] = set()
         self._reported_lock = threading.Lock()
 
-    def acquire(self) -> float:
-        """Block until a request may be sent; return the seconds spent waiting."""
-        return self.reserve().waited
-
     def reserve(self) -> Reservation:
         """Block until a request may be sent; then ``observe`` its answer, or ``abandon`` it."""
         waited = 0.0

@@ -68,9 +68,9 @@ def test_requests_go_at_once_while_the_quota_lasts_then_wait_for_the_refill(tmp_
     pacer = limiter(tmp_path, clock)
     assert answered(pacer, headers(remaining=2, refill="2")) == 0  # nothing known yet
 
-    assert pacer.acquire() == 0
-    assert pacer.acquire() == 0
-    waited = pacer.acquire()
+    assert pacer.reserve().waited == 0
+    assert pacer.reserve().waited == 0
+    waited = pacer.reserve().waited
 
     assert waited == pytest.approx(2.02)
     assert clock.slept == [pytest.approx(2.02)]
@@ -81,9 +81,9 @@ def test_processes_sharing_the_state_file_share_the_quota(tmp_path: Path) -> Non
     first, second = limiter(tmp_path, clock), limiter(tmp_path, clock)
     answered(first, headers(remaining=3, refill="2"))
 
-    taken = [first.acquire(), second.acquire(), first.acquire()]
+    taken = [first.reserve().waited, second.reserve().waited, first.reserve().waited]
     assert taken == [0, 0, 0]
-    assert second.acquire() > 0  # the fourth request of the window waits, whoever asks
+    assert second.reserve().waited > 0  # the fourth request of the window waits, whoever asks
 
 
 class QuotaSpent(Exception):
@@ -108,7 +108,7 @@ def test_threads_of_one_process_share_the_quota_without_losing_reservations(tmp_
         count = 0
         try:
             while True:
-                pacer.acquire()
+                pacer.reserve().waited
                 count += 1
         except QuotaSpent:
             granted.append(count)
@@ -130,9 +130,9 @@ def test_the_refill_estimate_tightens_across_answers(tmp_path: Path) -> None:
     clock.now += 0.6
     pacer.observe(headers(remaining=4, refill="1"))  # ... and within (now+0.6, now+1.6]
     for _ in range(4):
-        assert pacer.acquire() == 0
+        assert pacer.reserve().waited == 0
 
-    assert pacer.acquire() == pytest.approx(1.0 + 0.02)
+    assert pacer.reserve().waited == pytest.approx(1.0 + 0.02)
 
 
 def test_an_answer_from_a_window_that_ended_is_ignored(tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_an_answer_from_a_window_that_ended_is_ignored(tmp_path: Path) -> None:
 
     pacer.observe(headers(remaining=0, refill="1"), received_at=clock.now - 1.4)
 
-    assert pacer.acquire() == 0
+    assert pacer.reserve().waited == 0
 
 
 def test_a_refilled_window_starts_from_the_limit(tmp_path: Path) -> None:
@@ -152,8 +152,8 @@ def test_a_refilled_window_starts_from_the_limit(tmp_path: Path) -> None:
     pacer.observe(headers(remaining=0, refill="1", limit=3))
     clock.now += 1.1
 
-    assert [pacer.acquire() for _ in range(3)] == [0, 0, 0]
-    assert pacer.acquire() > 0
+    assert [pacer.reserve().waited for _ in range(3)] == [0, 0, 0]
+    assert pacer.reserve().waited > 0
 
 
 def test_answers_without_rate_limit_headers_leave_requests_unpaced(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_answers_without_rate_limit_headers_leave_requests_unpaced(tmp_path: Pat
     pacer = limiter(tmp_path, clock)
     pacer.observe({"Content-Type": "application/json"})
 
-    assert all(pacer.acquire() == 0 for _ in range(1000))
+    assert all(pacer.reserve().waited == 0 for _ in range(1000))
 
 
 def test_a_corrupt_state_file_is_started_afresh(tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_a_corrupt_state_file_is_started_afresh(tmp_path: Path) -> None:
     (tmp_path / "quota.json").write_text("{not json")
     (tmp_path / "quota.json").chmod(0o600)  # ours and private, only torn
 
-    assert limiter(tmp_path, clock).acquire() == 0
+    assert limiter(tmp_path, clock).reserve().waited == 0
 
 
 def test_each_api_origin_has_its_own_state_file(tmp_path: Path) -> None:
@@ -184,9 +184,9 @@ def test_a_spent_quota_with_no_refill_known_is_waited_out_not_forever(tmp_path: 
     pacer = limiter(tmp_path, clock)
     pacer.observe(headers(remaining=0, refill="1", limit=1))
     clock.now += 1.1
-    assert pacer.acquire() == 0  # the window refilled; the request it sent got no answer
+    assert pacer.reserve().waited == 0  # the window refilled; the request it sent got no answer
 
-    assert pacer.acquire() == pytest.approx(1.02)
+    assert pacer.reserve().waited == pytest.approx(1.02)
 
 
 def mode(path: Path) -> int:
@@ -248,7 +248,7 @@ def test_a_symlinked_state_file_is_refused_and_its_target_never_written(tmp_path
     pacer = limiter(tmp_path, FakeClock())
 
     with pytest.raises(PrivateFileError, match=r"quota.json: it is a symbolic link \(to .*someone_elses_file\)"):
-        pacer.acquire()
+        pacer.reserve().waited
     with pytest.raises(PrivateFileError):
         pacer.observe(headers(remaining=5, refill="2"))
 
@@ -260,7 +260,7 @@ def test_a_state_file_others_may_read_is_refused(tmp_path: Path) -> None:
     (tmp_path / "quota.json").chmod(0o644)
 
     with pytest.raises(PrivateFileError, match=r"quota.json: its mode is 0644"):
-        limiter(tmp_path, FakeClock()).acquire()
+        limiter(tmp_path, FakeClock()).reserve().waited
 
 
 @pytest.mark.parametrize(
@@ -297,7 +297,7 @@ def test_a_stored_refill_beyond_the_horizon_is_logged_when_dropped(tmp_path: Pat
     state.chmod(0o600)
     pacer, logged = logging_limiter(state, FakeClock())
 
-    assert pacer.acquire() == 0
+    assert pacer.reserve().waited == 0
 
     assert logged == [f"rate-limit state {state}: a refill 60.0 min ahead is beyond the 120 s horizon: treated as unknown"]
 
@@ -312,7 +312,7 @@ def test_a_refill_beyond_the_horizon_is_treated_as_unknown_and_logged_once(tmp_p
 
     for _ in range(3):
         pacer.observe(headers(remaining=0, refill=refill))
-        assert pacer.acquire() == 0
+        assert pacer.reserve().waited == 0
 
     assert clock.slept == []
     assert logged == [f"X-RateLimit-Refill: {refill} is {ahead} ahead, more than the 120 s horizon: treated as unknown"]
@@ -323,7 +323,7 @@ def test_the_horizon_is_a_setting(tmp_path: Path) -> None:
     pacer, logged = logging_limiter(tmp_path / "quota.json", clock, horizon=600.0)
     pacer.observe(headers(remaining=0, refill="300"))
 
-    assert pacer.acquire() == pytest.approx(300.02)
+    assert pacer.reserve().waited == pytest.approx(300.02)
     assert logged[0].startswith("rate limit: waiting 300.0 s")
 
 
@@ -343,7 +343,7 @@ def test_refill_values_no_clock_can_reach_are_ignored(tmp_path: Path, refill: st
 
     pacer.observe(headers(remaining=0, refill=refill))
 
-    assert pacer.acquire() == 0 and clock.slept == []
+    assert pacer.reserve().waited == 0 and clock.slept == []
 
 
 def test_odd_counts_in_the_headers_never_break_the_pacing(tmp_path: Path) -> None:
@@ -352,18 +352,18 @@ def test_odd_counts_in_the_headers_never_break_the_pacing(tmp_path: Path) -> Non
 
     pacer.observe({"X-RateLimit-Limit": "²", "X-RateLimit-Remaining": "-3", "X-RateLimit-Refill": "2"})
 
-    assert pacer.acquire() == pytest.approx(2.02)  # a negative count is a spent quota
+    assert pacer.reserve().waited == pytest.approx(2.02)  # a negative count is a spent quota
 
 
 def test_a_wait_of_five_seconds_or_more_is_logged_and_a_shorter_one_is_not(tmp_path: Path) -> None:
     clock = FakeClock()
     pacer, logged = logging_limiter(tmp_path / "quota.json", clock)
     pacer.observe(headers(remaining=0, refill="2"))
-    assert pacer.acquire() == pytest.approx(2.02)
+    assert pacer.reserve().waited == pytest.approx(2.02)
     assert logged == []
 
     pacer.observe(headers(remaining=0, refill="30"))
-    assert pacer.acquire() == pytest.approx(30.02)
+    assert pacer.reserve().waited == pytest.approx(30.02)
 
     assert logged == [
         "rate limit: waiting 30.0 s for the quota to refill before the next request: 0 of 20 requests"
@@ -377,7 +377,7 @@ def test_no_single_wait_is_longer_than_the_horizon_even_when_the_clock_steps_bac
     pacer.observe(headers(remaining=0, refill="50"))
     clock.now -= 30  # the stored refill is now 80 s ahead
 
-    pacer.acquire()
+    pacer.reserve().waited
 
     assert all(pause <= 60.0 for pause in clock.slept)
 
@@ -463,9 +463,9 @@ def test_an_answer_sent_before_the_window_refilled_does_not_end_the_new_window_e
 
     state = json.loads((tmp_path / "quota.json").read_text())
     assert (state["remaining"], state["refill_at"]) == (2, NOW + 2.0 + 2)
-    assert [pacer.acquire() for _ in range(2)] == [0, 0]
+    assert [pacer.reserve().waited for _ in range(2)] == [0, 0]
     clock.now += 1.5  # where the stale answer would have refilled the quota
-    assert pacer.acquire() > 0
+    assert pacer.reserve().waited > 0
 
 
 def test_an_older_answer_overtaken_by_a_newer_one_is_not_taken_for_a_new_window(tmp_path: Path) -> None:
