@@ -245,7 +245,7 @@ def test_a_long_fetch_reports_its_progress_in_the_run_log(server: SandboxServer,
 def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Path) -> None:
     database = str(tmp_path / "m.duckdb")
     instance = dg.DagsterInstance.ephemeral()
-    materialize_marketing(EVERYTHING, resources(server, database), instance=instance)
+    first = materialize_marketing(EVERYTHING, resources(server, database), instance=instance)
 
     second = materialize_marketing(EVERYTHING, resources(server, database), instance=instance)
 
@@ -260,7 +260,12 @@ def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Pa
     assert contacts["paced_seconds"].value == 0  # the simulator's quota here is never spent
     assert contacts["fetch_seconds"].value > 0 and contacts["merge_seconds"].value > 0
     assert contacts["preview"].value.startswith("| id | email | registered_at |")
-    row_checks = {e.asset_key.path[-1]: e for e in second.get_asset_check_evaluations() if e.check_name == "row_count_not_dropping"}
+    # Each asset's check compares with that asset's own previous materialization.
+    for run, expected in ((first, {}), (second, {name: metadata["dagster/row_count"].value for name, metadata in by_asset.items()})):
+        row_checks = {e.asset_key.path[-1]: e for e in run.get_asset_check_evaluations() if e.check_name == "row_count_not_dropping"}
+        assert row_checks and set(row_checks) <= set(by_asset)
+        for name, evaluation in row_checks.items():
+            assert evaluation.metadata["previous_row_count"].value == expected.get(name, "none (first materialization)")
     assert row_checks["contacts"].metadata["previous_row_count"].value == 1234
 
 
