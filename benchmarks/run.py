@@ -90,6 +90,34 @@ def job_command(job: str) -> list[str]:
     return [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets.definitions", "-j", job]
 
 
+FLOOR_DEFS = Path(__file__).resolve().parent / "_dagster_floor_defs.py"
+
+
+def floor_command() -> list[str]:
+    return [sys.executable, "-m", "dagster", "job", "execute", "-f", str(FLOOR_DEFS), "-j", SYNC_JOB]
+
+
+# The shape of marketing_sync (its assets and checks), read from the project's definitions in a
+# child, so that this process stays free of the project's imports.
+_SHAPE_SCRIPT = """
+import json, sys
+from mkt_assets.definitions import defs
+graph = defs().resolve_asset_graph()
+shape = {
+    "assets": sorted(key.to_user_string() for key in graph.get_all_asset_keys()),
+    "checks": sorted([key.asset_key.to_user_string(), key.name] for key in graph.asset_check_keys),
+}
+json.dump(shape, open(sys.argv[1], "w"))
+"""
+
+
+def write_floor_shape(bench: Bench) -> Path:
+    path = bench.root / "floor_shape.json"
+    if not path.exists():
+        subprocess.run([sys.executable, "-c", _SHAPE_SCRIPT, str(path)], env=bench.env, check=True, timeout=120)
+    return path
+
+
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -269,6 +297,21 @@ def read_run_events(dagster_home: Path) -> list[dict[str, Any]]:
     return events
 
 
+def count_run_events(dagster_home: Path) -> dict[str, int]:
+    """How many events the run wrote (Dagster's per-run cost grows with them), and of them its
+    materializations and check evaluations."""
+    counts = {"events": 0, "materializations": 0, "check_evaluations": 0}
+    for database in sorted((dagster_home / "history" / "runs").glob("*-*.db")):
+        with closing(sqlite3.connect(database)) as connection:
+            for kind, count in connection.execute("SELECT dagster_event_type, count(*) FROM event_logs GROUP BY 1"):
+                counts["events"] += count
+                if kind == "ASSET_MATERIALIZATION":
+                    counts["materializations"] += count
+                elif kind == "ASSET_CHECK_EVALUATION":
+                    counts["check_evaluations"] += count
+    return counts
+
+
 def materialization_metadata(event: dict[str, Any]) -> dict[str, Any]:
     materialization = event["dagster_event"]["event_specific_data"]["materialization"]
     metadata = {}
@@ -390,9 +433,12 @@ def run_job(
     name: str = "job",
     job: str = SYNC_JOB,
     database: Path | None = None,
+    command: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``dagster job execute`` of ``job`` with a fresh DAGSTER_HOME. Into a fresh DuckDB file
-    that is removed afterwards, unless ``database`` names one: the caller's, kept."""
+    """``dagster job execute`` of ``job`` (or ``command``) with a fresh DAGSTER_HOME. Into a
+    fresh DuckDB file that is removed afterwards, unless ``database`` names one: the caller's,
+    kept."""
     run_dir = bench.run_dir(f"{name}-{label(sim.contacts)}")
     home = run_dir / "dagster_home"
     home.mkdir()
@@ -405,15 +451,17 @@ def run_job(
         "MKT_API_KEY": bench.api_key,
         "MKT_DUCKDB_PATH": str(target),
         "DAGSTER_HOME": str(home),
+        **(extra_env or {}),
     }
     try:
         measured = run_measured(
-            job_command(job), env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout, simulator_pid=sim.pid
+            command or job_command(job), env=env, cwd=run_dir, log_path=run_dir / "output.log", timeout=timeout, simulator_pid=sim.pid
         )
     finally:
         if database is None:
             remove_database(target)
     parsed = summarize_job_events(read_run_events(home), measured.started_at, measured.started_at + measured.seconds)
+    parsed.update(count_run_events(home))
     root = measured.pid
     summary = process_summary(
         measured, {}, default=lambda process: job_process_kind(process, root, parsed["step_pids"])
@@ -686,7 +734,9 @@ NO_HISTORY = "-no-history"
 def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """The job against an empty account (T3's and T6's fixed cost, N1a), and dlt beside it
     for context when dlt is measured."""
-    runs: dict[str, list[dict[str, Any]]] = {"job": [], "dlt": [], "dagster-dlt": []}
+    runs: dict[str, list[dict[str, Any]]] = {"job": [], "floor": [], "floor-no-checks": [], "dlt": [], "dagster-dlt": []}
+    shape = write_floor_shape(bench)
+    floors = {"floor": "1", "floor-no-checks": "0"}
     with bench.start_simulator(0) as sim:
         wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
         expected = account_sizes(sim, bench.api_key) if wanted else None
@@ -695,6 +745,14 @@ def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any
             run = attempt(bench, where, runs["job"], lambda: run_job(bench, sim, 300.0, "fixed"))
             if run:
                 progress(f"{where}: marketing_sync {run['seconds']:.1f}s")
+            for name, checks in floors.items():
+                floor_env = {"BENCH_FLOOR_SHAPE": str(shape), "BENCH_FLOOR_CHECKS": checks}
+                run = attempt(
+                    bench, f"{where}, {name}", runs[name],
+                    lambda floor_env=floor_env, name=name: run_job(bench, sim, 300.0, name, command=floor_command(), extra_env=floor_env),
+                )  # fmt: skip
+                if run:
+                    progress(f"{where}: Dagster {name} {run['seconds']:.1f}s ({run['events']} events)")
             if expected is not None:
                 measure_dlt_runs(bench, sim, plan, where, expected, runs)
     return runs
@@ -828,6 +886,7 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
         )  # fmt: skip
         table.add("  job CPU (all its processes)", "0", cpu_line(fixed_runs))
         add_peak_rows(table, "0", peaks_by_kind(fixed_runs), contacts_step(fixed_runs))
+    add_floor_rows(table, fixed_runs, results.get("dagster_floor") or [], results.get("dagster_floor_no_checks") or [])
     add_dlt_rows(table, "0", results.get("fixed_cost_dlt") or [])
     add_dagster_dlt_rows(table, "0", results.get("fixed_cost_dagster_dlt") or [], fixed_runs)
     for contacts in plan.sizes:
@@ -841,6 +900,36 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
         latency_runs = (results.get("latency") or {}).get(str(contacts), {})
         add_latency_rows(table, contacts, latency_runs.get("job"), latency_runs.get("bare"), plan, fixed)
     return table
+
+
+def add_floor_rows(
+    table: Table, fixed_runs: list[dict[str, Any]], floor: list[dict[str, Any]], no_checks: list[dict[str, Any]]
+) -> None:
+    """What Dagster alone costs a run of the job's shape, and so what of N1a is the project's."""
+    if not floor:
+        return
+    first = floor[0]
+    shape = f"{first['materializations']} assets, {first['check_evaluations']} checks, {first['events']} events"
+    floor_seconds = median(run["seconds"] for run in floor)
+    table.add(
+        "Dagster floor: the job's shape, nothing fetched or written", "0",
+        f"{seconds(floor_seconds)} {spread_detail([run['seconds'] for run in floor])} ({shape})",
+    )  # fmt: skip
+    if no_checks:
+        bare = median(run["seconds"] for run in no_checks)
+        table.add(
+            "  the same without its checks", "0",
+            f"{seconds(bare)} {spread_detail([run['seconds'] for run in no_checks])}"
+            f" ({no_checks[0]['events']} events): the checks' events cost {seconds(floor_seconds - bare)}",
+        )  # fmt: skip
+    if fixed_runs:
+        job = fixed_runs[0]
+        fixed = median(run["seconds"] for run in fixed_runs)
+        table.add(
+            "  N1a - floor: the project's own fixed cost", "0",
+            f"{seconds(fixed - floor_seconds)} ({seconds(fixed)} - {seconds(floor_seconds)});"
+            f" the job: {job['materializations']} assets, {job['check_evaluations']} checks, {job['events']} events",
+        )  # fmt: skip
 
 
 def spread_detail(values: Sequence[float | None]) -> str:
@@ -1207,6 +1296,7 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
     if "fixed" in plan.parts:
         fixed = measure_fixed_cost(bench, plan)
         results["fixed_cost"], results["fixed_cost_dlt"] = fixed["job"], fixed["dlt"]
+        results["dagster_floor"], results["dagster_floor_no_checks"] = fixed["floor"], fixed["floor-no-checks"]
         results["fixed_cost_dagster_dlt"] = fixed["dagster-dlt"]
     for contacts in plan.sizes:
         if plan.parts & {"bare", "asset", "job", "dlt", "dagster-dlt"}:

@@ -8,7 +8,11 @@ one process per asset), so both layouts are exercised here on made-up event logs
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +174,51 @@ def test_history_rows_judge_each_pair_against_its_own_limit() -> None:
     table = run.Table()
     run.add_history_rows(table, "1M", {"asset": runs["asset"], "resync": runs["resync"]})
     assert table.rows == []
+
+
+def test_run_events_are_counted_by_kind(tmp_path: Path) -> None:
+    runs = tmp_path / "history" / "runs"
+    runs.mkdir(parents=True)
+    kinds = ["RUN_START", "ASSET_MATERIALIZATION", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", None]
+    with closing(sqlite3.connect(runs / "0f1e-2d3c.db")) as connection, connection:
+        connection.execute("CREATE TABLE event_logs (id INTEGER PRIMARY KEY, event TEXT, dagster_event_type TEXT)")
+        connection.executemany("INSERT INTO event_logs (event, dagster_event_type) VALUES ('{}', ?)", [(kind,) for kind in kinds])
+
+    assert run.count_run_events(tmp_path) == {"events": 5, "materializations": 2, "check_evaluations": 1}
+
+
+def test_floor_rows_split_the_fixed_cost_between_dagster_and_the_project() -> None:
+    def runs_of(seconds: float, events: int, checks: int) -> list[dict[str, Any]]:
+        shape = {"events": events, "materializations": 11, "check_evaluations": checks}
+        return [{"seconds": seconds + spread, **shape} for spread in (-0.2, 0.0, 0.3)]
+
+    table = run.Table()
+    run.add_floor_rows(table, runs_of(5.0, 183, 42), runs_of(4.0, 170, 42), runs_of(3.0, 44, 0))
+
+    values = {row.measure.strip(): row.value for row in table.rows}
+    assert values["Dagster floor: the job's shape, nothing fetched or written"].startswith("4.00 s [3.8-4.3, n=3] (11 assets, 42 checks")
+    assert values["the same without its checks"].endswith("(44 events): the checks' events cost 1.00 s")
+    assert values["N1a - floor: the project's own fixed cost"].startswith("1.00 s (5.00 s - 4.00 s)")
+    assert all(not row.verdict for row in table.rows)  # context, not targets
+    empty = run.Table()
+    run.add_floor_rows(empty, runs_of(5.0, 183, 42), [], [])
+    assert empty.rows == []
+
+
+@pytest.mark.parametrize("checks", ["1", "0"])
+def test_the_floor_job_has_the_shape_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checks: str) -> None:
+    shape = {"assets": ["marketing/a", "marketing/b"], "checks": [["marketing/a", "x"], ["marketing/a", "y"], ["marketing/b", "x"]]}
+    (tmp_path / "shape.json").write_text(json.dumps(shape))
+    monkeypatch.setenv("BENCH_FLOOR_SHAPE", str(tmp_path / "shape.json"))
+    monkeypatch.setenv("BENCH_FLOOR_CHECKS", checks)
+    module_spec = importlib.util.spec_from_file_location("floor_under_test", run.FLOOR_DEFS)
+    assert module_spec is not None and module_spec.loader is not None
+    floor = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(floor)
+
+    result = floor.defs.resolve_job_def(run.SYNC_JOB).execute_in_process()
+
+    assert result.success
+    assert sorted(event.asset_key.to_user_string() for event in result.get_asset_materialization_events()) == shape["assets"]
+    evaluated = sorted([e.asset_key.to_user_string(), e.check_name] for e in result.get_asset_check_evaluations())
+    assert evaluated == (shape["checks"] if checks == "1" else [])
