@@ -78,6 +78,12 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                     f"{name}: {merge.duplicate_keys} records came again under a key already read in this sync"
                     " (the API listed them twice); the later copy was kept"
                 )
+            if merge.newer_kept:
+                context.log.warning(
+                    f"{name}: {merge.newer_kept} rows were written by a sync that began after this one and"
+                    " landed first (the runs overlapped); what this run read of them is older, so they"
+                    " were left as that sync wrote them"
+                )
             batch = next(batch for batch in obj.write.batches if batch.spec.name == obj.table)
             metadata.update(
                 {
@@ -89,6 +95,8 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                     "rows_unchanged": merge.unchanged,
                     "rows_deleted_upstream": merge.deleted,
                     "duplicate_keys": merge.duplicate_keys,
+                    # Rows a sync that began later had written: left as it wrote them.
+                    "rows_kept_newer": merge.newer_kept,
                     "complete_read": batch.complete,
                     "merge_seconds": round(written.seconds, 3),
                 }

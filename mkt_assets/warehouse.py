@@ -22,7 +22,7 @@ import duckdb
 from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
-from mkt_assets.history import Versions, ensure_history, record_versions
+from mkt_assets.history import Versions, ensure_history, history_table, record_versions
 from mkt_assets.records import shortened
 from mkt_assets.sql_names import fully_qualified, quote_ident, quote_literal, table_columns, table_exists
 from mkt_assets.staging import StagedBatch
@@ -481,6 +481,9 @@ class MergeResult:
     # Versions of <table>_history this merge opened and closed (see ``history``).
     versions_opened: int = 0
     versions_closed: int = 0
+    # Rows a sync that began after this one had already written (runs overlapped and that one
+    # landed first): newer than what this batch read, so left as that sync wrote them.
+    newer_kept: int = 0
 
     @property
     def changed(self) -> bool:
@@ -502,6 +505,8 @@ def merge_batch(
     they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
     (an incremental one) says nothing about rows it did not fetch, so it marks nothing.
     With ``history``, ``<table>_history`` keeps every version, from the same change detection.
+    Rows a sync that began after this batch's had already written are newer than what it read
+    (overlapping runs landing in the other order): they are left as they are.
 
     Staged rows are told apart by a join on the key and a hash of the data columns, which
     keeps the join's memory to a few bytes a row. New rows are bulk-inserted and only changed
@@ -546,13 +551,17 @@ def merge_batch(
     # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
     connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
     (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
+    # Runs may overlap and land in either order: what a sync that began after this one wrote
+    # (changed, inserted, found gone) is newer than what this batch read, and is left alone.
+    newer = _newer_rows(connection, schema, table, target, key, batch, history=history, deletions=deletions)
+    not_newer = f" AND s.{key} NOT IN (SELECT {key} FROM newer)" if newer else ""
     # A row marked deleted that the API lists again has changed: it is back. (Two different
     # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
     connection.execute(
         f"CREATE OR REPLACE TEMP TABLE changed AS SELECT s.{key} FROM"
         f" (SELECT {key}, hash({', '.join(data_columns)}) AS h FROM staged) AS s JOIN"
         f" (SELECT {key}, hash({', '.join(data_columns)}) AS h, {deleted_at} FROM {target}) AS t"
-        f" ON s.{key} = t.{key} WHERE s.h <> t.h OR t.{deleted_at} IS NOT NULL"
+        f" ON s.{key} = t.{key} WHERE (s.h <> t.h OR t.{deleted_at} IS NOT NULL){not_newer}"
     )
     updated = 0
     if _holds_rows(connection, "changed"):
@@ -565,6 +574,7 @@ def merge_batch(
     # The keys new to the table, once: the insert takes them, and so does the history.
     connection.execute(
         f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT s.{key} FROM staged AS s ANTI JOIN {target} AS t ON s.{key} = t.{key}"
+        + (f" WHERE true{not_newer}" if newer else "")
     )
     inserted = 0
     if _holds_rows(connection, "fresh"):
@@ -576,6 +586,8 @@ def merge_batch(
     gone: list[str] = []
     if batch.complete:
         missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
+        if newer:
+            missing_upstream += f" AND t.{key} NOT IN (SELECT {key} FROM newer)"
         # The live rows the API no longer lists: marked (or removed), and their versions closed.
         connection.execute(
             f"CREATE OR REPLACE TEMP TABLE gone AS SELECT t.{key} FROM {target} AS t"
@@ -604,19 +616,55 @@ def merge_batch(
     (row_count, total_rows) = connection.execute(
         f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
     ).fetchone()  # type: ignore[misc]
-    for temporary in ("staged", "changed", "fresh", *gone):
-        connection.execute(f"DROP TABLE {temporary}")
+    newer_in_batch = 0
+    if newer:
+        (newer_in_batch,) = connection.execute(f"SELECT count(*) FROM staged SEMI JOIN newer USING ({key})").fetchone()  # type: ignore[misc]
+    for temporary in ("staged", "changed", "fresh", *gone, "newer"):
+        connection.execute(f"DROP TABLE IF EXISTS {temporary}")
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),
-        unchanged=int(staged_rows) - int(inserted) - int(updated),
+        unchanged=int(staged_rows) - int(inserted) - int(updated) - int(newer_in_batch),
         deleted=int(deleted),
         row_count=row_count,
         total_rows=total_rows,
         duplicate_keys=0 if batch.keys_unique else batch.records - int(staged_rows),
         versions_opened=versions.opened,
         versions_closed=versions.closed,
+        newer_kept=newer,
     )
+
+
+def _newer_rows(
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    table: str,
+    target: str,
+    key: str,
+    batch: StagedBatch,
+    *,
+    history: bool,
+    deletions: str,
+) -> int:
+    """Collect into the temporary table ``newer`` the keys a sync that began after ``batch``'s
+    has written: stored rows it inserted, changed or marked deleted, and, when rows gone
+    upstream are removed, those the history shows it closed. Returns how many there are (0
+    unless runs overlapped)."""
+    _, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
+    removed = ""
+    if history and deletions == "delete":
+        versions = fully_qualified(connection, schema, history_table(table))
+        removed = (
+            f" UNION SELECT h.{key} FROM {versions} AS h WHERE h._valid_to > $synced_at"
+            f" AND NOT EXISTS (SELECT 1 FROM {target} AS t WHERE t.{key} = h.{key})"
+        )
+    connection.execute(
+        f"CREATE OR REPLACE TEMP TABLE newer AS SELECT t.{key} FROM {target} AS t"
+        f" WHERE greatest(t.{synced_at}, coalesce(t.{deleted_at}, t.{synced_at})) > $synced_at{removed}",
+        {"synced_at": batch.synced_at},
+    )
+    (count,) = connection.execute("SELECT count(*) FROM newer").fetchone()  # type: ignore[misc]
+    return int(count)
 
 
 def _holds_rows(connection: duckdb.DuckDBPyConnection, table: str) -> bool:

@@ -141,6 +141,45 @@ def test_removing_rows_gone_upstream_closes_their_versions_and_keeps_them(databa
     assert versions(database)[1:] == [(43, DAY[0], DAY[1]), (43, DAY[2], None)]
 
 
+@pytest.mark.parametrize("deletions", ["mark", "delete"])
+def test_a_sync_that_began_earlier_but_lands_later_leaves_what_the_newer_one_wrote(
+    database: str, tmp_path: Path, deletions: str
+) -> None:
+    """Overlapping runs: A began reading (day 1) before B (day 2), but B committed first. A's
+    read is older than what B wrote, so A leaves B's rows as they are, and changes the rest."""
+    sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7), tagged(44, 7), tagged(46, 7)], deletions=deletions)
+    # B: 42 changed, 44 gone upstream, 45 new.
+    sync(database, tmp_path, 2, [tagged(42, 8), tagged(43, 7), tagged(45, 7), tagged(46, 7)], deletions=deletions)
+
+    # A read 42 and 44 before B did, missed 45 (created after A's read), and saw 43 and 46 change.
+    late = sync(
+        database, tmp_path, 1, [tagged(42, 7, 9), tagged(43, 7, unsubscribed=True), tagged(44, 7), tagged(46, 9)],
+        deletions=deletions,
+    )  # fmt: skip
+
+    # 42 and 45 as B wrote them, and 44 gone (marked, or removed and known to the history).
+    assert (late.inserted, late.updated, late.unchanged, late.deleted, late.newer_kept) == (0, 2, 0, 0, 3)
+    with connect(database) as connection:
+        rows = connection.execute(
+            "SELECT id, [tag.id FOR tag IN tags], unsubscribed, _deleted_at FROM marketing.contacts ORDER BY id"
+        ).fetchall()
+    gone_44 = [(44, [7], False, DAY[2])] if deletions == "mark" else []
+    assert rows == [(42, [8], False, None), (43, [7], True, None), *gone_44, (45, [7], False, None), (46, [9], False, None)]
+    # The history too: B's versions stay open, A's changes open theirs, and no version ends
+    # before it begins.
+    assert versions(database, "unsubscribed") == [
+        (42, False, DAY[0], DAY[2]),
+        (42, False, DAY[2], None),
+        (43, False, DAY[0], DAY[1]),
+        (43, True, DAY[1], None),
+        (44, False, DAY[0], DAY[2]),
+        (45, False, DAY[2], None),
+        (46, False, DAY[0], DAY[1]),
+        (46, False, DAY[1], None),
+    ]
+    assert faults(database) == (0, 0, 0, [])
+
+
 def test_a_history_started_beside_stored_rows_begins_with_them(database: str, tmp_path: Path) -> None:
     sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7), tagged(44, 7)], history=False)
     sync(database, tmp_path, 1, [tagged(42, 7, 8), tagged(43, 7)], history=False)

@@ -43,13 +43,16 @@ def write_assets(write: RunWrite) -> dg.AssetsDefinition:
     return run_write
 
 
-def materialize(database: str, *batches: StagedBatch, runner: Any = None) -> dg.ExecuteInProcessResult:
+def materialize(
+    database: str, *batches: StagedBatch, runner: Any = None, instance: dg.DagsterInstance | None = None
+) -> dg.ExecuteInProcessResult:
     with lean_process.Worker() as worker:
         write = RunWrite(batches=batches, tables=(), runner=runner or worker.call)
         return dg.materialize(
             [write_assets(write)],
             resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
             raise_on_error=False,
+            instance=instance,
         )
 
 
@@ -69,12 +72,36 @@ def test_materializations_merge_and_report_what_changed(tmp_path: Path) -> None:
     reported = metadata(result, "tags")
     assert (reported["rows_inserted"], reported["rows_updated"], reported["rows_unchanged"]) == (1, 1, 0)
     assert reported["rows_deleted_upstream"] == 1  # tag 1 is no longer listed
+    assert reported["rows_kept_newer"] == 0
     assert (reported["dagster/row_count"], reported["total_rows"]) == (2, 3)
     assert reported["dagster/table_name"] == "marketing.tags"
     with connect(database) as connection:
         rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
     assert rows == [(1, "a", True), (2, "b2", False), (3, "c", False)]
     assert not any(path.exists() for path in second.paths), "the staging files are removed once merged"
+
+
+def test_a_run_that_began_first_but_lands_last_keeps_the_newer_runs_rows_and_says_so(tmp_path: Path) -> None:
+    database = str(tmp_path / "warehouse.duckdb")
+    materialize(database, tags(tmp_path, {1: "a", 2: "b", 3: "c"}))
+    began_first = tags(tmp_path, {1: "a", 2: "b", 3: "c-as-first-read"})  # staged first: the older read
+    began_later = tags(tmp_path, {1: "a", 2: "b2", 4: "d"})  # 2 renamed, 3 gone, 4 new
+
+    assert materialize(database, began_later).success
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(database, began_first, instance=instance)
+
+    assert result.success
+    reported = metadata(result, "tags")
+    assert (reported["rows_kept_newer"], reported["rows_updated"], reported["rows_deleted_upstream"]) == (3, 0, 0)
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any(
+        message.startswith("marketing.tags: 3 rows were written by a sync that began after this one and landed first")
+        for message in messages
+    )
+    with connect(database) as connection:
+        rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
+    assert rows == [(1, "a", False), (2, "b2", False), (3, "c", True), (4, "d", False)]
 
 
 def test_every_table_of_a_run_lands_in_one_transaction_at_the_first_output(tmp_path: Path) -> None:
