@@ -80,9 +80,8 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                 )
             if merge.newer_kept:
                 context.log.warning(
-                    f"{name}: {merge.newer_kept} rows were written by a sync that began after this one and"
-                    " landed first (the runs overlapped); what this run read of them is older, so they"
-                    " were left as that sync wrote them"
+                    f"{name}: {merge.newer_kept} rows had been written by a sync that began after this one"
+                    " and landed first (the runs overlapped): they were left as that sync wrote them"
                 )
             batch = next(batch for batch in obj.write.batches if batch.spec.name == obj.table)
             metadata.update(
@@ -140,9 +139,10 @@ def _summary(commit: RunCommit, schema: str, history: bool) -> str:
         if written.merge is not None:
             merge = written.merge
             versions = f", versions {merge.versions_opened} opened and {merge.versions_closed} closed" if history else ""
+            kept = f", {merge.newer_kept} kept as a newer sync wrote them" if merge.newer_kept else ""
             parts.append(
                 f"{schema}.{name}: {merge.inserted} inserted, {merge.updated} updated, {merge.unchanged} unchanged,"
-                f" {merge.deleted} gone upstream, {merge.row_count} live rows{versions}"
+                f" {merge.deleted} gone upstream{kept}, {merge.row_count} live rows{versions}"
             )
         elif written.build is not None:
             done = "rebuilt" if written.build.rebuilt else "kept, since nothing it reads changed"

@@ -22,7 +22,7 @@ import duckdb
 from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
-from mkt_assets.history import Versions, ensure_history, history_table, record_versions
+from mkt_assets.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
 from mkt_assets.records import shortened
 from mkt_assets.sql_names import fully_qualified, quote_ident, quote_literal, table_columns, table_exists
 from mkt_assets.staging import StagedBatch
@@ -553,7 +553,7 @@ def merge_batch(
     (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
     # Runs may overlap and land in either order: what a sync that began after this one wrote
     # (changed, inserted, found gone) is newer than what this batch read, and is left alone.
-    newer = _newer_rows(connection, schema, table, target, key, batch, history=history, deletions=deletions)
+    newer = _newer_rows(connection, schema, table, target, key, batch)
     not_newer = f" AND s.{key} NOT IN (SELECT {key} FROM newer)" if newer else ""
     # A row marked deleted that the API lists again has changed: it is back. (Two different
     # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
@@ -620,7 +620,7 @@ def merge_batch(
     if newer:
         (newer_in_batch,) = connection.execute(f"SELECT count(*) FROM staged SEMI JOIN newer USING ({key})").fetchone()  # type: ignore[misc]
     for temporary in ("staged", "changed", "fresh", *gone, "newer"):
-        connection.execute(f"DROP TABLE IF EXISTS {temporary}")
+        connection.execute(f"DROP TABLE {temporary}")
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),
@@ -636,26 +636,19 @@ def merge_batch(
 
 
 def _newer_rows(
-    connection: duckdb.DuckDBPyConnection,
-    schema: str,
-    table: str,
-    target: str,
-    key: str,
-    batch: StagedBatch,
-    *,
-    history: bool,
-    deletions: str,
+    connection: duckdb.DuckDBPyConnection, schema: str, table: str, target: str, key: str, batch: StagedBatch
 ) -> int:
     """Collect into the temporary table ``newer`` the keys a sync that began after ``batch``'s
-    has written: stored rows it inserted, changed or marked deleted, and, when rows gone
-    upstream are removed, those the history shows it closed. Returns how many there are (0
-    unless runs overlapped)."""
+    has written: stored rows it inserted, changed or marked deleted, and rows it removed (in
+    ``delete`` mode), which only the history remembers, whatever this run keeps. Returns how
+    many there are (0 unless runs overlapped)."""
     _, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
     removed = ""
-    if history and deletions == "delete":
+    if table_exists(connection, schema, history_table(table)):
         versions = fully_qualified(connection, schema, history_table(table))
+        valid_to = quote_ident(VALID_TO_COLUMN.name)
         removed = (
-            f" UNION SELECT h.{key} FROM {versions} AS h WHERE h._valid_to > $synced_at"
+            f" UNION SELECT h.{key} FROM {versions} AS h WHERE h.{valid_to} > $synced_at"
             f" AND NOT EXISTS (SELECT 1 FROM {target} AS t WHERE t.{key} = h.{key})"
         )
     connection.execute(

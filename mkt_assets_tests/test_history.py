@@ -180,6 +180,24 @@ def test_a_sync_that_began_earlier_but_lands_later_leaves_what_the_newer_one_wro
     assert faults(database) == (0, 0, 0, [])
 
 
+@pytest.mark.parametrize("older", [{"deletions": "mark"}, {"deletions": "delete", "history": False}])
+def test_a_row_a_newer_sync_removed_stays_removed_whatever_the_older_run_keeps(
+    database: str, tmp_path: Path, older: dict[str, Any]
+) -> None:
+    """The newer run removed 43 (``delete`` mode, its history closed the version); the older
+    run lands in ``mark`` mode or keeping no history: the history still says 43 went later."""
+    sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7)], deletions="delete")
+    sync(database, tmp_path, 2, [tagged(42, 7)], deletions="delete")
+
+    late = sync(database, tmp_path, 1, [tagged(42, 7), tagged(43, 7)], **older)
+
+    assert (late.inserted, late.newer_kept) == (0, 1)
+    with connect(database) as connection:
+        assert connection.execute("SELECT id FROM marketing.contacts").fetchall() == [(42,)]
+    assert versions(database) == [(42, DAY[0], None), (43, DAY[0], DAY[2])]
+    assert faults(database) == (0, 0, 0, [])
+
+
 def test_a_history_started_beside_stored_rows_begins_with_them(database: str, tmp_path: Path) -> None:
     sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7), tagged(44, 7)], history=False)
     sync(database, tmp_path, 1, [tagged(42, 7, 8), tagged(43, 7)], history=False)

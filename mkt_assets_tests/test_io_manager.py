@@ -96,9 +96,10 @@ def test_a_run_that_began_first_but_lands_last_keeps_the_newer_runs_rows_and_say
     assert (reported["rows_kept_newer"], reported["rows_updated"], reported["rows_deleted_upstream"]) == (3, 0, 0)
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any(
-        message.startswith("marketing.tags: 3 rows were written by a sync that began after this one and landed first")
+        message.startswith("marketing.tags: 3 rows had been written by a sync that began after this one and landed first")
         for message in messages
     )
+    assert any("marketing.tags: 0 inserted, 0 updated, 1 unchanged, 0 gone upstream, 3 kept as a newer sync wrote them" in m for m in messages)
     with connect(database) as connection:
         rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
     assert rows == [(1, "a", False), (2, "b2", False), (3, "c", True), (4, "d", False)]
