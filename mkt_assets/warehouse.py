@@ -574,7 +574,7 @@ def merge_batch(
     # The keys new to the table, once: the insert takes them, and so does the history.
     connection.execute(
         f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT s.{key} FROM staged AS s ANTI JOIN {target} AS t ON s.{key} = t.{key}"
-        + (f" WHERE true{not_newer}" if newer else "")
+        + (f" ANTI JOIN newer AS n ON s.{key} = n.{key}" if newer else "")
     )
     inserted = 0
     if _holds_rows(connection, "fresh"):
