@@ -19,8 +19,8 @@ from mkt_assets.table_facts import history_facts
 from mkt_assets.warehouse import connect, fully_qualified, merge_staged
 from mkt_assets_tests.test_warehouse import CONTACTS, STAGINGS, contact, stage
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-# The syncs of the story below, a day apart, in November 2026 (the README's queries ask about it).
+TABLES_DOC = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
+# The syncs of the story below, a day apart, in November 2026 (docs/tables.md's queries ask about it).
 DAY = [datetime(2026, 11, day, 3, 0, tzinfo=timezone.utc) for day in range(1, 9)]
 API_KEY = "history-secret-5b1e"
 
@@ -235,17 +235,17 @@ def test_the_history_facts_name_each_kind_of_fault(database: str, tmp_path: Path
     assert keys == [42, 43, 44, 46]
 
 
-def test_readme_history_queries_answer_the_story(database: str, tmp_path: Path) -> None:
+def test_the_documented_history_queries_answer_the_story(database: str, tmp_path: Path) -> None:
     tell_the_story(database, tmp_path)
-    text = README.read_text()
-    block = text[text.index("### History queries") :]
+    text = TABLES_DOC.read_text()
+    block = text[text.index("## History queries") :]
     sql = block[block.index("```sql") + len("```sql") : block.index("```", block.index("```sql") + 6)]
     # "Last month" as seen from early December 2026, when the story's November is last month.
     statements = [s.strip().replace("now()", "TIMESTAMPTZ '2026-12-10 00:00:00+00'") for s in sql.split(";") if s.strip()]
     assert len(statements) == 3
 
     with connect(database) as connection:
-        # DuckDB names a file's catalog after it; the README's two-part names need it to differ.
+        # DuckDB names a file's catalog after it; the documented two-part names need it to differ.
         catalog = fully_qualified(connection, "marketing").split(".")[0]
         results = [connection.execute(s.replace("marketing.", f"{catalog}.marketing.")).fetchall() for s in statements]
 
