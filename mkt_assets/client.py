@@ -115,7 +115,6 @@ class MarketingApiClient:
         self.max_page_bytes = max_page_bytes
         self.key_setting = key_setting
         self.resources_setting = resources_setting
-        self._key = api_key
         self.stats = RequestStats()
         self._rate_limiter = rate_limiter
         self._deadlines = Deadlines()
@@ -358,7 +357,7 @@ class MarketingApiClient:
             if bound.expired:
                 # The watchdog cut an answer whose end the server never marked: it is cut short.
                 raise self._timed_out(spec, path, query)
-        _raise_for_status(spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._key)
+        _raise_for_status(spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._headers["X-API-Key"])
         return body, response.headers.get("Content-Type", "")
 
     def _timed_out(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> ApiConnectionError:
