@@ -19,7 +19,6 @@ from pydantic import Field
 from mkt_assets import lean_process
 from mkt_assets.catalog import (
     BOOKKEEPING_COLUMNS,
-    RESOURCES,
     RESOURCES_BY_NAME,
     ResourceSpec,
     referenced_first,
@@ -41,7 +40,7 @@ from mkt_assets.checks import (
 from mkt_assets.chunk_typing import TypingQueue
 from mkt_assets.commit import RunCommit, newest_keys
 from mkt_assets.errors import ConfigurationError
-from mkt_assets.normalized_tables import NORMALIZED_TABLES, NormalizedTable
+from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.settings import Settings
 from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
@@ -87,7 +86,7 @@ def synced_asset_spec(spec: ResourceSpec, settings: Settings) -> dg.AssetSpec:
     return dg.AssetSpec(
         key=asset_key(spec),
         # The lineage follows the catalog's references: an enrollment names a contact and a course.
-        deps=[asset_key(RESOURCES_BY_NAME[name]) for name in referenced_resources(spec)],
+        deps=[asset_key(RESOURCES_BY_NAME[name]) for name in referenced_resources(spec, settings.resource_specs)],
         group_name=GROUP_NAME,
         description=spec.description,
         kinds={"python", "duckdb"},
@@ -121,11 +120,12 @@ def normalized_asset_spec(table: NormalizedTable, settings: Settings) -> dg.Asse
 
 
 def check_specs(settings: Settings) -> list[dg.AssetCheckSpec]:
+    chosen = settings.resource_specs
     return [
-        *(check for spec in RESOURCES for check in sync_check_specs(spec, asset_key(spec), settings.row_count_max_drop)),
-        *(check for spec in RESOURCES for check in reference_check_specs(spec, asset_key)),
-        *(history_check_spec(spec, asset_key(spec)) for spec in RESOURCES if settings.history),
-        *(check for table in NORMALIZED_TABLES for check in normalized_check_specs(table, table_key(table))),
+        *(check for spec in chosen for check in sync_check_specs(spec, asset_key(spec), settings.row_count_max_drop)),
+        *(check for spec in chosen for check in reference_check_specs(spec, asset_key, settings.resources)),
+        *(history_check_spec(spec, asset_key(spec)) for spec in chosen if settings.history),
+        *(check for table in normalized_tables(chosen) for check in normalized_check_specs(table, table_key(table))),
     ]
 
 
@@ -143,9 +143,14 @@ class SyncConfig(dg.Config):
 
 
 def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
+    """The step and its assets: the resources ``settings`` chooses (``MKT_RESOURCES``) and the
+    normalized tables they make; a resource left out is not an asset at all, nor its checks."""
+    chosen = settings.resource_specs
+    all_tables = normalized_tables(chosen)
+    within = frozenset(settings.resources)
     specs = [
-        *(synced_asset_spec(spec, settings) for spec in RESOURCES),
-        *(normalized_asset_spec(table, settings) for table in NORMALIZED_TABLES),
+        *(synced_asset_spec(spec, settings) for spec in chosen),
+        *(normalized_asset_spec(table, settings) for table in all_tables),
     ]
 
     @dg.multi_asset(name=STEP_NAME, specs=specs, check_specs=check_specs(settings), can_subset=True)
@@ -157,14 +162,14 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
     ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
         selected = context.selected_asset_keys
         # Reported after what they reference, as Dagster asks of one step's outputs.
-        resources = referenced_first(spec for spec in RESOURCES if asset_key(spec) in selected)
+        resources = referenced_first(spec for spec in chosen if asset_key(spec) in selected)
         if resources:
             try:
                 marketing_api.key()
             except ConfigurationError as missing:
                 # At once, before anything is fetched, and without a traceback: it says what to do.
                 raise dg.Failure(description=str(missing), allow_retries=False) from None
-        tables = [table for table in NORMALIZED_TABLES if table_key(table) in selected]
+        tables = [table for table in all_tables if table_key(table) in selected]
         file = warehouse.file()
         # One worker for the run's DuckDB work, started now so its start overlaps the fetch;
         # one more types staged chunks during the fetch, at the lowest priority.
@@ -177,7 +182,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 newest = duckdb.call(newest_keys, file, warehouse.schema_name, incremental, log=context.log.warning)
                 for name in [name for name, key in newest.items() if key is None]:
                     context.log.info(f"{name}: nothing stored yet, so a full read")
-            plan = plan_sync(resources, tables, NORMALIZED_TABLES, newest)
+            plan = plan_sync(resources, tables, all_tables, newest)
             fetched = fetch_all(
                 plan,
                 lambda: marketing_api.get_client(log=context.log.warning),
@@ -197,6 +202,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 runner=duckdb.call,
                 asked=frozenset(table.name for table in tables),
                 history=settings.history,
+                within=within,
             )
             for spec in resources:
                 yield dg.Output(
@@ -318,7 +324,7 @@ def _check_results(
             yield row_count_result(
                 table_facts.live_rows, previous.get(key), settings.row_count_max_drop, f"{schema}.{spec.name}", key
             )
-            for column, member in spec.references():
+            for column, member in spec.references(settings.resources):
                 check = (member or column).check_name
                 yield reference_result(facts.references[spec.name][check], schema, spec, column, member, key)
             if spec.name in facts.history:

@@ -10,7 +10,7 @@ a reference or a link table is one entry here.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -118,15 +118,20 @@ class ResourceSpec:
         """How another table names this one's key: ``contact_id``, ``course_id``."""
         return f"{self.row_name}_{self.primary_key_column.name}"
 
-    def references(self) -> list[tuple[Column, Column | None]]:
+    def references(self, within: Collection[str] | None = None) -> list[tuple[Column, Column | None]]:
         """Every reference this resource makes: (column, None) for a column that references,
-        (list column, member field) for a list member field that does."""
+        (list column, member field) for a list member field that does; with ``within``, only
+        those to these resources (the ones a deployment syncs)."""
         found: list[tuple[Column, Column | None]] = []
         for column in self.columns:
             if column.references is not None:
                 found.append((column, None))
             found.extend((column, member) for member in column.fields if member.references is not None)
-        return found
+        return [
+            (column, member)
+            for column, member in found
+            if within is None or (member or column).references.resource in within  # type: ignore[union-attr]
+        ]
 
     @property
     def primary_key_column(self) -> Column:
@@ -313,7 +318,7 @@ RESOURCES_BY_NAME: dict[str, ResourceSpec] = {spec.name: spec for spec in RESOUR
 
 
 def referenced_resources(spec: ResourceSpec, catalog: Sequence[ResourceSpec] = RESOURCES) -> list[str]:
-    """The other resources ``spec`` names, each once, in the catalog's order."""
+    """The other resources of ``catalog`` that ``spec`` names, each once, in its order."""
     named = {(member or column).references.resource for column, member in spec.references()}  # type: ignore[union-attr]
     return [other.name for other in catalog if other.name in named and other is not spec]
 

@@ -7,7 +7,7 @@ declared here once and attached by the assets.
 """
 
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import dagster as dg
 
@@ -186,10 +186,13 @@ def _listed(values: Sequence[object]) -> str:
     return shown + (" ..." if len(values) > SAMPLE_SIZE else "")
 
 
-def reference_check_specs(spec: ResourceSpec, key_of: Callable[[ResourceSpec], dg.AssetKey]) -> list[dg.AssetCheckSpec]:
-    """One check per reference the resource makes, reading the table it refers to too."""
+def reference_check_specs(
+    spec: ResourceSpec, key_of: Callable[[ResourceSpec], dg.AssetKey], within: Collection[str] | None = None
+) -> list[dg.AssetCheckSpec]:
+    """One check per reference the resource makes, reading the table it refers to too; with
+    ``within`` (the resources synced), none to a resource left out, whose table is not kept."""
     specs = []
-    for column, member in spec.references():
+    for column, member in spec.references(within):
         field = member or column
         assert field.references is not None
         referenced = RESOURCES_BY_NAME[field.references.resource]

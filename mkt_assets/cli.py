@@ -17,9 +17,8 @@ from pathlib import Path
 
 from mkt_assets import warehouse
 from mkt_assets.assets import ASSET_PREFIX
-from mkt_assets.catalog import RESOURCES
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.settings import DUCKDB_PATH_ENV
+from mkt_assets.normalized_tables import normalized_tables
+from mkt_assets.settings import DUCKDB_PATH_ENV, Settings
 from mkt_assets.resource import API_KEY_ENV, BASE_URL_ENV
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import main as sandbox_main
@@ -97,8 +96,10 @@ def run_demo(contacts: int, seed: int, database: str, home: str) -> int:
         print("".join(log_path.read_text().splitlines(keepends=True)[-30:]))
         return result.returncode
     print(f"marketing_sync succeeded in {seconds:.1f}s (run log: {log_path})")
+    # The tables of the resources the sync chose (MKT_RESOURCES), as it read the environment.
+    chosen = Settings.from_environment().resource_specs
     with warehouse.connect(os.path.abspath(database), read_only=True) as connection:
-        for name in [spec.name for spec in RESOURCES] + [table.name for table in NORMALIZED_TABLES]:
+        for name in [spec.name for spec in chosen] + [table.name for table in normalized_tables(chosen)]:
             table = warehouse.fully_qualified(connection, ASSET_PREFIX, name)
             (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
             print(f"  {ASSET_PREFIX}.{name:<21} {rows:>9} rows")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -25,6 +26,7 @@ import requests
 
 from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import (
+    ApiAccessError,
     ApiAuthError,
     ApiConnectionError,
     ApiError,
@@ -60,6 +62,8 @@ ORDERS = ("asc", "desc", "both")
 # merges under the default memory limit (MKT_DUCKDB_MEMORY_LIMIT).
 DEFAULT_MAX_PAGE_BYTES = 16 << 20
 DEFAULT_MAX_WAIT_SECONDS = 120.0
+# The longest piece of an error body's detail an error quotes: enough for the API's sentences.
+MAX_DETAIL_CHARS = 160
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class MarketingApiClient:
         max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         key_setting: str = "api_key",
+        resources_setting: str = "MKT_RESOURCES",
         rate_limiter: SharedRateLimiter | None = None,
         log: Log | None = None,
     ) -> None:
@@ -109,6 +114,7 @@ class MarketingApiClient:
         self.read_timeout = read_timeout
         self.max_page_bytes = max_page_bytes
         self.key_setting = key_setting
+        self.resources_setting = resources_setting
         self.stats = RequestStats()
         self._rate_limiter = rate_limiter
         self._deadlines = Deadlines()
@@ -351,7 +357,7 @@ class MarketingApiClient:
             if bound.expired:
                 # The watchdog cut an answer whose end the server never marked: it is cut short.
                 raise self._timed_out(spec, path, query)
-        _raise_for_status(spec.name, path, query, response, body, self.key_setting)
+        _raise_for_status(spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._headers["X-API-Key"])
         return body, response.headers.get("Content-Type", "")
 
     def _timed_out(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> ApiConnectionError:
@@ -382,17 +388,34 @@ def _raise_for_status(
     response: requests.Response,
     body: bytes,
     key_setting: str,
+    resources_setting: str = "MKT_RESOURCES",
+    key: str = "",
 ) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
-    if status in (401, 403):
-        raise ApiAuthError(
+    if status in (401, 403, 404):
+        detail = problem_detail(body, key)
+        said = f' (the API said "{detail}")' if detail else ""
+        if status == 401:
+            raise ApiAuthError(
+                resource,
+                path,
+                query,
+                f"HTTP 401: the API key was rejected{said}; set {key_setting} to a valid key"
+                " (made in the account's profile settings)",
+            )
+        # The key got past authentication: the account (its plan, say) cannot read this one
+        # list, which blaming the key would have the user rotate a working key over.
+        raise ApiAccessError(
             resource,
             path,
             query,
-            f"HTTP {status}: the API key was rejected; set {key_setting} to a valid key"
-            " (made in the account's profile settings)",
+            status,
+            f"HTTP {status}: the account cannot read {resource}{said}; the key is not at fault, so keep it."
+            f" Leave {resource} out by listing the resources to sync in {resources_setting}"
+            " (comma-separated; unset syncs all)"
+            + (", or, if every resource answers 404, check the base URL" if status == 404 else ""),
         )
     parsed = _json_or_none(body)
     if status == 422 and isinstance(parsed, dict):
@@ -408,6 +431,24 @@ def _raise_for_status(
     excerpt = str(detail)[:200] if detail else body[:200].decode("utf-8", "replace")
     retried = " after retries" if status in RETRY_STATUSES else ""
     raise ApiStatusError(resource, path, query, status, f"HTTP {status}{retried}: {excerpt}")
+
+
+def problem_detail(body: bytes, key: str = "") -> str | None:
+    """The ``detail`` (else ``title``) of a JSON problem body, as one short line fit to quote
+    in an error: None for a body that is not one, or whose text could hold the key."""
+    parsed = _json_or_none(body)
+    if not isinstance(parsed, dict):
+        return None
+    text = parsed.get("detail") or parsed.get("title")
+    if not isinstance(text, str):
+        return None
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    # A server echoing what it was sent could quote the key, whole or in part.
+    if key and (key in line or any(len(word) >= 6 and word in key for word in re.split(r"[^\w-]+", line))):
+        return None
+    if len(line) > MAX_DETAIL_CHARS:
+        line = line[: MAX_DETAIL_CHARS - 3].rstrip() + "..."
+    return line or None
 
 
 def _json_or_none(content: bytes) -> Any:

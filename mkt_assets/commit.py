@@ -87,6 +87,7 @@ def commit_run(
     deletions: str,
     history: bool = True,
     asked: frozenset[str] = frozenset(),
+    within: frozenset[str] | None = None,
 ) -> RunCommit:
     """Merge every batch and rebuild every table in one transaction, then gather the facts the
     checks need: per synced table, its own and those of its references.
@@ -94,7 +95,8 @@ def commit_run(
     A table rebuilt only because it reads a table the run writes is skipped while another
     table it reads does not exist yet; one in ``asked`` cannot be, and fails the write. A run
     that writes synced tables keeps, unrebuilt, a table none of whose reads changed and whose
-    definition is the one it was built from; a run that writes none rebuilds what it is asked."""
+    definition is the one it was built from; a run that writes none rebuilds what it is asked.
+    ``within``: the resources the deployment syncs; references to others are not checked."""
     started = time.monotonic()
     written: dict[str, Written] = {}
     skipped: dict[str, str] = {}
@@ -130,7 +132,7 @@ def commit_run(
         for batch in batches:
             name = batch.spec.name
             written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
-        facts = _facts(connection, schema, [batch.spec for batch in batches], history)
+        facts = _facts(connection, schema, [batch.spec for batch in batches], history, within)
     return RunCommit(written, facts, time.monotonic() - started, skipped)
 
 
@@ -138,12 +140,18 @@ def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) ->
     return [*(batch.spec.name for batch in batches), *(table.name for table in tables)] or ["nothing"]
 
 
-def _facts(connection: duckdb.DuckDBPyConnection, schema: str, specs: Sequence[ResourceSpec], history: bool) -> Facts:
+def _facts(
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    specs: Sequence[ResourceSpec],
+    history: bool,
+    within: frozenset[str] | None = None,
+) -> Facts:
     """The checks' facts; the tables have changed by now, so a query that fails says why in
     ``error`` (the checks then fail) instead of failing the run."""
     try:
         synced = {spec.name: streamed(connection, lambda spec=spec: synced_table_facts(connection, schema, spec)) for spec in specs}
-        references = {spec.name: streamed(connection, lambda spec=spec: all_reference_facts(connection, schema, spec)) for spec in specs}
+        references = {spec.name: streamed(connection, lambda spec=spec: all_reference_facts(connection, schema, spec, within)) for spec in specs}
         versions = {spec.name: streamed(connection, lambda spec=spec: history_facts(connection, schema, spec)) for spec in specs if history}
     except duckdb.Error as error:
         return Facts(error=without_values(str(error)))

@@ -13,7 +13,6 @@ from mkt_assets.assets import (
     STEP_NAME,
     build_marketing_assets,
 )
-from mkt_assets.catalog import RESOURCES
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import (
     API_KEY_ENV,
@@ -28,30 +27,36 @@ from mkt_assets.settings import Settings
 from mkt_assets.warehouse import database_path
 
 
-def build_jobs() -> list[Any]:
+def build_jobs(settings: Settings | None = None) -> list[Any]:
     """Both jobs (Dagster does not export the type ``define_asset_job`` returns)."""
+    # The groups hold only the resources the settings choose, and the tables those make: a
+    # resource left out is not in the definitions, so neither job nor its schedule reads it.
     selection = dg.AssetSelection.groups(GROUP_NAME, NORMALIZED_GROUP)
     # One step in the run's own process: every resource is fetched in a thread of its own and
     # the DuckDB work runs in lean workers, so a step process per asset would only add Dagster's
     # start-up (a second or more each) to every run.
-    resources = len(RESOURCES)
-    incremental_resources = [spec.name for spec in RESOURCES if spec.incremental]
+    chosen = (settings or Settings()).resource_specs
+    incremental_resources = [spec.name for spec in chosen if spec.incremental]
     full = dg.define_asset_job(
         FULL_JOB,
         selection=selection,
         description=(
-            f"Read every record of the {resources} marketing resources and write them, with the"
-            " rebuilt normalized tables, in one DuckDB transaction, marking what is gone upstream."
+            f"Read every record of the {len(chosen)} marketing resources synced ({', '.join(spec.name for spec in chosen)})"
+            " and write them, with the rebuilt normalized tables, in one DuckDB transaction, marking what is gone upstream."
         ),
         executor_def=dg.in_process_executor,
+    )
+    newer = (
+        f"Read only the records newer than the newest stored of the resources that allow it ({', '.join(incremental_resources)}), the others in full,"
+        if incremental_resources
+        else "Read every record (none of the resources synced can be read incrementally),"
     )
     incremental = dg.define_asset_job(
         INCREMENTAL_JOB,
         selection=selection,
         description=(
-            "Read only the records newer than the newest stored of the resources that allow it"
-            f" ({', '.join(incremental_resources)}), the others in full, and write them with the rebuilt"
-            " normalized tables in one DuckDB transaction. Sees no changes to older records of those."
+            f"{newer} and write them with the rebuilt normalized tables in one DuckDB transaction."
+            + (" Sees no changes to older records of those." if incremental_resources else "")
         ),
         executor_def=dg.in_process_executor,
         config={"ops": {STEP_NAME: {"config": {"incremental": True}}}},
@@ -62,7 +67,7 @@ def build_jobs() -> list[Any]:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_environment()
     database = database_path(settings.duckdb_path)
-    jobs = build_jobs()
+    jobs = build_jobs(settings)
     return dg.Definitions(
         assets=[build_marketing_assets(settings)],
         jobs=jobs,

@@ -41,7 +41,7 @@ class ApiError(SyncError):
 
 
 class ApiAuthError(ApiError):
-    """401/403: the key was rejected. Retrying cannot help."""
+    """401: the key was rejected. Retrying cannot help."""
 
 
 class ApiStatusError(ApiError):
@@ -57,6 +57,11 @@ class ApiStatusError(ApiError):
     ) -> None:
         self.status = status
         super().__init__(resource, path, query, problem)
+
+
+class ApiAccessError(ApiStatusError):
+    """403/404 with an accepted key: the account cannot read this resource (its plan does not
+    include it, or the API does not serve it). Retrying cannot help; leaving it out can."""
 
 
 class ApiValidationError(ApiStatusError):

@@ -5,10 +5,19 @@ transaction whenever one of them changes (or its query does). Most are generated
 list column declared with a ``NestedTable`` (contact_tags, contact_field_values,
 course_modules); ``contact_profiles`` is declared here. DuckDB only (no Dagster), so a build
 runs in a lean worker.
+
+A deployment may sync only some resources (``normalized_tables``). A table is left out with
+the resource whose rows it follows (contact_tags, contact_field_values and contact_profiles
+with contacts, course_modules with course_resources); it is built without any other it reads:
+a link table keeps the names its parent's lists hold instead of the referenced rows' current
+ones, and contact_profiles' lists from a left-out resource are empty (tag_names then come
+from the contacts' own lists, course_ids without enrollments and community_ids without
+memberships are ``[]``).
 """
 
 import hashlib
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -46,14 +55,24 @@ class NormalizedTable:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def nested_table(spec: ResourceSpec, column: Column) -> NormalizedTable:
-    """The table a list column declares (``Column.table``): one row per member of a live row."""
+def _left_out(names: Sequence[str]) -> str:
+    return f" Built without {', '.join(names)}, left out of the synced resources:"
+
+
+def nested_table(spec: ResourceSpec, column: Column, within: Collection[str] | None = None) -> NormalizedTable:
+    """The table a list column declares (``Column.table``): one row per member of a live row.
+
+    ``within``: the resources synced (None: all); a referenced one left out is not joined."""
     nested = column.table
     assert nested is not None
     key = spec.primary_key_column
     members = {member.api_name: member for member in column.fields}
     referencing = next((member for member in column.fields if member.references is not None), None)
     referenced = RESOURCES_BY_NAME[referencing.references.resource] if referencing and referencing.references else None
+    description = nested.description
+    if referenced is not None and within is not None and referenced.name not in within:
+        description += _left_out([referenced.name]) + f" names as the {spec.name}' lists hold them."
+        referenced = None
     columns = [(spec.key_name, key.sql_type)]
     selected = [f"u.{quote_ident(spec.key_name)}"]
     for item in nested.layout or tuple(members):
@@ -85,7 +104,7 @@ def nested_table(spec: ResourceSpec, column: Column) -> NormalizedTable:
     not_null_member = f"{nested.prefix}{referencing.name}" if referencing else ("position" if "position" in nested.layout else "")
     return NormalizedTable(
         name=nested.name,
-        description=nested.description,
+        description=description,
         reads=reads,
         columns=tuple(columns),
         not_null=(spec.key_name, *([not_null_member] if not_null_member else [])),
@@ -95,51 +114,89 @@ def nested_table(spec: ResourceSpec, column: Column) -> NormalizedTable:
     )
 
 
-# Where an analyst starts: every live contact with what it carries and belongs to.
-CONTACT_PROFILES = NormalizedTable(
-    name="contact_profiles",
-    description=(
+def contact_profiles(within: Collection[str] | None = None) -> NormalizedTable | None:
+    """Where an analyst starts: every live contact with what it carries and belongs to.
+
+    ``within``: the resources synced (None: all). None without contacts; built without any of
+    tags, enrollments and memberships left out, whose lists are then what the contacts hold
+    (tag names) or empty."""
+    has = (set(RESOURCES_BY_NAME) if within is None else set(within)).__contains__
+    if not has("contacts"):
+        return None
+    left_out = [name for name in ("tags", "enrollments", "memberships") if not has(name)]
+    # The tags' current names through a map of the (few) live tags, looked up per contact: a
+    # grouping of every contact's tags would hold a million lists at once.
+    tag_name = "coalesce(names.names[tag.id], tag.name)" if has("tags") else "tag.name"
+    select = (
+        "SELECT c.id AS contact_id, c.email, c.unsubscribed,"
+        " list_sort(list_distinct([tag.id FOR tag IN coalesce(c.tags, []) IF tag.id IS NOT NULL])) AS tag_ids,"
+        f" list_sort(list_distinct([{tag_name} FOR tag IN coalesce(c.tags, [])"
+        f" IF {tag_name} IS NOT NULL])) AS tag_names,"
+        f" {'coalesce(e.course_ids, [])' if has('enrollments') else 'CAST([] AS BIGINT[])'} AS course_ids,"
+        f" {'coalesce(m.community_ids, [])' if has('memberships') else 'CAST([] AS BIGINT[])'} AS community_ids"
+        " FROM {contacts} AS c"
+    )
+    if has("tags"):
+        select += " CROSS JOIN (SELECT coalesce(map(list(id), list(name)), map()) AS names FROM {tags} WHERE _deleted_at IS NULL) AS names"
+    if has("enrollments"):
+        select += (
+            " LEFT JOIN (SELECT contact_id, list(DISTINCT course_id ORDER BY course_id) AS course_ids FROM {enrollments}"
+            " WHERE _deleted_at IS NULL AND course_id IS NOT NULL GROUP BY contact_id) AS e ON e.contact_id = c.id"
+        )
+    if has("memberships"):
+        select += (
+            " LEFT JOIN (SELECT contact_id, list(DISTINCT community_id ORDER BY community_id) AS community_ids"
+            " FROM {memberships} WHERE _deleted_at IS NULL AND community_id IS NOT NULL GROUP BY contact_id) AS m"
+            " ON m.contact_id = c.id"
+        )
+    select += " WHERE c._deleted_at IS NULL"
+    description = (
         "One row per live contact: its email and subscription, the ids and current names of its"
         " tags, the courses it is enrolled in and the communities it is a member of (each list"
         " distinct and ascending; empty, not null, when there is none)."
-    ),
-    reads=("contacts", "tags", "enrollments", "memberships"),
-    columns=(
-        ("contact_id", "BIGINT"),
-        ("email", "VARCHAR"),
-        ("unsubscribed", "BOOLEAN"),
-        ("tag_ids", "BIGINT[]"),
-        ("tag_names", "VARCHAR[]"),
-        ("course_ids", "BIGINT[]"),
-        ("community_ids", "BIGINT[]"),
-    ),
-    not_null=("contact_id",),
-    # The tags' current names through a map of the (few) live tags, looked up per contact: a
-    # grouping of every contact's tags would hold a million lists at once.
-    select=(
-        "SELECT c.id AS contact_id, c.email, c.unsubscribed,"
-        " list_sort(list_distinct([tag.id FOR tag IN coalesce(c.tags, []) IF tag.id IS NOT NULL])) AS tag_ids,"
-        " list_sort(list_distinct([coalesce(names.names[tag.id], tag.name) FOR tag IN coalesce(c.tags, [])"
-        " IF coalesce(names.names[tag.id], tag.name) IS NOT NULL])) AS tag_names,"
-        " coalesce(e.course_ids, []) AS course_ids, coalesce(m.community_ids, []) AS community_ids"
-        " FROM {contacts} AS c"
-        " CROSS JOIN (SELECT coalesce(map(list(id), list(name)), map()) AS names FROM {tags} WHERE _deleted_at IS NULL) AS names"
-        " LEFT JOIN (SELECT contact_id, list(DISTINCT course_id ORDER BY course_id) AS course_ids FROM {enrollments}"
-        " WHERE _deleted_at IS NULL AND course_id IS NOT NULL GROUP BY contact_id) AS e ON e.contact_id = c.id"
-        " LEFT JOIN (SELECT contact_id, list(DISTINCT community_id ORDER BY community_id) AS community_ids"
-        " FROM {memberships} WHERE _deleted_at IS NULL AND community_id IS NOT NULL GROUP BY contact_id) AS m"
-        " ON m.contact_id = c.id"
-        " WHERE c._deleted_at IS NULL"
-    ),
-    expected_rows="SELECT count(*) FROM {contacts} WHERE _deleted_at IS NULL",
-    row_check="one_row_per_live_contact",
-    row_check_description="One row per live contact.",
-)
+    )
+    emptied = {"tags": "tag_names as the contacts' lists hold them", "enrollments": "course_ids always empty",
+               "memberships": "community_ids always empty"}  # fmt: skip
+    if left_out:
+        description += _left_out(left_out) + " " + ", ".join(emptied[name] for name in left_out) + "."
+    return NormalizedTable(
+        name="contact_profiles",
+        description=description,
+        reads=("contacts", *(name for name in ("tags", "enrollments", "memberships") if has(name))),
+        columns=(
+            ("contact_id", "BIGINT"),
+            ("email", "VARCHAR"),
+            ("unsubscribed", "BOOLEAN"),
+            ("tag_ids", "BIGINT[]"),
+            ("tag_names", "VARCHAR[]"),
+            ("course_ids", "BIGINT[]"),
+            ("community_ids", "BIGINT[]"),
+        ),
+        not_null=("contact_id",),
+        select=select,
+        expected_rows="SELECT count(*) FROM {contacts} WHERE _deleted_at IS NULL",
+        row_check="one_row_per_live_contact",
+        row_check_description="One row per live contact.",
+    )
 
-NORMALIZED_TABLES: tuple[NormalizedTable, ...] = (
-    *(nested_table(spec, column) for spec in RESOURCES for column in spec.columns if column.table is not None),
-    CONTACT_PROFILES,
-)
+
+def normalized_tables(resources: Sequence[ResourceSpec] = RESOURCES) -> tuple[NormalizedTable, ...]:
+    """The normalized tables a deployment syncing ``resources`` has (see the module's text)."""
+    within = {spec.name for spec in resources}
+    profiles = contact_profiles(within)
+    return (
+        *(
+            nested_table(spec, column, within)
+            for spec in RESOURCES
+            if spec.name in within
+            for column in spec.columns
+            if column.table is not None
+        ),
+        *([profiles] if profiles is not None else []),
+    )
+
+
+NORMALIZED_TABLES: tuple[NormalizedTable, ...] = normalized_tables()
 
 
 @dataclass(frozen=True)

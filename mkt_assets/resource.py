@@ -25,6 +25,7 @@ from mkt_assets.client import (
 from mkt_assets.transport import Log
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
+from mkt_assets.settings import RESOURCES_ENV
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
 
 DEFAULT_BASE_URL = "https://api.systeme.io/api"
@@ -170,6 +171,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             max_wait_seconds=self.max_wait_seconds,
             max_page_bytes=self.max_page_mb << 20,
             key_setting=API_KEY_ENV,
+            resources_setting=RESOURCES_ENV,
             rate_limiter=self._rate_limiter(log),
             log=log,
         )

@@ -21,7 +21,9 @@ def _running_schedule(name: str, job_name: str, cron: str, timezone: str, what: 
 
 
 def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
+    """Both schedules; they run the jobs, which read only the resources ``settings`` chooses."""
     zone = settings.sync_timezone
+    newer = [spec.name for spec in settings.resource_specs if spec.incremental]
     return [
         _running_schedule(
             "marketing_sync_daily", FULL_JOB, settings.sync_cron, zone,
@@ -29,6 +31,7 @@ def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
         ),
         _running_schedule(
             "marketing_incremental_hourly", INCREMENTAL_JOB, settings.incremental_cron, zone,
-            "New contacts, and the small resources in full",
+            f"New {', '.join(newer)}, and the other resources in full" if newer
+            else "Every record: none of the resources synced can be read incrementally",
         ),
     ]  # fmt: skip

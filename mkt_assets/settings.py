@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 
@@ -19,6 +20,7 @@ DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 # Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
 # like the schema makes every `marketing.<table>` a user types ambiguous.
 DEFAULT_DUCKDB_PATH = "data/mkt_assets.duckdb"
+RESOURCES_ENV = "MKT_RESOURCES"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class Settings:
     progress_interval_seconds: float = 10.0
     duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT
     duckdb_wait_seconds: float = DEFAULT_WAIT_SECONDS
+    # The resources both jobs sync (catalog names); the others are not in the definitions at
+    # all, so an account whose plan lacks one can still sync the rest.
+    resources: tuple[str, ...] = tuple(spec.name for spec in RESOURCES)
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +63,18 @@ class Settings:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
         if self.duckdb_wait_seconds < 0:
             raise ConfigurationError("MKT_DUCKDB_WAIT_SECONDS must be zero or more")
+        unknown = [name for name in self.resources if name not in RESOURCES_BY_NAME]
+        if unknown or not self.resources:
+            problem = f"unknown resource{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}" if unknown else "no resource"
+            raise ConfigurationError(
+                f"{RESOURCES_ENV} names {problem}; list the resources to sync, separated by commas,"
+                f" from: {', '.join(spec.name for spec in RESOURCES)} (unset syncs all)"
+            )
+
+    @property
+    def resource_specs(self) -> tuple[ResourceSpec, ...]:
+        """The chosen resources, in the catalog's order."""
+        return tuple(spec for spec in RESOURCES if spec.name in self.resources)
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +99,7 @@ class Settings:
             return raw == "on"
 
         owners = env.get("MKT_ASSET_OWNERS")
+        chosen = [name.strip() for name in (env.get(RESOURCES_ENV) or "").split(",") if name.strip()]
         return cls(
             duckdb_path=env.get(DUCKDB_PATH_ENV) or defaults.duckdb_path,
             sync_cron=env.get("MKT_SYNC_CRON") or defaults.sync_cron,
@@ -100,4 +118,5 @@ class Settings:
             progress_interval_seconds=number("MKT_PROGRESS_SECONDS", defaults.progress_interval_seconds),
             duckdb_memory_limit=env.get("MKT_DUCKDB_MEMORY_LIMIT") or defaults.duckdb_memory_limit,
             duckdb_wait_seconds=number("MKT_DUCKDB_WAIT_SECONDS", defaults.duckdb_wait_seconds),
+            resources=tuple(dict.fromkeys(chosen)) or defaults.resources,
         )

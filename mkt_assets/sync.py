@@ -228,6 +228,8 @@ class RunWrite:
     asked: frozenset[str] = frozenset()
     # Keep each synced table's history (see ``history``).
     history: bool = True
+    # The resources the deployment syncs (None: all): references to others are not checked.
+    within: frozenset[str] | None = None
     result: RunCommit | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -244,6 +246,7 @@ class RunWrite:
                         deletions=deletions,
                         history=self.history,
                         asked=self.asked,
+                        within=self.within,
                         log=log,
                     )
                 finally:

@@ -7,6 +7,7 @@ into check results. Every query returns counts and short samples, never whole co
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import duckdb
@@ -153,9 +154,15 @@ def reference_facts(
     )
 
 
-def all_reference_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> dict[str, ReferenceFacts]:
-    """Every reference check's facts for ``spec``, by check name."""
-    return {(member or column).check_name: reference_facts(connection, schema, spec, column, member) for column, member in spec.references()}
+def all_reference_facts(
+    connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec, within: Collection[str] | None = None
+) -> dict[str, ReferenceFacts]:
+    """Every reference check's facts for ``spec``, by check name (only the references to
+    ``within``, the resources synced, when given)."""
+    return {
+        (member or column).check_name: reference_facts(connection, schema, spec, column, member)
+        for column, member in spec.references(within)
+    }
 
 
 def all_reference_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> dict[str, ReferenceFacts]:

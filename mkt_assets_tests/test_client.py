@@ -18,6 +18,7 @@ from mkt_assets.catalog import RESOURCES_BY_NAME
 from mkt_assets.client import MarketingApiClient
 from mkt_assets.transport import WaitTooLong
 from mkt_assets.errors import (
+    ApiAccessError,
     ApiAuthError,
     ApiError,
     ApiResponseError,
@@ -168,16 +169,91 @@ def test_retries_exhausted_raise_with_the_last_status() -> None:
 
 
 @responses.activate
-@pytest.mark.parametrize("status", [401, 403])
-def test_a_rejected_key_fails_at_once_naming_the_setting(status: int) -> None:
-    responses.get(f"{BASE}/contacts", status=status, json={"detail": "Full authentication is required to access this resource."})
+def test_a_rejected_key_fails_at_once_naming_the_setting_and_quoting_the_detail() -> None:
+    responses.get(f"{BASE}/contacts", status=401, json={"detail": "Full authentication is required to access this resource."})
 
     with make_client() as client, pytest.raises(ApiAuthError) as caught:
         list(client.iter_pages(CONTACTS))
 
     assert len(responses.calls) == 1
-    assert "MKT_API_KEY" in str(caught.value) and "rejected" in str(caught.value)
+    assert str(caught.value) == (
+        "contacts: GET /api/contacts?limit=100&order=asc: HTTP 401: the API key was rejected"
+        ' (the API said "Full authentication is required to access this resource.");'
+        " set MKT_API_KEY to a valid key (made in the account's profile settings)"
+    )
     assert KEY not in str(caught.value)
+
+
+MEMBERSHIPS = RESOURCES_BY_NAME["memberships"]
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("status", "body", "said", "hint"),
+    [
+        (403, {"title": "An error occurred", "detail": "Your plan does not include communities"},
+         "Your plan does not include communities", ""),
+        (404, {"title": "An error occurred", "detail": "Not Found"},
+         "Not Found", ", or, if every resource answers 404, check the base URL"),
+    ],
+)  # fmt: skip
+def test_a_resource_the_account_cannot_read_is_not_blamed_on_the_key_and_names_mkt_resources(
+    status: int, body: dict[str, str], said: str, hint: str
+) -> None:
+    responses.get(f"{BASE}/community/memberships", status=status, json=body)
+
+    with make_client() as client, pytest.raises(ApiAccessError) as caught:
+        list(client.iter_pages(MEMBERSHIPS))
+
+    assert len(responses.calls) == 1  # not retried: asking again cannot help
+    assert not isinstance(caught.value, ApiAuthError)
+    assert caught.value.status == status
+    assert str(caught.value) == (
+        f"memberships: GET /api/community/memberships?limit=100&order=asc: HTTP {status}: the account cannot read"
+        f' memberships (the API said "{said}"); the key is not at fault, so keep it. Leave memberships out by'
+        f" listing the resources to sync in MKT_RESOURCES (comma-separated; unset syncs all){hint}"
+    )
+    assert "MKT_API_KEY" not in str(caught.value)
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("body", "quoted"),
+    [
+        # One line, bounded: a long multi-line detail is cut, its line breaks and controls gone.
+        ({"detail": "Your plan\ndoes not\x1b[31m include " + "x" * 400}, '"Your plan does not [31m include ' + "x" * 125 + '..."'),
+        ({"title": "Forbidden"}, '"Forbidden"'),
+    ],
+)
+def test_the_quoted_detail_is_one_bounded_line(body: dict[str, str], quoted: str) -> None:
+    responses.get(f"{BASE}/community/memberships", status=403, json=body)
+
+    with make_client() as client, pytest.raises(ApiAccessError) as caught:
+        list(client.iter_pages(MEMBERSHIPS))
+
+    assert f"(the API said {quoted})" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, json.dumps({"detail": f"Invalid API key {KEY}"})),
+        (401, json.dumps({"detail": f"Invalid API key {KEY[:9]}..."})),  # a piece of the key
+        (403, "<html><body>Forbidden by the proxy</body></html>"),  # not a problem detail
+        (404, json.dumps({"detail": ["not", "text"]})),
+    ],
+)
+def test_a_detail_that_could_hold_the_key_or_is_not_text_is_not_quoted(status: int, body: str) -> None:
+    responses.get(f"{BASE}/contacts", status=status, body=body)
+
+    with make_client() as client, pytest.raises(ApiError) as caught:
+        list(client.iter_pages(CONTACTS))
+
+    message = str(caught.value)
+    assert f"HTTP {status}: " in message and "the API said" not in message
+    assert KEY[:9] not in message and "proxy" not in message
 
 
 @responses.activate

@@ -23,6 +23,7 @@ import pytest
 from mkt_assets import sync
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.client import MarketingApiClient
+from mkt_assets.definitions import build_definitions
 from mkt_assets.errors import ApiValidationError
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
@@ -223,20 +224,78 @@ def test_a_read_timeout_fails_clearly(harness: Harness) -> None:
     assert "timed out" in outcome.error or "Read timed out" in outcome.error
 
 
-# 3. A rejected key: no retries, the setting named.
+# 3. A rejected key: no retries, the setting named. A resource the account cannot read: the
+# key is not blamed, MKT_RESOURCES is named, and leaving the resource out lets the rest sync.
 
 
-@pytest.mark.parametrize("status", [401, 403])
-def test_a_rejected_key_fails_at_once_naming_mkt_api_key(harness: Harness, status: int) -> None:
+def test_a_rejected_key_fails_at_once_naming_mkt_api_key(harness: Harness) -> None:
     before = harness.table()
-    faults = [Fault("status", path="/api/contacts", status=403, times=-1)] if status == 403 else []
-    key = API_KEY if status == 403 else "wrong-key-123"
     harness.server.clear_faults()
-    outcome = harness.sync(CONTACTS, *faults, api_key=key)
+    outcome = harness.sync(CONTACTS, api_key="wrong-key-123")
 
     assert_failed_cleanly(harness, outcome, before)
-    assert f"HTTP {status}: the API key was rejected; set MKT_API_KEY" in outcome.error
+    assert (
+        'HTTP 401: the API key was rejected (the API said "Full authentication is required to access this resource.");'
+        " set MKT_API_KEY to a valid key"
+    ) in outcome.error
     assert len(harness.contact_requests()) == 1
+
+
+@pytest.mark.parametrize(("status", "detail"), [(403, "Forbidden"), (404, "Not Found")])
+def test_a_resource_the_account_cannot_read_fails_at_once_naming_mkt_resources_not_the_key(
+    harness: Harness, status: int, detail: str
+) -> None:
+    before = harness.table()
+    outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=status, times=-1))
+
+    assert_failed_cleanly(harness, outcome, before)
+    assert (
+        f'contacts: GET /api/contacts?limit=100&order=asc: HTTP {status}: the account cannot read contacts (the API said "{detail}");'
+        " the key is not at fault, so keep it. Leave contacts out by listing the resources to sync in MKT_RESOURCES"
+    ) in outcome.error
+    assert "MKT_API_KEY" not in outcome.error and "rejected" not in outcome.error
+    assert len(harness.contact_requests()) == 1
+
+
+WITHOUT_COMMUNITIES = tuple(spec.name for spec in RESOURCES if spec.name not in ("communities", "memberships"))
+
+
+def test_an_account_without_communities_syncs_everything_else_once_mkt_resources_leaves_them_out(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MKT_API_BASE_URL", harness.server.base_url)
+    monkeypatch.setenv("MKT_API_KEY", API_KEY)
+    harness.server.clear_faults()
+    for path in ("/api/community/communities", "/api/community/memberships"):
+        harness.server.add_fault(Fault("status", path=path, status=403, times=-1))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run(job: str, **settings: Any) -> Outcome:
+        defs = build_definitions(Settings(duckdb_path=harness.database, **settings))
+        return Outcome(defs.resolve_job_def(job).execute_in_process(instance=instance, raise_on_error=False), instance)
+
+    # Every resource, as by default: the run fails saying what to do, and blames no key.
+    failed = run("marketing_sync")
+    assert not failed.result.success
+    assert 'HTTP 403: the account cannot read memberships (the API said "Forbidden")' in failed.error
+    assert "MKT_RESOURCES" in failed.error and "MKT_API_KEY" not in failed.error
+
+    harness.server.reset_log()
+    for job in ("marketing_sync", "marketing_incremental"):
+        outcome = run(job, resources=WITHOUT_COMMUNITIES)
+        assert outcome.result.success, job
+        checks = outcome.result.get_asset_check_evaluations()
+        assert checks and [(c.asset_key.path[-1], c.check_name) for c in checks if not c.passed] == [], job
+        assert "contact_profiles" in {e.asset_key.path[-1] for e in outcome.result.get_asset_materialization_events()}
+    assert not [r for r in harness.server.requests if r.path.startswith("/api/community/")]
+    with connect(harness.database) as connection:
+        profiles = fully_qualified(connection, "marketing", "contact_profiles")
+        (contacts, empty, enrolled) = connection.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE community_ids = []), count(*) FILTER (WHERE len(course_ids) > 0)"
+            f" FROM {profiles}"
+        ).fetchone()  # type: ignore[misc]
+    assert contacts == ACCOUNT_SIZE and empty == ACCOUNT_SIZE  # one row per contact, no memberships
+    assert enrolled > 0  # enrollments, which the plan includes, still fill their list
 
 
 # 4. 422: the API's violations shown.
