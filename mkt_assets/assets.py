@@ -10,7 +10,10 @@ and turns what they return into Dagster's outputs, materializations and check re
 """
 
 
+import hashlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -44,6 +47,7 @@ from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.settings import Settings
 from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
+from mkt_assets.warehouse import database_path
 
 ASSET_PREFIX = "marketing"
 GROUP_NAME = "marketing"
@@ -52,6 +56,17 @@ IO_MANAGER_KEY = "duckdb_io_manager"
 # The one step (op) that materializes every marketing asset.
 STEP_NAME = "sync_marketing"
 
+
+
+def warehouse_pool(database: str) -> str:
+    """The Dagster pool of every sync that writes ``database``: the project's dagster.yaml
+    lets one run of a pool in progress at a time (``concurrency.pools``, ``granularity: run``),
+    so a second sync of the same file waits QUEUED in the UI instead of reading the API while
+    the first does and landing over it. Named by the file's name and a hash of its absolute
+    path, so two warehouses never share a pool and the name stays one URL-safe word."""
+    path = database_path(database)
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name)
+    return f"mkt_warehouse_{readable}_{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
 def asset_key(spec: ResourceSpec) -> dg.AssetKey:
@@ -153,7 +168,13 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         *(normalized_asset_spec(table, settings) for table in all_tables),
     ]
 
-    @dg.multi_asset(name=STEP_NAME, specs=specs, check_specs=check_specs(settings), can_subset=True)
+    @dg.multi_asset(
+        name=STEP_NAME,
+        specs=specs,
+        check_specs=check_specs(settings),
+        can_subset=True,
+        pool=warehouse_pool(settings.duckdb_path),
+    )
     def sync_marketing(
         context: dg.AssetExecutionContext,
         config: SyncConfig,

@@ -34,6 +34,11 @@ telemetry:
 # The daemon turns each asset's freshness policy into a status in the UI.
 freshness:
   enabled: true
+# Syncs of one warehouse never run at once: a second one waits QUEUED.
+concurrency:
+  pools:
+    granularity: run
+    default_limit: 1
 """
 
 

@@ -78,12 +78,19 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                     f"{name}: {merge.duplicate_keys} records came again under a key already read in this sync"
                     " (the API listed them twice); the later copy was kept"
                 )
+            batch = next(batch for batch in obj.write.batches if batch.spec.name == obj.table)
             if merge.newer_kept:
                 context.log.warning(
-                    f"{name}: {merge.newer_kept} rows had been written by a sync that began after this one"
-                    " and landed first (the runs overlapped): they were left as that sync wrote them"
+                    f"{name}: {merge.newer_kept} rows had been written or read by a sync that began after this one"
+                    " and landed first (the runs overlapped): they were left as that sync left them"
                 )
-            batch = next(batch for batch in obj.write.batches if batch.spec.name == obj.table)
+            if merge.superseded_by is not None:
+                context.log.warning(
+                    f"{name}: not written: a complete read of it that began at {merge.superseded_by.isoformat()},"
+                    f" after this sync's began ({batch.synced_at.isoformat()}), landed first (the runs overlapped)."
+                    " This sync's read is older, so the table, its history and the tables built from it"
+                    " stay as that sync left them; nothing to do"
+                )
             metadata.update(
                 {
                     # Live rows: what a user counts. Rows marked deleted are in total_rows.
@@ -96,6 +103,8 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                     "duplicate_keys": merge.duplicate_keys,
                     # Rows a sync that began later had written: left as it wrote them.
                     "rows_kept_newer": merge.newer_kept,
+                    # A complete read that began later landed first: this read was not applied.
+                    "superseded_by_newer_read": merge.superseded_by is not None,
                     "complete_read": batch.complete,
                     "merge_seconds": round(written.seconds, 3),
                 }
@@ -138,6 +147,12 @@ def _summary(commit: RunCommit, schema: str, history: bool) -> str:
     for name, written in commit.written.items():
         if written.merge is not None:
             merge = written.merge
+            if merge.superseded_by is not None:
+                parts.append(
+                    f"{schema}.{name}: not written, a newer complete read (begun {merge.superseded_by.isoformat()})"
+                    f" landed first, {merge.row_count} live rows"
+                )
+                continue
             versions = f", versions {merge.versions_opened} opened and {merge.versions_closed} closed" if history else ""
             kept = f", {merge.newer_kept} kept as a newer sync wrote them" if merge.newer_kept else ""
             parts.append(

@@ -44,6 +44,8 @@ class StagedBatch:
     # Every record of the resource (a full read run to its end), not only new ones: what
     # it lacks was deleted upstream.
     complete: bool = True
+    # An incremental read: it read every record whose key is above this one (ids only grow).
+    after: int | None = None
     # Keys came strictly ascending (or descending) across each end of the walk, whose ends
     # keep disjoint keys (see client.WalkFrontiers), so no key repeats and the merge can
     # skip deduplicating.
@@ -94,6 +96,7 @@ class PageStager:
     unknown_fields: set[str] = field(default_factory=set)
     synced_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     complete: bool = True
+    after: int | None = None
     keys_monotonic: bool = True
     chunk_pages: int = DEFAULT_CHUNK_PAGES
     # Called with each full chunk's path and longest line once it is closed; the last chunk
@@ -167,6 +170,7 @@ class PageStager:
             unknown_fields=tuple(sorted(self.unknown_fields)),
             synced_at=self.synced_at,
             complete=self.complete,
+            after=self.after,
             keys_unique=self.keys_monotonic,
             longest_line=self.longest_line,
         )

@@ -174,6 +174,7 @@ def _fetch_one(
         spec,
         directory=options.staging_dir,
         complete=after is None,
+        after=after,
         chunk_pages=options.chunk_pages,
         on_chunk=typer.submit,
     ) as stager:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -23,6 +24,7 @@ from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
+from mkt_assets.reads import newer_complete_read, newest_reads_cover, record_read
 from mkt_assets.records import shortened
 from mkt_assets.sql_names import fully_qualified, quote_ident, quote_literal, table_columns, table_exists
 from mkt_assets.staging import StagedBatch
@@ -484,6 +486,9 @@ class MergeResult:
     # Rows a sync that began after this one had already written (runs overlapped and that one
     # landed first): newer than what this batch read, so left as that sync wrote them.
     newer_kept: int = 0
+    # When a complete read of the table began that was committed first although it began after
+    # this batch's: the batch is older than what that read saw, so it was not applied at all.
+    superseded_by: datetime | None = None
 
     @property
     def changed(self) -> bool:
@@ -505,8 +510,10 @@ def merge_batch(
     they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
     (an incremental one) says nothing about rows it did not fetch, so it marks nothing.
     With ``history``, ``<table>_history`` keeps every version, from the same change detection.
-    Rows a sync that began after this batch's had already written are newer than what it read
-    (overlapping runs landing in the other order): they are left as they are.
+    Runs may overlap and land in the other order (see ``reads``): a batch older than a complete
+    read already committed is not applied at all (``superseded_by``); otherwise the rows a sync
+    that began after this batch's had already written, or read incrementally, are newer than what
+    it read, and are left as they are (``newer_kept``). The read is recorded for later batches.
 
     Staged rows are told apart by a join on the key and a hash of the data columns, which
     keeps the join's memory to a few bytes a row. New rows are bulk-inserted and only changed
@@ -517,6 +524,9 @@ def merge_batch(
         raise ValueError(f"deletions must be one of {DELETIONS_MODES}, got {deletions!r}")
     spec = batch.spec
     target = fully_qualified(connection, schema, table)
+    newer_read = newer_complete_read(connection, schema, table, batch.synced_at)
+    if newer_read is not None:
+        return _superseded(connection, target, newer_read)
     key = quote_ident(spec.primary_key_column.name)
     extra, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
     data_columns = [*(quote_ident(c.name) for c in spec.columns), extra]
@@ -553,7 +563,9 @@ def merge_batch(
     (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
     # Runs may overlap and land in either order: what a sync that began after this one wrote
     # (changed, inserted, found gone) is newer than what this batch read, and is left alone.
-    newer = _newer_rows(connection, schema, table, target, key, batch)
+    newer = _newer_rows(
+        connection, schema, table, target, key, batch, newest_reads_cover(connection, schema, table, batch.synced_at)
+    )
     not_newer = f" AND s.{key} NOT IN (SELECT {key} FROM newer)" if newer else ""
     # A row marked deleted that the API lists again has changed: it is back. (Two different
     # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
@@ -621,6 +633,7 @@ def merge_batch(
         (newer_in_batch,) = connection.execute(f"SELECT count(*) FROM staged SEMI JOIN newer USING ({key})").fetchone()  # type: ignore[misc]
     for temporary in ("staged", "changed", "fresh", *gone, "newer"):
         connection.execute(f"DROP TABLE {temporary}")
+    record_read(connection, schema, table, batch.synced_at, complete=batch.complete, after=batch.after)
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),
@@ -635,13 +648,30 @@ def merge_batch(
     )
 
 
+def _superseded(connection: duckdb.DuckDBPyConnection, target: str, newer_read: datetime) -> MergeResult:
+    """What a batch that a newer complete read superseded leaves: the table as it is."""
+    _, _, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
+    (row_count, total_rows) = connection.execute(
+        f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
+    ).fetchone()  # type: ignore[misc]
+    return MergeResult(0, 0, 0, 0, row_count, total_rows, superseded_by=newer_read)
+
+
 def _newer_rows(
-    connection: duckdb.DuckDBPyConnection, schema: str, table: str, target: str, key: str, batch: StagedBatch
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    table: str,
+    target: str,
+    key: str,
+    batch: StagedBatch,
+    covered_after: int | None,
 ) -> int:
     """Collect into the temporary table ``newer`` the keys a sync that began after ``batch``'s
     has written: stored rows it inserted, changed or marked deleted, and rows it removed (in
-    ``delete`` mode), which only the history remembers, whatever this run keeps. Returns how
-    many there are (0 unless runs overlapped)."""
+    ``delete`` mode), which only the history remembers, whatever this run keeps; and, stored or
+    staged, the keys above ``covered_after``, which newer incremental reads read (see ``reads``:
+    one of them may have read a row unchanged, or found it gone). Returns how many there are (0
+    unless runs overlapped)."""
     _, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
     removed = ""
     if table_exists(connection, schema, history_table(table)):
@@ -651,10 +681,15 @@ def _newer_rows(
             f" UNION SELECT h.{key} FROM {versions} AS h WHERE h.{valid_to} > $synced_at"
             f" AND NOT EXISTS (SELECT 1 FROM {target} AS t WHERE t.{key} = h.{key})"
         )
+    parameters: dict[str, object] = {"synced_at": batch.synced_at}
+    covered = ""
+    if covered_after is not None:
+        covered = f" UNION SELECT {key} FROM {target} WHERE {key} > $after UNION SELECT {key} FROM staged WHERE {key} > $after"
+        parameters["after"] = covered_after
     connection.execute(
         f"CREATE OR REPLACE TEMP TABLE newer AS SELECT t.{key} FROM {target} AS t"
-        f" WHERE greatest(t.{synced_at}, coalesce(t.{deleted_at}, t.{synced_at})) > $synced_at{removed}",
-        {"synced_at": batch.synced_at},
+        f" WHERE greatest(t.{synced_at}, coalesce(t.{deleted_at}, t.{synced_at})) > $synced_at{removed}{covered}",
+        parameters,
     )
     (count,) = connection.execute("SELECT count(*) FROM newer").fetchone()  # type: ignore[misc]
     return int(count)

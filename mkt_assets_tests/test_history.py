@@ -13,6 +13,7 @@ from mkt_assets import warehouse
 from mkt_assets.catalog import RESOURCES
 from mkt_assets.definitions import build_definitions
 from mkt_assets.history import history_table
+from mkt_assets.reads import READS_TABLE
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.settings import Settings
 from mkt_assets.table_facts import history_facts
@@ -49,6 +50,12 @@ def faults(database: str) -> tuple[int, int, int, list[object]]:
     with connect(database) as connection:
         facts = history_facts(connection, "marketing", CONTACTS)
     return facts.live_without_one_open, facts.open_not_live, facts.overlapping, facts.keys
+
+
+def forget_reads(database: str) -> None:
+    """The file as a version of the project that did not record its reads left it."""
+    with connect(database) as connection:
+        connection.execute(f"DROP TABLE {fully_qualified(connection, 'marketing', READS_TABLE)}")
 
 
 def tagged(contact_id: int, *tag_ids: int, **changes: Any) -> dict[str, Any]:
@@ -146,10 +153,13 @@ def test_a_sync_that_began_earlier_but_lands_later_leaves_what_the_newer_one_wro
     database: str, tmp_path: Path, deletions: str
 ) -> None:
     """Overlapping runs: A began reading (day 1) before B (day 2), but B committed first. A's
-    read is older than what B wrote, so A leaves B's rows as they are, and changes the rest."""
+    read is older than what B wrote, so A leaves B's rows as they are, and changes the rest.
+    (B's read being complete, A is not applied at all, see test_reads; here B wrote the file
+    before reads were recorded, and what B wrote is still kept.)"""
     sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7), tagged(44, 7), tagged(46, 7)], deletions=deletions)
     # B: 42 changed, 44 gone upstream, 45 new.
     sync(database, tmp_path, 2, [tagged(42, 8), tagged(43, 7), tagged(45, 7), tagged(46, 7)], deletions=deletions)
+    forget_reads(database)
 
     # A read 42 and 44 before B did, missed 45 (created after A's read), and saw 43 and 46 change.
     late = sync(
@@ -188,6 +198,7 @@ def test_a_row_a_newer_sync_removed_stays_removed_whatever_the_older_run_keeps(
     run lands in ``mark`` mode or keeping no history: the history still says 43 went later."""
     sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7)], deletions="delete")
     sync(database, tmp_path, 2, [tagged(42, 7)], deletions="delete")
+    forget_reads(database)  # as above: B wrote before reads were recorded
 
     late = sync(database, tmp_path, 1, [tagged(42, 7), tagged(43, 7)], **older)
 

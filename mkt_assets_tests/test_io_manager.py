@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def test_materializations_merge_and_report_what_changed(tmp_path: Path) -> None:
     assert not any(path.exists() for path in second.paths), "the staging files are removed once merged"
 
 
-def test_a_run_that_began_first_but_lands_last_keeps_the_newer_runs_rows_and_says_so(tmp_path: Path) -> None:
+def test_a_run_that_began_first_but_lands_after_a_newer_complete_read_writes_nothing_and_says_so(tmp_path: Path) -> None:
     database = str(tmp_path / "warehouse.duckdb")
     materialize(database, tags(tmp_path, {1: "a", 2: "b", 3: "c"}))
     began_first = tags(tmp_path, {1: "a", 2: "b", 3: "c-as-first-read"})  # staged first: the older read
@@ -93,16 +94,48 @@ def test_a_run_that_began_first_but_lands_last_keeps_the_newer_runs_rows_and_say
 
     assert result.success
     reported = metadata(result, "tags")
-    assert (reported["rows_kept_newer"], reported["rows_updated"], reported["rows_deleted_upstream"]) == (3, 0, 0)
+    assert reported["superseded_by_newer_read"] is True
+    assert (reported["rows_kept_newer"], reported["rows_updated"], reported["rows_inserted"], reported["rows_deleted_upstream"]) == (0, 0, 0, 0)
+    assert reported["dagster/row_count"] == 3
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert (
+        f"marketing.tags: not written: a complete read of it that began at {began_later.synced_at.isoformat()},"
+        f" after this sync's began ({began_first.synced_at.isoformat()}), landed first (the runs overlapped)."
+        " This sync's read is older, so the table, its history and the tables built from it stay as that"
+        " sync left them; nothing to do"
+    ) in messages
     assert any(
-        message.startswith("marketing.tags: 3 rows had been written by a sync that began after this one and landed first")
-        for message in messages
+        f"marketing.tags: not written, a newer complete read (begun {began_later.synced_at.isoformat()}) landed first, 3 live rows" in m
+        for m in messages
     )
-    assert any("marketing.tags: 0 inserted, 0 updated, 1 unchanged, 0 gone upstream, 3 kept as a newer sync wrote them" in m for m in messages)
     with connect(database) as connection:
         rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
     assert rows == [(1, "a", False), (2, "b2", False), (3, "c", True), (4, "d", False)]
+
+
+def test_a_run_that_began_first_but_lands_after_a_newer_partial_read_keeps_its_rows_and_says_so(tmp_path: Path) -> None:
+    database = str(tmp_path / "warehouse.duckdb")
+    materialize(database, tags(tmp_path, {1: "a", 2: "b", 3: "c"}))
+    began_first = tags(tmp_path, {1: "a", 2: "b", 3: "c2"})  # staged first: the older read
+    began_later = replace(tags(tmp_path, {2: "b2", 4: "d"}), complete=False)  # 2 renamed, 4 new
+
+    assert materialize(database, began_later).success
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(database, began_first, instance=instance)
+
+    assert result.success
+    reported = metadata(result, "tags")
+    assert reported["superseded_by_newer_read"] is False
+    assert (reported["rows_kept_newer"], reported["rows_updated"], reported["rows_deleted_upstream"]) == (2, 1, 0)
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert (
+        "marketing.tags: 2 rows had been written or read by a sync that began after this one and landed first"
+        " (the runs overlapped): they were left as that sync left them"
+    ) in messages
+    assert any("marketing.tags: 0 inserted, 1 updated, 1 unchanged, 0 gone upstream, 2 kept as a newer sync wrote them" in m for m in messages)
+    with connect(database) as connection:
+        rows = connection.execute("SELECT id, name, _deleted_at IS NOT NULL FROM marketing.tags ORDER BY id").fetchall()
+    assert rows == [(1, "a", False), (2, "b2", False), (3, "c2", False), (4, "d", False)]
 
 
 def test_every_table_of_a_run_lands_in_one_transaction_at_the_first_output(tmp_path: Path) -> None:

@@ -1163,3 +1163,26 @@ def test_cli_prints_the_url_but_never_the_key(
     out = capsys.readouterr().out
     assert out.startswith("Sandbox API serving http://127.0.0.1:") and "/api (contacts=25, seed=4)" in out
     assert "s3cret" not in out
+
+
+def test_a_held_answer_is_the_account_as_it_was_asked_and_leaves_on_release() -> None:
+    data = SandboxData(seed=3, contacts=5)  # its own: the test changes the account
+    contact_id = data.contact_ids[0]
+    data.set_contact_tags(contact_id, [data.tag_ids[0]])
+    answers: list[dict[str, Any]] = []
+    with SandboxServer(data, api_key=KEY) as server, requests.Session() as first, requests.Session() as second:
+        for http in (first, second):
+            http.headers.update({"X-API-Key": KEY})
+        server.add_fault(Fault("hold", path="/api/contacts"))
+        asking = threading.Thread(target=lambda: answers.append(get(first, server, "/contacts", limit=10, order="asc").json()))
+        asking.start()
+
+        assert server.wait_until_held(timeout=30)
+        data.set_contact_tags(contact_id, [data.tag_ids[1]])
+        assert answers == [] and asking.is_alive()
+        after = get(second, server, "/contacts", limit=10, order="asc").json()  # the fault fired once
+        server.release_held()
+        asking.join(timeout=30)
+
+    assert [tag["id"] for tag in answers[0]["items"][0]["tags"]] == [data.tag_ids[0]]
+    assert [tag["id"] for tag in after["items"][0]["tags"]] == [data.tag_ids[1]]

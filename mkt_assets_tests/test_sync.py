@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -366,3 +367,50 @@ def test_a_sync_reports_what_it_swept_and_what_the_rate_limiter_made_of_the_head
         re.fullmatch(r"X-RateLimit-Refill: \d+ is [\d.]+ min ahead, more than the 120 s horizon: treated as unknown", m)
         for m in warnings
     ), warnings
+
+
+@pytest.mark.slow
+def test_two_instances_overlapping_on_one_database_end_as_the_sync_that_began_last_read(tmp_path: Path) -> None:
+    """A dev and a prod instance sync one account into one file. Dev begins first and reads a
+    contact's tags while they are B; they go back to A; prod reads A (unchanged, so it writes
+    nothing to that row) and lands; dev lands last. The table and its history stay as prod read."""
+    account = SandboxData(seed=5, contacts=60)  # one page of contacts: one request reads them
+    database = str(tmp_path / "shared.duckdb")
+    instances = {}
+    for name in ("dev", "prod"):
+        home = tmp_path / name
+        home.mkdir()
+        (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+        instances[name] = dg.DagsterInstance.from_config(str(home))
+    contact_id = account.contact_ids[0]
+    tags_a, tags_b = [account.tag_ids[0]], [account.tag_ids[1]]
+    with SandboxServer(account, api_key=API_KEY) as server:
+        account.set_contact_tags(contact_id, tags_a)
+        assert materialize_marketing(EVERYTHING, resources(server, database), instance=instances["prod"]).success
+        account.set_contact_tags(contact_id, tags_b)
+        server.add_fault(Fault("hold", path="/api/contacts"))  # dev's read of contacts, made now
+        dev: dict[str, dg.ExecuteInProcessResult] = {}
+        began_first = threading.Thread(
+            target=lambda: dev.update(run=materialize_marketing(EVERYTHING, resources(server, database), instance=instances["dev"]))
+        )
+        began_first.start()
+        try:
+            assert server.wait_until_held(timeout=120)
+            account.set_contact_tags(contact_id, tags_a)
+            prod = materialize_marketing(EVERYTHING, resources(server, database), instance=instances["prod"])
+        finally:
+            server.release_held()
+            began_first.join(timeout=300)
+
+    assert prod.success and dev["run"].success
+    assert {spec.name: table_rows(database, spec) for spec in RESOURCES} == {spec.name: expected_rows(spec, account) for spec in RESOURCES}
+    with connect(database, read_only=True) as connection:
+        history = connection.execute(
+            "SELECT [tag.id FOR tag IN tags] FROM marketing.contacts_history WHERE id = ? ORDER BY _valid_from", [contact_id]
+        ).fetchall()
+    assert history == [(tags_a,)]
+    for spec in RESOURCES:
+        assert materialization(dev["run"], spec.name)["superseded_by_newer_read"] is True
+        assert materialization(prod, spec.name)["superseded_by_newer_read"] is False
+    warnings = [entry.user_message for entry in instances["dev"].all_logs(dev["run"].run_id) if entry.level == logging.WARNING]
+    assert any(message.startswith("marketing.contacts: not written: a complete read of it that began at") for message in warnings)

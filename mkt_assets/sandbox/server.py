@@ -95,7 +95,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
         "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
         "float_id", "swapped", "big_value", "deep_json", "short_has_more", "repeat_last", "oversized",
-        "drip", "drip_body", "gzip_bomb", "headers", "dangling",
+        "drip", "drip_body", "gzip_bomb", "headers", "dangling", "hold",
     }
 )  # fmt: skip
 
@@ -121,6 +121,9 @@ class Fault:
     - ``extra_field``: every record gets ``"score": 42``.
     - ``reset``: headers and half the body, then a TCP reset.
     - ``delay``: sleep ``delay`` seconds, then answer normally.
+    - ``hold``: the answer is made at once, as the account is then, and held until
+      ``release_held()`` (or the server stops); ``wait_until_held()`` returns once one is held.
+      A test orders two clients with it: one has read, the account changes, the other reads.
     - ``redirect``: 302 to ``location`` + the same path and query.
     - ``float_id``: the middle record's id becomes the previous record's id + 0.5, a JSON number
       such as ``2.5`` (a one-record page: its own id + 0.5; contact_fields, without ids: ``0.5``).
@@ -729,6 +732,9 @@ class _Handler(BaseHTTPRequestHandler):
             sandbox._sleep(fault.delay)  # then answer normally: the client's read timeout is the test
             fault = None
         response = self._with_quota(self._route(path, raw_query, query, fault), quota)
+        if fault is not None and fault.kind == "hold":
+            sandbox._hold()
+            fault = None
         return _with_transport_fault(response, fault)
 
     def _route(self, path: str, raw_query: str, query: dict[str, str], fault: Fault | None) -> _Response:
@@ -1026,6 +1032,8 @@ class SandboxServer:
         self._log_lock = threading.Lock()
         self._requests: list[RequestRecord] = []
         self._stopping = threading.Event()  # wakes latency and 'delay' sleeps on stop()
+        self._held = threading.Event()  # an answer is held ('hold')
+        self._released = threading.Event()  # held answers may leave (set on stop() too)
         self._state_lock = threading.Lock()
         self._loop_started = False
         self._closed = False
@@ -1094,6 +1102,7 @@ class SandboxServer:
                 return
             self._closed = True
         self._stopping.set()
+        self._released.set()
         self._httpd.close_connections()
         self._httpd.server_close()  # joins the handler threads, which exit once woken
 
@@ -1106,6 +1115,9 @@ class SandboxServer:
     # ----------------------------------------------------------------- faults and log
 
     def add_fault(self, fault: Fault) -> None:
+        if fault.kind == "hold" and not self._stopping.is_set():
+            self._held.clear()  # a new hold: it waits for a release of its own
+            self._released.clear()
         self._faults.add(fault)
 
     def clear_faults(self) -> None:
@@ -1128,6 +1140,18 @@ class SandboxServer:
     def _log(self, record: RequestRecord) -> None:
         with self._log_lock:
             self._requests.append(record)
+
+    def wait_until_held(self, timeout: float) -> bool:
+        """Whether a ``hold`` fault holds an answer (waiting up to ``timeout`` seconds for one)."""
+        return self._held.wait(timeout)
+
+    def release_held(self) -> None:
+        """Let every held answer, and any later one, leave."""
+        self._released.set()
+
+    def _hold(self) -> None:
+        self._held.set()
+        self._released.wait()
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
