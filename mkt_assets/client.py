@@ -35,7 +35,7 @@ from mkt_assets.errors import (
     PaginationError,
 )
 from mkt_assets.ratelimit import SharedRateLimiter
-from mkt_assets.records import RecordChecker, RecordProblem, record_checker
+from mkt_assets.records import RecordChecker, RecordProblem, has_lone_surrogate, lone_surrogate_problem, record_checker
 from mkt_assets.transport import (
     RETRY_STATUSES,
     AnswerTooLarge,
@@ -64,6 +64,7 @@ DEFAULT_MAX_WAIT_SECONDS = 120.0
 # Servers refuse request headers past about 8 KiB; an API key is a short token, so anything
 # longer is a file or a page pasted by mistake, refused before it is sent.
 MAX_KEY_CHARACTERS = 1024
+MIN_MASKED_KEY_CHARACTERS = 8
 
 
 def key_problem(key: str) -> str | None:
@@ -165,8 +166,10 @@ class MarketingApiClient:
             log=log or (lambda message: None),
         )
         self._headers = {"X-API-Key": api_key, "Accept": "application/json", "User-Agent": "mkt-assets"}
-        # The key, and what stands for it in an error quoting a server that echoed it.
-        self._masks = (api_key.encode(), f"[{key_setting}]".encode())
+        # The key, and what stands for it in an error quoting a server that echoed it. A key
+        # shorter than any real one (a simulator's "k") is left alone: masked, it garbles words.
+        secret = api_key.encode() if len(api_key) >= MIN_MASKED_KEY_CHARACTERS else b""
+        self._masks = (secret, f"[{key_setting}]".encode() if secret else b"")
         self._checkers: dict[str, RecordChecker] = {}
         # One keep-alive session per fetching thread: requests does not promise a Session
         # is safe to share between threads, and each end of a walk has its own connection.
@@ -347,7 +350,8 @@ class MarketingApiClient:
         except ApiError as error:
             # Errors quote what the server sent (an error page's start, a 422's messages): a
             # server or proxy that echoes the request's headers would put the key there.
-            _mask(error, *(mask.decode() for mask in self._masks))
+            if self._masks[0]:
+                _mask(error, *(mask.decode() for mask in self._masks))
             raise
 
     def _get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int) -> Page:
@@ -359,6 +363,8 @@ class MarketingApiClient:
             checker = self._checkers[spec.name] = record_checker(spec)
         try:
             unknown = checker(items, number)
+            if has_lone_surrogate(body):
+                raise lone_surrogate_problem(spec, items, number)
         except RecordProblem as problem:
             raise ApiResponseError(spec.name, path, query, str(problem)) from None
         if spec.paginated:
