@@ -220,7 +220,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             backoff_factor=self.backoff_factor,
             max_wait_seconds=self.max_wait_seconds,
             max_page_bytes=self.max_page_mb << 20,
-            key_setting=self.key_setting(),
+            key_setting=API_KEY_ENV,
             rate_limiter=self._rate_limiter(log),
             log=log,
         )
