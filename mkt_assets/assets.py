@@ -186,10 +186,12 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         resources = referenced_first(spec for spec in chosen if asset_key(spec) in selected)
         if resources:
             try:
-                marketing_api.key()
+                _, key_warning = marketing_api.checked_key()
             except ConfigurationError as missing:
                 # At once, before anything is fetched, and without a traceback: it says what to do.
                 raise dg.Failure(description=str(missing), allow_retries=False) from None
+            if key_warning is not None:
+                context.log.warning(key_warning)  # once here, not once per resource's client
         tables = [table for table in all_tables if table_key(table) in selected]
         file = warehouse.file()
         # One worker for the run's DuckDB work, started now so its start overlaps the fetch;

@@ -33,10 +33,11 @@ from mkt_assets.errors import (
     ApiResponseError,
     ApiStatusError,
     ApiValidationError,
+    ConfigurationError,
     PaginationError,
 )
 from mkt_assets.ratelimit import SharedRateLimiter
-from mkt_assets.records import RecordChecker, RecordProblem, record_checker
+from mkt_assets.records import RecordChecker, RecordProblem, has_lone_surrogate, lone_surrogate_problem, record_checker
 from mkt_assets.transport import (
     RETRY_STATUSES,
     AnswerTooLarge,
@@ -64,6 +65,40 @@ DEFAULT_MAX_PAGE_BYTES = 16 << 20
 DEFAULT_MAX_WAIT_SECONDS = 120.0
 # The longest piece of an error body's detail an error quotes: enough for the API's sentences.
 MAX_DETAIL_CHARS = 160
+# Servers refuse request headers past about 8 KiB; an API key is a short token, so anything
+# longer is a file or a page pasted by mistake, refused before it is sent.
+MAX_KEY_CHARACTERS = 1024
+MIN_MASKED_KEY_CHARACTERS = 8
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be sent as the X-API-Key header, or None; never quotes the key.
+
+    Only printable ASCII without spaces is sent: requests refuses a value with surrounding
+    whitespace or a line break (quoting it whole in its error), http.client cannot encode one
+    outside Latin-1, and a character past ASCII or a space in a key is a pasting accident
+    (a typographic quote, a non-breaking or zero-width space), never part of a key.
+    """
+    if not key:
+        return "is empty"
+    if len(key) > MAX_KEY_CHARACTERS:
+        return f"is {len(key):,} characters long, longer than any API key (at most {MAX_KEY_CHARACTERS:,})"
+    for position, character in enumerate(key, start=1):
+        if not "!" <= character <= "~":
+            return f"has {_character_kind(character)} at character {position} of {len(key)}, which no API key holds"
+    return None
+
+
+def _character_kind(character: str) -> str:
+    # The code point helps find the character; it is not part of the key, which is ASCII.
+    point = f"U+{ord(character):04X}"
+    if character in "\r\n\x85\u2028\u2029":
+        return f"a line break ({point})"
+    if character.isspace():
+        return f"a space ({point})"
+    if ord(character) < 0x20 or ord(character) == 0x7F:
+        return f"a control character ({point})"
+    return f"a character outside ASCII ({point})"
 
 
 @dataclass(frozen=True)
@@ -106,6 +141,12 @@ class MarketingApiClient:
             raise ValueError(f"page_size must be {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}, got {page_size}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+        problem = key_problem(api_key)
+        if problem is not None:
+            # Before any request: sent, it would fail every one with the key quoted in the error.
+            raise ConfigurationError(
+                f"{key_setting} {problem}: set it to the key exactly as made in the account's profile settings"
+            )
         self.base_url = base_url.rstrip("/")
         self.page_size = page_size
         self.order = order
@@ -131,6 +172,10 @@ class MarketingApiClient:
             log=log or (lambda message: None),
         )
         self._headers = {"X-API-Key": api_key, "Accept": "application/json", "User-Agent": "mkt-assets"}
+        # The key, and what stands for it in an error quoting a server that echoed it. A key
+        # shorter than any real one (a simulator's "k") is left alone: masked, it garbles words.
+        secret = api_key.encode() if len(api_key) >= MIN_MASKED_KEY_CHARACTERS else b""
+        self._masks = (secret, f"[{key_setting}]".encode() if secret else b"")
         self._checkers: dict[str, RecordChecker] = {}
         # One keep-alive session per fetching thread: requests does not promise a Session
         # is safe to share between threads, and each end of a walk has its own connection.
@@ -306,14 +351,26 @@ class MarketingApiClient:
                     future.cancel()
 
     def get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int = 1) -> Page:
+        try:
+            return self._get_page(spec, query, number)
+        except ApiError as error:
+            # Errors quote what the server sent (an error page's start, a 422's messages): a
+            # server or proxy that echoes the request's headers would put the key there.
+            if self._masks[0]:
+                _mask(error, *(mask.decode() for mask in self._masks))
+            raise
+
+    def _get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int) -> Page:
         path = self.url_path(spec)
         body, content_type = self._get(spec, path, query, number)
-        items, has_more = _read_page(spec, path, query, number, body, content_type)
+        items, has_more = _read_page(spec, path, query, number, body, content_type, self._masks)
         checker = self._checkers.get(spec.name)
         if checker is None:
             checker = self._checkers[spec.name] = record_checker(spec)
         try:
             unknown = checker(items, number)
+            if has_lone_surrogate(body):
+                raise lone_surrogate_problem(spec, items, number)
         except RecordProblem as problem:
             raise ApiResponseError(spec.name, path, query, str(problem)) from None
         if spec.paginated:
@@ -357,7 +414,9 @@ class MarketingApiClient:
             if bound.expired:
                 # The watchdog cut an answer whose end the server never marked: it is cut short.
                 raise self._timed_out(spec, path, query)
-        _raise_for_status(spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._headers["X-API-Key"])
+        _raise_for_status(
+            spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._masks, self._headers["X-API-Key"]
+        )
         return body, response.headers.get("Content-Type", "")
 
     def _timed_out(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> ApiConnectionError:
@@ -368,6 +427,18 @@ class MarketingApiClient:
             f"timed out: no complete answer (headers and body) within read_timeout"
             f" ({self.read_timeout:g} s) of sending the request",
         )
+
+
+def _mask(error: ApiError, secret: str, mask: str) -> None:
+    """Replace ``secret`` wherever ``error`` says it, in place (keeping its type and traceback)."""
+    if secret in error.problem or any(secret in str(argument) for argument in error.args):
+        error.problem = error.problem.replace(secret, mask)
+        error.args = tuple(str(argument).replace(secret, mask) for argument in error.args)
+        if isinstance(error, ApiValidationError):
+            error.violations = [
+                {name: str(value).replace(secret, mask) if isinstance(value, str) else value for name, value in violation.items()}
+                for violation in error.violations
+            ]
 
 
 def _cause(error: BaseException) -> str:
@@ -388,12 +459,15 @@ def _raise_for_status(
     response: requests.Response,
     body: bytes,
     key_setting: str,
-    resources_setting: str = "MKT_RESOURCES",
-    key: str = "",
+    resources_setting: str,
+    masks: tuple[bytes, bytes],
+    key: str,
 ) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
+    # Masked before any excerpt is cut, so not even the start of the key is quoted.
+    body = body.replace(*masks)
     if status in (401, 403, 404):
         detail = problem_detail(body, key)
         said = f' (the API said "{detail}")' if detail else ""
@@ -459,7 +533,13 @@ def _json_or_none(content: bytes) -> Any:
 
 
 def _read_page(
-    spec: ResourceSpec, path: str, query: Mapping[str, object], number: int, content: bytes, content_type: str
+    spec: ResourceSpec,
+    path: str,
+    query: Mapping[str, object],
+    number: int,
+    content: bytes,
+    content_type: str,
+    masks: tuple[bytes, bytes] = (b"", b""),
 ) -> tuple[list[dict[str, Any]], bool]:
     def fail(problem: str) -> ApiResponseError:
         return ApiResponseError(spec.name, path, query, f"page {number}: {problem}")
@@ -469,7 +549,7 @@ def _read_page(
     except RecursionError:
         raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
     except ValueError as error:
-        excerpt = content[:80].decode("utf-8", "replace").replace("\n", " ")
+        excerpt = content.replace(*masks)[:80].decode("utf-8", "replace").replace("\n", " ")
         if "json" not in content_type.lower():
             raise fail(f"expected JSON, got {content_type or 'no content type'}: {excerpt!r}") from None
         raise fail(f"the JSON body does not parse ({error}; {len(content)} bytes, cut short?)") from None

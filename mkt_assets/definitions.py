@@ -13,6 +13,7 @@ from mkt_assets.assets import (
     STEP_NAME,
     build_marketing_assets,
 )
+from mkt_assets.errors import ConfigurationError
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.resource import (
     API_KEY_ENV,
@@ -64,6 +65,14 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
     return [full, incremental]
 
 
+def _base_url() -> str:
+    try:
+        return check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
+    except ValueError as refused:
+        # Dagster shows a load error with its traceback: this one's holds only the message.
+        raise ConfigurationError(str(refused)) from None
+
+
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_environment()
     database = database_path(settings.duckdb_path)
@@ -81,7 +90,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             # line naming it (the resource reads the environment) instead of in Dagster's
             # seventy-line traceback for an unset EnvVar.
             "marketing_api": MarketingApiResource.configure_at_launch(
-                base_url=check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL),
+                base_url=_base_url(),
                 **({"api_key": dg.EnvVar(API_KEY_ENV)} if os.environ.get(API_KEY_ENV) else {}),
             ),
             "warehouse": WarehouseResource.configure_at_launch(

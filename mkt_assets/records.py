@@ -14,7 +14,8 @@ No Dagster, no HTTP: a pure function of the catalog and a page's parsed records.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -77,13 +78,112 @@ def _why_not(duckdb_type: str, value: object) -> str | None:
     return None  # JSON holds anything
 
 
+# ISO 8601's extended form with an offset, as both ways DuckDB reads a TIMESTAMPTZ (its JSON
+# reader and a cast from text) read it, to the same instant as Python. fromisoformat alone
+# also takes basic (20240101T000000+0000) and week (2024-W01-1) forms, a lowercase t, a comma
+# before the fraction and a space before the offset, which DuckDB refuses; DuckDB takes zone
+# names (read differently by its two ways), and a time without an offset in the session's zone.
+_DATETIME_WITH_OFFSET = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]*)?)?"
+    r"(?:Z|[+-][0-9]{2}(?:(?::[0-9]{2}){1,2}|[0-9]{2})?)"
+)
+
+
 def _is_datetime_with_offset(text: str) -> bool:
-    # One rule for both ways DuckDB reads a timestamp (they disagree on names such as PST or
-    # Europe/Paris, and a time without an offset would be read in the session's zone).
+    if _DATETIME_WITH_OFFSET.fullmatch(text) is None:
+        return False
     try:
-        return datetime.fromisoformat(text).tzinfo is not None
+        datetime.fromisoformat(text)  # a real date and time: no February 30th, no hour 24
     except ValueError:
         return False
+    return True
+
+
+# A JSON escape of a UTF-16 surrogate (U+D800 to U+DFFF; JSON allows either case of hex digits).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# Its start, which a page without any is searched for: the fastest test measured (a regex
+# with a literal prefix beats bytes.find, and a lowered copy of the body costs more still).
+_SURROGATE_START = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(body: bytes) -> bool:
+    """Whether the JSON ``body`` escapes half a surrogate pair alone (``"\\ud800"``).
+
+    Python reads it into a text that is not Unicode; DuckDB refuses the whole staged page as
+    malformed JSON. Most pages escape no surrogate at all, which one search tells."""
+    first = _SURROGATE_START.search(body)
+    if first is None:
+        return False
+    low_expected_at = -1
+    for match in _SURROGATE_ESCAPE.finditer(body, first.start()):
+        start = match.start()
+        before = start
+        while before and body[before - 1] == 0x5C:  # a backslash
+            before -= 1
+        if (start - before) % 2:
+            continue  # an escaped backslash followed by the letters u, d, 8...: text
+        if int(match[0][2:], 16) >= 0xDC00:
+            if start != low_expected_at:
+                return True
+            low_expected_at = -1
+            continue
+        following = _SURROGATE_ESCAPE.match(body, match.end())
+        if following is None or int(following[0][2:], 16) < 0xDC00:
+            return True
+        low_expected_at = match.end()
+    return False
+
+
+def lone_surrogate_problem(spec: ResourceSpec, records: Sequence[dict[str, Any]], page: int) -> RecordProblem:
+    """Which field of which record holds a lone surrogate (the body has one: ``has_lone_surrogate``)."""
+    by_name = {column.api_name: column for column in spec.columns}
+    for position, record in enumerate(records, start=1):
+        for label, where in _lone_surrogates(record, "", by_name):
+            return RecordProblem(
+                f"record {position} of page {page}: field {label!r} ({where}) cannot hold a text with a lone"
+                " surrogate (an unpaired \\ud800-\\udfff escape), which is not Unicode: DuckDB refuses it"
+            )
+    return RecordProblem(
+        f"page {page}: the body holds a text with a lone surrogate (an unpaired \\ud800-\\udfff escape) outside"
+        " its records, which is not Unicode: DuckDB refuses the page"
+    )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogates(value: object, label: str, by_name: dict[str, Column]) -> Iterator[tuple[str, str]]:
+    """The (label, where) of each text in ``value`` that is not Unicode, a field name included."""
+    if type(value) is str:
+        if not _is_unicode(value):
+            yield label, _where(label, by_name)
+    elif type(value) is dict:
+        for name, item in value.items():
+            if not _is_unicode(name):
+                yield (label or "(record)") + ".<a field name>", "a field name"
+                continue
+            yield from _lone_surrogates(item, f"{label}.{name}" if label else name, by_name)
+    elif type(value) is list:
+        for index, item in enumerate(value):
+            yield from _lone_surrogates(item, f"{label}[{index}]", by_name)
+
+
+def _where(label: str, by_name: dict[str, Column]) -> str:
+    column = by_name.get(re.split(r"[.\[]", label, maxsplit=1)[0])
+    if column is None:
+        return "not in the catalog, kept in _extra"
+    member = re.match(r"\[[0-9]+\]\.([^.\[]*)", label[len(column.api_name) :])
+    if column.fields and member is not None:
+        known = next((field for field in column.fields if field.api_name == member[1]), None)
+        if known is None:
+            return "not in the catalog, kept in _extra"
+        return f"column {column.name}, member {known.name} {known.sql_type}"
+    return f"column {column.name} {column.sql_type}"
 
 
 def record_checker(spec: ResourceSpec) -> RecordChecker:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from mkt_assets import warehouse
 from mkt_assets.client import (
@@ -21,6 +21,7 @@ from mkt_assets.client import (
     MIN_PAGE_SIZE,
     ORDERS,
     MarketingApiClient,
+    key_problem,
 )
 from mkt_assets.transport import Log
 from mkt_assets.errors import ConfigurationError
@@ -43,13 +44,23 @@ def is_loopback(host: str) -> bool:
 
 
 def check_base_url(url: str) -> str:
-    """The key may only travel encrypted, except to a simulator on this machine."""
+    """The key may only travel encrypted, except to a simulator on this machine.
+
+    Raises ``ValueError`` (pydantic reports it as the field's error) whose message never holds
+    a user name or password the URL carries."""
+    if "@" in url:
+        # Looked for anywhere: without a scheme ("user:pw@host/api") urlsplit finds no userinfo.
+        raise ValueError(
+            f"{BASE_URL_ENV} (base_url) must not carry credentials (a user name or password before @):"
+            f" the API takes its key from {API_KEY_ENV}; give the URL alone, like {DEFAULT_BASE_URL}"
+        )
     parts = urlsplit(url)
     host = parts.hostname or ""
     if not host:
-        raise ValueError(f"{BASE_URL_ENV} must be an absolute URL like {DEFAULT_BASE_URL}, got {url!r}")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"{BASE_URL_ENV} must not carry credentials, a query or a fragment")
+        # Not quoted: whatever was pasted there (a query with a token) could be a secret.
+        raise ValueError(f"{BASE_URL_ENV} must be an absolute URL like {DEFAULT_BASE_URL}; the one given has no host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{BASE_URL_ENV} must not carry a query or a fragment")
     if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host)):
         return url.rstrip("/")
     raise ValueError(
@@ -60,6 +71,10 @@ def check_base_url(url: str) -> str:
 
 class MarketingApiResource(dg.ConfigurableResource):
     """Authenticated access to the marketing platform's (systeme.io) public API."""
+
+    # pydantic quotes a refused value in its error (input_value=...), which Dagster stores in
+    # the run's events: the key, or a base_url with a password in it, would be kept there.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     base_url: str = Field(
         default=DEFAULT_BASE_URL,
@@ -152,10 +167,46 @@ class MarketingApiResource(dg.ConfigurableResource):
     def key(self) -> str:
         """The API key: the configured one, else the environment's (the definitions leave it
         unset when the variable was not set as they loaded, so the UI opens without it)."""
-        key = self.api_key or os.environ.get(API_KEY_ENV, "")
-        if not key:
+        return self.checked_key()[0]
+
+    def key_setting(self) -> str:
+        """Where the key comes from, as a message names it (the definitions set ``api_key``
+        from MKT_API_KEY, so a key equal to the variable's is named after the variable)."""
+        if not self.api_key or self.api_key == os.environ.get(API_KEY_ENV):
+            return API_KEY_ENV
+        return "the marketing_api resource's api_key"
+
+    def checked_key(self) -> tuple[str, str | None]:
+        """The key as it is sent and, when whitespace around it was removed, the line saying so.
+
+        Whitespace around a key is a pasting or secret-file accident (a final line break) and
+        never part of it: HTTP itself drops it from a header's value, so the key the server would
+        read is the stripped one. It is removed, with a warning; anything else that cannot be sent
+        is refused with ``ConfigurationError``. Neither message holds any of the key."""
+        setting = self.key_setting()
+        raw = self.api_key or os.environ.get(API_KEY_ENV, "")
+        if not raw:
             raise ConfigurationError(f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings.")
-        return key
+        key = raw.strip()
+        if not key:
+            raise ConfigurationError(
+                f"No API key: {setting} holds only whitespace; set it to a key made in the account's profile settings."
+            )
+        problem = key_problem(key)
+        if problem is not None:
+            raise ConfigurationError(
+                f"{setting} {problem}: set it to the key exactly as made in the account's profile settings."
+            )
+        if key == raw:
+            return key, None
+        where = " and ".join(
+            side for side, removed in (("before", raw[: len(raw) - len(raw.lstrip())]), ("after", raw[len(raw.rstrip()) :])) if removed
+        )
+        kinds = "a line break" if any(c in "\r\n" for c in raw) else "spaces"
+        return key, (
+            f"{setting} has whitespace {where} the key ({kinds}, as a secret file or a paste leaves);"
+            " it is sent without it. Remove it from the setting to silence this warning."
+        )
 
     def get_client(self, log: Log | None = None) -> MarketingApiClient:
         """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit headers."""

@@ -24,6 +24,7 @@ from mkt_assets.errors import (
     ApiResponseError,
     ApiStatusError,
     ApiValidationError,
+    ConfigurationError,
     PaginationError,
 )
 
@@ -793,3 +794,49 @@ def test_redirects_that_never_end_are_refused() -> None:
     with make_client() as client, pytest.raises(ApiResponseError, match="more than 5 redirects; refusing to follow more"):
         list(client.iter_pages(TAGS))
     assert len(responses.calls) == 6
+
+
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        (KEY + "\n", "has a line break (U+000A) at character 20 of 20, which no API key holds"),
+        (" " + KEY, "has a space (U+0020) at character 1 of 20, which no API key holds"),
+        (KEY + "ключ", "has a character outside ASCII (U+043A) at character 20 of 23, which no API key holds"),
+        (KEY + "\x00", "has a control character (U+0000) at character 20 of 20, which no API key holds"),
+        (KEY * 60, "is 1,140 characters long, longer than any API key (at most 1,024)"),
+        ("", "is empty"),
+    ],
+)
+@responses.activate
+def test_a_key_that_cannot_be_a_header_value_is_refused_before_any_request_without_quoting_it(key: str, said: str) -> None:
+    # Sent, requests would refuse it quoting the whole header, or http.client fail to encode it.
+    with pytest.raises(ConfigurationError) as caught:
+        MarketingApiClient(BASE, key, key_setting="MKT_API_KEY")
+
+    assert str(caught.value) == f"MKT_API_KEY {said}: set it to the key exactly as made in the account's profile settings"
+    assert len(responses.calls) == 0
+    assert KEY not in str(caught.value)
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (500, {"detail": f"internal error handling X-API-Key: {KEY}"}),
+        (400, f"<html>{'x' * 180}X-API-Key: {KEY}</html>"),  # the 200-character excerpt cuts the key
+        (422, {"violations": [{"propertyPath": "limit", "message": f"bad for key {KEY}"}]}),
+        (200, f"<html>your key {KEY} is echoed here</html>"),
+    ],
+)
+def test_a_server_echoing_the_key_never_gets_it_into_an_error(status: int, body: Any) -> None:
+    if isinstance(body, dict):
+        responses.get(f"{BASE}/tags", status=status, json=body)
+    else:
+        responses.get(f"{BASE}/tags", status=status, body=body, content_type="text/html")
+
+    with make_client(max_retries=0) as client, pytest.raises(ApiError) as caught:
+        list(client.iter_pages(TAGS))
+
+    said = str(caught.value) + repr(getattr(caught.value, "violations", ""))
+    assert KEY[:8] not in said
+    assert "[MK" in said  # the mask, perhaps cut where the excerpt ends

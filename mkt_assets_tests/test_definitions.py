@@ -339,3 +339,18 @@ def test_dg_loads_the_definitions_with_no_warning(command: list[str], chosen: di
     assert not re.search(r"(Supersession|Deprecation|Preview|Beta)Warning|warning", output, re.IGNORECASE), output[-3000:]
     if command == ["dg", "list", "defs"]:
         assert "marketing/contacts" in output and "marketing_sync" in output
+
+
+@pytest.mark.parametrize(
+    "url", ["https://user:pw-secret-5a@api.systeme.io/api", "user:pw-secret-5a@api.systeme.io/api", "http://10.1.1.1/api"]
+)
+def test_a_refused_base_url_in_the_environment_fails_the_load_in_one_line_without_its_value(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("MKT_API_BASE_URL", url)
+    with pytest.raises(ConfigurationError, match="^MKT_API_BASE_URL ") as caught:
+        build_definitions()
+
+    assert "\n" not in str(caught.value)
+    assert "pw-secret-5a" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

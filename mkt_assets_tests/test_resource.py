@@ -92,3 +92,65 @@ def test_a_quota_state_dir_others_may_enter_is_refused_when_a_client_is_built(tm
 
     with pytest.raises(PrivateDirectoryError, match=r"shared for private files: its mode is 0755"):
         resource.get_client()
+
+
+PASSWORD = "pw-secret-93f1"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://user:{PASSWORD}@api.systeme.io/api",
+        f"https://{PASSWORD}@api.systeme.io/api",
+        f"user:{PASSWORD}@api.systeme.io/api",  # no scheme: urlsplit sees no userinfo
+        f"api.systeme.io/api?token={PASSWORD}",
+    ],
+)
+def test_a_refused_base_url_is_never_echoed_even_by_pydantic(url: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        MarketingApiResource(base_url=url, api_key=KEY)
+
+    assert PASSWORD not in str(caught.value)
+
+
+def test_a_refused_api_key_value_is_not_echoed_by_pydantic() -> None:
+    with pytest.raises(ValidationError) as caught:
+        MarketingApiResource(api_key=[KEY])  # type: ignore[arg-type]
+
+    assert KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "where", "kind"),
+    [(KEY + "\n", "after", "a line break"), (KEY + "\r\n", "after", "a line break"), ("  " + KEY + "\t", "before and after", "spaces")],
+)
+def test_whitespace_around_the_environments_key_is_removed_with_a_warning_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, raw: str, where: str, kind: str
+) -> None:
+    monkeypatch.setenv("MKT_API_KEY", raw)
+    resource = MarketingApiResource()
+
+    key, warning = resource.checked_key()
+
+    assert key == KEY and resource.key() == KEY
+    assert warning == (
+        f"MKT_API_KEY has whitespace {where} the key ({kind}, as a secret file or a paste leaves);"
+        " it is sent without it. Remove it from the setting to silence this warning."
+    )
+    with resource.get_client() as client:
+        assert client._headers["X-API-Key"] == KEY
+
+
+def test_a_clean_key_gives_no_warning_and_a_configured_one_is_named_as_the_resources_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MKT_API_KEY", "another")
+    assert MarketingApiResource(api_key=KEY).checked_key() == (KEY, None)
+    with pytest.raises(ConfigurationError, match=r"^the marketing_api resource's api_key has a line break \(U\+000A\)"):
+        MarketingApiResource(api_key=KEY[:4] + "\n" + KEY[4:]).checked_key()
+
+
+def test_a_key_of_whitespace_alone_is_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MKT_API_KEY", " \n")
+    with pytest.raises(ConfigurationError, match="^No API key: MKT_API_KEY holds only whitespace"):
+        MarketingApiResource().key()
