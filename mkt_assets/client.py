@@ -466,9 +466,8 @@ def _raise_for_status(
     status = response.status_code
     if 200 <= status < 300:
         return
-    # Masked before any excerpt is cut, so not even the start of the key is quoted.
-    body = body.replace(*masks)
     if status in (401, 403, 404):
+        # Judged on the body as sent: a detail that echoes the key is not quoted at all.
         detail = problem_detail(body, key)
         said = f' (the API said "{detail}")' if detail else ""
         if status == 401:
@@ -491,6 +490,8 @@ def _raise_for_status(
             " (comma-separated; unset syncs all)"
             + (", or, if every resource answers 404, check the base URL" if status == 404 else ""),
         )
+    # Masked before any excerpt is cut, so not even the start of the key is quoted.
+    body = body.replace(*masks)
     parsed = _json_or_none(body)
     if status == 422 and isinstance(parsed, dict):
         violations = parsed.get("violations")
