@@ -813,3 +813,21 @@ def test_a_chunk_that_fails_to_type_is_logged_without_the_records_it_quotes(tmp_
 
     (failure,) = typer.failures
     assert "duplicate key" in failure and "jane.doe" not in failure and "one@example.com" not in failure
+
+
+@pytest.mark.parametrize(
+    ("gone", "live", "refused"),
+    [
+        (0, 5000, False),
+        (500, 5000, False),  # 10%: the share itself may go
+        (501, 5000, True),
+        (5000, 5000, True),  # the outage: an empty answer
+        (1, 5, False),  # a user deleting 1 of 5 tags (20%): within the handful
+        (5, 40, False),
+        (6, 40, True),  # 15%, and more than the handful
+        (3, 3, True),  # every row, however few
+        (1, 1, True),
+    ],
+)
+def test_a_mass_deletion_is_more_than_the_share_and_the_handful_or_every_live_row(gone: int, live: int, refused: bool) -> None:
+    assert warehouse.is_mass_deletion(gone, live, 0.1) is refused
