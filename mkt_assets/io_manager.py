@@ -17,8 +17,8 @@ from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
 from mkt_assets.assets import HOW_TO_CONFIRM_MASS_DELETION
-from mkt_assets.errors import MassDeletionError
 from mkt_assets.commit import RunCommit
+from mkt_assets.errors import MassDeletionError
 from mkt_assets.history import history_table
 from mkt_assets.sync import TableWrite
 
