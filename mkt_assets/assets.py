@@ -11,6 +11,7 @@ and turns what they return into Dagster's outputs, materializations and check re
 
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -45,9 +46,11 @@ from mkt_assets.commit import RunCommit, newest_keys
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.schedules import FULL_JOB
 from mkt_assets.settings import Settings
 from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
 from mkt_assets.warehouse import database_path
+from mkt_assets.warehouse import MASS_DELETION_ALLOWANCE
 
 ASSET_PREFIX = "marketing"
 GROUP_NAME = "marketing"
@@ -55,6 +58,15 @@ NORMALIZED_GROUP = "marketing_normalized"
 IO_MANAGER_KEY = "duckdb_io_manager"
 # The one step (op) that materializes every marketing asset.
 STEP_NAME = "sync_marketing"
+# The run config of one run that applies a mass deletion (see ``SyncConfig``), and what a
+# run refused for one says to do.
+CONFIRM_MASS_DELETION_CONFIG = {"ops": {STEP_NAME: {"config": {"confirm_mass_deletion": True}}}}
+HOW_TO_CONFIRM_MASS_DELETION = (
+    "If these rows really were deleted upstream, confirm it for one run: launch it with the run config"
+    f" {json.dumps(CONFIRM_MASS_DELETION_CONFIG)} (in the launchpad's config editor, or"
+    f" dg launch --job {FULL_JOB} --config-json '{json.dumps(CONFIRM_MASS_DELETION_CONFIG)}');"
+    " the runs after it need nothing."
+)
 
 
 
@@ -155,6 +167,17 @@ class SyncConfig(dg.Config):
             " never marks deletions."
         ),
     )
+    confirm_mass_deletion: bool = Field(
+        default=False,
+        description=(
+            "Apply this run's deletions even where a complete read lacks more of a table's live"
+            " rows than a sync marks gone unconfirmed (the share MKT_ROW_COUNT_MAX_DROP, 10% by"
+            f" default, or {MASS_DELETION_ALLOWANCE} rows, whichever is more; never all of them)."
+            " Without it such a run fails and writes nothing, since an API answering an empty"
+            " list during an outage looks the same. Set it for one run, once the rows are known"
+            " to be deleted upstream."
+        ),
+    )
 
 
 def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
@@ -226,6 +249,8 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 asked=frozenset(table.name for table in tables),
                 history=settings.history,
                 within=within,
+                max_drop=settings.row_count_max_drop,
+                confirm_mass_deletion=config.confirm_mass_deletion,
             )
             for spec in resources:
                 yield dg.Output(

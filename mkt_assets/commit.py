@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mkt_assets.catalog import ResourceSpec
-from mkt_assets.errors import SyncError
+from mkt_assets.errors import MassDeletion, MassDeletionError, SyncError
 from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_facts, build_in_transaction, is_current
 from mkt_assets.staging import StagedBatch
 from mkt_assets.table_facts import (
@@ -29,6 +29,8 @@ from mkt_assets.table_facts import (
 )
 from mkt_assets.warehouse import (
     CAST_FAILURES,
+    DEFAULT_MAX_DROP,
+    MASS_DELETION_ALLOWANCE,
     MergeResult,
     WarehouseFile,
     explain_cast_failure,
@@ -88,6 +90,8 @@ def commit_run(
     history: bool = True,
     asked: frozenset[str] = frozenset(),
     within: frozenset[str] | None = None,
+    max_drop: float = DEFAULT_MAX_DROP,
+    confirm_mass_deletion: bool = False,
 ) -> RunCommit:
     """Merge every batch and rebuild every table in one transaction, then gather the facts the
     checks need: per synced table, its own and those of its references.
@@ -96,7 +100,9 @@ def commit_run(
     table it reads does not exist yet; one in ``asked`` cannot be, and fails the write. A run
     that writes synced tables keeps, unrebuilt, a table none of whose reads changed and whose
     definition is the one it was built from; a run that writes none rebuilds what it is asked.
-    ``within``: the resources the deployment syncs; references to others are not checked."""
+    ``within``: the resources the deployment syncs; references to others are not checked.
+    A mass deletion (see ``warehouse.is_mass_deletion``) not confirmed fails the write; every
+    batch is merged first, so the error names each table that would lose too many rows."""
     started = time.monotonic()
     written: dict[str, Written] = {}
     skipped: dict[str, str] = {}
@@ -104,11 +110,27 @@ def commit_run(
         merging: StagedBatch | None = None
         try:
             with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
+                refused: list[MassDeletion] = []
                 for batch in batches:
                     merging, began = batch, time.monotonic()
-                    merge = merge_batch(connection, schema, batch.spec.name, batch, deletions=deletions, history=history)
+                    try:
+                        merge = merge_batch(
+                            connection,
+                            schema,
+                            batch.spec.name,
+                            batch,
+                            deletions=deletions,
+                            history=history,
+                            max_drop=max_drop,
+                            confirm_mass_deletion=confirm_mass_deletion,
+                        )
+                    except MassDeletionError as error:
+                        refused.extend(error.refused)  # rolled back with the rest once every batch is seen
+                        continue
                     written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
                 merging = None
+                if refused:
+                    raise MassDeletionError(tuple(refused), max_drop, MASS_DELETION_ALLOWANCE)
                 changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
                 for table in tables:
                     missing = [name for name in table.reads if not table_exists(connection, schema, name)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 
@@ -111,3 +112,44 @@ class WarehouseBusyError(SyncError):
 
 class WarehouseWriteError(SyncError):
     """A write to the DuckDB file failed on a file (a full disk, a staged chunk gone): rolled back."""
+
+
+@dataclass(frozen=True)
+class MassDeletion:
+    """What one table's complete read would take away: refused, unless the run confirms it."""
+
+    table: str  # schema.table
+    listed: int  # records the complete read listed
+    gone: int  # live rows it lacks
+    live: int  # live rows the table held
+    deletions: str  # mark or delete
+
+    def __str__(self) -> str:
+        fate = "remove them (MKT_DELETIONS=delete)" if self.deletions == "delete" else "mark them deleted"
+        lacks = (
+            f"all {self.live} of the table's live rows"
+            if self.gone >= self.live
+            else f"{self.gone} of the table's {self.live} live rows ({self.gone / self.live:.1%})"
+        )
+        return f"{self.table}: the API's complete list ({self.listed} records) lacks {lacks}; the sync would {fate}"
+
+
+class MassDeletionError(SyncError):
+    """A complete read would mark (or remove) more of a table's live rows than a sync does
+    unconfirmed: an API answering an empty or short list in an outage looks the same. The
+    run's transaction is rolled back, so every table stays as it was."""
+
+    def __init__(self, refused: tuple[MassDeletion, ...], max_drop: float, allowance: int) -> None:
+        self.refused, self.max_drop, self.allowance = tuple(refused), max_drop, allowance
+        lines = [str(deletion) for deletion in self.refused]
+        lines.append(
+            f"A sync marks gone, unconfirmed, at most {max_drop * 100:g}% of a table's live rows"
+            f" (MKT_ROW_COUNT_MAX_DROP) or {allowance} rows, whichever is more, and never every row it"
+            " holds: an API answering an empty or short list during an outage would look just like this."
+            " Nothing was written: every table is as it was."
+        )
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[type[MassDeletionError], tuple[tuple[MassDeletion, ...], float, int]]:
+        # Crosses from the lean worker pickled: rebuilt from its parts, not from the message.
+        return type(self), (self.refused, self.max_drop, self.allowance)

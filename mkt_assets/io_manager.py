@@ -16,7 +16,9 @@ import duckdb
 from pydantic import Field, field_validator
 
 from mkt_assets import warehouse
+from mkt_assets.assets import HOW_TO_CONFIRM_MASS_DELETION
 from mkt_assets.commit import RunCommit
+from mkt_assets.errors import MassDeletionError
 from mkt_assets.history import history_table
 from mkt_assets.sync import TableWrite
 
@@ -62,7 +64,11 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                 f" it was handed a {type(obj).__name__}"
             )
         first = obj.write.result is None
-        commit = obj.write.commit(self.file(), self.schema_, self.deletions, log=context.log.warning)
+        try:
+            commit = obj.write.commit(self.file(), self.schema_, self.deletions, log=context.log.warning)
+        except MassDeletionError as refused:
+            # What to do, in one message without a traceback; a retry would meet the same answer.
+            raise dg.Failure(description=f"{refused}\n{HOW_TO_CONFIRM_MASS_DELETION}", allow_retries=False) from None
         if first:
             context.log.info(_summary(commit, self.schema_, obj.write.history))
         written = commit.written[obj.table]

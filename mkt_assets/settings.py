@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.errors import ConfigurationError
-from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
+from mkt_assets.warehouse import DEFAULT_MAX_DROP, DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 
 DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 # Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
@@ -36,7 +36,9 @@ class Settings:
     freshness_warn: timedelta = timedelta(hours=25)
     freshness_fail: timedelta = timedelta(hours=28)
     owners: tuple[str, ...] = ("team:data-engineering",)
-    row_count_max_drop: float = 0.1
+    # Both the row count check's bound and the share of a table's live rows a complete read
+    # may mark gone before the run must confirm it (see ``warehouse.is_mass_deletion``).
+    row_count_max_drop: float = DEFAULT_MAX_DROP
     progress_interval_seconds: float = 10.0
     duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT
     duckdb_wait_seconds: float = DEFAULT_WAIT_SECONDS

@@ -24,7 +24,7 @@ from mkt_assets.errors import SyncError
 from mkt_assets.normalized_tables import NormalizedTable
 from mkt_assets.staging import PageStager, StagedBatch
 from mkt_assets.transport import RequestStats
-from mkt_assets.warehouse import WarehouseFile
+from mkt_assets.warehouse import DEFAULT_MAX_DROP, WarehouseFile
 
 Log = Callable[[str], None]
 # Runs a DuckDB function in a lean worker: ``lean_process.Worker.call``.
@@ -231,6 +231,10 @@ class RunWrite:
     history: bool = True
     # The resources the deployment syncs (None: all): references to others are not checked.
     within: frozenset[str] | None = None
+    # The share of a table's live rows a complete read may mark gone unconfirmed, and whether
+    # this run confirms more (see ``warehouse.is_mass_deletion``).
+    max_drop: float = DEFAULT_MAX_DROP
+    confirm_mass_deletion: bool = False
     result: RunCommit | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -248,6 +252,8 @@ class RunWrite:
                         history=self.history,
                         asked=self.asked,
                         within=self.within,
+                        max_drop=self.max_drop,
+                        confirm_mass_deletion=self.confirm_mass_deletion,
                         log=log,
                     )
                 finally:

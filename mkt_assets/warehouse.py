@@ -22,7 +22,7 @@ import duckdb
 
 from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
-from mkt_assets.errors import StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.errors import MassDeletion, MassDeletionError, StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
 from mkt_assets.reads import newer_complete_read, newest_reads_cover, record_read
 from mkt_assets.records import shortened
@@ -469,6 +469,17 @@ def shortened_message(message: str, limit: int = 600) -> str:
 
 DELETIONS_MODES = ("mark", "delete")
 
+# The share of a table's live rows a complete read may mark gone unconfirmed (the row count
+# check's MKT_ROW_COUNT_MAX_DROP), and how many rows may always go whatever the share: a user
+# deleting 1 of 5 tags is 20%, and must not need to confirm it. Never every live row.
+DEFAULT_MAX_DROP = 0.1
+MASS_DELETION_ALLOWANCE = 5
+
+
+def is_mass_deletion(gone: int, live: int, max_drop: float) -> bool:
+    """Whether marking ``gone`` of ``live`` rows gone needs the run's confirmation."""
+    return gone > 0 and (gone >= live or gone > max(max_drop * live, MASS_DELETION_ALLOWANCE))
+
 
 @dataclass(frozen=True)
 class MergeResult:
@@ -503,12 +514,17 @@ def merge_batch(
     *,
     deletions: str = "mark",
     history: bool = True,
+    max_drop: float = DEFAULT_MAX_DROP,
+    confirm_mass_deletion: bool = False,
 ) -> MergeResult:
     """Merge ``batch`` into ``schema.table`` on the primary key, inside the caller's transaction.
 
     When the batch is a complete read of the resource, rows it lacks were deleted upstream:
     they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
     (an incremental one) says nothing about rows it did not fetch, so it marks nothing.
+    Unless ``confirm_mass_deletion``, a read that lacks more live rows than ``is_mass_deletion``
+    allows raises ``MassDeletionError`` before any is marked: the caller's transaction then
+    rolls back what the merge wrote.
     With ``history``, ``<table>_history`` keeps every version, from the same change detection.
     Runs may overlap and land in the other order (see ``reads``): a batch older than a complete
     read already committed is not applied at all (``superseded_by``); otherwise the rows a sync
@@ -606,9 +622,16 @@ def merge_batch(
             f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}"
         )
         gone.append("gone")
+        (gone_rows,) = connection.execute("SELECT count(*) FROM gone").fetchone()  # type: ignore[misc]
+        if gone_rows and not confirm_mass_deletion:
+            # An outage answering an empty list looks like a mass deletion: refused unless confirmed.
+            (live,) = connection.execute(f"SELECT count(*) FROM {target} WHERE {deleted_at} IS NULL").fetchone()  # type: ignore[misc]
+            found = MassDeletion(f"{schema}.{table}", int(staged_rows), int(gone_rows), int(live) - int(inserted), deletions)
+            if is_mass_deletion(found.gone, found.live, max_drop):
+                raise MassDeletionError((found,), max_drop, MASS_DELETION_ALLOWANCE)
         if deletions == "delete":
             (deleted,) = connection.execute(f"DELETE FROM {target} AS t WHERE {missing_upstream}").fetchone()  # type: ignore[misc]
-        elif _holds_rows(connection, "gone"):
+        elif gone_rows:
             (deleted,) = connection.execute(
                 f"UPDATE {target} SET {deleted_at} = $synced_at WHERE {key} IN (SELECT {key} FROM gone)",
                 {"synced_at": batch.synced_at},
@@ -707,12 +730,23 @@ def merge_staged(
     *,
     deletions: str = "mark",
     history: bool = True,
+    max_drop: float = DEFAULT_MAX_DROP,
+    confirm_mass_deletion: bool = False,
 ) -> MergeResult:
     """``merge_batch`` in a transaction of its own: the table is merged whole or left as it was,
     and a value DuckDB cannot type is named."""
     try:
         with transaction(connection, f"the merge into {schema}.{table}"):
-            return merge_batch(connection, schema, table, batch, deletions=deletions, history=history)
+            return merge_batch(
+                connection,
+                schema,
+                table,
+                batch,
+                deletions=deletions,
+                history=history,
+                max_drop=max_drop,
+                confirm_mass_deletion=confirm_mass_deletion,
+            )
     except CAST_FAILURES as error:
         raise explain_cast_failure(connection, batch.spec, batch, error) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,7 @@ def materialize_marketing(
     instance: dg.DagsterInstance | None = None,
     also: list[dg.AssetsDefinition] | None = None,
     raise_on_error: bool = True,
+    run_config: dict[str, Any] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """Materialize the named marketing assets (and ``also``), as "Materialize" in the UI does."""
     assets = build_marketing_assets(settings) if settings is not None else MARKETING_ASSETS
@@ -70,6 +72,7 @@ def materialize_marketing(
         resources=resources,
         instance=instance,
         raise_on_error=raise_on_error,
+        run_config=run_config,
     )
 
 

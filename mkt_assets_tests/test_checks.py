@@ -10,6 +10,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.catalog import RESOURCES_BY_NAME
 from mkt_assets.checks import PRIMARY_KEY_CHECK, primary_key_result, reference_result, required_fields_result, row_count_result
 from mkt_assets.io_manager import MarketingDuckDBIOManager
@@ -200,6 +201,8 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
             },
             also=[downstream],
             raise_on_error=False,
+            # The API lists neither row -5, every live row of the table: confirmed.
+            run_config=CONFIRM_MASS_DELETION_CONFIG,
         )
 
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

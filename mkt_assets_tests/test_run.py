@@ -3,6 +3,7 @@ atomicity: every table of one sync, or every table as it was, whatever fails or 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,8 @@ import pytest
 from mkt_assets.catalog import RESOURCES
 from mkt_assets.client import Page
 from mkt_assets.commit import commit_run
-from mkt_assets.errors import StagingError
+from mkt_assets.errors import MassDeletionError, StagingError
+from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
@@ -26,6 +28,7 @@ from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.staging import PageStager
 from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified
 from mkt_assets_tests.conftest import materialization, materialize_marketing
+from mkt_assets_tests.test_warehouse import contact, stage, staged_files
 
 API_KEY = "run-secret-41d7"
 SYNCED = [spec.name for spec in RESOURCES]
@@ -41,12 +44,13 @@ class Account:
         self.tmp_path = tmp_path
         self.database = str(tmp_path / "run.duckdb")
 
-    def resources(self) -> dict[str, Any]:
+    def resources(self, deletions: str = "mark", **api_settings: Any) -> dict[str, Any]:
         return {
             "marketing_api": MarketingApiResource(
-                base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0, quota_state_dir=str(self.tmp_path / "quota")
-            ),
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
+                base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0, quota_state_dir=str(self.tmp_path / "quota"),
+                **api_settings,
+            ),  # fmt: skip
+            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing", deletions=deletions),
             "warehouse": WarehouseResource(database=self.database),
         }
 
@@ -218,3 +222,129 @@ def test_a_run_killed_at_any_moment_leaves_every_table_from_one_sync(tmp_path: P
             assert_normalized_tables_match_their_contacts(account)
     finally:
         account.server.stop()
+
+
+# A mass deletion: a complete read lacking more of a table's live rows than a sync marks gone
+# unconfirmed (an outage answering an empty list) fails the write and leaves every table.
+
+CONTACT_IDS = range(1, 21)
+TAG_IDS = range(1, 11)
+
+
+def _account(tmp_path: Path, *, contacts: Any = CONTACT_IDS, tags: Any = TAG_IDS, complete: bool = True) -> list[Any]:
+    """Every resource staged as a complete read: ``contacts`` and ``tags`` by id, the rest empty."""
+    items: dict[str, list[dict[str, Any]]] = {
+        "contacts": [contact(i, tags=[{"id": 1 + i % 3, "name": f"tag {1 + i % 3}"}]) for i in contacts],
+        "tags": [{"id": i, "name": f"tag {i}", "createdAt": None} for i in tags],
+    }
+    return [
+        stage(spec, [items.get(spec.name, [])], tmp_path, complete=complete or spec.name != "contacts")
+        for spec in RESOURCES
+    ]
+
+
+def _every_table(database: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table of the schema, history and normalized ones included, whole and in order."""
+    with connect(database) as connection:
+        names = [row[0] for row in connection.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'marketing' ORDER BY 1"
+        ).fetchall()]  # fmt: skip
+        return {
+            name: connection.execute(f"SELECT * FROM {fully_qualified(connection, 'marketing', name)} ORDER BY ALL").fetchall()
+            for name in names
+        }
+
+
+@pytest.mark.parametrize("history", [True, False], ids=["history", "no history"])
+@pytest.mark.parametrize("deletions", ["mark", "delete"])
+def test_a_mass_deletion_is_refused_leaving_every_table_as_it_was_and_a_confirmed_run_applies_it(
+    tmp_path: Path, deletions: str, history: bool
+) -> None:
+    file = WarehouseFile(str(tmp_path / "mass.duckdb"))
+    options: dict[str, Any] = {"deletions": deletions, "history": history}
+    commit_run(file, "marketing", _account(tmp_path), NORMALIZED_TABLES, **options)
+    before = _every_table(file.database)
+    assert len(before["contact_tags"]) == 20 and len(before["contact_profiles"]) == 20
+    assert ("contacts_history" in before) is history
+
+    # Contacts answered empty, and 8 of the 10 tags are missing (more than the handful of 5).
+    with pytest.raises(MassDeletionError) as refused:
+        commit_run(file, "marketing", _account(tmp_path, contacts=[], tags=[1, 2]), NORMALIZED_TABLES, **options)
+
+    assert _every_table(file.database) == before
+    fate = "remove them (MKT_DELETIONS=delete)" if deletions == "delete" else "mark them deleted"
+    assert str(refused.value).splitlines()[:2] == [
+        f"marketing.contacts: the API's complete list (0 records) lacks all 20 of the table's live rows; the sync would {fate}",
+        f"marketing.tags: the API's complete list (2 records) lacks 8 of the table's 10 live rows (80.0%); the sync would {fate}",
+    ]
+    assert "at most 10% of a table's live rows (MKT_ROW_COUNT_MAX_DROP) or 5 rows" in str(refused.value)
+    assert "Nothing was written: every table is as it was." in str(refused.value)
+
+    commit_run(
+        file, "marketing", _account(tmp_path, contacts=[], tags=[1, 2]), NORMALIZED_TABLES, confirm_mass_deletion=True, **options
+    )
+
+    after = _every_table(file.database)
+    live_contacts = [row for row in after["contacts"] if row[-1] is None]
+    assert (len(after["contacts"]), live_contacts) == ((0, []) if deletions == "delete" else (20, []))
+    assert len(after["tags"]) == (2 if deletions == "delete" else 10)
+    assert after["contact_tags"] == [] and after["contact_profiles"] == [] and after["contact_field_values"] == []
+    if history:
+        assert len(after["contacts_history"]) == 20
+        assert all(row[-1] is not None for row in after["contacts_history"])  # every version closed
+
+
+def test_deletions_within_the_share_or_the_handful_and_incremental_reads_need_no_confirmation(tmp_path: Path) -> None:
+    file = WarehouseFile(str(tmp_path / "within.duckdb"))
+    commit_run(file, "marketing", _account(tmp_path), NORMALIZED_TABLES, deletions="mark")
+
+    # 2 of 20 contacts (10%) and 5 of 10 tags (the handful) gone upstream.
+    commit_run(file, "marketing", _account(tmp_path, contacts=range(3, 21), tags=range(1, 6)), NORMALIZED_TABLES, deletions="mark")
+    # An incremental read of contacts says nothing of the rows it did not fetch.
+    commit_run(file, "marketing", _account(tmp_path, contacts=[], tags=range(1, 6), complete=False), NORMALIZED_TABLES, deletions="mark")
+
+    tables = _every_table(file.database)
+    assert sum(row[-1] is None for row in tables["contacts"]) == 18
+    assert sum(row[-1] is None for row in tables["tags"]) == 5
+    assert len(tables["contact_profiles"]) == 18
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deletions", ["mark", "delete"])
+def test_an_empty_answer_fails_the_run_leaving_every_table_and_a_confirmed_run_applies_it(
+    account: Account, deletions: str
+) -> None:
+    before = _every_table(account.database)
+    staging = account.tmp_path / "staging"
+    resources = account.resources(deletions, staging_dir=str(staging))
+    outage = Fault("empty", path="/api/contacts", times=-1)  # 200 {"items": [], "hasMore": false}
+    account.server.add_fault(outage)
+
+    result = materialize_marketing(EVERYTHING, resources, raise_on_error=False)
+
+    assert not result.success
+    assert result.get_asset_materialization_events() == []
+    assert _every_table(account.database) == before  # contacts, contact_tags, contact_profiles, the history
+    assert staged_files(staging) == []
+    (failure,) = result.get_step_failure_events()
+    error = failure.event_specific_data.error  # type: ignore[union-attr]
+    assert error is not None and error.cls_name == "Failure" and error.cause is None  # one message, no chain
+    message = failure.event_specific_data.user_failure_data.description  # type: ignore[union-attr]
+    fate = "remove them (MKT_DELETIONS=delete)" if deletions == "delete" else "mark them deleted"
+    assert message.splitlines()[0] == (
+        f"marketing.contacts: the API's complete list (0 records) lacks all 800 of the table's live rows; the sync would {fate}"
+    )
+    assert "(MKT_ROW_COUNT_MAX_DROP)" in message and "Nothing was written: every table is as it was." in message
+    assert f"run config {json.dumps(CONFIRM_MASS_DELETION_CONFIG)}" in message
+    assert "dg launch --job marketing_sync --config-json" in message
+
+    result = materialize_marketing(EVERYTHING, resources, run_config=CONFIRM_MASS_DELETION_CONFIG)
+
+    assert result.success
+    assert materialization(result, "contacts")["rows_deleted_upstream"] == 800
+    after = _every_table(account.database)
+    assert [row for row in after["contacts"] if row[-1] is None] == []
+    assert len(after["contacts"]) == (0 if deletions == "delete" else 800)
+    assert after["contact_tags"] == after["contact_profiles"] == after["contact_field_values"] == []
+    assert all(row[-1] is not None for row in after["contacts_history"])  # every version closed
+    assert staged_files(staging) == []

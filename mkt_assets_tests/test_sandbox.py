@@ -585,6 +585,7 @@ def test_html_fault_sends_an_html_page(server: SandboxServer, session: requests.
         ("missing_id", lambda body: sum("id" not in item for item in body["items"]) == 1),
         ("bad_type", lambda body: [item["id"] for item in body["items"]].count("abc") == 1),
         ("empty_has_more", lambda body: body == {"items": [], "hasMore": True}),
+        ("empty", lambda body: body == {"items": [], "hasMore": False}),
         ("extra_field", lambda body: all(item["score"] == 42 for item in body["items"])),
     ],
 )

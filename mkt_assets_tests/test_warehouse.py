@@ -117,9 +117,9 @@ def rows(database: str, table: str) -> list[tuple[Any, ...]]:
         return connection.execute(f"SELECT * FROM {fully_qualified(connection, 'marketing', table)} ORDER BY 1").fetchall()
 
 
-def merge(database: str, table: str, batch: StagedBatch):  # type: ignore[no-untyped-def]
+def merge(database: str, table: str, batch: StagedBatch, **options: Any):  # type: ignore[no-untyped-def]
     with connect(database) as connection:
-        return merge_staged(connection, "marketing", table, batch)
+        return merge_staged(connection, "marketing", table, batch, **options)
 
 
 def test_first_sync_inserts_typed_rows(database: str, tmp_path: Path, staging: dict[str, Any]) -> None:
@@ -224,7 +224,9 @@ def _merge_on_a_full_disk(database: str, batch: StagedBatch, headroom: int, outc
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(database) + headroom, resource.RLIM_INFINITY))
     try:
-        merge(database, "contacts", batch)
+        # Contacts 1 and 2, every live row, are gone from this read: confirmed, so it is the
+        # disk that refuses the write.
+        merge(database, "contacts", batch, confirm_mass_deletion=True)
         outcome.put("merged")
     except Exception as error:  # noqa: BLE001 - what the user would read
         outcome.put(f"{type(error).__name__}: {error}")
@@ -319,7 +321,8 @@ def test_a_table_missing_a_new_catalog_column_gains_it(database: str, tmp_path: 
         connection.execute("CREATE TABLE marketing.marketing.tags (id BIGINT PRIMARY KEY, name VARCHAR)")
         connection.execute("INSERT INTO marketing.marketing.tags VALUES (1, 'old')")
 
-    merge(database, "tags", stage(TAGS, [[{"id": 2, "name": "new", "createdAt": "2024-01-01T00:00:00Z"}]], tmp_path))
+    # Tag 1, the only live row, is gone upstream: confirmed.
+    merge(database, "tags", stage(TAGS, [[{"id": 2, "name": "new", "createdAt": "2024-01-01T00:00:00Z"}]], tmp_path), confirm_mass_deletion=True)
 
     assert [r[:2] for r in rows(database, "tags")] == [(1, "old"), (2, "new")]
 
@@ -810,3 +813,21 @@ def test_a_chunk_that_fails_to_type_is_logged_without_the_records_it_quotes(tmp_
 
     (failure,) = typer.failures
     assert "duplicate key" in failure and "jane.doe" not in failure and "one@example.com" not in failure
+
+
+@pytest.mark.parametrize(
+    ("gone", "live", "refused"),
+    [
+        (0, 5000, False),
+        (500, 5000, False),  # 10%: the share itself may go
+        (501, 5000, True),
+        (5000, 5000, True),  # the outage: an empty answer
+        (1, 5, False),  # a user deleting 1 of 5 tags (20%): within the handful
+        (5, 40, False),
+        (6, 40, True),  # 15%, and more than the handful
+        (3, 3, True),  # every row, however few
+        (1, 1, True),
+    ],
+)
+def test_a_mass_deletion_is_more_than_the_share_and_the_handful_or_every_live_row(gone: int, live: int, refused: bool) -> None:
+    assert warehouse.is_mass_deletion(gone, live, 0.1) is refused

@@ -93,7 +93,7 @@ DATETIME_CODE = "1a9da513-2640-4f84-9b6a-4d99dcddc628"
 FAULT_KINDS: frozenset[str] = frozenset(
     {
         "status", "truncated", "html", "no_items", "items_not_list", "no_has_more", "missing_id",
-        "bad_type", "repeat_cursor", "empty_has_more", "extra_field", "reset", "delay", "redirect",
+        "bad_type", "repeat_cursor", "empty_has_more", "empty", "extra_field", "reset", "delay", "redirect",
         "float_id", "swapped", "big_value", "deep_json", "short_has_more", "repeat_last", "oversized",
         "drip", "drip_body", "gzip_bomb", "headers", "dangling", "hold",
     }
@@ -118,6 +118,8 @@ class Fault:
     - ``missing_id`` / ``bad_type``: the middle record of the page lacks ``id`` / has ``"abc"``.
     - ``repeat_cursor``: the page ending at ``startingAfter``, so the next cursor equals it.
     - ``empty_has_more``: ``{"items": [], "hasMore": true}``.
+    - ``empty``: ``{"items": [], "hasMore": false}``, a well-formed end of the list: an outage
+      answering that the account holds nothing.
     - ``extra_field``: every record gets ``"score": 42``.
     - ``reset``: headers and half the body, then a TCP reset.
     - ``delay``: sleep ``delay`` seconds, then answer normally.
@@ -390,6 +392,8 @@ def _apply_shape_fault(kind: str, items: list[Json], has_more: bool) -> Json:
         items[middle]["id"] = "abc"
     elif kind == "empty_has_more":
         return {"items": [], "hasMore": True}
+    elif kind == "empty":
+        return {"items": [], "hasMore": False}
     elif kind == "extra_field":
         for item in items:
             item["score"] = 42
