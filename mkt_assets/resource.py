@@ -22,7 +22,7 @@ from mkt_assets.client import (
     ORDERS,
     MarketingApiClient,
 )
-from mkt_assets.transport import Log
+from mkt_assets.transport import Log, Stop
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
@@ -156,8 +156,9 @@ class MarketingApiResource(dg.ConfigurableResource):
             raise ConfigurationError(f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings.")
         return key
 
-    def get_client(self, log: Log | None = None) -> MarketingApiClient:
-        """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit headers."""
+    def get_client(self, log: Log | None = None, stop: Stop | None = None) -> MarketingApiClient:
+        """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit
+        headers; once ``stop`` (the run's) is set, the client sends nothing more."""
         return MarketingApiClient(
             self.base_url,
             self.key(),
@@ -172,6 +173,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             key_setting=API_KEY_ENV,
             rate_limiter=self._rate_limiter(log),
             log=log,
+            stop=stop,
         )
 
     def _rate_limiter(self, log: Callable[[str], None] | None = None) -> SharedRateLimiter | None:
