@@ -250,8 +250,13 @@ def _alive_child_of(pid: int, parent: int | None) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_sync_stops_it_at_once_sends_nothing_more_and_leaves_everything_as_it_was(tmp_path: Path) -> None:
-    """`dagster job execute` terminated mid-fetch, as Terminate in the UI or `timeout` does it."""
+@pytest.mark.parametrize("how", ["SIGTERM", "Terminate"])
+def test_a_run_terminated_mid_fetch_stops_at_once_sends_nothing_more_and_leaves_everything_as_it_was(
+    tmp_path: Path, how: str
+) -> None:
+    """`dagster job execute` stopped mid-fetch: by SIGTERM (`timeout`, `kill`, Kubernetes), or as
+    Terminate in the UI does it: the launcher marks the run CANCELING, then the code server's
+    termination thread interrupts the run's process with SIGINT."""
     account = Account(tmp_path, contacts=6000)
     try:
         assert account.sync().success
@@ -281,8 +286,12 @@ def test_sigterm_during_a_sync_stops_it_at_once_sends_nothing_more_and_leaves_ev
                 assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
                 time.sleep(0.01)  # polling the simulator's log for the run to be well into the fetch
             workers = _lean_children(runner.pid)
+            if how == "Terminate":
+                with dg.DagsterInstance.from_config(str(home)) as instance:
+                    (started,) = instance.get_runs()
+                    instance.report_run_canceling(started)
             signalled = time.time()
-            runner.send_signal(signal.SIGTERM)
+            runner.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
             runner.wait(120)
             exited = time.time()
         finally:
@@ -303,19 +312,20 @@ def test_sigterm_during_a_sync_stops_it_at_once_sends_nothing_more_and_leaves_ev
         assert not any(_alive_child_of(pid, None) for pid in workers), "a lean worker outlived the run"
         with dg.DagsterInstance.from_config(str(home)) as instance:
             (run,) = instance.get_runs()
-            assert run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+            assert run.status == (dg.DagsterRunStatus.FAILURE if how == "SIGTERM" else dg.DagsterRunStatus.CANCELED)
             entries = instance.all_logs(run.run_id)
             messages = [str(entry.message) + str(entry.dagster_event) for entry in entries]
             ended = {entry.dagster_event_type: entry.timestamp for entry in entries if entry.dagster_event_type}
-        assert ended[dg.DagsterEventType.RUN_FAILURE] - signalled < STOP_SECONDS, log[-3000:]
+        run_ended = ended[dg.DagsterEventType.RUN_FAILURE if how == "SIGTERM" else dg.DagsterEventType.RUN_CANCELED]
+        assert run_ended - signalled < STOP_SECONDS, log[-3000:]
         # Where the seconds go, for the record (pytest -s shows it).
         print(
-            f"after SIGTERM: step failed {ended[dg.DagsterEventType.STEP_FAILURE] - signalled:.2f} s,"
-            f" run failed {ended[dg.DagsterEventType.RUN_FAILURE] - signalled:.2f} s, process exited"
-            f" {exited - signalled:.2f} s; {len(after_the_signal)} requests arrived after it"
+            f"after {how}: step failed {ended[dg.DagsterEventType.STEP_FAILURE] - signalled:.2f} s, run"
+            f" {run.status.value} {run_ended - signalled:.2f} s, process exited {exited - signalled:.2f} s;"
+            f" {len(after_the_signal)} requests arrived after it"
         )
         said = "\n".join(messages)
-        assert "Execution was interrupted" in said
+        assert ("Execution was interrupted" if how == "SIGTERM" else 'Execution of run for "marketing_sync" canceled.') in said
         assert "Interrupted (DagsterExecutionInterruptedError) while reading" in said
         assert "Nothing was written: every table is as it was." in said
     finally:
