@@ -194,6 +194,8 @@ def _fetch(
 ) -> Fetched:
     try:
         return _fetch_one(spec, plan, open_client, options, typing, stop, log)
+    except Stopped:
+        raise
     except BaseException:
         stop.set(f"{spec.name} failed")  # the others stop at once: this run will write nothing
         raise

@@ -96,7 +96,8 @@ class Stop:
 
     Once set, nothing more is sent: each attempt checks it just before it goes out, waits
     (``sleep``) end at once, and the clients' ``Deadlines`` cut the answers on the wire.
-    Setting it again keeps the first reason."""
+    Setting it again keeps the first reason and cuts again: a set cut short by an interrupt
+    is completed by the next."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -110,12 +111,12 @@ class Stop:
 
     def set(self, reason: str) -> None:
         with self._lock:
-            if self._event.is_set():
-                return
-            self.reason = reason
-            self._event.set()
+            if not self._event.is_set():
+                self.reason = reason
+                self._event.set()
             hooks = list(self._hooks.values())
-        self.future.set_result(None)
+            if not self.future.done():
+                self.future.set_result(None)
         for hook in hooks:
             hook()
 
