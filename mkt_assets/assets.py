@@ -231,7 +231,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             plan = plan_sync(resources, tables, all_tables, newest)
             fetched = fetch_all(
                 plan,
-                lambda: marketing_api.get_client(log=context.log.warning),
+                lambda stop: marketing_api.get_client(log=context.log.warning, stop=stop),
                 FetchOptions(
                     staging_dir=marketing_api.staging_dir or None,
                     chunk_pages=marketing_api.staging_chunk_pages,

@@ -11,6 +11,7 @@ not cast, says which one.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +37,9 @@ class TypingQueue:
         self.memory_limit = memory_limit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-typing")
         self._worker: lean_process.Worker | None = None
+        # Guards the worker against a chunk starting one as the queue is aborted.
+        self._lock = threading.Lock()
+        self._aborted = False
 
     def __enter__(self) -> TypingQueue:
         return self
@@ -43,21 +47,42 @@ class TypingQueue:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is not None:
+            self.abort()
+            return
+        self._executor.shutdown(wait=True)
         if self._worker is not None:
             self._worker.close()
+
+    def abort(self) -> None:
+        """Drop the chunks not yet typed and kill the worker, waiting for neither (a run that
+        fails or is interrupted merges nothing: a chunk's typing is of no use to it)."""
+        with self._lock:
+            self._aborted = True
+            worker, self._worker = self._worker, None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if worker is not None:
+            worker.kill()
 
     def submit(self, spec: ResourceSpec, json_path: Path, parquet: Path, longest_line: int) -> Future[None]:
         return self._executor.submit(self._type, spec, json_path, parquet, longest_line)
 
     def _type(self, spec: ResourceSpec, json_path: Path, parquet: Path, longest_line: int) -> None:
-        if self._worker is None:
-            self._worker = lean_process.Worker("chunk typing")
-            self._worker.call(lean_process.lower_priority)
+        worker = self._worker
         try:
-            self._worker.call(type_chunk_privately, spec, str(json_path), str(parquet), self.memory_limit, longest_line)
+            if worker is None:
+                worker = lean_process.Worker("chunk typing")
+                with self._lock:
+                    if self._aborted:  # while it started: abort() could not see it
+                        worker.kill()
+                        raise lean_process.LeanProcessError("the typing queue was aborted")
+                    self._worker = worker
+                worker.call(lean_process.lower_priority)
+            worker.call(type_chunk_privately, spec, str(json_path), str(parquet), self.memory_limit, longest_line)
         except lean_process.LeanProcessError:
-            self._worker = None  # it died (killed, out of memory): the next chunk starts another
+            with self._lock:
+                if self._worker is worker:
+                    self._worker = None  # it died (killed, out of memory): the next chunk starts another
             raise
 
 

@@ -16,8 +16,10 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +50,7 @@ from mkt_assets.transport import (
     Log,
     ManualRedirectSession,
     RequestStats,
+    Stop,
     WaitTooLong,
     off_origin,
     read_body,
@@ -136,7 +139,10 @@ class MarketingApiClient:
         resources_setting: str = "MKT_RESOURCES",
         rate_limiter: SharedRateLimiter | None = None,
         log: Log | None = None,
+        stop: Stop | None = None,
     ) -> None:
+        """``stop``: the run's stop. Once it is set nothing more is sent, the answers on the
+        wire are cut, and a walk ends at once raising ``Stopped``."""
         if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}, got {page_size}")
         if order not in ORDERS:
@@ -158,7 +164,8 @@ class MarketingApiClient:
         self.resources_setting = resources_setting
         self.stats = RequestStats()
         self._rate_limiter = rate_limiter
-        self._deadlines = Deadlines()
+        self._stop = stop
+        self._deadlines = Deadlines(stop)
         self._retry = CappedRetry(
             total=max_retries,
             status_forcelist=RETRY_STATUSES,
@@ -170,6 +177,8 @@ class MarketingApiClient:
             stats=self.stats,
             max_wait=max_wait_seconds,
             log=log or (lambda message: None),
+            # A stop ends a backoff or a Retry-After wait (up to max_wait_seconds) at once.
+            sleeper=stop.sleep if stop is not None else time.sleep,
         )
         self._headers = {"X-API-Key": api_key, "Accept": "application/json", "User-Agent": "mkt-assets"}
         # The key, and what stands for it in an error quoting a server that echoed it. A key
@@ -279,10 +288,11 @@ class MarketingApiClient:
         so the caller stages a page while the API prepares the next one. One request is in
         flight at a time, as without the overlap; the rate limiter paces it the same way.
         """
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.name}-pages") as fetcher:
+        with self._page_fetcher(spec, 1) as fetcher:
             pending: Future[Page] | None = fetcher.submit(self.get_page, spec, current, 1)
             try:
                 while pending is not None:
+                    self._wait_any([pending])
                     page = pending.result()
                     following = self.next_query(spec, current, page)
                     pending = None
@@ -292,7 +302,8 @@ class MarketingApiClient:
                     yield page
             finally:
                 # The caller stopped early: drop a request not yet sent (leaving the block
-                # waits for one already on the wire, so the session is never used after close).
+                # waits for one already on the wire, so the session is never used after close,
+                # unless the run stopped: see _page_fetcher).
                 if pending is not None:
                     pending.cancel()
 
@@ -311,7 +322,7 @@ class MarketingApiClient:
         descending = {**ascending, "order": "desc"}
         numbers = itertools.count(1)
         pending: dict[Future[Page], dict[str, object]] = {}
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{spec.name}-pages") as fetcher:
+        with self._page_fetcher(spec, 2) as fetcher:
 
             def request(query: dict[str, object]) -> None:
                 pending[fetcher.submit(self.get_page, spec, query, next(numbers))] = query
@@ -320,7 +331,7 @@ class MarketingApiClient:
             descending_started = False
             try:
                 while any(query["order"] == "asc" for query in pending.values()):
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    done = self._wait_any(pending)
                     for future in sorted(done, key=lambda answered: pending[answered]["order"] != "asc"):
                         query = pending.pop(future)
                         if query["order"] == "desc" and frontiers.met:
@@ -346,9 +357,31 @@ class MarketingApiClient:
                             yield page
             finally:
                 # Done, or the caller stopped early: drop requests not yet sent (leaving the block
-                # waits for those on the wire, so no session is used after close).
+                # waits for those on the wire, so no session is used after close, unless the run
+                # stopped: see _page_fetcher).
                 for future in pending:
                     future.cancel()
+
+    @contextmanager
+    def _page_fetcher(self, spec: ResourceSpec, workers: int) -> Iterator[ThreadPoolExecutor]:
+        """The threads that fetch a walk's next pages while the caller handles the last one."""
+        fetcher = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{spec.name}-pages")
+        try:
+            yield fetcher
+        finally:
+            # A stopped run waits for no request: the stop cut those on the wire and lets no
+            # other out, so what is left of them ends on its own and is thrown away.
+            stopped = self._stop is not None and self._stop.is_set()
+            fetcher.shutdown(wait=not stopped, cancel_futures=True)
+
+    def _wait_any(self, pending: Collection[Future[Page]]) -> set[Future[Page]]:
+        """The requests of ``pending`` answered (or failed) once one is; ``Stopped`` as soon as
+        the run stops, whether or not they have."""
+        if self._stop is None:
+            return wait(pending, return_when=FIRST_COMPLETED).done
+        done = wait([*pending, self._stop.future], return_when=FIRST_COMPLETED).done
+        self._stop.check()
+        return done  # type: ignore[return-value]  # the stop's future is not done: not in it
 
     def get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int = 1) -> Page:
         try:
@@ -380,6 +413,7 @@ class MarketingApiClient:
     def _get(self, spec: ResourceSpec, path: str, query: Mapping[str, object], number: int) -> tuple[bytes, str]:
         """The body of a successful answer and its content type, read whole within the
         deadline and size bounds."""
+        self._check_stop()
         self.stats.count_request()
         with self._deadlines.bound(self.read_timeout) as bound:
             try:
@@ -404,6 +438,7 @@ class MarketingApiClient:
             except AnswerTooLarge as error:
                 raise ApiResponseError(spec.name, path, query, f"page {number}: {error}") from None
             except requests.exceptions.RequestException as error:
+                self._check_stop()  # cut because the run stopped: not the server's doing
                 if bound.expired:
                     raise self._timed_out(spec, path, query) from None
                 if isinstance(error, requests.exceptions.RetryError):
@@ -412,12 +447,17 @@ class MarketingApiClient:
                     raise ApiConnectionError(spec.name, path, query, f"timed out: {_cause(error)}") from None
                 raise ApiConnectionError(spec.name, path, query, f"no complete answer: {_cause(error)}") from None
             if bound.expired:
+                self._check_stop()
                 # The watchdog cut an answer whose end the server never marked: it is cut short.
                 raise self._timed_out(spec, path, query)
         _raise_for_status(
             spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._masks, self._headers["X-API-Key"]
         )
         return body, response.headers.get("Content-Type", "")
+
+    def _check_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.check()
 
     def _timed_out(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> ApiConnectionError:
         return ApiConnectionError(

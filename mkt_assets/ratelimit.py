@@ -204,8 +204,11 @@ class SharedRateLimiter:
         self._reported: set[str] = set()
         self._reported_lock = threading.Lock()
 
-    def reserve(self) -> Reservation:
-        """Block until a request may be sent; then ``observe`` its answer, or ``abandon`` it."""
+    def reserve(self, sleep: Callable[[float], None] | None = None) -> Reservation:
+        """Block until a request may be sent; then ``observe`` its answer, or ``abandon`` it.
+
+        ``sleep``: waits for the quota with this instead (a run's stop, which ends the wait
+        at once by raising: nothing is reserved then)."""
         waited = 0.0
         while True:
             with self._state() as state:
@@ -242,7 +245,7 @@ class SharedRateLimiter:
                     f"rate limit: waiting {pause:.1f} s for the quota to refill before the next request:"
                     f" 0 of {limit} requests remain in this window ({why})"
                 )
-            self._sleep(pause)
+            (sleep or self._sleep)(pause)
             waited += pause
 
     def observe(

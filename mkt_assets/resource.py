@@ -23,7 +23,7 @@ from mkt_assets.client import (
     MarketingApiClient,
     key_problem,
 )
-from mkt_assets.transport import Log
+from mkt_assets.transport import Log, Stop
 from mkt_assets.errors import ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 from mkt_assets.settings import RESOURCES_ENV
@@ -208,8 +208,9 @@ class MarketingApiResource(dg.ConfigurableResource):
             " it is sent without it. Remove it from the setting to silence this warning."
         )
 
-    def get_client(self, log: Log | None = None) -> MarketingApiClient:
-        """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit headers."""
+    def get_client(self, log: Log | None = None, stop: Stop | None = None) -> MarketingApiClient:
+        """A client; ``log`` (e.g. ``context.log.warning``) hears of long waits and odd rate-limit
+        headers; once ``stop`` (the run's) is set, the client sends nothing more."""
         return MarketingApiClient(
             self.base_url,
             self.key(),
@@ -225,6 +226,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             resources_setting=RESOURCES_ENV,
             rate_limiter=self._rate_limiter(log),
             log=log,
+            stop=stop,
         )
 
     def _rate_limiter(self, log: Callable[[str], None] | None = None) -> SharedRateLimiter | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,16 @@ from mkt_assets.commit import RunCommit, commit_run
 from mkt_assets.errors import SyncError
 from mkt_assets.normalized_tables import NormalizedTable
 from mkt_assets.staging import PageStager, StagedBatch
-from mkt_assets.transport import RequestStats
+from mkt_assets.transport import RequestStats, Stop, Stopped
 from mkt_assets.warehouse import DEFAULT_MAX_DROP, WarehouseFile
 
 Log = Callable[[str], None]
 # Runs a DuckDB function in a lean worker: ``lean_process.Worker.call``.
 Runner = Callable[..., Any]
+# How long an interrupted run waits for its fetches to unwind (and remove their staged pages).
+# The stop cuts their requests and sends no other, so they end within milliseconds; one
+# still connecting ends within connect_timeout, unwaited for.
+STOP_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,6 @@ class FetchOptions:
     progress_seconds: float
 
 
-class Stopped(Exception):
-    """A fetch stopped because another resource of the run failed: nothing will be written."""
-
-
 class FetchFailed(SyncError):
     """One resource or more could not be read; the run writes nothing."""
 
@@ -109,21 +109,27 @@ def _listed(names: Sequence[str]) -> str:
 
 def fetch_all(
     plan: SyncPlan,
-    open_client: Callable[[], MarketingApiClient],
+    open_client: Callable[[Stop], MarketingApiClient],
     options: FetchOptions,
     typing: TypingQueue,
     log: Log,
 ) -> dict[str, Fetched]:
     """Read every resource of ``plan`` at once, each in a thread of its own, staging its pages.
 
-    The first failure stops the others at their next page; then every staged batch is
-    discarded and ``FetchFailed`` names each failure and what became of the others."""
-    stop = threading.Event()
+    ``open_client(stop)``: a client that sends nothing once the run's ``stop`` is set.
+    The first failure stops the others at once (their requests are cut); then every staged
+    batch is discarded and ``FetchFailed`` names each failure and what became of the others.
+    An interrupt (Terminate, SIGTERM, Ctrl-C: any ``BaseException`` while this waits) stops
+    every fetch the same way, and propagates once their staged pages are removed."""
+    stop = Stop()
     fetched: dict[str, Fetched] = {}
     failures: dict[str, BaseException] = {}
     stopped: list[str] = []
-    with ThreadPoolExecutor(max_workers=max(1, len(plan.resources)), thread_name_prefix="fetch") as pool:
-        futures = {spec.name: pool.submit(_fetch, spec, plan, open_client, options, typing, stop, log) for spec in plan.resources}
+    futures = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, len(plan.resources)), thread_name_prefix="fetch")
+    try:
+        for spec in plan.resources:
+            futures[spec.name] = pool.submit(_fetch, spec, plan, open_client, options, typing, stop, log)
         for name, future in futures.items():
             error = future.exception()
             if error is None:
@@ -132,7 +138,11 @@ def fetch_all(
                 stopped.append(name)
             else:
                 failures[name] = error
-                stop.set()
+                stop.set(f"{name} failed")
+    except BaseException as interrupt:
+        _stop_fetching(interrupt, [spec.name for spec in plan.resources], stop, pool, futures, typing, log)
+        raise
+    pool.shutdown()
     if failures:
         for done in fetched.values():
             done.batch.discard()
@@ -140,29 +150,64 @@ def fetch_all(
     return fetched
 
 
+def _stop_fetching(
+    interrupt: BaseException,
+    names: Sequence[str],
+    stop: Stop,
+    pool: ThreadPoolExecutor,
+    futures: Mapping[str, Future[Fetched]],
+    typing: TypingQueue,
+    log: Log,
+) -> None:
+    """Stop every fetch now, without waiting for the walks to end: the stop cuts their
+    requests and lets no other out; each fetch removes its staged pages as it unwinds."""
+    stop.set("the run was interrupted")
+    typing.abort()
+    pool.shutdown(wait=False, cancel_futures=True)
+    wait(futures.values(), timeout=STOP_WAIT_SECONDS)
+    for future in futures.values():
+        if future.done() and not future.cancelled() and future.exception() is None:
+            future.result().batch.discard()
+    unfinished = [name for name, future in futures.items() if not future.done()]
+    message = (
+        f"Interrupted ({type(interrupt).__name__}) while reading {_listed(names)}:"
+        " every fetch was stopped; no request was sent after the interrupt and those under way were cut;"
+        " the staged pages were removed"
+        + (f" (those of {_listed(unfinished)} go once it ends)" if unfinished else "")
+        + ". Nothing was written: every table is as it was. Run the sync again to bring them up to date."
+    )
+    interrupt.add_note(message)
+    try:
+        log(message)
+    except Exception:  # noqa: BLE001 - the interrupt is what the run must end with
+        pass
+
+
 def _fetch(
     spec: ResourceSpec,
     plan: SyncPlan,
-    open_client: Callable[[], MarketingApiClient],
+    open_client: Callable[[Stop], MarketingApiClient],
     options: FetchOptions,
     typing: TypingQueue,
-    stop: threading.Event,
+    stop: Stop,
     log: Log,
 ) -> Fetched:
     try:
         return _fetch_one(spec, plan, open_client, options, typing, stop, log)
+    except Stopped:
+        raise
     except BaseException:
-        stop.set()  # the others stop at their next page: this run will write nothing
+        stop.set(f"{spec.name} failed")  # the others stop at once: this run will write nothing
         raise
 
 
 def _fetch_one(
     spec: ResourceSpec,
     plan: SyncPlan,
-    open_client: Callable[[], MarketingApiClient],
+    open_client: Callable[[Stop], MarketingApiClient],
     options: FetchOptions,
     typing: TypingQueue,
-    stop: threading.Event,
+    stop: Stop,
     log: Log,
 ) -> Fetched:
     started = time.monotonic()
@@ -170,7 +215,7 @@ def _fetch_one(
     # Ids only grow: in ascending order after the newest stored id come exactly the new records.
     query = {"order": "asc", "startingAfter": after} if after is not None else None
     progress = Progress(log, spec.name, options.progress_seconds)
-    with open_client() as client, ChunkTyper(spec, typing) as typer, PageStager(
+    with open_client(stop) as client, ChunkTyper(spec, typing) as typer, PageStager(
         spec,
         directory=options.staging_dir,
         complete=after is None,
@@ -179,8 +224,7 @@ def _fetch_one(
         on_chunk=typer.submit,
     ) as stager:
         for page in client.iter_pages(spec, query):
-            if stop.is_set():
-                raise Stopped(spec.name)
+            stop.check()
             stager.add(page)
             progress.tick(stager.records, stager.pages)
         batch = replace(stager.finish(), typed=typer.finish())

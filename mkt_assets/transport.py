@@ -11,6 +11,11 @@ size a server could stretch is bounded:
   never trips; a watchdog shuts the connection's socket once an answer (headers and body)
   has taken longer than the read timeout since its request was sent;
 - a body that inflates past ``max_bytes`` (a gzip bomb, an endless page) is cut off.
+
+A run's ``Stop`` ends all of that at once: once set (the run was interrupted, or another of
+its fetches failed), no request is sent (checked as urllib3 sends each attempt, retries
+included), the answers on the wire are cut through the same watchdog, and a retry's backoff
+or a rate-limit wait ends at once.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +85,66 @@ class RequestStats:
     def count_retry_wait(self, seconds: float) -> None:
         with self._lock:
             self.retry_wait_seconds += seconds
+
+
+class Stopped(Exception):
+    """The run was stopped: this request was not sent, or was cut on the wire."""
+
+
+class Stop:
+    """A run's stop, shared by every fetch of the run and every client it opens.
+
+    Once set, nothing more is sent: each attempt checks it just before it goes out, waits
+    (``sleep``) end at once, and the clients' ``Deadlines`` cut the answers on the wire.
+    Setting it again keeps the first reason and cuts again: a set cut short by an interrupt
+    is completed by the next."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._hooks: dict[int, Callable[[], None]] = {}
+        self._keys = itertools.count()
+        self.reason = ""
+        # Done once set: a thread waiting on futures (``concurrent.futures.wait``) waits on
+        # this one too, so that it wakes at the stop rather than when an answer comes.
+        self.future: Future[None] = Future()
+
+    def set(self, reason: str) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self.reason = reason
+                self._event.set()
+            hooks = list(self._hooks.values())
+            if not self.future.done():
+                self.future.set_result(None)
+        for hook in hooks:
+            hook()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Stopped(self.reason)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or raise ``Stopped`` as soon as the stop is set."""
+        if self._event.wait(seconds):
+            raise Stopped(self.reason)
+
+    def on_set(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook`` when the stop is set (at once if it is); returns what unregisters it."""
+        with self._lock:
+            if not self._event.is_set():
+                key = next(self._keys)
+                self._hooks[key] = hook
+                return lambda: self._forget(key)
+        hook()
+        return lambda: None
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._hooks.pop(key, None)
 
 
 class WaitTooLong(Exception):
@@ -223,25 +289,48 @@ class Deadlines:
     read the whole body; a wait between attempts is not counted (``CappedRetry`` bounds it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop: Stop | None = None) -> None:
         self._condition = threading.Condition()
         self._heap: list[tuple[float, int, int, _Bound]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The bounds of the requests under way, to cut at once when the run stops.
+        self._live: set[_Bound] = set()
+        self.stop = stop
+        self._unhook = stop.on_set(self.cut_all) if stop is not None else None
 
     @contextmanager
     def bound(self, seconds: float) -> Iterator[_Bound]:
         """Within this block, each attempt on this thread must be answered within ``seconds``."""
         bound = _Bound(seconds)
         _current.bound = bound
+        with self._condition:
+            self._live.add(bound)
         try:
             yield bound
         finally:
             _current.bound = None
             bound.finish()
+            with self._condition:
+                self._live.discard(bound)
+
+    def cut_all(self) -> None:
+        """Cut every answer still arriving, now: the run has stopped and will use none of them.
+
+        An attempt that starts after this finds the stop set (``_Watched.request``); one
+        started before is armed, so it is cut here, or by the watchdog once it has a socket."""
+        with self._condition:
+            live = list(self._live)
+        for bound in live:
+            with bound.lock:
+                due, generation = bound.due, bound.generation
+            if due is not None and not bound.fire(generation):
+                self._push(time.monotonic() + 0.05, generation, bound)
 
     def close(self) -> None:
+        if self._unhook is not None:
+            self._unhook()
         with self._condition:
             self._closed = True
             self._condition.notify()
@@ -249,6 +338,10 @@ class Deadlines:
     def _arm(self, bound: _Bound, connection: HTTPConnection) -> None:
         due, generation = bound.start(connection)
         self._push(due, generation, bound)
+        # Armed first, checked after: a stop set in between cuts this attempt (``cut_all``).
+        if self.stop is not None and self.stop.is_set():
+            bound.pause()  # never sent: nothing to cut
+            self.stop.check()
 
     def _push(self, due: float, generation: int, bound: _Bound) -> None:
         with self._condition:
@@ -297,8 +390,11 @@ class _Watched:
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         bound = _current_bound()
-        if bound is not None and self.deadlines is not None:
-            self.deadlines._arm(bound, self)  # type: ignore[arg-type]
+        if self.deadlines is not None:
+            if bound is not None:
+                self.deadlines._arm(bound, self)  # type: ignore[arg-type]
+            elif self.deadlines.stop is not None:
+                self.deadlines.stop.check()
         super().request(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -321,6 +417,7 @@ class ApiAdapter(HTTPAdapter):
         self, deadlines: Deadlines, limiter: SharedRateLimiter | None, stats: RequestStats, **kwargs: Any
     ) -> None:
         self._deadlines = deadlines
+        self._stop = deadlines.stop
         self._watched: dict[type, type] = {}
         self._limiter = limiter
         self._stats = stats
@@ -339,8 +436,10 @@ class ApiAdapter(HTTPAdapter):
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         reservation = None
+        if self._stop is not None:
+            self._stop.check()  # a stopped run reserves none of the quota either
         if self._limiter is not None:
-            reservation = self._limiter.reserve()
+            reservation = self._limiter.reserve(sleep=self._stop.sleep if self._stop is not None else None)
             self._stats.count_pacing(reservation.waited)
         try:
             response = super().send(request, *args, **kwargs)

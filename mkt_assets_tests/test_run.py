@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
 
 from mkt_assets.catalog import RESOURCES
@@ -348,3 +349,114 @@ def test_an_empty_answer_fails_the_run_leaving_every_table_and_a_confirmed_run_a
     assert after["contact_tags"] == after["contact_profiles"] == after["contact_field_values"] == []
     assert all(row[-1] is not None for row in after["contacts_history"])  # every version closed
     assert staged_files(staging) == []
+
+
+# Paginated lists are walked from both ends: each end may have one request under way.
+WALK_ENDS = sum(2 if spec.paginated else 1 for spec in RESOURCES)
+# From SIGTERM to the run recorded as failed: the fetch stops and the step fails in well under.
+STOP_SECONDS = 5.0
+# From SIGTERM to the process's end: the above, then the interpreter's exit, which takes 2-3 s
+# here after any `dagster job execute`, failed or not (it collects Dagster's objects).
+EXIT_SECONDS = STOP_SECONDS + 10.0
+
+
+def _lean_children(parent: int) -> list[int]:
+    """The live lean workers (``lean_process``) of process ``parent``, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive_child_of(int(entry.name), parent):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive_child_of(pid: int, parent: int | None) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone, or ended while being read
+        return False
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    return state != "Z" and (parent is None or int(ppid) == parent) and b"mkt_assets.lean_process" in command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "Terminate"])
+def test_a_run_terminated_mid_fetch_stops_at_once_sends_nothing_more_and_leaves_everything_as_it_was(
+    tmp_path: Path, how: str
+) -> None:
+    """`dagster job execute` stopped mid-fetch: by SIGTERM (`timeout`, `kill`, Kubernetes), or as
+    Terminate in the UI does it: the launcher marks the run CANCELING, then the code server's
+    termination thread interrupts the run's process with SIGINT."""
+    account = Account(tmp_path, contacts=6000)
+    try:
+        assert account.sync().success
+        before = account.tables()
+        account.change_contacts()  # a sync that ran to its end would change the tables
+        account.server.latency = 0.1  # the API's pace, rather than loopback's: the fetch takes seconds
+        account.server.reset_log()
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        temporary = tmp_path / "tmp"  # the default staging (and quota) directory lives here
+        temporary.mkdir()
+        environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
+        environment.update(
+            MKT_API_BASE_URL=account.server.base_url,
+            MKT_API_KEY=API_KEY,
+            MKT_DUCKDB_PATH=account.database,
+            DAGSTER_HOME=str(home),
+            TMPDIR=str(temporary),
+        )
+        command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "mkt_assets.definitions", "-j", "marketing_sync"]
+        with open(tmp_path / "run.log", "wb") as output:
+            runner = subprocess.Popen(command, env=environment, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while sum(arrival.path == "/api/contacts" for arrival in account.server.arrivals) < 10:
+                assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+                time.sleep(0.01)  # polling the simulator's log for the run to be well into the fetch
+            workers = _lean_children(runner.pid)
+            if how == "Terminate":
+                with dg.DagsterInstance.from_config(str(home)) as instance:
+                    (started,) = instance.get_runs()
+                    instance.report_run_canceling(started)
+            signalled = time.time()
+            runner.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
+            runner.wait(120)
+            exited = time.time()
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+                runner.wait()
+        log = (tmp_path / "run.log").read_text()
+
+        assert exited - signalled < EXIT_SECONDS, log[-3000:]
+        arrivals = account.server.arrivals
+        after_the_signal = [arrival for arrival in arrivals if arrival.at > signalled]
+        assert len(after_the_signal) <= WALK_ENDS, f"{len(after_the_signal)} requests after the signal"
+        assert [arrival for arrival in arrivals if arrival.at > exited] == []
+        assert account.tables() == before
+        staging = temporary / f"mkt_assets-{os.getuid()}" / "staging"
+        assert [path for path in staging.rglob("*") if path.is_file()] == [], "staged files left"
+        assert workers, "the run had no lean worker to end"
+        assert not any(_alive_child_of(pid, None) for pid in workers), "a lean worker outlived the run"
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            (run,) = instance.get_runs()
+            assert run.status == (dg.DagsterRunStatus.FAILURE if how == "SIGTERM" else dg.DagsterRunStatus.CANCELED)
+            entries = instance.all_logs(run.run_id)
+            messages = [str(entry.message) + str(entry.dagster_event) for entry in entries]
+            ended = {entry.dagster_event_type: entry.timestamp for entry in entries if entry.dagster_event_type}
+        run_ended = ended[dg.DagsterEventType.RUN_FAILURE if how == "SIGTERM" else dg.DagsterEventType.RUN_CANCELED]
+        assert run_ended - signalled < STOP_SECONDS, log[-3000:]
+        # Where the seconds go, for the record (pytest -s shows it).
+        print(
+            f"after {how}: step failed {ended[dg.DagsterEventType.STEP_FAILURE] - signalled:.2f} s, run"
+            f" {run.status.value} {run_ended - signalled:.2f} s, process exited {exited - signalled:.2f} s;"
+            f" {len(after_the_signal)} requests arrived after it"
+        )
+        said = "\n".join(messages)
+        assert ("Execution was interrupted" if how == "SIGTERM" else 'Execution of run for "marketing_sync" canceled.') in said
+        assert "Interrupted (DagsterExecutionInterruptedError) while reading" in said
+        assert "Nothing was written: every table is as it was." in said
+    finally:
+        account.server.stop()

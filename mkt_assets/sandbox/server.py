@@ -266,6 +266,13 @@ class RequestRecord:
     at: float = 0.0
 
 
+class Arrival(NamedTuple):
+    """One /api request as it arrived, before any latency, fault or answer."""
+
+    at: float  # time.time()
+    path: str
+
+
 # ===================================================================== rate limit
 
 
@@ -716,6 +723,7 @@ class _Handler(BaseHTTPRequestHandler):
                 response = sandbox._admin(self.command, path, body)
                 response.headers.update(sandbox._limiter.peek().headers())
             else:
+                sandbox._arrived(Arrival(time.time(), path))
                 response = self._answer_api(path, raw_query, query)
                 self._record(path, query, response.status)
         except Exception:  # a sandbox bug must fail the request loudly, not hang the client
@@ -1035,6 +1043,7 @@ class SandboxServer:
         self._faults = _FaultBook()
         self._log_lock = threading.Lock()
         self._requests: list[RequestRecord] = []
+        self._arrivals: list[Arrival] = []
         self._stopping = threading.Event()  # wakes latency and 'delay' sleeps on stop()
         self._held = threading.Event()  # an answer is held ('hold')
         self._released = threading.Event()  # held answers may leave (set on stop() too)
@@ -1137,9 +1146,17 @@ class SandboxServer:
         with self._log_lock:
             return list(self._requests)
 
+    @property
+    def arrivals(self) -> list[Arrival]:
+        """Every /api request as it arrived, in order, answered or not yet (one held by a
+        ``delay`` fault, say): what a test of a client that must stop sending counts."""
+        with self._log_lock:
+            return list(self._arrivals)
+
     def reset_log(self) -> None:
         with self._log_lock:
             self._requests.clear()
+            self._arrivals.clear()
 
     def _log(self, record: RequestRecord) -> None:
         with self._log_lock:
@@ -1156,6 +1173,10 @@ class SandboxServer:
     def _hold(self) -> None:
         self._held.set()
         self._released.wait()
+
+    def _arrived(self, arrival: Arrival) -> None:
+        with self._log_lock:
+            self._arrivals.append(arrival)
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
