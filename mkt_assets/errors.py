@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import urlencode
 
+# The setting that names the DuckDB file, which errors about the file tell the user to change.
+DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
+
 
 def describe_request(path: str, query: Mapping[str, object] | None = None) -> str:
     """``GET /api/contacts?limit=100&order=asc`` (the key travels in a header, never here)."""
@@ -106,3 +109,13 @@ class WarehouseBusyError(SyncError):
 
 class WarehouseWriteError(SyncError):
     """A write to the DuckDB file failed on a file (a full disk, a staged chunk gone): rolled back."""
+
+
+class WarehouseFileError(ConfigurationError):
+    """The DuckDB file cannot be used (not a DuckDB database, truncated, not writable, its lock
+    or directory not writable): found before anything is fetched."""
+
+
+class ForeignTableError(WarehouseFileError):
+    """A table in the target schema bears one of the project's names, but the project did not
+    create it: it is refused, never altered."""
