@@ -88,19 +88,27 @@ def foreign_tables(connection: duckdb.DuckDBPyConnection, schema: str, owned: It
     wanted = {table.name.lower(): table for table in owned}
     if not wanted:
         return []
-    rows = connection.execute(
-        "SELECT t.table_name, 'table', t.comment, list(c.column_name) FILTER (WHERE c.column_name IS NOT NULL)"
-        " FROM duckdb_tables() AS t LEFT JOIN duckdb_columns() AS c USING (database_name, schema_name, table_name)"
-        " WHERE t.database_name = current_database() AND t.schema_name = $schema AND lower(t.table_name) IN $names"
-        " GROUP BY ALL"
-        " UNION ALL SELECT view_name, 'view', comment, NULL FROM duckdb_views()"
-        " WHERE database_name = current_database() AND schema_name = $schema AND lower(view_name) IN $names",
-        {"schema": schema, "names": list(wanted)},
+    # Three small queries: one joining duckdb_tables() to duckdb_columns() took 10 ms, these 2.
+    where = "database_name = current_database() AND schema_name = $schema AND lower({name}) IN $names"
+    parameters = {"schema": schema, "names": list(wanted)}
+    rows: list[tuple[str, str, str | None, tuple[str, ...]]] = [
+        (name, "view", None, ())
+        for (name,) in connection.execute(f"SELECT view_name FROM duckdb_views() WHERE {where.format(name='view_name')}", parameters).fetchall()
+    ]
+    tables = connection.execute(
+        f"SELECT table_name, comment FROM duckdb_tables() WHERE {where.format(name='table_name')}", parameters
     ).fetchall()
+    if tables:
+        columns: dict[str, set[str]] = {}
+        for name, column in connection.execute(
+            f"SELECT table_name, column_name FROM duckdb_columns() WHERE {where.format(name='table_name')}", parameters
+        ).fetchall():
+            columns.setdefault(name, set()).add(column)
+        rows += [(name, "table", comment, tuple(columns.get(name, ()))) for name, comment in tables]
     problems = []
-    for name, kind, comment, columns in sorted(rows):
+    for name, kind, comment, present in sorted(rows, key=lambda row: row[0]):
         table = wanted[name.lower()]
-        lacks = "it is a view" if kind == "view" else table.lacks(frozenset(columns or ()), comment)
+        lacks = "it is a view" if kind == "view" else table.lacks(frozenset(present), comment)
         if lacks is not None:
             because = lacks if kind == "view" else f"it lacks {lacks}"
             problems.append(f"{schema}.{name} exists but was not created by mkt_assets ({because})")

@@ -157,11 +157,12 @@ def connect(
     with open(f"{path}.lock", "a+b") as lock:
         while not _try_lock(lock):
             wait.pause(_lock_holder(lock))
+        new = discard = False
         try:
             _say_who_holds(lock, "")
             while True:
                 try:
-                    new = not path.exists()
+                    new = not os.path.lexists(path)
                     connection = duckdb.connect(
                         str(path),
                         read_only=read_only and not new,
@@ -184,9 +185,31 @@ def connect(
                     wait.pause(outsider)
             with connection:
                 connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(memory_limit)}")
-                yield connection
+                try:
+                    yield connection
+                except BaseException:
+                    discard = new and _holds_nothing(connection)
+                    raise
         finally:
+            if discard:
+                # A run that failed leaves no empty file behind (the lock stays: a waiter may hold it open).
+                for made in (path, Path(f"{path}.wal")):
+                    made.unlink(missing_ok=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _holds_nothing(connection: duckdb.DuckDBPyConnection) -> bool:
+    """The file holds no schema or table of anyone's (its transaction rolled back); False when
+    that cannot be asked."""
+    try:
+        row = connection.execute(
+            "SELECT (SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND NOT temporary)"
+            " + (SELECT count(*) FROM duckdb_views() WHERE database_name = current_database() AND NOT internal)"
+            " + (SELECT count(*) FROM duckdb_schemas() WHERE database_name = current_database() AND NOT internal)"
+        ).fetchone()
+    except duckdb.Error:
+        return False
+    return row is not None and row[0] == 0
 
 
 def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:

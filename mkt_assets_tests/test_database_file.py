@@ -23,7 +23,7 @@ from mkt_assets.commit import check_before_fetch, run_tables
 from mkt_assets.errors import ForeignTableError
 from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.ownership import OwnedTable, foreign_tables
-from mkt_assets.warehouse import WarehouseFile, connect, merge_staged_file
+from mkt_assets.warehouse import WarehouseFile, connect, merge_staged_file, transaction
 from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key
 from mkt_assets_tests.test_faults import CONTACTS, Harness, Outcome, first_sync  # noqa: F401 - a fixture
 from mkt_assets_tests.test_warehouse import contact, stage
@@ -345,3 +345,28 @@ def test_a_file_made_before_the_check_is_accepted_and_synced(tmp_path: Path, fir
         assert len(harness.table()) >= 450
     finally:
         harness.server.stop()
+
+
+def test_a_write_that_fails_on_a_new_file_leaves_no_file(tmp_path: Path) -> None:
+    database = tmp_path / "new.duckdb"
+
+    with pytest.raises(ZeroDivisionError):
+        with connect(str(database)) as connection:
+            with transaction(connection, "a write"):
+                connection.execute("CREATE SCHEMA marketing")
+                connection.execute("SELECT 1 / 0").fetchall()
+                raise ZeroDivisionError
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new.duckdb.lock"]
+
+
+def test_a_new_file_that_holds_what_was_committed_is_kept_after_a_later_error(tmp_path: Path) -> None:
+    database = tmp_path / "new.duckdb"
+
+    with pytest.raises(ZeroDivisionError):
+        with connect(str(database)) as connection:
+            connection.execute("CREATE TABLE kept (x INTEGER)")
+            raise ZeroDivisionError
+
+    with connect(str(database)) as connection:
+        assert connection.execute("SELECT table_name FROM duckdb_tables()").fetchall() == [("kept",)]
