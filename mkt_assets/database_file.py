@@ -176,9 +176,12 @@ def _directory_write_problem(directory: Path) -> OSError | None:
 
 def _writable_advice(error: OSError) -> str:
     if error.errno == errno.EROFS:
-        return f"it is on a read-only file system: mount it read-write, {_ELSEWHERE}"
+        return f"mount it read-write, {_ELSEWHERE}"
     if error.errno == errno.EPERM:
-        return f"it is marked immutable or append-only (lsattr shows it; chattr -i / -a clears it), {_ELSEWHERE}"
+        # What even root meets on an immutable or append-only file or directory.
+        return f"it may be marked immutable or append-only (lsattr shows it, chattr -i -a clears it), {_ELSEWHERE}"
+    if error.errno == errno.EISDIR:
+        return f"it is a directory: remove it, {_ELSEWHERE}"
     return f"give yourself write permission on it, {_ELSEWHERE}"
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -370,3 +371,41 @@ def test_a_new_file_that_holds_what_was_committed_is_kept_after_a_later_error(tm
 
     with connect(str(database)) as connection:
         assert connection.execute("SELECT table_name FROM duckdb_tables()").fetchall() == [("kept",)]
+
+
+def test_a_read_only_mount_is_refused_with_what_to_do(tmp_path: Path, first_sync: Path) -> None:
+    """The issue's own case, on a real read-only bind mount: made in a user and mount namespace
+    of a child process (``unshare -rm``), which needs no privilege the test does not have."""
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    shutil.copy2(first_sync, mounted / "m.duckdb")
+    before = snapshot(mounted)
+    script = (
+        "import sys\n"
+        "from mkt_assets.catalog import RESOURCES\n"
+        "from mkt_assets.commit import check_before_fetch, run_tables\n"
+        "from mkt_assets.errors import WarehouseFileError\n"
+        "from mkt_assets.warehouse import WarehouseFile\n"
+        "for database in sys.argv[1:]:\n"
+        "    try:\n"
+        "        check_before_fetch(WarehouseFile(database), 'marketing', run_tables(RESOURCES, ()))\n"
+        "    except WarehouseFileError as error:\n"
+        "        print(error)\n"
+    )
+    existing, new = mounted / "m.duckdb", mounted / "new" / "x.duckdb"
+    command = 'mount --bind -o ro "$1" "$1" && exec "$2" -c "$3" "$4" "$5"'
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command, "sh", str(mounted), sys.executable, script, str(existing), str(new)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert run.stdout.splitlines() == [
+        f"{existing}: its directory {mounted} cannot be written (Read-only file system), and the sync writes"
+        " m.duckdb.wal and m.duckdb.lock in it; mount it read-write, or set MKT_DUCKDB_PATH to another file",
+        f"{new}: it does not exist, and its directory {mounted / 'new'} cannot be created in {mounted}"
+        " (Read-only file system); mount it read-write, or set MKT_DUCKDB_PATH to another file",
+    ]
+    assert snapshot(mounted) == before
