@@ -13,10 +13,10 @@ before this check are accepted as they are:
   bookkeeping columns since its first version (``_deleted_at`` came later, and is added to
   an older table like any column the catalog gains);
 - ``<name>_history`` has the key column and the history's ``_valid_from`` and ``_valid_to``;
-- a normalized table carries the comment its build stamps (``[mkt_assets definition ...]``);
-  one without a comment, built before the stamp, is accepted when it has exactly the columns
-  the project builds it with (it is rebuilt from the synced tables, so dropping one that
-  differs loses nothing).
+- a normalized table carries the comment its build stamps (``[mkt_assets definition ...]``),
+  or has exactly the columns the project builds it with (one built before the stamp, or whose
+  comment a user changed). It is rebuilt whole from the synced tables, so an older build that
+  matches neither loses nothing by being dropped.
 
 A bookkeeping table of the project's own (named ``_mkt...``) is one more ``OwnedTable`` in
 ``BOOKKEEPING_TABLES``.
@@ -46,18 +46,20 @@ class OwnedTable:
     name: str
     # Columns the project gave it in every version: a table lacking one is not the project's.
     columns: frozenset[str]
-    # Set for a table whose build stamps its comment with this: a table with another comment
-    # is not the project's, one without any is when its columns are exactly ``columns``.
+    # Set for a table whose build stamps its comment with this: a table without the stamp is
+    # the project's only when its columns are exactly ``columns``.
     stamp: str | None = None
 
     def lacks(self, columns: frozenset[str], comment: str | None) -> str | None:
         """What shows a table named like this one was not made by the project (None: it was)."""
         if self.stamp is not None:
-            if comment and self.stamp in comment:
+            # Exactly the columns the project builds: built before the stamp, or commented by a user.
+            if (comment and self.stamp in comment) or columns == self.columns:
                 return None
-            if not comment and columns == self.columns:
-                return None  # built before the stamp
-            return f"the comment mkt_assets stamps on the tables it builds, {self.stamp}...]"
+            return (
+                f"the comment mkt_assets stamps on the tables it builds, {self.stamp}...], and the columns"
+                f" it builds it with, {', '.join(sorted(self.columns))}"
+            )
         missing = sorted(self.columns - columns)
         if missing:
             return f"the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"

@@ -308,6 +308,7 @@ def test_a_foreign_normalized_table_is_refused_but_an_unstamped_one_of_ours_is_a
         connection.execute("CREATE SCHEMA marketing")
         ours = ", ".join(f"{name} {kind}" for name, kind in tags.columns)
         connection.execute(f"CREATE TABLE marketing.contact_tags ({ours})")  # built before the stamp
+        connection.execute("COMMENT ON TABLE marketing.contact_tags IS 'a user''s note'")
         connection.execute("CREATE TABLE marketing.contact_profiles (contact_id BIGINT, mine VARCHAR)")
         connection.execute("CREATE VIEW marketing.Course_Modules AS SELECT 1 AS x")
 
@@ -316,7 +317,8 @@ def test_a_foreign_normalized_table_is_refused_but_an_unstamped_one_of_ours_is_a
     assert problems == [
         "marketing.Course_Modules exists but was not created by mkt_assets (it is a view)",
         "marketing.contact_profiles exists but was not created by mkt_assets (it lacks the comment mkt_assets"
-        " stamps on the tables it builds, [mkt_assets definition ...])",
+        " stamps on the tables it builds, [mkt_assets definition ...], and the columns it builds it with,"
+        " community_ids, contact_id, course_ids, email, tag_ids, tag_names, unsubscribed)",
     ]
 
 
