@@ -89,8 +89,11 @@ def _check_path(path: Path) -> bool:
         )
     if not stat.S_ISREG(info.st_mode):
         raise _problem(path, "it is not a regular file", _ELSEWHERE.removeprefix("or "))
-    _check_writable_directory(path, path.parent)
-    header = _read_header(path)
+    try:
+        with open(path, "rb") as file:
+            header = file.read(HEADER_BYTES)
+    except OSError as error:
+        raise _problem(path, f"it cannot be read ({error.strerror})", f"give yourself read permission on it, {_ELSEWHERE}") from None
     if header.startswith(_SQLITE_MAGIC):
         raise _problem(path, "it is a SQLite database, not a DuckDB one", f"set {DUCKDB_PATH_ENV} to a DuckDB file")
     if header[8:12] != _DUCKDB_MAGIC:
@@ -99,32 +102,21 @@ def _check_path(path: Path) -> bool:
             "it is not a DuckDB database (it does not begin with DuckDB's header)",
             f"set {DUCKDB_PATH_ENV} to a DuckDB file, or to a path where none exists yet to start one",
         )
+    _check_opens_for_writing(path, path, "it")
+    _check_writable_directory(path, path.parent)
     for companion, what in ((Path(f"{path}.lock"), "its lock file"), (Path(f"{path}.wal"), "its write-ahead log")):
         if os.path.lexists(companion):
             _check_opens_for_writing(path, companion, what)
     return True
 
 
-def _read_header(path: Path) -> bytes:
-    """The file's first bytes, read through a descriptor opened for writing: the open is what
-    says whether the sync could write it."""
-    descriptor = _check_opens_for_writing(path, path, "it")
+def _check_opens_for_writing(path: Path, file: Path, what: str) -> None:
+    """``file`` opens read-write (as the write will open it), else the problem; nothing is written."""
     try:
-        return os.pread(descriptor, HEADER_BYTES, 0)
-    finally:
-        os.close(descriptor)
-
-
-def _check_opens_for_writing(path: Path, file: Path, what: str) -> int:
-    """A descriptor of ``file`` opened read-write (the caller closes it), else the problem."""
-    try:
-        descriptor = os.open(file, os.O_RDWR | os.O_CLOEXEC)
+        os.close(os.open(file, os.O_RDWR | os.O_CLOEXEC))
     except OSError as error:
         named = "it" if file == path else f"{what} {file}"
         raise _problem(path, f"{named} cannot be opened for writing ({error.strerror})", _writable_advice(error)) from None
-    if file != path:
-        os.close(descriptor)
-    return descriptor
 
 
 def _check_writable_directory(path: Path, directory: Path) -> None:

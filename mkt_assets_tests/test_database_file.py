@@ -405,8 +405,8 @@ def test_a_read_only_mount_is_refused_with_what_to_do(tmp_path: Path, first_sync
     )
 
     assert run.stdout.splitlines() == [
-        f"{existing}: its directory {mounted} cannot be written (Read-only file system), and the sync writes"
-        " m.duckdb.wal and m.duckdb.lock in it; mount it read-write, or set MKT_DUCKDB_PATH to another file",
+        f"{existing}: it cannot be opened for writing (Read-only file system); mount it read-write, or set"
+        " MKT_DUCKDB_PATH to another file",
         f"{new}: it does not exist, and its directory {mounted / 'new'} cannot be created in {mounted}"
         " (Read-only file system); mount it read-write, or set MKT_DUCKDB_PATH to another file",
     ]
