@@ -19,13 +19,14 @@ import duckdb
 import pytest
 
 from mkt_assets import lean_process
+from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.catalog import RESOURCES
-from mkt_assets.commit import check_before_fetch, run_tables
+from mkt_assets.commit import check_before_fetch, commit_run, run_tables
 from mkt_assets.errors import ForeignTableError
 from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.ownership import OwnedTable, foreign_tables
+from mkt_assets.ownership import foreign_tables
 from mkt_assets.warehouse import WarehouseFile, connect, merge_staged_file, transaction
-from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key
+from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key, materialize_marketing
 from mkt_assets_tests.test_faults import CONTACTS, Harness, Outcome, first_sync  # noqa: F401 - a fixture
 from mkt_assets_tests.test_warehouse import contact, stage
 
@@ -322,14 +323,19 @@ def test_a_foreign_normalized_table_is_refused_but_an_unstamped_one_of_ours_is_a
     ]
 
 
-def test_a_bookkeeping_table_is_one_more_owned_table(tmp_path: Path) -> None:
-    runs = OwnedTable("_mkt_runs", frozenset({"run_id", "started_at"}))
+def test_the_reads_bookkeeping_is_the_projects_own_and_a_foreign_one_is_refused(tmp_path: Path) -> None:
+    ours = WarehouseFile(str(tmp_path / "ours.duckdb"))
+    commit_run(ours, "marketing", [stage(CONTACTS, [[contact(1)]], tmp_path)], [], deletions="mark")
+    with connect(ours.database) as connection:
+        assert foreign_tables(connection, "marketing", run_tables([CONTACTS], [])) == []
+
     with duckdb.connect(str(tmp_path / "b.duckdb")) as connection:
         connection.execute("CREATE SCHEMA marketing")
-        connection.execute("CREATE TABLE marketing._mkt_runs (run_id VARCHAR)")
+        connection.execute("CREATE TABLE marketing._mkt_reads (table_name VARCHAR, note VARCHAR)")
 
-        assert foreign_tables(connection, "marketing", [runs]) == [
-            "marketing._mkt_runs exists but was not created by mkt_assets (it lacks the column started_at)"
+        assert foreign_tables(connection, "marketing", run_tables([CONTACTS], [])) == [
+            "marketing._mkt_reads exists but was not created by mkt_assets (it lacks the columns after_key,"
+            " committed_at, complete, read_began)"
         ]
 
 
@@ -343,8 +349,12 @@ def test_a_file_made_before_the_check_is_accepted_and_synced(tmp_path: Path, fir
     harness = fresh_harness(tmp_path, first_sync, database)
     try:
         check_before_fetch(WarehouseFile(str(database)), "marketing", run_tables(RESOURCES, NORMALIZED_TABLES))
-        outcome = harness.sync(CONTACTS)
-        assert outcome.result.success
+        # The file holds another account's 30 contacts: this account lacks them all, which only
+        # a confirmed run applies.
+        result = materialize_marketing(
+            [CONTACTS.name], harness.resources(), instance=dg.DagsterInstance.ephemeral(), run_config=CONFIRM_MASS_DELETION_CONFIG
+        )
+        assert result.success
         assert len(harness.table()) >= 450
     finally:
         harness.server.stop()
