@@ -27,21 +27,12 @@ from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.ownership import foreign_tables
 from mkt_assets.warehouse import WarehouseFile, connect, merge_staged_file, transaction
 from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key, materialize_marketing
-from mkt_assets_tests.test_faults import CONTACTS, Harness, Outcome, first_sync  # noqa: F401 - a fixture
+from mkt_assets_tests.test_faults import CONTACTS, Harness, Outcome, first_sync, harness  # noqa: F401 - fixtures
 from mkt_assets_tests.test_warehouse import contact, stage
 
 # A file the code before this check made (commit 149adb8: every resource of a 30-contact
 # account, their histories and the normalized tables), gzipped: its blocks are mostly zeros.
 MADE_BEFORE = Path(__file__).parent / "files" / "made_by_149adb8.duckdb.gz"
-
-
-@pytest.fixture()
-def harness(tmp_path: Path, first_sync: Path) -> Iterator[Harness]:
-    running = Harness(tmp_path, first_sync)
-    try:
-        yield running
-    finally:
-        running.server.stop()
 
 
 @contextmanager
