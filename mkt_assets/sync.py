@@ -33,9 +33,10 @@ Runner = Callable[..., Any]
 # The stop cuts their requests and sends no other, so they end within milliseconds; one
 # still connecting ends within connect_timeout, unwaited for.
 STOP_WAIT_SECONDS = 2.0
-# How long a resource that answered 403/404 holds the stop for the others' first answers, so
-# that a run whose every resource answers 404 (a wrong base URL) says so once, not once each.
-# Ended as soon as one resource gets a page; short, so the others are still cut at once.
+# How long a resource that answered 403/404 holds the stop for the others' first answers: a
+# run whose every resource answers 404 (a wrong base URL) then says so once, not once each,
+# and one whose account cannot read several names them all. Short: one answer each, which
+# takes milliseconds, so the others are still cut almost at once.
 FIRST_ANSWERS_WAIT_SECONDS = 1.0
 
 
@@ -235,37 +236,33 @@ def _fetch(
     except Stopped:
         raise
     except ApiAccessError:
-        answers.came(spec.name, page=False)
-        answers.wait_unless_a_page_came(FIRST_ANSWERS_WAIT_SECONDS)
+        answers.came(spec.name)
+        answers.wait(FIRST_ANSWERS_WAIT_SECONDS)
         stop.set(f"{spec.name} failed")
         raise
     except BaseException:
         stop.set(f"{spec.name} failed")  # the others stop at once: this run will write nothing
         raise
     finally:
-        answers.came(spec.name, page=False)
+        answers.came(spec.name)
 
 
 class FirstAnswers:
-    """Which of the run's fetches have had a first answer, and whether one was a page."""
+    """Which of the run's fetches have had a first answer (a page, an error, or their end)."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self._waiting = set(names)
-        self._paged = False
         self._changed = threading.Condition()
 
-    def came(self, name: str, *, page: bool) -> None:
-        if self._paged:
-            return  # once a page came, nobody waits any more
+    def came(self, name: str) -> None:
         with self._changed:
             self._waiting.discard(name)
-            self._paged = self._paged or page
             self._changed.notify_all()
 
-    def wait_unless_a_page_came(self, seconds: float) -> None:
-        """Until every fetch has had its first answer, or one was a page, at most ``seconds``."""
+    def wait(self, seconds: float) -> None:
+        """Until every fetch has had its first answer, at most ``seconds``."""
         with self._changed:
-            self._changed.wait_for(lambda: self._paged or not self._waiting, timeout=seconds)
+            self._changed.wait_for(lambda: not self._waiting, timeout=seconds)
 
 
 def _fetch_one(
@@ -291,8 +288,9 @@ def _fetch_one(
         chunk_pages=options.chunk_pages,
         on_chunk=typer.submit,
     ) as stager:
-        for page in client.iter_pages(spec, query):
-            answers.came(spec.name, page=True)
+        for number, page in enumerate(client.iter_pages(spec, query)):
+            if not number:
+                answers.came(spec.name)
             stop.check()
             stager.add(page)
             progress.tick(stager.records, stager.pages)
