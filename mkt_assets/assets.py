@@ -42,8 +42,8 @@ from mkt_assets.checks import (
     sync_check_specs,
 )
 from mkt_assets.chunk_typing import TypingQueue
-from mkt_assets.commit import RunCommit, newest_keys
-from mkt_assets.errors import ConfigurationError
+from mkt_assets.commit import RunCommit, check_before_fetch, newest_keys, run_tables
+from mkt_assets.errors import ConfigurationError, WarehouseFileError
 from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.schedules import FULL_JOB
@@ -222,6 +222,16 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         with lean_process.Worker("duckdb", preload=("mkt_assets.commit",)) as duckdb, TypingQueue(
             warehouse.memory_limit
         ) as typing:
+            try:
+                # Before the first request: a file the write would refuse fails in seconds.
+                duckdb.call(
+                    check_before_fetch,
+                    file,
+                    warehouse.schema_name,
+                    run_tables(resources, plan_sync(resources, tables, all_tables, {}).tables),
+                )
+            except WarehouseFileError as unusable:
+                raise dg.Failure(description=f"{unusable}. Nothing was fetched.", allow_retries=False) from None
             newest: dict[str, int | None] = {}
             incremental = [spec for spec in resources if spec.incremental]
             if config.incremental and incremental:

@@ -24,6 +24,7 @@ import duckdb
 from mkt_assets.sql_names import fully_qualified, quote_literal, table_exists
 
 CHANGES_TABLE = "_mkt_changes"
+CHANGES_COLUMNS = frozenset({"table_name", "token"})
 # What a table never changed since the bookkeeping began stands at.
 UNRECORDED = "none"
 _DESCRIPTION = (

@@ -9,6 +9,7 @@ process (see ``lean_process``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mkt_assets.catalog import ResourceSpec
+from mkt_assets.database_file import inspected
 from mkt_assets.errors import MassDeletion, MassDeletionError, SyncError
 from mkt_assets.normalized_tables import BuildResult, NormalizedTable, build_facts, build_in_transaction, is_current
+from mkt_assets.ownership import BOOKKEEPING_TABLES, OwnedTable, refuse_foreign, synced_table, versions_table
 from mkt_assets.staging import StagedBatch
 from mkt_assets.table_facts import (
     HistoryFacts,
@@ -181,7 +184,29 @@ def _facts(
     return Facts(synced, references, versions)
 
 
+def run_tables(resources: Sequence[ResourceSpec], tables: Sequence[NormalizedTable]) -> tuple[OwnedTable, ...]:
+    """The tables a run writes or reads in the target schema: its synced tables, their
+    histories (read even when the run keeps none), the tables it builds, the bookkeeping."""
+    return (
+        *(synced_table(spec) for spec in resources),
+        *(versions_table(spec) for spec in resources),
+        *(table.owned for table in tables),
+        *BOOKKEEPING_TABLES,
+    )
+
+
+def check_before_fetch(file: WarehouseFile, schema: str, tables: Sequence[OwnedTable]) -> None:
+    """Fail at once (``WarehouseFileError``) on a file the run could not write, or a table of
+    ``tables`` it did not create: before the fetch, not after it. Changes nothing."""
+    with inspected(file.database) as connection:
+        if connection is not None:
+            refuse_foreign(connection, schema, tables, file.database)
+
+
 def newest_keys(file: WarehouseFile, schema: str, specs: Sequence[ResourceSpec]) -> dict[str, int | None]:
-    """The highest key stored for each of ``specs`` (None: nothing stored yet)."""
+    """The highest key stored for each of ``specs`` (None: nothing stored yet). A file that
+    does not exist yet is not created: a run that then fails leaves none behind."""
+    if file.database != ":memory:" and not os.path.lexists(file.database):
+        return dict.fromkeys((spec.name for spec in specs), None)
     with file.open() as connection:
         return {spec.name: newest_key(connection, schema, spec) for spec in specs}

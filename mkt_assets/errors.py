@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+# The setting that names the DuckDB file, which errors about the file tell the user to change.
+DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
+
 
 def describe_request(path: str, query: Mapping[str, object] | None = None) -> str:
     """``GET /api/contacts?limit=100&order=asc`` (the key travels in a header, never here)."""
@@ -170,3 +173,13 @@ class MassDeletionError(SyncError):
     def __reduce__(self) -> tuple[type[MassDeletionError], tuple[tuple[MassDeletion, ...], float, int]]:
         # Crosses from the lean worker pickled: rebuilt from its parts, not from the message.
         return type(self), (self.refused, self.max_drop, self.allowance)
+
+
+class WarehouseFileError(ConfigurationError):
+    """The DuckDB file cannot be used (not a DuckDB database, truncated, not writable, its lock
+    or directory not writable): found before anything is fetched."""
+
+
+class ForeignTableError(WarehouseFileError):
+    """A table in the target schema bears one of the project's names, but the project did not
+    create it: it is refused, never altered."""

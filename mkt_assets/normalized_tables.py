@@ -23,6 +23,7 @@ import duckdb
 
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.changes import change_tokens
+from mkt_assets.ownership import BUILT_STAMP, OwnedTable, built_table, refuse_foreign
 from mkt_assets.sql_names import quote_literal
 from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident, streamed, transaction
 
@@ -54,6 +55,11 @@ class NormalizedTable:
         """A digest of what the table holds: it changes whenever the query or a column does."""
         text = repr((self.columns, self.select))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def owned(self) -> OwnedTable:
+        """How a table of this name is told to be the project's (see ``ownership``)."""
+        return built_table(self.name, (name for name, _ in self.columns))
 
 
 def _left_out(names: Sequence[str]) -> str:
@@ -214,13 +220,14 @@ def _built_from(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
     """How the table's comment ends: the definition it is built from and the state (``changes``)
     of each table it reads, ``[mkt_assets definition 0123abcd0123abcd, read contacts@..., tags@...]``."""
     tokens = change_tokens(connection, schema, table.reads)
-    return f"[mkt_assets definition {table.definition}, read {', '.join(f'{name}@{tokens[name]}' for name in table.reads)}]"
+    return f"{BUILT_STAMP}{table.definition}, read {', '.join(f'{name}@{tokens[name]}' for name in table.reads)}]"
 
 
 def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
     """Rebuild ``table`` from the synced tables, inside the caller's transaction."""
     names = {parent: fully_qualified(connection, schema, parent) for parent in table.reads}
     target = fully_qualified(connection, schema, table.name)
+    refuse_foreign(connection, schema, [table.owned])  # CREATE OR REPLACE would drop it
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
     # No ORDER BY: sorting millions of rows is what made the build run out of memory.
     connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")

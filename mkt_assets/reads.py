@@ -29,6 +29,7 @@ from mkt_assets.sql_names import fully_qualified, quote_literal, table_exists
 
 # The project's own bookkeeping, beside the synced tables it describes.
 READS_TABLE = "_mkt_reads"
+READS_COLUMNS = frozenset({"table_name", "read_began", "complete", "after_key", "committed_at"})
 _DESCRIPTION = (
     "mkt_assets bookkeeping: the reads of the API each synced table holds (when each began, and"
     " whether it was complete), so that a sync that began earlier but lands later never writes"

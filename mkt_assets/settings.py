@@ -13,10 +13,9 @@ from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.errors import ConfigurationError
+from mkt_assets.errors import DUCKDB_PATH_ENV, ConfigurationError
 from mkt_assets.warehouse import DEFAULT_MAX_DROP, DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 
-DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 # Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
 # like the schema makes every `marketing.<table>` a user types ambiguous.
 DEFAULT_DUCKDB_PATH = "data/mkt_assets.duckdb"

@@ -25,6 +25,7 @@ from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.changes import record_change
 from mkt_assets.errors import MassDeletion, MassDeletionError, StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
+from mkt_assets.ownership import refuse_foreign, synced_table, versions_table
 from mkt_assets.reads import newer_complete_read, newest_reads_cover, record_read
 from mkt_assets.records import shortened
 from mkt_assets.sql_names import fully_qualified, quote_ident, quote_literal, table_columns, table_exists
@@ -38,6 +39,11 @@ DEFAULT_WAIT_SECONDS = 300.0
 # A wait is logged once it has lasted this long, and again at this interval.
 WAIT_LOG_SECONDS = 10.0
 _POLL_SECONDS = (0.01, 0.25)  # first and longest pause between two tries
+
+# Every connection the project opens: DuckDB never downloads or loads an extension on its
+# own. A file it cannot read natively (a SQLite database at the path) would otherwise make it
+# fetch one over plain http and run it. JSON and Parquet are built into the duckdb wheel.
+NO_EXTENSION_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 # DuckDB's JSON reader refuses a line longer than this unless told, and buffers about twice
 # what it is told: so it is told the longest staged line, never less than its default.
@@ -145,24 +151,34 @@ def connect(
     lean process's report) every ``WAIT_LOG_SECONDS`` with who holds the file.
     """
     if database == ":memory:":
-        with duckdb.connect(database) as connection:
+        with duckdb.connect(database, config=NO_EXTENSION_DOWNLOADS) as connection:
             yield connection
         return
     path = Path(database)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_directories(path.parent)
     wait = _Wait(path, wait_seconds, log or lean_process.report)
     with open(f"{path}.lock", "a+b") as lock:
         while not _try_lock(lock):
             wait.pause(_lock_holder(lock))
+        new = discard = False
         try:
             _say_who_holds(lock, "")
             while True:
                 try:
+                    new = not os.path.lexists(path)
                     connection = duckdb.connect(
                         str(path),
-                        read_only=read_only and path.exists(),
-                        config={"memory_limit": memory_limit, "threads": threads, "preserve_insertion_order": False},
+                        read_only=read_only and not new,
+                        config={
+                            "memory_limit": memory_limit,
+                            "threads": threads,
+                            "preserve_insertion_order": False,
+                            **NO_EXTENSION_DOWNLOADS,
+                        },
                     )
+                    if new:
+                        # The contacts' e-mails will be in it: the user's alone, as the staged chunks.
+                        os.chmod(path, 0o600)
                     break
                 except duckdb.IOException as error:
                     if not _DUCKDB_LOCK_CONFLICT.search(str(error)):
@@ -172,9 +188,31 @@ def connect(
                     wait.pause(outsider)
             with connection:
                 connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(memory_limit)}")
-                yield connection
+                try:
+                    yield connection
+                except BaseException:
+                    discard = new and _holds_nothing(connection)
+                    raise
         finally:
+            if discard:
+                # A run that failed leaves no empty file behind (the lock stays: a waiter may hold it open).
+                for made in (path, Path(f"{path}.wal")):
+                    made.unlink(missing_ok=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _holds_nothing(connection: duckdb.DuckDBPyConnection) -> bool:
+    """The file holds no schema or table of anyone's (its transaction rolled back); False when
+    that cannot be asked."""
+    try:
+        row = connection.execute(
+            "SELECT (SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND NOT temporary)"
+            " + (SELECT count(*) FROM duckdb_views() WHERE database_name = current_database() AND NOT internal)"
+            " + (SELECT count(*) FROM duckdb_schemas() WHERE database_name = current_database() AND NOT internal)"
+        ).fetchone()
+    except duckdb.Error:
+        return False
+    return row is not None and row[0] == 0
 
 
 def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
@@ -185,7 +223,9 @@ def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> 
     while True:
         try:
             connection = duckdb.connect(
-                str(path), read_only=True, config={"memory_limit": file.memory_limit, "threads": file.threads}
+                str(path),
+                read_only=True,
+                config={"memory_limit": file.memory_limit, "threads": file.threads, **NO_EXTENSION_DOWNLOADS},
             )
             connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(file.memory_limit)}")
             return connection
@@ -193,6 +233,21 @@ def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> 
             if not _DUCKDB_LOCK_CONFLICT.search(str(error)):
                 raise
             wait.pause(_duckdb_lock_holder(str(error)))
+
+
+def make_private_directories(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0700, as the project's other private
+    directories (the file will hold contacts' e-mails); one that exists is left as it is."""
+    missing = []
+    while not os.path.lexists(directory):
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by a concurrent run
+        os.chmod(path, 0o700)  # whatever the umask, so the next level can be made in it
 
 
 class _Wait:
@@ -427,7 +482,7 @@ def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, mem
 
     Runs in a lean child while the fetch goes on: the JSON parsing, most of a first load's
     merge, then overlaps the wait for the API on a core the fetch leaves idle."""
-    config = {"memory_limit": memory_limit, "threads": 1, "preserve_insertion_order": False}
+    config = {"memory_limit": memory_limit, "threads": 1, "preserve_insertion_order": False, **NO_EXTENSION_DOWNLOADS}
     with duckdb.connect(":memory:", config=config) as connection:
         connection.execute(
             f"COPY ({_typed_rows_sql(spec, longest_line)}) TO {quote_literal(parquet_path)} (FORMAT parquet)",
@@ -572,6 +627,9 @@ def merge_batch(
         problem = _duplicated_field(connection, batch, parameters)
         if problem is not None:
             raise StagingError(problem)
+    # Checked again here, in the write's transaction: a table made since the run's check is
+    # refused as well, and never altered.
+    refuse_foreign(connection, schema, (synced_table(spec, table), versions_table(spec, table)), _database_file(connection))
     created = not table_exists(connection, schema, table)
     ensure_table(connection, schema, table, spec)
     if history:

@@ -184,8 +184,11 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
     database = str(tmp_path / "blocking.duckdb")
     with connect(database) as opened:
         opened.execute("CREATE SCHEMA marketing")
-        opened.execute("CREATE TABLE marketing.tags (id BIGINT, name VARCHAR, _deleted_at TIMESTAMPTZ)")  # no constraint
-        opened.execute("INSERT INTO marketing.tags VALUES (-5, 'x', NULL), (-5, 'x again', NULL)")
+        # As the project made it, but without the key's constraint (made by hand; this version never loses it).
+        opened.execute(
+            "CREATE TABLE marketing.tags (id BIGINT, name VARCHAR, _extra JSON, _synced_at TIMESTAMPTZ, _deleted_at TIMESTAMPTZ)"
+        )
+        opened.execute("INSERT INTO marketing.tags VALUES (-5, 'x', NULL, NULL, NULL), (-5, 'x again', NULL, NULL, NULL)")
 
     @dg.asset(deps=[marketing_key("tags")])
     def downstream() -> None:

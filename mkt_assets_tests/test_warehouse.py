@@ -318,8 +318,12 @@ def test_sql_in_values_lands_as_data(database: str, tmp_path: Path) -> None:
 def test_a_table_missing_a_new_catalog_column_gains_it(database: str, tmp_path: Path) -> None:
     with connect(database) as connection:
         connection.execute("CREATE SCHEMA marketing.marketing")
-        connection.execute("CREATE TABLE marketing.marketing.tags (id BIGINT PRIMARY KEY, name VARCHAR)")
-        connection.execute("INSERT INTO marketing.marketing.tags VALUES (1, 'old')")
+        # As an older catalog made it: the bookkeeping columns of every version, no created_at
+        # nor _deleted_at (a table without _extra and _synced_at is not the project's: refused).
+        connection.execute(
+            "CREATE TABLE marketing.marketing.tags (id BIGINT PRIMARY KEY, name VARCHAR, _extra JSON, _synced_at TIMESTAMPTZ)"
+        )
+        connection.execute("INSERT INTO marketing.marketing.tags VALUES (1, 'old', NULL, NULL)")
 
     # Tag 1, the only live row, is gone upstream: confirmed.
     merge(database, "tags", stage(TAGS, [[{"id": 2, "name": "new", "createdAt": "2024-01-01T00:00:00Z"}]], tmp_path), confirm_mass_deletion=True)
