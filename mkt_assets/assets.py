@@ -246,6 +246,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                     staging_dir=marketing_api.staging_dir or None,
                     chunk_pages=marketing_api.staging_chunk_pages,
                     progress_seconds=settings.progress_interval_seconds,
+                    chosen=tuple(spec.name for spec in chosen),
                 ),
                 typing,
                 context.log.info,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -22,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
@@ -71,6 +70,9 @@ MAX_DETAIL_CHARS = 160
 # Servers refuse request headers past about 8 KiB; an API key is a short token, so anything
 # longer is a file or a page pasted by mistake, refused before it is sent.
 MAX_KEY_CHARACTERS = 1024
+# This many characters of the key in a row, in any case and whatever separates them, in a text
+# the server sent help guess it: such a text is not quoted, or those characters are masked.
+KEY_PIECE_CHARACTERS = 4
 MIN_MASKED_KEY_CHARACTERS = 8
 
 
@@ -90,6 +92,44 @@ def key_problem(key: str) -> str | None:
         if not "!" <= character <= "~":
             return f"has {_character_kind(character)} at character {position} of {len(key)}, which no API key holds"
     return None
+
+
+def _folded(text: str) -> tuple[str, list[int]]:
+    """``text``'s ASCII letters and digits, lower-cased, and where each stands in ``text``: what
+    is left of a key echoed in another case or cut up by dots, dashes or spaces."""
+    kept = [(character.lower(), at) for at, character in enumerate(text) if character.isascii() and character.isalnum()]
+    return "".join(character for character, _ in kept), [at for _, at in kept]
+
+
+def key_pieces(text: str, key: str) -> list[tuple[int, int]]:
+    """Where ``text`` holds a piece of ``key``: spans (start, end) of ``KEY_PIECE_CHARACTERS`` or
+    more of its letters and digits in a row, in any case, whatever separates them.
+
+    A text quoting ordinary words may be caught too (a key holding "live"): it is then not
+    quoted, which costs a detail, never a secret. A key of fewer letters and digits than that
+    (a simulator's "k") has no piece to look for: no real key is that short, and its letters
+    are in every word."""
+    folded_key, _ = _folded(key)
+    if len(folded_key) < KEY_PIECE_CHARACTERS:
+        return []
+    pieces = {folded_key[at : at + KEY_PIECE_CHARACTERS] for at in range(len(folded_key) - KEY_PIECE_CHARACTERS + 1)}
+    folded, positions = _folded(text)
+    spans: list[tuple[int, int]] = []
+    for at in range(len(folded) - KEY_PIECE_CHARACTERS + 1):
+        if folded[at : at + KEY_PIECE_CHARACTERS] in pieces:
+            start, end = positions[at], positions[at + KEY_PIECE_CHARACTERS - 1] + 1
+            if spans and start < spans[-1][1]:
+                spans[-1] = (spans[-1][0], end)
+            else:
+                spans.append((start, end))
+    return spans
+
+
+def without_key(text: str, key: str, mask: str) -> str:
+    """``text`` with each piece of ``key`` (see ``key_pieces``) replaced by ``mask``."""
+    for start, end in reversed(key_pieces(text, key)):
+        text = text[:start] + mask + text[end:]
+    return text
 
 
 def _character_kind(character: str) -> str:
@@ -137,6 +177,7 @@ class MarketingApiClient:
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         key_setting: str = "api_key",
         resources_setting: str = "MKT_RESOURCES",
+        base_url_setting: str = "base_url",
         rate_limiter: SharedRateLimiter | None = None,
         log: Log | None = None,
         stop: Stop | None = None,
@@ -162,6 +203,7 @@ class MarketingApiClient:
         self.max_page_bytes = max_page_bytes
         self.key_setting = key_setting
         self.resources_setting = resources_setting
+        self.base_url_setting = base_url_setting
         self.stats = RequestStats()
         self._rate_limiter = rate_limiter
         self._stop = stop
@@ -181,10 +223,8 @@ class MarketingApiClient:
             sleeper=stop.sleep if stop is not None else time.sleep,
         )
         self._headers = {"X-API-Key": api_key, "Accept": "application/json", "User-Agent": "mkt-assets"}
-        # The key, and what stands for it in an error quoting a server that echoed it. A key
-        # shorter than any real one (a simulator's "k") is left alone: masked, it garbles words.
-        secret = api_key.encode() if len(api_key) >= MIN_MASKED_KEY_CHARACTERS else b""
-        self._masks = (secret, f"[{key_setting}]".encode() if secret else b"")
+        # What stands for a piece of the key in an error quoting a server that echoed it.
+        self._key_mask = f"[{key_setting}]"
         self._checkers: dict[str, RecordChecker] = {}
         # One keep-alive session per fetching thread: requests does not promise a Session
         # is safe to share between threads, and each end of a walk has its own connection.
@@ -387,16 +427,15 @@ class MarketingApiClient:
         try:
             return self._get_page(spec, query, number)
         except ApiError as error:
-            # Errors quote what the server sent (an error page's start, a 422's messages): a
-            # server or proxy that echoes the request's headers would put the key there.
-            if self._masks[0]:
-                _mask(error, *(mask.decode() for mask in self._masks))
+            # Errors quote what the server sent (an error page's start, a 422's messages), each
+            # quote masked where it is made; this catches the whole key anywhere else.
+            _mask(error, self._headers["X-API-Key"], self._key_mask)
             raise
 
     def _get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int) -> Page:
         path = self.url_path(spec)
         body, content_type = self._get(spec, path, query, number)
-        items, has_more = _read_page(spec, path, query, number, body, content_type, self._masks)
+        items, has_more = _read_page(spec, path, query, number, body, content_type, self._headers["X-API-Key"], self._key_mask)
         checker = self._checkers.get(spec.name)
         if checker is None:
             checker = self._checkers[spec.name] = record_checker(spec)
@@ -450,10 +489,12 @@ class MarketingApiClient:
                 self._check_stop()
                 # The watchdog cut an answer whose end the server never marked: it is cut short.
                 raise self._timed_out(spec, path, query)
-        _raise_for_status(
-            spec.name, path, query, response, body, self.key_setting, self.resources_setting, self._masks, self._headers["X-API-Key"]
-        )
+        _raise_for_status(spec.name, path, query, response, body, self._headers["X-API-Key"], self._settings)
         return body, response.headers.get("Content-Type", "")
+
+    @property
+    def _settings(self) -> _Settings:
+        return _Settings(self.key_setting, self.resources_setting, self.base_url_setting, self.base_url)
 
     def _check_stop(self) -> None:
         if self._stop is not None:
@@ -470,7 +511,10 @@ class MarketingApiClient:
 
 
 def _mask(error: ApiError, secret: str, mask: str) -> None:
-    """Replace ``secret`` wherever ``error`` says it, in place (keeping its type and traceback)."""
+    """Replace ``secret`` wherever ``error`` says it, in place (keeping its type and traceback).
+    A key shorter than any real one (a simulator's "k") is left alone: masked, it garbles words."""
+    if len(secret) < MIN_MASKED_KEY_CHARACTERS:
+        return
     if secret in error.problem or any(secret in str(argument) for argument in error.args):
         error.problem = error.problem.replace(secret, mask)
         error.args = tuple(str(argument).replace(secret, mask) for argument in error.args)
@@ -479,6 +523,16 @@ def _mask(error: ApiError, secret: str, mask: str) -> None:
                 {name: str(value).replace(secret, mask) if isinstance(value, str) else value for name, value in violation.items()}
                 for violation in error.violations
             ]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The settings an error about an answer names, and the base URL it went to."""
+
+    key: str
+    resources: str
+    base_url: str
+    base_url_value: str
 
 
 def _cause(error: BaseException) -> str:
@@ -498,40 +552,44 @@ def _raise_for_status(
     query: Mapping[str, object],
     response: requests.Response,
     body: bytes,
-    key_setting: str,
-    resources_setting: str,
-    masks: tuple[bytes, bytes],
     key: str,
+    settings: _Settings,
 ) -> None:
     status = response.status_code
     if 200 <= status < 300:
         return
     if status in (401, 403, 404):
-        # Judged on the body as sent: a detail that echoes the key is not quoted at all.
+        # Judged on the body as sent: a detail holding a piece of the key is not quoted at all.
         detail = problem_detail(body, key)
-        said = f' (the API said "{detail}")' if detail else ""
+        # As a JSON string: a detail holding a quote cannot be mistaken for the end of it.
+        said = f" (the API said {json.dumps(detail, ensure_ascii=False)})" if detail else ""
+        leave_out = (
+            f"Leave {resource} out by listing the resources to sync in {settings.resources}"
+            " (comma-separated; unset syncs all)"
+        )
         if status == 401:
             raise ApiAuthError(
                 resource,
                 path,
                 query,
-                f"HTTP 401: the API key was rejected{said}; set {key_setting} to a valid key"
+                f"HTTP 401: the API key was rejected{said}; set {settings.key} to a valid key"
                 " (made in the account's profile settings)",
             )
-        # The key got past authentication: the account (its plan, say) cannot read this one
-        # list, which blaming the key would have the user rotate a working key over.
+        if status == 403:
+            # The key got past authentication: the account (its plan, say) cannot read this one
+            # list, which blaming the key would have the user rotate a working key over.
+            problem = f"HTTP 403: the account cannot read {resource}{said}; the key is not at fault, so keep it. {leave_out}"
+        else:
+            # A server may route before it authenticates: a 404 clears neither the key nor the URL.
+            problem = (
+                f"HTTP 404: the account cannot read {resource}, or the API serves nothing at this address{said}."
+                f" {leave_out}, or, if every resource answers 404, check the base URL ({settings.base_url})"
+            )
         raise ApiAccessError(
-            resource,
-            path,
-            query,
-            status,
-            f"HTTP {status}: the account cannot read {resource}{said}; the key is not at fault, so keep it."
-            f" Leave {resource} out by listing the resources to sync in {resources_setting}"
-            " (comma-separated; unset syncs all)"
-            + (", or, if every resource answers 404, check the base URL" if status == 404 else ""),
-        )
-    # Masked before any excerpt is cut, so not even the start of the key is quoted.
-    body = body.replace(*masks)
+            resource, path, query, status, problem, base_url=shown_url(settings.base_url_value),
+            base_url_setting=settings.base_url, resources_setting=settings.resources,
+        )  # fmt: skip
+    mask = f"[{settings.key}]"
     parsed = _json_or_none(body)
     if status == 422 and isinstance(parsed, dict):
         violations = parsed.get("violations")
@@ -539,13 +597,32 @@ def _raise_for_status(
             resource,
             path,
             query,
-            [v for v in violations if isinstance(v, dict)] if isinstance(violations, list) else [],
-            str(parsed.get("detail") or ""),
+            [_masked_violation(v, key, mask) for v in violations if isinstance(v, dict)] if isinstance(violations, list) else [],
+            without_key(str(parsed.get("detail") or ""), key, mask),
         )
     detail = parsed.get("detail") or parsed.get("title") if isinstance(parsed, dict) else None
-    excerpt = str(detail)[:200] if detail else body[:200].decode("utf-8", "replace")
+    excerpt = _excerpt(str(detail) if detail else body[:_EXCERPT_SOURCE].decode("utf-8", "replace"), 200, key, mask)
     retried = " after retries" if status in RETRY_STATUSES else ""
     raise ApiStatusError(resource, path, query, status, f"HTTP {status}{retried}: {excerpt}")
+
+
+# How much of a text is masked before its excerpt is cut: a key cut where the excerpt ends is
+# masked too, so not even its start is quoted.
+_EXCERPT_SOURCE = 1000
+
+
+def _excerpt(text: str, length: int, key: str, mask: str) -> str:
+    return without_key(text[:_EXCERPT_SOURCE], key, mask)[:length]
+
+
+def _masked_violation(violation: dict[str, object], key: str, mask: str) -> dict[str, object]:
+    return {name: without_key(value, key, mask) if isinstance(value, str) else value for name, value in violation.items()}
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit for an error: no user name or password, query or fragment."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def problem_detail(body: bytes, key: str = "") -> str | None:
@@ -559,7 +636,7 @@ def problem_detail(body: bytes, key: str = "") -> str | None:
         return None
     line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     # A server echoing what it was sent could quote the key, whole or in part.
-    if key and (key in line or any(len(word) >= 6 and word in key for word in re.split(r"[^\w-]+", line))):
+    if key_pieces(line, key):
         return None
     if len(line) > MAX_DETAIL_CHARS:
         line = line[: MAX_DETAIL_CHARS - 3].rstrip() + "..."
@@ -580,30 +657,34 @@ def _read_page(
     number: int,
     content: bytes,
     content_type: str,
-    masks: tuple[bytes, bytes] = (b"", b""),
+    key: str = "",
+    mask: str = "",
 ) -> tuple[list[dict[str, Any]], bool]:
     def fail(problem: str) -> ApiResponseError:
         return ApiResponseError(spec.name, path, query, f"page {number}: {problem}")
+
+    def quoted(server_said: str) -> str:
+        return without_key(server_said, key, mask)
 
     try:
         body = json.loads(content, parse_constant=_not_json)
     except RecursionError:
         raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
     except ValueError as error:
-        excerpt = content.replace(*masks)[:80].decode("utf-8", "replace").replace("\n", " ")
+        excerpt = _excerpt(content[:_EXCERPT_SOURCE].decode("utf-8", "replace").replace("\n", " "), 80, key, mask)
         if "json" not in content_type.lower():
-            raise fail(f"expected JSON, got {content_type or 'no content type'}: {excerpt!r}") from None
+            raise fail(f"expected JSON, got {quoted(content_type) or 'no content type'}: {excerpt!r}") from None
         raise fail(f"the JSON body does not parse ({error}; {len(content)} bytes, cut short?)") from None
     if not isinstance(body, dict):
         raise fail(f"expected a JSON object with 'items' and 'hasMore', got {type(body).__name__}")
     if "items" not in body:
-        raise fail(f"the body has no 'items' (keys: {sorted(body)})")
+        raise fail(f"the body has no 'items' (keys: {quoted(str(sorted(body)))})")
     items = body["items"]
     if not isinstance(items, list):
         raise fail(f"'items' is {type(items).__name__}, not a list")
     has_more = body.get("hasMore")
     if not isinstance(has_more, bool):
-        raise fail(f"'hasMore' is missing or not a boolean (got {has_more!r})")
+        raise fail(f"'hasMore' is missing or not a boolean (got {quoted(repr(has_more))})")
     limit = query.get("limit")
     if isinstance(limit, int) and len(items) > limit:
         raise fail(f"{len(items)} records, more than the {limit} asked for (limit={limit}); refusing the page")

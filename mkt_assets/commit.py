@@ -101,8 +101,9 @@ def commit_run(
 
     A table rebuilt only because it reads a table the run writes is skipped while another
     table it reads does not exist yet; one in ``asked`` cannot be, and fails the write. A run
-    that writes synced tables keeps, unrebuilt, a table none of whose reads changed and whose
-    definition is the one it was built from; a run that writes none rebuilds what it is asked.
+    that writes synced tables keeps, unrebuilt, a table none of whose reads changed since it was
+    built (in this run or any other, see ``changes``) and whose definition is the one it was
+    built from; a run that writes none rebuilds what it is asked.
     ``within``: the resources the deployment syncs; references to others are not checked.
     A mass deletion (see ``warehouse.is_mass_deletion``) not confirmed fails the write; every
     batch is merged first, so the error names each table that would lose too many rows."""

@@ -178,18 +178,24 @@ def _writable_advice(error: OSError) -> str:
 
 
 def _check_blocks(path: Path, connection: duckdb.DuckDBPyConnection) -> None:
-    """The file holds every block its header counts: DuckDB reads a block only when a query
-    needs it, so a truncated file would fail in the middle of the merge."""
+    """The file holds whole blocks, at least as many as are in use: DuckDB reads a block only
+    when a query needs it, so a truncated file would fail in the middle of the merge.
+
+    Not every block the header counts: a checkpoint cuts free blocks off the end of the file
+    (a table dropped, a normalized table rebuilt smaller) while ``total_blocks`` still counts
+    them, and a healthy file would be refused."""
     row = connection.execute(
-        "SELECT block_size, total_blocks FROM pragma_database_size() WHERE database_name = current_database()"
+        "SELECT block_size, used_blocks FROM pragma_database_size() WHERE database_name = current_database()"
     ).fetchone()
     if row is None:
         return
-    counted = HEADER_BYTES + int(row[0]) * int(row[1])
+    block_size, used = int(row[0]), int(row[1])
     size = os.stat(path).st_size
-    if size < counted:
+    whole, cut = divmod(max(size - HEADER_BYTES, 0), block_size)
+    if size < HEADER_BYTES or cut or whole < used:
+        counted = HEADER_BYTES + block_size * max(used, whole + (1 if cut else 0))
         raise _problem(
             path,
-            f"it is truncated: it holds {size} bytes where its header counts {counted}",
+            f"it is truncated: it holds {size} bytes where its blocks need {counted}",
             f"restore it from a backup, or move it away to start a new file, {_ELSEWHERE}",
         )

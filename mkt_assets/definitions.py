@@ -42,7 +42,8 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
         FULL_JOB,
         selection=selection,
         description=(
-            f"Read every record of the {len(chosen)} marketing resources synced ({', '.join(spec.name for spec in chosen)})"
+            f"Read every record of the {len(chosen)} marketing resource{'s' if len(chosen) != 1 else ''} synced"
+            f" ({', '.join(spec.name for spec in chosen)})"
             " and write them, with the rebuilt normalized tables, in one DuckDB transaction, marking what is gone upstream."
         ),
         executor_def=dg.in_process_executor,

@@ -64,8 +64,25 @@ class ApiStatusError(ApiError):
 
 
 class ApiAccessError(ApiStatusError):
-    """403/404 with an accepted key: the account cannot read this resource (its plan does not
-    include it, or the API does not serve it). Retrying cannot help; leaving it out can."""
+    """403/404: the account cannot read this resource (its plan does not include it, or the API
+    does not serve it), or, when every resource answers 404, the base URL is wrong. Retrying
+    cannot help; leaving it out, or setting the base URL, can."""
+
+    def __init__(
+        self,
+        resource: str,
+        path: str,
+        query: Mapping[str, object] | None,
+        status: int,
+        problem: str,
+        *,
+        base_url: str = "",
+        base_url_setting: str = "base_url",
+        resources_setting: str = "resources",
+    ) -> None:
+        # What a run that every resource failed this way says instead (``sync.FetchFailed``).
+        self.base_url, self.base_url_setting, self.resources_setting = base_url, base_url_setting, resources_setting
+        super().__init__(resource, path, query, status, problem)
 
 
 class ApiValidationError(ApiStatusError):

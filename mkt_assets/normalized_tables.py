@@ -16,14 +16,15 @@ memberships are ``[]``).
 """
 
 import hashlib
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import duckdb
 
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
+from mkt_assets.changes import change_tokens
 from mkt_assets.ownership import BUILT_STAMP, OwnedTable, built_table, refuse_foreign
+from mkt_assets.sql_names import quote_literal
 from mkt_assets.warehouse import WarehouseFile, fully_qualified, preview_markdown, quote_ident, streamed, transaction
 
 LIVE = "_deleted_at IS NULL"
@@ -211,12 +212,15 @@ class BuildResult:
     expected_rows: int  # what the table's expected_rows query counts
     null_keys: dict[str, int]
     preview: str
-    # False: kept as it was, since nothing it reads changed and its definition is the same.
+    # False: kept as it was, since nothing it reads changed since it was built and its definition is the same.
     rebuilt: bool = True
 
 
-# The table's comment ends with the definition it was built from.
-_DEFINITION = re.compile(re.escape(BUILT_STAMP) + r"([0-9a-f]{16})\]$")
+def _built_from(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> str:
+    """How the table's comment ends: the definition it is built from and the state (``changes``)
+    of each table it reads, ``[mkt_assets definition 0123abcd0123abcd, read contacts@..., tags@...]``."""
+    tokens = change_tokens(connection, schema, table.reads)
+    return f"{BUILT_STAMP}{table.definition}, read {', '.join(f'{name}@{tokens[name]}' for name in table.reads)}]"
 
 
 def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
@@ -227,19 +231,20 @@ def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, tab
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
     # No ORDER BY: sorting millions of rows is what made the build run out of memory.
     connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")
-    comment = f"{table.description} {BUILT_STAMP}{table.definition}]".replace("'", "''")
-    connection.execute(f"COMMENT ON TABLE {target} IS '{comment}'")
+    comment = f"{table.description} {_built_from(connection, schema, table)}"
+    connection.execute(f"COMMENT ON TABLE {target} IS {quote_literal(comment)}")
     return build_facts(connection, schema, table)
 
 
 def is_current(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> bool:
-    """``table`` exists, built from the definition it has now."""
+    """``table`` exists, built from the definition it has now over the rows its reads hold now:
+    none of them changed since, in this run or any other (a run that left it out, say). A
+    table whose comment records no reads (built by an older version) is not."""
     row = connection.execute(
         "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = ? AND table_name = ?",
         [schema, table.name],
     ).fetchone()
-    found = _DEFINITION.search(row[0] or "") if row else None
-    return found is not None and found.group(1) == table.definition
+    return row is not None and (row[0] or "").endswith(_built_from(connection, schema, table))
 
 
 def build_facts(

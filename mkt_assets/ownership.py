@@ -34,6 +34,7 @@ import duckdb
 from mkt_assets.catalog import EXTRA_COLUMN, SYNCED_AT_COLUMN, ResourceSpec
 from mkt_assets.errors import DUCKDB_PATH_ENV, ForeignTableError
 from mkt_assets.history import VALID_FROM_COLUMN, VALID_TO_COLUMN, history_table
+from mkt_assets.changes import CHANGES_COLUMNS, CHANGES_TABLE
 from mkt_assets.reads import READS_COLUMNS, READS_TABLE
 
 # What a normalized table's comment holds once the project built it (see normalized_tables).
@@ -82,7 +83,7 @@ def built_table(name: str, columns: Iterable[str]) -> OwnedTable:
 
 
 # The project's own bookkeeping tables (their names start with _mkt): one entry each.
-BOOKKEEPING_TABLES: tuple[OwnedTable, ...] = (OwnedTable(READS_TABLE, READS_COLUMNS),)
+BOOKKEEPING_TABLES: tuple[OwnedTable, ...] = (OwnedTable(READS_TABLE, READS_COLUMNS), OwnedTable(CHANGES_TABLE, CHANGES_COLUMNS))
 
 
 def foreign_tables(connection: duckdb.DuckDBPyConnection, schema: str, owned: Iterable[OwnedTable]) -> list[str]:

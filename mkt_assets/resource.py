@@ -224,6 +224,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             max_page_bytes=self.max_page_mb << 20,
             key_setting=API_KEY_ENV,
             resources_setting=RESOURCES_ENV,
+            base_url_setting=BASE_URL_ENV,
             rate_limiter=self._rate_limiter(log),
             log=log,
             stop=stop,

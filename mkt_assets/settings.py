@@ -100,7 +100,7 @@ class Settings:
             return raw == "on"
 
         owners = env.get("MKT_ASSET_OWNERS")
-        chosen = [name.strip() for name in (env.get(RESOURCES_ENV) or "").split(",") if name.strip()]
+        chosen = _chosen_resources(env.get(RESOURCES_ENV) or "")
         return cls(
             duckdb_path=env.get(DUCKDB_PATH_ENV) or defaults.duckdb_path,
             sync_cron=env.get("MKT_SYNC_CRON") or defaults.sync_cron,
@@ -119,5 +119,21 @@ class Settings:
             progress_interval_seconds=number("MKT_PROGRESS_SECONDS", defaults.progress_interval_seconds),
             duckdb_memory_limit=env.get("MKT_DUCKDB_MEMORY_LIMIT") or defaults.duckdb_memory_limit,
             duckdb_wait_seconds=number("MKT_DUCKDB_WAIT_SECONDS", defaults.duckdb_wait_seconds),
-            resources=tuple(dict.fromkeys(chosen)) or defaults.resources,
+            resources=chosen or defaults.resources,
         )
+
+
+def _chosen_resources(value: str) -> tuple[str, ...]:
+    """The resources ``MKT_RESOURCES`` names, in the catalog's spelling whatever their case
+    (``Contacts``); empty when it is blank (all are synced). A value naming nothing (``,``)
+    is refused: read as blank, it would sync what it was meant to restrict."""
+    if not value.strip():
+        return ()
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise ConfigurationError(
+            f"{RESOURCES_ENV} is {value!r}, which names no resource; list the resources to sync, separated by"
+            f" commas, from: {', '.join(spec.name for spec in RESOURCES)} (unset or blank syncs all)"
+        )
+    spelled = {spec.name.lower(): spec.name for spec in RESOURCES}
+    return tuple(dict.fromkeys(spelled.get(name.lower(), name) for name in names))

@@ -20,7 +20,7 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.client import MarketingApiClient
 from mkt_assets.commit import RunCommit, commit_run
-from mkt_assets.errors import SyncError
+from mkt_assets.errors import ApiAccessError, SyncError, describe_request
 from mkt_assets.normalized_tables import NormalizedTable
 from mkt_assets.staging import PageStager, StagedBatch
 from mkt_assets.transport import RequestStats, Stop, Stopped
@@ -33,6 +33,11 @@ Runner = Callable[..., Any]
 # The stop cuts their requests and sends no other, so they end within milliseconds; one
 # still connecting ends within connect_timeout, unwaited for.
 STOP_WAIT_SECONDS = 2.0
+# How long a resource that answered 403/404 holds the stop for the others' first answers: a
+# run whose every resource answers 404 (a wrong base URL) then says so once, not once each,
+# and one whose account cannot read several names them all. Short: one answer each, which
+# takes milliseconds, so the others are still cut almost at once.
+FIRST_ANSWERS_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,14 +88,31 @@ class FetchOptions:
     staging_dir: str | None
     chunk_pages: int
     progress_seconds: float
+    # The resources the deployment syncs (MKT_RESOURCES; empty: the run's own): a resource the
+    # account cannot read is said with the value that leaves it out.
+    chosen: tuple[str, ...] = ()
 
 
 class FetchFailed(SyncError):
     """One resource or more could not be read; the run writes nothing."""
 
-    def __init__(self, failures: Mapping[str, BaseException], fetched: Sequence[str], stopped: Sequence[str]) -> None:
+    def __init__(
+        self,
+        failures: Mapping[str, BaseException],
+        fetched: Sequence[str],
+        stopped: Sequence[str],
+        chosen: Sequence[str] = (),
+    ) -> None:
         self.failures = dict(failures)
-        lines = [str(error) for error in failures.values()]
+        said = _wrong_base_url(failures, [*failures, *fetched, *stopped])
+        # Then the resources' own errors, each advising to leave one out, would mislead.
+        self.wrong_base_url = bool(said)
+        lines = said or [str(error) for error in failures.values()]
+        cannot_read = [name for name, error in failures.items() if isinstance(error, ApiAccessError)]
+        rest = [name for name in (chosen or [*failures, *fetched, *stopped]) if name not in cannot_read]
+        if cannot_read and rest and len(lines) == len(failures):
+            setting = next(error.resources_setting for error in failures.values() if isinstance(error, ApiAccessError))
+            lines.append(f"To sync the others without {_listed(cannot_read)}: {setting}={','.join(rest)}")
         others = []
         if fetched:
             others.append(f"{_listed(fetched)} {'was' if len(fetched) == 1 else 'were'} read in full")
@@ -101,6 +123,20 @@ class FetchFailed(SyncError):
             + (f" ({'; '.join(others)})." if others else ".")
         )
         super().__init__("\n".join(lines))
+
+
+def _wrong_base_url(failures: Mapping[str, BaseException], read: Sequence[str]) -> list[str]:
+    """What a run says whose every resource (two or more) answered 404: one wrong base URL,
+    not as many resources to leave out; nothing when it is not so."""
+    errors = [error for error in failures.values() if isinstance(error, ApiAccessError) and error.status == 404]
+    if len(read) < 2 or len(errors) != len(read):
+        return []
+    first = errors[0]
+    return [
+        f"Every resource this run reads answered HTTP 404 ({', '.join(f'{error.resource}: {describe_request(error.path, error.query)}' for error in errors)}):"
+        f" the base URL is probably wrong, not the key nor the account. {first.base_url_setting} is {first.base_url};"
+        " correct it (unset, the API's own address is used) and run again."
+    ]
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -122,6 +158,7 @@ def fetch_all(
     An interrupt (Terminate, SIGTERM, Ctrl-C: any ``BaseException`` while this waits) stops
     every fetch the same way, and propagates once their staged pages are removed."""
     stop = Stop()
+    answers = FirstAnswers([spec.name for spec in plan.resources])
     fetched: dict[str, Fetched] = {}
     failures: dict[str, BaseException] = {}
     stopped: list[str] = []
@@ -129,7 +166,7 @@ def fetch_all(
     pool = ThreadPoolExecutor(max_workers=max(1, len(plan.resources)), thread_name_prefix="fetch")
     try:
         for spec in plan.resources:
-            futures[spec.name] = pool.submit(_fetch, spec, plan, open_client, options, typing, stop, log)
+            futures[spec.name] = pool.submit(_fetch, spec, plan, open_client, options, typing, stop, log, answers)
         for name, future in futures.items():
             error = future.exception()
             if error is None:
@@ -146,7 +183,8 @@ def fetch_all(
     if failures:
         for done in fetched.values():
             done.batch.discard()
-        raise FetchFailed(failures, list(fetched), stopped) from next(iter(failures.values()))
+        failed = FetchFailed(failures, list(fetched), stopped, options.chosen)
+        raise failed from (None if failed.wrong_base_url else next(iter(failures.values())))
     return fetched
 
 
@@ -191,14 +229,40 @@ def _fetch(
     typing: TypingQueue,
     stop: Stop,
     log: Log,
+    answers: FirstAnswers,
 ) -> Fetched:
     try:
-        return _fetch_one(spec, plan, open_client, options, typing, stop, log)
+        return _fetch_one(spec, plan, open_client, options, typing, stop, log, answers)
     except Stopped:
+        raise
+    except ApiAccessError:
+        answers.came(spec.name)
+        answers.wait(FIRST_ANSWERS_WAIT_SECONDS)
+        stop.set(f"{spec.name} failed")
         raise
     except BaseException:
         stop.set(f"{spec.name} failed")  # the others stop at once: this run will write nothing
         raise
+    finally:
+        answers.came(spec.name)
+
+
+class FirstAnswers:
+    """Which of the run's fetches have had a first answer (a page, an error, or their end)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._waiting = set(names)
+        self._changed = threading.Condition()
+
+    def came(self, name: str) -> None:
+        with self._changed:
+            self._waiting.discard(name)
+            self._changed.notify_all()
+
+    def wait(self, seconds: float) -> None:
+        """Until every fetch has had its first answer, at most ``seconds``."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._waiting, timeout=seconds)
 
 
 def _fetch_one(
@@ -209,6 +273,7 @@ def _fetch_one(
     typing: TypingQueue,
     stop: Stop,
     log: Log,
+    answers: FirstAnswers,
 ) -> Fetched:
     started = time.monotonic()
     after = plan.after.get(spec.name)
@@ -223,7 +288,9 @@ def _fetch_one(
         chunk_pages=options.chunk_pages,
         on_chunk=typer.submit,
     ) as stager:
-        for page in client.iter_pages(spec, query):
+        for number, page in enumerate(client.iter_pages(spec, query)):
+            if not number:
+                answers.came(spec.name)
             stop.check()
             stager.add(page)
             progress.tick(stager.records, stager.pages)

@@ -22,6 +22,7 @@ import duckdb
 
 from mkt_assets import lean_process
 from mkt_assets.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
+from mkt_assets.changes import record_change
 from mkt_assets.errors import MassDeletion, MassDeletionError, StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
 from mkt_assets.ownership import refuse_foreign, synced_table, versions_table
@@ -629,6 +630,7 @@ def merge_batch(
     # Checked again here, in the write's transaction: a table made since the run's check is
     # refused as well, and never altered.
     refuse_foreign(connection, schema, (synced_table(spec, table), versions_table(spec, table)), _database_file(connection))
+    created = not table_exists(connection, schema, table)
     ensure_table(connection, schema, table, spec)
     if history:
         ensure_history(connection, schema, table, spec, batch.synced_at)
@@ -715,6 +717,8 @@ def merge_batch(
     for temporary in ("staged", "changed", "fresh", *gone, "newer"):
         connection.execute(f"DROP TABLE {temporary}")
     record_read(connection, schema, table, batch.synced_at, complete=batch.complete, after=batch.after)
+    if created or inserted or updated or deleted:
+        record_change(connection, schema, table)  # what is built from it is rebuilt (see ``changes``)
     return MergeResult(
         inserted=int(inserted),
         updated=int(updated),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
+import string
 import threading
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -15,7 +17,7 @@ from responses import matchers
 from urllib3 import HTTPResponse
 
 from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.client import MarketingApiClient
+from mkt_assets.client import MarketingApiClient, key_pieces
 from mkt_assets.transport import WaitTooLong
 from mkt_assets.errors import (
     ApiAccessError,
@@ -40,7 +42,7 @@ def make_client(**options: Any) -> MarketingApiClient:
     # A single ascending walk unless a test says otherwise; the two-ended walk (the default
     # order, "both") has its own tests at the end of this file.
     options.setdefault("order", "asc")
-    return MarketingApiClient(BASE, KEY, key_setting="MKT_API_KEY", **options)
+    return MarketingApiClient(BASE, KEY, key_setting="MKT_API_KEY", base_url_setting="MKT_API_BASE_URL", **options)
 
 
 def page(ids: list[int], has_more: bool) -> dict[str, Any]:
@@ -190,16 +192,21 @@ MEMBERSHIPS = RESOURCES_BY_NAME["memberships"]
 
 @responses.activate
 @pytest.mark.parametrize(
-    ("status", "body", "said", "hint"),
+    ("status", "body", "problem"),
     [
         (403, {"title": "An error occurred", "detail": "Your plan does not include communities"},
-         "Your plan does not include communities", ""),
+         'the account cannot read memberships (the API said "Your plan does not include communities");'
+         " the key is not at fault, so keep it. Leave memberships out by listing the resources to sync in"
+         " MKT_RESOURCES (comma-separated; unset syncs all)"),
+        # A server may route before it authenticates: a 404 does not clear the key.
         (404, {"title": "An error occurred", "detail": "Not Found"},
-         "Not Found", ", or, if every resource answers 404, check the base URL"),
+         'the account cannot read memberships, or the API serves nothing at this address (the API said "Not Found").'
+         " Leave memberships out by listing the resources to sync in MKT_RESOURCES (comma-separated; unset syncs"
+         " all), or, if every resource answers 404, check the base URL (MKT_API_BASE_URL)"),
     ],
 )  # fmt: skip
 def test_a_resource_the_account_cannot_read_is_not_blamed_on_the_key_and_names_mkt_resources(
-    status: int, body: dict[str, str], said: str, hint: str
+    status: int, body: dict[str, str], problem: str
 ) -> None:
     responses.get(f"{BASE}/community/memberships", status=status, json=body)
 
@@ -209,11 +216,8 @@ def test_a_resource_the_account_cannot_read_is_not_blamed_on_the_key_and_names_m
     assert len(responses.calls) == 1  # not retried: asking again cannot help
     assert not isinstance(caught.value, ApiAuthError)
     assert caught.value.status == status
-    assert str(caught.value) == (
-        f"memberships: GET /api/community/memberships?limit=100&order=asc: HTTP {status}: the account cannot read"
-        f' memberships (the API said "{said}"); the key is not at fault, so keep it. Leave memberships out by'
-        f" listing the resources to sync in MKT_RESOURCES (comma-separated; unset syncs all){hint}"
-    )
+    assert str(caught.value) == f"memberships: GET /api/community/memberships?limit=100&order=asc: HTTP {status}: {problem}"
+    assert caught.value.base_url == BASE
     assert "MKT_API_KEY" not in str(caught.value)
 
 
@@ -224,6 +228,8 @@ def test_a_resource_the_account_cannot_read_is_not_blamed_on_the_key_and_names_m
         # One line, bounded: a long multi-line detail is cut, its line breaks and controls gone.
         ({"detail": "Your plan\ndoes not\x1b[31m include " + "x" * 400}, '"Your plan does not [31m include ' + "x" * 125 + '..."'),
         ({"title": "Forbidden"}, '"Forbidden"'),
+        # Its own quotes escaped: the quote cannot be mistaken for ending before they do.
+        ({"detail": 'Plan "Startup" lacks it"); do this'}, '"Plan \\"Startup\\" lacks it\\"); do this"'),
     ],
 )
 def test_the_quoted_detail_is_one_bounded_line(body: dict[str, str], quoted: str) -> None:
@@ -840,3 +846,92 @@ def test_a_server_echoing_the_key_never_gets_it_into_an_error(status: int, body:
     said = str(caught.value) + repr(getattr(caught.value, "violations", ""))
     assert KEY[:8] not in said
     assert "[MK" in said  # the mask, perhaps cut where the excerpt ends
+
+
+REAL_LOOKING_KEY = "sk_live_9fA2bC7dwErTy"
+
+
+def _failure(key: str, status: int, body: str, content_type: str = "application/json") -> ApiError:
+    with responses.RequestsMock() as mock:
+        mock.get(f"{BASE}/tags", status=status, body=body, content_type=content_type)
+        client = MarketingApiClient(BASE, key, key_setting="MKT_API_KEY", order="asc", max_retries=0)
+        with client, pytest.raises(ApiError) as caught:
+            list(client.iter_pages(TAGS))
+    return caught.value
+
+
+def _pieces(error: ApiError, key: str) -> set[str]:
+    """The pieces of ``key`` (see ``key_pieces``) all an error says holds, the mask taken out."""
+    said = (str(error) + repr(getattr(error, "violations", ""))).replace("[MKT_API_KEY]", " ")
+    return {said[start:end] for start, end in key_pieces(said, key)}
+
+
+def _leaked(key: str, status: int, echoing: str, echoed: str, content_type: str = "application/json") -> set[str]:
+    """The pieces of ``key`` an error about a body ``echoing`` the text ``echoed`` says beyond
+    those the same error says when nothing is echoed (our own words may hold a few letters
+    of a key: "propertyPath" holds "erty")."""
+    ours = _pieces(_failure(key, status, echoing.replace(echoed, "~"), content_type), key)
+    return _pieces(_failure(key, status, echoing, content_type), key) - ours
+
+
+@pytest.mark.parametrize(
+    "echoed",
+    [
+        "Key sk_li... has no access",  # its first 5 characters
+        "The key ending wErTy has no access",  # its last 5
+        "Key sk_l.ive_.9fA2.bC7d has no access",  # cut in pieces of 4
+        f"Key {REAL_LOOKING_KEY.upper()} has no access",  # in another case
+        "Key ...9FA2... has no access",  # 4 characters
+    ],
+)
+@pytest.mark.parametrize("status", [401, 403, 404, 500, 400, 422])
+def test_no_piece_of_the_key_gets_into_an_error_in_any_case_or_cut_up(status: int, echoed: str) -> None:
+    body = {"violations": [{"propertyPath": "limit", "message": echoed}]} if status == 422 else {"detail": echoed}
+
+    error = _failure(REAL_LOOKING_KEY, status, json.dumps(body))
+
+    assert _leaked(REAL_LOOKING_KEY, status, json.dumps(body), echoed.split()[-4]) == set()
+    if status in (401, 403, 404):
+        assert "the API said" not in str(error)  # not quoted at all
+    else:
+        assert "[MKT_API_KEY]" in str(error) and "has no access" in str(error)  # masked, the rest quoted
+
+
+def test_a_detail_holding_three_characters_of_the_key_in_a_row_or_none_is_quoted() -> None:
+    for detail in ("Your plan does not include tags", "Key sk_... is fine", "Key ...wEr... is fine"):
+        error = _failure(REAL_LOOKING_KEY, 403, json.dumps({"detail": detail}))
+        assert f"(the API said {json.dumps(detail)})" in str(error)
+
+
+def test_with_a_key_too_short_to_be_real_every_detail_is_quoted() -> None:
+    # The simulator's "k": its letter is in every other word; no piece of it can help guess one.
+    assert key_pieces("Unknown key k", "k") == []
+    error = _failure("k", 404, json.dumps({"detail": "Unknown key k"}))
+    assert '(the API said "Unknown key k")' in str(error)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_random_key_echoed_in_any_piece_case_or_cutting_never_gets_into_an_error(seed: int) -> None:
+    chance = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits
+    key = "".join(chance.choice(alphabet + "_-") for _ in range(chance.randint(8, 48)))
+    start = chance.randrange(len(key) - 4)
+    piece = key[start : chance.randint(start + 4, len(key))]
+    piece = "".join(c.upper() if chance.random() < 0.5 else c.lower() for c in piece)
+    cut = "".join(c + (chance.choice([".", " ", "-", "/", ""]) if chance.random() < 0.3 else "") for c in piece)
+    words = [chance.choice(["access", "denied", "for", "the", "header", "value", "sent"]) for _ in range(6)]
+    words.insert(chance.randint(0, 6), cut)
+    text = " ".join(words)
+    status, body, content_type = chance.choice(
+        [
+            (401, json.dumps({"detail": text}), "application/json"),
+            (403, json.dumps({"title": text}), "application/json"),
+            (404, json.dumps({"detail": text}), "application/json"),
+            (500, json.dumps({"detail": text}), "application/json"),
+            (502, f"<html><body>{text}</body></html>", "text/html"),
+            (422, json.dumps({"detail": text, "violations": [{"propertyPath": text, "message": text}]}), "application/json"),
+            (200, f"<html>{text}</html>", "text/html"),
+        ]
+    )
+
+    assert _leaked(key, status, body, cut, content_type) == set(), (key, text)

@@ -122,6 +122,23 @@ def test_a_truncated_duckdb_file_is_refused_before_the_fetch(harness: Harness, t
     assert snapshot(tmp_path) == before
 
 
+def test_a_file_whose_checkpoint_cut_its_free_blocks_off_the_end_is_not_taken_for_truncated(tmp_path: Path) -> None:
+    # Dropping the last table frees the blocks at the end: the checkpoint cuts them off the
+    # file, and DuckDB, opening it again, still counts them in total_blocks.
+    database = tmp_path / "healthy.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        for table in ("kept", "dropped"):
+            connection.execute(f"CREATE TABLE {table} AS SELECT range AS i, CAST(range AS VARCHAR) AS v FROM range(300000)")
+            connection.execute("CHECKPOINT")
+        connection.execute("DROP TABLE dropped")
+        connection.execute("CHECKPOINT")
+    with duckdb.connect(str(database), read_only=True) as connection:
+        (free,) = connection.execute("SELECT free_blocks FROM pragma_database_size()").fetchone()  # type: ignore[misc]
+    assert free > 0
+
+    check_before_fetch(WarehouseFile(str(database)), "marketing", [])  # does not raise
+
+
 def test_a_sqlite_file_is_refused_without_any_extension_being_fetched(
     harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -143,6 +143,9 @@ def test_settings_come_from_the_environment() -> None:
             " from: communities, contacts, tags, contact_fields, course_resources, memberships, enrollments"
             r" \(unset syncs all\)$",
         ),
+        # Not blank, yet naming nothing: read as blank it would sync everything it meant to restrict.
+        ({"MKT_RESOURCES": ","}, "^MKT_RESOURCES is ',', which names no resource; list the resources to sync"),
+        ({"MKT_RESOURCES": " , ,"}, r"^MKT_RESOURCES is ' , ,', which names no resource; .* \(unset or blank syncs all\)$"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_variable(environment: dict[str, str], message: str) -> None:
@@ -155,14 +158,24 @@ def test_bad_settings_are_refused_naming_the_variable(environment: dict[str, str
     [
         (None, [spec.name for spec in RESOURCES]),
         ("", [spec.name for spec in RESOURCES]),
-        (" , ", [spec.name for spec in RESOURCES]),
+        ("  ", [spec.name for spec in RESOURCES]),
         # Spaces and repeats forgiven; the catalog's order kept whatever the order written.
         (" tags, contacts ,tags", ["contacts", "tags"]),
+        # Any case, spelled as the catalog does.
+        ("Contacts, TAGS,tags", ["contacts", "tags"]),
     ],
 )
 def test_mkt_resources_chooses_the_resources_and_unset_or_empty_means_all(value: str | None, chosen: list[str]) -> None:
     settings = Settings.from_environment({} if value is None else {"MKT_RESOURCES": value})
     assert [spec.name for spec in settings.resource_specs] == chosen
+    assert sorted(settings.resources) == sorted(chosen)  # the catalog's names, each once
+
+
+def test_a_job_syncing_one_resource_says_resource_not_resources() -> None:
+    built = build_definitions(Settings(resources=("tags",)))
+    assert (built.resolve_job_def("marketing_sync").description or "").startswith(
+        "Read every record of the 1 marketing resource synced (tags) and write them"
+    )
 
 
 SUBSET = Settings.from_environment({"MKT_RESOURCES": "contacts,tags"})

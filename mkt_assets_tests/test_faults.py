@@ -241,20 +241,53 @@ def test_a_rejected_key_fails_at_once_naming_mkt_api_key(harness: Harness) -> No
     assert len(harness.contact_requests()) == 1
 
 
-@pytest.mark.parametrize(("status", "detail"), [(403, "Forbidden"), (404, "Not Found")])
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        (403, 'the account cannot read contacts (the API said "Forbidden"); the key is not at fault, so keep it.'),
+        # A server may route before it authenticates: a 404 does not clear the key.
+        (404, 'the account cannot read contacts, or the API serves nothing at this address (the API said "Not Found").'),
+    ],
+)
 def test_a_resource_the_account_cannot_read_fails_at_once_naming_mkt_resources_not_the_key(
-    harness: Harness, status: int, detail: str
+    harness: Harness, status: int, said: str
 ) -> None:
     before = harness.table()
     outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=status, times=-1))
 
     assert_failed_cleanly(harness, outcome, before)
     assert (
-        f'contacts: GET /api/contacts?limit=100&order=asc: HTTP {status}: the account cannot read contacts (the API said "{detail}");'
-        " the key is not at fault, so keep it. Leave contacts out by listing the resources to sync in MKT_RESOURCES"
+        f"contacts: GET /api/contacts?limit=100&order=asc: HTTP {status}: {said}"
+        " Leave contacts out by listing the resources to sync in MKT_RESOURCES"
     ) in outcome.error
     assert "MKT_API_KEY" not in outcome.error and "rejected" not in outcome.error
     assert len(harness.contact_requests()) == 1
+
+
+def test_a_wrong_base_url_is_said_once_naming_mkt_api_base_url_not_once_a_resource_to_leave_out(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = harness.server.base_url + "/v0"  # every path under it answers 404
+    monkeypatch.setenv("MKT_API_BASE_URL", wrong)
+    monkeypatch.setenv("MKT_API_KEY", API_KEY)
+    harness.server.clear_faults()
+    defs = build_definitions(Settings(duckdb_path=harness.database))
+
+    outcome = Outcome(
+        defs.resolve_job_def("marketing_sync").execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False),
+        dg.DagsterInstance.ephemeral(),
+    )
+
+    assert not outcome.result.success
+    (said,) = [line for line in outcome.error.splitlines() if "Every resource this run reads answered HTTP 404" in line]
+    for spec in RESOURCES:
+        assert f"{spec.name}: GET /api/v0{spec.path}" in said
+    assert said.endswith(
+        f"the base URL is probably wrong, not the key nor the account. MKT_API_BASE_URL is {wrong};"
+        " correct it (unset, the API's own address is used) and run again."
+    )
+    assert "cannot read" not in outcome.error and "Leave" not in outcome.error and "To sync the others" not in outcome.error
+    assert API_KEY not in outcome.error
 
 
 WITHOUT_COMMUNITIES = tuple(spec.name for spec in RESOURCES if spec.name not in ("communities", "memberships"))
@@ -279,6 +312,9 @@ def test_an_account_without_communities_syncs_everything_else_once_mkt_resources
     assert not failed.result.success
     assert 'HTTP 403: the account cannot read memberships (the API said "Forbidden")' in failed.error
     assert "MKT_RESOURCES" in failed.error and "MKT_API_KEY" not in failed.error
+    assert 'HTTP 403: the account cannot read communities (the API said "Forbidden")' in failed.error
+    # Both named, and the value to set: the resources chosen now, those two taken out.
+    assert f"To sync the others without communities and memberships: MKT_RESOURCES={','.join(WITHOUT_COMMUNITIES)}" in failed.error
 
     harness.server.reset_log()
     for job in ("marketing_sync", "marketing_incremental"):

@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from mkt_assets.catalog import RESOURCES
 from mkt_assets.definitions import build_definitions
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.settings import Settings
@@ -185,3 +186,32 @@ def test_a_table_is_kept_while_nothing_it_reads_changes_and_rebuilt_when_somethi
     # A table built by another definition of it (an older version of the project) is rebuilt.
     account.query("COMMENT ON TABLE marketing.course_modules IS 'built before definitions were recorded'")
     assert account.run("marketing_incremental")["course_modules"]["rebuilt"] is True
+
+
+def test_tables_left_out_with_contacts_are_rebuilt_from_what_changed_meanwhile_when_contacts_come_back(
+    account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account.run("marketing_sync")
+    tag_id = account.data.tag_ids[0]
+    (tagged,) = account.query(f"SELECT count(*) FROM marketing.contact_tags WHERE tag_id = {tag_id}")
+    assert tagged[0] > 0
+    account.data.rename_tag(tag_id, "renamed while contacts were left out")
+    without_contacts = build_definitions(
+        Settings(duckdb_path=account.database, resources=tuple(spec.name for spec in RESOURCES if spec.name != "contacts"))
+    )
+    result = without_contacts.resolve_job_def("marketing_sync").execute_in_process(instance=account.instance)
+    assert result.success
+    assert account.query(f"SELECT name FROM marketing.tags WHERE id = {tag_id}") == [("renamed while contacts were left out",)]
+
+    back = account.run("marketing_sync")
+
+    # Nothing contact_tags reads changed in this run, but tags did since it was built.
+    assert back["contact_tags"]["rebuilt"] is True and back["contact_profiles"]["rebuilt"] is True
+    assert account.query(f"SELECT DISTINCT tag_name FROM marketing.contact_tags WHERE tag_id = {tag_id}") == [
+        ("renamed while contacts were left out",)
+    ]
+    assert account.query(
+        f"SELECT count(*) FROM marketing.contact_profiles WHERE list_contains(tag_names, 'renamed while contacts were left out')"
+    ) == [tagged]
+    # And once rebuilt, a run with nothing new keeps them again.
+    assert account.run("marketing_sync")["contact_tags"]["rebuilt"] is False

@@ -368,6 +368,13 @@ class SandboxData:
             self._contact_ids.pop(index)  # a memmove: fine for a test mutation, even at 1M
             self._tag_overrides.pop(contact_id, None)
 
+    def rename_tag(self, tag_id: int, name: str) -> None:
+        """Rename a tag's own record; the contacts keep the name their lists embed, so only a
+        read of the tags sees it (what contact_tags takes the current name from)."""
+        with self._lock:
+            (tag,) = [tag for tag in self._tags if tag["id"] == tag_id]
+            tag["name"] = name
+
     def set_contact_tags(self, contact_id: int, tag_ids: Sequence[int]) -> None:
         """Replace a contact's tags (the kind of change only a full re-read can see)."""
         unknown = [tag_id for tag_id in tag_ids if tag_id not in self._tag_names]
