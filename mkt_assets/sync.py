@@ -20,7 +20,7 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.client import MarketingApiClient
 from mkt_assets.commit import RunCommit, commit_run
-from mkt_assets.errors import SyncError
+from mkt_assets.errors import SyncError, is_retriable
 from mkt_assets.normalized_tables import NormalizedTable
 from mkt_assets.staging import PageStager, StagedBatch
 from mkt_assets.transport import RequestStats, Stop, Stopped
@@ -90,6 +90,8 @@ class FetchFailed(SyncError):
 
     def __init__(self, failures: Mapping[str, BaseException], fetched: Sequence[str], stopped: Sequence[str]) -> None:
         self.failures = dict(failures)
+        # A retry reads every resource again: it can only succeed if each failure may pass.
+        self.retriable = all(is_retriable(error) for error in self.failures.values())
         lines = [str(error) for error in failures.values()]
         others = []
         if fetched:

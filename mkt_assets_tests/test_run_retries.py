@@ -1,0 +1,236 @@
+"""Dagster retries a failed sync by itself, later, and only when running it again can mend what
+failed: the jobs' run-retry tags, the project's instance settings, which error is which, and the
+instance's own decision (the ``dagster/will_retry`` tag the daemon acts on) for real runs of the
+real job against the simulator."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from mkt_assets.catalog import RESOURCES_BY_NAME
+from mkt_assets.commit import MissingTableError
+from mkt_assets.definitions import build_definitions
+from mkt_assets.errors import (
+    ApiAccessError,
+    ApiAuthError,
+    ApiConnectionError,
+    ApiError,
+    ApiResponseError,
+    ApiStatusError,
+    ApiValidationError,
+    ConfigurationError,
+    ForeignTableError,
+    MassDeletion,
+    MassDeletionError,
+    PaginationError,
+    PrivateDirectoryError,
+    PrivateFileError,
+    StagingError,
+    SyncError,
+    WarehouseBusyError,
+    WarehouseFileError,
+    WarehouseWriteError,
+    is_retriable,
+)
+from mkt_assets.run_retries import (
+    MAX_RETRIES_TAG,
+    MAX_RETRY_DELAY_SECONDS,
+    NOT_RETRIED_TAG,
+    can_mend,
+    retry_delay,
+)
+from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
+from mkt_assets.settings import Settings
+from mkt_assets.sync import FetchFailed
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "retry-secret-71b4c2"
+WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance as a run's failure is stored
+CONTACTS_PATH = "/api/contacts"
+
+
+def project_instance_settings() -> dict[str, object]:
+    return yaml.safe_load((REPO / "dagster.yaml").read_text())
+
+
+def test_both_jobs_carry_the_run_retry_tags_of_the_settings(tmp_path: Path) -> None:
+    defs = build_definitions(Settings(duckdb_path=str(tmp_path / "w.duckdb"), run_retries=5))
+    for name in ("marketing_sync", "marketing_incremental"):
+        tags = defs.resolve_job_def(name).run_tags
+        assert tags[MAX_RETRIES_TAG] == "5"
+        # The whole (one-step) sync again, which resumes: "from failure" has nothing to run when
+        # the step succeeded and the run died after it.
+        assert tags["dagster/retry_strategy"] == "ALL_STEPS"
+    assert build_definitions(Settings(duckdb_path=str(tmp_path / "w.duckdb"))).resolve_job_def(
+        "marketing_sync"
+    ).run_tags[MAX_RETRIES_TAG] == "3"
+
+
+def test_the_retry_settings_come_from_the_environment_and_refuse_what_makes_no_sense() -> None:
+    settings = Settings.from_environment({"MKT_RUN_RETRIES": "0", "MKT_RUN_RETRY_DELAY_SECONDS": "30"})
+    assert (settings.run_retries, settings.run_retry_delay_seconds) == (0, 30.0)
+    with pytest.raises(ConfigurationError, match="MKT_RUN_RETRIES must be a whole number, got '2.5'"):
+        Settings.from_environment({"MKT_RUN_RETRIES": "2.5"})
+    with pytest.raises(ConfigurationError, match=r"MKT_RUN_RETRIES must be 0 \(never retried\) or more, got -1"):
+        Settings.from_environment({"MKT_RUN_RETRIES": "-1"})
+    with pytest.raises(ConfigurationError, match="MKT_RUN_RETRY_DELAY_SECONDS must be zero or more"):
+        Settings.from_environment({"MKT_RUN_RETRY_DELAY_SECONDS": "-5"})
+
+
+def test_each_retry_waits_twice_as_long_as_the_one_before_up_to_half_an_hour() -> None:
+    settings = Settings(run_retry_delay_seconds=120)
+    assert [retry_delay(settings, number) for number in (1, 2, 3)] == [120, 240, 480]
+    # A 10-minute outage that fails a run is over before the third retry of three starts.
+    assert sum(retry_delay(settings, number) for number in (1, 2, 3)) > 600
+    assert retry_delay(settings, 10) == MAX_RETRY_DELAY_SECONDS
+
+
+def test_the_projects_instance_settings_turn_run_retries_on_for_the_jobs_alone(tmp_path: Path) -> None:
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    assert instance.run_retries_enabled
+    # The bound is the jobs' own tag: a run without it (another job's) is not retried.
+    assert instance.run_retries_max_retries == 0
+    assert instance.run_retries_retry_on_asset_or_op_failure
+    # The daemon that retries runs is among those dg dev / dagster-daemon start for this instance.
+    assert "EVENT_LOG_CONSUMER" in instance.get_required_daemon_types()
+
+
+def api_error(cls: type[ApiError], *args: object) -> ApiError:
+    return cls("contacts", CONTACTS_PATH, {"limit": 100}, *args)  # type: ignore[arg-type]
+
+
+def status_error(status: int) -> ApiStatusError:
+    return ApiStatusError("contacts", CONTACTS_PATH, None, status, f"HTTP {status}")
+
+
+OUTAGE = status_error(503)
+REJECTED = api_error(ApiAuthError, "HTTP 401: the API key was rejected")
+# Every error the project raises, and whether a retry may mend it.
+CLASSIFIED: list[tuple[SyncError, bool]] = [
+    (ConfigurationError("MKT_DELETIONS must be 'mark' or 'delete'"), False),
+    (PrivateDirectoryError("not yours"), False),
+    (PrivateFileError("not yours"), False),
+    (WarehouseFileError("not a DuckDB database"), False),
+    (ForeignTableError("not created by mkt_assets"), False),
+    (api_error(ApiError, "redirected to another origin"), False),
+    (REJECTED, False),
+    (ApiAccessError("memberships", "/api/community/memberships", None, 403, "HTTP 403"), False),
+    (ApiValidationError("contacts", CONTACTS_PATH, None, [], "bad startingAfter"), False),
+    (api_error(ApiResponseError, "page 3: the body has no 'items'"), False),
+    (api_error(PaginationError, "the cursor did not advance"), False),
+    (StagingError("record 51 cannot hold 'yesterday'"), False),
+    (MassDeletionError((MassDeletion("marketing.contacts", 0, 50, 50, "mark"),), 0.1, 5), False),
+    (MissingTableError("contact_tags reads contacts, never synced"), False),
+    (FetchFailed({"contacts": OUTAGE, "tags": REJECTED}, [], []), False),
+    (OUTAGE, True),
+    (status_error(429), True),
+    (status_error(500), True),
+    (api_error(ApiConnectionError, "no complete answer: ConnectionResetError"), True),
+    (WarehouseBusyError("stayed locked"), True),
+    (WarehouseWriteError("No space left on device"), True),
+    (FetchFailed({"contacts": OUTAGE, "tags": api_error(ApiConnectionError, "timed out")}, ["communities"], []), True),
+]
+
+
+def every_subclass(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in {direct, *every_subclass(direct)}}
+
+
+def test_every_error_the_project_raises_is_either_retriable_or_not() -> None:
+    assert {type(error) for error, _ in CLASSIFIED} == every_subclass(SyncError)
+    assert [(type(error).__name__, is_retriable(error)) for error, _ in CLASSIFIED] == [
+        (type(error).__name__, retriable) for error, retriable in CLASSIFIED
+    ]
+    assert status_error(400).retriable is False  # any other status fails a retry alike
+
+
+def test_a_failure_the_step_says_must_not_be_retried_is_not_and_anything_unforeseen_is() -> None:
+    assert not can_mend(dg.Failure(description="No API key: set MKT_API_KEY", allow_retries=False))
+    assert can_mend(dg.Failure(description="something else"))
+    assert can_mend(KeyError("a bug may be a crash that passes"))
+    assert can_mend(dg.DagsterExecutionInterruptedError())  # SIGTERM: the run ends Failure
+    assert can_mend(None)
+
+
+# ------------------------------------------------- the instance's decision, for runs of the real job
+
+
+@pytest.fixture()
+def simulator() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxData(seed=4, contacts=250), api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture()
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test(overrides={"run_retries": project_instance_settings()["run_retries"]}) as made:
+        yield made
+
+
+def run_the_job(
+    server: SandboxServer, instance: dg.DagsterInstance, database: Path, tags: dict[str, str] | None = None
+) -> dg.DagsterRun:
+    """A run of marketing_sync (contacts alone), as the daemon would see it once it ended."""
+    settings = Settings(duckdb_path=str(database), resources=("contacts",))
+    job = build_definitions(settings).resolve_job_def("marketing_sync")
+    api = {"base_url": server.base_url, "api_key": API_KEY, "backoff_factor": 0, "order": "asc"}
+    result = job.execute_in_process(
+        run_config={"resources": {"marketing_api": {"config": api}}},
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
+    )
+    run = instance.get_run_by_id(result.run_id)
+    assert run is not None
+    return run
+
+
+def test_a_sync_failed_by_an_outage_is_left_for_the_daemon_to_retry(
+    simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=-1))
+    run = run_the_job(simulator, instance, tmp_path / "w.duckdb")
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("true", "3")
+    assert NOT_RETRIED_TAG not in run.tags
+
+
+def test_a_sync_failed_by_a_rejected_key_is_not_retried_and_says_so(
+    simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=401, times=-1))
+    run = run_the_job(simulator, instance, tmp_path / "w.duckdb")
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG], run.tags[NOT_RETRIED_TAG]) == ("false", "0", run.run_id)
+    said = [entry.user_message for entry in instance.all_logs(run.run_id) if "Not retried automatically" in entry.user_message]
+    assert said == [
+        "Not retried automatically: running the sync again would fail the same way (contacts: ApiAuthError)."
+        " Do what the error says, then launch the sync again."
+    ]
+
+
+def test_a_mass_deletion_refused_is_not_retried(simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    database = tmp_path / "w.duckdb"
+    assert run_the_job(simulator, instance, database).status == dg.DagsterRunStatus.SUCCESS
+    # An outage answering an empty list: the refusal is the IO manager's, after the step's body.
+    simulator.add_fault(Fault("empty", path=CONTACTS_PATH, times=-1))
+    run = run_the_job(simulator, instance, database)
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("false", "0")
+
+
+def test_a_run_re_executed_from_one_not_retried_is_retried_again_on_an_outage(
+    simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=-1))
+    # The UI's Re-execute copies the failed run's tags, its 0 retries among them.
+    inherited = {MAX_RETRIES_TAG: "0", NOT_RETRIED_TAG: "the-run-a-401-failed"}
+    run = run_the_job(simulator, instance, tmp_path / "w.duckdb", tags=inherited)
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("true", "3")
