@@ -40,6 +40,9 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
     settings = settings or Settings()
     chosen = settings.resource_specs
     incremental_resources = [spec.name for spec in chosen if spec.incremental]
+    # As the job's tags, not run_tags alone: `dagster job launch` and every re-execution take
+    # a run's tags from the former, schedules and the launchpad from the latter, which
+    # defaults to them.
     full = dg.define_asset_job(
         FULL_JOB,
         selection=selection,
@@ -48,7 +51,7 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
             " and write them, with the rebuilt normalized tables, in one DuckDB transaction, marking what is gone upstream."
         ),
         executor_def=dg.in_process_executor,
-        run_tags=run_retry_tags(settings),
+        tags=run_retry_tags(settings),
     )
     newer = (
         f"Read only the records newer than the newest stored of the resources that allow it ({', '.join(incremental_resources)}), the others in full,"
@@ -63,7 +66,7 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
             + (" Sees no changes to older records of those." if incremental_resources else "")
         ),
         executor_def=dg.in_process_executor,
-        run_tags=run_retry_tags(settings),
+        tags=run_retry_tags(settings),
         config={"ops": {STEP_NAME: {"config": {"incremental": True}}}},
     )
     return [full, incremental]

@@ -97,12 +97,16 @@ def before_the_run(context: dg.AssetExecutionContext, settings: Settings) -> Non
     parent = context.instance.get_run_record_by_id(run.parent_run_id) if run.parent_run_id else None
     ended = parent.end_time if parent is not None and parent.end_time is not None else time.time()
     remaining = ended + delay - time.time()
+    why = (
+        f"{delay:g} s after it failed (MKT_RUN_RETRY_DELAY_SECONDS = {settings.run_retry_delay_seconds:g},"
+        " doubled for each retry after the first), so that what failed it has time to pass"
+    )
     if remaining <= 0:
+        context.log.info(f"Automatic retry {number} of run {run.parent_run_id}: starting at once, past {why}.")
         return
     context.log.info(
-        f"Automatic retry {number} of run {run.parent_run_id}: waiting {remaining:.0f} s before the first request, so"
-        f" that what failed it has time to pass ({delay:g} s after it failed: MKT_RUN_RETRY_DELAY_SECONDS"
-        f" = {settings.run_retry_delay_seconds:g}, doubled for each retry after the first)."
+        f"Automatic retry {number} of run {run.parent_run_id}: waiting {remaining:.0f} s before the first request,"
+        f" until {why}."
     )
     # Terminate interrupts the wait like any other part of the step.
     time.sleep(remaining)

@@ -5,8 +5,13 @@ real job against the simulator."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -48,11 +53,13 @@ from mkt_assets.run_retries import (
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
 from mkt_assets.sync import FetchFailed
+from mkt_assets_tests.test_ui import DAILY_CRON, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "retry-secret-71b4c2"
 WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance as a run's failure is stored
 CONTACTS_PATH = "/api/contacts"
+BIN = Path(sys.executable).parent
 
 
 def project_instance_settings() -> dict[str, object]:
@@ -62,11 +69,13 @@ def project_instance_settings() -> dict[str, object]:
 def test_both_jobs_carry_the_run_retry_tags_of_the_settings(tmp_path: Path) -> None:
     defs = build_definitions(Settings(duckdb_path=str(tmp_path / "w.duckdb"), run_retries=5))
     for name in ("marketing_sync", "marketing_incremental"):
-        tags = defs.resolve_job_def(name).run_tags
-        assert tags[MAX_RETRIES_TAG] == "5"
-        # The whole (one-step) sync again, which resumes: "from failure" has nothing to run when
-        # the step succeeded and the run died after it.
-        assert tags["dagster/retry_strategy"] == "ALL_STEPS"
+        job = defs.resolve_job_def(name)
+        # Both: a schedule takes a run's tags from run_tags, `dagster job launch` from tags.
+        for tags in (job.tags, job.run_tags):
+            assert tags[MAX_RETRIES_TAG] == "5"
+            # The whole (one-step) sync again, which resumes: "from failure" has nothing to run
+            # when the step succeeded and the run died after it.
+            assert tags["dagster/retry_strategy"] == "ALL_STEPS"
     assert build_definitions(Settings(duckdb_path=str(tmp_path / "w.duckdb"))).resolve_job_def(
         "marketing_sync"
     ).run_tags[MAX_RETRIES_TAG] == "3"
@@ -234,3 +243,104 @@ def test_a_run_re_executed_from_one_not_retried_is_retried_again_on_an_outage(
     inherited = {MAX_RETRIES_TAG: "0", NOT_RETRIED_TAG: "the-run-a-401-failed"}
     run = run_the_job(simulator, instance, tmp_path / "w.duckdb", tags=inherited)
     assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("true", "3")
+
+
+# ----------------------------------------------------------------------- with the real daemon
+
+DAEMON_DEADLINE_SECONDS = 180.0
+# Longer than a retry takes to start (so the step does wait), short enough for a short test.
+TEST_RETRY_DELAY_SECONDS = 8.0
+
+
+def wait_for(what: str, condition: Callable[[], bool], log: Path) -> None:
+    """Poll ``condition`` until it holds, failing with the daemon's log past the deadline."""
+    deadline = time.monotonic() + DAEMON_DEADLINE_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+            pytest.fail(f"{what}: not within {DAEMON_DEADLINE_SECONDS:.0f}s; the daemon's log ends:\n{tail}")
+        time.sleep(0.5)  # polling another process's state, with a deadline
+
+
+@pytest.mark.slow
+def test_the_daemon_retries_a_sync_failed_by_an_outage_after_a_wait_and_not_one_failed_by_a_rejected_key(
+    simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    log = tmp_path / "daemon.log"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
+    environment.update(
+        DAGSTER_HOME=str(home),
+        MKT_API_BASE_URL=simulator.base_url,
+        MKT_API_KEY=API_KEY,
+        MKT_DUCKDB_PATH=str(tmp_path / "retried.duckdb"),
+        MKT_RESOURCES="contacts",
+        MKT_RUN_RETRY_DELAY_SECONDS=str(TEST_RETRY_DELAY_SECONDS),
+        # The schedules never fire during the test.
+        MKT_SYNC_CRON=DAILY_CRON,
+        MKT_INCREMENTAL_CRON=DAILY_CRON,
+        # The retry daemon looks for failed runs every second instead of every five.
+        DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = dg.DagsterInstance.get()
+    # One ascending walk with no backoff: a fault's count is the requests of one run.
+    config = json.dumps({"resources": {"marketing_api": {"config": {"backoff_factor": 0, "order": "asc"}}}})
+
+    def launch(run_id: str) -> None:
+        subprocess.run(
+            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync",
+             "--run-id", run_id, "--config-json", config],
+            cwd=home, env=environment, check=True, capture_output=True, timeout=DAEMON_DEADLINE_SECONDS,
+        )  # fmt: skip
+
+    def run(run_id: str) -> dg.DagsterRun:
+        found = instance.get_run_by_id(run_id)
+        assert found is not None
+        return found
+
+    def ended(run_id: str) -> bool:
+        found = instance.get_run_by_id(run_id)
+        return found is not None and found.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+
+    rejected, outage = "7d2e0c41-0000-4000-8000-000000000001", "7d2e0c41-0000-4000-8000-000000000002"
+    with open(log, "wb") as output:
+        daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=home, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=401, times=-1))
+        launch(rejected)
+        wait_for("the run with the rejected key failed", lambda: ended(rejected), log)
+        assert run(rejected).status == dg.DagsterRunStatus.FAILURE
+
+        # An outage longer than one run's own retries (a request and 3 retries), over by the retry.
+        simulator.clear_faults()
+        simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=4))
+        launch(outage)
+        wait_for("the run in the outage failed", lambda: ended(outage), log)
+        assert run(outage).status == dg.DagsterRunStatus.FAILURE
+        wait_for("the daemon retried it", lambda: "dagster/auto_retry_run_id" in run(outage).tags, log)
+        retry = run(outage).tags["dagster/auto_retry_run_id"]
+        wait_for("the retry ended", lambda: ended(retry), log)
+    finally:
+        stop_process_group(daemon)  # type: ignore[arg-type]
+
+    assert run(retry).status == dg.DagsterRunStatus.SUCCESS
+    assert (run(retry).parent_run_id, run(retry).tags["dagster/retry_number"]) == (outage, "1")
+    # The retry waited the delay after the failure before its first request.
+    failed_at = instance.get_run_record_by_id(outage).end_time  # type: ignore[union-attr]
+    assert failed_at is not None
+    first_request = min(a.at for a in simulator.arrivals if a.path == CONTACTS_PATH and a.at > failed_at)
+    assert first_request >= failed_at + TEST_RETRY_DELAY_SECONDS
+    waited = [e.user_message for e in instance.all_logs(retry) if e.user_message.startswith("Automatic retry 1 of run")]
+    assert len(waited) == 1 and f"run {outage}: waiting" in waited[0]
+    # The daemon weighed the rejected run's failure before the later one: it was not retried.
+    assert run(rejected).tags[WILL_RETRY_TAG] == "false"
+    assert "dagster/auto_retry_run_id" not in run(rejected).tags
+    assert [r.run_id for r in instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": rejected}))] == []
