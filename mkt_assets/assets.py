@@ -46,6 +46,7 @@ from mkt_assets.commit import RunCommit, check_before_fetch, newest_keys, run_ta
 from mkt_assets.errors import ConfigurationError, WarehouseFileError
 from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.run_retries import before_the_run, no_retry_that_cannot_mend
 from mkt_assets.schedules import FULL_JOB
 from mkt_assets.settings import Settings
 from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
@@ -197,6 +198,8 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         check_specs=check_specs(settings),
         can_subset=True,
         pool=warehouse_pool(settings.duckdb_path),
+        # On the step, not the jobs: a run of the asset graph's own job is judged the same way.
+        hooks={no_retry_that_cannot_mend},
     )
     def sync_marketing(
         context: dg.AssetExecutionContext,
@@ -204,6 +207,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         marketing_api: MarketingApiResource,
         warehouse: WarehouseResource,
     ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
+        before_the_run(context, settings)
         selected = context.selected_asset_keys
         # Reported after what they reference, as Dagster asks of one step's outputs.
         resources = referenced_first(spec for spec in chosen if asset_key(spec) in selected)

@@ -39,6 +39,12 @@ concurrency:
   pools:
     granularity: run
     default_limit: 1
+# The daemon retries a failed sync (the jobs say how often: MKT_RUN_RETRIES), unless a retry
+# cannot mend its failure; runs of other jobs are not retried.
+run_retries:
+  enabled: true
+  max_retries: 0
+  retry_on_asset_or_op_failure: true
 """
 
 

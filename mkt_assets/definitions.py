@@ -23,6 +23,7 @@ from mkt_assets.resource import (
     WarehouseResource,
     check_base_url,
 )
+from mkt_assets.run_retries import run_retry_tags
 from mkt_assets.schedules import FULL_JOB, INCREMENTAL_JOB, build_schedules
 from mkt_assets.settings import Settings
 from mkt_assets.warehouse import database_path
@@ -36,8 +37,12 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
     # One step in the run's own process: every resource is fetched in a thread of its own and
     # the DuckDB work runs in lean workers, so a step process per asset would only add Dagster's
     # start-up (a second or more each) to every run.
-    chosen = (settings or Settings()).resource_specs
+    settings = settings or Settings()
+    chosen = settings.resource_specs
     incremental_resources = [spec.name for spec in chosen if spec.incremental]
+    # As the job's tags, not run_tags alone: `dagster job launch` and every re-execution take
+    # a run's tags from the former, schedules and the launchpad from the latter, which
+    # defaults to them.
     full = dg.define_asset_job(
         FULL_JOB,
         selection=selection,
@@ -47,6 +52,7 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
             " and write them, with the rebuilt normalized tables, in one DuckDB transaction, marking what is gone upstream."
         ),
         executor_def=dg.in_process_executor,
+        tags=run_retry_tags(settings),
     )
     newer = (
         f"Read only the records newer than the newest stored of the resources that allow it ({', '.join(incremental_resources)}), the others in full,"
@@ -61,6 +67,7 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
             + (" Sees no changes to older records of those." if incremental_resources else "")
         ),
         executor_def=dg.in_process_executor,
+        tags=run_retry_tags(settings),
         config={"ops": {STEP_NAME: {"config": {"incremental": True}}}},
     )
     return [full, incremental]

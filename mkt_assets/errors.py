@@ -18,6 +18,17 @@ def describe_request(path: str, query: Mapping[str, object] | None = None) -> st
 class SyncError(Exception):
     """Base of every error this project raises on purpose."""
 
+    # Whether the same sync, run again a while later, may succeed (an outage ends, a lock is let
+    # go), or would fail the same way until someone acts (a key, a setting, a record): Dagster's
+    # run retries skip the latter (see ``run_retries``). Each type says which.
+    retriable: bool = False
+
+
+def is_retriable(error: BaseException) -> bool:
+    """Whether running the sync again later may mend ``error``. What the project does not raise
+    on purpose (a crash, a killed worker, an interrupt) may well pass, as Dagster assumes."""
+    return error.retriable if isinstance(error, SyncError) else True
+
 
 class ConfigurationError(SyncError):
     """A setting is missing or invalid."""
@@ -60,6 +71,9 @@ class ApiStatusError(ApiError):
         problem: str,
     ) -> None:
         self.status = status
+        # 429 and 5xx fail a run only once the transport's own retries are spent: an overloaded
+        # or unavailable API, which passes. Any other status answers a retry the same way.
+        self.retriable = status == 429 or status >= 500
         super().__init__(resource, path, query, problem)
 
 
@@ -113,6 +127,8 @@ class ApiValidationError(ApiStatusError):
 class ApiConnectionError(ApiError):
     """The request never got a complete answer: refused, reset, timed out."""
 
+    retriable = True
+
 
 class ApiResponseError(ApiError):
     """A 200 whose body is not a page of records as the API documents it."""
@@ -129,9 +145,13 @@ class StagingError(SyncError):
 class WarehouseBusyError(SyncError):
     """The DuckDB file stayed locked by a process that does not take our lock."""
 
+    retriable = True  # the session holding it may close
+
 
 class WarehouseWriteError(SyncError):
     """A write to the DuckDB file failed on a file (a full disk, a staged chunk gone): rolled back."""
+
+    retriable = True  # space may be freed; a retry stages its pages anew
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ class Settings:
     # The resources both jobs sync (catalog names); the others are not in the definitions at
     # all, so an account whose plan lacks one can still sync the rest.
     resources: tuple[str, ...] = tuple(spec.name for spec in RESOURCES)
+    # How many times the daemon retries a failed run of the jobs, and how long the first retry
+    # waits after the failure (doubled for each retry after it; see ``run_retries``).
+    run_retries: int = 3
+    run_retry_delay_seconds: float = 120.0
 
     def __post_init__(self) -> None:
         try:
@@ -64,6 +68,10 @@ class Settings:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
         if self.duckdb_wait_seconds < 0:
             raise ConfigurationError("MKT_DUCKDB_WAIT_SECONDS must be zero or more")
+        if self.run_retries < 0:
+            raise ConfigurationError(f"MKT_RUN_RETRIES must be 0 (never retried) or more, got {self.run_retries}")
+        if self.run_retry_delay_seconds < 0:
+            raise ConfigurationError("MKT_RUN_RETRY_DELAY_SECONDS must be zero or more")
         unknown = [name for name in self.resources if name not in RESOURCES_BY_NAME]
         if unknown or not self.resources:
             problem = f"unknown resource{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}" if unknown else "no resource"
@@ -90,6 +98,15 @@ class Settings:
                 return float(raw)
             except ValueError:
                 raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+
+        def whole(name: str, default: int) -> int:
+            raw = (env.get(name) or "").strip()
+            if not raw:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigurationError(f"{name} must be a whole number, got {raw!r}") from None
 
         def switch(name: str, default: bool) -> bool:
             raw = (env.get(name) or "").strip().lower()
@@ -120,6 +137,8 @@ class Settings:
             duckdb_memory_limit=env.get("MKT_DUCKDB_MEMORY_LIMIT") or defaults.duckdb_memory_limit,
             duckdb_wait_seconds=number("MKT_DUCKDB_WAIT_SECONDS", defaults.duckdb_wait_seconds),
             resources=chosen or defaults.resources,
+            run_retries=whole("MKT_RUN_RETRIES", defaults.run_retries),
+            run_retry_delay_seconds=number("MKT_RUN_RETRY_DELAY_SECONDS", defaults.run_retry_delay_seconds),
         )
 
 

@@ -20,7 +20,7 @@ from mkt_assets.catalog import ResourceSpec
 from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.client import MarketingApiClient
 from mkt_assets.commit import RunCommit, commit_run
-from mkt_assets.errors import ApiAccessError, SyncError, describe_request
+from mkt_assets.errors import ApiAccessError, SyncError, describe_request, is_retriable
 from mkt_assets.normalized_tables import NormalizedTable
 from mkt_assets.staging import PageStager, StagedBatch
 from mkt_assets.transport import RequestStats, Stop, Stopped
@@ -104,6 +104,8 @@ class FetchFailed(SyncError):
         chosen: Sequence[str] = (),
     ) -> None:
         self.failures = dict(failures)
+        # A retry reads every resource again: it can only succeed if each failure may pass.
+        self.retriable = all(is_retriable(error) for error in self.failures.values())
         said = _wrong_base_url(failures, [*failures, *fetched, *stopped])
         # Then the resources' own errors, each advising to leave one out, would mislead.
         self.wrong_base_url = bool(said)

@@ -1,0 +1,346 @@
+"""Dagster retries a failed sync by itself, later, and only when running it again can mend what
+failed: the jobs' run-retry tags, the project's instance settings, which error is which, and the
+instance's own decision (the ``dagster/will_retry`` tag the daemon acts on) for real runs of the
+real job against the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from mkt_assets.catalog import RESOURCES_BY_NAME
+from mkt_assets.commit import MissingTableError
+from mkt_assets.definitions import build_definitions
+from mkt_assets.errors import (
+    ApiAccessError,
+    ApiAuthError,
+    ApiConnectionError,
+    ApiError,
+    ApiResponseError,
+    ApiStatusError,
+    ApiValidationError,
+    ConfigurationError,
+    ForeignTableError,
+    MassDeletion,
+    MassDeletionError,
+    PaginationError,
+    PrivateDirectoryError,
+    PrivateFileError,
+    StagingError,
+    SyncError,
+    WarehouseBusyError,
+    WarehouseFileError,
+    WarehouseWriteError,
+    is_retriable,
+)
+from mkt_assets.run_retries import (
+    MAX_RETRIES_TAG,
+    MAX_RETRY_DELAY_SECONDS,
+    NOT_RETRIED_TAG,
+    can_mend,
+    retry_delay,
+)
+from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
+from mkt_assets.settings import Settings
+from mkt_assets.sync import FetchFailed
+from mkt_assets_tests.test_ui import DAILY_CRON, stop_process_group
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "retry-secret-71b4c2"
+WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance as a run's failure is stored
+CONTACTS_PATH = "/api/contacts"
+BIN = Path(sys.executable).parent
+
+
+def project_instance_settings() -> dict[str, object]:
+    return yaml.safe_load((REPO / "dagster.yaml").read_text())
+
+
+def test_both_jobs_carry_the_run_retry_tags_of_the_settings(tmp_path: Path) -> None:
+    defs = build_definitions(Settings(duckdb_path=str(tmp_path / "w.duckdb"), run_retries=5))
+    for name in ("marketing_sync", "marketing_incremental"):
+        job = defs.resolve_job_def(name)
+        # Both: a schedule takes a run's tags from run_tags, `dagster job launch` from tags.
+        for tags in (job.tags, job.run_tags):
+            assert tags[MAX_RETRIES_TAG] == "5"
+            # The whole (one-step) sync again, which resumes: "from failure" has nothing to run
+            # when the step succeeded and the run died after it.
+            assert tags["dagster/retry_strategy"] == "ALL_STEPS"
+    assert build_definitions(Settings(duckdb_path=str(tmp_path / "w.duckdb"))).resolve_job_def(
+        "marketing_sync"
+    ).run_tags[MAX_RETRIES_TAG] == "3"
+
+
+def test_the_retry_settings_come_from_the_environment_and_refuse_what_makes_no_sense() -> None:
+    settings = Settings.from_environment({"MKT_RUN_RETRIES": "0", "MKT_RUN_RETRY_DELAY_SECONDS": "30"})
+    assert (settings.run_retries, settings.run_retry_delay_seconds) == (0, 30.0)
+    with pytest.raises(ConfigurationError, match="MKT_RUN_RETRIES must be a whole number, got '2.5'"):
+        Settings.from_environment({"MKT_RUN_RETRIES": "2.5"})
+    with pytest.raises(ConfigurationError, match=r"MKT_RUN_RETRIES must be 0 \(never retried\) or more, got -1"):
+        Settings.from_environment({"MKT_RUN_RETRIES": "-1"})
+    with pytest.raises(ConfigurationError, match="MKT_RUN_RETRY_DELAY_SECONDS must be zero or more"):
+        Settings.from_environment({"MKT_RUN_RETRY_DELAY_SECONDS": "-5"})
+
+
+def test_each_retry_waits_twice_as_long_as_the_one_before_up_to_half_an_hour() -> None:
+    settings = Settings(run_retry_delay_seconds=120)
+    assert [retry_delay(settings, number) for number in (1, 2, 3)] == [120, 240, 480]
+    # A 10-minute outage that fails a run is over before the third retry of three starts.
+    assert sum(retry_delay(settings, number) for number in (1, 2, 3)) > 600
+    assert retry_delay(settings, 10) == MAX_RETRY_DELAY_SECONDS
+
+
+def test_the_projects_instance_settings_turn_run_retries_on_for_the_jobs_alone(tmp_path: Path) -> None:
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    assert instance.run_retries_enabled
+    # The bound is the jobs' own tag: a run without it (another job's) is not retried.
+    assert instance.run_retries_max_retries == 0
+    assert instance.run_retries_retry_on_asset_or_op_failure
+    # The daemon that retries runs is among those dg dev / dagster-daemon start for this instance.
+    assert "EVENT_LOG_CONSUMER" in instance.get_required_daemon_types()
+
+
+def api_error(cls: type[ApiError], *args: object) -> ApiError:
+    return cls("contacts", CONTACTS_PATH, {"limit": 100}, *args)  # type: ignore[arg-type]
+
+
+def status_error(status: int) -> ApiStatusError:
+    return ApiStatusError("contacts", CONTACTS_PATH, None, status, f"HTTP {status}")
+
+
+OUTAGE = status_error(503)
+REJECTED = api_error(ApiAuthError, "HTTP 401: the API key was rejected")
+# Every error the project raises, and whether a retry may mend it.
+CLASSIFIED: list[tuple[SyncError, bool]] = [
+    (ConfigurationError("MKT_DELETIONS must be 'mark' or 'delete'"), False),
+    (PrivateDirectoryError("not yours"), False),
+    (PrivateFileError("not yours"), False),
+    (WarehouseFileError("not a DuckDB database"), False),
+    (ForeignTableError("not created by mkt_assets"), False),
+    (api_error(ApiError, "redirected to another origin"), False),
+    (REJECTED, False),
+    (ApiAccessError("memberships", "/api/community/memberships", None, 403, "HTTP 403"), False),
+    (ApiValidationError("contacts", CONTACTS_PATH, None, [], "bad startingAfter"), False),
+    (api_error(ApiResponseError, "page 3: the body has no 'items'"), False),
+    (api_error(PaginationError, "the cursor did not advance"), False),
+    (StagingError("record 51 cannot hold 'yesterday'"), False),
+    (MassDeletionError((MassDeletion("marketing.contacts", 0, 50, 50, "mark"),), 0.1, 5), False),
+    (MissingTableError("contact_tags reads contacts, never synced"), False),
+    (FetchFailed({"contacts": OUTAGE, "tags": REJECTED}, [], []), False),
+    (OUTAGE, True),
+    (status_error(429), True),
+    (status_error(500), True),
+    (api_error(ApiConnectionError, "no complete answer: ConnectionResetError"), True),
+    (WarehouseBusyError("stayed locked"), True),
+    (WarehouseWriteError("No space left on device"), True),
+    (FetchFailed({"contacts": OUTAGE, "tags": api_error(ApiConnectionError, "timed out")}, ["communities"], []), True),
+]
+
+
+def every_subclass(cls: type) -> set[type]:
+    return {sub for direct in cls.__subclasses__() for sub in {direct, *every_subclass(direct)}}
+
+
+def test_every_error_the_project_raises_is_either_retriable_or_not() -> None:
+    assert {type(error) for error, _ in CLASSIFIED} == every_subclass(SyncError)
+    assert [(type(error).__name__, is_retriable(error)) for error, _ in CLASSIFIED] == [
+        (type(error).__name__, retriable) for error, retriable in CLASSIFIED
+    ]
+    assert status_error(400).retriable is False  # any other status fails a retry alike
+
+
+def test_a_failure_the_step_says_must_not_be_retried_is_not_and_anything_unforeseen_is() -> None:
+    assert not can_mend(dg.Failure(description="No API key: set MKT_API_KEY", allow_retries=False))
+    assert can_mend(dg.Failure(description="something else"))
+    assert can_mend(KeyError("a bug may be a crash that passes"))
+    assert can_mend(dg.DagsterExecutionInterruptedError())  # SIGTERM: the run ends Failure
+    assert can_mend(None)
+
+
+# ------------------------------------------------- the instance's decision, for runs of the real job
+
+
+@pytest.fixture()
+def simulator() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxData(seed=4, contacts=250), api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture()
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test(overrides={"run_retries": project_instance_settings()["run_retries"]}) as made:
+        yield made
+
+
+def run_the_job(
+    server: SandboxServer, instance: dg.DagsterInstance, database: Path, tags: dict[str, str] | None = None
+) -> dg.DagsterRun:
+    """A run of marketing_sync (contacts alone), as the daemon would see it once it ended."""
+    settings = Settings(duckdb_path=str(database), resources=("contacts",))
+    job = build_definitions(settings).resolve_job_def("marketing_sync")
+    api = {"base_url": server.base_url, "api_key": API_KEY, "backoff_factor": 0, "order": "asc"}
+    result = job.execute_in_process(
+        run_config={"resources": {"marketing_api": {"config": api}}},
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
+    )
+    run = instance.get_run_by_id(result.run_id)
+    assert run is not None
+    return run
+
+
+def test_a_sync_failed_by_an_outage_is_left_for_the_daemon_to_retry(
+    simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=-1))
+    run = run_the_job(simulator, instance, tmp_path / "w.duckdb")
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("true", "3")
+    assert NOT_RETRIED_TAG not in run.tags
+
+
+def test_a_sync_failed_by_a_rejected_key_is_not_retried_and_says_so(
+    simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=401, times=-1))
+    run = run_the_job(simulator, instance, tmp_path / "w.duckdb")
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG], run.tags[NOT_RETRIED_TAG]) == ("false", "0", run.run_id)
+    said = [entry.user_message for entry in instance.all_logs(run.run_id) if "Not retried automatically" in entry.user_message]
+    assert said == [
+        "Not retried automatically: running the sync again would fail the same way (contacts: ApiAuthError)."
+        " Do what the error says, then launch the sync again."
+    ]
+
+
+def test_a_mass_deletion_refused_is_not_retried(simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    database = tmp_path / "w.duckdb"
+    assert run_the_job(simulator, instance, database).status == dg.DagsterRunStatus.SUCCESS
+    # An outage answering an empty list: the refusal is the IO manager's, after the step's body.
+    simulator.add_fault(Fault("empty", path=CONTACTS_PATH, times=-1))
+    run = run_the_job(simulator, instance, database)
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("false", "0")
+
+
+def test_a_run_re_executed_from_one_not_retried_is_retried_again_on_an_outage(
+    simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=-1))
+    # The UI's Re-execute copies the failed run's tags, its 0 retries among them.
+    inherited = {MAX_RETRIES_TAG: "0", NOT_RETRIED_TAG: "the-run-a-401-failed"}
+    run = run_the_job(simulator, instance, tmp_path / "w.duckdb", tags=inherited)
+    assert (run.tags[WILL_RETRY_TAG], run.tags[MAX_RETRIES_TAG]) == ("true", "3")
+
+
+# ----------------------------------------------------------------------- with the real daemon
+
+DAEMON_DEADLINE_SECONDS = 180.0
+# Longer than a retry takes to start (so the step does wait), short enough for a short test.
+TEST_RETRY_DELAY_SECONDS = 8.0
+
+
+def wait_for(what: str, condition: Callable[[], bool], log: Path) -> None:
+    """Poll ``condition`` until it holds, failing with the daemon's log past the deadline."""
+    deadline = time.monotonic() + DAEMON_DEADLINE_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+            pytest.fail(f"{what}: not within {DAEMON_DEADLINE_SECONDS:.0f}s; the daemon's log ends:\n{tail}")
+        time.sleep(0.5)  # polling another process's state, with a deadline
+
+
+@pytest.mark.slow
+def test_the_daemon_retries_a_sync_failed_by_an_outage_after_a_wait_and_not_one_failed_by_a_rejected_key(
+    simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    log = tmp_path / "daemon.log"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
+    environment.update(
+        DAGSTER_HOME=str(home),
+        MKT_API_BASE_URL=simulator.base_url,
+        MKT_API_KEY=API_KEY,
+        MKT_DUCKDB_PATH=str(tmp_path / "retried.duckdb"),
+        MKT_RESOURCES="contacts",
+        MKT_RUN_RETRY_DELAY_SECONDS=str(TEST_RETRY_DELAY_SECONDS),
+        # The schedules never fire during the test.
+        MKT_SYNC_CRON=DAILY_CRON,
+        MKT_INCREMENTAL_CRON=DAILY_CRON,
+        # The retry daemon looks for failed runs every second instead of every five.
+        DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    instance = dg.DagsterInstance.get()
+    # One ascending walk with no backoff: a fault's count is the requests of one run.
+    config = json.dumps({"resources": {"marketing_api": {"config": {"backoff_factor": 0, "order": "asc"}}}})
+
+    def launch(run_id: str) -> None:
+        subprocess.run(
+            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync",
+             "--run-id", run_id, "--config-json", config],
+            cwd=home, env=environment, check=True, capture_output=True, timeout=DAEMON_DEADLINE_SECONDS,
+        )  # fmt: skip
+
+    def run(run_id: str) -> dg.DagsterRun:
+        found = instance.get_run_by_id(run_id)
+        assert found is not None
+        return found
+
+    def ended(run_id: str) -> bool:
+        found = instance.get_run_by_id(run_id)
+        return found is not None and found.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+
+    rejected, outage = "7d2e0c41-0000-4000-8000-000000000001", "7d2e0c41-0000-4000-8000-000000000002"
+    with open(log, "wb") as output:
+        daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=home, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=401, times=-1))
+        launch(rejected)
+        wait_for("the run with the rejected key failed", lambda: ended(rejected), log)
+        assert run(rejected).status == dg.DagsterRunStatus.FAILURE
+
+        # An outage longer than one run's own retries (a request and 3 retries), over by the retry.
+        simulator.clear_faults()
+        simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=4))
+        launch(outage)
+        wait_for("the run in the outage failed", lambda: ended(outage), log)
+        assert run(outage).status == dg.DagsterRunStatus.FAILURE
+        wait_for("the daemon retried it", lambda: "dagster/auto_retry_run_id" in run(outage).tags, log)
+        retry = run(outage).tags["dagster/auto_retry_run_id"]
+        wait_for("the retry ended", lambda: ended(retry), log)
+    finally:
+        stop_process_group(daemon)  # type: ignore[arg-type]
+
+    assert run(retry).status == dg.DagsterRunStatus.SUCCESS
+    assert (run(retry).parent_run_id, run(retry).tags["dagster/retry_number"]) == (outage, "1")
+    # The retry waited the delay after the failure before its first request.
+    failed_at = instance.get_run_record_by_id(outage).end_time  # type: ignore[union-attr]
+    assert failed_at is not None
+    first_request = min(a.at for a in simulator.arrivals if a.path == CONTACTS_PATH and a.at > failed_at)
+    assert first_request >= failed_at + TEST_RETRY_DELAY_SECONDS
+    waited = [e.user_message for e in instance.all_logs(retry) if e.user_message.startswith("Automatic retry 1 of run")]
+    assert len(waited) == 1 and f"run {outage}: waiting" in waited[0]
+    # The daemon weighed the rejected run's failure before the later one: it was not retried.
+    assert run(rejected).tags[WILL_RETRY_TAG] == "false"
+    assert "dagster/auto_retry_run_id" not in run(rejected).tags
+    assert [r.run_id for r in instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": rejected}))] == []
