@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -176,9 +177,9 @@ def _facts(
     """The checks' facts; the tables have changed by now, so a query that fails says why in
     ``error`` (the checks then fail) instead of failing the run."""
     try:
-        synced = {spec.name: streamed(connection, lambda spec=spec: synced_table_facts(connection, schema, spec)) for spec in specs}
-        references = {spec.name: streamed(connection, lambda spec=spec: all_reference_facts(connection, schema, spec, within)) for spec in specs}
-        versions = {spec.name: streamed(connection, lambda spec=spec: history_facts(connection, schema, spec)) for spec in specs if history}
+        synced = {spec.name: streamed(connection, partial(synced_table_facts, connection, schema, spec)) for spec in specs}
+        references = {spec.name: streamed(connection, partial(all_reference_facts, connection, schema, spec, within)) for spec in specs}
+        versions = {spec.name: streamed(connection, partial(history_facts, connection, schema, spec)) for spec in specs if history}
     except duckdb.Error as error:
         return Facts(error=without_values(str(error)))
     return Facts(synced, references, versions)

@@ -8,6 +8,8 @@ from urllib.parse import urlencode
 
 # The setting that names the DuckDB file, which errors about the file tell the user to change.
 DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
+# The setting holding the API key: named in errors, and kept from every child process.
+API_KEY_ENV = "MKT_API_KEY"
 
 
 def describe_request(path: str, query: Mapping[str, object] | None = None) -> str:

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import IO, Any, TypeVar
 
 from mkt_assets import private_files
+from mkt_assets.errors import API_KEY_ENV
 
 Result = TypeVar("Result")
 Log = Callable[[str], None]
@@ -55,8 +56,6 @@ class Worker:
     def __init__(self, name: str = "lean worker", preload: tuple[str, ...] = ()) -> None:
         """``preload``: modules the child imports as soon as it starts, so that the first call
         does not wait for them (DuckDB's import takes a good part of a second)."""
-        from mkt_assets.resource import API_KEY_ENV  # the caller's side only: the child stays lean
-
         self.name = name
         self._lock = threading.Lock()
         # DuckDB work never needs the API key: the child does not get it.
@@ -222,7 +221,7 @@ def _serve() -> None:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     module = importlib.import_module("mkt_assets.lean_process")
-    module._answers = answers
+    module._answers = answers  # type: ignore[attr-defined]  # this module, imported under its own name
     for name in sys.argv[1:]:
         importlib.import_module(name)
     requests = sys.stdin.buffer

@@ -24,13 +24,12 @@ from mkt_assets.client import (
     key_problem,
 )
 from mkt_assets.transport import Log, Stop
-from mkt_assets.errors import ConfigurationError
+from mkt_assets.errors import API_KEY_ENV, ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 from mkt_assets.settings import RESOURCES_ENV
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
 
 DEFAULT_BASE_URL = "https://api.systeme.io/api"
-API_KEY_ENV = "MKT_API_KEY"
 BASE_URL_ENV = "MKT_API_BASE_URL"
 
 

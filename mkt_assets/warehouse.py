@@ -43,7 +43,10 @@ _POLL_SECONDS = (0.01, 0.25)  # first and longest pause between two tries
 # Every connection the project opens: DuckDB never downloads or loads an extension on its
 # own. A file it cannot read natively (a SQLite database at the path) would otherwise make it
 # fetch one over plain http and run it. JSON and Parquet are built into the duckdb wheel.
-NO_EXTENSION_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+NO_EXTENSION_DOWNLOADS: dict[str, str | bool | int | float | list[str]] = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
 
 # DuckDB's JSON reader refuses a line longer than this unless told, and buffers about twice
 # what it is told: so it is told the longest staged line, never less than its default.
@@ -482,7 +485,12 @@ def type_staged_chunk(spec: ResourceSpec, json_path: str, parquet_path: str, mem
 
     Runs in a lean child while the fetch goes on: the JSON parsing, most of a first load's
     merge, then overlaps the wait for the API on a core the fetch leaves idle."""
-    config = {"memory_limit": memory_limit, "threads": 1, "preserve_insertion_order": False, **NO_EXTENSION_DOWNLOADS}
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "memory_limit": memory_limit,
+        "threads": 1,
+        "preserve_insertion_order": False,
+        **NO_EXTENSION_DOWNLOADS,
+    }
     with duckdb.connect(":memory:", config=config) as connection:
         connection.execute(
             f"COPY ({_typed_rows_sql(spec, longest_line)}) TO {quote_literal(parquet_path)} (FORMAT parquet)",

@@ -334,7 +334,7 @@ class SandboxData:
         if resource in _RELATIONS:
             return self._relation_page(resource, limit, order, starting_after, filters or {}, repeat_cursor)
         if resource != "contacts":
-            ids = self._small_ids[resource]
+            ids: Sequence[int] = self._small_ids[resource]
             window = _window(ids, 0, len(ids), limit, order, starting_after, repeat_cursor)
             by_id = self._small[resource]
             items = [copy.deepcopy(by_id[i]) for i in window.indexes]
