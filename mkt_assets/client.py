@@ -137,10 +137,13 @@ def _character_kind(character: str) -> str:
     point = f"U+{ord(character):04X}"
     if character in "\r\n\x85\u2028\u2029":
         return f"a line break ({point})"
+    if character == "\t":
+        return f"a tab ({point})"
+    # Before spaces: Python counts U+001C-U+001F as whitespace.
+    if ord(character) < 0x20 or 0x7F <= ord(character) < 0xA0:
+        return f"a control character ({point})"
     if character.isspace():
         return f"a space ({point})"
-    if ord(character) < 0x20 or ord(character) == 0x7F:
-        return f"a control character ({point})"
     return f"a character outside ASCII ({point})"
 
 

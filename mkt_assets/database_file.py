@@ -79,6 +79,18 @@ def _check_path(path: Path) -> bool:
     try:
         info = os.stat(path)
     except FileNotFoundError:
+        if path.is_symlink():
+            # DuckDB follows the link: the file would be made at its target, whose directory
+            # the write does not create (a volume not mounted, say).
+            target = Path(os.path.realpath(path))
+            if not target.parent.is_dir():
+                raise _problem(
+                    path,
+                    f"it is a symbolic link to {target}, whose directory does not exist",
+                    f"create {target.parent} (or mount its volume), {_ELSEWHERE}",
+                ) from None
+            _check_creatable(target)
+            return False
         _check_creatable(path)
         return False
     except OSError as error:  # a parent that is a file, a directory we may not enter, a symlink loop

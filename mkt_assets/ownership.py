@@ -127,6 +127,6 @@ def refuse_foreign(
     if problems:
         raise ForeignTableError(
             f"{database}: {'; '.join(problems)}. mkt_assets never alters a table it did not create:"
-            f" rename {'it' if len(problems) == 1 else 'them'} (ALTER TABLE ... RENAME TO ...), or set"
+            f" rename {'it' if len(problems) == 1 else 'them'} (ALTER TABLE or ALTER VIEW ... RENAME TO ...), or set"
             f" {DUCKDB_PATH_ENV} to another DuckDB file"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -30,6 +31,12 @@ from mkt_assets.settings import RESOURCES_ENV
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
 
 DEFAULT_BASE_URL = "https://api.systeme.io/api"
+# What a paste or a secret file leaves around a key: blanks, line breaks, a byte order mark.
+# Not Python's whole idea of whitespace, which takes the control characters U+001C-U+001F in too:
+# those are refused as the key's own, never silently dropped.
+SURROUNDING_WHITESPACE = " \t\r\n\u2028\u2029\ufeff" + "".join(
+    chr(point) for point in range(0x80, 0x3001) if unicodedata.category(chr(point)) == "Zs"
+)
 BASE_URL_ENV = "MKT_API_BASE_URL"
 
 
@@ -186,7 +193,7 @@ class MarketingApiResource(dg.ConfigurableResource):
         raw = self.api_key or os.environ.get(API_KEY_ENV, "")
         if not raw:
             raise ConfigurationError(f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings.")
-        key = raw.strip()
+        key = raw.strip(SURROUNDING_WHITESPACE)
         if not key:
             raise ConfigurationError(
                 f"No API key: {setting} holds only whitespace; set it to a key made in the account's profile settings."
@@ -199,9 +206,10 @@ class MarketingApiResource(dg.ConfigurableResource):
         if key == raw:
             return key, None
         where = " and ".join(
-            side for side, removed in (("before", raw[: len(raw) - len(raw.lstrip())]), ("after", raw[len(raw.rstrip()) :])) if removed
+            side for side, removed in (("before", raw[: raw.index(key)]), ("after", raw[raw.index(key) + len(key) :])) if removed
         )
-        kinds = "a line break" if any(c in "\r\n" for c in raw) else "spaces"
+        removed = raw.replace(key, "", 1)
+        kinds = "a line break" if any(c in "\r\n\u2028\u2029" for c in removed) else "a tab" if removed == "\t" else "spaces"
         return key, (
             f"{setting} has whitespace {where} the key ({kinds}, as a secret file or a paste leaves);"
             " it is sent without it. Remove it from the setting to silence this warning."

@@ -260,6 +260,20 @@ def test_a_new_file_whose_directory_cannot_be_made_is_refused_and_nothing_is_mad
         harness.server.stop()
 
 
+def test_a_link_to_a_directory_that_does_not_exist_is_refused_and_nothing_is_made(tmp_path: Path, first_sync: Path) -> None:
+    database = tmp_path / "db" / "linked.duckdb"
+    database.parent.mkdir()
+    database.symlink_to(tmp_path / "unmounted" / "mkt.duckdb")
+    harness = fresh_harness(tmp_path, first_sync, database)
+    try:
+        error = refused_before_fetch(harness, harness.sync(CONTACTS), database)
+        assert f"it is a symbolic link to {tmp_path / 'unmounted' / 'mkt.duckdb'}, whose directory does not exist" in error
+        assert sorted(path.name for path in database.parent.iterdir()) == ["linked.duckdb"]
+        assert not (tmp_path / "unmounted").exists()
+    finally:
+        harness.server.stop()
+
+
 def test_a_new_file_is_made_by_the_write_in_a_private_directory(tmp_path: Path, first_sync: Path, usual_umask: None) -> None:
     database = tmp_path / "new" / "mkt.duckdb"
     harness = fresh_harness(tmp_path, first_sync, database)
@@ -288,7 +302,7 @@ def test_a_foreign_table_with_a_synced_tables_name_is_refused_and_never_altered(
 
     assert error == (
         f"{database}: marketing.contacts exists but was not created by mkt_assets (it lacks the columns _extra,"
-        " _synced_at). mkt_assets never alters a table it did not create: rename it (ALTER TABLE ... RENAME TO"
+        " _synced_at). mkt_assets never alters a table it did not create: rename it (ALTER TABLE or ALTER VIEW ... RENAME TO"
         " ...), or set MKT_DUCKDB_PATH to another DuckDB file. Nothing was fetched."
     )
     assert snapshot(tmp_path) == before

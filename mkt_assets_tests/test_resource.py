@@ -120,9 +120,26 @@ def test_a_refused_api_key_value_is_not_echoed_by_pydantic() -> None:
     assert KEY not in str(caught.value)
 
 
+@pytest.mark.parametrize("separator", ["\x1c", "\x1f", "\x0b"])
+def test_a_control_character_around_the_key_is_refused_not_stripped(monkeypatch: pytest.MonkeyPatch, separator: str) -> None:
+    monkeypatch.setenv("MKT_API_KEY", KEY + separator)
+
+    with pytest.raises(ConfigurationError) as caught:
+        MarketingApiResource().checked_key()
+
+    assert f"MKT_API_KEY has a control character (U+{ord(separator):04X})" in str(caught.value)
+    assert KEY not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("raw", "where", "kind"),
-    [(KEY + "\n", "after", "a line break"), (KEY + "\r\n", "after", "a line break"), ("  " + KEY + "\t", "before and after", "spaces")],
+    [
+        (KEY + "\n", "after", "a line break"),
+        (KEY + "\r\n", "after", "a line break"),
+        ("  " + KEY + "\t", "before and after", "spaces"),
+        ("\ufeff" + KEY + "\u00a0", "before and after", "spaces"),
+        (KEY + "\t", "after", "a tab"),
+    ],
 )
 def test_whitespace_around_the_environments_key_is_removed_with_a_warning_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, raw: str, where: str, kind: str
