@@ -20,12 +20,11 @@ from typing import Any
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dagster as dg  # noqa: E402
-import dlt  # noqa: E402
-from dagster_dlt import DagsterDltResource, dlt_assets  # noqa: E402
-from dlt.sources.rest_api import rest_api_source  # noqa: E402
-
-from _dlt_runner import DATASET, source_config  # noqa: E402
+import dagster as dg
+import dlt
+from _dlt_runner import DATASET, source_config
+from dagster_dlt import DagsterDltResource, dlt_assets
+from dlt.sources.rest_api import rest_api_source
 
 # @dlt_assets needs the source and the pipeline when the definitions load.
 pipeline = dlt.pipeline(

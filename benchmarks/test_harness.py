@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _dlt_runner  # noqa: E402
-import run  # noqa: E402
-from _measure import ChildFailed, ProcessRecord  # noqa: E402
+import _dlt_runner
+import run
+from _measure import ChildFailed, ProcessRecord
 
 ROOT_PID = 100
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import dagster as dg
 
 from mkt_assets.catalog import RESOURCES_BY_NAME, Column, ResourceSpec
-from mkt_assets.normalized_tables import BuildResult, NormalizedTable
 from mkt_assets.history import history_table
+from mkt_assets.normalized_tables import BuildResult, NormalizedTable
 from mkt_assets.table_facts import SAMPLE_SIZE, HistoryFacts, PrimaryKeyFacts, ReferenceFacts, RequiredFieldsFacts
 
 PRIMARY_KEY_CHECK = "primary_key_unique"

@@ -18,10 +18,10 @@ from pathlib import Path
 from mkt_assets import warehouse
 from mkt_assets.assets import ASSET_PREFIX
 from mkt_assets.normalized_tables import normalized_tables
-from mkt_assets.settings import DUCKDB_PATH_ENV, Settings
 from mkt_assets.resource import API_KEY_ENV, BASE_URL_ENV
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import main as sandbox_main
+from mkt_assets.settings import DUCKDB_PATH_ENV, Settings
 
 DEMO_DATABASE = "data/demo.duckdb"
 # Where the demo and the UI keep Dagster's instance (runs, materializations, check results),

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import duckdb
 

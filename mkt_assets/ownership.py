@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import duckdb
 
 from mkt_assets.catalog import EXTRA_COLUMN, SYNCED_AT_COLUMN, ResourceSpec
+from mkt_assets.changes import CHANGES_COLUMNS, CHANGES_TABLE
 from mkt_assets.errors import DUCKDB_PATH_ENV, ForeignTableError
 from mkt_assets.history import VALID_FROM_COLUMN, VALID_TO_COLUMN, history_table
-from mkt_assets.changes import CHANGES_COLUMNS, CHANGES_TABLE
 from mkt_assets.reads import READS_COLUMNS, READS_TABLE
 
 # What a normalized table's comment holds once the project built it (see normalized_tables).

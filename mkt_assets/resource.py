@@ -24,11 +24,11 @@ from mkt_assets.client import (
     MarketingApiClient,
     key_problem,
 )
-from mkt_assets.transport import Log, Stop
 from mkt_assets.errors import API_KEY_ENV, ConfigurationError
 from mkt_assets.ratelimit import SharedRateLimiter, state_path_for
 from mkt_assets.settings import RESOURCES_ENV
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES
+from mkt_assets.transport import Log, Stop
 
 DEFAULT_BASE_URL = "https://api.systeme.io/api"
 # What a paste or a secret file leaves around a key: blanks, line breaks, a byte order mark.
@@ -271,7 +271,7 @@ class WarehouseResource(DuckDBResource):
         )
 
     @contextmanager
-    def get_connection(self, log: Log | None = None) -> Iterator[duckdb.DuckDBPyConnection]:  # type: ignore[override]
+    def get_connection(self, log: Log | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection that queues behind writers instead of failing on DuckDB's lock."""
         with self.file().open(log) as connection:
             yield connection

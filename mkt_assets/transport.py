@@ -196,11 +196,11 @@ class CappedRetry(Retry):
         kw.setdefault("max_wait", self.max_wait)
         kw.setdefault("log", self.log)
         kw.setdefault("sleeper", self.sleeper)
-        return super().new(**kw)  # type: ignore[return-value]
+        return super().new(**kw)
 
     def increment(self, *args: Any, **kwargs: Any) -> CappedRetry:
         self.stats.count_retry(getattr(kwargs.get("response"), "status", None))
-        return super().increment(*args, **kwargs)  # type: ignore[return-value]
+        return super().increment(*args, **kwargs)
 
     def sleep(self, response: Any = None) -> None:
         # Between two attempts nothing is on the wire: the previous answer's deadline is over.
@@ -233,7 +233,7 @@ class _Bound:
     next request may already be reusing.
     """
 
-    __slots__ = ("seconds", "lock", "connection", "due", "generation", "expired")
+    __slots__ = ("connection", "due", "expired", "generation", "lock", "seconds")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import random
 import string
@@ -18,7 +19,6 @@ from urllib3 import HTTPResponse
 
 from mkt_assets.catalog import RESOURCES_BY_NAME
 from mkt_assets.client import MarketingApiClient, key_pieces
-from mkt_assets.transport import WaitTooLong
 from mkt_assets.errors import (
     ApiAccessError,
     ApiAuthError,
@@ -29,6 +29,7 @@ from mkt_assets.errors import (
     ConfigurationError,
     PaginationError,
 )
+from mkt_assets.transport import WaitTooLong
 
 BASE = "https://api.example.test/api"
 KEY = "test-key-0123456789"
@@ -664,7 +665,7 @@ def test_each_end_keeps_its_keys_in_order_so_the_stager_knows_they_are_unique() 
 
     for order, step in (("asc", 1), ("desc", -1)):
         keys = [item["id"] for p in pages if p.query["order"] == order for item in p.items]
-        assert keys and all((later - earlier) * step > 0 for earlier, later in zip(keys, keys[1:]))
+        assert keys and all((later - earlier) * step > 0 for earlier, later in itertools.pairwise(keys))
 
 
 def test_a_failing_descending_request_fails_the_walk_naming_it() -> None:

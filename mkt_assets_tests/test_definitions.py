@@ -17,9 +17,9 @@ import pytest
 
 from mkt_assets import cli
 from mkt_assets.catalog import RESOURCES
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.definitions import build_definitions
 from mkt_assets.errors import ConfigurationError
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.settings import Settings
 
 defs = build_definitions()
@@ -361,7 +361,7 @@ def test_a_refused_base_url_in_the_environment_fails_the_load_in_one_line_withou
     monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
     monkeypatch.setenv("MKT_API_BASE_URL", url)
-    with pytest.raises(ConfigurationError, match="^MKT_API_BASE_URL ") as caught:
+    with pytest.raises(ConfigurationError, match=r"^MKT_API_BASE_URL ") as caught:
         build_definitions()
 
     assert "\n" not in str(caught.value)

@@ -211,7 +211,7 @@ def test_tables_left_out_with_contacts_are_rebuilt_from_what_changed_meanwhile_w
         ("renamed while contacts were left out",)
     ]
     assert account.query(
-        f"SELECT count(*) FROM marketing.contact_profiles WHERE list_contains(tag_names, 'renamed while contacts were left out')"
+        "SELECT count(*) FROM marketing.contact_profiles WHERE list_contains(tag_names, 'renamed while contacts were left out')"
     ) == [tagged]
     # And once rebuilt, a run with nothing new keeps them again.
     assert account.run("marketing_sync")["contact_tags"]["rebuilt"] is False

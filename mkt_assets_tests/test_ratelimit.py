@@ -108,7 +108,7 @@ def test_threads_of_one_process_share_the_quota_without_losing_reservations(tmp_
         count = 0
         try:
             while True:
-                pacer.reserve().waited
+                pacer.reserve()
                 count += 1
         except QuotaSpent:
             granted.append(count)
@@ -248,7 +248,7 @@ def test_a_symlinked_state_file_is_refused_and_its_target_never_written(tmp_path
     pacer = limiter(tmp_path, FakeClock())
 
     with pytest.raises(PrivateFileError, match=r"quota.json: it is a symbolic link \(to .*someone_elses_file\)"):
-        pacer.reserve().waited
+        pacer.reserve()
     with pytest.raises(PrivateFileError):
         pacer.observe(headers(remaining=5, refill="2"))
 
@@ -260,7 +260,7 @@ def test_a_state_file_others_may_read_is_refused(tmp_path: Path) -> None:
     (tmp_path / "quota.json").chmod(0o644)
 
     with pytest.raises(PrivateFileError, match=r"quota.json: its mode is 0644"):
-        limiter(tmp_path, FakeClock()).reserve().waited
+        limiter(tmp_path, FakeClock()).reserve()
 
 
 @pytest.mark.parametrize(
@@ -377,7 +377,7 @@ def test_no_single_wait_is_longer_than_the_horizon_even_when_the_clock_steps_bac
     pacer.observe(headers(remaining=0, refill="50"))
     clock.now -= 30  # the stored refill is now 80 s ahead
 
-    pacer.reserve().waited
+    pacer.reserve()
 
     assert all(pause <= 60.0 for pause in clock.slept)
 

@@ -89,7 +89,7 @@ def test_a_date_time_passes_the_check_exactly_when_duckdb_reads_it_both_ways_to_
     cast, read = duckdb_instants([text for _, text in every], tmp_path)
 
     wrong = []
-    for (iso, text), by_cast, by_reader in zip(every, cast, read):
+    for (iso, text), by_cast, by_reader in zip(every, cast, read, strict=True):
         accepted = _is_datetime_with_offset(text)
         duckdb_agrees = by_cast is not None and by_cast == by_reader
         if accepted and not (duckdb_agrees and python_instant(text) == by_cast):

@@ -169,5 +169,5 @@ def test_a_clean_key_gives_no_warning_and_a_configured_one_is_named_as_the_resou
 
 def test_a_key_of_whitespace_alone_is_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MKT_API_KEY", " \n")
-    with pytest.raises(ConfigurationError, match="^No API key: MKT_API_KEY holds only whitespace"):
+    with pytest.raises(ConfigurationError, match=r"^No API key: MKT_API_KEY holds only whitespace"):
         MarketingApiResource().key()

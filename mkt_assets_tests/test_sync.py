@@ -19,8 +19,8 @@ import pytest
 
 from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.definitions import build_definitions
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.io_manager import MarketingDuckDBIOManager
+from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.private_files import AREA_LOCK_NAME, open_private_file, private_directory
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer

@@ -8,11 +8,11 @@ import os
 import re
 import resource
 import signal
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-import stat
-import tempfile
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +21,10 @@ from typing import Any
 import duckdb
 import pytest
 
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.client import Page
 from mkt_assets import warehouse
+from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
+from mkt_assets.client import Page
 from mkt_assets.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.private_files import AREA_LOCK_NAME
 from mkt_assets.staging import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
@@ -271,7 +271,7 @@ def test_staging_on_a_full_disk_names_the_file_and_the_cause(tmp_path: Path) -> 
     message = outcome.get(timeout=120)
     stager.join(60)
 
-    assert message.startswith(f"StagingError: contacts: could not stage page "), message
+    assert message.startswith("StagingError: contacts: could not stage page "), message
     assert re.search(rf" to {re.escape(str(tmp_path))}/\d+-[0-9a-f]+/mkt_contacts_00001_\w+\.ndjson: File too large \(errno 27\);", message)
     assert "nothing was written to the database." in message
     assert staged_files(tmp_path) == []  # the partial chunk is gone
@@ -601,7 +601,7 @@ def test_a_chunk_that_fails_to_type_is_left_to_the_merge_which_names_the_value(d
 
     assert [json_path for json_path, _ in batch.typed] == [batch.paths[0]]
     assert len(typer.failures) == 1 and batch.paths[1].name in typer.failures[0]
-    with pytest.raises(StagingError, match="record 1 of page 2: field 'registeredAt' .* cannot hold \"yesterday\""):
+    with pytest.raises(StagingError, match=r"record 1 of page 2: field 'registeredAt' .* cannot hold \"yesterday\""):
         merge(database, "contacts", batch)
     assert rows(database, "contacts") == before
 

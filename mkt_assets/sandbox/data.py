@@ -571,7 +571,7 @@ class SandboxData:
 class _Window:
     """Indexes (in serving order) of one page, and whether more follow in that order."""
 
-    __slots__ = ("indexes", "has_more")
+    __slots__ = ("has_more", "indexes")
 
     def __init__(self, indexes: range, has_more: bool) -> None:
         self.indexes = indexes

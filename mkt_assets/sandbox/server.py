@@ -249,7 +249,7 @@ class CaseInsensitiveHeaders(dict[str, str]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and super().__contains__(key.lower())
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(key.lower(), default)
 
 
@@ -335,7 +335,7 @@ class _FixedWindow:
 
 
 class _FaultSlot:
-    __slots__ = ("fault", "seen", "fired")
+    __slots__ = ("fault", "fired", "seen")
 
     def __init__(self, fault: Fault) -> None:
         self.fault, self.seen, self.fired = fault, 0, 0
@@ -536,9 +536,7 @@ def _parse_filters(resource: str, query: dict[str, str], violations: list[_Viola
         raw = query.get(name, "")
         if not raw:
             continue
-        if spec_type == "integer" and _is_int(raw):
-            parsed.append((name, int(raw)))
-        elif spec_type == "string" and raw.isascii() and raw.isdigit():
+        if (spec_type == "integer" and _is_int(raw)) or (spec_type == "string" and raw.isascii() and raw.isdigit()):
             parsed.append((name, int(raw)))
         elif spec_type == "integer":
             violations.append(_Violation(name, name, "This value should be of type int.", TYPE_CODE))
@@ -726,7 +724,7 @@ class _Handler(BaseHTTPRequestHandler):
                 sandbox._arrived(Arrival(time.time(), path))
                 response = self._answer_api(path, raw_query, query)
                 self._record(path, query, response.status)
-        except Exception:  # a sandbox bug must fail the request loudly, not hang the client
+        except Exception:  # noqa: BLE001 - a sandbox bug must fail the request loudly, not hang the client
             traceback.print_exc()
             response = _Response.json(500, _error_body(500))
         self._write(response)
