@@ -44,6 +44,8 @@ class Settings:
     # The resources both jobs sync (catalog names); the others are not in the definitions at
     # all, so an account whose plan lacks one can still sync the rest.
     resources: tuple[str, ...] = tuple(spec.name for spec in RESOURCES)
+    # How long after a failed read began the next run may continue it (see ``resume``); 0: never.
+    resume_window: timedelta = timedelta(hours=6)
 
     def __post_init__(self) -> None:
         try:
@@ -62,6 +64,8 @@ class Settings:
             raise ConfigurationError(f"MKT_DELETIONS must be 'mark' or 'delete', got {self.deletions!r}")
         if self.progress_interval_seconds <= 0:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
+        if self.resume_window < timedelta(0):
+            raise ConfigurationError("MKT_RESUME_HOURS must be zero (never resume) or more, e.g. 6")
         if self.duckdb_wait_seconds < 0:
             raise ConfigurationError("MKT_DUCKDB_WAIT_SECONDS must be zero or more")
         unknown = [name for name in self.resources if name not in RESOURCES_BY_NAME]
@@ -120,4 +124,5 @@ class Settings:
             duckdb_memory_limit=env.get("MKT_DUCKDB_MEMORY_LIMIT") or defaults.duckdb_memory_limit,
             duckdb_wait_seconds=number("MKT_DUCKDB_WAIT_SECONDS", defaults.duckdb_wait_seconds),
             resources=tuple(dict.fromkeys(chosen)) or defaults.resources,
+            resume_window=timedelta(hours=number("MKT_RESUME_HOURS", defaults.resume_window / timedelta(hours=1))),
         )
