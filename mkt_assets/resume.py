@@ -90,6 +90,8 @@ class ResumableRead:
     # Why an earlier attempt's pages were not adopted, for the run's log (None: none found).
     refused: str | None = None
     began: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # A checkpoint is on disk (adopted, or saved by this run): there is something to resume.
+    checkpointed: bool = False
 
     @property
     def first_run(self) -> str:
@@ -116,6 +118,7 @@ class ResumableRead:
             os.close(descriptor)
         os.rename(temporary, self.directory / CHECKPOINT_NAME)
         _fsync_directory(self.directory)
+        self.checkpointed = True
 
 
 def open_read(parent: Path, resource: str, identity: str, run_id: str, window: timedelta) -> ResumableRead | None:
@@ -142,6 +145,7 @@ def open_read(parent: Path, resource: str, identity: str, run_id: str, window: t
         problem = _restore_chunks(directory, checkpoint)
     if checkpoint is not None and problem is None:
         read.adopted = checkpoint
+        read.checkpointed = True
         read.began = datetime.fromisoformat(checkpoint["began"])
     else:
         read.refused = problem if checkpoint is not None else None

@@ -25,6 +25,7 @@ from mkt_assets.errors import SyncError
 from mkt_assets.normalized_tables import NormalizedTable
 from mkt_assets.resume import ResumableRead, ResumeOptions, open_read, resource_identity
 from mkt_assets.resume import release as release_read
+from mkt_assets.resume import remove as remove_read
 from mkt_assets.resume import sweep as sweep_reads
 from mkt_assets.staging import PageStager, StagedBatch, staging_directory
 from mkt_assets.transport import RequestStats, Stop, Stopped
@@ -284,7 +285,10 @@ def _fetch_one(
             )
     except BaseException:
         if resumable is not None:
-            release_read(resumable.directory)  # what it checkpointed is the next run's to adopt
+            if resumable.checkpointed:
+                release_read(resumable.directory)  # what it checkpointed is the next run's to adopt
+            else:
+                remove_read(resumable.directory)  # stopped before its first checkpoint: nothing to resume
         raise
 
 

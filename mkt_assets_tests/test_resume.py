@@ -432,3 +432,28 @@ def test_deletions_are_marked_only_from_a_read_complete_across_attempts(server: 
     assert deleted(database) == {unread}
     assert sync(database, api(server, staging, order="asc"), names=["contacts"]).success
     assert deleted(database) == {read_before, unread}, "the next complete read marks the other"
+
+
+def test_an_incremental_read_resumes_too_but_never_as_another_starting_key(server: SandboxServer, tmp_path: Path) -> None:
+    with MarketingApiClient(server.base_url, API_KEY, page_size=PAGE_SIZE) as whole:
+        ids = sorted(item["id"] for page in whole.iter_pages(CONTACTS) for item in page.items)
+    after = ids[99]  # 500 newer contacts: 50 pages
+    plan = plan_sync([CONTACTS], [], [], {"contacts": after})
+    server.reset_log()
+    server.add_fault(Fault("status", path="/api/contacts", status=503, after=20, times=-1))
+    with TypingQueue(DEFAULT_MEMORY_LIMIT) as typing, pytest.raises(FetchFailed):
+        fetch_all(plan, lambda stop: client(server, stop), options(tmp_path, "run-1"), typing, lambda line: None)
+    server.clear_faults()
+
+    with TypingQueue(DEFAULT_MEMORY_LIMIT) as typing:
+        other = fetch_all(plan_sync([CONTACTS], [], [], {"contacts": ids[98]}), lambda stop: client(server, stop),
+                          options(tmp_path, "run-2"), typing, lambda line: None)["contacts"]  # fmt: skip
+        server.reset_log()
+        done = fetch_all(plan, lambda stop: client(server, stop), options(tmp_path, "run-3"), typing, lambda line: None)["contacts"]
+
+    assert other.pages_resumed == 0, "another starting key is another read"
+    assert done.pages_resumed >= 18 and done.resumed_from_run == "run-1"
+    assert done.batch.records == CONTACT_COUNT - 100 and not done.batch.complete and done.batch.after == after
+    assert len(server.requests) <= 50 - 18 + SLACK
+    other.batch.discard()
+    done.batch.discard()
