@@ -1307,10 +1307,12 @@ def measure_resume(bench: Bench, plan: Plan, arguments: argparse.Namespace) -> l
                 result = _outage.run_outage(bench.run_dir(f"outage-{label(contacts)}"), env, sim.base_url,
                                             arguments.outage_at, arguments.outage_seconds)  # fmt: skip
                 lines += _outage.report(f"outage, {label(contacts)} contacts, {arguments.rate} requests/s", result)
+                print("\n".join(lines), flush=True)
             if "kill" in plan.parts:
                 progress(f"kill -9 at {label(contacts)}: {arguments.kills} times")
                 result = _outage.run_kills(bench.run_dir(f"kills-{label(contacts)}"), env, sim.base_url, arguments.kills)
                 lines += _outage.report(f"kill -9 x{arguments.kills}, {label(contacts)} contacts, {arguments.rate} requests/s", result)
+                print("\n".join(lines[-(len(result["runs"]) + 2):]), flush=True)
     return lines
 
 
@@ -1347,7 +1349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench, "dagster-dlt", arguments.dagster_dlt_venv, DAGSTER_DLT_REQUIREMENTS, ("dagster-dlt", "dagster", "dlt")
             )
         if plan.parts & {"outage", "kill"}:
-            print("\n".join(measure_resume(bench, plan, arguments)), flush=True)
+            measure_resume(bench, plan, arguments)  # prints each scenario as it ends
         results = measure(bench, plan)
         results["machine"] = asdict(machine)
         results["elapsed_seconds"] = time.monotonic() - started

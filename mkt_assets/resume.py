@@ -172,7 +172,7 @@ def sweep(parent: Path, window: timedelta, *, now: datetime | None = None) -> li
     when ``window`` is zero), or whose checkpoint cannot be read; each with why."""
     now = now or datetime.now(timezone.utc)
     swept = []
-    for directory in _entries(parent / RESUMABLE_DIRECTORY):
+    for directory in _reads(parent / RESUMABLE_DIRECTORY):
         with _held_lock:
             if directory in _held:
                 continue
@@ -299,9 +299,14 @@ def _unlink(path: Path) -> None:
 def _entries(directory: Path) -> Iterable[Path]:
     try:
         with os.scandir(directory) as entries:
-            return [Path(entry.path) for entry in entries if directory.name != RESUMABLE_DIRECTORY or _READ_NAME.fullmatch(entry.name)]
+            return [Path(entry.path) for entry in entries]
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _reads(directory: Path) -> Iterable[Path]:
+    """The reads in ``directory``: only what ``open_read`` names so, nothing a user put there."""
+    return [path for path in _entries(directory) if _READ_NAME.fullmatch(path.name) and not path.is_symlink()]
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -8,7 +8,9 @@ The IO manager types and merges the chunks in DuckDB.
 
 Chunks hold contacts' e-mail addresses: they are written 0600 in this process's own area
 (see ``private_files``) of a private staging directory. The first stager of a process sweeps
-what runs that died (killed, say) left in that directory.
+what runs that died (killed, say) left in that directory. A resumable read stages into its own
+directory instead, checkpointed, and keeps what it checkpointed when the fetch fails (see
+``resume``).
 """
 
 from __future__ import annotations
