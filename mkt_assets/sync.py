@@ -121,7 +121,7 @@ class FetchFailed(SyncError):
 
 
 def _kept(options: FetchOptions) -> str:
-    if options.resume is None:
+    if options.resume is None or options.resume.window <= timedelta(0):
         return ""
     return (
         " The pages read are kept: a run of the same resources within"

@@ -457,3 +457,20 @@ def test_an_incremental_read_resumes_too_but_never_as_another_starting_key(serve
     assert len(server.requests) <= 50 - 18 + SLACK
     other.batch.discard()
     done.batch.discard()
+
+
+def test_mkt_resume_hours_sets_the_window_and_zero_turns_resuming_off(server: SandboxServer, tmp_path: Path) -> None:
+    from mkt_assets.errors import ConfigurationError
+
+    assert Settings.from_environment({}).resume_window == timedelta(hours=6)
+    assert Settings.from_environment({"MKT_RESUME_HOURS": "1.5"}).resume_window == timedelta(hours=1.5)
+    with pytest.raises(ConfigurationError, match="MKT_RESUME_HOURS must be zero"):
+        Settings.from_environment({"MKT_RESUME_HOURS": "-1"})
+
+    server.add_fault(Fault("status", path="/api/contacts", status=503, after=20, times=-1))
+    off = options(tmp_path, "run-1", window=timedelta(0))
+    with TypingQueue(DEFAULT_MEMORY_LIMIT) as typing, pytest.raises(FetchFailed) as failed:
+        fetch_all(plan_sync([CONTACTS], [], [], {}), lambda stop: client(server, stop), off, typing, lambda line: None)
+    assert "kept" not in str(failed.value)
+    assert not (tmp_path / resume.RESUMABLE_DIRECTORY).exists() or resumable_files(tmp_path) == []
+    assert [path for path in tmp_path.rglob("*.ndjson")] == [], "resuming off: a failed read's pages go, as before"
