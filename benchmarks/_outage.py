@@ -73,7 +73,7 @@ def _resumed(log: Path) -> int:
 
 
 def _tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every synced table, without the columns saying when a sync ran."""
+    """Every synced table; of the columns saying when a sync ran, only whether each is set."""
     when = {"_synced_at", "_deleted_at", "_valid_from", "_valid_to"}
     found = {}
     with duckdb.connect(str(database), read_only=True) as connection:
@@ -83,8 +83,8 @@ def _tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
         for name in names:
             columns = [row[0] for row in connection.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_schema = 'marketing' AND table_name = ?"
-                " ORDER BY ordinal_position", [name]).fetchall() if row[0] not in when]  # fmt: skip
-            chosen = ", ".join(f'"{column}"' for column in columns)
+                " ORDER BY ordinal_position", [name]).fetchall()]  # fmt: skip
+            chosen = ", ".join(f'"{column}" IS NULL' if column in when else f'"{column}"' for column in columns)
             found[name] = connection.execute(f'SELECT {chosen} FROM marketing."{name}" ORDER BY ALL').fetchall()
     return found
 

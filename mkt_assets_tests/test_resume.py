@@ -77,7 +77,7 @@ _WHEN = {"_synced_at", "_deleted_at", "_valid_from", "_valid_to", "valid_from", 
 
 
 def tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every table of the file, every column but those saying when a sync ran, sorted."""
+    """Every table of the file, sorted; of the columns saying when a sync ran, whether each is set."""
     found = {}
     with connect(str(database)) as connection:
         names = [row[0] for row in connection.execute(
@@ -87,8 +87,9 @@ def tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
             columns = [row[0] for row in connection.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_schema = 'marketing' AND table_name = ?"
                 " ORDER BY ordinal_position", [name]
-            ).fetchall() if row[0] not in _WHEN]  # fmt: skip
-            chosen = ", ".join(f'"{column}"' for column in columns)
+            ).fetchall()]  # fmt: skip
+            # When a sync ran differs between any two: only whether it is set is compared.
+            chosen = ", ".join(f'"{column}" IS NULL' if column in _WHEN else f'"{column}"' for column in columns)
             found[name] = connection.execute(f'SELECT {chosen} FROM marketing."{name}" ORDER BY ALL').fetchall()
     return found
 
