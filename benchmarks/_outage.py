@@ -48,7 +48,9 @@ def requests_seen(base_url: str) -> int:
     return count
 
 
-def _sync(run_dir: Path, env: Mapping[str, str], database: Path, base_url: str, kill_after: float | None = None) -> dict[str, Any]:
+def _sync(run_dir: Path, env: Mapping[str, str], database: Path, base_url: str, kill_at_request: int | None = None) -> dict[str, Any]:
+    """One sync; with ``kill_at_request``, killed (SIGKILL, its whole process group) once the
+    simulator has answered that many of its requests: a moment inside its fetch."""
     run_dir.mkdir(parents=True)
     home = run_dir / "dagster_home"
     home.mkdir()
@@ -57,13 +59,23 @@ def _sync(run_dir: Path, env: Mapping[str, str], database: Path, base_url: str, 
     started = time.monotonic()
     with open(run_dir / "output.log", "wb") as log:
         process = subprocess.Popen(JOB, env=child_env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = process.wait(kill_after)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            returncode = process.wait()
-    return {"seconds": time.monotonic() - started, "ok": returncode == 0, "requests": requests_seen(base_url),
-            "resumed": _resumed(run_dir / "output.log")}  # fmt: skip
+        killed_at = None
+        while kill_at_request is not None and process.poll() is None:
+            if _answered(base_url) >= kill_at_request:
+                os.killpg(process.pid, signal.SIGKILL)
+                killed_at = time.monotonic() - started
+                break
+            time.sleep(0.2)
+        returncode = process.wait()
+    result = {"seconds": time.monotonic() - started, "ok": returncode == 0, "requests": requests_seen(base_url),
+              "resumed": _resumed(run_dir / "output.log")}  # fmt: skip
+    if kill_at_request is not None:
+        result["killed_at"] = killed_at
+    return result
+
+
+def _answered(base_url: str) -> int:
+    return len([r for r in _admin(base_url, "GET", "requests")["requests"] if r["path"].startswith("/api/")])
 
 
 def _resumed(log: Path) -> int:
@@ -121,10 +133,14 @@ def run_kills(root: Path, env: Mapping[str, str], base_url: str, kills: int, see
     chooser = random.Random(seed)
     database = root / "killed.duckdb"
     runs = []
-    # The job spends its first seconds starting; its fetch ends shortly before the run does.
+    # A random moment of each run's fetch: after a random share of the requests a clean sync
+    # would still need, given what the runs before have read (which it resumes).
+    read = 0
     for attempt in range(kills):
-        moment = chooser.uniform(8.0, max(9.0, clean["seconds"] - 8.0))
-        runs.append({**_sync(root / f"killed-{attempt}", env, database, base_url, kill_after=moment), "killed_at": moment})
+        remaining = max(2, clean["requests"] - read)
+        at = chooser.randint(1, remaining - 1)
+        runs.append({**_sync(root / f"killed-{attempt}", env, database, base_url, kill_at_request=at), "kill_at_request": at})
+        read += runs[-1]["requests"]
     runs.append(_sync(root / "after-kills", env, database, base_url))
     equal = runs[-1]["ok"] and clean["ok"] and _tables(database) == _tables(clean_db)
     return {"clean": clean, "runs": runs, "equal": equal}
@@ -136,8 +152,9 @@ def report(name: str, result: dict[str, Any]) -> list[str]:
     total_seconds = sum(run["seconds"] for run in runs)
     lines = [f"{name}: clean sync {clean['requests']} requests, {clean['seconds']:.1f} s"]
     for number, run in enumerate(runs, start=1):
-        what = "finished" if run["ok"] else ("killed" if "killed_at" in run else "failed")
-        at = f" at {run['killed_at']:.1f} s" if "killed_at" in run else ""
+        killed = run.get("killed_at") is not None
+        what = "killed" if killed else "finished" if run["ok"] else "failed"
+        at = f" at {run['killed_at']:.1f} s (its request {run['kill_at_request']})" if killed else ""
         lines.append(f"  run {number}: {what}{at}, {run['requests']} requests, {run['seconds']:.1f} s, {run['resumed']} pages resumed")
     lines.append(
         f"  all runs: {total_requests} requests ({total_requests / max(1, clean['requests']):.3f} x clean),"
