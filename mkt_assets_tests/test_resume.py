@@ -475,3 +475,27 @@ def test_mkt_resume_hours_sets_the_window_and_zero_turns_resuming_off(server: Sa
     assert "kept" not in str(failed.value)
     assert not (tmp_path / resume.RESUMABLE_DIRECTORY).exists() or resumable_files(tmp_path) == []
     assert [path for path in tmp_path.rglob("*.ndjson")] == [], "resuming off: a failed read's pages go, as before"
+
+
+def test_an_adopted_read_is_cut_back_to_what_its_checkpoint_names(tmp_path: Path) -> None:
+    read = resume.open_read(tmp_path, "contacts", identity(), "run-1", timedelta(hours=6))
+    assert read is not None
+    chunk = read.directory / "mkt_contacts_00001_abcdefgh.ndjson"
+    chunk.write_bytes(b'{"page":1,"body":{}}\n')
+    chunk.chmod(0o600)
+    read.save({"chunks": [{"name": chunk.name, "bytes": chunk.stat().st_size}], "pages": 1, "records": 0,
+               "position": {"walk": "done"}})  # fmt: skip
+    # What a kill leaves after the checkpoint: half a page, a chunk it never named, a Parquet.
+    with open(chunk, "ab") as handle:
+        handle.write(b'{"page":2,"bo')
+    for name in ("mkt_contacts_00002_ijklmnop.ndjson", "mkt_contacts_00001_abcdefgh.parquet"):
+        (read.directory / name).write_bytes(b"x")
+    resume.release(read.directory)
+
+    again = resume.open_read(tmp_path, "contacts", identity(), "run-2", timedelta(hours=6))
+
+    assert again is not None and again.adopted is not None and again.adopted["run_id"] == "run-1"
+    assert chunk.read_bytes() == b'{"page":1,"body":{}}\n'
+    assert sorted(path.name for path in again.directory.iterdir()) == [".lock", "checkpoint.json", chunk.name]
+    assert resume.open_read(tmp_path, "contacts", identity(), "run-3", timedelta(hours=6)) is None, "held by run-2"
+    resume.remove(again.directory)
