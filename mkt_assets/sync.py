@@ -270,7 +270,8 @@ def _fetch_one(
                 if resumable is not None and (stager.chunk_closed or time.monotonic() - saved >= options.checkpoint_seconds):
                     stager.checkpoint(page.position)
                     saved = time.monotonic()
-                progress.tick(stager.records, stager.pages)
+                # This run's own pace: pages adopted from an earlier attempt took no time here.
+                progress.tick(stager.records - stager.records_resumed, stager.pages - stager.pages_resumed)
             batch = replace(stager.finish(), typed=typer.finish())
             return Fetched(
                 spec,
