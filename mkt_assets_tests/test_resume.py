@@ -144,6 +144,7 @@ def test_a_walk_resumed_from_a_pages_position_reads_every_record_after_it_exactl
 # --------------------------------------------------------------------- resume after a failure
 
 
+@pytest.mark.slow
 def test_a_run_failed_by_an_outage_is_resumed_by_the_next_and_lands_what_a_clean_sync_lands(
     server: SandboxServer, tmp_path: Path
 ) -> None:
@@ -184,6 +185,7 @@ def test_the_failed_runs_error_says_the_pages_are_kept_for_the_next_run(server: 
 # ------------------------------------------------------------------ after SIGTERM and kill -9
 
 
+@pytest.mark.slow
 def test_a_terminated_run_stops_at_once_and_the_next_resumes_it(server: SandboxServer, tmp_path: Path) -> None:
     expected, clean_requests = clean_sync(server, tmp_path, order="asc")
     staging = tmp_path / "staging"
@@ -412,6 +414,7 @@ def test_the_checkpoint_is_private_and_holds_neither_the_key_nor_its_hash(server
 # -------------------------------------------------------- deletions and rows changed between
 
 
+@pytest.mark.slow
 def test_deletions_are_marked_only_from_a_read_complete_across_attempts(server: SandboxServer, tmp_path: Path) -> None:
     database, staging = tmp_path / "m.duckdb", tmp_path / "staging"
     assert sync(database, api(server, staging, order="asc"), names=["contacts"]).success
