@@ -297,13 +297,14 @@ class Simulator:
 
 @contextmanager
 def simulator(
-    contacts: int, *, latency: float, api_key: str, log_dir: Path, env: Mapping[str, str], startup_timeout: float = 180.0
+    contacts: int, *, latency: float, api_key: str, log_dir: Path, env: Mapping[str, str], startup_timeout: float = 180.0,
+    extra: Sequence[str] = (),
 ) -> Iterator[Simulator]:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"simulator-{contacts}-{latency:g}-{time.monotonic_ns()}.log"
     command = [
         sys.executable, "-m", "mkt_assets.cli", "sandbox",
-        "--port", "0", "--contacts", str(contacts), "--latency", repr(latency),
+        "--port", "0", "--contacts", str(contacts), "--latency", repr(latency), *extra,
     ]  # fmt: skip
     # The key goes by environment, not argv, so it is not on every `ps` listing.
     child_env = {**env, "MKT_API_KEY": api_key}

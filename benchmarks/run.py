@@ -45,6 +45,7 @@ from _dlt_env import (  # noqa: E402
     ensure_venv,
     installed_versions,
 )
+import _outage  # noqa: E402
 from _measure import (  # noqa: E402  (the sibling modules, found through the line above)
     ChildFailed,
     Measured,
@@ -1253,11 +1254,15 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
-    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt")
+    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt", "outage", "kill")
     # dagster-dlt is context, not a target, and costs a venv with Dagster of its own: asked for.
-    default_parts = [part for part in parts if part != "dagster-dlt"]
+    default_parts = [part for part in parts if part not in ("dagster-dlt", "outage", "kill")]
     parser.add_argument("--parts", nargs="+", choices=parts, default=default_parts,
-                        help="what to measure (default: all but dagster-dlt)")  # fmt: skip
+                        help="what to measure (default: all but dagster-dlt, outage and kill)")  # fmt: skip
+    parser.add_argument("--rate", type=int, default=10, help="requests a second the simulator allows in outage/kill (its rate limit)")
+    parser.add_argument("--outage-at", type=float, default=60.0, help="seconds into the sync the outage starts")
+    parser.add_argument("--outage-seconds", type=float, default=60.0, help="how long every request answers 503")
+    parser.add_argument("--kills", type=int, default=5, help="syncs killed with SIGKILL before one finishes (kill)")
     parser.add_argument(
         "--dlt-venv", type=Path, default=DEFAULT_VENV,
         help=f"the dlt anchor's venv, created with {' '.join(DLT_REQUIREMENTS)} if missing (default: %(default)s)",
@@ -1287,6 +1292,28 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
         parts=set(arguments.parts),
     )
     return plan, arguments
+
+
+def measure_resume(bench: Bench, plan: Plan, arguments: argparse.Namespace) -> list[str]:
+    """Issue 23's scenarios, at each size: a sync failed by an outage then resumed, and syncs
+    killed at random moments then one that finishes, each against one clean sync."""
+    lines = []
+    for contacts in plan.sizes:
+        with simulator(contacts, latency=0.0, api_key=bench.api_key, log_dir=bench.root / "simulators", env=bench.env,
+                       extra=("--rate-limit", f"{arguments.rate}/1")) as sim:  # fmt: skip
+            env = {**bench.env, "MKT_API_KEY": bench.api_key}
+            if "outage" in plan.parts:
+                progress(f"outage at {label(contacts)}: {arguments.outage_seconds:g} s of 503 from {arguments.outage_at:g} s in")
+                result = _outage.run_outage(bench.run_dir(f"outage-{label(contacts)}"), env, sim.base_url,
+                                            arguments.outage_at, arguments.outage_seconds)  # fmt: skip
+                lines += _outage.report(f"outage, {label(contacts)} contacts, {arguments.rate} requests/s", result)
+                print("\n".join(lines), flush=True)
+            if "kill" in plan.parts:
+                progress(f"kill -9 at {label(contacts)}: {arguments.kills} times")
+                result = _outage.run_kills(bench.run_dir(f"kills-{label(contacts)}"), env, sim.base_url, arguments.kills)
+                lines += _outage.report(f"kill -9 x{arguments.kills}, {label(contacts)} contacts, {arguments.rate} requests/s", result)
+                print("\n".join(lines[-(len(result["runs"]) + 2):]), flush=True)
+    return lines
 
 
 def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
@@ -1321,6 +1348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.dagster_dlt_python = prepare_venv(
                 bench, "dagster-dlt", arguments.dagster_dlt_venv, DAGSTER_DLT_REQUIREMENTS, ("dagster-dlt", "dagster", "dlt")
             )
+        if plan.parts & {"outage", "kill"}:
+            measure_resume(bench, plan, arguments)  # prints each scenario as it ends
         results = measure(bench, plan)
         results["machine"] = asdict(machine)
         results["elapsed_seconds"] = time.monotonic() - started

@@ -47,6 +47,7 @@ from mkt_assets.errors import ConfigurationError, WarehouseFileError
 from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.run_retries import before_the_run, no_retry_that_cannot_mend
+from mkt_assets.resume import ResumeOptions, read_identity
 from mkt_assets.schedules import FULL_JOB
 from mkt_assets.settings import Settings
 from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
@@ -251,6 +252,18 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                     chunk_pages=marketing_api.staging_chunk_pages,
                     progress_seconds=settings.progress_interval_seconds,
                     chosen=tuple(spec.name for spec in chosen),
+                    resume=ResumeOptions(
+                        read_identity(
+                            base_url=marketing_api.base_url,
+                            api_key=marketing_api.key(),
+                            order=marketing_api.order,
+                            database=file.database,
+                            schema=warehouse.schema_name,
+                            deletions=settings.deletions,
+                        ),
+                        settings.resume_window,
+                        context.run.run_id,
+                    ),
                 ),
                 typing,
                 context.log.info,
@@ -332,6 +345,9 @@ def _fetch_metadata(done: Fetched) -> dict[str, Any]:
         # Chunks typed to Parquet while the fetch went on; the merge parses the rest.
         "staging_chunks": len(batch.paths),
         "chunks_typed_during_fetch": len(batch.typed),
+        # Pages a failed run had read that this one continued from, instead of reading them again.
+        "pages_resumed": done.pages_resumed,
+        "resumed_from_run": done.resumed_from_run or "none",
     }
 
 

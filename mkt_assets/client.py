@@ -19,7 +19,7 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -160,6 +160,9 @@ class Page:
     body: bytes  # the raw JSON, so a stager can hand it to DuckDB without re-encoding
     # Fields of its records the catalog does not know (``tags[].color`` for a list member's).
     unknown_fields: frozenset[str] = frozenset()
+    # Where the walk stands once this page is handed over (JSON values): handed back to
+    # ``iter_pages(resume=...)``, it continues with the page after, as if never stopped.
+    position: Mapping[str, Any] | None = None
 
 
 class MarketingApiClient:
@@ -311,12 +314,23 @@ class MarketingApiClient:
                 )
         return {**query, "startingAfter": cursor}
 
-    def iter_pages(self, spec: ResourceSpec, query: Mapping[str, object] | None = None) -> Iterator[Page]:
+    def iter_pages(
+        self, spec: ResourceSpec, query: Mapping[str, object] | None = None, *, resume: Mapping[str, Any] | None = None
+    ) -> Iterator[Page]:
         """Every page of ``spec`` as each arrives; with ``order="both"``, from both ends at once.
 
         A two-ended walk (a full read) yields the pages of both ends interleaved, numbered in
         the order they were requested, each holding only the records the other end has not kept.
+        ``resume``: a page's ``position`` (or ``WALK_DONE``): the walk goes on after that page,
+        each end from its saved cursor, the pages numbered on from it.
         """
+        if resume is not None:
+            walk = resume.get("walk")
+            if walk == "both":
+                return self._walk_from_both_ends(spec, {}, resume)
+            if walk == "one" and isinstance(resume.get("next"), dict):
+                return self._walk(spec, dict(resume["next"]), int(resume["number"]))
+            return iter(())  # the walk had ended: every page is staged
         start: dict[str, object] = {**self.first_query(spec), **(query or {})}
         # A read that starts after a cursor (an incremental one) is short: one ascending walk
         # then keeps to ceil(k / page size) + 1 requests for k new records.
@@ -324,7 +338,7 @@ class MarketingApiClient:
             return self._walk_from_both_ends(spec, start)
         return self._walk(spec, start)
 
-    def _walk(self, spec: ResourceSpec, current: dict[str, object]) -> Iterator[Page]:
+    def _walk(self, spec: ResourceSpec, current: dict[str, object], number: int = 1) -> Iterator[Page]:
         """One cursor, page after page.
 
         The next page is requested as soon as this one is parsed (its cursor is known then),
@@ -332,7 +346,7 @@ class MarketingApiClient:
         flight at a time, as without the overlap; the rate limiter paces it the same way.
         """
         with self._page_fetcher(spec, 1) as fetcher:
-            pending: Future[Page] | None = fetcher.submit(self.get_page, spec, current, 1)
+            pending: Future[Page] | None = fetcher.submit(self.get_page, spec, current, number)
             try:
                 while pending is not None:
                     self._wait_any([pending])
@@ -342,7 +356,7 @@ class MarketingApiClient:
                     if following is not None:
                         pending = fetcher.submit(self.get_page, spec, following, page.number + 1)
                         current = following
-                    yield page
+                    yield replace(page, position={"walk": "one", "next": following, "number": page.number + 1})
             finally:
                 # The caller stopped early: drop a request not yet sent (leaving the block
                 # waits for one already on the wire, so the session is never used after close,
@@ -350,7 +364,9 @@ class MarketingApiClient:
                 if pending is not None:
                     pending.cancel()
 
-    def _walk_from_both_ends(self, spec: ResourceSpec, ascending: dict[str, object]) -> Iterator[Page]:
+    def _walk_from_both_ends(
+        self, spec: ResourceSpec, ascending: dict[str, object], resume: Mapping[str, Any] | None = None
+    ) -> Iterator[Page]:
         """An ascending and a descending cursor at once, until they meet.
 
         The descending end starts once the first ascending page says more follow (a list of
@@ -361,17 +377,45 @@ class MarketingApiClient:
         after the other end has read its records (dropped), and the ascending end's look
         past where the descending one started.
         """
-        frontiers = WalkFrontiers()
-        descending = {**ascending, "order": "desc"}
-        numbers = itertools.count(1)
         pending: dict[Future[Page], dict[str, object]] = {}
+        if resume is None:
+            frontiers = WalkFrontiers()
+            first_ascending: dict[str, object] | None = ascending
+            descending: dict[str, object] | None = {**ascending, "order": "desc"}
+            descending_started = False
+            numbers = itertools.count(1)
+        else:
+            # Each end goes on from the request it had not yet handed over a page of.
+            frontiers = WalkFrontiers(**resume["frontiers"])
+            first_ascending = resume["ascending"]
+            descending = resume["descending"]
+            descending_started = bool(resume["descending_started"])
+            numbers = itertools.count(int(resume["number"]))
+        following_number = [next(numbers)]
+
+        def position() -> dict[str, Any]:
+            # The ends' requests not yet handed over (one may be answered already: it is
+            # asked again), so a walk resumed from here reads every page after this one.
+            waiting = {query["order"]: query for query in pending.values()}
+            return {
+                "walk": "both",
+                "ascending": waiting.get("asc"),
+                "descending": waiting.get("desc") if descending_started else descending,
+                "descending_started": descending_started,
+                "frontiers": asdict(frontiers),
+                "number": following_number[0],
+            }
+
         with self._page_fetcher(spec, 2) as fetcher:
 
             def request(query: dict[str, object]) -> None:
-                pending[fetcher.submit(self.get_page, spec, query, next(numbers))] = query
+                pending[fetcher.submit(self.get_page, spec, query, following_number[0])] = query
+                following_number[0] = next(numbers)
 
-            request(ascending)
-            descending_started = False
+            if first_ascending is not None:
+                request(first_ascending)
+            if descending_started and descending is not None and not frontiers.met and first_ascending is not None:
+                request(descending)
             try:
                 while any(query["order"] == "asc" for query in pending.values()):
                     done = self._wait_any(pending)
@@ -387,7 +431,7 @@ class MarketingApiClient:
                                 frontiers.met = True  # read to the end of the list
                             else:
                                 request(frontiers.ascending_query(following))
-                                if not descending_started:
+                                if not descending_started and descending is not None:
                                     request(descending)
                                     descending_started = True
                         else:
@@ -397,7 +441,7 @@ class MarketingApiClient:
                         if len(kept) < len(page.items):
                             page = _with_items(page, kept)
                         if kept or page.number == 1:
-                            yield page
+                            yield replace(page, position=position())
             finally:
                 # Done, or the caller stopped early: drop requests not yet sent (leaving the block
                 # waits for those on the wire, so no session is used after close, unless the run

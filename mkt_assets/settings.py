@@ -48,6 +48,8 @@ class Settings:
     # waits after the failure (doubled for each retry after it; see ``run_retries``).
     run_retries: int = 3
     run_retry_delay_seconds: float = 120.0
+    # How long after a failed read began the next run may continue it (see ``resume``); 0: never.
+    resume_window: timedelta = timedelta(hours=6)
 
     def __post_init__(self) -> None:
         try:
@@ -66,6 +68,8 @@ class Settings:
             raise ConfigurationError(f"MKT_DELETIONS must be 'mark' or 'delete', got {self.deletions!r}")
         if self.progress_interval_seconds <= 0:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
+        if self.resume_window < timedelta(0):
+            raise ConfigurationError("MKT_RESUME_HOURS must be zero (never resume) or more, e.g. 6")
         if self.duckdb_wait_seconds < 0:
             raise ConfigurationError("MKT_DUCKDB_WAIT_SECONDS must be zero or more")
         if self.run_retries < 0:
@@ -139,6 +143,7 @@ class Settings:
             resources=chosen or defaults.resources,
             run_retries=whole("MKT_RUN_RETRIES", defaults.run_retries),
             run_retry_delay_seconds=number("MKT_RUN_RETRY_DELAY_SECONDS", defaults.run_retry_delay_seconds),
+            resume_window=timedelta(hours=number("MKT_RESUME_HOURS", defaults.resume_window / timedelta(hours=1))),
         )
 
 

@@ -8,7 +8,9 @@ The IO manager types and merges the chunks in DuckDB.
 
 Chunks hold contacts' e-mail addresses: they are written 0600 in this process's own area
 (see ``private_files``) of a private staging directory. The first stager of a process sweeps
-what runs that died (killed, say) left in that directory.
+what runs that died (killed, say) left in that directory. A resumable read stages into its own
+directory instead, checkpointed, and keeps what it checkpointed when the fetch fails (see
+``resume``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
+from mkt_assets import resume
 from mkt_assets.catalog import ResourceSpec
 from mkt_assets.errors import StagingError
 from mkt_assets.private_files import claim_area, default_private_directory, private_directory, sweep_dead_areas
@@ -54,10 +57,25 @@ class StagedBatch:
     typed: tuple[tuple[Path, Path], ...] = ()
     # The longest staged line: DuckDB's JSON reader must be told a page may be that long.
     longest_line: int = 0
+    # A resumable read's own directory (see ``resume``), which goes with the batch.
+    resumable: Path | None = None
 
     def discard(self) -> None:
+        """Remove the staged pages: the batch was written (or can never be)."""
         for path in (*self.paths, *(parquet for _, parquet in self.typed)):
             path.unlink(missing_ok=True)
+        if self.resumable is not None:
+            resume.remove(self.resumable)
+
+    def keep(self) -> None:
+        """The run failed before writing this batch: a resumable one stays, checkpointed as
+        read to its end, for the next run to write without reading it again; another goes."""
+        if self.resumable is None:
+            self.discard()
+        else:
+            for _, parquet in self.typed:
+                parquet.unlink(missing_ok=True)
+            resume.release(self.resumable)
 
 
 # 25,000 contacts, 14 MB of JSON: typed in about 0.25 s, small against a process start.
@@ -104,6 +122,12 @@ class PageStager:
     on_chunk: Callable[[Path, int], None] | None = None
     # What this stager swept on entering: areas (and old loose chunks) of runs that died.
     swept: list[Path] = field(default_factory=list)
+    # Stage into this read's own directory, checkpointed, and keep what is checkpointed when
+    # the fetch fails (see ``resume``); its adopted pages are this batch's first.
+    resumable: resume.ResumableRead | None = None
+    # Pages and records adopted from an earlier attempt.
+    pages_resumed: int = 0
+    records_resumed: int = 0
     # Per end of the walk (the page's `order`): the last key seen and the direction keys took.
     _previous_keys: dict[object, object] = field(default_factory=dict)
     _directions: dict[object, int] = field(default_factory=dict)
@@ -113,13 +137,38 @@ class PageStager:
     _chunk_longest_line: int = 0
     longest_line: int = 0
     _area: Path | None = None
+    # Bytes of whole pages in each chunk, as a checkpoint names them.
+    _chunk_bytes: list[int] = field(default_factory=list)
+    # A full chunk closed at its last page, handed to ``on_chunk`` when the next page comes.
+    _handover: tuple[Path, int] | None = None
+    _checkpointed: set[Path] = field(default_factory=set)
 
     def __enter__(self) -> PageStager:
         parent = staging_directory(self.directory)
-        self._area = claim_area(parent)
+        if self.resumable is None:
+            self._area = claim_area(parent)
+        else:
+            self._area = self.resumable.directory
+            self.synced_at = self.resumable.began  # the read began with its first attempt
+            if self.resumable.adopted is not None:
+                self._adopt(self.resumable.adopted)
         self.swept = sweep_once(parent, default=not self.directory)
-        self._open_chunk()
         return self
+
+    def _adopt(self, checkpoint: dict[str, object]) -> None:
+        assert self._area is not None
+        for chunk in checkpoint["chunks"]:  # type: ignore[attr-defined]
+            self._paths.append(self._area / chunk["name"])
+            self._chunk_bytes.append(chunk["bytes"])
+        self._checkpointed = set(self._paths)
+        self.pages = self.pages_resumed = int(checkpoint["pages"])  # type: ignore[call-overload]
+        self.records = self.records_resumed = int(checkpoint["records"])  # type: ignore[call-overload]
+        self.unknown_fields.update(checkpoint["unknown_fields"])  # type: ignore[call-overload]
+        self.longest_line = int(checkpoint["longest_line"])  # type: ignore[call-overload]
+        # The key order goes on across attempts: each end resumes past its last key.
+        self.keys_monotonic = bool(checkpoint["keys_monotonic"])
+        self._previous_keys = {end: key for end, key in checkpoint["previous_keys"]}  # type: ignore[attr-defined]
+        self._directions = {end: direction for end, direction in checkpoint["directions"]}  # type: ignore[attr-defined]
 
     def __exit__(
         self,
@@ -136,16 +185,19 @@ class PageStager:
                 # Already failing (often for the same full disk): that error is the one to show.
         if exc_type is not None:
             for path in self._paths:
-                path.unlink(missing_ok=True)
+                # A resumable read keeps what its checkpoint names (cut back to it on adoption).
+                if path not in self._checkpointed:
+                    path.unlink(missing_ok=True)
 
     def add(self, page: Page) -> None:
         self._check_records(page)
-        assert self._file is not None, "use PageStager as a context manager"
-        if self._chunk_pages_written == self.chunk_pages:
-            self._close_chunk()
-            if self.on_chunk is not None:
-                self.on_chunk(self._paths[-1], self._chunk_longest_line)
+        assert self._area is not None, "use PageStager as a context manager"
+        if self._file is None:
+            if self._handover is not None and self.on_chunk is not None:
+                self.on_chunk(*self._handover)
+            self._handover = None
             self._open_chunk()
+        assert self._file is not None
         # JSON text never holds a raw newline inside a string, so folding them keeps one page a line.
         body = page.body.replace(b"\r", b" ").replace(b"\n", b" ")
         line = b'{"page":%d,"body":%s}\n' % (page.number, body)
@@ -156,12 +208,53 @@ class PageStager:
         self._chunk_longest_line = max(self._chunk_longest_line, len(line))
         self.longest_line = max(self.longest_line, len(line))
         self._chunk_pages_written += 1
+        self._chunk_bytes[-1] += len(line)
         self.pages += 1
         self.records += len(page.items)
+        if self._chunk_pages_written == self.chunk_pages:
+            # Closed at once, so a checkpoint taken now names it whole.
+            self._close_chunk()
+            self._handover = (self._paths[-1], self._chunk_longest_line)
+
+    @property
+    def chunk_closed(self) -> bool:
+        """The last page filled its chunk, which is closed: a checkpoint costs one fsync less."""
+        return self._file is None and self._handover is not None
+
+    def checkpoint(self, position: object) -> None:
+        """Save where the read stands (``position``: the last page's, see ``client.Page``): the
+        pages staged so far are made durable first, so the checkpoint only names bytes on disk."""
+        assert self.resumable is not None
+        if self._file is not None:
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as error:
+                raise self._write_failed(error, "a checkpoint") from None
+        self.resumable.save(
+            {
+                "chunks": [{"name": path.name, "bytes": size} for path, size in zip(self._paths, self._chunk_bytes)],
+                "pages": self.pages,
+                "records": self.records,
+                "unknown_fields": sorted(self.unknown_fields),
+                "longest_line": self.longest_line,
+                "keys_monotonic": self.keys_monotonic,
+                "previous_keys": list(self._previous_keys.items()),
+                "directions": list(self._directions.items()),
+                "position": position,
+            }
+        )
+        self._checkpointed = set(self._paths)
 
     def finish(self) -> StagedBatch:
-        assert self._file is not None, "use PageStager as a context manager"
-        self._close_chunk()
+        assert self._area is not None, "use PageStager as a context manager"
+        if self._file is not None:
+            self._close_chunk()
+        elif not self._paths:
+            self._open_chunk()  # nothing read: one empty chunk, which merges as no rows
+            self._close_chunk()
+        if self.resumable is not None:
+            self.checkpoint({"walk": "done"})
         return StagedBatch(
             spec=self.spec,
             paths=tuple(self._paths),
@@ -173,12 +266,17 @@ class PageStager:
             after=self.after,
             keys_unique=self.keys_monotonic,
             longest_line=self.longest_line,
+            resumable=self.resumable.directory if self.resumable is not None else None,
         )
 
     def _close_chunk(self) -> None:
         assert self._file is not None
+        file, self._file = self._file, None
         try:
-            self._file.close()  # flushes what is buffered: a full disk can refuse it here
+            if self.resumable is not None:
+                file.flush()
+                os.fsync(file.fileno())  # a checkpoint may name it: its pages must be on disk
+            file.close()  # flushes what is buffered: a full disk can refuse it here
         except OSError as error:
             raise self._write_failed(error, "a chunk") from None
 
@@ -195,6 +293,7 @@ class PageStager:
         )
         self._file = os.fdopen(handle, "wb")
         self._paths.append(Path(name))
+        self._chunk_bytes.append(0)
         self._chunk_pages_written = 0
         self._chunk_longest_line = 0
 

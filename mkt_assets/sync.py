@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,11 @@ from mkt_assets.client import MarketingApiClient
 from mkt_assets.commit import RunCommit, commit_run
 from mkt_assets.errors import ApiAccessError, SyncError, describe_request, is_retriable
 from mkt_assets.normalized_tables import NormalizedTable
-from mkt_assets.staging import PageStager, StagedBatch
+from mkt_assets.resume import ResumableRead, ResumeOptions, open_read, resource_identity
+from mkt_assets.resume import release as release_read
+from mkt_assets.resume import remove as remove_read
+from mkt_assets.resume import sweep as sweep_reads
+from mkt_assets.staging import PageStager, StagedBatch, staging_directory
 from mkt_assets.transport import RequestStats, Stop, Stopped
 from mkt_assets.warehouse import DEFAULT_MAX_DROP, WarehouseFile
 
@@ -38,6 +43,9 @@ STOP_WAIT_SECONDS = 2.0
 # and one whose account cannot read several names them all. Short: one answer each, which
 # takes milliseconds, so the others are still cut almost at once.
 FIRST_ANSWERS_WAIT_SECONDS = 1.0
+# How often a resumable read saves its checkpoint (and at each chunk's end): a kill loses at
+# most this much of the fetch. Each costs two fsyncs, a few milliseconds against a second.
+CHECKPOINT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class Fetched:
     read: str
     typing_failures: tuple[str, ...]
     swept: tuple[Path, ...]
+    # Pages an earlier, failed run had read and this one continued from (0: none), and that run.
+    pages_resumed: int = 0
+    resumed_from_run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,9 @@ class FetchOptions:
     # The resources the deployment syncs (MKT_RESOURCES; empty: the run's own): a resource the
     # account cannot read is said with the value that leaves it out.
     chosen: tuple[str, ...] = ()
+    # Keep a failed read's pages for the next run to continue (None: discard them, as before).
+    resume: ResumeOptions | None = None
+    checkpoint_seconds: float = CHECKPOINT_SECONDS
 
 
 class FetchFailed(SyncError):
@@ -102,6 +116,7 @@ class FetchFailed(SyncError):
         fetched: Sequence[str],
         stopped: Sequence[str],
         chosen: Sequence[str] = (),
+        kept: str = "",
     ) -> None:
         self.failures = dict(failures)
         # A retry reads every resource again: it can only succeed if each failure may pass.
@@ -123,6 +138,7 @@ class FetchFailed(SyncError):
         lines.append(
             "Nothing was written: a run writes all its tables or none"
             + (f" ({'; '.join(others)})." if others else ".")
+            + kept
         )
         super().__init__("\n".join(lines))
 
@@ -139,6 +155,15 @@ def _wrong_base_url(failures: Mapping[str, BaseException], read: Sequence[str]) 
         f" the base URL is probably wrong, not the key nor the account. {first.base_url_setting} is {first.base_url};"
         " correct it (unset, the API's own address is used) and run again."
     ]
+
+
+def _kept(options: FetchOptions) -> str:
+    if options.resume is None or options.resume.window <= timedelta(0):
+        return ""
+    return (
+        " The pages read are kept: a run of the same resources within"
+        f" {options.resume.window / timedelta(hours=1):g} hours (MKT_RESUME_HOURS) continues from where this one stopped."
+    )
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -159,6 +184,9 @@ def fetch_all(
     batch is discarded and ``FetchFailed`` names each failure and what became of the others.
     An interrupt (Terminate, SIGTERM, Ctrl-C: any ``BaseException`` while this waits) stops
     every fetch the same way, and propagates once their staged pages are removed."""
+    if options.resume is not None:
+        for path, why in sweep_reads(staging_directory(options.staging_dir), options.resume.window):
+            log(f"removed the pages a failed run had left in {path}: {why}")
     stop = Stop()
     answers = FirstAnswers([spec.name for spec in plan.resources])
     fetched: dict[str, Fetched] = {}
@@ -179,13 +207,13 @@ def fetch_all(
                 failures[name] = error
                 stop.set(f"{name} failed")
     except BaseException as interrupt:
-        _stop_fetching(interrupt, [spec.name for spec in plan.resources], stop, pool, futures, typing, log)
+        _stop_fetching(interrupt, [spec.name for spec in plan.resources], stop, pool, futures, typing, log, _kept(options))
         raise
     pool.shutdown()
     if failures:
         for done in fetched.values():
-            done.batch.discard()
-        failed = FetchFailed(failures, list(fetched), stopped, options.chosen)
+            done.batch.keep()
+        failed = FetchFailed(failures, list(fetched), stopped, options.chosen, _kept(options))
         raise failed from (None if failed.wrong_base_url else next(iter(failures.values())))
     return fetched
 
@@ -198,6 +226,7 @@ def _stop_fetching(
     futures: Mapping[str, Future[Fetched]],
     typing: TypingQueue,
     log: Log,
+    kept: str = "",
 ) -> None:
     """Stop every fetch now, without waiting for the walks to end: the stop cuts their
     requests and lets no other out; each fetch removes its staged pages as it unwinds."""
@@ -207,14 +236,19 @@ def _stop_fetching(
     wait(futures.values(), timeout=STOP_WAIT_SECONDS)
     for future in futures.values():
         if future.done() and not future.cancelled() and future.exception() is None:
-            future.result().batch.discard()
+            future.result().batch.keep()
     unfinished = [name for name, future in futures.items() if not future.done()]
     message = (
         f"Interrupted ({type(interrupt).__name__}) while reading {_listed(names)}:"
-        " every fetch was stopped; no request was sent after the interrupt and those under way were cut;"
-        " the staged pages were removed"
-        + (f" (those of {_listed(unfinished)} go once it ends)" if unfinished else "")
+        " every fetch was stopped; no request was sent after the interrupt and those under way were cut"
+        + (
+            ""
+            if kept
+            else "; the staged pages were removed"
+            + (f" (those of {_listed(unfinished)} go once it ends)" if unfinished else "")
+        )
         + ". Nothing was written: every table is as it was. Run the sync again to bring them up to date."
+        + kept
     )
     interrupt.add_note(message)
     try:
@@ -282,30 +316,73 @@ def _fetch_one(
     # Ids only grow: in ascending order after the newest stored id come exactly the new records.
     query = {"order": "asc", "startingAfter": after} if after is not None else None
     progress = Progress(log, spec.name, options.progress_seconds)
-    with open_client(stop) as client, ChunkTyper(spec, typing) as typer, PageStager(
-        spec,
-        directory=options.staging_dir,
-        complete=after is None,
-        after=after,
-        chunk_pages=options.chunk_pages,
-        on_chunk=typer.submit,
-    ) as stager:
-        for number, page in enumerate(client.iter_pages(spec, query)):
-            if not number:
-                answers.came(spec.name)
-            stop.check()
-            stager.add(page)
-            progress.tick(stager.records, stager.pages)
-        batch = replace(stager.finish(), typed=typer.finish())
-        return Fetched(
+    resumable = _open_resumable(spec, after, options, log)
+    try:
+        with open_client(stop) as client, ChunkTyper(spec, typing) as typer, PageStager(
             spec,
-            batch,
-            client.stats,
-            time.monotonic() - started,
-            plan.read(spec),
-            tuple(typer.failures),
-            tuple(stager.swept),
+            directory=options.staging_dir,
+            complete=after is None,
+            after=after,
+            chunk_pages=options.chunk_pages,
+            on_chunk=typer.submit,
+            resumable=resumable,
+        ) as stager:
+            adopted = resumable.adopted if resumable is not None else None
+            pages = client.iter_pages(spec, query, resume=adopted["position"] if adopted else None)
+            saved = time.monotonic()
+            for number, page in enumerate(pages):
+                if not number:
+                    answers.came(spec.name)
+                stop.check()
+                stager.add(page)
+                if resumable is not None and (stager.chunk_closed or time.monotonic() - saved >= options.checkpoint_seconds):
+                    stager.checkpoint(page.position)
+                    saved = time.monotonic()
+                # This run's own pace: pages adopted from an earlier attempt took no time here.
+                progress.tick(stager.records - stager.records_resumed, stager.pages - stager.pages_resumed)
+            batch = replace(stager.finish(), typed=typer.finish())
+            return Fetched(
+                spec,
+                batch,
+                client.stats,
+                time.monotonic() - started,
+                plan.read(spec),
+                tuple(typer.failures),
+                tuple(stager.swept),
+                stager.pages_resumed,
+                str(adopted["run_id"]) if adopted else None,
+            )
+    except BaseException:
+        if resumable is not None:
+            if resumable.checkpointed:
+                release_read(resumable.directory)  # what it checkpointed is the next run's to adopt
+            else:
+                remove_read(resumable.directory)  # stopped before its first checkpoint: nothing to resume
+        raise
+
+
+def _open_resumable(spec: ResourceSpec, after: int | None, options: FetchOptions, log: Log) -> ResumableRead | None:
+    """This read's resumable directory, adopting what an earlier attempt left if it matches;
+    None when resuming is off, or another live run holds the same read (this one then reads
+    afresh, as before)."""
+    resume = options.resume
+    if resume is None or resume.window <= timedelta(0):
+        return None
+    identity = resource_identity(resume.identity, spec, after)
+    read = open_read(staging_directory(options.staging_dir), spec.name, identity, resume.run_id, resume.window)
+    if read is None:
+        log(f"{spec.name}: another run is reading the same pages; this one reads afresh and cannot be resumed")
+    elif read.refused is not None:
+        log(f"{spec.name}: the pages a failed run left were not resumed: {read.refused}; reading from the first page")
+    elif read.adopted is not None:
+        checkpoint = read.adopted
+        log(
+            f"{spec.name}: resuming the read run {checkpoint['run_id']} left ({checkpoint['pages']} pages,"
+            f" {checkpoint['records']} records staged; begun at {read.began:%Y-%m-%d %H:%M:%S} UTC by run"
+            f" {checkpoint['first_run']}): "
+            + ("it was read to its end, so no request is needed" if checkpoint["position"].get("walk") == "done" else "continuing where it stopped instead of from the first page")
         )
+    return read
 
 
 @dataclass

@@ -437,7 +437,11 @@ def test_a_run_terminated_mid_fetch_stops_at_once_sends_nothing_more_and_leaves_
         assert [arrival for arrival in arrivals if arrival.at > exited] == []
         assert account.tables() == before
         staging = temporary / f"mkt_assets-{os.getuid()}" / "staging"
-        assert [path for path in staging.rglob("*") if path.is_file()] == [], "staged files left"
+        # The pages read stay for the next run to resume (issue 23), each read with its
+        # checkpoint; nothing else is left in the staging directory.
+        kept = staging / "resumable"
+        assert [path for path in staging.rglob("*") if path.is_file() and kept not in path.parents] == [], "staged files left"
+        assert kept.is_dir() and all((read / "checkpoint.json").is_file() for read in kept.iterdir()), "a read without its checkpoint"
         assert workers, "the run had no lean worker to end"
         assert not any(_alive_child_of(pid, None) for pid in workers), "a lean worker outlived the run"
         with dg.DagsterInstance.from_config(str(home)) as instance:
