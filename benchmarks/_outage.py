@@ -15,7 +15,6 @@ which the job's pacer follows).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re

@@ -36,7 +36,8 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dlt_env import (  # noqa: E402
+import _outage
+from _dlt_env import (
     DAGSTER_DLT_REQUIREMENTS,
     DEFAULT_DAGSTER_DLT_VENV,
     DEFAULT_VENV,
@@ -45,8 +46,7 @@ from _dlt_env import (  # noqa: E402
     ensure_venv,
     installed_versions,
 )
-import _outage  # noqa: E402
-from _measure import (  # noqa: E402  (the sibling modules, found through the line above)
+from _measure import (
     ChildFailed,
     Measured,
     ProcessRecord,
@@ -340,7 +340,7 @@ def summarize_job_events(events: list[dict[str, Any]], started_at: float, ended_
     ends: dict[str, float] = {}
     step_seconds: dict[str, float] = {}
     summary: dict[str, Any] = {}
-    for event, kind in zip(events, kinds):
+    for event, kind in zip(events, kinds, strict=True):
         step: str = event.get("step_key") or ""  # run-level events have none
         if kind == "STEP_START":
             step_pids.setdefault(int(event["dagster_event"]["pid"]), []).append(step)
@@ -684,7 +684,7 @@ def measure_dlt_runs(
     ):
         if kind not in plan.parts or ready is None:
             continue
-        run = attempt(bench, f"{where} {kind}", runs[kind], lambda: runner(bench, sim, timeout, expected))
+        run = attempt(bench, f"{where} {kind}", runs[kind], lambda runner=runner: runner(bench, sim, timeout, expected))
         if run:
             progress(f"{where}: {kind} {run['seconds']:.1f}s, CPU {run['cpu_seconds']:.1f}s,"
                      f" peak {max(run['peak_mb_by_kind'].values()):.0f} MB")  # fmt: skip
@@ -721,7 +721,7 @@ def measure_asset_pair(
     timeout = timeout_for(sim.contacts, 0.5)
     for name in (f"asset{suffix}", f"resync{suffix}"):
         run = attempt(bench, f"{where} {name}", runs[name],
-                      lambda: run_asset(bench, sim, database, timeout, name, history))  # fmt: skip
+                      lambda name=name: run_asset(bench, sim, database, timeout, name, history))  # fmt: skip
         if run is None:
             break
         progress(f"{where}: {name} fetch {run['fetch_seconds']:.1f}s + merge {run['merge_seconds']:.1f}s,"
@@ -815,7 +815,7 @@ class Table:
 
         def line(row: Row) -> str:
             cells = (row.measure, row.contacts, row.value, row.target, row.verdict)
-            return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+            return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
 
         rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
         return "\n".join([line(header), rule, *(line(row) for row in self.rows)])

@@ -46,13 +46,12 @@ from mkt_assets.commit import RunCommit, check_before_fetch, newest_keys, run_ta
 from mkt_assets.errors import ConfigurationError, WarehouseFileError
 from mkt_assets.normalized_tables import NormalizedTable, normalized_tables
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
-from mkt_assets.run_retries import before_the_run, no_retry_that_cannot_mend
 from mkt_assets.resume import ResumeOptions, read_identity
+from mkt_assets.run_retries import before_the_run, no_retry_that_cannot_mend
 from mkt_assets.schedules import FULL_JOB
 from mkt_assets.settings import Settings
 from mkt_assets.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
-from mkt_assets.warehouse import database_path
-from mkt_assets.warehouse import MASS_DELETION_ALLOWANCE
+from mkt_assets.warehouse import MASS_DELETION_ALLOWANCE, database_path
 
 ASSET_PREFIX = "marketing"
 GROUP_NAME = "marketing"
@@ -373,7 +372,7 @@ def _previous_row_counts(context: dg.AssetExecutionContext, keys: Iterable[dg.As
         event = record.asset_entry.last_materialization
         materialization = event.asset_materialization if event else None
         value = materialization.metadata.get("dagster/row_count") if materialization else None
-        counts[record.asset_entry.asset_key] = int(value.value) if value is not None else None  # type: ignore[arg-type]
+        counts[record.asset_entry.asset_key] = int(value.value) if value is not None else None
     return counts
 
 

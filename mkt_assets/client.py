@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -40,12 +40,12 @@ from mkt_assets.errors import (
 from mkt_assets.ratelimit import SharedRateLimiter
 from mkt_assets.records import RecordChecker, RecordProblem, has_lone_surrogate, lone_surrogate_problem, record_checker
 from mkt_assets.transport import (
+    MAX_REDIRECTS,
     RETRY_STATUSES,
     AnswerTooLarge,
     ApiAdapter,
     CappedRetry,
     Deadlines,
-    MAX_REDIRECTS,
     Log,
     ManualRedirectSession,
     RequestStats,
@@ -303,7 +303,7 @@ class MarketingApiClient:
         previous = query.get("startingAfter")
         order = query.get("order", self.order)
         if previous is not None:
-            advanced = cursor > previous if order == "asc" else cursor < previous  # type: ignore[operator]
+            advanced = cursor > previous if order == "asc" else cursor < previous
             if not advanced:
                 raise PaginationError(
                     spec.name,
@@ -466,9 +466,10 @@ class MarketingApiClient:
         the run stops, whether or not they have."""
         if self._stop is None:
             return wait(pending, return_when=FIRST_COMPLETED).done
-        done = wait([*pending, self._stop.future], return_when=FIRST_COMPLETED).done
+        waited: list[Future[Any]] = [*pending, self._stop.future]
+        done = wait(waited, return_when=FIRST_COMPLETED).done
         self._stop.check()
-        return done  # type: ignore[return-value]  # the stop's future is not done: not in it
+        return cast("set[Future[Page]]", done)  # the stop's future is not done: not in it
 
     def get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int = 1) -> Page:
         try:
@@ -503,7 +504,7 @@ class MarketingApiClient:
         self.stats.count_request()
         with self._deadlines.bound(self.read_timeout) as bound:
             try:
-                url, params = self.base_url + spec.path, query
+                url, params = self.base_url + spec.path, cast("Mapping[str, str | int] | None", query)
                 for _ in range(MAX_REDIRECTS + 1):
                     with self._session.get(
                         url, params=params, timeout=self.timeout, stream=True, allow_redirects=False

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from mkt_assets import resume
 from mkt_assets.catalog import ResourceSpec
@@ -163,7 +163,7 @@ class PageStager:
         self._checkpointed = set(self._paths)
         self.pages = self.pages_resumed = int(checkpoint["pages"])  # type: ignore[call-overload]
         self.records = self.records_resumed = int(checkpoint["records"])  # type: ignore[call-overload]
-        self.unknown_fields.update(checkpoint["unknown_fields"])  # type: ignore[call-overload]
+        self.unknown_fields.update(cast("list[str]", checkpoint["unknown_fields"]))
         self.longest_line = int(checkpoint["longest_line"])  # type: ignore[call-overload]
         # The key order goes on across attempts: each end resumes past its last key.
         self.keys_monotonic = bool(checkpoint["keys_monotonic"])
@@ -233,7 +233,7 @@ class PageStager:
                 raise self._write_failed(error, "a checkpoint") from None
         self.resumable.save(
             {
-                "chunks": [{"name": path.name, "bytes": size} for path, size in zip(self._paths, self._chunk_bytes)],
+                "chunks": [{"name": path.name, "bytes": size} for path, size in zip(self._paths, self._chunk_bytes, strict=True)],
                 "pages": self.pages,
                 "records": self.records,
                 "unknown_fields": sorted(self.unknown_fields),

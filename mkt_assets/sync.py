@@ -253,7 +253,7 @@ def _stop_fetching(
     interrupt.add_note(message)
     try:
         log(message)
-    except Exception:  # noqa: BLE001 - the interrupt is what the run must end with
+    except Exception:  # noqa: BLE001, S110 - the interrupt is what the run must end with
         pass
 
 

@@ -3,6 +3,7 @@ holds or fails clearly, leaving the table as it was, and never shows the key."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def test_retry_after_is_waited_before_each_retry(harness: Harness) -> None:
 
     assert outcome.result.success
     second_page = [r for r in harness.contact_requests() if r.query.get("startingAfter")][:3]
-    gaps = [later.at - earlier.at for earlier, later in zip(second_page, second_page[1:])]
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(second_page)]
     assert [r.status for r in second_page] == [503, 503, 200]
     assert all(gap >= 0.95 for gap in gaps), gaps  # backoff alone would be 0.01 s
 

@@ -187,7 +187,7 @@ def test_the_failed_runs_error_says_the_pages_are_kept_for_the_next_run(server: 
 
 @pytest.mark.slow
 def test_a_terminated_run_stops_at_once_and_the_next_resumes_it(server: SandboxServer, tmp_path: Path) -> None:
-    expected, clean_requests = clean_sync(server, tmp_path, order="asc")
+    expected, _ = clean_sync(server, tmp_path, order="asc")
     staging = tmp_path / "staging"
     server.reset_log()
     # The 30th contacts request is held for a minute: the run is mid-fetch when terminated.
@@ -257,7 +257,7 @@ _KILLED_RUN = textwrap.dedent(
 def test_a_run_killed_mid_fetch_is_resumed_by_the_next(tmp_path: Path) -> None:
     # Each answer takes 20 ms: the kill lands mid-walk, checkpoints already written.
     with SandboxServer(SandboxData(seed=23, contacts=CONTACT_COUNT), api_key=API_KEY, latency=0.02) as server:
-        expected, clean_requests = clean_sync(server, tmp_path)
+        expected, _ = clean_sync(server, tmp_path)
         expected = {name: rows for name, rows in expected.items() if not name.startswith(("contact_fields", "communit", "course"))}
         staging, database = tmp_path / "staging", tmp_path / "resumed.duckdb"
         server.reset_log()

@@ -17,11 +17,11 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.catalog import RESOURCES
 from mkt_assets.client import Page
 from mkt_assets.commit import commit_run
 from mkt_assets.errors import MassDeletionError, StagingError
-from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.io_manager import MarketingDuckDBIOManager
 from mkt_assets.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.resource import MarketingApiResource, WarehouseResource
