@@ -179,6 +179,7 @@ def test_reference_checks_say_which_table_is_missing(connection: duckdb.DuckDBPy
     assert result.description == "marketing.tags does not exist yet: materialize it first"
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path) -> None:
     """Bad data never flows on: with duplicated keys in the table, what depends on it is skipped."""
     database = str(tmp_path / "blocking.duckdb")

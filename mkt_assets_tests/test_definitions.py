@@ -28,6 +28,7 @@ NORMALIZED_KEYS = {dg.AssetKey(["marketing", table.name]) for table in NORMALIZE
 EXPECTED_KEYS = {dg.AssetKey(["marketing", spec.name]) for spec in RESOURCES}
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 @pytest.mark.parametrize("chosen", [{}, {"MKT_RESOURCES": "contacts,tags"}, {"MKT_RESOURCES": "memberships"}])
 def test_the_definitions_load_without_any_warning_and_without_a_key(chosen: dict[str, str]) -> None:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")} | chosen

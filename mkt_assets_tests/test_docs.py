@@ -54,6 +54,7 @@ def run_documented(database: str, statement: str) -> list[tuple[Any, ...]]:
         return connection.execute(statement.replace("marketing.", f"{catalog}.marketing.")).fetchall()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_every_query_of_the_tables_doc_runs_over_a_sync(synced: str) -> None:
     text = (ROOT / "docs" / "tables.md").read_text()
     statements = sql_statements(text[: text.index("## History queries")])

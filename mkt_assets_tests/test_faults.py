@@ -138,6 +138,7 @@ def assert_failed_cleanly(harness: Harness, outcome: Outcome, before: list[tuple
 # 1. Up to 3 consecutive retryable answers on any page: complete data, retries reported.
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 def test_three_retryable_answers_in_a_row_are_retried_to_a_complete_sync(harness: Harness, status: int) -> None:
     before = harness.table()
@@ -151,6 +152,7 @@ def test_three_retryable_answers_in_a_row_are_retried_to_a_complete_sync(harness
     assert metadata["records_fetched"] == ACCOUNT_SIZE
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_retry_after_is_waited_before_each_retry(harness: Harness) -> None:
     outcome = harness.sync(CONTACTS, Fault("status", path="/api/contacts", status=503, times=2, after=1, retry_after=1))
 
@@ -216,6 +218,7 @@ def test_a_connection_reset_mid_body_fails_clearly(harness: Harness) -> None:
     assert "no complete answer" in outcome.error
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_read_timeout_fails_clearly(harness: Harness) -> None:
     before = harness.table()
     outcome = harness.sync(CONTACTS, Fault("delay", path="/api/contacts", delay=1.0, times=-1), read_timeout=0.2)
@@ -294,6 +297,7 @@ def test_a_wrong_base_url_is_said_once_naming_mkt_api_base_url_not_once_a_resour
 WITHOUT_COMMUNITIES = tuple(spec.name for spec in RESOURCES if spec.name not in ("communities", "memberships"))
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_an_account_without_communities_syncs_everything_else_once_mkt_resources_leaves_them_out(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -381,6 +385,7 @@ def test_a_bad_page_fails_naming_resource_and_page_and_writes_nothing(harness: H
 # 8. A new upstream field is kept; a field that cannot be typed is named with its value.
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_new_upstream_field_is_kept_in_extra_and_reported(harness: Harness) -> None:
     outcome = harness.sync(CONTACTS, Fault("extra_field", path="/api/contacts", times=-1))
 
@@ -435,6 +440,7 @@ _KILLED_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_writer_killed_mid_transaction_leaves_the_old_state_and_the_next_sync_succeeds(harness: Harness) -> None:
     before = harness.table()
     harness.account.add_contacts(120)
@@ -667,6 +673,7 @@ def test_a_long_retry_after_is_waited_and_logged(harness: Harness) -> None:
     assert "waiting 6 s before retrying after HTTP 503 (as Retry-After asks)" in outcome.everything_recorded()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 @pytest.mark.parametrize("kind", ["drip", "drip_body"])
 def test_an_answer_dripping_a_byte_at_a_time_is_cut_at_the_read_timeout(harness: Harness, kind: str) -> None:
     before = harness.table()
@@ -680,6 +687,7 @@ def test_an_answer_dripping_a_byte_at_a_time_is_cut_at_the_read_timeout(harness:
     assert took < 20, took  # two attempts of a second each, plus Dagster; a drip would take hours
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_gzip_bomb_is_cut_off_at_the_page_cap(harness: Harness) -> None:
     before = harness.table()
     outcome = harness.sync(CONTACTS, Fault("gzip_bomb", path="/api/contacts", size=256 << 20, after=1), max_page_mb=8)
@@ -688,6 +696,7 @@ def test_a_gzip_bomb_is_cut_off_at_the_page_cap(harness: Harness) -> None:
     assert ": page 2: the answer is larger than 8 MiB once decompressed (max_page_mb); stopped reading it" in outcome.error
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_an_answer_cut_at_its_deadline_is_retried_and_a_prompt_retry_succeeds(harness: Harness) -> None:
     before = harness.table()
     outcome = harness.sync(CONTACTS, Fault("delay", path="/api/contacts", delay=3.0, after=1), read_timeout=1.0)

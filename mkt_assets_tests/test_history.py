@@ -281,6 +281,7 @@ def _metadata(result: dg.ExecuteInProcessResult, name: str) -> dict[str, Any]:
     return {key: value.value for key, value in event.materialization.metadata.items()}
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_sync_reports_its_versions_and_checks_every_history(database: str, tmp_path: Path) -> None:
     data = SandboxData(seed=8, contacts=300)
     _run(database, tmp_path, data)
@@ -303,6 +304,7 @@ def test_a_sync_reports_its_versions_and_checks_every_history(database: str, tmp
         assert connection.execute(f"SELECT count(*) FROM {history} WHERE id = ?", [retagged]).fetchone() == (2,)
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_with_history_off_there_is_no_history_and_no_check(database: str, tmp_path: Path) -> None:
     result = _run(database, tmp_path, SandboxData(seed=8, contacts=50), history=False)
 

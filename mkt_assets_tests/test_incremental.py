@@ -60,6 +60,7 @@ def account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Account
         running.server.stop()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_incremental_then_full_sync_lands_new_changed_and_deleted_contacts(account: Account) -> None:
     account.run("marketing_sync")
     data = account.data
@@ -99,6 +100,7 @@ def test_incremental_then_full_sync_lands_new_changed_and_deleted_contacts(accou
     assert_normalized_tables_match_the_nested_lists(account)
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_an_incremental_run_on_an_empty_table_reads_everything(account: Account) -> None:
     metadata = account.run("marketing_incremental")
 
@@ -108,6 +110,7 @@ def test_an_incremental_run_on_an_empty_table_reads_everything(account: Account)
     assert 7 <= account.contact_requests() <= 10
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_the_incremental_read_never_touches_rows_it_did_not_fetch(account: Account) -> None:
     account.run("marketing_sync")
     before = account.query("SELECT * FROM marketing.contacts ORDER BY id")
@@ -121,6 +124,7 @@ def test_the_incremental_read_never_touches_rows_it_did_not_fetch(account: Accou
     assert account.query("SELECT * FROM marketing.contacts ORDER BY id") == before
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_hard_delete_removes_rows_gone_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     account = Account(tmp_path, monkeypatch, deletions="delete")
     try:
@@ -161,6 +165,7 @@ def assert_normalized_tables_match_the_nested_lists(account: Account) -> None:
     assert sorted(account.query("SELECT * FROM marketing.course_modules"), key=repr) == sorted(expected_modules, key=repr)
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_table_is_kept_while_nothing_it_reads_changes_and_rebuilt_when_something_does(account: Account) -> None:
     account.run("marketing_sync")
     built = account.query("SELECT * FROM marketing.contact_tags ORDER BY ALL")
@@ -188,6 +193,7 @@ def test_a_table_is_kept_while_nothing_it_reads_changes_and_rebuilt_when_somethi
     assert account.run("marketing_incremental")["course_modules"]["rebuilt"] is True
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_tables_left_out_with_contacts_are_rebuilt_from_what_changed_meanwhile_when_contacts_come_back(
     account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:

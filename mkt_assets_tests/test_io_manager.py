@@ -82,6 +82,7 @@ def test_materializations_merge_and_report_what_changed(tmp_path: Path) -> None:
     assert not any(path.exists() for path in second.paths), "the staging files are removed once merged"
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_run_that_began_first_but_lands_after_a_newer_complete_read_writes_nothing_and_says_so(tmp_path: Path) -> None:
     database = str(tmp_path / "warehouse.duckdb")
     materialize(database, tags(tmp_path, {1: "a", 2: "b", 3: "c"}))
@@ -113,6 +114,7 @@ def test_a_run_that_began_first_but_lands_after_a_newer_complete_read_writes_not
     assert rows == [(1, "a", False), (2, "b2", False), (3, "c", True), (4, "d", False)]
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_run_that_began_first_but_lands_after_a_newer_partial_read_keeps_its_rows_and_says_so(tmp_path: Path) -> None:
     database = str(tmp_path / "warehouse.duckdb")
     materialize(database, tags(tmp_path, {1: "a", 2: "b", 3: "c"}))

@@ -54,6 +54,7 @@ def account(tmp_path: Path) -> Iterator[Account]:
         running.server.stop()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_memberships_and_enrollments_keep_the_ids_of_what_they_embed_not_copies_of_it(account: Account) -> None:
     result = account.sync()
 
@@ -70,6 +71,7 @@ def test_memberships_and_enrollments_keep_the_ids_of_what_they_embed_not_copies_
     assert memberships and enrollments
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_reference_to_a_missing_contact_warns_naming_it_while_the_run_succeeds(account: Account) -> None:
     result = account.sync(Fault("dangling", path="/api/community/memberships"))
 
@@ -91,6 +93,7 @@ def _served_memberships(account: Account) -> list[dict[str, Any]]:
     return [{"id": row[0], "contact": {"id": row[1]}} for row in rows]
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_contact_profiles_hold_what_every_live_contact_carries_and_belongs_to(account: Account) -> None:
     some = list(account.data.contact_ids)
     account.data.delete_contact(some[3])  # its memberships and enrollments go with it

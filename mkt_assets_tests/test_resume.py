@@ -341,6 +341,7 @@ def test_a_read_of_the_same_deployment_is_resumed(server: SandboxServer, tmp_pat
     ],
     ids=["account", "base URL", "deletions mode", "database", "order"],
 )
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_read_is_never_resumed_by_another_deployment(server: SandboxServer, tmp_path: Path, changed: dict[str, str]) -> None:
     fail_contacts_midway(server, tmp_path)
     done, _ = fetch_contacts(server, tmp_path, identity(**changed))
@@ -350,6 +351,7 @@ def test_a_read_is_never_resumed_by_another_deployment(server: SandboxServer, tm
     done.batch.discard()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_read_is_never_resumed_once_the_catalogs_spec_of_it_changed(server: SandboxServer, tmp_path: Path) -> None:
     fail_contacts_midway(server, tmp_path)
     changed = replace(CONTACTS, description=CONTACTS.description + " (a newer catalog)")
@@ -359,6 +361,7 @@ def test_a_read_is_never_resumed_once_the_catalogs_spec_of_it_changed(server: Sa
     done.batch.discard()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_read_past_its_window_is_read_afresh_and_its_pages_swept(server: SandboxServer, tmp_path: Path) -> None:
     fail_contacts_midway(server, tmp_path)
     (checkpoint,) = (tmp_path / resume.RESUMABLE_DIRECTORY).glob("*/checkpoint.json")
@@ -438,6 +441,7 @@ def test_deletions_are_marked_only_from_a_read_complete_across_attempts(server: 
     assert deleted(database) == {read_before, unread}, "the next complete read marks the other"
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_an_incremental_read_resumes_too_but_never_as_another_starting_key(server: SandboxServer, tmp_path: Path) -> None:
     with MarketingApiClient(server.base_url, API_KEY, page_size=PAGE_SIZE) as whole:
         ids = sorted(item["id"] for page in whole.iter_pages(CONTACTS) for item in page.items)

@@ -92,6 +92,7 @@ def account(tmp_path: Path) -> Iterator[Account]:
         running.server.stop()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_materializing_one_asset_alone_reads_only_its_resource_and_rebuilds_what_reads_it(account: Account) -> None:
     account.change_contacts()
 
@@ -109,6 +110,7 @@ def test_materializing_one_asset_alone_reads_only_its_resource_and_rebuilds_what
     assert_normalized_tables_match_their_contacts(account)
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 @pytest.mark.parametrize("failing", ["tags", "contacts"])
 def test_a_failing_resource_fails_the_run_naming_it_and_every_table_stays_as_it_was(account: Account, failing: str) -> None:
     before = account.tables()
@@ -256,6 +258,7 @@ def _every_table(database: str) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 @pytest.mark.parametrize("history", [True, False], ids=["history", "no history"])
 @pytest.mark.parametrize("deletions", ["mark", "delete"])
 def test_a_mass_deletion_is_refused_leaving_every_table_as_it_was_and_a_confirmed_run_applies_it(
@@ -295,6 +298,7 @@ def test_a_mass_deletion_is_refused_leaving_every_table_as_it_was_and_a_confirme
         assert all(row[-1] is not None for row in after["contacts_history"])  # every version closed
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_deletions_within_the_share_or_the_handful_and_incremental_reads_need_no_confirmation(tmp_path: Path) -> None:
     file = WarehouseFile(str(tmp_path / "within.duckdb"))
     commit_run(file, "marketing", _account(tmp_path), NORMALIZED_TABLES, deletions="mark")

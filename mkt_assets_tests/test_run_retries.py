@@ -225,6 +225,7 @@ def test_a_sync_failed_by_a_rejected_key_is_not_retried_and_says_so(
     ]
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_mass_deletion_refused_is_not_retried(simulator: SandboxServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
     database = tmp_path / "w.duckdb"
     assert run_the_job(simulator, instance, database).status == dg.DagsterRunStatus.SUCCESS

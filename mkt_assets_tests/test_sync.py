@@ -81,6 +81,7 @@ def table_rows(database: str, spec: ResourceSpec, with_bookkeeping: bool = False
         return connection.execute(f'SELECT {columns} FROM {table} ORDER BY "{spec.primary_key_column.name}"').fetchall()
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_every_record_of_every_resource_lands_field_for_field(
     server: SandboxServer, account: SandboxData, tmp_path: Path
 ) -> None:
@@ -111,6 +112,7 @@ def test_every_record_of_every_resource_lands_field_for_field(
     assert [r.query for r in server.requests if r.path == "/api/contact_fields"] == [{}]
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_chunks_typed_during_the_fetch_land_the_same_rows_and_leave_no_file(
     server: SandboxServer, account: SandboxData, tmp_path: Path
 ) -> None:
@@ -131,6 +133,7 @@ def test_chunks_typed_during_the_fetch_land_the_same_rows_and_leave_no_file(
     assert [path for path in staging.rglob("*") if path.is_file() and path.name != AREA_LOCK_NAME] == []
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_second_sync_changes_nothing(server: SandboxServer, tmp_path: Path) -> None:
     database = str(tmp_path / "sync.duckdb")
     materialize_marketing(EVERYTHING, resources(server, database))
@@ -243,6 +246,7 @@ def test_a_long_fetch_reports_its_progress_in_the_run_log(server: SandboxServer,
     assert progress[-1].startswith(f"contacts: 1234 records in {pages} pages so far")
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_materializations_explain_themselves(server: SandboxServer, tmp_path: Path) -> None:
     database = str(tmp_path / "m.duckdb")
     instance = dg.DagsterInstance.ephemeral()
@@ -294,6 +298,7 @@ def test_overlapping_runs_of_the_job_both_succeed_on_one_database(server: Sandbo
         assert table_rows(str(database), spec) == expected_rows(spec, account), spec.name
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_run_config_setting_one_option_keeps_every_other_setting_key_and_base_url_included(
     server: SandboxServer, account: SandboxData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,6 +324,7 @@ def test_a_run_config_setting_one_option_keeps_every_other_setting_key_and_base_
         assert len(table_rows(str(database), spec)) == account.count(spec.name)
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_read_timeout_set_in_run_config_bounds_a_dripping_answer(
     server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

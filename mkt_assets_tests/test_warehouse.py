@@ -232,6 +232,7 @@ def _merge_on_a_full_disk(database: str, batch: StagedBatch, headroom: int, outc
         outcome.put(f"{type(error).__name__}: {error}")
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_merge_the_disk_refuses_names_the_file_and_the_cause_first_and_changes_nothing(
     database: str, tmp_path: Path
 ) -> None:
@@ -344,6 +345,7 @@ def _write_to_the_database(database: str, attempting: Any) -> None:
         connection.execute("CREATE TABLE written AS SELECT 42 AS answer")
 
 
+@pytest.mark.slow  # a second or more: several real syncs
 def test_a_second_writer_process_waits_for_the_first_instead_of_failing(database: str) -> None:
     spawn = multiprocessing.get_context("spawn")
     opened, release, attempting = spawn.Event(), spawn.Event(), spawn.Event()
