@@ -227,9 +227,10 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             warehouse.memory_limit
         ) as typing:
             try:
-                # Before the first request: a file the write would refuse fails in seconds.
-                duckdb.call(
-                    check_before_fetch,
+                # Before the first request: a file the write would refuse fails in seconds. In
+                # this process (tens of ms, a read-only look at the file's catalog), not the
+                # worker's, whose start then overlaps the fetch instead of delaying it.
+                check_before_fetch(
                     file,
                     warehouse.schema_name,
                     run_tables(resources, plan_sync(resources, tables, all_tables, {}).tables),
