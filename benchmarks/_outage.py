@@ -89,7 +89,7 @@ def _tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
     found = {}
     with duckdb.connect(str(database), read_only=True) as connection:
         names = [row[0] for row in connection.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'marketing' AND table_name <> '_mkt_reads'"
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'marketing' AND NOT starts_with(table_name, '_mkt_')"
         ).fetchall()]  # fmt: skip
         for name in names:
             columns = [row[0] for row in connection.execute(

@@ -77,11 +77,12 @@ _WHEN = {"_synced_at", "_deleted_at", "_valid_from", "_valid_to", "valid_from", 
 
 
 def tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every table of the file, sorted; of the columns saying when a sync ran, whether each is set."""
+    """Every table of the file but the bookkeeping (`_mkt_*`: when reads landed, random change
+    tokens), sorted; of the columns saying when a sync ran, whether each is set."""
     found = {}
     with connect(str(database)) as connection:
         names = [row[0] for row in connection.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'marketing' AND table_name <> '_mkt_reads'"
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'marketing' AND NOT starts_with(table_name, '_mkt_')"
         ).fetchall()]  # fmt: skip
         for name in names:
             columns = [row[0] for row in connection.execute(
