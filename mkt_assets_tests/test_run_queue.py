@@ -33,13 +33,13 @@ BIN = Path(sys.executable).parent
 DEADLINE_SECONDS = 240.0
 
 
-def wait_for(what: str, condition: Callable[[], bool], log: Path) -> None:
+def wait_for(what: str, condition: Callable[[], bool], log: Path, seconds: float = DEADLINE_SECONDS) -> None:
     """Poll ``condition`` until it holds, failing with the daemon's log past the deadline."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
+    deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-            pytest.fail(f"{what}: not within {DEADLINE_SECONDS:.0f}s; the daemon's log ends:\n{tail}")
+            pytest.fail(f"{what}: not within {seconds:.0f}s; the daemon's log ends:\n{tail}")
         time.sleep(0.5)  # polling another process's state, with a deadline
 
 

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from mkt_assets.run_retries import (
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.settings import Settings
 from mkt_assets.sync import FetchFailed
+from mkt_assets_tests import test_run_queue
 from mkt_assets_tests.test_ui import DAILY_CRON, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,13 +254,7 @@ TEST_RETRY_DELAY_SECONDS = 8.0
 
 
 def wait_for(what: str, condition: Callable[[], bool], log: Path) -> None:
-    """Poll ``condition`` until it holds, failing with the daemon's log past the deadline."""
-    deadline = time.monotonic() + DAEMON_DEADLINE_SECONDS
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-            pytest.fail(f"{what}: not within {DAEMON_DEADLINE_SECONDS:.0f}s; the daemon's log ends:\n{tail}")
-        time.sleep(0.5)  # polling another process's state, with a deadline
+    test_run_queue.wait_for(what, condition, log, DAEMON_DEADLINE_SECONDS)
 
 
 @pytest.mark.slow
