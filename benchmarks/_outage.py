@@ -160,3 +160,129 @@ def report(name: str, result: dict[str, Any]) -> list[str]:
         f" {total_seconds:.1f} s of runs; tables equal to the clean sync: {'yes' if result['equal'] else 'NO'}"
     )
     return lines
+
+
+# ============================================================ with the daemon (issue 23's third target)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+AUTO_RETRY_TAG = "dagster/auto_retry_run_id"  # set by the daemon on a run it retried: the retry's id
+# The schedules must not launch runs of their own during the scenario: once a year, on a day
+# the scenario does not run into.
+NEVER_DURING_THE_SCENARIO = "0 0 1 1 *"
+
+
+def run_daemon_outage(
+    root: Path, env: Mapping[str, str], base_url: str, clean: dict[str, Any], clean_db: Path,
+    outage_at: float, outage_seconds: float, deadline_seconds: float,
+) -> dict[str, Any]:
+    """The project as a user runs it: a Dagster home with the project's dagster.yaml, the daemon
+    (``dagster-daemon run`` on the project's workspace, as ``dg dev`` starts it), one
+    ``marketing_sync`` launched through it, and an outage of ``outage_seconds`` from
+    ``outage_at`` seconds after that run started. Nobody touches anything after that: the runs are
+    followed through the daemon's ``dagster/auto_retry_run_id`` tags until one succeeds, one
+    fails without a retry, or ``deadline_seconds`` pass."""
+    import uuid
+
+    import dagster as dg
+
+    home = root / "daemon-home"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    database = root / "daemon.duckdb"
+    child_env = {
+        **env, "DAGSTER_HOME": str(home), "MKT_API_BASE_URL": base_url, "MKT_DUCKDB_PATH": str(database),
+        "MKT_SYNC_CRON": NEVER_DURING_THE_SCENARIO, "MKT_INCREMENTAL_CRON": NEVER_DURING_THE_SCENARIO,
+    }  # fmt: skip
+    instance = dg.DagsterInstance.from_config(str(home))
+    requests_seen(base_url)
+    with open(root / "daemon.log", "wb") as log:
+        daemon = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=home, env=child_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    first = str(uuid.uuid4())
+    launched = time.time()
+    timers = [
+        threading.Timer(outage_at, _admin, (base_url, "POST", "faults", [{"kind": "status", "status": 503, "times": -1}])),
+        threading.Timer(outage_at + outage_seconds, _admin, (base_url, "DELETE", "faults")),
+    ]
+    chain = [first]
+    try:
+        subprocess.run(
+            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync", "--run-id", first],
+            cwd=home, env=child_env, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        # The outage is timed from the run's start, not its launch: the queue and the run
+        # worker's start take seconds of their own.
+        while time.time() - launched < deadline_seconds:
+            record = instance.get_run_record_by_id(first)
+            if record is not None and (record.start_time is not None or record.dagster_run.is_finished):
+                break
+            time.sleep(0.5)
+        for timer in timers:
+            timer.start()
+        while time.time() - launched < deadline_seconds:
+            run = instance.get_run_by_id(chain[-1])
+            if run is not None and run.status == dg.DagsterRunStatus.SUCCESS:
+                break
+            if run is not None and run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+                if AUTO_RETRY_TAG in run.tags:
+                    chain.append(run.tags[AUTO_RETRY_TAG])
+                    continue
+                if run.tags.get("dagster/will_retry") == "false" or run.status == dg.DagsterRunStatus.CANCELED:
+                    break
+            time.sleep(2)
+    finally:
+        for timer in timers:
+            timer.cancel()
+        _admin(base_url, "DELETE", "faults")
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+    answered = _admin(base_url, "GET", "requests")["requests"]
+    requests_seen(base_url)
+    runs = []
+    for run_id in chain:
+        record = instance.get_run_record_by_id(run_id)
+        if record is None:
+            break
+        started, ended = record.start_time or launched, record.end_time or time.time()
+        runs.append({
+            "run_id": run_id, "status": record.dagster_run.status.value, "seconds": ended - started,
+            "started_after": started - launched, "ended_after": ended - launched,
+            "ok": record.dagster_run.status == dg.DagsterRunStatus.SUCCESS,
+            "requests": sum(1 for r in answered if r["path"].startswith("/api/") and started <= r["at"] <= ended),
+            "resumed": _resumed_in(instance, run_id),
+        })  # fmt: skip
+    equal = bool(runs) and runs[-1]["ok"] and _tables(database) == _tables(clean_db)
+    return {"clean": clean, "runs": runs, "equal": equal, "wall": time.time() - launched,
+            "requests": sum(1 for r in answered if r["path"].startswith("/api/"))}  # fmt: skip
+
+
+def _resumed_in(instance: Any, run_id: str) -> int:
+    """Pages a run resumed, from the lines its event log says it in."""
+    found = set()
+    for entry in instance.all_logs(run_id):
+        found.update(re.findall(r"resuming the read run \S+ left \((\d+) pages", entry.user_message or ""))
+    return sum(int(pages) for pages in found)
+
+
+def report_daemon(name: str, result: dict[str, Any]) -> list[str]:
+    clean, runs = result["clean"], result["runs"]
+    lines = [f"{name}: clean sync {clean['requests']} requests, {clean['seconds']:.1f} s"]
+    for number, run in enumerate(runs, start=1):
+        lines.append(
+            f"  run {number} ({'launched' if number == 1 else f'retry {number - 1}, by the daemon'}): {run['status']},"
+            f" {run['started_after']:.0f}-{run['ended_after']:.0f} s after the launch, {run['requests']} requests,"
+            f" {run['resumed']} pages resumed"
+        )
+    lines.append(
+        f"  in all: {result['requests']} requests ({result['requests'] / max(1, clean['requests']):.3f} x clean),"
+        f" {result['wall']:.0f} s from the launch to the end; nobody touched it; tables equal to the clean sync:"
+        f" {'yes' if result['equal'] else 'NO'}"
+    )
+    return lines

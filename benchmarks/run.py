@@ -1254,14 +1254,16 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
-    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt", "outage", "kill")
+    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt", "outage", "kill", "daemon")
     # dagster-dlt is context, not a target, and costs a venv with Dagster of its own: asked for.
-    default_parts = [part for part in parts if part not in ("dagster-dlt", "outage", "kill")]
+    default_parts = [part for part in parts if part not in ("dagster-dlt", "outage", "kill", "daemon")]
     parser.add_argument("--parts", nargs="+", choices=parts, default=default_parts,
-                        help="what to measure (default: all but dagster-dlt, outage and kill)")  # fmt: skip
+                        help="what to measure (default: all but dagster-dlt, outage, kill and daemon)")  # fmt: skip
     parser.add_argument("--rate", type=int, default=10, help="requests a second the simulator allows in outage/kill (its rate limit)")
     parser.add_argument("--outage-at", type=float, default=60.0, help="seconds into the sync the outage starts")
     parser.add_argument("--outage-seconds", type=float, default=60.0, help="how long every request answers 503")
+    parser.add_argument("--daemon-outage-seconds", type=float, default=600.0,
+                        help="how long every request answers 503 in the daemon scenario (from --outage-at)")  # fmt: skip
     parser.add_argument("--kills", type=int, default=5, help="syncs killed with SIGKILL before one finishes (kill)")
     parser.add_argument(
         "--dlt-venv", type=Path, default=DEFAULT_VENV,
@@ -1313,6 +1315,20 @@ def measure_resume(bench: Bench, plan: Plan, arguments: argparse.Namespace) -> l
                 result = _outage.run_kills(bench.run_dir(f"kills-{label(contacts)}"), env, sim.base_url, arguments.kills)
                 lines += _outage.report(f"kill -9 x{arguments.kills}, {label(contacts)} contacts, {arguments.rate} requests/s", result)
                 print("\n".join(lines[-(len(result["runs"]) + 2):]), flush=True)
+            if "daemon" in plan.parts:
+                outage = arguments.daemon_outage_seconds
+                progress(f"daemon at {label(contacts)}: {outage:g} s of 503 from {arguments.outage_at:g} s after the run started")
+                run_dir = bench.run_dir(f"daemon-{label(contacts)}")
+                _outage.requests_seen(sim.base_url)
+                clean = _outage._sync(run_dir / "clean", env, run_dir / "clean.duckdb", sim.base_url)
+                # Room for the three retries' waits (2 + 4 + 8 minutes by default) and two syncs.
+                deadline = arguments.outage_at + outage + 1800 + 2 * clean["seconds"]
+                result = _outage.run_daemon_outage(run_dir, env, sim.base_url, clean, run_dir / "clean.duckdb",
+                                                   arguments.outage_at, outage, deadline)  # fmt: skip
+                lines += _outage.report_daemon(
+                    f"daemon, {outage:g} s outage, {label(contacts)} contacts, {arguments.rate} requests/s", result
+                )
+                print("\n".join(lines[-(len(result["runs"]) + 2):]), flush=True)
     return lines
 
 
@@ -1348,7 +1364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.dagster_dlt_python = prepare_venv(
                 bench, "dagster-dlt", arguments.dagster_dlt_venv, DAGSTER_DLT_REQUIREMENTS, ("dagster-dlt", "dagster", "dlt")
             )
-        if plan.parts & {"outage", "kill"}:
+        if plan.parts & {"outage", "kill", "daemon"}:
             measure_resume(bench, plan, arguments)  # prints each scenario as it ends
         results = measure(bench, plan)
         results["machine"] = asdict(machine)
