@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pytest
 import yaml
 
@@ -253,78 +254,102 @@ DAEMON_DEADLINE_SECONDS = 180.0
 TEST_RETRY_DELAY_SECONDS = 8.0
 
 
-def wait_for(what: str, condition: Callable[[], bool], log: Path) -> None:
-    test_run_queue.wait_for(what, condition, log, DAEMON_DEADLINE_SECONDS)
+class Daemon:
+    """``dagster-daemon run`` on the project's workspace, in a Dagster home with the project's
+    dagster.yaml, syncing into ``database`` from ``simulator``: the runs it is given to launch
+    and how they end."""
+
+    def __init__(self, simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: str) -> None:
+        self.home = tmp_path / "dagster_home"
+        self.home.mkdir()
+        shutil.copy(REPO / "dagster.yaml", self.home / "dagster.yaml")
+        self.log = tmp_path / "daemon.log"
+        self.database = tmp_path / "retried.duckdb"
+        self.environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
+        self.environment.update(
+            DAGSTER_HOME=str(self.home),
+            MKT_API_BASE_URL=simulator.base_url,
+            MKT_API_KEY=API_KEY,
+            MKT_DUCKDB_PATH=str(self.database),
+            MKT_RESOURCES="contacts",
+            MKT_RUN_RETRY_DELAY_SECONDS=str(TEST_RETRY_DELAY_SECONDS),
+            # The schedules never fire during the test.
+            MKT_SYNC_CRON=DAILY_CRON,
+            MKT_INCREMENTAL_CRON=DAILY_CRON,
+            # The retry daemon looks for failed runs every second instead of every five.
+            DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        self.environment.update(settings)
+        monkeypatch.setenv("DAGSTER_HOME", str(self.home))
+        self.instance = dg.DagsterInstance.get()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Daemon:
+        with open(self.log, "wb") as output:
+            self.process = subprocess.Popen(
+                [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+                cwd=self.home, env=self.environment, stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self.process is not None
+        stop_process_group(self.process)
+
+    def launch(self, run_id: str, resource_config: dict[str, object]) -> None:
+        config = json.dumps({"resources": {"marketing_api": {"config": resource_config}}})
+        subprocess.run(
+            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync",
+             "--run-id", run_id, "--config-json", config],
+            cwd=self.home, env=self.environment, check=True, capture_output=True, timeout=DAEMON_DEADLINE_SECONDS,
+        )  # fmt: skip
+
+    def run(self, run_id: str) -> dg.DagsterRun:
+        found = self.instance.get_run_by_id(run_id)
+        assert found is not None
+        return found
+
+    def ended(self, run_id: str) -> bool:
+        found = self.instance.get_run_by_id(run_id)
+        return found is not None and found.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+
+    def wait_for(self, what: str, condition: Callable[[], bool]) -> None:
+        test_run_queue.wait_for(what, condition, self.log, DAEMON_DEADLINE_SECONDS)
 
 
 @pytest.mark.slow
 def test_the_daemon_retries_a_sync_failed_by_an_outage_after_a_wait_and_not_one_failed_by_a_rejected_key(
     simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    log = tmp_path / "daemon.log"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
-    environment.update(
-        DAGSTER_HOME=str(home),
-        MKT_API_BASE_URL=simulator.base_url,
-        MKT_API_KEY=API_KEY,
-        MKT_DUCKDB_PATH=str(tmp_path / "retried.duckdb"),
-        MKT_RESOURCES="contacts",
-        MKT_RUN_RETRY_DELAY_SECONDS=str(TEST_RETRY_DELAY_SECONDS),
-        # The schedules never fire during the test.
-        MKT_SYNC_CRON=DAILY_CRON,
-        MKT_INCREMENTAL_CRON=DAILY_CRON,
-        # The retry daemon looks for failed runs every second instead of every five.
-        DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    instance = dg.DagsterInstance.get()
+    daemon = Daemon(simulator, tmp_path, monkeypatch)
+    instance, run, ended = daemon.instance, daemon.run, daemon.ended
     # One ascending walk with no backoff: a fault's count is the requests of one run.
-    config = json.dumps({"resources": {"marketing_api": {"config": {"backoff_factor": 0, "order": "asc"}}}})
+    config: dict[str, object] = {"backoff_factor": 0, "order": "asc"}
 
     def launch(run_id: str) -> None:
-        subprocess.run(
-            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync",
-             "--run-id", run_id, "--config-json", config],
-            cwd=home, env=environment, check=True, capture_output=True, timeout=DAEMON_DEADLINE_SECONDS,
-        )  # fmt: skip
+        daemon.launch(run_id, config)
 
-    def run(run_id: str) -> dg.DagsterRun:
-        found = instance.get_run_by_id(run_id)
-        assert found is not None
-        return found
-
-    def ended(run_id: str) -> bool:
-        found = instance.get_run_by_id(run_id)
-        return found is not None and found.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+    def wait_for(what: str, condition: Callable[[], bool]) -> None:
+        daemon.wait_for(what, condition)
 
     rejected, outage = "7d2e0c41-0000-4000-8000-000000000001", "7d2e0c41-0000-4000-8000-000000000002"
-    with open(log, "wb") as output:
-        daemon = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-            cwd=home, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
+    with daemon:
         simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=401, times=-1))
         launch(rejected)
-        wait_for("the run with the rejected key failed", lambda: ended(rejected), log)
+        wait_for("the run with the rejected key failed", lambda: ended(rejected))
         assert run(rejected).status == dg.DagsterRunStatus.FAILURE
 
         # An outage longer than one run's own retries (a request and 3 retries), over by the retry.
         simulator.clear_faults()
         simulator.add_fault(Fault("status", path=CONTACTS_PATH, status=503, times=4))
         launch(outage)
-        wait_for("the run in the outage failed", lambda: ended(outage), log)
+        wait_for("the run in the outage failed", lambda: ended(outage))
         assert run(outage).status == dg.DagsterRunStatus.FAILURE
-        wait_for("the daemon retried it", lambda: "dagster/auto_retry_run_id" in run(outage).tags, log)
+        wait_for("the daemon retried it", lambda: "dagster/auto_retry_run_id" in run(outage).tags)
         retry = run(outage).tags["dagster/auto_retry_run_id"]
-        wait_for("the retry ended", lambda: ended(retry), log)
-    finally:
-        stop_process_group(daemon)  # type: ignore[arg-type]
+        wait_for("the retry ended", lambda: ended(retry))
 
     assert run(retry).status == dg.DagsterRunStatus.SUCCESS
     assert (run(retry).parent_run_id, run(retry).tags["dagster/retry_number"]) == (outage, "1")
@@ -339,3 +364,64 @@ def test_the_daemon_retries_a_sync_failed_by_an_outage_after_a_wait_and_not_one_
     assert run(rejected).tags[WILL_RETRY_TAG] == "false"
     assert "dagster/auto_retry_run_id" not in run(rejected).tags
     assert [r.run_id for r in instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": rejected}))] == []
+
+
+def event_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """What the run's log says: engine events (the worker's start, its crash) carry theirs in
+    the event, not in ``user_message``."""
+    return [e.user_message or (e.dagster_event.message if e.dagster_event else "") or "" for e in instance.all_logs(run_id)]
+
+
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The run worker's pid, from the engine event the code server writes as it starts it."""
+    for message in event_messages(instance, run_id):
+        found = re.search(r"Started process for run \(pid: (\d+)\)", message)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+@pytest.mark.slow
+def test_a_sync_whose_worker_is_killed_is_failed_by_dagster_and_retried_by_the_daemon_from_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kill -9 (the OOM killer, a crash) leaves no failure of the run's own to store: the code
+    # server that started the worker finds it gone and fails the run, and the daemon retries
+    # that like any other failure; the retry resumes what the killed run had staged.
+    contacts_pages = 30
+    with SandboxServer(SandboxData(seed=5, contacts=contacts_pages * 100), api_key=API_KEY, latency=0.1) as simulator:
+        daemon = Daemon(simulator, tmp_path, monkeypatch, MKT_RUN_RETRY_DELAY_SECONDS="1")
+        killed = "7d2e0c41-0000-4000-8000-000000000003"
+
+        def contact_pages() -> int:
+            return sum(1 for a in simulator.arrivals if a.path == CONTACTS_PATH)
+
+        with daemon:
+            daemon.launch(killed, {"order": "asc"})
+            daemon.wait_for("the run read a third of the contacts", lambda: contact_pages() >= contacts_pages // 3)
+            pid = run_worker_pid(daemon.instance, killed)
+            assert pid is not None
+            os.kill(pid, 9)
+            daemon.wait_for("the killed run was failed", lambda: daemon.ended(killed))
+            daemon.wait_for("the daemon retried it", lambda: "dagster/auto_retry_run_id" in daemon.run(killed).tags)
+            retry = daemon.run(killed).tags["dagster/auto_retry_run_id"]
+            daemon.wait_for("the retry ended", lambda: daemon.ended(retry))
+
+        assert daemon.run(killed).status == dg.DagsterRunStatus.FAILURE
+        crash = [message for message in event_messages(daemon.instance, killed) if "terminated by signal 9 (SIGKILL)" in message]
+        assert crash, "the run's failure says its process died"
+        assert daemon.run(retry).status == dg.DagsterRunStatus.SUCCESS
+        materialized = daemon.instance.get_latest_materialization_event(dg.AssetKey(["marketing", "contacts"]))
+        assert materialized is not None and materialized.run_id == retry
+        metadata = materialized.asset_materialization.metadata  # type: ignore[union-attr]
+        assert metadata["resumed_from_run"].value == killed
+        # The retry read only what the killed run's last checkpoint had not saved.
+        resumed = metadata["pages_resumed"].value
+        assert isinstance(resumed, int) and resumed >= 1
+        retry_started = daemon.instance.get_run_record_by_id(retry).start_time  # type: ignore[union-attr]
+        assert retry_started is not None
+        read_by_the_retry = sum(1 for a in simulator.arrivals if a.path == CONTACTS_PATH and a.at >= retry_started)
+        assert read_by_the_retry <= contacts_pages - resumed + 1
+        with duckdb.connect(str(daemon.database), read_only=True) as connection:
+            landed = connection.execute("SELECT count(*), count(DISTINCT id) FROM marketing.contacts").fetchone()
+        assert landed == (contacts_pages * 100, contacts_pages * 100)
