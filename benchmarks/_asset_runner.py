@@ -20,11 +20,11 @@ from typing import Any
 
 import dagster as dg
 
-from mkt_assets.assets import ASSET_PREFIX, build_marketing_assets
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
-from mkt_assets.settings import Settings
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.orchestration.assets import ASSET_PREFIX, build_marketing_assets
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.settings import Settings
 
 
 def own_peak_kb() -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from mkt_assets.commit import Facts, RunCommit, commit_run
+from mkt_assets.warehouse.commit import Facts, RunCommit, commit_run
 
 
 def commit_run_then_fail_the_facts(*args: Any, **kwargs: Any) -> RunCommit:

@@ -11,13 +11,13 @@ import dagster as dg
 import duckdb
 import pytest
 
-from mkt_assets import lean_process
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.client import Page
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.staging import PageStager, StagedBatch
-from mkt_assets.sync import RunWrite, TableWrite
-from mkt_assets.warehouse import connect
+from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.plumbing import lean_process
+from mkt_assets.run.sync import RunWrite, TableWrite
+from mkt_assets.source.client import Page
+from mkt_assets.staging.pages import PageStager, StagedBatch
+from mkt_assets.warehouse.connection import connect
 
 TAGS = RESOURCES_BY_NAME["tags"]
 COMMUNITIES = RESOURCES_BY_NAME["communities"]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from mkt_assets import private_files
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.errors import ConfigurationError, PrivateDirectoryError, PrivateFileError
-from mkt_assets.private_files import (
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.core.errors import ConfigurationError, PrivateDirectoryError, PrivateFileError
+from mkt_assets.plumbing import private_files
+from mkt_assets.plumbing.private_files import (
     AREA_LOCK_NAME,
     area_lock_fds,
     claim_area,
@@ -32,7 +32,7 @@ from mkt_assets.private_files import (
     private_directory,
     sweep_dead_areas,
 )
-from mkt_assets.staging import PageStager
+from mkt_assets.staging.pages import PageStager
 
 TAGS = RESOURCES_BY_NAME["tags"]
 
@@ -245,9 +245,9 @@ def test_loose_chunks_of_older_versions_are_swept_once_a_day_old(tmp_path: Path)
 STAGING_RUN = textwrap.dedent(
     """
     import json, sys
-    from mkt_assets.catalog import RESOURCES_BY_NAME
-    from mkt_assets.client import Page
-    from mkt_assets.staging import PageStager
+    from mkt_assets.core.catalog import RESOURCES_BY_NAME
+    from mkt_assets.source.client import Page
+    from mkt_assets.staging.pages import PageStager
 
     items = [{"id": 1, "name": "a", "createdAt": None}]
     with PageStager(RESOURCES_BY_NAME["tags"], directory=sys.argv[1]) as stager:
@@ -294,8 +294,8 @@ ORPHANING_STEP = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from mkt_assets import lean_process
-    from mkt_assets.private_files import claim_area
+    from mkt_assets.plumbing import lean_process
+    from mkt_assets.plumbing.private_files import claim_area
 
     print(claim_area(sys.argv[1]), flush=True)
     # A lean child that reads the FIFO until the test closes it: it outlives this step once killed.

@@ -15,8 +15,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import API_KEY_ENV, MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import API_KEY_ENV, MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key
 

@@ -17,15 +17,16 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.definitions import build_definitions
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.private_files import AREA_LOCK_NAME, open_private_file, private_directory
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.plumbing.private_files import AREA_LOCK_NAME, open_private_file, private_directory
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.warehouse.sql_names import fully_qualified
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "integration-secret-3f9a1c"
