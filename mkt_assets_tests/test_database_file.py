@@ -24,12 +24,12 @@ from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.plumbing import lean_process
 from mkt_assets.warehouse.commit import check_before_fetch, commit_run, run_tables
 from mkt_assets.warehouse.connection import WarehouseFile, connect, transaction
-from mkt_assets.warehouse.merge import merge_staged_file
 from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.warehouse.ownership import foreign_tables
 from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key, materialize_marketing
 from mkt_assets_tests.test_faults import CONTACTS, Harness, Outcome, first_sync, harness  # noqa: F401 - fixtures
 from mkt_assets_tests.test_warehouse import contact, stage
+from mkt_assets_tests.warehouse_calls import merge_staged_file
 
 # A file the code before this check made (commit 149adb8: every resource of a 30-contact
 # account, their histories and the normalized tables), gzipped: its blocks are mostly zeros.

@@ -411,11 +411,12 @@ def test_a_value_of_the_wrong_type_fails_naming_column_and_value(harness: Harnes
 _KILLED_WRITER = textwrap.dedent(
     """
     import sys
-    from mkt_assets.warehouse.connection import connect
-    from mkt_assets.warehouse.merge import merge_staged, merge_staged_file
+
     from mkt_assets.core.catalog import RESOURCES_BY_NAME
     from mkt_assets.orchestration.resource import MarketingApiResource
     from mkt_assets.staging.pages import PageStager
+    from mkt_assets.warehouse.connection import connect
+    from mkt_assets_tests.warehouse_calls import merge_staged
 
     class PausingConnection:
         # Runs every statement of the merge, and stops dead at its COMMIT.
@@ -435,7 +436,7 @@ _KILLED_WRITER = textwrap.dedent(
         for page in client.iter_pages(spec):
             stager.add(page)
         batch = stager.finish()
-    # What the IO manager's worker process runs (merge_staged_file), paused.
+    # A merge in its own transaction, paused before its COMMIT.
     with connect(database) as connection:
         merge_staged(PausingConnection(connection), "marketing", "contacts", batch)
     """

@@ -15,11 +15,12 @@ from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.history import history_table
-from mkt_assets.warehouse.merge import MergeResult, merge_staged
+from mkt_assets.warehouse.merge import MergeResult
 from mkt_assets.warehouse.reads import READS_TABLE
 from mkt_assets.warehouse.sql_names import fully_qualified, table_exists
 from mkt_assets.warehouse.table_facts import history_facts
 from mkt_assets_tests.test_warehouse import CONTACTS, STAGINGS, contact, stage
+from mkt_assets_tests.warehouse_calls import merge_staged
 
 TABLES_DOC = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
 # The syncs of the story below, a day apart, in November 2026 (docs/tables.md's queries ask about it).

@@ -227,21 +227,6 @@ def test_a_claim_cut_short_is_swept_only_once_it_is_old(tmp_path: Path) -> None:
     assert young.exists()  # may be a claim in progress, its lock not yet taken
 
 
-def test_loose_chunks_of_older_versions_are_swept_once_a_day_old(tmp_path: Path) -> None:
-    old_json = tmp_path / "mkt_contacts_00001_xia2tps5.ndjson"
-    old_parquet = tmp_path / "mkt_contacts_00001_xia2tps5.parquet"
-    recent = tmp_path / "mkt_contacts_00002_abcd_123.ndjson"
-    unrelated = tmp_path / "mkt_contacts_notes.ndjson"
-    for path in (old_json, old_parquet, recent, unrelated):
-        path.write_text("{}")
-    two_days_ago = time.time() - 2 * 86400
-    for path in (old_json, old_parquet, unrelated):
-        os.utime(path, (two_days_ago, two_days_ago))
-
-    assert sorted(sweep_dead_areas(tmp_path)) == sorted([old_json, old_parquet])
-    assert recent.exists() and unrelated.exists()
-
-
 STAGING_RUN = textwrap.dedent(
     """
     import json, sys

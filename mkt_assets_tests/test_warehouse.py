@@ -29,8 +29,15 @@ from mkt_assets.source.client import Page
 from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed
-from mkt_assets.warehouse.merge import is_mass_deletion, merge_staged, merge_staged_file
+from mkt_assets.warehouse.merge import is_mass_deletion
 from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets_tests.warehouse_calls import (
+    all_reference_facts_in_file,
+    build_table_in_file,
+    merge_staged,
+    merge_staged_file,
+    synced_table_facts_in_file,
+)
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
 TAGS = RESOURCES_BY_NAME["tags"]
@@ -715,8 +722,8 @@ def test_a_streaming_statement_that_runs_out_of_memory_runs_again_under_the_full
 
 
 def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_checks(database: str, tmp_path: Path) -> None:
-    from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES, build_table_in_file
-    from mkt_assets.warehouse.table_facts import all_reference_facts_in_file, synced_table_facts_in_file
+    from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+
 
     big = "x" * (10 << 20)
     people = [contact(i) for i in range(1, 300)]

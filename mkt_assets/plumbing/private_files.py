@@ -30,7 +30,6 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +40,6 @@ _AREA_NAME = re.compile(r"\d+-[0-9a-f]{16}")
 _CLAIMING_PREFIX = ".claiming-"
 # A claim takes microseconds: a half-made one this old was cut short by a kill.
 _ABANDONED_CLAIM_SECONDS = 3600.0
-# What staging.py named its chunks before areas existed (mkstemp adds 8 random characters).
-_LEGACY_CHUNK_NAME = re.compile(r"mkt_[a-z0-9_]+_\d{5}_[a-z0-9_]{8}\.(?:ndjson|parquet)")
-# Loose chunks have no lock to ask whether their run lives; none stays untouched this long.
-LEGACY_CHUNK_MAX_AGE_SECONDS = 24 * 3600.0
 _ADVICE = "remove it, or set staging_dir / quota_state_dir to a directory of your own (mode 0700)"
 
 
@@ -133,14 +128,8 @@ def area_lock_fds() -> tuple[int, ...]:
         return tuple(area.lock_fd for area in _claims.values())
 
 
-def sweep_dead_areas(
-    parent: str | os.PathLike[str], *, legacy_directories: Iterable[str | os.PathLike[str]] | None = None
-) -> list[Path]:
-    """Remove the areas in ``parent`` no live process holds; the paths removed.
-
-    Also removes chunks that versions before areas left loose in ``legacy_directories``
-    (default: ``parent``) once they are older than a day: they have no lock to ask.
-    """
+def sweep_dead_areas(parent: str | os.PathLike[str]) -> list[Path]:
+    """Remove the areas in ``parent`` no live process holds; the paths removed."""
     directory = Path(os.path.abspath(parent))
     with _claims_lock:
         own = {area.path for area in _claims.values()}
@@ -158,8 +147,6 @@ def sweep_dead_areas(
             old = now - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED_CLAIM_SECONDS
             if old and _remove_unlocked(path, missing_lock_means_dead=True):
                 swept.append(path)
-    for legacy in (directory,) if legacy_directories is None else legacy_directories:
-        swept.extend(_remove_legacy_chunks(Path(legacy), now))
     return swept
 
 
@@ -202,25 +189,6 @@ def _remove_unlocked(area: Path, *, missing_lock_means_dead: bool) -> bool:
     finally:
         if lock is not None:
             os.close(lock)
-
-
-def _remove_legacy_chunks(directory: Path, now: float) -> list[Path]:
-    uid = os.getuid()
-    removed = []
-    for entry in _entries(directory):
-        if not _LEGACY_CHUNK_NAME.fullmatch(entry.name):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISREG(info.st_mode) and info.st_uid == uid and now - info.st_mtime > LEGACY_CHUNK_MAX_AGE_SECONDS:
-            try:
-                os.unlink(entry.path)  # unlink never follows a symlink
-            except OSError:
-                continue
-            removed.append(Path(entry.path))
-    return removed
 
 
 def _release_claims() -> None:

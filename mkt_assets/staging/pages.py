@@ -92,15 +92,13 @@ def staging_directory(directory: str | None) -> Path:
     return private_directory(directory) if directory else default_private_directory("staging")
 
 
-def sweep_once(parent: Path, *, default: bool) -> list[Path]:
+def sweep_once(parent: Path) -> list[Path]:
     """Sweep ``parent`` of dead runs' areas, the first time this process stages there."""
     with _swept_lock:
         if parent in _swept_directories:
             return []
         _swept_directories.add(parent)
-    # Before areas, the default was the temp directory itself: its old chunks are swept too.
-    legacy = (parent, Path(tempfile.gettempdir())) if default else (parent,)
-    return sweep_dead_areas(parent, legacy_directories=legacy)
+    return sweep_dead_areas(parent)
 
 
 @dataclass
@@ -152,7 +150,7 @@ class PageStager:
             self.synced_at = self.resumable.began  # the read began with its first attempt
             if self.resumable.adopted is not None:
                 self._adopt(self.resumable.adopted)
-        self.swept = sweep_once(parent, default=not self.directory)
+        self.swept = sweep_once(parent)
         return self
 
     def _adopt(self, checkpoint: dict[str, object]) -> None:

@@ -14,8 +14,8 @@ from mkt_assets.core.catalog import BOOKKEEPING_COLUMNS, ResourceSpec
 from mkt_assets.core.errors import MassDeletion, MassDeletionError, StagingError
 from mkt_assets.staging.pages import StagedBatch
 from mkt_assets.warehouse.changes import record_change
-from mkt_assets.warehouse.connection import WarehouseFile, attached_file, transaction
-from mkt_assets.warehouse.diagnostics import duplicated_field, explain_cast_failure, preview_markdown
+from mkt_assets.warehouse.connection import attached_file
+from mkt_assets.warehouse.diagnostics import duplicated_field
 from mkt_assets.warehouse.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
 from mkt_assets.warehouse.ownership import refuse_foreign, synced_table, versions_table
 from mkt_assets.warehouse.reads import newer_complete_read, newest_reads_cover, record_read
@@ -283,47 +283,8 @@ def _holds_rows(connection: duckdb.DuckDBPyConnection, table: str) -> bool:
     return connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
 
 
-def merge_staged(
-    connection: duckdb.DuckDBPyConnection,
-    schema: str,
-    table: str,
-    batch: StagedBatch,
-    *,
-    deletions: str = "mark",
-    history: bool = True,
-    max_drop: float = DEFAULT_MAX_DROP,
-    confirm_mass_deletion: bool = False,
-) -> MergeResult:
-    """``merge_batch`` in a transaction of its own: the table is merged whole or left as it was,
-    and a value DuckDB cannot type is named."""
-    try:
-        with transaction(connection, f"the merge into {schema}.{table}"):
-            return merge_batch(
-                connection,
-                schema,
-                table,
-                batch,
-                deletions=deletions,
-                history=history,
-                max_drop=max_drop,
-                confirm_mass_deletion=confirm_mass_deletion,
-            )
-    except CAST_FAILURES as error:
-        raise explain_cast_failure(connection, batch.spec, batch, error) from None
-
-
 # What DuckDB raises for a value a column's type cannot hold (its JSON reader says InvalidInput).
 CAST_FAILURES = (duckdb.ConversionException, duckdb.InvalidInputException)
-
-
-def merge_staged_file(
-    warehouse: WarehouseFile, schema: str, table: str, batch: StagedBatch, *, deletions: str = "mark", history: bool = True
-) -> tuple[MergeResult, str]:
-    """Open the file, merge ``batch`` and preview the table: the whole write of a sync,
-    as one call a lean worker process can make (see ``lean_process``)."""
-    with warehouse.open() as connection:
-        result = merge_staged(connection, schema, table, batch, deletions=deletions, history=history)
-        return result, preview_markdown(connection, schema, table)
 
 
 

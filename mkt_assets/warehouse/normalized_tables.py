@@ -23,7 +23,7 @@ import duckdb
 
 from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.warehouse.changes import change_tokens
-from mkt_assets.warehouse.connection import WarehouseFile, streamed, transaction
+from mkt_assets.warehouse.connection import transaction
 from mkt_assets.warehouse.diagnostics import preview_markdown
 from mkt_assets.warehouse.ownership import BUILT_STAMP, OwnedTable, built_table, refuse_foreign
 from mkt_assets.warehouse.sql_names import fully_qualified, quote_ident, quote_literal
@@ -271,9 +271,3 @@ def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
         return build_in_transaction(connection, schema, table)
 
 
-def build_table_in_file(warehouse: WarehouseFile, schema: str, table: NormalizedTable) -> BuildResult:
-    """Open the file and rebuild ``table``: one call a lean worker process can make.
-
-    Every statement of a build streams (an unnest, a join to a small table, counts)."""
-    with warehouse.open() as connection:
-        return streamed(connection, lambda: build_table(connection, schema, table))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from mkt_assets.core.catalog import RESOURCES_BY_NAME, Column, ResourceSpec
-from mkt_assets.warehouse.connection import WarehouseFile, streamed
+from mkt_assets.warehouse.connection import streamed
 from mkt_assets.warehouse.history import VALID_FROM_COLUMN, VALID_TO_COLUMN, history_table
 from mkt_assets.warehouse.sql_names import fully_qualified, quote_ident, table_exists
 
@@ -103,13 +103,6 @@ def synced_table_facts(connection: duckdb.DuckDBPyConnection, schema: str, spec:
     )
 
 
-def synced_table_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> SyncedTableFacts:
-    """``synced_table_facts`` as one call a lean child process can make."""
-    # Counts and a GROUP BY on the key, which spills to disk past the limit: all streaming.
-    with warehouse.open() as connection:
-        return streamed(connection, lambda: synced_table_facts(connection, schema, spec))
-
-
 def reference_facts(
     connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec, column: Column, member: Column | None
 ) -> ReferenceFacts:
@@ -164,13 +157,6 @@ def all_reference_facts(
         (member or column).check_name: reference_facts(connection, schema, spec, column, member)
         for column, member in spec.references(within)
     }
-
-
-def all_reference_facts_in_file(warehouse: WarehouseFile, schema: str, spec: ResourceSpec) -> dict[str, ReferenceFacts]:
-    """``all_reference_facts`` as one call a lean child process can make."""
-    # Anti joins and small samples: all streaming.
-    with warehouse.open() as connection:
-        return streamed(connection, lambda: all_reference_facts(connection, schema, spec))
 
 
 @dataclass(frozen=True)
