@@ -59,7 +59,7 @@ def run(asset_name: str, base_url: str, database: str, pace_requests: bool, hist
         "marketing_api": MarketingApiResource(
             base_url=base_url, api_key=os.environ["MKT_API_KEY"], pace_requests=pace_requests
         ),
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
         "warehouse": WarehouseResource(database=database),
     }
     instance = dg.DagsterInstance.ephemeral()

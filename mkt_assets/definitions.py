@@ -85,6 +85,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_environment()
     database = database_path(settings.duckdb_path)
     jobs = build_jobs(settings)
+    # The DuckDB file, declared once: the checks read it through this resource, and the IO
+    # manager writes through the same one (a resource of its own in the launchpad would let
+    # the two point at different files).
+    warehouse = WarehouseResource.configure_at_launch(
+        database=database,
+        schema_name=ASSET_PREFIX,
+        memory_limit=settings.duckdb_memory_limit,
+        wait_seconds=settings.duckdb_wait_seconds,
+    )
     return dg.Definitions(
         assets=[build_marketing_assets(settings)],
         jobs=jobs,
@@ -101,19 +110,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 base_url=_base_url(),
                 **({"api_key": dg.EnvVar(API_KEY_ENV)} if os.environ.get(API_KEY_ENV) else {}),
             ),
-            "warehouse": WarehouseResource.configure_at_launch(
-                database=database,
-                schema_name=ASSET_PREFIX,
-                memory_limit=settings.duckdb_memory_limit,
-                wait_seconds=settings.duckdb_wait_seconds,
-            ),
-            IO_MANAGER_KEY: MarketingDuckDBIOManager.configure_at_launch(
-                database=database,
-                schema=ASSET_PREFIX,
-                deletions=settings.deletions,
-                memory_limit=settings.duckdb_memory_limit,
-                wait_seconds=settings.duckdb_wait_seconds,
-            ),
+            "warehouse": warehouse,
+            IO_MANAGER_KEY: MarketingDuckDBIOManager(warehouse=warehouse, deletions=settings.deletions),
         },
     )
 

@@ -206,7 +206,7 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
             ["tags"],
             {
                 "marketing_api": MarketingApiResource(base_url=server.base_url, api_key="k"),
-                "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+                "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
                 "warehouse": WarehouseResource(database=database),
             },
             also=[downstream],

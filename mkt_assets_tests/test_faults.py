@@ -88,7 +88,7 @@ class Harness:
         return {
             "marketing_api": MarketingApiResource(**settings),
             "duckdb_io_manager": MarketingDuckDBIOManager(
-                database=self.database, schema="marketing", deletions=self.deletions
+                warehouse=WarehouseResource(database=self.database), deletions=self.deletions
             ),
             "warehouse": WarehouseResource(database=self.database),
         }

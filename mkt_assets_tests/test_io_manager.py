@@ -13,6 +13,7 @@ import pytest
 
 from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import WarehouseResource
 from mkt_assets.plumbing import lean_process
 from mkt_assets.run.sync import RunWrite, TableWrite
 from mkt_assets.source.client import Page
@@ -51,7 +52,7 @@ def materialize(
         write = RunWrite(batches=batches, tables=(), runner=runner or worker.call)
         return dg.materialize(
             [write_assets(write)],
-            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+            resources={"duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database))},
             raise_on_error=False,
             instance=instance,
         )
@@ -187,7 +188,7 @@ def test_a_downstream_asset_reads_the_live_rows_as_a_duckdb_relation(tmp_path: P
 
     result = dg.materialize(
         [tag_names, *[dg.AssetSpec(["marketing", "tags"]).with_io_manager_key("duckdb_io_manager")]],
-        resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+        resources={"duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database))},
         selection=[tag_names.key],
     )
 
@@ -203,5 +204,5 @@ def test_a_value_that_is_not_a_run_write_is_refused_saying_so(tmp_path: Path) ->
     with pytest.raises(dg.DagsterInvariantViolationError, match="it was handed a list"):
         dg.materialize(
             [tags_asset],
-            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=str(tmp_path / "w.duckdb"))},
+            resources={"duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=str(tmp_path / "w.duckdb")))},
         )

@@ -35,7 +35,7 @@ class Account:
             self.server.add_fault(fault)
         resources = {
             "marketing_api": MarketingApiResource(base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0),
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
+            "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=self.database)),
             "warehouse": WarehouseResource(database=self.database),
         }
         return materialize_marketing(EVERYTHING, resources, raise_on_error=False)

@@ -63,7 +63,7 @@ def api(server: SandboxServer, staging: Path, **settings: Any) -> MarketingApiRe
 def resources(database: Path, marketing_api: MarketingApiResource, deletions: str = "mark") -> dict[str, Any]:
     return {
         "marketing_api": marketing_api,
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=str(database), schema="marketing", deletions=deletions),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=str(database)), deletions=deletions),
         "warehouse": WarehouseResource(database=str(database)),
     }
 
@@ -247,7 +247,7 @@ _KILLED_RUN = textwrap.dedent(
                                staging_chunk_pages=2, pace_requests=False)
     materialize_marketing(["contacts", "tags"], {
         "marketing_api": api,
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
         "warehouse": WarehouseResource(database=database),
     })
     """

@@ -52,7 +52,7 @@ class Account:
                 base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0, quota_state_dir=str(self.tmp_path / "quota"),
                 **api_settings,
             ),  # fmt: skip
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing", deletions=deletions),
+            "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=self.database), deletions=deletions),
             "warehouse": WarehouseResource(database=self.database),
         }
 

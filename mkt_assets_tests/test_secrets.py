@@ -49,7 +49,7 @@ def sync(
             selection=[marketing_key("tags"), marketing_key("contacts")],
             resources={
                 "marketing_api": api,
-                "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+                "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
                 "warehouse": WarehouseResource(database=database),
             },
             run_config=run_config,

@@ -7,7 +7,6 @@ and each table then reports what changed in it. ``load_input`` hands an asset do
 marketing table a DuckDB relation over its live rows.
 """
 
-from __future__ import annotations
 
 from typing import Any
 
@@ -17,9 +16,10 @@ from pydantic import Field, field_validator
 
 from mkt_assets.core.errors import MassDeletionError
 from mkt_assets.orchestration.assets import HOW_TO_CONFIRM_MASS_DELETION
+from mkt_assets.orchestration.resource import WarehouseResource
 from mkt_assets.run.sync import TableWrite
 from mkt_assets.warehouse.commit import RunCommit
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS, WarehouseFile, database_path, read_only
+from mkt_assets.warehouse.connection import read_only
 from mkt_assets.warehouse.history import history_table
 from mkt_assets.warehouse.merge import DELETIONS_MODES
 from mkt_assets.warehouse.sql_names import fully_qualified
@@ -28,23 +28,15 @@ from mkt_assets.warehouse.sql_names import fully_qualified
 class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
     """Writes each marketing asset to its table, schema.asset_name, all of a run's in one transaction."""
 
-    database: str = Field(description="Path to the DuckDB file (env MKT_DUCKDB_PATH).")
-    schema_: str = Field(default="marketing", alias="schema", description="Schema of the tables.")
+    # The definitions' `warehouse` resource itself, so the file and schema are configured once:
+    # run config for `warehouse` reaches the write too.
+    warehouse: WarehouseResource
     deletions: str = Field(
         default="mark",
         description=(
             "What a complete full sync does with rows no longer upstream: 'mark' sets"
             " _deleted_at (cleared if they come back), 'delete' removes them."
         ),
-    )
-    memory_limit: str = Field(
-        default=DEFAULT_MEMORY_LIMIT,
-        description="Memory DuckDB may use for the run's write before spilling to disk (e.g. 256MB, 2GB).",
-    )
-    wait_seconds: float = Field(
-        default=DEFAULT_WAIT_SECONDS,
-        ge=0,
-        description="Longest wait for the DuckDB file while another process holds it (env MKT_DUCKDB_WAIT_SECONDS).",
     )
 
     @field_validator("deletions")
@@ -54,11 +46,6 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
             raise ValueError(f"deletions must be one of {DELETIONS_MODES}, got {value!r}")
         return value
 
-    def file(self) -> WarehouseFile:
-        return WarehouseFile(
-            database_path(self.database), self.memory_limit, wait_seconds=self.wait_seconds
-        )
-
     def handle_output(self, context: dg.OutputContext, obj: TableWrite) -> None:
         if not isinstance(obj, TableWrite):
             raise dg.DagsterInvariantViolationError(
@@ -67,14 +54,14 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
             )
         first = obj.write.result is None
         try:
-            commit = obj.write.commit(self.file(), self.schema_, self.deletions, log=context.log.warning)
+            commit = obj.write.commit(self.warehouse.file(), self.warehouse.schema_name, self.deletions, log=context.log.warning)
         except MassDeletionError as refused:
             # What to do, in one message without a traceback; a retry would meet the same answer.
             raise dg.Failure(description=f"{refused}\n{HOW_TO_CONFIRM_MASS_DELETION}", allow_retries=False) from None
         if first:
-            context.log.info(_summary(commit, self.schema_, obj.write.history))
+            context.log.info(_summary(commit, self.warehouse.schema_name, obj.write.history))
         written = commit.written[obj.table]
-        name = f"{self.schema_}.{obj.table}"
+        name = f"{self.warehouse.schema_name}.{obj.table}"
         metadata: dict[str, Any] = {
             "dagster/table_name": name,
             "commit_seconds": round(commit.seconds, 3),  # the run's whole transaction, every table
@@ -121,7 +108,7 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                 metadata.update(
                     {
                         # Where every version of the rows is kept (see mkt_assets.warehouse.history).
-                        "history_table": f"{self.schema_}.{history_table(obj.table)}",
+                        "history_table": f"{self.warehouse.schema_name}.{history_table(obj.table)}",
                         "versions_opened": merge.versions_opened,
                         "versions_closed": merge.versions_closed,
                     }
@@ -142,8 +129,8 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
         """The table's live rows, as a relation on a read-only connection that lives as long as
         the relation (while it does, writers of the file wait for it)."""
         table = context.asset_key.path[-1]
-        connection = read_only(self.file(), log=context.log.warning)
-        name = fully_qualified(connection, self.schema_, table)
+        connection = read_only(self.warehouse.file(), log=context.log.warning)
+        name = fully_qualified(connection, self.warehouse.schema_name, table)
         columns = {row[0] for row in connection.execute(f"DESCRIBE {name}").fetchall()}
         live = " WHERE _deleted_at IS NULL" if "_deleted_at" in columns else ""
         return connection.sql(f"SELECT * FROM {name}{live}")
