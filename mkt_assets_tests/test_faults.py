@@ -32,7 +32,7 @@ from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.source.client import MarketingApiClient
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.sql_names import fully_qualified
-from mkt_assets_tests._failing_facts import commit_run_then_fail_the_facts
+from mkt_assets_tests._failing_facts import commit_then_fail_the_facts
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "fault-secret-5d1e0b7a"
@@ -534,7 +534,7 @@ def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness.account.add_contacts(5)
-    monkeypatch.setattr(sync, "commit_run", commit_run_then_fail_the_facts)
+    monkeypatch.setattr(sync, "commit", commit_then_fail_the_facts)
 
     outcome = harness.sync(CONTACTS)
 

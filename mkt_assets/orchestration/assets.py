@@ -46,7 +46,7 @@ from mkt_assets.orchestration.run_retries import before_the_run, no_retry_that_c
 from mkt_assets.orchestration.schedules import FULL_JOB
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.plumbing import lean_process
-from mkt_assets.run.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, plan_sync
+from mkt_assets.run.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, in_worker, plan_sync
 from mkt_assets.staging.resume import ResumeOptions, read_identity
 from mkt_assets.warehouse.chunk_typing import TypingQueue
 from mkt_assets.warehouse.commit import RunCommit, check_before_fetch, newest_keys, run_tables
@@ -274,7 +274,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             write = RunWrite(
                 batches=tuple(fetched[spec.name].batch for spec in resources),
                 tables=plan.tables,
-                runner=duckdb.call,
+                runner=in_worker(duckdb),
                 asked=frozenset(table.name for table in tables),
                 history=settings.history,
                 within=within,

@@ -15,10 +15,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from mkt_assets.core.catalog import ResourceSpec
 from mkt_assets.core.errors import ApiAccessError, SyncError, describe_request, is_retriable
+from mkt_assets.plumbing import lean_process
 from mkt_assets.source.client import MarketingApiClient
 from mkt_assets.source.transport import RequestStats, Stop, Stopped
 from mkt_assets.staging.pages import PageStager, StagedBatch, staging_directory
@@ -27,14 +27,24 @@ from mkt_assets.staging.resume import release as release_read
 from mkt_assets.staging.resume import remove as remove_read
 from mkt_assets.staging.resume import sweep as sweep_reads
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
-from mkt_assets.warehouse.commit import RunCommit, commit_run
+from mkt_assets.warehouse.commit import CommitRequest, RunCommit, commit
 from mkt_assets.warehouse.connection import WarehouseFile
 from mkt_assets.warehouse.merge import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.normalized_tables import NormalizedTable
 
 Log = Callable[[str], None]
-# Runs a DuckDB function in a lean worker: ``lean_process.Worker.call``.
-Runner = Callable[..., Any]
+# Runs the run's one transaction where its DuckDB work belongs, passing ``log`` what the
+# transaction reports: ``in_worker`` (the step's lean DuckDB worker) in a run.
+CommitRunner = Callable[[CommitRequest, Log | None], RunCommit]
+
+
+def in_worker(worker: lean_process.Worker) -> CommitRunner:
+    """The run's one transaction in ``worker``, a lean process that imports DuckDB, not Dagster."""
+
+    def run(request: CommitRequest, log: Log | None) -> RunCommit:
+        return worker.call(commit, request, log=log)
+
+    return run
 # How long an interrupted run waits for its fetches to unwind (and remove their staged pages).
 # The stop cuts their requests and sends no other, so they end within milliseconds; one
 # still connecting ends within connect_timeout, unwaited for.
@@ -415,15 +425,11 @@ class RunWrite:
 
     batches: tuple[StagedBatch, ...]
     tables: tuple[NormalizedTable, ...]
-    runner: Runner
-    # Tables the run was asked for (the others are rebuilt only to keep up with their reads).
+    runner: CommitRunner
+    # See ``commit.CommitRequest``.
     asked: frozenset[str] = frozenset()
-    # Keep each synced table's history (see ``history``).
     history: bool = True
-    # The resources the deployment syncs (None: all): references to others are not checked.
     within: frozenset[str] | None = None
-    # The share of a table's live rows a complete read may mark gone unconfirmed, and whether
-    # this run confirms more (see ``warehouse.is_mass_deletion``).
     max_drop: float = DEFAULT_MAX_DROP
     confirm_mass_deletion: bool = False
     result: RunCommit | None = None
@@ -432,21 +438,20 @@ class RunWrite:
     def commit(self, file: WarehouseFile, schema: str, deletions: str, log: Log | None) -> RunCommit:
         with self._lock:
             if self.result is None:
+                request = CommitRequest(
+                    file,
+                    schema,
+                    self.batches,
+                    self.tables,
+                    deletions,
+                    history=self.history,
+                    asked=self.asked,
+                    within=self.within,
+                    max_drop=self.max_drop,
+                    confirm_mass_deletion=self.confirm_mass_deletion,
+                )
                 try:
-                    self.result = self.runner(
-                        commit_run,
-                        file,
-                        schema,
-                        self.batches,
-                        self.tables,
-                        deletions=deletions,
-                        history=self.history,
-                        asked=self.asked,
-                        within=self.within,
-                        max_drop=self.max_drop,
-                        confirm_mass_deletion=self.confirm_mass_deletion,
-                        log=log,
-                    )
+                    self.result = self.runner(request, log)
                 finally:
                     for batch in self.batches:
                         batch.discard()

@@ -80,6 +80,42 @@ class RunCommit:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CommitRequest:
+    """Everything a run writes, and how: the argument of its one transaction (``commit``)."""
+
+    file: WarehouseFile
+    schema: str
+    batches: tuple[StagedBatch, ...]
+    tables: tuple[NormalizedTable, ...]
+    deletions: str
+    history: bool = True
+    # Tables the run was asked for (the others are rebuilt only to keep up with their reads).
+    asked: frozenset[str] = frozenset()
+    # The resources the deployment syncs (None: all): references to others are not checked.
+    within: frozenset[str] | None = None
+    # The share of a table's live rows a complete read may mark gone unconfirmed, and whether
+    # this run confirms more (see ``merge.is_mass_deletion``).
+    max_drop: float = DEFAULT_MAX_DROP
+    confirm_mass_deletion: bool = False
+
+
+def commit(request: CommitRequest) -> RunCommit:
+    """The run's one transaction (``commit_run``), as the one call its DuckDB worker makes."""
+    return commit_run(
+        request.file,
+        request.schema,
+        request.batches,
+        request.tables,
+        deletions=request.deletions,
+        history=request.history,
+        asked=request.asked,
+        within=request.within,
+        max_drop=request.max_drop,
+        confirm_mass_deletion=request.confirm_mass_deletion,
+    )
+
+
 def commit_run(
     file: WarehouseFile,
     schema: str,
