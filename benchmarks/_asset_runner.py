@@ -20,11 +20,11 @@ from typing import Any
 
 import dagster as dg
 
-from mkt_assets.assets import ASSET_PREFIX, build_marketing_assets
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
-from mkt_assets.settings import Settings
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.orchestration.assets import ASSET_PREFIX, build_marketing_assets
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.settings import Settings
 
 
 def own_peak_kb() -> int:
@@ -59,7 +59,7 @@ def run(asset_name: str, base_url: str, database: str, pace_requests: bool, hist
         "marketing_api": MarketingApiResource(
             base_url=base_url, api_key=os.environ["MKT_API_KEY"], pace_requests=pace_requests
         ),
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
         "warehouse": WarehouseResource(database=database),
     }
     instance = dg.DagsterInstance.ephemeral()

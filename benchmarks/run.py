@@ -363,8 +363,8 @@ def summarize_job_events(events: list[dict[str, Any]], started_at: float, ended_
     return {"step_pids": step_pids, "step_seconds": step_seconds, **summary}
 
 
-# The child process a step starts for its DuckDB work (mkt_assets/lean_process.py).
-LEAN_PROCESS_MODULE = "mkt_assets.lean_process"
+# The child process a step starts for its DuckDB work (mkt_assets/plumbing/lean_process.py).
+LEAN_PROCESS_MODULE = "mkt_assets.plumbing.lean_process"
 
 
 def step_names(steps: Sequence[str]) -> str:

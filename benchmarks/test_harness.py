@@ -94,7 +94,7 @@ def process(pid: int, ppid: int, cmdline: str) -> ProcessRecord:
 
 
 def test_process_kinds_in_either_layout() -> None:
-    lean = "/venv/bin/python -m mkt_assets.lean_process"
+    lean = "/venv/bin/python -m mkt_assets.plumbing.lean_process"
     step_pids = {201: ["marketing__tags"], 202: ["marketing__contacts"]}
     kinds = {
         p.pid: run.job_process_kind(p, ROOT_PID, step_pids)

@@ -15,13 +15,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from mkt_assets import warehouse
-from mkt_assets.assets import ASSET_PREFIX
-from mkt_assets.normalized_tables import normalized_tables
-from mkt_assets.resource import API_KEY_ENV, BASE_URL_ENV
+from mkt_assets.orchestration.assets import ASSET_PREFIX
+from mkt_assets.orchestration.resource import API_KEY_ENV, BASE_URL_ENV
+from mkt_assets.orchestration.settings import DUCKDB_PATH_ENV, Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import main as sandbox_main
-from mkt_assets.settings import DUCKDB_PATH_ENV, Settings
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.normalized_tables import normalized_tables
+from mkt_assets.warehouse.sql_names import fully_qualified
 
 DEMO_DATABASE = "data/demo.duckdb"
 # Where the demo and the UI keep Dagster's instance (runs, materializations, check results),
@@ -109,9 +110,9 @@ def run_demo(contacts: int, seed: int, database: str, home: str) -> int:
     print(f"marketing_sync succeeded in {seconds:.1f}s (run log: {log_path})")
     # The tables of the resources the sync chose (MKT_RESOURCES), as it read the environment.
     chosen = Settings.from_environment().resource_specs
-    with warehouse.connect(os.path.abspath(database), read_only=True) as connection:
+    with connect(os.path.abspath(database), read_only=True) as connection:
         for name in [spec.name for spec in chosen] + [table.name for table in normalized_tables(chosen)]:
-            table = warehouse.fully_qualified(connection, ASSET_PREFIX, name)
+            table = fully_qualified(connection, ASSET_PREFIX, name)
             (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
             print(f"  {ASSET_PREFIX}.{name:<21} {rows:>9} rows")
     print(f"DuckDB file: {os.path.abspath(database)}")

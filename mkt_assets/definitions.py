@@ -5,7 +5,8 @@ from typing import Any
 
 import dagster as dg
 
-from mkt_assets.assets import (
+from mkt_assets.core.errors import ConfigurationError
+from mkt_assets.orchestration.assets import (
     ASSET_PREFIX,
     GROUP_NAME,
     IO_MANAGER_KEY,
@@ -13,9 +14,8 @@ from mkt_assets.assets import (
     STEP_NAME,
     build_marketing_assets,
 )
-from mkt_assets.errors import ConfigurationError
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import (
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import (
     API_KEY_ENV,
     BASE_URL_ENV,
     DEFAULT_BASE_URL,
@@ -23,10 +23,10 @@ from mkt_assets.resource import (
     WarehouseResource,
     check_base_url,
 )
-from mkt_assets.run_retries import run_retry_tags
-from mkt_assets.schedules import FULL_JOB, INCREMENTAL_JOB, build_schedules
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import database_path
+from mkt_assets.orchestration.run_retries import run_retry_tags
+from mkt_assets.orchestration.schedules import FULL_JOB, INCREMENTAL_JOB, build_schedules
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.warehouse.connection import database_path
 
 
 def build_jobs(settings: Settings | None = None) -> list[Any]:
@@ -85,6 +85,15 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_environment()
     database = database_path(settings.duckdb_path)
     jobs = build_jobs(settings)
+    # The DuckDB file, declared once: the checks read it through this resource, and the IO
+    # manager writes through the same one (a resource of its own in the launchpad would let
+    # the two point at different files).
+    warehouse = WarehouseResource.configure_at_launch(
+        database=database,
+        schema_name=ASSET_PREFIX,
+        memory_limit=settings.duckdb_memory_limit,
+        wait_seconds=settings.duckdb_wait_seconds,
+    )
     return dg.Definitions(
         assets=[build_marketing_assets(settings)],
         jobs=jobs,
@@ -101,19 +110,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 base_url=_base_url(),
                 **({"api_key": dg.EnvVar(API_KEY_ENV)} if os.environ.get(API_KEY_ENV) else {}),
             ),
-            "warehouse": WarehouseResource.configure_at_launch(
-                database=database,
-                schema_name=ASSET_PREFIX,
-                memory_limit=settings.duckdb_memory_limit,
-                wait_seconds=settings.duckdb_wait_seconds,
-            ),
-            IO_MANAGER_KEY: MarketingDuckDBIOManager.configure_at_launch(
-                database=database,
-                schema=ASSET_PREFIX,
-                deletions=settings.deletions,
-                memory_limit=settings.duckdb_memory_limit,
-                wait_seconds=settings.duckdb_wait_seconds,
-            ),
+            "warehouse": warehouse,
+            IO_MANAGER_KEY: MarketingDuckDBIOManager(warehouse=warehouse, deletions=settings.deletions),
         },
     )
 

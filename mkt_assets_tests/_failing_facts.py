@@ -5,11 +5,10 @@ Imported by the lean DuckDB worker, so it imports no Dagster (see lean_process).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
-from mkt_assets.commit import Facts, RunCommit, commit_run
+from mkt_assets.warehouse.commit import CommitRequest, Facts, RunCommit, commit
 
 
-def commit_run_then_fail_the_facts(*args: Any, **kwargs: Any) -> RunCommit:
-    committed = commit_run(*args, **kwargs)
+def commit_then_fail_the_facts(request: CommitRequest) -> RunCommit:
+    committed = commit(request)
     return replace(committed, facts=Facts(error="Out of Memory Error: failed to pin block of size 256.0 KiB"))

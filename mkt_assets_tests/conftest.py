@@ -43,8 +43,8 @@ def usual_umask() -> Iterator[None]:
 
 import dagster as dg  # noqa: E402
 
-from mkt_assets.assets import ASSET_PREFIX, build_marketing_assets  # noqa: E402
-from mkt_assets.settings import Settings  # noqa: E402
+from mkt_assets.orchestration.assets import ASSET_PREFIX, build_marketing_assets  # noqa: E402
+from mkt_assets.orchestration.settings import Settings  # noqa: E402
 
 MARKETING_ASSETS = build_marketing_assets(Settings())
 

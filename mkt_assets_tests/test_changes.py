@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mkt_assets.changes import UNRECORDED, change_tokens
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse.changes import UNRECORDED, change_tokens
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.sql_names import fully_qualified
 from mkt_assets_tests.test_history import tagged
 from mkt_assets_tests.test_reads import sync
 

@@ -10,14 +10,20 @@ import dagster as dg
 import duckdb
 import pytest
 
-from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.checks import PRIMARY_KEY_CHECK, primary_key_result, reference_result, required_fields_result, row_count_result
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
+from mkt_assets.orchestration.checks import (
+    PRIMARY_KEY_CHECK,
+    primary_key_result,
+    reference_result,
+    required_fields_result,
+    row_count_result,
+)
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.table_facts import ReferenceFacts, primary_key_facts, reference_facts, required_fields_facts
-from mkt_assets.warehouse import connect
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.table_facts import ReferenceFacts, primary_key_facts, reference_facts, required_fields_facts
 from mkt_assets_tests.conftest import marketing_key, materialize_marketing
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
@@ -200,7 +206,7 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
             ["tags"],
             {
                 "marketing_api": MarketingApiResource(base_url=server.base_url, api_key="k"),
-                "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+                "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
                 "warehouse": WarehouseResource(database=database),
             },
             also=[downstream],

@@ -17,9 +17,8 @@ import responses
 from responses import matchers
 from urllib3 import HTTPResponse
 
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.client import MarketingApiClient, key_pieces
-from mkt_assets.errors import (
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.core.errors import (
     ApiAccessError,
     ApiAuthError,
     ApiError,
@@ -29,7 +28,8 @@ from mkt_assets.errors import (
     ConfigurationError,
     PaginationError,
 )
-from mkt_assets.transport import WaitTooLong
+from mkt_assets.source.client import MarketingApiClient, key_pieces
+from mkt_assets.source.transport import WaitTooLong
 
 BASE = "https://api.example.test/api"
 KEY = "test-key-0123456789"

@@ -18,17 +18,18 @@ import dagster as dg
 import duckdb
 import pytest
 
-from mkt_assets import lean_process
-from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
-from mkt_assets.catalog import RESOURCES
-from mkt_assets.commit import check_before_fetch, commit_run, run_tables
-from mkt_assets.errors import ForeignTableError
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.ownership import foreign_tables
-from mkt_assets.warehouse import WarehouseFile, connect, merge_staged_file, transaction
+from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.errors import ForeignTableError
+from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
+from mkt_assets.plumbing import lean_process
+from mkt_assets.warehouse.commit import check_before_fetch, commit_run, run_tables
+from mkt_assets.warehouse.connection import WarehouseFile, connect, transaction
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.warehouse.ownership import foreign_tables
 from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key, materialize_marketing
 from mkt_assets_tests.test_faults import CONTACTS, Harness, Outcome, first_sync, harness  # noqa: F401 - fixtures
 from mkt_assets_tests.test_warehouse import contact, stage
+from mkt_assets_tests.warehouse_calls import merge_staged_file
 
 # A file the code before this check made (commit 149adb8: every resource of a 30-contact
 # account, their histories and the normalized tables), gzipped: its blocks are mostly zeros.
@@ -416,10 +417,10 @@ def test_a_read_only_mount_is_refused_with_what_to_do(tmp_path: Path, first_sync
     before = snapshot(mounted)
     script = (
         "import sys\n"
-        "from mkt_assets.catalog import RESOURCES\n"
-        "from mkt_assets.commit import check_before_fetch, run_tables\n"
-        "from mkt_assets.errors import WarehouseFileError\n"
-        "from mkt_assets.warehouse import WarehouseFile\n"
+        "from mkt_assets.core.catalog import RESOURCES\n"
+        "from mkt_assets.warehouse.commit import check_before_fetch, run_tables\n"
+        "from mkt_assets.core.errors import WarehouseFileError\n"
+        "from mkt_assets.warehouse.connection import WarehouseFile\n"
         "for database in sys.argv[1:]:\n"
         "    try:\n"
         "        check_before_fetch(WarehouseFile(database), 'marketing', run_tables(RESOURCES, ()))\n"

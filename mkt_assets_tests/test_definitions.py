@@ -16,11 +16,11 @@ import dagster as dg
 import pytest
 
 from mkt_assets import cli
-from mkt_assets.catalog import RESOURCES
+from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.definitions import build_definitions
-from mkt_assets.errors import ConfigurationError
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.settings import Settings
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
 
 defs = build_definitions()
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ def test_the_package_imports_no_private_dagster_module() -> None:
 def test_the_package_imports_no_dagster_on_its_own() -> None:
     # The DuckDB worker imports the package: Dagster is loaded only by what Dagster loads.
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, mkt_assets, mkt_assets.commit; print('dagster' in sys.modules)"],
+        [sys.executable, "-c", "import sys, mkt_assets, mkt_assets.warehouse.commit; print('dagster' in sys.modules)"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert loaded.stdout.strip() == "False", loaded.stderr

@@ -12,9 +12,10 @@ import dagster as dg
 import pytest
 
 from mkt_assets.definitions import build_definitions
+from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.sql_names import fully_qualified
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "docs-secret-91c2"

@@ -21,17 +21,18 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets import sync
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.client import MarketingApiClient
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.core.errors import ApiValidationError
 from mkt_assets.definitions import build_definitions
-from mkt_assets.errors import ApiValidationError
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.run import sync
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect, fully_qualified
-from mkt_assets_tests._failing_facts import commit_run_then_fail_the_facts
+from mkt_assets.source.client import MarketingApiClient
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets_tests._failing_facts import commit_then_fail_the_facts
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "fault-secret-5d1e0b7a"
@@ -87,7 +88,7 @@ class Harness:
         return {
             "marketing_api": MarketingApiResource(**settings),
             "duckdb_io_manager": MarketingDuckDBIOManager(
-                database=self.database, schema="marketing", deletions=self.deletions
+                warehouse=WarehouseResource(database=self.database), deletions=self.deletions
             ),
             "warehouse": WarehouseResource(database=self.database),
         }
@@ -410,10 +411,12 @@ def test_a_value_of_the_wrong_type_fails_naming_column_and_value(harness: Harnes
 _KILLED_WRITER = textwrap.dedent(
     """
     import sys
-    from mkt_assets import warehouse
-    from mkt_assets.catalog import RESOURCES_BY_NAME
-    from mkt_assets.resource import MarketingApiResource
-    from mkt_assets.staging import PageStager
+
+    from mkt_assets.core.catalog import RESOURCES_BY_NAME
+    from mkt_assets.orchestration.resource import MarketingApiResource
+    from mkt_assets.staging.pages import PageStager
+    from mkt_assets.warehouse.connection import connect
+    from mkt_assets_tests.warehouse_calls import merge_staged
 
     class PausingConnection:
         # Runs every statement of the merge, and stops dead at its COMMIT.
@@ -433,9 +436,9 @@ _KILLED_WRITER = textwrap.dedent(
         for page in client.iter_pages(spec):
             stager.add(page)
         batch = stager.finish()
-    # What the IO manager's worker process runs (warehouse.merge_staged_file), paused.
-    with warehouse.connect(database) as connection:
-        warehouse.merge_staged(PausingConnection(connection), "marketing", "contacts", batch)
+    # A merge in its own transaction, paused before its COMMIT.
+    with connect(database) as connection:
+        merge_staged(PausingConnection(connection), "marketing", "contacts", batch)
     """
 )
 
@@ -531,7 +534,7 @@ def test_checks_that_cannot_run_fail_as_checks_while_the_merged_table_stands(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness.account.add_contacts(5)
-    monkeypatch.setattr(sync, "commit_run", commit_run_then_fail_the_facts)
+    monkeypatch.setattr(sync, "commit", commit_then_fail_the_facts)
 
     outcome = harness.sync(CONTACTS)
 

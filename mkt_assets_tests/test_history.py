@@ -9,16 +9,18 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets import warehouse
-from mkt_assets.catalog import RESOURCES
+from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.definitions import build_definitions
-from mkt_assets.history import history_table
-from mkt_assets.reads import READS_TABLE
+from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.table_facts import history_facts
-from mkt_assets.warehouse import connect, fully_qualified, merge_staged
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.history import history_table
+from mkt_assets.warehouse.merge import MergeResult
+from mkt_assets.warehouse.reads import READS_TABLE
+from mkt_assets.warehouse.sql_names import fully_qualified, table_exists
+from mkt_assets.warehouse.table_facts import history_facts
 from mkt_assets_tests.test_warehouse import CONTACTS, STAGINGS, contact, stage
+from mkt_assets_tests.warehouse_calls import merge_staged
 
 TABLES_DOC = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
 # The syncs of the story below, a day apart, in November 2026 (docs/tables.md's queries ask about it).
@@ -31,7 +33,7 @@ def database(tmp_path: Path) -> str:
     return str(tmp_path / "history.duckdb")
 
 
-def sync(database: str, tmp_path: Path, day: int, records: list[dict[str, Any]], **options: Any) -> warehouse.MergeResult:
+def sync(database: str, tmp_path: Path, day: int, records: list[dict[str, Any]], **options: Any) -> MergeResult:
     complete = options.pop("complete", True)
     batch = stage(CONTACTS, [records], tmp_path, when=DAY[day], complete=complete, **options.pop("staging", {}))
     with connect(database) as connection:
@@ -213,7 +215,7 @@ def test_a_history_started_beside_stored_rows_begins_with_them(database: str, tm
     sync(database, tmp_path, 0, [tagged(42, 7), tagged(43, 7), tagged(44, 7)], history=False)
     sync(database, tmp_path, 1, [tagged(42, 7, 8), tagged(43, 7)], history=False)
     with connect(database) as connection:
-        assert not warehouse.table_exists(connection, "marketing", "contacts_history")
+        assert not table_exists(connection, "marketing", "contacts_history")
 
     result = sync(database, tmp_path, 2, [tagged(42, 7, 8), tagged(43, 7, unsubscribed=True)])
 

@@ -9,11 +9,12 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.catalog import RESOURCES
+from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.definitions import build_definitions
+from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.sql_names import fully_qualified
 
 API_KEY = "incremental-secret-9c2f"
 

@@ -11,13 +11,15 @@ import dagster as dg
 import duckdb
 import pytest
 
-from mkt_assets import lean_process
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.client import Page
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.staging import PageStager, StagedBatch
-from mkt_assets.sync import RunWrite, TableWrite
-from mkt_assets.warehouse import connect
+from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import WarehouseResource
+from mkt_assets.plumbing import lean_process
+from mkt_assets.run.sync import RunWrite, TableWrite, in_worker
+from mkt_assets.source.client import Page
+from mkt_assets.staging.pages import PageStager, StagedBatch
+from mkt_assets.warehouse.commit import CommitRequest, RunCommit, commit
+from mkt_assets.warehouse.connection import connect
 
 TAGS = RESOURCES_BY_NAME["tags"]
 COMMUNITIES = RESOURCES_BY_NAME["communities"]
@@ -48,10 +50,10 @@ def materialize(
     database: str, *batches: StagedBatch, runner: Any = None, instance: dg.DagsterInstance | None = None
 ) -> dg.ExecuteInProcessResult:
     with lean_process.Worker() as worker:
-        write = RunWrite(batches=batches, tables=(), runner=runner or worker.call)
+        write = RunWrite(batches=batches, tables=(), runner=runner or in_worker(worker))
         return dg.materialize(
             [write_assets(write)],
-            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+            resources={"duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database))},
             raise_on_error=False,
             instance=instance,
         )
@@ -144,9 +146,9 @@ def test_every_table_of_a_run_lands_in_one_transaction_at_the_first_output(tmp_p
     database = str(tmp_path / "warehouse.duckdb")
     calls: list[str] = []
 
-    def runner(function: Any, *args: Any, log: Any = None, **kwargs: Any) -> Any:
-        calls.append(function.__name__)
-        return function(*args, **kwargs)
+    def runner(request: CommitRequest, log: Any) -> RunCommit:
+        calls.append(f"{len(request.batches)} tables")
+        return commit(request)
 
     result = materialize(
         database,
@@ -156,7 +158,7 @@ def test_every_table_of_a_run_lands_in_one_transaction_at_the_first_output(tmp_p
     )
 
     assert result.success
-    assert calls == ["commit_run"]  # once, for both tables
+    assert calls == ["2 tables"]  # once, for both tables
     assert metadata(result, "tags")["commit_seconds"] == metadata(result, "communities")["commit_seconds"]
 
 
@@ -187,7 +189,7 @@ def test_a_downstream_asset_reads_the_live_rows_as_a_duckdb_relation(tmp_path: P
 
     result = dg.materialize(
         [tag_names, *[dg.AssetSpec(["marketing", "tags"]).with_io_manager_key("duckdb_io_manager")]],
-        resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing")},
+        resources={"duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database))},
         selection=[tag_names.key],
     )
 
@@ -203,5 +205,5 @@ def test_a_value_that_is_not_a_run_write_is_refused_saying_so(tmp_path: Path) ->
     with pytest.raises(dg.DagsterInvariantViolationError, match="it was handed a list"):
         dg.materialize(
             [tags_asset],
-            resources={"duckdb_io_manager": MarketingDuckDBIOManager(database=str(tmp_path / "w.duckdb"))},
+            resources={"duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=str(tmp_path / "w.duckdb")))},
         )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mkt_assets import lean_process
-from mkt_assets.private_files import AREA_LOCK_NAME, area_lock_fds, claim_area
+from mkt_assets.plumbing import lean_process
+from mkt_assets.plumbing.private_files import AREA_LOCK_NAME, area_lock_fds, claim_area
 
 
 def test_the_child_returns_the_function_result() -> None:
@@ -26,7 +26,7 @@ def test_the_child_runs_in_another_process() -> None:
 
 def test_the_child_imports_the_duckdb_modules_without_dagster() -> None:
     # What makes it lean: Dagster alone would add about 50 MB to every merge.
-    loaded = "__import__('mkt_assets.normalized_tables') and sorted(__import__('sys').modules)"
+    loaded = "__import__('mkt_assets.warehouse.normalized_tables') and sorted(__import__('sys').modules)"
     modules = lean_process.call(eval, loaded)
     assert "duckdb" in modules and "mkt_assets.warehouse" in modules
     assert "dagster" not in modules and "requests" not in modules
@@ -110,7 +110,7 @@ def test_a_worker_whose_child_dies_says_how_and_later_calls_fail_too() -> None:
 
 _KILLED_PARENT = """
 import os, sys, threading, time
-from mkt_assets import lean_process
+from mkt_assets.plumbing import lean_process
 worker = lean_process.Worker()
 print(worker.call(os.getpid), flush=True)
 # The worker busy in a call (as in the middle of a transaction) when its parent is killed.

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from mkt_assets import private_files
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.errors import ConfigurationError, PrivateDirectoryError, PrivateFileError
-from mkt_assets.private_files import (
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.core.errors import ConfigurationError, PrivateDirectoryError, PrivateFileError
+from mkt_assets.plumbing import private_files
+from mkt_assets.plumbing.private_files import (
     AREA_LOCK_NAME,
     area_lock_fds,
     claim_area,
@@ -32,7 +32,7 @@ from mkt_assets.private_files import (
     private_directory,
     sweep_dead_areas,
 )
-from mkt_assets.staging import PageStager
+from mkt_assets.staging.pages import PageStager
 
 TAGS = RESOURCES_BY_NAME["tags"]
 
@@ -227,27 +227,12 @@ def test_a_claim_cut_short_is_swept_only_once_it_is_old(tmp_path: Path) -> None:
     assert young.exists()  # may be a claim in progress, its lock not yet taken
 
 
-def test_loose_chunks_of_older_versions_are_swept_once_a_day_old(tmp_path: Path) -> None:
-    old_json = tmp_path / "mkt_contacts_00001_xia2tps5.ndjson"
-    old_parquet = tmp_path / "mkt_contacts_00001_xia2tps5.parquet"
-    recent = tmp_path / "mkt_contacts_00002_abcd_123.ndjson"
-    unrelated = tmp_path / "mkt_contacts_notes.ndjson"
-    for path in (old_json, old_parquet, recent, unrelated):
-        path.write_text("{}")
-    two_days_ago = time.time() - 2 * 86400
-    for path in (old_json, old_parquet, unrelated):
-        os.utime(path, (two_days_ago, two_days_ago))
-
-    assert sorted(sweep_dead_areas(tmp_path)) == sorted([old_json, old_parquet])
-    assert recent.exists() and unrelated.exists()
-
-
 STAGING_RUN = textwrap.dedent(
     """
     import json, sys
-    from mkt_assets.catalog import RESOURCES_BY_NAME
-    from mkt_assets.client import Page
-    from mkt_assets.staging import PageStager
+    from mkt_assets.core.catalog import RESOURCES_BY_NAME
+    from mkt_assets.source.client import Page
+    from mkt_assets.staging.pages import PageStager
 
     items = [{"id": 1, "name": "a", "createdAt": None}]
     with PageStager(RESOURCES_BY_NAME["tags"], directory=sys.argv[1]) as stager:
@@ -294,8 +279,8 @@ ORPHANING_STEP = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from mkt_assets import lean_process
-    from mkt_assets.private_files import claim_area
+    from mkt_assets.plumbing import lean_process
+    from mkt_assets.plumbing.private_files import claim_area
 
     print(claim_area(sys.argv[1]), flush=True)
     # A lean child that reads the FIFO until the test closes it: it outlives this step once killed.

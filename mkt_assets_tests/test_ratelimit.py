@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mkt_assets.errors import PrivateDirectoryError, PrivateFileError
-from mkt_assets.ratelimit import SharedRateLimiter, parse_refill, state_path_for
+from mkt_assets.core.errors import PrivateDirectoryError, PrivateFileError
+from mkt_assets.source.ratelimit import SharedRateLimiter, parse_refill, state_path_for
 
 NOW = 1_800_000_000.0  # a Unix time in 2027
 

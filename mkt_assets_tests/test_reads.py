@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
-from mkt_assets.reads import READS_TABLE
-from mkt_assets.warehouse import MergeResult, connect, fully_qualified, merge_staged
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.merge import MergeResult
+from mkt_assets.warehouse.reads import READS_TABLE
+from mkt_assets.warehouse.sql_names import fully_qualified
 from mkt_assets_tests.test_history import DAY, faults, tagged
 from mkt_assets_tests.test_warehouse import CONTACTS, stage
+from mkt_assets_tests.warehouse_calls import merge_staged
 
 DELETIONS = ["mark", "delete"]
 

@@ -14,10 +14,10 @@ import duckdb
 import pytest
 import responses
 
-from mkt_assets.catalog import RESOURCES_BY_NAME
-from mkt_assets.client import MarketingApiClient
-from mkt_assets.errors import ApiResponseError
-from mkt_assets.records import _is_datetime_with_offset, has_lone_surrogate
+from mkt_assets.core.catalog import RESOURCES_BY_NAME
+from mkt_assets.core.errors import ApiResponseError
+from mkt_assets.core.records import _is_datetime_with_offset, has_lone_surrogate
+from mkt_assets.source.client import MarketingApiClient
 
 BASE = "https://api.example.test/api"
 CONTACTS = RESOURCES_BY_NAME["contacts"]

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, Reference, ResourceSpec, referenced_first
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, Column, Reference, ResourceSpec, referenced_first
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.warehouse.sql_names import fully_qualified
 from mkt_assets_tests.conftest import materialize_marketing
 
 API_KEY = "relations-secret-77aa"
@@ -34,7 +35,7 @@ class Account:
             self.server.add_fault(fault)
         resources = {
             "marketing_api": MarketingApiResource(base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0),
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing"),
+            "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=self.database)),
             "warehouse": WarehouseResource(database=self.database),
         }
         return materialize_marketing(EVERYTHING, resources, raise_on_error=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mkt_assets.errors import ConfigurationError, PrivateDirectoryError
-from mkt_assets.resource import MarketingApiResource
+from mkt_assets.core.errors import ConfigurationError, PrivateDirectoryError
+from mkt_assets.orchestration.resource import MarketingApiResource
 
 KEY = "resource-secret-77aa"
 

@@ -21,18 +21,18 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets import resume
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME
-from mkt_assets.chunk_typing import TypingQueue
-from mkt_assets.client import MarketingApiClient
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
-from mkt_assets.resume import ResumeOptions, read_identity
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.run.sync import FetchFailed, FetchOptions, fetch_all, plan_sync
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.sync import FetchFailed, FetchOptions, fetch_all, plan_sync
-from mkt_assets.transport import Stop
-from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT, connect, database_path
+from mkt_assets.source.client import MarketingApiClient
+from mkt_assets.source.transport import Stop
+from mkt_assets.staging import resume
+from mkt_assets.staging.resume import ResumeOptions, read_identity
+from mkt_assets.warehouse.chunk_typing import TypingQueue
+from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, connect, database_path
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "resume-secret-3f9a61"
@@ -63,7 +63,7 @@ def api(server: SandboxServer, staging: Path, **settings: Any) -> MarketingApiRe
 def resources(database: Path, marketing_api: MarketingApiResource, deletions: str = "mark") -> dict[str, Any]:
     return {
         "marketing_api": marketing_api,
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=str(database), schema="marketing", deletions=deletions),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=str(database)), deletions=deletions),
         "warehouse": WarehouseResource(database=str(database)),
     }
 
@@ -238,8 +238,8 @@ def test_a_terminated_run_stops_at_once_and_the_next_resumes_it(server: SandboxS
 _KILLED_RUN = textwrap.dedent(
     """
     import sys
-    from mkt_assets.io_manager import MarketingDuckDBIOManager
-    from mkt_assets.resource import MarketingApiResource, WarehouseResource
+    from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+    from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
     from mkt_assets_tests.conftest import materialize_marketing
 
     base_url, key, staging, database = sys.argv[1:5]
@@ -247,7 +247,7 @@ _KILLED_RUN = textwrap.dedent(
                                staging_chunk_pages=2, pace_requests=False)
     materialize_marketing(["contacts", "tags"], {
         "marketing_api": api,
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
         "warehouse": WarehouseResource(database=database),
     })
     """
@@ -469,7 +469,7 @@ def test_an_incremental_read_resumes_too_but_never_as_another_starting_key(serve
 
 
 def test_mkt_resume_hours_sets_the_window_and_zero_turns_resuming_off(server: SandboxServer, tmp_path: Path) -> None:
-    from mkt_assets.errors import ConfigurationError
+    from mkt_assets.core.errors import ConfigurationError
 
     assert Settings.from_environment({}).resume_window == timedelta(hours=6)
     assert Settings.from_environment({"MKT_RESUME_HOURS": "1.5"}).resume_window == timedelta(hours=1.5)

@@ -17,17 +17,18 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.assets import CONFIRM_MASS_DELETION_CONFIG
-from mkt_assets.catalog import RESOURCES
-from mkt_assets.client import Page
-from mkt_assets.commit import commit_run
-from mkt_assets.errors import MassDeletionError, StagingError
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.errors import MassDeletionError, StagingError
+from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.staging import PageStager
-from mkt_assets.warehouse import WarehouseFile, connect, fully_qualified
+from mkt_assets.source.client import Page
+from mkt_assets.staging.pages import PageStager
+from mkt_assets.warehouse.commit import commit_run
+from mkt_assets.warehouse.connection import WarehouseFile, connect
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.warehouse.sql_names import fully_qualified
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 from mkt_assets_tests.test_warehouse import contact, stage, staged_files
 
@@ -51,7 +52,7 @@ class Account:
                 base_url=self.server.base_url, api_key=API_KEY, backoff_factor=0, quota_state_dir=str(self.tmp_path / "quota"),
                 **api_settings,
             ),  # fmt: skip
-            "duckdb_io_manager": MarketingDuckDBIOManager(database=self.database, schema="marketing", deletions=deletions),
+            "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=self.database), deletions=deletions),
             "warehouse": WarehouseResource(database=self.database),
         }
 
@@ -380,7 +381,7 @@ def _alive_child_of(pid: int, parent: int | None) -> bool:
     except OSError:  # gone, or ended while being read
         return False
     state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-    return state != "Z" and (parent is None or int(ppid) == parent) and b"mkt_assets.lean_process" in command
+    return state != "Z" and (parent is None or int(ppid) == parent) and b"mkt_assets.plumbing.lean_process" in command
 
 
 @pytest.mark.slow

@@ -21,11 +21,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mkt_assets.assets import warehouse_pool
 from mkt_assets.definitions import build_definitions
+from mkt_assets.orchestration.assets import warehouse_pool
+from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect
+from mkt_assets.warehouse.connection import connect
 from mkt_assets_tests.test_ui import DAILY_CRON, REPO, stop_process_group
 
 API_KEY = "queue-secret-3c9e1f"

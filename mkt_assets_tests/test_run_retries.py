@@ -19,9 +19,7 @@ import duckdb
 import pytest
 import yaml
 
-from mkt_assets.commit import MissingTableError
-from mkt_assets.definitions import build_definitions
-from mkt_assets.errors import (
+from mkt_assets.core.errors import (
     ApiAccessError,
     ApiAuthError,
     ApiConnectionError,
@@ -43,16 +41,18 @@ from mkt_assets.errors import (
     WarehouseWriteError,
     is_retriable,
 )
-from mkt_assets.run_retries import (
+from mkt_assets.definitions import build_definitions
+from mkt_assets.orchestration.run_retries import (
     MAX_RETRIES_TAG,
     MAX_RETRY_DELAY_SECONDS,
     NOT_RETRIED_TAG,
     can_mend,
     retry_delay,
 )
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.run.sync import FetchFailed
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.sync import FetchFailed
+from mkt_assets.warehouse.commit import MissingTableError
 from mkt_assets_tests import test_run_queue
 from mkt_assets_tests.test_ui import DAILY_CRON, stop_process_group
 

@@ -15,8 +15,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.resource import API_KEY_ENV, MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import API_KEY_ENV, MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets_tests.conftest import MARKETING_ASSETS, marketing_key
 
@@ -49,7 +49,7 @@ def sync(
             selection=[marketing_key("tags"), marketing_key("contacts")],
             resources={
                 "marketing_api": api,
-                "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+                "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
                 "warehouse": WarehouseResource(database=database),
             },
             run_config=run_config,

@@ -17,14 +17,14 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.chunk_typing import TypingQueue
-from mkt_assets.client import MarketingApiClient
-from mkt_assets.ratelimit import SharedRateLimiter
+from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.run.sync import FetchFailed, FetchOptions, fetch_all, plan_sync
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.sync import FetchFailed, FetchOptions, fetch_all, plan_sync
-from mkt_assets.transport import Stop, Stopped
-from mkt_assets.warehouse import DEFAULT_MEMORY_LIMIT
+from mkt_assets.source.client import MarketingApiClient
+from mkt_assets.source.ratelimit import SharedRateLimiter
+from mkt_assets.source.transport import Stop, Stopped
+from mkt_assets.warehouse.chunk_typing import TypingQueue
+from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT
 
 API_KEY = "stop-secret-8c2e"
 CONTACTS = RESOURCES_BY_NAME["contacts"]
@@ -156,7 +156,7 @@ def lean_children() -> list[int]:
         except OSError:  # ended while being read
             continue
         state, parent = stat.rsplit(")", 1)[1].split()[:2]
-        if int(parent) == os.getpid() and state != "Z" and b"mkt_assets.lean_process" in command:
+        if int(parent) == os.getpid() and state != "Z" and b"mkt_assets.plumbing.lean_process" in command:
             found.append(int(entry.name))
     return found
 

@@ -17,15 +17,16 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
 from mkt_assets.definitions import build_definitions
-from mkt_assets.io_manager import MarketingDuckDBIOManager
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
-from mkt_assets.private_files import AREA_LOCK_NAME, open_private_file, private_directory
-from mkt_assets.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.orchestration.settings import Settings
+from mkt_assets.plumbing.private_files import AREA_LOCK_NAME, open_private_file, private_directory
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.settings import Settings
-from mkt_assets.warehouse import connect, fully_qualified
+from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.warehouse.sql_names import fully_qualified
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "integration-secret-3f9a1c"
@@ -51,7 +52,7 @@ def resources(server: SandboxServer, database: str, **api_settings: Any) -> dict
         "marketing_api": MarketingApiResource(
             base_url=server.base_url, api_key=API_KEY, backoff_factor=0, **api_settings
         ),
-        "duckdb_io_manager": MarketingDuckDBIOManager(database=database, schema="marketing"),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
         "warehouse": WarehouseResource(database=database),
     }
 
@@ -420,3 +421,33 @@ def test_two_instances_overlapping_on_one_database_end_as_the_sync_that_began_la
         assert materialization(prod, spec.name)["superseded_by_newer_read"] is False
     warnings = [entry.user_message for entry in instances["dev"].all_logs(dev["run"].run_id) if entry.level == logging.WARNING]
     assert any(message.startswith("marketing.contacts: not written: a complete read of it that began at") for message in warnings)
+
+
+def test_the_warehouse_is_configured_once_and_run_config_for_it_moves_the_write_and_the_checks_together(
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MKT_API_KEY", API_KEY)
+    monkeypatch.setenv("MKT_API_BASE_URL", server.base_url)
+    monkeypatch.setenv("MKT_DUCKDB_PATH", str(tmp_path / "from_the_environment.duckdb"))
+    monkeypatch.setenv("MKT_RESOURCES", "tags")
+    job = build_definitions().resolve_job_def("marketing_sync")
+    # The IO manager declares no file of its own: the launchpad shows one place to set it.
+    io_manager_fields = set(job.resource_defs["duckdb_io_manager"].config_schema.config_type.fields)  # type: ignore[union-attr]
+    assert io_manager_fields == {"deletions"}
+    elsewhere = tmp_path / "from_the_launchpad.duckdb"
+
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"resources": {"warehouse": {"config": {"database": str(elsewhere)}}}},
+    )
+
+    assert result.success
+    assert not (tmp_path / "from_the_environment.duckdb").exists()
+    with connect(str(elsewhere)) as connection:
+        assert connection.execute("SELECT count(*) FROM marketing.tags").fetchone() == (server.data.count("tags"),)
+    # The checks read the same file: the row count check saw the tags the write landed.
+    checks = result.get_asset_check_evaluations()
+    tags_checks = [c for c in checks if c.asset_key == dg.AssetKey(["marketing", "tags"])]
+    assert tags_checks and all(c.passed for c in tags_checks)
+    (counted,) = [c for c in tags_checks if c.check_name == "row_count_not_dropping"]
+    assert counted.metadata["row_count"].value == server.data.count("tags")

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 import requests
 
-from mkt_assets.catalog import BOOKKEEPING_COLUMNS, RESOURCES, RESOURCES_BY_NAME
-from mkt_assets.normalized_tables import NORMALIZED_TABLES
+from mkt_assets.core.catalog import BOOKKEEPING_COLUMNS, RESOURCES, RESOURCES_BY_NAME
 from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
 
 REPO = Path(__file__).resolve().parents[1]
 LOCATION = "mkt_assets"

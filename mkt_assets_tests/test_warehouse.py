@@ -21,14 +21,23 @@ from typing import Any
 import duckdb
 import pytest
 
-from mkt_assets import warehouse
-from mkt_assets.catalog import RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.chunk_typing import ChunkTyper, TypingQueue
-from mkt_assets.client import Page
-from mkt_assets.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
-from mkt_assets.private_files import AREA_LOCK_NAME
-from mkt_assets.staging import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
-from mkt_assets.warehouse import connect, fully_qualified, merge_staged
+import mkt_assets.warehouse.connection as connection_module
+from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.core.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.plumbing.private_files import AREA_LOCK_NAME
+from mkt_assets.source.client import Page
+from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
+from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
+from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed
+from mkt_assets.warehouse.merge import is_mass_deletion
+from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets_tests.warehouse_calls import (
+    all_reference_facts_in_file,
+    build_table_in_file,
+    merge_staged,
+    merge_staged_file,
+    synced_table_facts_in_file,
+)
 
 CONTACTS = RESOURCES_BY_NAME["contacts"]
 TAGS = RESOURCES_BY_NAME["tags"]
@@ -75,7 +84,7 @@ def stage(
     typed: bool = False,
 ) -> StagedBatch:
     """Stage ``pages`` as the sync asset does; ``typed`` types each full chunk as it closes."""
-    with TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(spec, queue) as typer:
+    with TypingQueue(DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(spec, queue) as typer:
         stager = PageStager(
             spec, directory=str(directory), complete=complete, chunk_pages=chunk_pages, on_chunk=typer.submit if typed else None
         )
@@ -395,7 +404,7 @@ def notebook(database: str) -> Iterator[int]:
 def test_a_file_held_by_an_outside_process_is_waited_for_saying_who_then_reported(
     database: str, notebook: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(warehouse, "WAIT_LOG_SECONDS", 0.2)
+    monkeypatch.setattr(connection_module, "WAIT_LOG_SECONDS", 0.2)
     said: list[str] = []
     started = time.monotonic()
 
@@ -459,7 +468,7 @@ def test_a_held_file_that_is_released_within_the_bound_is_opened(database: str) 
     releaser = threading.Thread(target=release_once_waited_for)
     releaser.start()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(warehouse, "WAIT_LOG_SECONDS", 0.1)
+        patch.setattr(connection_module, "WAIT_LOG_SECONDS", 0.1)
         with connect(database, wait_seconds=30, log=log) as connection:
             assert connection.execute("SELECT count(*) FROM held").fetchone() == (0,)
     releaser.join(30)
@@ -593,7 +602,7 @@ def test_a_chunk_that_fails_to_type_is_left_to_the_merge_which_names_the_value(d
     merge(database, "contacts", stage(CONTACTS, [[contact(1)]], tmp_path))
     before = rows(database, "contacts")
     pages = [[contact(2)], [contact(3, registeredAt="yesterday")], [contact(4)]]
-    with TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(CONTACTS, queue) as typer:
+    with TypingQueue(DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(CONTACTS, queue) as typer:
         stager = PageStager(CONTACTS, directory=str(tmp_path), chunk_pages=1, on_chunk=typer.submit)
         with stager:
             for number, items in enumerate(pages, start=1):
@@ -624,7 +633,7 @@ class FetchFailed(Exception):
 
 def test_a_failed_fetch_leaves_no_typed_chunk_behind(tmp_path: Path) -> None:
     pages = [[{"id": 1, "name": "a"}], [{"id": 2, "name": "b"}], [{"id": 3, "name": "c"}]]
-    with pytest.raises(FetchFailed), TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(TAGS, queue) as typer:
+    with pytest.raises(FetchFailed), TypingQueue(DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(TAGS, queue) as typer:
         with PageStager(TAGS, directory=str(tmp_path), chunk_pages=1, on_chunk=typer.submit) as stager:
             for number, items in enumerate(pages, start=1):
                 stager.add(Page(TAGS.name, number, "/api/tags", {}, items, True, json.dumps({"items": items, "hasMore": True}).encode()))
@@ -689,12 +698,12 @@ def test_streaming_statements_run_under_the_small_limit_which_is_then_restored(d
     def limit(connection: duckdb.DuckDBPyConnection) -> str:
         return connection.execute("SELECT current_setting('memory_limit')").fetchone()[0]  # type: ignore[index]
 
-    with warehouse.WarehouseFile(database, memory_limit="256MB").open() as connection:
+    with WarehouseFile(database, memory_limit="256MB").open() as connection:
         before = limit(connection)
-        assert warehouse.streamed(connection, lambda: limit(connection)) == "15.2 MiB"  # 16MB, as DuckDB prints it
+        assert streamed(connection, lambda: limit(connection)) == "15.2 MiB"  # 16MB, as DuckDB prints it
         assert limit(connection) == before == "244.1 MiB"
         with pytest.raises(ZeroDivisionError):
-            warehouse.streamed(connection, lambda: 1 / 0)
+            streamed(connection, lambda: 1 / 0)
         assert limit(connection) == before
 
 
@@ -707,14 +716,14 @@ def test_a_streaming_statement_that_runs_out_of_memory_runs_again_under_the_full
             raise duckdb.OutOfMemoryException("Out of Memory Error: failed to pin block")
         return "done"
 
-    with warehouse.WarehouseFile(database, memory_limit="256MB").open() as connection:
-        assert warehouse.streamed(connection, work) == "done"
+    with WarehouseFile(database, memory_limit="256MB").open() as connection:
+        assert streamed(connection, work) == "done"
     assert seen == ["15.2 MiB", "244.1 MiB"]
 
 
 def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_checks(database: str, tmp_path: Path) -> None:
-    from mkt_assets.normalized_tables import NORMALIZED_TABLES, build_table_in_file
-    from mkt_assets.table_facts import all_reference_facts_in_file, synced_table_facts_in_file
+    from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
+
 
     big = "x" * (10 << 20)
     people = [contact(i) for i in range(1, 300)]
@@ -723,7 +732,7 @@ def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_c
     merge(database, "tags", stage(TAGS, [[{"id": 7, "name": "Café ☕"}]], tmp_path))
     result = merge(database, "contacts", stage(CONTACTS, [people[:100], people[100:200], people[200:]], tmp_path))
     assert result.inserted == 299
-    file = warehouse.WarehouseFile(database)  # the default limits: 128MB, 16MB for streaming work
+    file = WarehouseFile(database)  # the default limits: 128MB, 16MB for streaming work
 
     by_name = {table.name: table for table in NORMALIZED_TABLES}
     values = build_table_in_file(file, "marketing", by_name["contact_field_values"])
@@ -742,14 +751,14 @@ def test_a_ten_megabyte_value_lands_in_the_table_its_normalized_tables_and_its_c
 
 
 def test_a_page_as_large_as_the_client_accepts_merges_under_the_default_memory_limit(database: str, tmp_path: Path) -> None:
-    from mkt_assets import lean_process
-    from mkt_assets.client import DEFAULT_MAX_PAGE_BYTES
+    from mkt_assets.plumbing import lean_process
+    from mkt_assets.source.client import DEFAULT_MAX_PAGE_BYTES
 
     people = [contact(i) for i in range(1, 101)]
     people[50]["fields"] = [{"fieldName": "Bio", "slug": "bio", "value": "x" * (DEFAULT_MAX_PAGE_BYTES - (64 << 10))}]
     batch = stage(CONTACTS, [people], tmp_path)
 
-    result, _ = lean_process.call(warehouse.merge_staged_file, warehouse.WarehouseFile(database), "marketing", "contacts", batch)
+    result, _ = lean_process.call(merge_staged_file, WarehouseFile(database), "marketing", "contacts", batch)
 
     assert result.inserted == 100
 
@@ -813,7 +822,7 @@ def test_a_record_sending_a_field_twice_fails_without_quoting_it(database: str, 
 
 def test_a_chunk_that_fails_to_type_is_logged_without_the_records_it_quotes(tmp_path: Path) -> None:
     batch = _page_with_a_field_twice(CONTACTS, tmp_path, "")
-    with TypingQueue(warehouse.DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(CONTACTS, queue) as typer:
+    with TypingQueue(DEFAULT_MEMORY_LIMIT) as queue, ChunkTyper(CONTACTS, queue) as typer:
         typer.submit(batch.paths[0], batch.longest_line)
         assert typer.finish() == ()
 
@@ -836,4 +845,4 @@ def test_a_chunk_that_fails_to_type_is_logged_without_the_records_it_quotes(tmp_
     ],
 )
 def test_a_mass_deletion_is_more_than_the_share_and_the_handful_or_every_live_row(gone: int, live: int, refused: bool) -> None:
-    assert warehouse.is_mass_deletion(gone, live, 0.1) is refused
+    assert is_mass_deletion(gone, live, 0.1) is refused

@@ -1,0 +1,245 @@
+"""The run's one transaction: every table a sync writes, merged and built together, then the
+facts its checks need.
+
+A reader of the file sees every table of one sync or every table of the one before, never
+contacts of one beside contact_tags of another: a sync that fails anywhere, or is killed at any
+moment, leaves every table as it was. DuckDB only, no Dagster: it runs in a lean worker
+process (see ``lean_process``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import duckdb
+
+from mkt_assets.core.catalog import ResourceSpec
+from mkt_assets.core.errors import MassDeletion, MassDeletionError, SyncError
+from mkt_assets.staging.pages import StagedBatch
+from mkt_assets.warehouse.connection import WarehouseFile, streamed, transaction, without_values
+from mkt_assets.warehouse.database_file import inspected
+from mkt_assets.warehouse.diagnostics import explain_cast_failure, preview_markdown
+from mkt_assets.warehouse.merge import (
+    CAST_FAILURES,
+    DEFAULT_MAX_DROP,
+    MASS_DELETION_ALLOWANCE,
+    MergeResult,
+    merge_batch,
+    newest_key,
+)
+from mkt_assets.warehouse.normalized_tables import BuildResult, NormalizedTable, build_facts, build_in_transaction, is_current
+from mkt_assets.warehouse.ownership import BOOKKEEPING_TABLES, OwnedTable, refuse_foreign, synced_table, versions_table
+from mkt_assets.warehouse.sql_names import table_exists
+from mkt_assets.warehouse.table_facts import (
+    HistoryFacts,
+    ReferenceFacts,
+    SyncedTableFacts,
+    all_reference_facts,
+    history_facts,
+    synced_table_facts,
+)
+
+
+class MissingTableError(SyncError):
+    """A normalized table asked for reads a table that was never synced."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the run's transaction did to one table."""
+
+    table: str
+    seconds: float
+    preview: str
+    merge: MergeResult | None = None  # a synced table
+    build: BuildResult | None = None  # a normalized table
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the checks need, queried once everything is committed (or why it could not be)."""
+
+    synced: dict[str, SyncedTableFacts] = field(default_factory=dict)
+    # By synced table, then by reference check.
+    references: dict[str, dict[str, ReferenceFacts]] = field(default_factory=dict)
+    # By synced table, when the run keeps their history.
+    history: dict[str, HistoryFacts] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunCommit:
+    written: dict[str, Written]
+    facts: Facts
+    seconds: float
+    # Normalized tables not rebuilt because a table they read does not exist yet, and why.
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """Everything a run writes, and how: the argument of its one transaction (``commit``)."""
+
+    file: WarehouseFile
+    schema: str
+    batches: tuple[StagedBatch, ...]
+    tables: tuple[NormalizedTable, ...]
+    deletions: str
+    history: bool = True
+    # Tables the run was asked for (the others are rebuilt only to keep up with their reads).
+    asked: frozenset[str] = frozenset()
+    # The resources the deployment syncs (None: all): references to others are not checked.
+    within: frozenset[str] | None = None
+    # The share of a table's live rows a complete read may mark gone unconfirmed, and whether
+    # this run confirms more (see ``merge.is_mass_deletion``).
+    max_drop: float = DEFAULT_MAX_DROP
+    confirm_mass_deletion: bool = False
+
+
+def commit(request: CommitRequest) -> RunCommit:
+    """The run's one transaction (``commit_run``), as the one call its DuckDB worker makes."""
+    return commit_run(
+        request.file,
+        request.schema,
+        request.batches,
+        request.tables,
+        deletions=request.deletions,
+        history=request.history,
+        asked=request.asked,
+        within=request.within,
+        max_drop=request.max_drop,
+        confirm_mass_deletion=request.confirm_mass_deletion,
+    )
+
+
+def commit_run(
+    file: WarehouseFile,
+    schema: str,
+    batches: Sequence[StagedBatch],
+    tables: Sequence[NormalizedTable],
+    *,
+    deletions: str,
+    history: bool = True,
+    asked: frozenset[str] = frozenset(),
+    within: frozenset[str] | None = None,
+    max_drop: float = DEFAULT_MAX_DROP,
+    confirm_mass_deletion: bool = False,
+) -> RunCommit:
+    """Merge every batch and rebuild every table in one transaction, then gather the facts the
+    checks need: per synced table, its own and those of its references.
+
+    A table rebuilt only because it reads a table the run writes is skipped while another
+    table it reads does not exist yet; one in ``asked`` cannot be, and fails the write. A run
+    that writes synced tables keeps, unrebuilt, a table none of whose reads changed since it was
+    built (in this run or any other, see ``changes``) and whose definition is the one it was
+    built from; a run that writes none rebuilds what it is asked.
+    ``within``: the resources the deployment syncs; references to others are not checked.
+    A mass deletion (see ``warehouse.is_mass_deletion``) not confirmed fails the write; every
+    batch is merged first, so the error names each table that would lose too many rows."""
+    started = time.monotonic()
+    written: dict[str, Written] = {}
+    skipped: dict[str, str] = {}
+    with file.open() as connection:
+        merging: StagedBatch | None = None
+        try:
+            with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
+                refused: list[MassDeletion] = []
+                for batch in batches:
+                    merging, began = batch, time.monotonic()
+                    try:
+                        merge = merge_batch(
+                            connection,
+                            schema,
+                            batch.spec.name,
+                            batch,
+                            deletions=deletions,
+                            history=history,
+                            max_drop=max_drop,
+                            confirm_mass_deletion=confirm_mass_deletion,
+                        )
+                    except MassDeletionError as error:
+                        refused.extend(error.refused)  # rolled back with the rest once every batch is seen
+                        continue
+                    written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
+                merging = None
+                if refused:
+                    raise MassDeletionError(tuple(refused), max_drop, MASS_DELETION_ALLOWANCE)
+                changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
+                for table in tables:
+                    missing = [name for name in table.reads if not table_exists(connection, schema, name)]
+                    if missing:
+                        reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
+                        if table.name in asked:
+                            raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
+                        skipped[table.name] = reason
+                        continue
+                    began = time.monotonic()
+                    if batches and not changed & set(table.reads) and is_current(connection, schema, table):
+                        # Already what a rebuild would make: the same query over the same rows.
+                        build = build_facts(connection, schema, table, rebuilt=False)
+                    else:
+                        build = build_in_transaction(connection, schema, table)
+                    written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
+        except CAST_FAILURES as error:
+            if merging is None:
+                raise
+            raise explain_cast_failure(connection, merging.spec, merging, error) from None
+        for batch in batches:
+            name = batch.spec.name
+            written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
+        facts = _facts(connection, schema, [batch.spec for batch in batches], history, within)
+    return RunCommit(written, facts, time.monotonic() - started, skipped)
+
+
+def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) -> list[str]:
+    return [*(batch.spec.name for batch in batches), *(table.name for table in tables)] or ["nothing"]
+
+
+def _facts(
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    specs: Sequence[ResourceSpec],
+    history: bool,
+    within: frozenset[str] | None = None,
+) -> Facts:
+    """The checks' facts; the tables have changed by now, so a query that fails says why in
+    ``error`` (the checks then fail) instead of failing the run."""
+    try:
+        synced = {spec.name: streamed(connection, partial(synced_table_facts, connection, schema, spec)) for spec in specs}
+        references = {spec.name: streamed(connection, partial(all_reference_facts, connection, schema, spec, within)) for spec in specs}
+        versions = {spec.name: streamed(connection, partial(history_facts, connection, schema, spec)) for spec in specs if history}
+    except duckdb.Error as error:
+        return Facts(error=without_values(str(error)))
+    return Facts(synced, references, versions)
+
+
+def run_tables(resources: Sequence[ResourceSpec], tables: Sequence[NormalizedTable]) -> tuple[OwnedTable, ...]:
+    """The tables a run writes or reads in the target schema: its synced tables, their
+    histories (read even when the run keeps none), the tables it builds, the bookkeeping."""
+    return (
+        *(synced_table(spec) for spec in resources),
+        *(versions_table(spec) for spec in resources),
+        *(table.owned for table in tables),
+        *BOOKKEEPING_TABLES,
+    )
+
+
+def check_before_fetch(file: WarehouseFile, schema: str, tables: Sequence[OwnedTable]) -> None:
+    """Fail at once (``WarehouseFileError``) on a file the run could not write, or a table of
+    ``tables`` it did not create: before the fetch, not after it. Changes nothing."""
+    with inspected(file.database) as connection:
+        if connection is not None:
+            refuse_foreign(connection, schema, tables, file.database)
+
+
+def newest_keys(file: WarehouseFile, schema: str, specs: Sequence[ResourceSpec]) -> dict[str, int | None]:
+    """The highest key stored for each of ``specs`` (None: nothing stored yet). A file that
+    does not exist yet is not created: a run that then fails leaves none behind."""
+    if file.database != ":memory:" and not os.path.lexists(file.database):
+        return dict.fromkeys((spec.name for spec in specs), None)
+    with file.open() as connection:
+        return {spec.name: newest_key(connection, schema, spec) for spec in specs}
