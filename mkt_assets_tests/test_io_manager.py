@@ -12,11 +12,11 @@ import duckdb
 import pytest
 
 from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.core.page import Page
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.resource import WarehouseResource
 from mkt_assets.plumbing import lean_process
 from mkt_assets.run.sync import RunWrite, TableWrite, in_worker
-from mkt_assets.source.client import Page
 from mkt_assets.staging.pages import PageStager, StagedBatch
 from mkt_assets.warehouse.commit import CommitRequest, RunCommit, commit
 from mkt_assets.warehouse.connection import connect

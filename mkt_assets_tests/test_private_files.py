@@ -231,7 +231,7 @@ STAGING_RUN = textwrap.dedent(
     """
     import json, sys
     from mkt_assets.core.catalog import RESOURCES_BY_NAME
-    from mkt_assets.source.client import Page
+    from mkt_assets.core.page import Page
     from mkt_assets.staging.pages import PageStager
 
     items = [{"id": 1, "name": "a", "createdAt": None}]

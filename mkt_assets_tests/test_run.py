@@ -19,11 +19,12 @@ import pytest
 
 from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.core.errors import MassDeletionError, StagingError
+from mkt_assets.core.page import Page
 from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
+from mkt_assets.plumbing import lean_process
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
-from mkt_assets.source.client import Page
 from mkt_assets.staging.pages import PageStager
 from mkt_assets.warehouse.commit import commit_run
 from mkt_assets.warehouse.connection import WarehouseFile, connect
@@ -381,7 +382,7 @@ def _alive_child_of(pid: int, parent: int | None) -> bool:
     except OSError:  # gone, or ended while being read
         return False
     state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-    return state != "Z" and (parent is None or int(ppid) == parent) and b"mkt_assets.plumbing.lean_process" in command
+    return state != "Z" and (parent is None or int(ppid) == parent) and lean_process.__name__.encode() in command
 
 
 @pytest.mark.slow

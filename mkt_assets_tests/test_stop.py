@@ -18,6 +18,7 @@ import dagster as dg
 import pytest
 
 from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.plumbing import lean_process
 from mkt_assets.run.sync import FetchFailed, FetchOptions, fetch_all, plan_sync
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.source.client import MarketingApiClient
@@ -156,7 +157,7 @@ def lean_children() -> list[int]:
         except OSError:  # ended while being read
             continue
         state, parent = stat.rsplit(")", 1)[1].split()[:2]
-        if int(parent) == os.getpid() and state != "Z" and b"mkt_assets.plumbing.lean_process" in command:
+        if int(parent) == os.getpid() and state != "Z" and lean_process.__name__.encode() in command:
             found.append(int(entry.name))
     return found
 

@@ -24,8 +24,8 @@ import pytest
 import mkt_assets.warehouse.connection as connection_module
 from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.core.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
+from mkt_assets.core.page import Page
 from mkt_assets.plumbing.private_files import AREA_LOCK_NAME
-from mkt_assets.source.client import Page
 from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed

@@ -7,7 +7,9 @@ and each table then reports what changed in it. ``load_input`` hands an asset do
 marketing table a DuckDB relation over its live rows.
 """
 
-
+# No `from __future__ import annotations` here: Dagster reads the field `warehouse: WarehouseResource`
+# as a nested resource only from the class itself, not from a string annotation (with one, the
+# definitions fail to load: "Input should be a valid dictionary or instance of WarehouseResource").
 from typing import Any
 
 import dagster as dg

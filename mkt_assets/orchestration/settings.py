@@ -37,7 +37,7 @@ class Settings:
     freshness_fail: timedelta = timedelta(hours=28)
     owners: tuple[str, ...] = ("team:data-engineering",)
     # Both the row count check's bound and the share of a table's live rows a complete read
-    # may mark gone before the run must confirm it (see ``warehouse.is_mass_deletion``).
+    # may mark gone before the run must confirm it (see ``merge.is_mass_deletion``).
     row_count_max_drop: float = DEFAULT_MAX_DROP
     progress_interval_seconds: float = 10.0
     duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT

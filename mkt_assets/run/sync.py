@@ -45,6 +45,8 @@ def in_worker(worker: lean_process.Worker) -> CommitRunner:
         return worker.call(commit, request, log=log)
 
     return run
+
+
 # How long an interrupted run waits for its fetches to unwind (and remove their staged pages).
 # The stop cuts their requests and sends no other, so they end within milliseconds; one
 # still connecting ends within connect_timeout, unwaited for.

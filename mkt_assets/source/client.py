@@ -37,6 +37,7 @@ from mkt_assets.core.errors import (
     ConfigurationError,
     PaginationError,
 )
+from mkt_assets.core.page import Page
 from mkt_assets.core.records import RecordChecker, RecordProblem, has_lone_surrogate, lone_surrogate_problem, record_checker
 from mkt_assets.source.ratelimit import SharedRateLimiter
 from mkt_assets.source.transport import (
@@ -145,24 +146,6 @@ def _character_kind(character: str) -> str:
     if character.isspace():
         return f"a space ({point})"
     return f"a character outside ASCII ({point})"
-
-
-@dataclass(frozen=True)
-class Page:
-    """One page of one resource as the API sent it."""
-
-    resource: str
-    number: int  # 1-based
-    path: str
-    query: Mapping[str, object]
-    items: list[dict[str, Any]]
-    has_more: bool
-    body: bytes  # the raw JSON, so a stager can hand it to DuckDB without re-encoding
-    # Fields of its records the catalog does not know (``tags[].color`` for a list member's).
-    unknown_fields: frozenset[str] = frozenset()
-    # Where the walk stands once this page is handed over (JSON values): handed back to
-    # ``iter_pages(resume=...)``, it continues with the page after, as if never stopped.
-    position: Mapping[str, Any] | None = None
 
 
 class MarketingApiClient:

@@ -23,15 +23,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import BinaryIO, cast
 
 from mkt_assets.core.catalog import ResourceSpec
 from mkt_assets.core.errors import StagingError
+from mkt_assets.core.page import Page
 from mkt_assets.plumbing.private_files import claim_area, default_private_directory, private_directory, sweep_dead_areas
 from mkt_assets.staging import resume
-
-if TYPE_CHECKING:  # the DuckDB worker imports this module without the HTTP client
-    from mkt_assets.source.client import Page
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ class PageStager:
     # Called with each full chunk's path and longest line once it is closed; the last chunk
     # is never handed over (the merge reads it as it is, rather than wait for it to be typed).
     on_chunk: Callable[[Path, int], None] | None = None
-    # What this stager swept on entering: areas (and old loose chunks) of runs that died.
+    # What this stager swept on entering: the staging areas of runs that died.
     swept: list[Path] = field(default_factory=list)
     # Stage into this read's own directory, checkpointed, and keep what is checkpointed when
     # the fetch fails (see ``resume``); its adopted pages are this batch's first.
@@ -220,7 +218,7 @@ class PageStager:
         return self._file is None and self._handover is not None
 
     def checkpoint(self, position: object) -> None:
-        """Save where the read stands (``position``: the last page's, see ``client.Page``): the
+        """Save where the read stands (``position``: the last page's, see ``core.page.Page``): the
         pages staged so far are made durable first, so the checkpoint only names bytes on disk."""
         assert self.resumable is not None
         if self._file is not None:

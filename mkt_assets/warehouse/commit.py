@@ -138,7 +138,7 @@ def commit_run(
     built (in this run or any other, see ``changes``) and whose definition is the one it was
     built from; a run that writes none rebuilds what it is asked.
     ``within``: the resources the deployment syncs; references to others are not checked.
-    A mass deletion (see ``warehouse.is_mass_deletion``) not confirmed fails the write; every
+    A mass deletion (see ``merge.is_mass_deletion``) not confirmed fails the write; every
     batch is merged first, so the error names each table that would lose too many rows."""
     started = time.monotonic()
     written: dict[str, Written] = {}
