@@ -14,10 +14,13 @@ import dagster as dg
 from pydantic import Field
 
 from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.resource import DEFAULT_BASE_URL
 from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings
 
+# What api_key resolves to when it is not a template naming a variable (a key written out).
+_NOT_A_TEMPLATE = ""
 # The one form a secret may take in defs.yaml: a template naming an environment variable.
 _ENV_TEMPLATE = re.compile(r"\{\{\s*env(?:\.(?P<dotted>[A-Za-z_][A-Za-z0-9_]*)|\(\s*['\"](?P<called>[A-Za-z_][A-Za-z0-9_]*)['\"]\s*\))\s*\}\}")
 
@@ -27,12 +30,9 @@ def _api_key_from_environment(context: dg.ResolutionContext, raw: str) -> str:
     the UI shows the name, and the value is never rendered into the definitions. A key written
     out in the file is refused, without quoting it."""
     found = _ENV_TEMPLATE.fullmatch(raw.strip()) if isinstance(raw, str) else None
-    if found is None:
-        raise dg.ResolutionException(
-            'api_key must name the environment variable holding the key, as "{{ env.ACME_KEY }}";'
-            " a key written in defs.yaml would be shown in the UI and kept in version control"
-        )
-    return found["dotted"] or found["called"]
+    # Refused when the definitions are built, not here: dg quotes the YAML line of an error
+    # raised while resolving, and that line would be the key.
+    return (found["dotted"] or found["called"]) if found is not None else _NOT_A_TEMPLATE
 
 
 ApiKey = Annotated[
@@ -47,6 +47,28 @@ ApiKey = Annotated[
 ]
 
 
+class MarketingSyncScaffolder(dg.Scaffolder[dg.Model]):
+    """``dg scaffold defs mkt_assets.MarketingSync acme`` writes a defs.yaml that loads as it is:
+    the instance's name is its key prefix, its key comes from ``<NAME>_API_KEY`` and its tables
+    go to ``data/<name>_warehouse.duckdb`` (a file named like the schema would make
+    ``<name>.contacts`` ambiguous in DuckDB). Edit the two lines you need, then ``dg check defs``."""
+
+    def scaffold(self, request: dg.ScaffoldRequest[dg.Model]) -> None:
+        name = re.sub(r"[^a-z0-9_]", "_", request.target_path.name.lower()).strip("_") or "marketing"
+        if not name[0].isalpha():
+            name = f"account_{name}"
+        dg.scaffold_component(
+            request,
+            {
+                "api_key": f"{{{{ env.{name.upper()}_API_KEY }}}}",
+                "key_prefix": name,
+                "database": f"data/{name}_warehouse.duckdb",
+                "base_url": DEFAULT_BASE_URL,
+            },
+        )
+
+
+@dg.scaffold_with(MarketingSyncScaffolder)
 class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
     """One systeme.io account kept in DuckDB: an asset per API resource and per normalized
     table, their checks, a daily full sync and an hourly incremental one."""
@@ -99,6 +121,11 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        if self.api_key == _NOT_A_TEMPLATE:
+            raise ConfigurationError(
+                f'{self.key_prefix}: api_key must name the environment variable holding the key, as "{{{{ env.ACME_KEY }}}}";'
+                " a key written in defs.yaml would be shown in the UI and kept in version control"
+            )
         # From the environment, MKT_API_BASE_URL applies; an instance of its own never reads it,
         # so one variable cannot send every account's key elsewhere.
         return build_definitions(

@@ -247,7 +247,7 @@ class MarketingApiResource(dg.ConfigurableResource):
         parts = urlsplit(self.base_url)
         origin = f"{parts.scheme}://{parts.netloc}"
         return SharedRateLimiter(
-            state_path_for(origin, self.quota_state_dir or None), horizon=self.max_wait_seconds, log=log
+            state_path_for(origin, self.key(), self.quota_state_dir or None), horizon=self.max_wait_seconds, log=log
         )
 
 
