@@ -173,9 +173,12 @@ def test_a_corrupt_state_file_is_started_afresh(tmp_path: Path) -> None:
 
 
 def test_each_api_origin_has_its_own_state_file(tmp_path: Path) -> None:
-    one = state_path_for("https://api.systeme.io", str(tmp_path))
-    assert one == state_path_for("https://api.systeme.io", str(tmp_path))
-    assert one != state_path_for("http://127.0.0.1:8765", str(tmp_path))
+    one = state_path_for("https://api.systeme.io", "key-a", str(tmp_path))
+    assert one == state_path_for("https://api.systeme.io", "key-a", str(tmp_path))
+    assert one != state_path_for("http://127.0.0.1:8765", "key-a", str(tmp_path))
+    # Two accounts on one host keep their own quotas, and no file name holds a key.
+    assert one != state_path_for("https://api.systeme.io", "key-b", str(tmp_path))
+    assert "key-a" not in one.name
     assert one.parent == tmp_path
 
 
@@ -205,7 +208,7 @@ def test_a_state_directory_owned_by_another_user_is_refused(tmp_path: Path, give
 
     problem = rf"refusing {re.escape(str(quota))} for private files: it is owned by uid {owner}, not you \(uid {os.getuid()}\); remove it, or set staging_dir / quota_state_dir"
     with pytest.raises(PrivateDirectoryError, match=problem):
-        state_path_for("https://api.systeme.io", str(quota))
+        state_path_for("https://api.systeme.io", "key", str(quota))
 
 
 def test_a_state_directory_others_may_enter_is_refused(tmp_path: Path) -> None:
@@ -214,13 +217,13 @@ def test_a_state_directory_others_may_enter_is_refused(tmp_path: Path) -> None:
     quota.chmod(0o755)
 
     with pytest.raises(PrivateDirectoryError, match=r"quota for private files: its mode is 0755: group or others have access"):
-        state_path_for("https://api.systeme.io", str(quota))
+        state_path_for("https://api.systeme.io", "key", str(quota))
 
 
 def test_the_default_state_directory_is_the_users_own_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, usual_umask: None) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
-    path = state_path_for("https://api.systeme.io")
+    path = state_path_for("https://api.systeme.io", "key")
 
     assert path.parent == tmp_path / f"mkt_assets-{os.getuid()}" / "quota"
     assert (mode(path.parent.parent), mode(path.parent)) == (0o700, 0o700)
@@ -235,7 +238,7 @@ def test_a_default_directory_planted_by_another_user_is_refused(tmp_path: Path, 
         os.chown(planted, 1001, -1)
 
     with pytest.raises(PrivateDirectoryError, match=rf"refusing {re.escape(str(planted))} for private files"):
-        state_path_for("https://api.systeme.io")
+        state_path_for("https://api.systeme.io", "key")
     assert list(planted.iterdir()) == []
 
 

@@ -11,7 +11,6 @@ and turns what they return into Dagster's outputs, materializations and check re
 
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -41,9 +40,9 @@ from mkt_assets.orchestration.checks import (
     row_count_result,
     sync_check_specs,
 )
+from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.orchestration.run_retries import before_the_run, no_retry_that_cannot_mend
-from mkt_assets.orchestration.schedules import FULL_JOB
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.plumbing import lean_process
 from mkt_assets.run.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, in_worker, plan_sync
@@ -54,22 +53,11 @@ from mkt_assets.warehouse.connection import database_path
 from mkt_assets.warehouse.merge import MASS_DELETION_ALLOWANCE
 from mkt_assets.warehouse.normalized_tables import NormalizedTable, normalized_tables
 
-ASSET_PREFIX = "marketing"
-GROUP_NAME = "marketing"
-NORMALIZED_GROUP = "marketing_normalized"
-IO_MANAGER_KEY = "duckdb_io_manager"
-# The one step (op) that materializes every marketing asset.
-STEP_NAME = "sync_marketing"
-# The run config of one run that applies a mass deletion (see ``SyncConfig``), and what a
-# run refused for one says to do.
-CONFIRM_MASS_DELETION_CONFIG = {"ops": {STEP_NAME: {"config": {"confirm_mass_deletion": True}}}}
-HOW_TO_CONFIRM_MASS_DELETION = (
-    "If these rows really were deleted upstream, confirm it for one run: launch it with the run config"
-    f" {json.dumps(CONFIRM_MASS_DELETION_CONFIG)} (in the launchpad's config editor, or"
-    f" dg launch --job {FULL_JOB} --config-json '{json.dumps(CONFIRM_MASS_DELETION_CONFIG)}');"
-    " the runs after it need nothing."
-)
-
+# The default account's names, as the rest of the project and its tests know them.
+DEFAULT_NAMES = Names()
+ASSET_PREFIX = DEFAULT_NAMES.prefix
+IO_MANAGER_KEY = DEFAULT_NAMES.io_manager
+CONFIRM_MASS_DELETION_CONFIG = DEFAULT_NAMES.confirm_mass_deletion_config()
 
 
 def warehouse_pool(database: str) -> str:
@@ -83,12 +71,12 @@ def warehouse_pool(database: str) -> str:
     return f"mkt_warehouse_{readable}_{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
-def asset_key(spec: ResourceSpec) -> dg.AssetKey:
-    return dg.AssetKey([ASSET_PREFIX, spec.name])
+def asset_key(spec: ResourceSpec, names: Names = DEFAULT_NAMES) -> dg.AssetKey:
+    return names.asset_key(spec.name)
 
 
-def table_key(table: NormalizedTable) -> dg.AssetKey:
-    return dg.AssetKey([ASSET_PREFIX, table.name])
+def table_key(table: NormalizedTable, names: Names = DEFAULT_NAMES) -> dg.AssetKey:
+    return names.asset_key(table.name)
 
 
 def column_schema(spec: ResourceSpec) -> dg.TableSchema:
@@ -112,49 +100,56 @@ def freshness_policy(settings: Settings) -> dg.FreshnessPolicy:
 
 
 def synced_asset_spec(spec: ResourceSpec, settings: Settings) -> dg.AssetSpec:
+    names = Names(settings.key_prefix)
     return dg.AssetSpec(
-        key=asset_key(spec),
+        key=asset_key(spec, names),
         # The lineage follows the catalog's references: an enrollment names a contact and a course.
-        deps=[asset_key(RESOURCES_BY_NAME[name]) for name in referenced_resources(spec, settings.resource_specs)],
-        group_name=GROUP_NAME,
+        deps=[asset_key(RESOURCES_BY_NAME[name], names) for name in referenced_resources(spec, settings.resource_specs)],
+        group_name=names.group,
         description=spec.description,
         kinds={"python", "duckdb"},
         owners=list(settings.owners),
         freshness_policy=freshness_policy(settings),
         metadata={
             "dagster/column_schema": column_schema(spec),
-            "dagster/table_name": f"{ASSET_PREFIX}.{spec.name}",
+            "dagster/table_name": f"{settings.schema_name}.{spec.name}",
             "api_path": spec.path,
             "primary_key": spec.primary_key_column.name,
         },
-    ).with_io_manager_key(IO_MANAGER_KEY)
+    ).with_io_manager_key(names.io_manager)
 
 
 def normalized_asset_spec(table: NormalizedTable, settings: Settings) -> dg.AssetSpec:
+    names = Names(settings.key_prefix)
     return dg.AssetSpec(
-        key=table_key(table),
-        deps=[dg.AssetKey([ASSET_PREFIX, parent]) for parent in table.reads],
-        group_name=NORMALIZED_GROUP,
+        key=table_key(table, names),
+        deps=[names.asset_key(parent) for parent in table.reads],
+        group_name=names.normalized_group,
         description=table.description,
         kinds={"duckdb", "sql"},
         owners=list(settings.owners),
         freshness_policy=freshness_policy(settings),
         metadata={
-            "dagster/table_name": f"{ASSET_PREFIX}.{table.name}",
+            "dagster/table_name": f"{settings.schema_name}.{table.name}",
             "dagster/column_schema": dg.TableSchema(
                 columns=[dg.TableColumn(name, column_type) for name, column_type in table.columns]
             ),
         },
-    ).with_io_manager_key(IO_MANAGER_KEY)
+    ).with_io_manager_key(names.io_manager)
 
 
 def check_specs(settings: Settings) -> list[dg.AssetCheckSpec]:
     chosen = settings.resource_specs
+    names = Names(settings.key_prefix)
+
+    def key_of(spec: ResourceSpec) -> dg.AssetKey:
+        return asset_key(spec, names)
+
     return [
-        *(check for spec in chosen for check in sync_check_specs(spec, asset_key(spec), settings.row_count_max_drop)),
-        *(check for spec in chosen for check in reference_check_specs(spec, asset_key, settings.resources)),
-        *(history_check_spec(spec, asset_key(spec)) for spec in chosen if settings.history),
-        *(check for table in normalized_tables(chosen) for check in normalized_check_specs(table, table_key(table))),
+        *(check for spec in chosen for check in sync_check_specs(spec, key_of(spec), settings.row_count_max_drop)),
+        *(check for spec in chosen for check in reference_check_specs(spec, key_of, settings.resources)),
+        *(history_check_spec(spec, key_of(spec)) for spec in chosen if settings.history),
+        *(check for table in normalized_tables(chosen) for check in normalized_check_specs(table, table_key(table, names))),
     ]
 
 
@@ -188,14 +183,17 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
     chosen = settings.resource_specs
     all_tables = normalized_tables(chosen)
     within = frozenset(settings.resources)
+    names = Names(settings.key_prefix)
     specs = [
         *(synced_asset_spec(spec, settings) for spec in chosen),
         *(normalized_asset_spec(table, settings) for table in all_tables),
     ]
 
     @dg.multi_asset(
-        name=STEP_NAME,
+        name=names.step,
         specs=specs,
+        # By key, not by parameter name: each account's resources have keys of their own.
+        required_resource_keys={names.api, names.warehouse},
         check_specs=check_specs(settings),
         can_subset=True,
         pool=warehouse_pool(settings.duckdb_path),
@@ -205,13 +203,13 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
     def sync_marketing(
         context: dg.AssetExecutionContext,
         config: SyncConfig,
-        marketing_api: MarketingApiResource,
-        warehouse: WarehouseResource,
     ) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
+        marketing_api: MarketingApiResource = getattr(context.resources, names.api)
+        warehouse: WarehouseResource = getattr(context.resources, names.warehouse)
         before_the_run(context, settings)
         selected = context.selected_asset_keys
         # Reported after what they reference, as Dagster asks of one step's outputs.
-        resources = referenced_first(spec for spec in chosen if asset_key(spec) in selected)
+        resources = referenced_first(spec for spec in chosen if asset_key(spec, names) in selected)
         if resources:
             try:
                 _, key_warning = marketing_api.checked_key()
@@ -220,7 +218,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 raise dg.Failure(description=str(missing), allow_retries=False) from None
             if key_warning is not None:
                 context.log.warning(key_warning)  # once here, not once per resource's client
-        tables = [table for table in all_tables if table_key(table) in selected]
+        tables = [table for table in all_tables if table_key(table, names) in selected]
         file = warehouse.file()
         # One worker for the run's DuckDB work, started now so its start overlaps the fetch;
         # one more types staged chunks during the fetch, at the lowest priority.
@@ -284,21 +282,21 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             for spec in resources:
                 yield dg.Output(
                     TableWrite(write, spec.name),
-                    output_name=asset_key(spec).to_python_identifier(),
+                    output_name=asset_key(spec, names).to_python_identifier(),
                     metadata=_fetch_metadata(fetched[spec.name]),
                 )
             for table in plan.tables:
-                if table_key(table) in selected:
-                    yield dg.Output(TableWrite(write, table.name), output_name=table_key(table).to_python_identifier())
+                if table_key(table, names) in selected:
+                    yield dg.Output(TableWrite(write, table.name), output_name=table_key(table, names).to_python_identifier())
             commit = write.result
             assert commit is not None, "the IO manager writes the run's tables as the first output is handled"
             for table in plan.tables:
                 if table.name in commit.skipped:
                     context.log.info(f"{warehouse.schema_name}.{table.name} not rebuilt: {commit.skipped[table.name]}")
-                elif table_key(table) not in selected and commit.written[table.name].build.rebuilt:  # type: ignore[union-attr]
+                elif table_key(table, names) not in selected and commit.written[table.name].build.rebuilt:  # type: ignore[union-attr]
                     # Rebuilt with the tables it reads, so it never lags them: said as what it is.
-                    yield _rebuilt_materialization(table, commit, warehouse.schema_name)
-            yield from _check_results(context, commit, resources, plan.tables, previous, settings, warehouse.schema_name)
+                    yield _rebuilt_materialization(table, commit, warehouse.schema_name, names)
+            yield from _check_results(context, commit, resources, plan.tables, previous, settings, warehouse.schema_name, names)
 
     return sync_marketing
 
@@ -352,11 +350,11 @@ def _fetch_metadata(done: Fetched) -> dict[str, Any]:
     }
 
 
-def _rebuilt_materialization(table: NormalizedTable, commit: RunCommit, schema: str) -> dg.AssetMaterialization:
+def _rebuilt_materialization(table: NormalizedTable, commit: RunCommit, schema: str, names: Names) -> dg.AssetMaterialization:
     build = commit.written[table.name].build
     assert build is not None
     return dg.AssetMaterialization(
-        asset_key=table_key(table),
+        asset_key=table_key(table, names),
         description=f"Rebuilt in the same transaction as {', '.join(table.reads)}, so it never lags them.",
         metadata={
             "dagster/row_count": build.row_count,
@@ -386,6 +384,7 @@ def _check_results(
     previous: dict[dg.AssetKey, int | None],
     settings: Settings,
     schema: str,
+    names: Names,
 ) -> Iterator[dg.AssetCheckResult]:
     """Every selected check's result, from the facts queried once the write committed."""
     wanted = context.selected_asset_check_keys
@@ -394,11 +393,11 @@ def _check_results(
     if facts.error is not None:
         # The tables have changed: checks that cannot run fail as checks (see could_not_run).
         context.log.error(f"the checks could not run: {facts.error}")
-        synced = {asset_key(spec) for spec in resources}
+        synced = {asset_key(spec, names) for spec in resources}
         yield from could_not_run([specs_by_key[key] for key in wanted if key.asset_key in synced], facts.error)
     else:
         for spec in resources:
-            key, table_facts = asset_key(spec), facts.synced[spec.name]
+            key, table_facts = asset_key(spec, names), facts.synced[spec.name]
             yield primary_key_result(table_facts.primary_key, schema, spec, key)
             yield required_fields_result(table_facts.required_fields, schema, spec, key)
             yield row_count_result(
@@ -410,6 +409,6 @@ def _check_results(
             if spec.name in facts.history:
                 yield history_result(facts.history[spec.name], schema, spec, key)
     for table in tables:
-        key, written = table_key(table), commit.written.get(table.name)
+        key, written = table_key(table, names), commit.written.get(table.name)
         if key in context.selected_asset_keys and written is not None and written.build is not None:
             yield from normalized_results(table, written.build, schema, key)

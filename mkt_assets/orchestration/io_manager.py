@@ -17,7 +17,7 @@ import duckdb
 from pydantic import Field, field_validator
 
 from mkt_assets.core.errors import MassDeletionError
-from mkt_assets.orchestration.assets import HOW_TO_CONFIRM_MASS_DELETION
+from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import WarehouseResource
 from mkt_assets.run.sync import TableWrite
 from mkt_assets.warehouse.commit import RunCommit
@@ -48,6 +48,11 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
             raise ValueError(f"deletions must be one of {DELETIONS_MODES}, got {value!r}")
         return value
 
+    @staticmethod
+    def _names(context: dg.OutputContext) -> Names:
+        """The account's names, from its asset keys (``<key_prefix>/<table>``)."""
+        return Names(context.asset_key.path[0])
+
     def handle_output(self, context: dg.OutputContext, obj: TableWrite) -> None:
         if not isinstance(obj, TableWrite):
             raise dg.DagsterInvariantViolationError(
@@ -59,7 +64,7 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
             commit = obj.write.commit(self.warehouse.file(), self.warehouse.schema_name, self.deletions, log=context.log.warning)
         except MassDeletionError as refused:
             # What to do, in one message without a traceback; a retry would meet the same answer.
-            raise dg.Failure(description=f"{refused}\n{HOW_TO_CONFIRM_MASS_DELETION}", allow_retries=False) from None
+            raise dg.Failure(description=f"{refused}\n{self._names(context).how_to_confirm_mass_deletion()}", allow_retries=False) from None
         if first:
             context.log.info(_summary(commit, self.warehouse.schema_name, obj.write.history))
         written = commit.written[obj.table]

@@ -91,6 +91,10 @@ class MarketingApiResource(dg.ConfigurableResource):
         repr=False,
         description=f"API key sent as the X-API-Key header (env {API_KEY_ENV}). Secret.",
     )
+    api_key_env: str = Field(
+        default=API_KEY_ENV,
+        description="The environment variable holding the key: read when api_key is not set, and named by every message about the key.",
+    )
     page_size: int = Field(
         default=MAX_PAGE_SIZE,
         ge=MIN_PAGE_SIZE,
@@ -178,8 +182,8 @@ class MarketingApiResource(dg.ConfigurableResource):
     def key_setting(self) -> str:
         """Where the key comes from, as a message names it (the definitions set ``api_key``
         from MKT_API_KEY, so a key equal to the variable's is named after the variable)."""
-        if not self.api_key or self.api_key == os.environ.get(API_KEY_ENV):
-            return API_KEY_ENV
+        if not self.api_key or self.api_key == os.environ.get(self.api_key_env):
+            return self.api_key_env
         return "the marketing_api resource's api_key"
 
     def checked_key(self) -> tuple[str, str | None]:
@@ -190,9 +194,9 @@ class MarketingApiResource(dg.ConfigurableResource):
         read is the stripped one. It is removed, with a warning; anything else that cannot be sent
         is refused with ``ConfigurationError``. Neither message holds any of the key."""
         setting = self.key_setting()
-        raw = self.api_key or os.environ.get(API_KEY_ENV, "")
+        raw = self.api_key or os.environ.get(self.api_key_env, "")
         if not raw:
-            raise ConfigurationError(f"No API key: set {API_KEY_ENV} to a key made in the account's profile settings.")
+            raise ConfigurationError(f"No API key: set {self.api_key_env} to a key made in the account's profile settings.")
         key = raw.strip(SURROUNDING_WHITESPACE)
         if not key:
             raise ConfigurationError(
@@ -243,7 +247,7 @@ class MarketingApiResource(dg.ConfigurableResource):
         parts = urlsplit(self.base_url)
         origin = f"{parts.scheme}://{parts.netloc}"
         return SharedRateLimiter(
-            state_path_for(origin, self.quota_state_dir or None), horizon=self.max_wait_seconds, log=log
+            state_path_for(origin, self.key(), self.quota_state_dir or None), horizon=self.max_wait_seconds, log=log
         )
 
 

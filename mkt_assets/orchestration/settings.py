@@ -7,6 +7,7 @@ records its value.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,9 +24,20 @@ DEFAULT_DUCKDB_PATH = "data/mkt_assets.duckdb"
 RESOURCES_ENV = "MKT_RESOURCES"
 
 
+DEFAULT_KEY_PREFIX = "marketing"
+# What a key prefix may be: one word that is at once an asset key part, part of a job, schedule
+# and resource name, and (by default) a DuckDB schema.
+_KEY_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
 @dataclass(frozen=True)
 class Settings:
     duckdb_path: str = DEFAULT_DUCKDB_PATH
+    # One account's definitions: its assets are <key_prefix>/<resource>, its jobs
+    # <key_prefix>_sync and <key_prefix>_incremental (see ``names``); its tables land in
+    # ``schema`` (default: the key prefix).
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    schema: str = ""
     sync_cron: str = "0 3 * * *"
     sync_timezone: str = "UTC"
     # Hourly, at half past: clear of the daily full sync's start.
@@ -53,6 +65,16 @@ class Settings:
     resume_window: timedelta = timedelta(hours=6)
 
     def __post_init__(self) -> None:
+        if not _KEY_PREFIX.fullmatch(self.key_prefix):
+            raise ConfigurationError(
+                f"key_prefix must be a lowercase word of letters, digits and underscores starting with a letter"
+                f" (at most 40 characters), got {self.key_prefix!r}"
+            )
+        if self.schema and not _KEY_PREFIX.fullmatch(self.schema):
+            raise ConfigurationError(
+                f"schema must be a lowercase word of letters, digits and underscores starting with a letter"
+                f" (at most 40 characters), got {self.schema!r}"
+            )
         try:
             ZoneInfo(self.sync_timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -84,6 +106,11 @@ class Settings:
                 f"{RESOURCES_ENV} names {problem}; list the resources to sync, separated by commas,"
                 f" from: {', '.join(spec.name for spec in RESOURCES)} (unset syncs all)"
             )
+
+    @property
+    def schema_name(self) -> str:
+        """The DuckDB schema of the tables: ``schema``, else the key prefix."""
+        return self.schema or self.key_prefix
 
     @property
     def resource_specs(self) -> tuple[ResourceSpec, ...]:

@@ -123,10 +123,11 @@ class Reservation:
     sequence: int
 
 
-def state_path_for(origin: str, directory: str | None = None) -> Path:
-    """One state file per API origin (every key of the account shares the quota), in
-    ``directory`` or ``<temp>/mkt_assets-<uid>/quota``, made or checked private here."""
-    digest = hashlib.sha256(origin.encode()).hexdigest()[:16]
+def state_path_for(origin: str, account: str, directory: str | None = None) -> Path:
+    """One state file per account (its key) at an API origin, in ``directory`` or
+    ``<temp>/mkt_assets-<uid>/quota``, made or checked private here. The quota is the account's:
+    two accounts on one host must not pace each other. The name holds a digest, not the key."""
+    digest = hashlib.sha256(f"{origin}\0{account}".encode()).hexdigest()[:16]
     parent = private_directory(directory) if directory else default_private_directory("quota")
     return parent / f"mkt_assets_quota_{digest}.json"
 
