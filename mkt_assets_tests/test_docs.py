@@ -10,12 +10,14 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import yaml
 
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets_tests.test_postgres import production_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "docs-secret-91c2"
@@ -71,3 +73,29 @@ def test_every_query_of_the_tables_doc_runs_over_a_sync(synced: str) -> None:
         (tagged_links,) = connection.execute(f"SELECT count(*) FROM {links}").fetchone()  # type: ignore[misc]
     assert sum(row[1] for row in by_courses) == contacts > 0
     assert sum(row[1] for row in per_tag) == tagged_links > 0
+
+
+def test_the_production_dagster_yaml_is_the_projects_own_with_postgres_storage_and_no_secret() -> None:
+    # The Postgres tier (test_postgres) runs the doc's layout as written; this keeps it, in the
+    # fast tier, the project's own instance settings, the password out of the file.
+    layout = production_layout()
+    documented = yaml.safe_load(layout.dagster_yaml)
+    project = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    assert documented["concurrency"]["pools"] == project["concurrency"]["pools"]
+    assert {name: value for name, value in documented.items() if name not in ("storage", "concurrency")} == {
+        name: value for name, value in project.items() if name != "concurrency"
+    }
+    connection = documented["storage"]["postgres"]["postgres_db"]
+    assert {name: value for name, value in connection.items() if name != "scheme"} == {
+        "hostname": {"env": "DAGSTER_PG_HOST"},
+        "port": {"env": "DAGSTER_PG_PORT"},
+        "db_name": {"env": "DAGSTER_PG_DB"},
+        "username": {"env": "DAGSTER_PG_USER"},
+        "password": {"env": "DAGSTER_PG_PASSWORD"},
+    }
+    # The code location the doc serves is the project's, under the name its workspace gives it.
+    served = layout.commands["dagster"]
+    assert served[1:3] == ["api", "grpc"] and served[served.index("--module-name") + 1] == "mkt_assets.definitions"
+    (grpc_server,) = [entry["grpc_server"] for entry in layout.workspace["load_from"]]
+    assert grpc_server["location_name"] == "mkt_assets"
+    assert grpc_server["port"] == int(served[served.index("--port") + 1])
