@@ -99,3 +99,16 @@ def test_the_production_dagster_yaml_is_the_projects_own_with_postgres_storage_a
     (grpc_server,) = [entry["grpc_server"] for entry in layout.workspace["load_from"]]
     assert grpc_server["location_name"] == "mkt_assets"
     assert grpc_server["port"] == int(served[served.index("--port") + 1])
+
+
+def test_every_dagster_yaml_block_of_the_readme_and_the_operating_doc_shows_the_projects_own_settings() -> None:
+    project = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    for doc in (ROOT / "README.md", ROOT / "docs" / "operating.md"):
+        for block in re.findall(r"```yaml\n(.*?)```", doc.read_text(), flags=re.S):
+            shown = yaml.safe_load(block)
+            if not isinstance(shown, dict):
+                continue
+            # What a block shows of the project's settings is what the project has (the
+            # production layout adds a run limit of its own, checked above).
+            for section in set(shown) & {"concurrency", "run_retries"}:
+                assert {key: shown[section].get(key) for key in project[section]} == project[section], (doc.name, section)
