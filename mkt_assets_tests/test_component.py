@@ -265,3 +265,21 @@ def test_every_name_follows_the_key_prefix_and_the_default_keeps_this_projects_n
     defs = build_definitions(Settings(key_prefix="acme", duckdb_path=":memory:"))
     assert {key.path[0] for key in defs.resolve_all_asset_keys()} == {"acme"}
     assert defs.resolve_job_def("acme_sync") is not None
+
+
+def test_a_rejected_key_names_the_variable_the_instance_reads_it_from(
+    acme: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_API_KEY", "not-the-acme-key")
+    instance = MarketingSync.resolve_from_yaml(
+        f'api_key: "{{{{ env.ACME_API_KEY }}}}"\nkey_prefix: acme\nbase_url: {acme.base_url}\n'
+        f"database: {tmp_path / 'acme.db'}\nresources: [tags]\n"
+    )
+    job = dg.build_defs_for_component(component=instance).resolve_job_def("acme_sync")
+
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+    (failure,) = result.get_step_failure_events()
+    message = failure.event_specific_data.error.to_string()  # type: ignore[union-attr]
+    assert "HTTP 401: the API key was rejected" in message and "set ACME_API_KEY to a valid key" in message
+    assert "MKT_API_KEY" not in message and "not-the-acme-key" not in message

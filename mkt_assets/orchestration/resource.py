@@ -233,7 +233,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             backoff_factor=self.backoff_factor,
             max_wait_seconds=self.max_wait_seconds,
             max_page_bytes=self.max_page_mb << 20,
-            key_setting=API_KEY_ENV,
+            key_setting=self.api_key_env,
             resources_setting=RESOURCES_ENV,
             base_url_setting=BASE_URL_ENV,
             rate_limiter=self._rate_limiter(log),
