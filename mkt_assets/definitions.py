@@ -69,9 +69,11 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
     return [full, incremental]
 
 
-def _base_url(given: str | None = None) -> str:
+def _base_url(given: str | None = None, setting: str = BASE_URL_ENV) -> str:
     try:
-        return check_base_url(given or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
+        if given is not None:
+            return check_base_url(given, setting)
+        return check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
     except ValueError as refused:
         # Dagster shows a load error with its traceback: this one's holds only the message.
         raise ConfigurationError(str(refused)) from None
@@ -109,7 +111,7 @@ def build_definitions(
             # line naming it (the resource reads the environment) instead of in Dagster's
             # seventy-line traceback for an unset EnvVar.
             names.api: MarketingApiResource.configure_at_launch(
-                base_url=_base_url(base_url),
+                base_url=_base_url(base_url, f"{settings.key_prefix}: base_url"),
                 api_key_env=api_key_env,
                 **({"api_key": dg.EnvVar(api_key_env)} if os.environ.get(api_key_env) else {}),
             ),

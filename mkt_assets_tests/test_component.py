@@ -283,3 +283,12 @@ def test_a_rejected_key_names_the_variable_the_instance_reads_it_from(
     message = failure.event_specific_data.error.to_string()  # type: ignore[union-attr]
     assert "HTTP 401: the API key was rejected" in message and "set ACME_API_KEY to a valid key" in message
     assert "MKT_API_KEY" not in message and "not-the-acme-key" not in message
+
+
+def test_a_refused_base_url_names_the_instances_attribute_not_the_environment_variable(tmp_path: Path) -> None:
+    instance = MarketingSync.resolve_from_yaml(
+        f'api_key: "{{{{ env.ACME_API_KEY }}}}"\nkey_prefix: acme\nbase_url: http://api.example.com/api\ndatabase: {tmp_path / "a.db"}\n'
+    )
+    with pytest.raises(Exception, match=r"acme: base_url must use https \(plain http is allowed only for loopback hosts") as refused:
+        dg.build_defs_for_component(component=instance)
+    assert "MKT_API_BASE_URL" not in str(refused.value)

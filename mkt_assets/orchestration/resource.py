@@ -49,28 +49,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(url: str) -> str:
+def check_base_url(url: str, setting: str = BASE_URL_ENV) -> str:
     """The key may only travel encrypted, except to a simulator on this machine.
 
     Raises ``ValueError`` (pydantic reports it as the field's error) whose message never holds
-    a user name or password the URL carries."""
+    a user name or password the URL carries; it names ``setting``, where the URL was given."""
     if "@" in url:
         # Looked for anywhere: without a scheme ("user:pw@host/api") urlsplit finds no userinfo.
         raise ValueError(
-            f"{BASE_URL_ENV} (base_url) must not carry credentials (a user name or password before @):"
+            f"{setting}{' (base_url)' if setting == BASE_URL_ENV else ''} must not carry credentials (a user name or password before @):"
             f" the API takes its key from {API_KEY_ENV}; give the URL alone, like {DEFAULT_BASE_URL}"
         )
     parts = urlsplit(url)
     host = parts.hostname or ""
     if not host:
         # Not quoted: whatever was pasted there (a query with a token) could be a secret.
-        raise ValueError(f"{BASE_URL_ENV} must be an absolute URL like {DEFAULT_BASE_URL}; the one given has no host")
+        raise ValueError(f"{setting} must be an absolute URL like {DEFAULT_BASE_URL}; the one given has no host")
     if parts.query or parts.fragment:
-        raise ValueError(f"{BASE_URL_ENV} must not carry a query or a fragment")
+        raise ValueError(f"{setting} must not carry a query or a fragment")
     if parts.scheme == "https" or (parts.scheme == "http" and is_loopback(host)):
         return url.rstrip("/")
     raise ValueError(
-        f"{BASE_URL_ENV} must use https (plain http is allowed only for loopback hosts"
+        f"{setting} must use https (plain http is allowed only for loopback hosts"
         f" such as the bundled simulator), got {parts.scheme}://{host}"
     )
 
