@@ -21,7 +21,7 @@ from typing import Any
 import dagster as dg
 
 from mkt_assets.core.catalog import RESOURCES_BY_NAME
-from mkt_assets.orchestration.assets import ASSET_PREFIX, build_marketing_assets
+from mkt_assets.orchestration.assets import DEFAULT_NAMES, build_marketing_assets
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.orchestration.settings import Settings
@@ -53,7 +53,7 @@ def step_seconds(instance: dg.DagsterInstance, run_id: str) -> float | None:
 
 def run(asset_name: str, base_url: str, database: str, pace_requests: bool, history: bool = True) -> dict[str, Any]:
     assets = build_marketing_assets(Settings(history=history))
-    key = dg.AssetKey([ASSET_PREFIX, asset_name])
+    key = DEFAULT_NAMES.asset_key(asset_name)
     resources = {
         # The same settings the job's definitions use, except the URL and key.
         "marketing_api": MarketingApiResource(

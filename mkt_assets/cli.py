@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from mkt_assets.orchestration.assets import ASSET_PREFIX
 from mkt_assets.orchestration.resource import API_KEY_ENV, BASE_URL_ENV
-from mkt_assets.orchestration.settings import DUCKDB_PATH_ENV, Settings
+from mkt_assets.orchestration.settings import DEFAULT_KEY_PREFIX, DUCKDB_PATH_ENV, Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import main as sandbox_main
 from mkt_assets.warehouse.connection import connect
@@ -112,9 +111,9 @@ def run_demo(contacts: int, seed: int, database: str, home: str) -> int:
     chosen = Settings.from_environment().resource_specs
     with connect(os.path.abspath(database), read_only=True) as connection:
         for name in [spec.name for spec in chosen] + [table.name for table in normalized_tables(chosen)]:
-            table = fully_qualified(connection, ASSET_PREFIX, name)
+            table = fully_qualified(connection, DEFAULT_KEY_PREFIX, name)
             (rows,) = connection.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
-            print(f"  {ASSET_PREFIX}.{name:<21} {rows:>9} rows")
+            print(f"  {DEFAULT_KEY_PREFIX}.{name:<21} {rows:>9} rows")
     print(f"DuckDB file: {os.path.abspath(database)}")
     print(f"Query it:    {shlex.join(query_command(database))}")
     print(f"See the run: mkt-assets dev opens the UI, which keeps it (Dagster's home: {home})")

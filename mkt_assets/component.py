@@ -19,6 +19,7 @@ from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.resource import DEFAULT_BASE_URL
 from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings
 
+_HOUR = timedelta(hours=1)
 # What api_key resolves to when it is not a template naming a variable (a key written out).
 _NOT_A_TEMPLATE = ""
 # The one form a secret may take in defs.yaml: a template naming an environment variable.
@@ -93,13 +94,15 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
     resources: list[str] | None = Field(
         default=None, description=f"The resources to sync (default: all of {', '.join(spec.name for spec in RESOURCES)})."
     )
-    deletions: str = Field(default="mark", description="'mark' rows gone upstream (_deleted_at) or 'delete' them.")
-    history: bool = Field(default=True, description="Keep <table>_history, every version of every row.")
+    deletions: str = Field(default=Settings.deletions, description="'mark' rows gone upstream (_deleted_at) or 'delete' them.")
+    history: bool = Field(default=Settings.history, description="Keep <table>_history, every version of every row.")
     sync_cron: str = Field(default=Settings.sync_cron, description="When the daily full sync runs.")
     incremental_cron: str = Field(default=Settings.incremental_cron, description="When the incremental sync runs.")
     timezone: str = Field(default=Settings.sync_timezone, description="Time zone of both schedules (IANA name).")
-    freshness_warn_hours: float = Field(default=25, gt=0, description="Hours after a materialization an asset turns warn.")
-    freshness_fail_hours: float = Field(default=28, gt=0, description="... and fail.")
+    freshness_warn_hours: float = Field(
+        default=Settings.freshness_warn / _HOUR, gt=0, description="Hours after a materialization an asset turns warn."
+    )
+    freshness_fail_hours: float = Field(default=Settings.freshness_fail / _HOUR, gt=0, description="... and fail.")
     owners: list[str] = Field(default_factory=lambda: list(Settings.owners), description="Owners of every asset.")
 
     def settings(self) -> Settings:
@@ -115,8 +118,8 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
             sync_cron=self.sync_cron,
             incremental_cron=self.incremental_cron,
             sync_timezone=self.timezone,
-            freshness_warn=timedelta(hours=self.freshness_warn_hours),
-            freshness_fail=timedelta(hours=self.freshness_fail_hours),
+            freshness_warn=self.freshness_warn_hours * _HOUR,
+            freshness_fail=self.freshness_fail_hours * _HOUR,
             owners=tuple(self.owners),
         )
 

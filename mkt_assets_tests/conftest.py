@@ -43,14 +43,14 @@ def usual_umask() -> Iterator[None]:
 
 import dagster as dg  # noqa: E402
 
-from mkt_assets.orchestration.assets import ASSET_PREFIX, build_marketing_assets  # noqa: E402
+from mkt_assets.orchestration.assets import DEFAULT_NAMES, build_marketing_assets  # noqa: E402
 from mkt_assets.orchestration.settings import Settings  # noqa: E402
 
 MARKETING_ASSETS = build_marketing_assets(Settings())
 
 
 def marketing_key(name: str) -> dg.AssetKey:
-    return dg.AssetKey([ASSET_PREFIX, name])
+    return DEFAULT_NAMES.asset_key(name)
 
 
 def materialize_marketing(

@@ -11,7 +11,6 @@ import duckdb
 import pytest
 
 from mkt_assets.core.catalog import RESOURCES_BY_NAME
-from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.orchestration.checks import (
     PRIMARY_KEY_CHECK,
     primary_key_result,
@@ -20,6 +19,7 @@ from mkt_assets.orchestration.checks import (
     row_count_result,
 )
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
@@ -212,7 +212,7 @@ def test_a_failing_blocking_check_stops_what_depends_on_the_asset(tmp_path: Path
             also=[downstream],
             raise_on_error=False,
             # The API lists neither row -5, every live row of the table: confirmed.
-            run_config=CONFIRM_MASS_DELETION_CONFIG,
+            run_config=Names().confirm_mass_deletion_config(),
         )
 
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}

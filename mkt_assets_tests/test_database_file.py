@@ -20,7 +20,7 @@ import pytest
 
 from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.core.errors import ForeignTableError
-from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
+from mkt_assets.orchestration.names import Names
 from mkt_assets.plumbing import lean_process
 from mkt_assets.warehouse.commit import check_before_fetch, commit_run, run_tables
 from mkt_assets.warehouse.connection import WarehouseFile, connect, transaction
@@ -375,7 +375,7 @@ def test_a_file_made_before_the_check_is_accepted_and_synced(tmp_path: Path, fir
         # The file holds another account's 30 contacts: this account lacks them all, which only
         # a confirmed run applies.
         result = materialize_marketing(
-            [CONTACTS.name], harness.resources(), instance=dg.DagsterInstance.ephemeral(), run_config=CONFIRM_MASS_DELETION_CONFIG
+            [CONTACTS.name], harness.resources(), instance=dg.DagsterInstance.ephemeral(), run_config=Names().confirm_mass_deletion_config()
         )
         assert result.success
         assert len(harness.table()) >= 450

@@ -20,8 +20,8 @@ import pytest
 from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.core.errors import MassDeletionError, StagingError
 from mkt_assets.core.page import Page
-from mkt_assets.orchestration.assets import CONFIRM_MASS_DELETION_CONFIG
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
+from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.plumbing import lean_process
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
@@ -342,10 +342,10 @@ def test_an_empty_answer_fails_the_run_leaving_every_table_and_a_confirmed_run_a
         f"marketing.contacts: the API's complete list (0 records) lacks all 800 of the table's live rows; the sync would {fate}"
     )
     assert "(MKT_ROW_COUNT_MAX_DROP)" in message and "Nothing was written: every table is as it was." in message
-    assert f"run config {json.dumps(CONFIRM_MASS_DELETION_CONFIG)}" in message
+    assert f"run config {json.dumps(Names().confirm_mass_deletion_config())}" in message
     assert "dg launch --job marketing_sync --config-json" in message
 
-    result = materialize_marketing(EVERYTHING, resources, run_config=CONFIRM_MASS_DELETION_CONFIG)
+    result = materialize_marketing(EVERYTHING, resources, run_config=Names().confirm_mass_deletion_config())
 
     assert result.success
     assert materialization(result, "contacts")["rows_deleted_upstream"] == 800

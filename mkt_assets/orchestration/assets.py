@@ -53,11 +53,8 @@ from mkt_assets.warehouse.connection import database_path
 from mkt_assets.warehouse.merge import MASS_DELETION_ALLOWANCE
 from mkt_assets.warehouse.normalized_tables import NormalizedTable, normalized_tables
 
-# The default account's names, as the rest of the project and its tests know them.
+# The default account's names (this project's own: prefix marketing).
 DEFAULT_NAMES = Names()
-ASSET_PREFIX = DEFAULT_NAMES.prefix
-IO_MANAGER_KEY = DEFAULT_NAMES.io_manager
-CONFIRM_MASS_DELETION_CONFIG = DEFAULT_NAMES.confirm_mass_deletion_config()
 
 
 def warehouse_pool(database: str) -> str:
