@@ -1,5 +1,7 @@
 """The Dagster definitions: assets, checks, the sync job, its schedule and the resources."""
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -125,4 +127,21 @@ def build_definitions(
 def defs() -> dg.Definitions:
     """What Dagster loads (``dg dev``, ``dagster dev``): the component instances in
     ``mkt_assets/defs`` (this project's own account, reading the environment's settings)."""
+    return _defs_in(_environment_digest())
+
+
+# Dagster calls ``defs`` each time it reconstructs the repository, five times in one
+# `dagster job execute`, and each call loads the defs folder anew; the module-level Definitions
+# of a plain project is built once. Keyed by the environment the instances read, so a process
+# that changes it (a test) still gets definitions that match it.
+@functools.lru_cache(maxsize=1)
+def _defs_in(environment_digest: bytes) -> dg.Definitions:
     return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+
+
+def _environment_digest() -> bytes:
+    """A digest, not the variables themselves: the cache must not hold the API key."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(os.environ.items()):
+        digest.update(f"{len(name)}:{name}{len(value)}:{value}".encode("utf-8", "surrogateescape"))
+    return digest.digest()

@@ -368,3 +368,18 @@ def test_a_refused_base_url_in_the_environment_fails_the_load_in_one_line_withou
     assert "\n" not in str(caught.value)
     assert "pw-secret-5a" not in str(caught.value)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_the_defs_folder_loads_once_per_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dagster calls `defs` each time it reconstructs the repository (five times in one run);
+    # the folder is loaded once, and again only when the environment it reads has changed.
+    from mkt_assets.definitions import defs as load_defs
+
+    monkeypatch.setenv("MKT_RESOURCES", "contacts,tags")
+    first = load_defs()
+    assert load_defs() is first
+    monkeypatch.setenv("MKT_RESOURCES", "tags")
+    narrowed = load_defs()
+    assert narrowed is not first
+    assert {key.path[-1] for key in narrowed.resolve_all_asset_keys()} >= {"tags"}
+    assert dg.AssetKey(["marketing", "contacts"]) not in narrowed.resolve_all_asset_keys()

@@ -28,9 +28,9 @@ from mkt_assets.core.page import Page
 from mkt_assets.plumbing.private_files import AREA_LOCK_NAME
 from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed
+from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed, transaction
 from mkt_assets.warehouse.merge import is_mass_deletion
-from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets.warehouse.sql_names import fully_qualified, table_exists
 from mkt_assets_tests.warehouse_calls import (
     all_reference_facts_in_file,
     build_table_in_file,
@@ -846,3 +846,22 @@ def test_a_chunk_that_fails_to_type_is_logged_without_the_records_it_quotes(tmp_
 )
 def test_a_mass_deletion_is_more_than_the_share_and_the_handful_or_every_live_row(gone: int, live: int, refused: bool) -> None:
     assert is_mass_deletion(gone, live, 0.1) is refused
+
+
+def test_a_table_made_in_a_transaction_that_rolls_back_is_not_believed_to_exist(tmp_path: Path) -> None:
+    # Whether a table exists is remembered once a transaction begins; a rollback undoes the
+    # CREATE, and the memory with it.
+    with connect(str(tmp_path / "w.duckdb")) as connection:
+        connection.execute("CREATE SCHEMA marketing")
+        with pytest.raises(RuntimeError), transaction(connection, "a write that fails"):
+            connection.execute("CREATE TABLE marketing.made (id BIGINT)")
+            assert table_exists(connection, "marketing", "made")
+            raise RuntimeError("the write fails after the table was made")
+        assert not table_exists(connection, "marketing", "made")
+        with transaction(connection, "a write that succeeds"):
+            connection.execute("CREATE TABLE marketing.made (id BIGINT)")
+            assert table_exists(connection, "marketing", "made")
+        assert table_exists(connection, "marketing", "made")
+    with connect(str(tmp_path / "w.duckdb")) as connection:
+        assert table_exists(connection, "marketing", "made")
+        assert not table_exists(connection, "marketing", "never_made")

@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import duckdb
 
 from mkt_assets.core.errors import WarehouseBusyError, WarehouseWriteError
 from mkt_assets.plumbing import lean_process
-from mkt_assets.warehouse.sql_names import quote_literal
+from mkt_assets.warehouse.sql_names import forget_existing_tables, quote_literal, remember_existing_tables
 
 Result = TypeVar("Result")
 
@@ -61,9 +62,22 @@ STREAMING_MEMORY_LIMIT = "16MB"
 _MEMORY_LIMIT_VARIABLE = "mkt_memory_limit"
 
 
+# Each streamed statement restores the limit afterwards: kept here as the connection is made
+# rather than asked of DuckDB again each time.
+_configured_limits: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, str] = weakref.WeakKeyDictionary()
+
+
+def configure_memory_limit(connection: duckdb.DuckDBPyConnection, memory_limit: str) -> None:
+    connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(memory_limit)}")
+    _configured_limits[connection] = memory_limit
+
+
 def configured_memory_limit(connection: duckdb.DuckDBPyConnection) -> str:
     # The limit as configured: DuckDB prints it rounded (244.1 MiB for 256MB), and setting
     # that back would shrink it a little each time.
+    known = _configured_limits.get(connection)
+    if known is not None:
+        return known
     (limit,) = connection.execute(
         f"SELECT coalesce(getvariable({quote_literal(_MEMORY_LIMIT_VARIABLE)}), current_setting('memory_limit'))"
     ).fetchone()  # type: ignore[misc]
@@ -100,10 +114,12 @@ def transaction(connection: duckdb.DuckDBPyConnection, what: str) -> Iterator[No
     """
     database = attached_file(connection)  # asked now: a failed write may leave DuckDB unable to say
     connection.execute("BEGIN TRANSACTION")
+    remember_existing_tables(connection)
     try:
         yield
         connection.execute("COMMIT")
     except BaseException as error:
+        forget_existing_tables(connection)
         try:
             connection.execute("ROLLBACK")
         except duckdb.Error:
@@ -178,7 +194,7 @@ def connect(
                     _say_who_holds(lock, f", itself waiting for {outsider}")
                     wait.pause(outsider)
             with connection:
-                connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(memory_limit)}")
+                configure_memory_limit(connection, memory_limit)
                 try:
                     yield connection
                 except BaseException:
@@ -218,7 +234,7 @@ def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> 
                 read_only=True,
                 config={"memory_limit": file.memory_limit, "threads": file.threads, **NO_EXTENSION_DOWNLOADS},
             )
-            connection.execute(f"SET VARIABLE {_MEMORY_LIMIT_VARIABLE} = {quote_literal(file.memory_limit)}")
+            configure_memory_limit(connection, file.memory_limit)
             return connection
         except duckdb.IOException as error:
             if not DUCKDB_LOCK_CONFLICT.search(str(error)):
@@ -269,8 +285,7 @@ class _Wait:
         if now >= self.next_log:
             self.next_log = now + WAIT_LOG_SECONDS
             self.log(
-                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s,"
-                f" MKT_DUCKDB_WAIT_SECONDS): held by {holder}"
+                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s, MKT_DUCKDB_WAIT_SECONDS): held by {holder}"
             )
         time.sleep(min(self.delay, max(self.seconds - waited, 0.0)))
         self.delay = min(self.delay * 2, _POLL_SECONDS[1])
@@ -331,7 +346,6 @@ class WarehouseFile:
         )
 
 
-
 def database_path(path: str) -> str:
     """Resolve a relative database path against the working directory, as users expect."""
     return path if path == ":memory:" else os.path.abspath(path)
@@ -344,4 +358,3 @@ def without_values(message: str) -> str:
 
 def shortened_message(message: str, limit: int = 600) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
-
