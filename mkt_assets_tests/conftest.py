@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,32 @@ from typing import Any
 import pytest
 
 ANOTHER_UID = 1001
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A temporary directory of the session's own, for this process and every one it starts:
+    the runs' default staging and quota areas (``<temp>/mkt_assets-<uid>``) then never mix with
+    the user's, and the reads that failing runs keep for resuming go with the session."""
+    session_temp = tempfile.mkdtemp(prefix="mkt_assets_tests_")
+    os.chmod(session_temp, 0o755)  # a server run as another user (the Postgres tier) passes through
+    config.stash[_SESSION_TEMP] = (session_temp, os.environ.get("TMPDIR"))
+    os.environ["TMPDIR"] = session_temp
+    tempfile.tempdir = None  # computed again, from TMPDIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session_temp, previous = config.stash.get(_SESSION_TEMP, (None, None))
+    if session_temp is None:
+        return
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+    tempfile.tempdir = None
+    shutil.rmtree(session_temp, ignore_errors=True)
+
+
+_SESSION_TEMP = pytest.StashKey[tuple[str, str | None]]()
 
 
 @pytest.fixture()
