@@ -210,6 +210,8 @@ class SandboxData:
         self._first_id = first_id
         self._time_step = max(1, min(86_400, int(_TIME_SPAN_SECONDS / (max(contacts, 1) * _MEAN_ID_GAP))))
         self._tag_overrides: dict[int, tuple[int, ...]] = {}
+        # Contacts that opted in (opt_in): subscribed and confirmed, whatever their seed drew.
+        self._opted_in: set[int] = set()
 
     # ----------------------------------------------------------------- read access
 
@@ -273,7 +275,8 @@ class SandboxData:
             if not self._has_contact(contact_id):
                 raise KeyError(f"no contact with id {contact_id}")
             tag_override = self._tag_overrides.get(contact_id)
-        return self._build_contact(contact_id, tag_override)
+            opted_in = contact_id in self._opted_in
+        return self._build_contact(contact_id, tag_override, opted_in)
 
     @property
     def next_contact_id(self) -> int:
@@ -343,8 +346,8 @@ class SandboxData:
             ids = self._contact_ids
             lo, hi = self._registered_bounds(registered_after, registered_before)
             window = _window(ids, lo, hi, limit, order, starting_after, repeat_cursor)
-            chosen = [(ids[i], self._tag_overrides.get(ids[i])) for i in window.indexes]
-        return [self._build_contact(cid, tags) for cid, tags in chosen], window.has_more
+            chosen = [(ids[i], self._tag_overrides.get(ids[i]), ids[i] in self._opted_in) for i in window.indexes]
+        return [self._build_contact(*contact) for contact in chosen], window.has_more
 
     # ----------------------------------------------------------------- mutations
 
@@ -367,6 +370,7 @@ class SandboxData:
                 raise KeyError(f"no contact with id {contact_id}")
             self._contact_ids.pop(index)  # a memmove: fine for a test mutation, even at 1M
             self._tag_overrides.pop(contact_id, None)
+            self._opted_in.discard(contact_id)
 
     def rename_tag(self, tag_id: int, name: str) -> None:
         """Rename a tag's own record; the contacts keep the name their lists embed, so only a
@@ -384,6 +388,35 @@ class SandboxData:
             if not self._has_contact(contact_id):
                 raise KeyError(f"no contact with id {contact_id}")
             self._tag_overrides[contact_id] = tuple(sorted(set(tag_ids)))
+
+    def add_contact_tag(self, contact_id: int, tag_id: int) -> bool:
+        """Give a contact one more tag; False, and nothing changes, if it has it already."""
+        with self._lock:
+            tag_ids = [tag["id"] for tag in self.contact(contact_id)["tags"]]
+            if tag_id in tag_ids:
+                return False
+            self.set_contact_tags(contact_id, [*tag_ids, tag_id])
+        return True
+
+    def remove_contact_tag(self, contact_id: int, tag_id: int) -> bool:
+        """Take a tag from a contact; False, and nothing changes, if it does not have it."""
+        with self._lock:
+            tag_ids = [tag["id"] for tag in self.contact(contact_id)["tags"]]
+            if tag_id not in tag_ids:
+                if tag_id not in self._tag_names:
+                    raise KeyError(f"unknown tag ids {[tag_id]}")
+                return False
+            self.set_contact_tags(contact_id, [other for other in tag_ids if other != tag_id])
+        return True
+
+    def opt_in(self, contact_id: int) -> bool:
+        """The contact confirms its subscription: from now on ``needsConfirmation`` and
+        ``unsubscribed`` are false (in its record and where enrollments embed it). False when
+        both already were, so nothing visible changed."""
+        with self._lock:
+            record = self.contact(contact_id)
+            self._opted_in.add(contact_id)
+        return bool(record["needsConfirmation"] or record["unsubscribed"])
 
     # ----------------------------------------------------------------- internals
 
@@ -415,7 +448,7 @@ class SandboxData:
             hi = bisect_left(ids, _offset_of(before), key=self._registered_offset)
         return lo, max(lo, hi)
 
-    def _build_contact(self, contact_id: int, tag_override: tuple[int, ...] | None) -> Record:
+    def _build_contact(self, contact_id: int, tag_override: tuple[int, ...] | None, opted_in: bool = False) -> Record:
         rng = self._contact_rng(contact_id)
         registered = _TIME_ORIGIN + timedelta(seconds=self._registered_offset_from(rng, contact_id))
         first, last = rng.choice(_FIRST_NAMES), rng.choice(_SURNAMES)
@@ -425,6 +458,8 @@ class SandboxData:
         unsubscribed = rng.random() < 0.08
         bounced = rng.random() < 0.03
         needs_confirmation = rng.random() < 0.06
+        if opted_in:  # after the draws, so the rest of the record stays what the seed made it
+            unsubscribed = needs_confirmation = False
         fields = _pick_fields(rng, self._contact_fields, first, last)
         tag_ids = self._pick_tag_ids(rng) if tag_override is None else tag_override
         return {
@@ -535,7 +570,8 @@ class SandboxData:
                 chosen = list(islice(walk(ascending, False), limit + 1))  # one more tells hasMore
                 has_more = len(chosen) > limit
                 del chosen[limit:]
-        # Built outside the lock: a record depends on (seed, ids) only, not on mutable state.
+        # Built outside the lock: a record depends on (seed, ids) only, and on opt-ins (see
+        # _embedded_contact), never on tags.
         return [self._relation_record(resource, *slot) for slot in chosen], has_more
 
     def _relation_record(self, resource: str, item_id: int, contact_id: int, target_index: int) -> Record:
@@ -554,7 +590,9 @@ class SandboxData:
 
     def _embedded_contact(self, contact_id: int) -> Record:
         """The contact as ``contact()`` builds it, minus fields and tags (what enrollments embed)."""
-        record = self._build_contact(contact_id, ())  # no override lookup: tags are dropped anyway
+        # No tag override lookup: tags are dropped anyway. Outside the lock (see _relation_page):
+        # one membership test of a set is atomic, and an opt-in racing a page may land either side.
+        record = self._build_contact(contact_id, (), contact_id in self._opted_in)
         return {key: record[key] for key in _EMBEDDED_CONTACT_KEYS}
 
     def _pick_tag_ids(self, rng: random.Random) -> tuple[int, ...]:

@@ -10,6 +10,12 @@ swallow whole (gzip bombs included), lying headers, resets, slow and dripping an
 redirects. Faults can be set over HTTP too (``/__sandbox/faults``), so a client in another
 process can be tested the same way.
 
+It also serves the account's webhooks (``/api/webhooks``, CRUD) and, when the account changes
+through it (``add_tag``, ``remove_tag``, ``create_contacts``, ``opt_in``, ``new_sale``,
+``cancel_sale``, or ``POST /__sandbox/changes`` from another process), sends signed deliveries to
+the webhooks subscribed, with delivery faults of their own (``DeliveryFault``): see
+``webhooks.py``.
+
 Standard library only, and independent of the rest of ``mkt_assets`` on purpose: tests of the
 real client run against it, so it must not share the client's assumptions.
 """
@@ -39,6 +45,18 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from .data import FILTERS, SandboxData
+from .faultbook import FaultBook
+from .webhooks import (
+    AdminAnswer,
+    BadInput,
+    ChangeResult,
+    DeliveryFault,
+    DeliveryRecord,
+    Invalid,
+    UnknownWebhook,
+    Webhooks,
+    parse_object,
+)
 
 Json = Any
 Clock = Callable[[], float]
@@ -63,6 +81,9 @@ FILTER_TYPES: dict[str, dict[str, str]] = {
     "enrollments": {"course": "string", "contact": "string"},
 }
 assert {name: tuple(types) for name, types in FILTER_TYPES.items()} == FILTERS, "filters out of step with data.py"
+WEBHOOKS_PATH = "/api/webhooks"
+# Request bodies (a webhook, a list of changes) above this are refused unread, with a 413.
+MAX_REQUEST_BODY = 1024 * 1024
 DEFAULT_LIMIT = 10  # what API Platform uses when `limit` is absent
 MIN_LIMIT, MAX_LIMIT = 10, 100
 # How often serve_forever checks for shutdown: stop() waits up to this long.
@@ -332,55 +353,6 @@ class _FixedWindow:
 
 
 # ===================================================================== faults
-
-
-class _FaultSlot:
-    __slots__ = ("fault", "fired", "seen")
-
-    def __init__(self, fault: Fault) -> None:
-        self.fault, self.seen, self.fired = fault, 0, 0
-
-    def exhausted(self) -> bool:
-        return self.fault.times != -1 and self.fired >= self.fault.times
-
-
-class _FaultBook:
-    """The active faults and their counters.
-
-    Every matching fault counts every matching request (so ``after=2`` always means the 3rd
-    request, whatever other faults do); when several are due at once the first in the list fires
-    and the others keep their budget for later requests.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._slots: list[_FaultSlot] = []
-
-    def add(self, fault: Fault) -> None:
-        with self._lock:
-            self._slots.append(_FaultSlot(fault))
-
-    def replace(self, faults: Sequence[Fault]) -> None:
-        with self._lock:
-            self._slots = [_FaultSlot(fault) for fault in faults]
-
-    def snapshot(self) -> list[Fault]:
-        with self._lock:
-            return [slot.fault for slot in self._slots]
-
-    def take(self, path: str) -> Fault | None:
-        with self._lock:
-            chosen: _FaultSlot | None = None
-            for slot in self._slots:
-                if slot.exhausted() or slot.fault.path not in (None, path):
-                    continue
-                slot.seen += 1
-                if chosen is None and slot.seen > slot.fault.after:
-                    chosen = slot
-            if chosen is None:
-                return None
-            chosen.fired += 1
-            return chosen.fault
 
 
 def _apply_shape_fault(kind: str, items: list[Json], has_more: bool) -> Json:
@@ -713,6 +685,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         sandbox = self.server.sandbox
         body = self._read_body()
+        if body is None:
+            self.close_connection = True  # the body was left unread: the connection is spent
+            self._write(_Response.json(413, _error_body(413)))
+            return
         split = urlsplit(self.path)
         path, raw_query = split.path, split.query
         query = dict(parse_qsl(raw_query, keep_blank_values=True))  # last value wins, as in PHP
@@ -722,14 +698,14 @@ class _Handler(BaseHTTPRequestHandler):
                 response.headers.update(sandbox._limiter.peek().headers())
             else:
                 sandbox._arrived(Arrival(time.time(), path))
-                response = self._answer_api(path, raw_query, query)
+                response = self._answer_api(path, raw_query, query, body)
                 self._record(path, query, response.status)
         except Exception:  # noqa: BLE001 - a sandbox bug must fail the request loudly, not hang the client
             traceback.print_exc()
             response = _Response.json(500, _error_body(500))
         self._write(response)
 
-    def _answer_api(self, path: str, raw_query: str, query: dict[str, str]) -> _Response:
+    def _answer_api(self, path: str, raw_query: str, query: dict[str, str], body: bytes) -> _Response:
         sandbox = self.server.sandbox
         sandbox._sleep(sandbox.latency)
         if not self._authorized():
@@ -737,25 +713,68 @@ class _Handler(BaseHTTPRequestHandler):
         quota = sandbox._limiter.take()
         if not quota.allowed:
             return self._with_quota(_Response.json(429, TOO_MANY, **{"Retry-After": quota.retry_after()}), quota)
-        fault = sandbox._faults.take(path)
+        fault = sandbox._faults.take(lambda fault: fault.path in (None, path))
         if fault is not None and fault.kind == "delay":
             sandbox._sleep(fault.delay)  # then answer normally: the client's read timeout is the test
             fault = None
-        response = self._with_quota(self._route(path, raw_query, query, fault), quota)
+        response = self._with_quota(self._route(path, raw_query, query, fault, body), quota)
         if fault is not None and fault.kind == "hold":
             sandbox._hold()
             fault = None
         return _with_transport_fault(response, fault)
 
-    def _route(self, path: str, raw_query: str, query: dict[str, str], fault: Fault | None) -> _Response:
+    def _route(self, path: str, raw_query: str, query: dict[str, str], fault: Fault | None, body: bytes) -> _Response:
         if fault is not None and fault.kind in ("status", "html", "redirect", "gzip_bomb"):
             return _whole_response_fault(fault, path, raw_query)
+        if path == WEBHOOKS_PATH or path.startswith(WEBHOOKS_PATH + "/"):
+            # The faults that break pages leave webhooks alone: they have no page to break.
+            return self._webhooks(path, body)
         resource = RESOURCE_PATHS.get(path)
         if resource is None:
             return _Response.json(404, NOT_FOUND)
         if self.command != "GET":
             return _Response.json(405, _error_body(405), Allow="GET")
         return self._page(resource, query, fault)
+
+    def _webhooks(self, path: str, body: bytes) -> _Response:
+        """``/api/webhooks`` (GET, POST) and ``/api/webhooks/{id}`` (GET, PATCH, DELETE)."""
+        webhooks = self.server.sandbox.webhooks
+        method = self.command
+        try:
+            if path == WEBHOOKS_PATH:
+                if method == "GET":
+                    return _Response.json(200, {"items": webhooks.listing(), "hasMore": False})
+                if method == "POST":
+                    return self._json_input("application/json") or _Response.json(201, webhooks.create(parse_object(body)))
+                return _Response.json(405, _error_body(405), Allow="GET, POST")
+            webhook_id = path[len(WEBHOOKS_PATH) + 1 :]
+            if not webhook_id or "/" in webhook_id:
+                return _Response.json(404, NOT_FOUND)
+            if method == "GET":
+                return _Response.json(200, webhooks.get(webhook_id))
+            if method == "PATCH":
+                webhooks.get(webhook_id)  # an unknown id is a 404, whatever the body
+                refused = self._json_input("application/merge-patch+json")
+                return refused or _Response.json(200, webhooks.update(webhook_id, parse_object(body)))
+            if method == "DELETE":
+                webhooks.delete(webhook_id)
+                return _Response(204)
+            return _Response.json(405, _error_body(405), Allow="GET, PATCH, DELETE")
+        except UnknownWebhook:
+            return _Response.json(404, NOT_FOUND)
+        except BadInput as error:
+            return _Response.json(400, {"title": "An error occurred", "detail": str(error)})
+        except Invalid as invalid:
+            violations = [_Violation(prop, prop, message, code) for prop, message, code in invalid.violations]
+            return _Response.json(422, _Invalid(violations).body())
+
+    def _json_input(self, expected: str) -> _Response | None:
+        """A 415 unless the request's Content-Type is ``expected`` (parameters aside)."""
+        given = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if given == expected:
+            return None
+        detail = f'The content-type "{given}" is not supported. Supported MIME types are "{expected}".'
+        return _Response.json(415, {"title": "An error occurred", "detail": detail})
 
     def _page(self, resource: str, query: dict[str, str], fault: Fault | None) -> _Response:
         try:
@@ -802,10 +821,13 @@ class _Handler(BaseHTTPRequestHandler):
         response.headers.update(quota.headers())
         return response
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> bytes | None:
+        """The request body; None when it is above ``MAX_REQUEST_BODY`` (left unread)."""
         # Always drain the body, or its bytes would be parsed as the next keep-alive request.
         length = self.headers.get("Content-Length")
         if length and length.isdigit():
+            if int(length) > MAX_REQUEST_BODY:
+                return None
             return self.rfile.read(int(length))
         return b""
 
@@ -1038,7 +1060,7 @@ class SandboxServer:
         self.latency = latency
         limit, window = rate_limit if rate_limit is not None else UNLIMITED
         self._limiter = _FixedWindow(limit, window, rate_limit is not None, clock)
-        self._faults = _FaultBook()
+        self._faults: FaultBook[Fault] = FaultBook()
         self._log_lock = threading.Lock()
         self._requests: list[RequestRecord] = []
         self._arrivals: list[Arrival] = []
@@ -1049,6 +1071,7 @@ class SandboxServer:
         self._loop_started = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.webhooks = Webhooks(data)
         # Bound now, so base_url (with the port chosen for port=0) is known before start().
         self._httpd = _HTTPServer((host, port), self)
 
@@ -1081,6 +1104,7 @@ class SandboxServer:
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever, args=(POLL_INTERVAL,), name=f"sandbox-api-{self.port}", daemon=True
             )
+        self.webhooks.start(f"sandbox-webhooks-{self.port}")
         self._thread.start()
         return self
 
@@ -1090,6 +1114,7 @@ class SandboxServer:
             if self._closed or self._loop_started:
                 raise RuntimeError("a SandboxServer can be started once")
             self._loop_started = True
+        self.webhooks.start(f"sandbox-webhooks-{self.port}")
         try:
             self._httpd.serve_forever(POLL_INTERVAL)
         finally:
@@ -1114,6 +1139,7 @@ class SandboxServer:
             self._closed = True
         self._stopping.set()
         self._released.set()
+        self.webhooks.stop()
         self._httpd.close_connections()
         self._httpd.server_close()  # joins the handler threads, which exit once woken
 
@@ -1180,10 +1206,55 @@ class SandboxServer:
         if seconds > 0:
             self._stopping.wait(seconds)
 
+    # ----------------------------------------------------------------- changes and deliveries
+
+    def add_tag(self, contact_id: int, tag_id: int) -> ChangeResult:
+        """Tag a contact and send CONTACT_TAG_ADDED (see ``webhooks.py`` for every change)."""
+        return self.webhooks.add_tag(contact_id, tag_id)
+
+    def remove_tag(self, contact_id: int, tag_id: int) -> ChangeResult:
+        return self.webhooks.remove_tag(contact_id, tag_id)
+
+    def create_contacts(self, count: int = 1) -> list[ChangeResult]:
+        return self.webhooks.create_contacts(count)
+
+    def opt_in(self, contact_id: int) -> ChangeResult:
+        return self.webhooks.opt_in(contact_id)
+
+    def new_sale(self, contact_id: int) -> ChangeResult:
+        return self.webhooks.new_sale(contact_id)
+
+    def cancel_sale(self, sale_id: int) -> ChangeResult:
+        return self.webhooks.cancel_sale(sale_id)
+
+    def apply_changes(self, changes: Sequence[Json]) -> list[ChangeResult]:
+        """Changes in the format ``POST /__sandbox/changes`` takes, e.g.
+        ``[{"event": "CONTACT_TAG_ADDED", "contact": 1042, "tag": 117}]``."""
+        return self.webhooks.apply(list(changes))
+
+    def add_delivery_fault(self, fault: DeliveryFault) -> None:
+        self.webhooks.add_fault(fault)
+
+    def clear_delivery_faults(self) -> None:
+        self.webhooks.clear_faults()
+
+    @property
+    def deliveries(self) -> list[DeliveryRecord]:
+        """A copy of the log of deliveries done (sent and answered, given up, or lost)."""
+        return self.webhooks.deliveries
+
+    def wait_for_deliveries(self, timeout: float) -> bool:
+        """Whether every queued delivery was done within ``timeout`` seconds."""
+        return self.webhooks.wait_for_deliveries(timeout)
+
     # ----------------------------------------------------------------- admin endpoints
 
     def _admin(self, method: str, path: str, body: bytes) -> _Response:
-        """``/__sandbox/faults`` (GET, POST = replace, DELETE = clear), ``/__sandbox/requests``."""
+        """``/__sandbox/faults`` (GET, POST = replace, DELETE = clear), ``/__sandbox/requests``,
+        and the webhooks' (``Webhooks.admin``)."""
+        answer = self.webhooks.admin(method, path[len(ADMIN_PREFIX) :], body)
+        if answer is not None:
+            return _admin_response(answer)
         if path == f"{ADMIN_PREFIX}/faults":
             if method == "POST":
                 return self._admin_set_faults(body)
@@ -1210,6 +1281,13 @@ class SandboxServer:
             return _Response.json(400, {"title": "Bad fault list", "detail": str(error)})
         self._faults.replace(faults)
         return _Response.json(200, {"faults": [asdict(fault) for fault in faults]})
+
+
+def _admin_response(answer: AdminAnswer) -> _Response:
+    response = _Response.json(answer.status, answer.body)
+    if answer.allow is not None:
+        response.headers["Allow"] = answer.allow
+    return response
 
 
 def _public_record(record: RequestRecord) -> Json:
