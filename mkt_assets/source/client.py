@@ -943,7 +943,7 @@ def _raise_for_webhooks_status(
     if status == 403:
         problem = f"HTTP 403: the account may not manage webhooks{said}; the key is not at fault"
     elif status == 404:
-        problem = f"HTTP 404: the API serves no webhooks at this address{said}; check the base URL ({settings.base_url})"
+        problem = f"HTTP 404: the API serves no webhooks at this address{said}; check the base URL ({settings.base_url}: {shown_url(settings.base_url_value)})"
     elif status == 422 or status == 400:
         parsed = _json_or_none(body)
         violations = parsed.get("violations") if isinstance(parsed, dict) else None

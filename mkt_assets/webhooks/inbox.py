@@ -135,16 +135,18 @@ class Inbox:
         with self._lock, self._sqlite_errors("keep a delivery"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                inserted = self._db.execute(
-                    "INSERT INTO deliveries (digest, received_at, event_type, contact_id, signature_verified, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING RETURNING seq",
-                    (digest, when, facts.event_type, facts.contact_id, int(signature_verified), text),
-                ).fetchall()
-                if inserted:
-                    seq, new = int(inserted[0][0]), True
+                # Looked up first, inside the write transaction: an INSERT that meets the
+                # UNIQUE digest would still use up a seq.
+                found = self._db.execute("SELECT seq FROM deliveries WHERE digest = ?", (digest,)).fetchall()
+                if found:
+                    seq, new = int(found[0][0]), False
                 else:
-                    (row,) = self._db.execute("SELECT seq FROM deliveries WHERE digest = ?", (digest,)).fetchall()
-                    seq, new = int(row[0]), False
+                    (row,) = self._db.execute(
+                        "INSERT INTO deliveries (digest, received_at, event_type, contact_id, signature_verified, body)"
+                        " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+                        (digest, when, facts.event_type, facts.contact_id, int(signature_verified), text),
+                    ).fetchall()
+                    seq, new = int(row[0]), True
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -239,34 +241,51 @@ class Inbox:
     def _prepare(self, database: sqlite3.Connection) -> None:
         # A schema is SQL the file carries: none of its functions or triggers may run here.
         database.execute("PRAGMA trusted_schema = OFF")
-        (mode,) = database.execute("PRAGMA journal_mode = WAL").fetchone()
-        if str(mode).lower() != "wal":
-            raise InboxError(f"the webhook inbox {self.path}: SQLite cannot keep it in WAL mode (it stays {mode})")
-        database.execute("PRAGMA synchronous = FULL")
+        # Judged before anything is changed (WAL mode rewrites the header): a file of something
+        # else is refused as it was found. An inbox already made needs no write lock to open,
+        # so a reader opens it while the receiver writes.
+        if self._judge(database):
+            self._set_modes(database)
+            return
+        self._set_modes(database)
         database.execute("BEGIN IMMEDIATE")
         try:
-            (application,) = database.execute("PRAGMA application_id").fetchone()
-            (version,) = database.execute("PRAGMA user_version").fetchone()
-            (objects,) = database.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-            if application == 0 and objects == 0:
+            if not self._judge(database):  # not made meanwhile by another process
                 database.execute(_SCHEMA)
                 database.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 database.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif application != APPLICATION_ID:
-                raise InboxError(
-                    f"the webhook inbox {self.path}: it is a SQLite database of something else, not a webhook inbox;"
-                    " it is left as it is: give the inbox its own path"
-                )
-            elif version != SCHEMA_VERSION:
-                raise InboxError(
-                    f"the webhook inbox {self.path} has version {version} of its format, this version reads"
-                    f" {SCHEMA_VERSION}: run the version of mkt-assets that made it, or give another path"
-                )
             database.execute("COMMIT")
         except BaseException:
             if database.in_transaction:
                 database.execute("ROLLBACK")
             raise
+
+    def _judge(self, database: sqlite3.Connection) -> bool:
+        """Whether the file is an inbox of this format (False: an empty database, to be made
+        one); ``InboxError`` for anything else."""
+        (application,) = database.execute("PRAGMA application_id").fetchone()
+        (version,) = database.execute("PRAGMA user_version").fetchone()
+        (objects,) = database.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        if application == 0 and objects == 0:
+            return False
+        if application != APPLICATION_ID:
+            raise InboxError(
+                f"the webhook inbox {self.path}: it is a SQLite database of something else, not a webhook inbox;"
+                " it is left as it is: give the inbox its own path"
+            )
+        if version != SCHEMA_VERSION:
+            raise InboxError(
+                f"the webhook inbox {self.path} has version {version} of its format, this version reads"
+                f" {SCHEMA_VERSION}: run the version of mkt-assets that made it, or give another path"
+            )
+        return True
+
+    def _set_modes(self, database: sqlite3.Connection) -> None:
+        (mode,) = database.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise InboxError(f"the webhook inbox {self.path}: SQLite cannot keep it in WAL mode (it stays {mode})")
+        # Every commit waits for its write-ahead log to reach the disk: a delivery answered is kept.
+        database.execute("PRAGMA synchronous = FULL")
 
     @contextmanager
     def _sqlite_errors(self, what: str) -> Iterator[None]:

@@ -56,6 +56,8 @@ MAX_CONNECTIONS = 128
 # What a client told to wait (429, 503) is asked to wait at least.
 _RETRY_AFTER_UNAVAILABLE = 5
 _READ_PIECE = 1 << 16
+# How often the serving loop looks for a stop: stop() waits up to this long.
+_POLL_SECONDS = 0.05
 # How much of a refused body is read and dropped before the connection is closed.
 _DRAIN_SECONDS = 2.0
 _DRAIN_BYTES = 4 * MAX_BODY_BYTES
@@ -134,7 +136,7 @@ class Receiver:
                 raise RuntimeError("a Receiver can be started once")
             self._started = True
             self._thread = threading.Thread(
-                target=self._httpd.serve_forever, args=(0.2,), name=f"webhook-receiver-{self.port}", daemon=True
+                target=self._httpd.serve_forever, args=(_POLL_SECONDS,), name=f"webhook-receiver-{self.port}", daemon=True
             )
         self._thread.start()
         return self
@@ -381,7 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, detail: str, *, body_read: bool, **headers: str) -> None:
         # An unread body would be taken for the next request: the connection ends with the answer.
-        unread = not body_read and self._may_have_body()
+        # A POST refused before its body was read meant to send one, whatever its headers said.
+        unread = not body_read and (self.command == "POST" or self._may_have_body())
         closing = unread or self.server.stopping.is_set()
         if closing:
             self.close_connection = True
