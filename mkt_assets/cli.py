@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -179,6 +180,8 @@ def inbox_path(given: str | None) -> Path:
 def run_webhooks_serve(host: str, port: int, inbox: str | None) -> int:
     """Serve until Ctrl-C or SIGTERM, then finish the requests in hand and close the inbox."""
     secret = webhook_secret(os.environ)
+    # What the receiver decides about each request (seq, event type, status), on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     with Inbox(inbox_path(inbox)) as kept:
         receiver = Receiver(kept, secret, host, port)
         stop = threading.Event()

@@ -139,6 +139,15 @@ def test_an_inbox_of_another_user_is_refused(tmp_path: Path, give_away: Callable
         Inbox(path)
 
 
+def test_a_directory_of_another_user_is_refused(tmp_path: Path, give_away: Callable[[Path], int]) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    give_away(theirs)
+
+    with pytest.raises(InboxError, match="owned by uid"):
+        Inbox(theirs / "inbox.sqlite")
+
+
 def test_a_directory_others_may_write_in_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
