@@ -214,7 +214,9 @@ def check_webhook_url(url: str) -> str:
         raise ConfigurationError(f"--url must be an absolute http(s) URL such as https://hooks.example.com{WEBHOOK_PATH}")
     if "@" in parts.netloc:
         # Not quoted: a user name and password in it would be printed.
-        raise ConfigurationError("--url must not carry a user name or password: the signature is what keeps forged deliveries out")
+        raise ConfigurationError(
+            "--url must not carry a user name or password: the signature is what keeps forged deliveries out"
+        )
     if parts.fragment:
         raise ConfigurationError("--url must not carry a fragment (#...)")
     if parts.scheme == "http" and not is_loopback(host):
@@ -258,7 +260,9 @@ def run_webhooks_register(url: str, name: str) -> int:
             )
             return 1
         created = client.create_webhook(name, url, secret.reveal(), EVENTS)
-    print(f"Created webhook {shown(created.id)} delivering {', '.join(EVENTS)} to {shown(url)}, signed with {WEBHOOK_SECRET_ENV}.")
+    print(
+        f"Created webhook {shown(created.id)} delivering {', '.join(EVENTS)} to {shown(url)}, signed with {WEBHOOK_SECRET_ENV}."
+    )
     return 0
 
 
@@ -289,7 +293,9 @@ def run_webhooks_list() -> int:
         for subscription in webhook.subscriptions:
             if subscription.disabled_reason or subscription.disabled_at:
                 when = f" since {shown(subscription.disabled_at)}" if subscription.disabled_at else ""
-                print(f"  disabled: {shown(subscription.event)}: {shown(subscription.disabled_reason or 'no reason given')}{when}")
+                print(
+                    f"  disabled: {shown(subscription.event)}: {shown(subscription.disabled_reason or 'no reason given')}{when}"
+                )
     if not listed.complete:
         print("The API said more webhooks follow (hasMore), and gives no way to ask for them.")
     return 0
@@ -311,7 +317,9 @@ def add_webhooks_commands(commands: argparse._SubParsersAction[argparse.Argument
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0 picks a free one)")
     serve.add_argument(
-        "--inbox", default=None, help=f"the inbox file (default: beside the DuckDB file of {DUCKDB_PATH_ENV}, <name>.webhooks.sqlite)"
+        "--inbox",
+        default=None,
+        help=f"the inbox file (default: beside the DuckDB file of {DUCKDB_PATH_ENV}, <name>.webhooks.sqlite)",
     )
     register = actions.add_parser(
         "register", help=f"find the account's webhook for --url, else create it with every event and {WEBHOOK_SECRET_ENV}"

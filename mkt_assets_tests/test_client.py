@@ -945,7 +945,9 @@ WEBHOOK_SECRET = "webhook-secret-7d41c0a9e2"
 ALL_EVENTS = ["CONTACT_CREATED", "CONTACT_TAG_ADDED", "CONTACT_TAG_REMOVED", "CONTACT_OPT_IN", "SALE_NEW", "SALE_CANCELED"]
 
 
-def webhook_json(identifier: str = "wh_1", url: str = "https://hooks.example.test/systeme/webhook", **overrides: Any) -> dict[str, Any]:
+def webhook_json(
+    identifier: str = "wh_1", url: str = "https://hooks.example.test/systeme/webhook", **overrides: Any
+) -> dict[str, Any]:
     return {
         "id": identifier,
         "name": "mkt-assets",
@@ -970,9 +972,17 @@ def test_the_webhooks_are_listed_with_their_events_and_what_the_platform_disable
 
     assert listed.complete
     first, second = listed.webhooks
-    assert (first.id, first.url, first.active, first.events) == ("wh_1", "https://hooks.example.test/systeme/webhook", True, tuple(ALL_EVENTS))
+    assert (first.id, first.url, first.active, first.events) == (
+        "wh_1",
+        "https://hooks.example.test/systeme/webhook",
+        True,
+        tuple(ALL_EVENTS),
+    )
     assert not second.active
-    assert (second.subscriptions[0].disabled_reason, second.subscriptions[0].disabled_at) == ("BAD_SUCCESS_RATE", "2026-11-30T10:00:00+00:00")
+    assert (second.subscriptions[0].disabled_reason, second.subscriptions[0].disabled_at) == (
+        "BAD_SUCCESS_RATE",
+        "2026-11-30T10:00:00+00:00",
+    )
     assert responses.calls[0].request.headers["X-API-Key"] == KEY
 
 

@@ -182,7 +182,9 @@ def test_the_webhooks_docs_receiver_keeps_a_signed_delivery_in_the_inbox_beside_
     serve = webhooks_doc_commands()[1]
     environment = {**os.environ, WEBHOOK_SECRET_ENV: WEBHOOK_SECRET, "MKT_DUCKDB_PATH": str(tmp_path / "acme.duckdb")}
     # A free port instead of the doc's 8787, which another receiver may hold (argparse: the last wins).
-    process = subprocess.Popen([installed(serve[0]), *serve[1:], "--port", "0"], env=environment, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [installed(serve[0]), *serve[1:], "--port", "0"], env=environment, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout is not None
         assert select.select([process.stdout], [], [], 60)[0], "the receiver did not start within 60 s"

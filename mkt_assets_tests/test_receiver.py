@@ -26,6 +26,7 @@ from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV, WebhookSecret, sign
 from mkt_assets.webhooks import receiver as receiver_module
 from mkt_assets.webhooks.inbox import MAX_READ, Inbox
 from mkt_assets.webhooks.receiver import MAX_BODY_BYTES, WEBHOOK_PATH, Receiver, TokenBucket
+from mkt_assets_tests.test_inbox import HOLD_THE_INBOX
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_TEXT = "receiver-test-secret-5f1c2a"
@@ -202,6 +203,40 @@ def test_only_a_post_to_the_webhook_path_is_served(
     if expected == 405:
         assert answer.headers["Allow"] == "POST"
     assert inbox.count() == 0
+
+
+def test_an_inbox_held_by_another_process_past_its_bound_is_answered_503_and_kept_once_it_is_free(tmp_path: Path) -> None:
+    path = tmp_path / "inbox.sqlite"
+    body = delivery(1)
+    with Inbox(path, busy_seconds=0.2) as inbox, Receiver(inbox, SECRET, port=0) as receiver:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_THE_INBOX, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+            refused = requests.post(receiver.url, data=body, headers=signed(body), timeout=10)
+            holder.communicate("release\n", timeout=30)
+        finally:
+            holder.kill()
+            holder.wait()
+        kept = requests.post(receiver.url, data=body, headers=signed(body), timeout=10)
+
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert kept.status_code == 200 and inbox.count() == 1
+
+
+def test_an_unforeseen_failure_is_answered_500_and_logged_by_its_type_alone(
+    receiver: Receiver, inbox: Inbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*arguments: object, **keywords: object) -> tuple[int, bool]:
+        raise RuntimeError(f"a bug quoting {EMAIL}")
+
+    monkeypatch.setattr(inbox, "add", broken)
+    body = delivery(1)
+    answer = requests.post(receiver.url, data=body, headers=signed(body), timeout=10)
+
+    assert answer.status_code == 500
+    assert "could not keep a delivery (500): RuntimeError" in caplog.text and EMAIL not in caplog.text
 
 
 # ---------------------------------------------------------------- sizes and lengths

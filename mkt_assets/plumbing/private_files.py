@@ -95,7 +95,9 @@ def guarded_directory(path: str | os.PathLike[str], advice: str) -> Path:
     try:
         info = os.stat(directory)
     except OSError as error:
-        raise PrivateDirectoryError(f"refusing {directory} for private files: it cannot be reached ({error.strerror}); {advice}") from None
+        raise PrivateDirectoryError(
+            f"refusing {directory} for private files: it cannot be reached ({error.strerror}); {advice}"
+        ) from None
     uid = os.getuid()
     problem = None
     if not stat.S_ISDIR(info.st_mode):

@@ -304,6 +304,10 @@ class _Handler(BaseHTTPRequestHandler):
         except _Answer as answer:
             self._answer(answer.status, answer.detail, body_read=body_read, **answer.headers)
             return
+        except Exception as error:  # noqa: BLE001 - a bug answers 500 (the platform retries), logged by its type alone: its message could quote the body
+            log.error("could not keep a delivery (500): %s", type(error).__name__)
+            self._answer(500, "the delivery could not be kept; send it again later", body_read=body_read)
+            return
         self._answer(status, detail, body_read=True)
 
     def _not_post(self) -> None:
@@ -344,6 +348,10 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _Answer(408, f"the body did not arrive within {BODY_SECONDS:g} s")
                 piece = self.rfile.read1(min(left, _READ_PIECE))
                 if not piece:
+                    if self.server.stopping.is_set():  # cut by stop(): the platform should send it again
+                        raise _Answer(
+                            503, "the receiver is stopping; send it again later", **{"Retry-After": str(_RETRY_AFTER_UNAVAILABLE)}
+                        )
                     raise _Answer(400, "the connection ended before the whole body arrived")
                 pieces.append(piece)
                 left -= len(piece)
