@@ -1,27 +1,42 @@
-"""mkt-assets: run the API simulator, a demo sync, or the UI on simulator data."""
+"""mkt-assets: run the API simulator, a demo sync, the UI on simulator data, or the webhook receiver."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from mkt_assets.orchestration.resource import API_KEY_ENV, BASE_URL_ENV
+from mkt_assets.core.deliveries import EVENTS, WEBHOOK_SECRET_ENV, webhook_secret
+from mkt_assets.core.errors import ApiError, ConfigurationError
+from mkt_assets.orchestration.resource import (
+    API_KEY_ENV,
+    BASE_URL_ENV,
+    DEFAULT_BASE_URL,
+    MarketingApiResource,
+    check_base_url,
+    is_loopback,
+)
 from mkt_assets.orchestration.settings import DEFAULT_KEY_PREFIX, DUCKDB_PATH_ENV, Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import main as sandbox_main
+from mkt_assets.source.client import MarketingApiClient, Webhook
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.normalized_tables import normalized_tables
 from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets.webhooks.inbox import Inbox, default_inbox_path
+from mkt_assets.webhooks.receiver import DEFAULT_HOST, DEFAULT_PORT, WEBHOOK_PATH, Receiver
 
 DEMO_DATABASE = "data/demo.duckdb"
 # Where the demo and the UI keep Dagster's instance (runs, materializations, check results),
@@ -149,6 +164,190 @@ def run_dev(contacts: int, seed: int, database: str, port: int, home: str) -> in
             return dev.wait()
 
 
+DEFAULT_WEBHOOK_NAME = "mkt-assets"
+# How much of a text the API sent (a webhook's name or URL) a listing shows.
+_SHOWN_CHARACTERS = 100
+
+
+def inbox_path(given: str | None) -> Path:
+    """The inbox given, else the one beside the warehouse's DuckDB file (MKT_DUCKDB_PATH, else
+    the default), where the Dagster definitions of that warehouse look for it."""
+    if given:
+        return Path(os.path.abspath(given))
+    return default_inbox_path(os.environ.get(DUCKDB_PATH_ENV) or Settings().duckdb_path)
+
+
+def run_webhooks_serve(host: str, port: int, inbox: str | None) -> int:
+    """Serve until Ctrl-C or SIGTERM, then finish the requests in hand and close the inbox."""
+    secret = webhook_secret(os.environ)
+    # What the receiver decides about each request (seq, event type, status), on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    with Inbox(inbox_path(inbox)) as kept:
+        receiver = Receiver(kept, secret, host, port)
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            receiver.start()
+            print(
+                f"Webhook receiver serving {receiver.url}; deliveries are kept in {kept.path}. The platform"
+                " delivers only over HTTPS: put it behind an HTTPS proxy or tunnel, then register that URL"
+                " (mkt-assets webhooks register --url https://...)",
+                flush=True,
+            )
+            try:
+                while not stop.wait(1.0):
+                    pass
+            except KeyboardInterrupt:
+                pass
+        finally:
+            receiver.stop()
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def check_webhook_url(url: str) -> str:
+    """The platform delivers over HTTPS only; plain http is let through for a loopback host
+    (a receiver on this machine, the simulator's deliveries)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host or parts.scheme not in ("https", "http"):
+        raise ConfigurationError(f"--url must be an absolute http(s) URL such as https://hooks.example.com{WEBHOOK_PATH}")
+    if "@" in parts.netloc:
+        # Not quoted: a user name and password in it would be printed.
+        raise ConfigurationError(
+            "--url must not carry a user name or password: the signature is what keeps forged deliveries out"
+        )
+    if parts.fragment:
+        raise ConfigurationError("--url must not carry a fragment (#...)")
+    if parts.scheme == "http" and not is_loopback(host):
+        raise ConfigurationError(
+            f"--url must use https: the platform delivers only over HTTPS (plain http is accepted for a loopback"
+            f" host only), got http://{host}; put the receiver behind an HTTPS proxy or tunnel and register that"
+        )
+    return url
+
+
+def api_client() -> MarketingApiClient:
+    """A client for the API named by the environment (MKT_API_BASE_URL, MKT_API_KEY), as a sync's."""
+    try:
+        base_url = check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
+    return MarketingApiResource(base_url=base_url).get_client()
+
+
+def run_webhooks_register(url: str, name: str) -> int:
+    url = check_webhook_url(url)
+    secret = webhook_secret(os.environ)
+    with api_client() as client:
+        listed = client.list_webhooks()
+        found = [webhook for webhook in listed.webhooks if webhook.url == url]
+        if found:
+            for webhook in found:
+                print(f"Webhook {shown(webhook.id)} already delivers to {shown(url)}: nothing created.")
+                for problem in webhook_problems(webhook):
+                    print(f"  but it {problem}")
+            print(
+                f"  A webhook keeps the secret it was made with: if that is not {WEBHOOK_SECRET_ENV}, the receiver"
+                " refuses its deliveries (401); delete it on the platform and register again."
+            )
+            return 0
+        if not listed.complete:
+            print(
+                "The API listed only some of the account's webhooks (hasMore) and gives no way to ask for the rest:"
+                " not creating one that may exist already. Check the account's webhooks on the platform.",
+                file=sys.stderr,
+            )
+            return 1
+        created = client.create_webhook(name, url, secret.reveal(), EVENTS)
+    print(
+        f"Created webhook {shown(created.id)} delivering {', '.join(EVENTS)} to {shown(url)}, signed with {WEBHOOK_SECRET_ENV}."
+    )
+    return 0
+
+
+def webhook_problems(webhook: Webhook) -> list[str]:
+    """What keeps ``webhook`` from delivering every event; empty when nothing does."""
+    problems = []
+    if not webhook.active:
+        problems.append("is not active")
+    missing = [event for event in EVENTS if event not in webhook.events]
+    if missing:
+        problems.append(f"does not deliver {', '.join(missing)}")
+    for subscription in webhook.subscriptions:
+        if subscription.disabled_reason or subscription.disabled_at:
+            problems.append(
+                f"was switched off for {shown(subscription.event)} ({shown(subscription.disabled_reason or 'no reason given')})"
+            )
+    return problems
+
+
+def run_webhooks_list() -> int:
+    with api_client() as client:
+        listed = client.list_webhooks()
+    if not listed.webhooks:
+        print("No webhooks.")
+    for webhook in listed.webhooks:
+        print(f"{shown(webhook.id)}  {shown(webhook.name)}  {shown(webhook.url)}  {'active' if webhook.active else 'inactive'}")
+        print(f"  events: {', '.join(shown(event) for event in webhook.events) or 'none'}")
+        for subscription in webhook.subscriptions:
+            if subscription.disabled_reason or subscription.disabled_at:
+                when = f" since {shown(subscription.disabled_at)}" if subscription.disabled_at else ""
+                print(
+                    f"  disabled: {shown(subscription.event)}: {shown(subscription.disabled_reason or 'no reason given')}{when}"
+                )
+    if not listed.complete:
+        print("The API said more webhooks follow (hasMore), and gives no way to ask for them.")
+    return 0
+
+
+def shown(text: str) -> str:
+    """A text the API sent, fit for a terminal: no control characters (which could rewrite the
+    screen), cut short."""
+    printable = "".join(character if character.isprintable() else "?" for character in text)
+    return printable if len(printable) <= _SHOWN_CHARACTERS else printable[: _SHOWN_CHARACTERS - 3] + "..."
+
+
+def add_webhooks_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    webhooks = commands.add_parser("webhooks", help="receive the platform's webhooks, and register them")
+    actions = webhooks.add_subparsers(dest="action", required=True)
+    serve = actions.add_parser(
+        "serve", help=f"answer POST {WEBHOOK_PATH}: deliveries signed with {WEBHOOK_SECRET_ENV} are kept in the inbox"
+    )
+    serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0 picks a free one)")
+    serve.add_argument(
+        "--inbox",
+        default=None,
+        help=f"the inbox file (default: beside the DuckDB file of {DUCKDB_PATH_ENV}, <name>.webhooks.sqlite)",
+    )
+    register = actions.add_parser(
+        "register", help=f"find the account's webhook for --url, else create it with every event and {WEBHOOK_SECRET_ENV}"
+    )
+    register.add_argument("--url", required=True, help=f"the HTTPS address the receiver is reached at, ending {WEBHOOK_PATH}")
+    register.add_argument("--name", default=DEFAULT_WEBHOOK_NAME, help="the new webhook's name")
+    actions.add_parser("list", help="the account's webhooks, their events and what the platform disabled")
+
+
+def run_webhooks(arguments: argparse.Namespace) -> int:
+    command = f"mkt-assets webhooks {arguments.action}"
+    try:
+        if arguments.action == "serve":
+            return run_webhooks_serve(arguments.host, arguments.port, arguments.inbox)
+        if arguments.action == "register":
+            return run_webhooks_register(arguments.url, arguments.name)
+        return run_webhooks_list()
+    except ConfigurationError as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return 2
+    except ApiError as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the port taken, say
+        print(f"{command}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mkt-assets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -166,11 +365,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if name == "dev":
             command.add_argument("--port", type=int, default=3000, help="port of the UI")
+    add_webhooks_commands(commands)
     arguments, rest = parser.parse_known_args(argv)
     if arguments.command == "sandbox":
         return sandbox_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if arguments.command == "webhooks":
+        return run_webhooks(arguments)
     if arguments.command == "demo":
         return run_demo(arguments.contacts, arguments.seed, arguments.database, arguments.dagster_home)
     return run_dev(arguments.contacts, arguments.seed, arguments.database, arguments.port, arguments.dagster_home)

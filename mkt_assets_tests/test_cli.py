@@ -3,6 +3,7 @@ a Dagster home that persists, and the simulator says which key it accepts."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pytest
+import responses
 
-from mkt_assets.cli import INSTANCE_SETTINGS, dagster_cli, dagster_home, query_command
+from mkt_assets.cli import INSTANCE_SETTINGS, dagster_cli, dagster_home, inbox_path, main, query_command
 from mkt_assets.sandbox.server import _accepted_key
 
 
@@ -84,3 +86,160 @@ def test_the_demos_run_is_kept_where_the_ui_reads_it(tmp_path: Path) -> None:
         (run,) = instance.get_runs()
         assert (run.job_name, run.status) == ("marketing_sync", dg.DagsterRunStatus.SUCCESS)
         assert instance.get_latest_materialization_event(dg.AssetKey(["marketing", "contacts"])) is not None
+
+
+# ---------------------------------------------------------------- mkt-assets webhooks
+
+API = "https://api.example.test/api"
+WEBHOOK_SECRET = "cli-webhook-secret-93be1d07"
+HOOK_URL = "https://hooks.example.test/systeme/webhook"
+EVENTS = ["CONTACT_CREATED", "CONTACT_TAG_ADDED", "CONTACT_TAG_REMOVED", "CONTACT_OPT_IN", "SALE_NEW", "SALE_CANCELED"]
+
+
+@pytest.fixture()
+def api_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MKT_API_BASE_URL", API)
+    monkeypatch.setenv("MKT_API_KEY", "cli-test-key-0123")
+    monkeypatch.setenv("MKT_WEBHOOK_SECRET", WEBHOOK_SECRET)
+
+
+def hook(identifier: str, url: str = HOOK_URL, events: list[str] = EVENTS, **fields: object) -> dict[str, object]:
+    subscriptions = [{"id": f"s-{event}", "event": event, "disabledAt": None, "disabledReason": None} for event in events]
+    return {"id": identifier, "name": "mkt-assets", "url": url, "active": True, "subscriptions": subscriptions, **fields}
+
+
+def run_cli(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(arguments)
+    out, err = capsys.readouterr()
+    assert WEBHOOK_SECRET not in out + err
+    return code, out, err
+
+
+@responses.activate
+def test_register_creates_the_webhook_with_every_event_and_the_secret_and_prints_its_id(
+    api_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    responses.get(f"{API}/webhooks", json={"items": [hook("other", "https://elsewhere.example.test/x")], "hasMore": False})
+    responses.post(f"{API}/webhooks", status=201, json=hook("wh_new"))
+
+    code, out, _ = run_cli(["webhooks", "register", "--url", HOOK_URL], capsys)
+
+    assert code == 0 and "Created webhook wh_new" in out
+    sent = json.loads(responses.calls[1].request.body or b"")
+    assert sent["url"] == HOOK_URL and sent["secret"] == WEBHOOK_SECRET and sent["subscriptions"] == EVENTS
+
+
+@responses.activate
+def test_register_finds_the_webhook_already_made_for_the_url_and_says_what_keeps_it_from_delivering(
+    api_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = hook("wh_old", events=EVENTS[:5], active=False)
+    existing["subscriptions"][0].update(disabledReason="BAD_SUCCESS_RATE")  # type: ignore[index]
+    responses.get(f"{API}/webhooks", json={"items": [existing], "hasMore": False})
+
+    code, out, _ = run_cli(["webhooks", "register", "--url", HOOK_URL], capsys)
+
+    assert code == 0 and len(responses.calls) == 1  # nothing created
+    assert "Webhook wh_old already delivers to" in out
+    assert "is not active" in out and "does not deliver SALE_CANCELED" in out
+    assert "switched off for CONTACT_CREATED (BAD_SUCCESS_RATE)" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://hooks.example.test/systeme/webhook", "must use https"),
+        ("ftp://hooks.example.test/x", "absolute http(s) URL"),
+        ("hooks.example.test/systeme/webhook", "absolute http(s) URL"),
+        ("https://user:hunter2@hooks.example.test/x", "user name or password"),
+    ],
+)
+@responses.activate
+def test_register_refuses_a_url_the_platform_cannot_deliver_to_before_any_request(
+    api_environment: None, capsys: pytest.CaptureFixture[str], url: str, said: str
+) -> None:
+    code, _, err = run_cli(["webhooks", "register", "--url", url], capsys)
+
+    assert code == 2 and said in err and len(responses.calls) == 0
+    assert "hunter2" not in err
+
+
+@responses.activate
+def test_register_takes_plain_http_to_a_loopback_receiver(api_environment: None, capsys: pytest.CaptureFixture[str]) -> None:
+    responses.get(f"{API}/webhooks", json={"items": [], "hasMore": False})
+    responses.post(f"{API}/webhooks", status=201, json=hook("wh_local", "http://127.0.0.1:8787/systeme/webhook"))
+
+    code, out, _ = run_cli(["webhooks", "register", "--url", "http://127.0.0.1:8787/systeme/webhook"], capsys)
+    assert code == 0 and "Created webhook wh_local" in out
+
+
+@responses.activate
+def test_register_makes_no_webhook_when_the_list_it_searched_was_incomplete(
+    api_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    responses.get(f"{API}/webhooks", json={"items": [], "hasMore": True})
+
+    code, _, err = run_cli(["webhooks", "register", "--url", HOOK_URL], capsys)
+
+    assert code == 1 and "listed only some" in err and len(responses.calls) == 1
+
+
+@responses.activate
+def test_register_without_a_usable_secret_says_so_without_a_request(
+    api_environment: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MKT_WEBHOOK_SECRET", "tooshort")
+    code, _, err = run_cli(["webhooks", "register", "--url", HOOK_URL], capsys)
+
+    assert code == 2 and "MKT_WEBHOOK_SECRET is shorter than 16 characters" in err
+    assert "tooshort" not in err and len(responses.calls) == 0
+
+
+@responses.activate
+def test_a_refused_registration_names_the_request_and_masks_the_secret_the_server_echoed(
+    api_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    responses.get(f"{API}/webhooks", json={"items": [], "hasMore": False})
+    responses.post(
+        f"{API}/webhooks",
+        status=422,
+        json={"violations": [{"propertyPath": "secret", "message": f"{WEBHOOK_SECRET} is weak"}]},
+    )
+
+    code, _, err = run_cli(["webhooks", "register", "--url", HOOK_URL], capsys)
+
+    assert code == 1 and "POST /api/webhooks: HTTP 422" in err and "[MKT_WEBHOOK_SECRET] is weak" in err
+
+
+@responses.activate
+def test_list_shows_each_webhook_its_events_and_what_was_disabled_without_control_characters(
+    api_environment: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disabled = hook("wh_2", "https://old.example.test/x\x1b[2J", events=["SALE_NEW"], active=False)
+    disabled["subscriptions"][0].update(disabledReason="USER_CANCELED", disabledAt="2026-11-30T10:00:00+00:00")  # type: ignore[index]
+    responses.get(f"{API}/webhooks", json={"items": [hook("wh_1"), disabled], "hasMore": False})
+
+    code, out, _ = run_cli(["webhooks", "list"], capsys)
+
+    assert code == 0
+    assert f"wh_1  mkt-assets  {HOOK_URL}  active" in out and f"events: {', '.join(EVENTS)}" in out
+    assert "wh_2  mkt-assets  https://old.example.test/x?[2J  inactive" in out
+    assert "disabled: SALE_NEW: USER_CANCELED since 2026-11-30T10:00:00+00:00" in out
+    assert "\x1b" not in out
+
+
+def test_serve_refuses_to_start_without_a_secret(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MKT_WEBHOOK_SECRET", raising=False)
+    assert main(["webhooks", "serve", "--port", "0"]) == 2
+    assert "MKT_WEBHOOK_SECRET is not set" in capsys.readouterr().err
+
+
+def test_serve_keeps_deliveries_beside_the_warehouse_file_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MKT_DUCKDB_PATH", raising=False)
+    assert inbox_path(None) == tmp_path / "data" / "mkt_assets.webhooks.sqlite"
+    monkeypatch.setenv("MKT_DUCKDB_PATH", str(tmp_path / "acme.duckdb"))
+    assert inbox_path(None) == tmp_path / "acme.webhooks.sqlite"
+    assert inbox_path("elsewhere/inbox.sqlite") == tmp_path / "elsewhere" / "inbox.sqlite"

@@ -936,3 +936,162 @@ def test_a_random_key_echoed_in_any_piece_case_or_cutting_never_gets_into_an_err
     )
 
     assert _leaked(key, status, body, cut, content_type) == set(), (key, text)
+
+
+# ---------------------------------------------------------------- webhooks
+
+WEBHOOKS_URL = f"{BASE}/webhooks"
+WEBHOOK_SECRET = "webhook-secret-7d41c0a9e2"
+ALL_EVENTS = ["CONTACT_CREATED", "CONTACT_TAG_ADDED", "CONTACT_TAG_REMOVED", "CONTACT_OPT_IN", "SALE_NEW", "SALE_CANCELED"]
+
+
+def webhook_json(
+    identifier: str = "wh_1", url: str = "https://hooks.example.test/systeme/webhook", **overrides: Any
+) -> dict[str, Any]:
+    return {
+        "id": identifier,
+        "name": "mkt-assets",
+        "url": url,
+        "active": True,
+        "subscriptions": [
+            {"id": f"s{position}", "event": event, "disabledAt": None, "disabledReason": None}
+            for position, event in enumerate(ALL_EVENTS)
+        ],
+        **overrides,
+    }
+
+
+@responses.activate
+def test_the_webhooks_are_listed_with_their_events_and_what_the_platform_disabled() -> None:
+    disabled = webhook_json("wh_2", "https://old.example.test/hook", active=False)
+    disabled["subscriptions"][0].update(disabledAt="2026-11-30T10:00:00+00:00", disabledReason="BAD_SUCCESS_RATE")
+    responses.get(WEBHOOKS_URL, json={"items": [webhook_json(), disabled], "hasMore": False})
+
+    with make_client() as client:
+        listed = client.list_webhooks()
+
+    assert listed.complete
+    first, second = listed.webhooks
+    assert (first.id, first.url, first.active, first.events) == (
+        "wh_1",
+        "https://hooks.example.test/systeme/webhook",
+        True,
+        tuple(ALL_EVENTS),
+    )
+    assert not second.active
+    assert (second.subscriptions[0].disabled_reason, second.subscriptions[0].disabled_at) == (
+        "BAD_SUCCESS_RATE",
+        "2026-11-30T10:00:00+00:00",
+    )
+    assert responses.calls[0].request.headers["X-API-Key"] == KEY
+
+
+@responses.activate
+def test_a_webhook_list_the_api_says_goes_on_is_marked_incomplete() -> None:
+    responses.get(WEBHOOKS_URL, json={"items": [webhook_json(identifier=12)], "hasMore": True})  # type: ignore[arg-type]
+    with make_client() as client:
+        listed = client.list_webhooks()
+    assert not listed.complete and listed.webhooks[0].id == "12"
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        ([], "expected a JSON object"),
+        ({"hasMore": False}, "no list of 'items'"),
+        ({"items": [webhook_json()], "hasMore": "no"}, "'hasMore' is not a boolean"),
+        ({"items": [webhook_json(identifier=None)]}, "webhook 1: has no id"),
+        ({"items": [webhook_json(identifier=True)]}, "webhook 1: has no id"),
+        ({"items": [webhook_json(active="yes")]}, "webhook 1: its 'active' is str"),
+        ({"items": [webhook_json(url=["x"])]}, "webhook 1: its 'url' is list"),
+        ({"items": [webhook_json(subscriptions=[{"disabledReason": None}])]}, "subscription 1 has no event name"),
+    ],
+)
+@responses.activate
+def test_a_webhook_list_not_as_documented_is_refused_naming_the_request_and_the_field(answer: Any, said: str) -> None:
+    responses.get(WEBHOOKS_URL, json=answer)
+    with make_client() as client, pytest.raises(ApiResponseError, match=said) as raised:
+        client.list_webhooks()
+    assert "webhooks: GET /api/webhooks" in str(raised.value)
+
+
+@responses.activate
+def test_a_webhook_is_created_with_its_events_and_secret_and_read_back() -> None:
+    responses.post(WEBHOOKS_URL, status=201, json=webhook_json("wh_9"))
+
+    with make_client() as client:
+        created = client.create_webhook("mkt-assets", "https://hooks.example.test/systeme/webhook", WEBHOOK_SECRET, ALL_EVENTS)
+
+    assert created.id == "wh_9" and created.events == tuple(ALL_EVENTS)
+    sent = json.loads(responses.calls[0].request.body or b"")
+    assert sent == {
+        "name": "mkt-assets",
+        "url": "https://hooks.example.test/systeme/webhook",
+        "secret": WEBHOOK_SECRET,
+        "subscriptions": ALL_EVENTS,
+        "active": True,
+    }
+    assert responses.calls[0].request.headers["X-API-Key"] == KEY
+
+
+@responses.activate
+def test_a_refused_creation_says_why_naming_the_post_without_the_secret_the_server_echoed() -> None:
+    violations = [
+        {"propertyPath": "url", "message": "This value is not a valid URL."},
+        {"propertyPath": "secret", "message": f"'{WEBHOOK_SECRET}' is already used; also {WEBHOOK_SECRET.upper()[3:15]}"},
+    ]
+    responses.post(WEBHOOKS_URL, status=422, json={"detail": f"secret: {WEBHOOK_SECRET}", "violations": violations})
+
+    with make_client() as client, pytest.raises(ApiValidationError) as raised:
+        client.create_webhook("n", "not a url", WEBHOOK_SECRET, ALL_EVENTS)
+
+    message = str(raised.value)
+    assert message.startswith("webhooks: POST /api/webhooks: HTTP 422") and "url: This value is not a valid URL." in message
+    assert "[MKT_WEBHOOK_SECRET]" in message
+    everything = message + repr(raised.value.violations) + repr(raised.value.args)
+    assert WEBHOOK_SECRET not in everything and WEBHOOK_SECRET[3:15].lower() not in everything.lower()
+
+
+@responses.activate
+def test_a_creation_that_fails_on_the_server_is_not_sent_twice() -> None:
+    responses.post(WEBHOOKS_URL, status=503, json={"detail": "down"})
+
+    with make_client() as client, pytest.raises(ApiStatusError, match=r"webhooks: POST /api/webhooks: HTTP 503") as raised:
+        client.create_webhook("n", "https://hooks.example.test/x", WEBHOOK_SECRET, ALL_EVENTS)
+
+    assert len(responses.calls) == 1  # a retry could make a second webhook
+    assert raised.value.retriable and WEBHOOK_SECRET not in str(raised.value)
+
+
+@responses.activate
+def test_a_creation_answered_with_a_redirect_is_not_sent_on_with_its_secret() -> None:
+    responses.post(WEBHOOKS_URL, status=307, headers={"Location": f"{BASE}/v2/webhooks"})
+
+    with make_client() as client, pytest.raises(ApiResponseError, match="a POST is not sent on") as raised:
+        client.create_webhook("n", "https://hooks.example.test/x", WEBHOOK_SECRET, ALL_EVENTS)
+
+    assert len(responses.calls) == 1 and WEBHOOK_SECRET not in str(raised.value)
+
+
+@responses.activate
+def test_listing_webhooks_is_retried_like_any_read() -> None:
+    responses.get(WEBHOOKS_URL, status=503)
+    responses.get(WEBHOOKS_URL, json={"items": [], "hasMore": False})
+    with make_client() as client:
+        assert client.list_webhooks().webhooks == ()
+    assert len(responses.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "said"),
+    [
+        (401, ApiAuthError, "the API key was rejected.*; set MKT_API_KEY"),
+        (403, ApiStatusError, "the account may not manage webhooks"),
+        (404, ApiStatusError, f"check the base URL \\(MKT_API_BASE_URL: {BASE}\\)"),
+    ],
+)
+@responses.activate
+def test_a_webhooks_request_refused_says_what_to_do(status: int, error: type[ApiError], said: str) -> None:
+    responses.get(WEBHOOKS_URL, status=status, json={"detail": "no"})
+    with make_client() as client, pytest.raises(error, match=f"webhooks: GET /api/webhooks: HTTP {status}.*{said}"):
+        client.list_webhooks()

@@ -1,22 +1,35 @@
 """What the README and docs/ tell a user to type works as written: the links lead somewhere,
-and every SQL query of docs/tables.md runs over a real sync and answers what it says.
+every SQL query of docs/tables.md runs over a real sync and answers what it says, and the
+commands of docs/webhooks.md do what it says.
 (The history queries are checked against a story of their own in test_history.)"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import select
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
+import requests
+import responses
 import yaml
 
+from mkt_assets.cli import main as cli_main
+from mkt_assets.core.deliveries import EVENTS, WEBHOOK_SECRET_ENV, sign, webhook_secret
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets.webhooks.inbox import Inbox
 from mkt_assets_tests.test_postgres import production_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +125,78 @@ def test_every_dagster_yaml_block_of_the_readme_and_the_operating_doc_shows_the_
             # production layout adds a run limit of its own, checked above).
             for section in set(shown) & {"concurrency", "run_retries"}:
                 assert {key: shown[section].get(key) for key in project[section]} == project[section], (doc.name, section)
+
+
+# ---------------------------------------------------------------- docs/webhooks.md
+
+WEBHOOK_SECRET = "docs-webhook-secret-41d9a7"
+
+
+def webhooks_doc_commands() -> list[list[str]]:
+    text = (ROOT / "docs" / "webhooks.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    return [shlex.split(line) for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def installed(program: str) -> str:
+    """``.venv/bin/<program>`` as the docs write it: the program beside this interpreter."""
+    assert program.startswith(".venv/bin/")
+    return str(Path(sys.executable).with_name(program.removeprefix(".venv/bin/")))
+
+
+def test_the_webhooks_doc_shows_the_commands_its_tests_run() -> None:
+    assert [words[:3] for words in webhooks_doc_commands()] == [
+        [".venv/bin/python", "-c", "import secrets; print(secrets.token_hex(32))"],
+        [".venv/bin/mkt-assets", "webhooks", "serve"],
+        [".venv/bin/mkt-assets", "webhooks", "register"],
+        [".venv/bin/mkt-assets", "webhooks", "list"],
+    ]
+
+
+def test_the_webhooks_doc_makes_a_secret_the_receiver_accepts() -> None:
+    words = webhooks_doc_commands()[0]
+    made = subprocess.run([installed(words[0]), *words[1:]], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert webhook_secret({WEBHOOK_SECRET_ENV: made}).reveal() == made.strip()
+
+
+@responses.activate
+def test_the_webhooks_docs_register_and_list_run_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = "https://api.example.test/api"
+    monkeypatch.setenv("MKT_API_BASE_URL", base)
+    monkeypatch.setenv("MKT_API_KEY", API_KEY)
+    monkeypatch.setenv(WEBHOOK_SECRET_ENV, WEBHOOK_SECRET)
+    _, _, register, listing = webhooks_doc_commands()
+    url = register[register.index("--url") + 1]
+    created = {"id": "wh_1", "name": "mkt-assets", "url": url, "active": True, "subscriptions": [{"event": e} for e in EVENTS]}
+    responses.get(f"{base}/webhooks", json={"items": [], "hasMore": False})
+    responses.post(f"{base}/webhooks", status=201, json=created)
+    responses.get(f"{base}/webhooks", json={"items": [created], "hasMore": False})
+
+    assert cli_main(register[1:]) == 0
+    assert cli_main(listing[1:]) == 0
+    assert json.loads(responses.calls[1].request.body or b"")["url"] == url
+
+
+@pytest.mark.slow  # starts the receiver as the doc does, a process importing the CLI
+def test_the_webhooks_docs_receiver_keeps_a_signed_delivery_in_the_inbox_beside_the_warehouse(tmp_path: Path) -> None:
+    serve = webhooks_doc_commands()[1]
+    environment = {**os.environ, WEBHOOK_SECRET_ENV: WEBHOOK_SECRET, "MKT_DUCKDB_PATH": str(tmp_path / "acme.duckdb")}
+    # A free port instead of the doc's 8787, which another receiver may hold (argparse: the last wins).
+    process = subprocess.Popen(
+        [installed(serve[0]), *serve[1:], "--port", "0"], env=environment, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert select.select([process.stdout], [], [], 60)[0], "the receiver did not start within 60 s"
+        banner = process.stdout.readline()
+        url = re.search(r"serving (http://127\.0\.0\.1:\d+/systeme/webhook);", banner)
+        assert url, banner
+        body = b'{"type": "CONTACT_OPT_IN", "contact": {"id": 7}}'
+        answer = requests.post(url.group(1), data=body, headers={"X-Webhook-Signature": sign(body, WEBHOOK_SECRET)}, timeout=10)
+        assert answer.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    with Inbox(tmp_path / "acme.webhooks.sqlite") as inbox:
+        assert [(kept.event_type, kept.contact_id) for kept in inbox.since(0)] == [("CONTACT_OPT_IN", 7)]

@@ -29,6 +29,9 @@ from mkt_assets.core.errors import (
     ApiValidationError,
     ConfigurationError,
     ForeignTableError,
+    InboxBusyError,
+    InboxError,
+    InboxUnavailableError,
     MassDeletion,
     MassDeletionError,
     PaginationError,
@@ -129,6 +132,7 @@ CLASSIFIED: list[tuple[SyncError, bool]] = [
     (PrivateFileError("not yours"), False),
     (WarehouseFileError("not a DuckDB database"), False),
     (ForeignTableError("not created by mkt_assets"), False),
+    (InboxError("the webhook inbox: not a webhook inbox"), False),
     (api_error(ApiError, "redirected to another origin"), False),
     (REJECTED, False),
     (ApiAccessError("memberships", "/api/community/memberships", None, 403, "HTTP 403"), False),
@@ -145,6 +149,8 @@ CLASSIFIED: list[tuple[SyncError, bool]] = [
     (api_error(ApiConnectionError, "no complete answer: ConnectionResetError"), True),
     (WarehouseBusyError("stayed locked"), True),
     (WarehouseWriteError("No space left on device"), True),
+    (InboxUnavailableError("the webhook inbox: database or disk is full"), True),
+    (InboxBusyError("the webhook inbox: held for more than 10 s"), True),
     (FetchFailed({"contacts": OUTAGE, "tags": api_error(ApiConnectionError, "timed out")}, ["communities"], []), True),
 ]
 

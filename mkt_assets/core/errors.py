@@ -12,9 +12,10 @@ DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 API_KEY_ENV = "MKT_API_KEY"
 
 
-def describe_request(path: str, query: Mapping[str, object] | None = None) -> str:
-    """``GET /api/contacts?limit=100&order=asc`` (the key travels in a header, never here)."""
-    return f"GET {path}?{urlencode(query)}" if query else f"GET {path}"
+def describe_request(path: str, query: Mapping[str, object] | None = None, method: str = "GET") -> str:
+    """``GET /api/contacts?limit=100&order=asc`` (the key travels in a header, never here; a
+    request's body, which may hold a secret, is never described)."""
+    return f"{method} {path}?{urlencode(query)}" if query else f"{method} {path}"
 
 
 class SyncError(Exception):
@@ -48,13 +49,14 @@ class ApiError(SyncError):
     """A request to the API did not give a usable page."""
 
     def __init__(
-        self, resource: str, path: str, query: Mapping[str, object] | None, problem: str
+        self, resource: str, path: str, query: Mapping[str, object] | None, problem: str, *, method: str = "GET"
     ) -> None:
         self.resource = resource
         self.path = path
         self.query = dict(query or {})
         self.problem = problem
-        super().__init__(f"{resource}: {describe_request(path, query)}: {problem}")
+        self.method = method
+        super().__init__(f"{resource}: {describe_request(path, query, method)}: {problem}")
 
 
 class ApiAuthError(ApiError):
@@ -71,12 +73,14 @@ class ApiStatusError(ApiError):
         query: Mapping[str, object] | None,
         status: int,
         problem: str,
+        *,
+        method: str = "GET",
     ) -> None:
         self.status = status
         # 429 and 5xx fail a run only once the transport's own retries are spent: an overloaded
         # or unavailable API, which passes. Any other status answers a retry the same way.
         self.retriable = status == 429 or status >= 500
-        super().__init__(resource, path, query, problem)
+        super().__init__(resource, path, query, problem, method=method)
 
 
 class ApiAccessError(ApiStatusError):
@@ -111,6 +115,8 @@ class ApiValidationError(ApiStatusError):
         query: Mapping[str, object] | None,
         violations: list[dict[str, object]],
         detail: str,
+        *,
+        method: str = "GET",
     ) -> None:
         self.violations = violations
         listed = "; ".join(
@@ -123,6 +129,7 @@ class ApiValidationError(ApiStatusError):
             query,
             422,
             f"HTTP 422, the API rejected the request: {listed or detail or 'no details given'}",
+            method=method,
         )
 
 
@@ -200,6 +207,21 @@ class MassDeletionError(SyncError):
 class WarehouseFileError(ConfigurationError):
     """The DuckDB file cannot be used (not a DuckDB database, truncated, not writable, its lock
     or directory not writable): found before anything is fetched."""
+
+
+class InboxError(ConfigurationError):
+    """The webhook inbox's file cannot be used (not private, a symlink, not an inbox, not a
+    SQLite database): found when it is opened, naming the file and what to do."""
+
+
+class InboxUnavailableError(SyncError):
+    """The webhook inbox could not be read or written just now (a full disk, an I/O error)."""
+
+    retriable = True
+
+
+class InboxBusyError(InboxUnavailableError):
+    """The webhook inbox stayed locked by another process for longer than the bounded wait."""
 
 
 class ForeignTableError(WarehouseFileError):

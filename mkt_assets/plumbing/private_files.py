@@ -75,6 +75,42 @@ def private_directory(path: str | os.PathLike[str]) -> Path:
     return directory
 
 
+def guarded_directory(path: str | os.PathLike[str], advice: str) -> Path:
+    """Create ``path`` 0700 (and missing parents, 0700 too), or check the existing directory
+    (reached through symlinks, as the DuckDB file's directory may be) is ours or root's and
+    that nobody else may create, rename or remove files in it; its absolute path.
+
+    Laxer than ``private_directory``: for private files (0600, opened without following a
+    symlink) kept beside files of the user's own, such as the DuckDB file's directory, which
+    others may list. What must hold is that nobody else can plant a file or a symlink under a
+    name one of ours will take. ``advice``: what to do instead, ending each refusal."""
+    directory = Path(os.path.abspath(path))
+    if not os.path.lexists(directory):
+        try:
+            _make_directory(directory)
+        except PrivateDirectoryError as error:
+            cause = error.__cause__
+            reason = cause.strerror if isinstance(cause, OSError) else str(error)
+            raise PrivateDirectoryError(f"cannot create {directory} for private files: {reason}; {advice}") from cause
+    try:
+        info = os.stat(directory)
+    except OSError as error:
+        raise PrivateDirectoryError(
+            f"refusing {directory} for private files: it cannot be reached ({error.strerror}); {advice}"
+        ) from None
+    uid = os.getuid()
+    problem = None
+    if not stat.S_ISDIR(info.st_mode):
+        problem = "it is not a directory"
+    elif info.st_uid not in (uid, 0):
+        problem = f"it is owned by uid {info.st_uid}, not you (uid {uid})"
+    elif stat.S_IMODE(info.st_mode) & 0o022:
+        problem = f"its mode is {stat.S_IMODE(info.st_mode):04o}: group or others may create files in it"
+    if problem is not None:
+        raise PrivateDirectoryError(f"refusing {directory} for private files: {problem}; {advice}")
+    return directory
+
+
 def open_private_file(path: str | os.PathLike[str], flags: int) -> int:
     """``os.open`` that never follows a symlink and only returns a regular file of ours, 0600."""
     try:

@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from mkt_assets.core.catalog import ResourceSpec
+from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import (
     ApiAccessError,
     ApiAuthError,
@@ -483,45 +484,109 @@ class MarketingApiClient:
     def _get(self, spec: ResourceSpec, path: str, query: Mapping[str, object], number: int) -> tuple[bytes, str]:
         """The body of a successful answer and its content type, read whole within the
         deadline and size bounds."""
+        response, body = self._send("GET", spec.name, path, self.base_url + spec.path, query, f"page {number}")
+        _raise_for_status(spec.name, path, query, response, body, self._headers["X-API-Key"], self._settings)
+        return body, response.headers.get("Content-Type", "")
+
+    def list_webhooks(self) -> WebhookList:
+        """The account's webhooks (``GET /api/webhooks``, which takes no parameters)."""
+        path = urlsplit(self.base_url + WEBHOOKS_PATH).path
+        answer = self._webhooks_call("GET", path)
+        return _read_webhook_list(path, answer)
+
+    def create_webhook(self, name: str, url: str, secret: str, events: Sequence[str]) -> Webhook:
+        """Create a webhook delivering ``events`` to ``url``, signed with ``secret``; the webhook
+        the API answers. Sent once, never retried on an answer (a retry could make two); the
+        secret is in no error, whatever the server echoes."""
+        path = urlsplit(self.base_url + WEBHOOKS_PATH).path
+        payload = {"name": name, "url": url, "secret": secret, "subscriptions": list(events), "active": True}
+        try:
+            answer = self._webhooks_call("POST", path, payload, secret=secret)
+        except ApiError as error:
+            _mask(error, secret, f"[{WEBHOOK_SECRET_ENV}]")
+            raise
+        return _read_webhook(path, "POST", answer, "the created webhook")
+
+    def _webhooks_call(self, method: str, path: str, payload: Mapping[str, object] | None = None, secret: str = "") -> Any:
+        """The JSON of a successful answer to ``method`` on the webhooks endpoint."""
+        key = self._headers["X-API-Key"]
+        try:
+            response, body = self._send(method, "webhooks", path, self.base_url + WEBHOOKS_PATH, {}, "the answer", payload)
+            _raise_for_webhooks_status(method, path, response.status_code, body, key, secret, self._settings)
+        except ApiError as error:
+            _mask(error, key, self._key_mask)
+            raise
+        try:
+            return json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            raise ApiResponseError(
+                "webhooks", path, {}, f"HTTP {response.status_code}, but the body is not JSON ({len(body)} bytes)", method=method
+            ) from None
+
+    def _send(
+        self,
+        method: str,
+        resource: str,
+        path: str,
+        url: str,
+        query: Mapping[str, object],
+        what: str,
+        payload: Mapping[str, object] | None = None,
+    ) -> tuple[requests.Response, bytes]:
+        """One request and its whole answer (whatever its status), within the deadline and
+        size bounds. Only a GET follows a redirect (within the API's origin): a request with
+        a body is not sent on, since its body may carry a secret."""
         self._check_stop()
         self.stats.count_request()
         with self._deadlines.bound(self.read_timeout) as bound:
             try:
-                url, params = self.base_url + spec.path, cast("Mapping[str, str | int] | None", query)
+                params = cast("Mapping[str, str | int] | None", query)
                 for _ in range(MAX_REDIRECTS + 1):
-                    with self._session.get(
-                        url, params=params, timeout=self.timeout, stream=True, allow_redirects=False
+                    with self._session.request(
+                        method, url, params=params, json=payload, timeout=self.timeout, stream=True, allow_redirects=False
                     ) as response:
                         target = redirect_target(response)
                         if target is None:
                             body = read_body(response, self.max_page_bytes)
                             bound.finish()
                             break
+                    if method != "GET":
+                        raise ApiResponseError(
+                            resource,
+                            path,
+                            query,
+                            f"HTTP {response.status_code}: a redirect to {shown_url(target)}; a {method} is not sent on,"
+                            f" its body may hold a secret: check the base URL ({self.base_url_setting})",
+                            method=method,
+                        )
                     refusal = off_origin(target, response.url)
                     if refusal is not None:
-                        raise ApiError(spec.name, path, query, refusal)
+                        raise ApiError(resource, path, query, refusal, method=method)
                     url, params = target, None  # the Location carries the query it wants
                 else:
-                    raise ApiResponseError(spec.name, path, query, f"more than {MAX_REDIRECTS} redirects; refusing to follow more")
+                    raise ApiResponseError(
+                        resource, path, query, f"more than {MAX_REDIRECTS} redirects; refusing to follow more", method=method
+                    )
             except WaitTooLong as error:
-                raise ApiStatusError(spec.name, path, query, error.status, str(error)) from None
+                raise ApiStatusError(resource, path, query, error.status, str(error), method=method) from None
             except AnswerTooLarge as error:
-                raise ApiResponseError(spec.name, path, query, f"page {number}: {error}") from None
+                raise ApiResponseError(resource, path, query, f"{what}: {error}", method=method) from None
             except requests.exceptions.RequestException as error:
                 self._check_stop()  # cut because the run stopped: not the server's doing
                 if bound.expired:
-                    raise self._timed_out(spec, path, query) from None
+                    raise self._timed_out(resource, path, query, method) from None
                 if isinstance(error, requests.exceptions.RetryError):
-                    raise ApiConnectionError(spec.name, path, query, f"retries exhausted: {_cause(error)}") from None
-                if isinstance(error, requests.exceptions.Timeout):
-                    raise ApiConnectionError(spec.name, path, query, f"timed out: {_cause(error)}") from None
-                raise ApiConnectionError(spec.name, path, query, f"no complete answer: {_cause(error)}") from None
+                    problem = f"retries exhausted: {_cause(error)}"
+                elif isinstance(error, requests.exceptions.Timeout):
+                    problem = f"timed out: {_cause(error)}"
+                else:
+                    problem = f"no complete answer: {_cause(error)}"
+                raise ApiConnectionError(resource, path, query, problem, method=method) from None
             if bound.expired:
                 self._check_stop()
                 # The watchdog cut an answer whose end the server never marked: it is cut short.
-                raise self._timed_out(spec, path, query)
-        _raise_for_status(spec.name, path, query, response, body, self._headers["X-API-Key"], self._settings)
-        return body, response.headers.get("Content-Type", "")
+                raise self._timed_out(resource, path, query, method)
+        return response, body
 
     @property
     def _settings(self) -> _Settings:
@@ -531,13 +596,14 @@ class MarketingApiClient:
         if self._stop is not None:
             self._stop.check()
 
-    def _timed_out(self, spec: ResourceSpec, path: str, query: Mapping[str, object]) -> ApiConnectionError:
+    def _timed_out(self, resource: str, path: str, query: Mapping[str, object], method: str) -> ApiConnectionError:
         return ApiConnectionError(
-            spec.name,
+            resource,
             path,
             query,
             f"timed out: no complete answer (headers and body) within read_timeout"
             f" ({self.read_timeout:g} s) of sending the request",
+            method=method,
         )
 
 
@@ -818,3 +884,133 @@ def _with_items(page: Page, items: list[dict[str, Any]]) -> Page:
     """``page`` holding only ``items``, its body re-encoded to match (the stager keeps bodies)."""
     body = json.dumps({"items": items, "hasMore": page.has_more}, ensure_ascii=False).encode()
     return replace(page, items=items, body=body)
+
+
+# ---------------------------------------------------------------------- webhooks
+
+WEBHOOKS_PATH = "/webhooks"
+# The webhooks' own texts (names, URLs) are shown to a user: this long at most in an error.
+_SHOWN_CHARACTERS = 80
+
+
+@dataclass(frozen=True)
+class WebhookSubscription:
+    """One event a webhook delivers, and whether (and why) the platform switched it off."""
+
+    event: str
+    disabled_at: str | None = None
+    disabled_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A webhook as the API lists it (its secret is never sent back)."""
+
+    id: str
+    name: str
+    url: str
+    active: bool
+    subscriptions: tuple[WebhookSubscription, ...]
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        return tuple(subscription.event for subscription in self.subscriptions)
+
+
+@dataclass(frozen=True)
+class WebhookList:
+    """The webhooks of the account. ``complete`` is False when the API said more follow
+    (``hasMore``), which it gives no way to ask for: a webhook may be missing."""
+
+    webhooks: tuple[Webhook, ...]
+    complete: bool
+
+
+def _raise_for_webhooks_status(
+    method: str, path: str, status: int, body: bytes, key: str, secret: str, settings: _Settings
+) -> None:
+    if 200 <= status < 300:
+        return
+    # Quoted only when it holds no piece of the key nor of the secret (a server echoing the request).
+    detail = problem_detail(body, key)
+    if detail is not None and secret and key_pieces(detail, secret):
+        detail = None
+    said = f" (the API said {json.dumps(detail, ensure_ascii=False)})" if detail else ""
+    if status == 401:
+        raise ApiAuthError(
+            "webhooks", path, {}, f"HTTP 401: the API key was rejected{said}; set {settings.key} to a valid key", method=method
+        )
+    if status == 403:
+        problem = f"HTTP 403: the account may not manage webhooks{said}; the key is not at fault"
+    elif status == 404:
+        problem = f"HTTP 404: the API serves no webhooks at this address{said}; check the base URL ({settings.base_url}: {shown_url(settings.base_url_value)})"
+    elif status == 422 or status == 400:
+        parsed = _json_or_none(body)
+        violations = parsed.get("violations") if isinstance(parsed, dict) else None
+        if isinstance(violations, list):
+            masked = [_masked_violation(_masked_violation(v, key, f"[{settings.key}]"), secret, f"[{WEBHOOK_SECRET_ENV}]")
+                      for v in violations if isinstance(v, dict)]  # fmt: skip
+            raise ApiValidationError("webhooks", path, {}, masked, detail or "", method=method)
+        problem = f"HTTP {status}: the API refused the request{said or ' without saying why'}"
+    else:
+        retried = " after retries" if status in RETRY_STATUSES and method == "GET" else ""
+        problem = f"HTTP {status}{retried}{said}"
+    raise ApiStatusError("webhooks", path, {}, status, problem, method=method)
+
+
+def _read_webhook_list(path: str, answer: Any) -> WebhookList:
+    def fail(problem: str) -> ApiResponseError:
+        return ApiResponseError("webhooks", path, {}, problem)
+
+    if not isinstance(answer, dict):
+        raise fail(f"expected a JSON object with 'items', got {type(answer).__name__}")
+    items = answer.get("items")
+    if not isinstance(items, list):
+        raise fail("the body has no list of 'items'")
+    has_more = answer.get("hasMore", False)
+    if not isinstance(has_more, bool):
+        raise fail(f"'hasMore' is not a boolean (got {type(has_more).__name__})")
+    webhooks = tuple(_read_webhook(path, "GET", item, f"webhook {position}") for position, item in enumerate(items, start=1))
+    return WebhookList(webhooks, complete=not has_more)
+
+
+def _read_webhook(path: str, method: str, item: Any, what: str) -> Webhook:
+    """A webhook from the API, every field exactly of its type (an id as a string, or an
+    integer written as one), else an error naming the field, quoting no text of the server's."""
+
+    def fail(problem: str) -> ApiResponseError:
+        return ApiResponseError("webhooks", path, {}, f"{what}: {problem}", method=method)
+
+    if not isinstance(item, dict):
+        raise fail(f"is {type(item).__name__}, not an object")
+    identifier = item.get("id")
+    if type(identifier) is int:
+        identifier = str(identifier)
+    if not isinstance(identifier, str) or not identifier:
+        raise fail("has no id")
+    texts = {}
+    for field_name in ("name", "url"):
+        value = item.get(field_name, "")
+        if not isinstance(value, str):
+            raise fail(f"its {field_name!r} is {type(value).__name__}, not a text")
+        texts[field_name] = value
+    active = item.get("active", True)
+    if not isinstance(active, bool):
+        raise fail(f"its 'active' is {type(active).__name__}, not a boolean")
+    raw_subscriptions = item.get("subscriptions", [])
+    if not isinstance(raw_subscriptions, list):
+        raise fail("its 'subscriptions' is not a list")
+    subscriptions = []
+    for position, raw in enumerate(raw_subscriptions, start=1):
+        # The spec lists subscriptions as objects; the request that creates them, as event names.
+        if isinstance(raw, str):
+            subscriptions.append(WebhookSubscription(raw))
+            continue
+        if not isinstance(raw, dict) or not isinstance(raw.get("event"), str):
+            raise fail(f"subscription {position} has no event name")
+        optional = {name: raw.get(name) for name in ("disabledAt", "disabledReason")}
+        for name, value in optional.items():
+            if value is not None and not isinstance(value, str):
+                raise fail(f"subscription {position}'s {name!r} is {type(value).__name__}, not a text")
+        subscriptions.append(WebhookSubscription(raw["event"], optional["disabledAt"], optional["disabledReason"]))
+    return Webhook(identifier, texts["name"], texts["url"], active, tuple(subscriptions))
