@@ -248,6 +248,9 @@ class _Answer(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The head and the body go out in two writes: with Nagle's algorithm on, a keep-alive
+    # sender waits out the delayed ACK (40 ms) on each delivery.
+    disable_nagle_algorithm = True
     server_version = "mkt-assets-webhooks"
     sys_version = ""
     timeout = SOCKET_TIMEOUT_SECONDS
