@@ -30,6 +30,7 @@ from mkt_assets.orchestration.resource import (
 )
 from mkt_assets.orchestration.settings import DEFAULT_KEY_PREFIX, DUCKDB_PATH_ENV, Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.sandbox.server import ADMIN_PREFIX
 from mkt_assets.sandbox.server import main as sandbox_main
 from mkt_assets.source.client import MarketingApiClient, Webhook
 from mkt_assets.warehouse.connection import connect
@@ -66,14 +67,40 @@ run_retries:
 @contextmanager
 def simulator_environment(contacts: int, seed: int, database: str) -> Iterator[dict[str, str]]:
     """Start the simulator with a throwaway key; yield the environment that points a sync at it."""
+    with simulator(contacts, seed, database) as (_, environment):
+        yield environment
+
+
+@contextmanager
+def simulator(contacts: int, seed: int, database: str) -> Iterator[tuple[SandboxServer, dict[str, str]]]:
+    """The simulator, started with a throwaway key, and the environment that points a sync at it."""
     api_key = secrets.token_urlsafe(24)
     with SandboxServer(SandboxData(seed=seed, contacts=contacts), api_key=api_key) as server:
-        yield {
+        yield server, {
             **os.environ,
             BASE_URL_ENV: server.base_url,
             API_KEY_ENV: api_key,
             DUCKDB_PATH_ENV: os.path.abspath(database),
         }
+
+
+def example_change(server: SandboxServer) -> dict[str, object]:
+    """A change the simulator takes (its admin format): a tag added to its newest contact."""
+    contacts, tags = server.data.contact_ids, server.data.tag_ids
+    return {"event": "CONTACT_TAG_ADDED", "contact": contacts[-1] if contacts else 0, "tag": tags[-1] if tags else 0}
+
+
+@contextmanager
+def simulated_webhooks(server: SandboxServer, environment: dict[str, str]) -> Iterator[Receiver]:
+    """The receiver on a free loopback port with a throwaway secret (set in ``environment``, so
+    the changes sensor runs), keeping deliveries beside the warehouse, and registered as a webhook
+    in ``server``, the simulator: a change made there lands within the minute."""
+    secret_text = secrets.token_hex(32)
+    environment[WEBHOOK_SECRET_ENV] = secret_text
+    secret = webhook_secret(environment)
+    with Inbox(default_inbox_path(environment[DUCKDB_PATH_ENV])) as inbox, Receiver(inbox, secret, "127.0.0.1", 0) as receiver:
+        server.webhooks.register(receiver.url, secret_text, name="mkt-assets dev")
+        yield receiver
 
 
 def dagster_home(path: str) -> Path:
@@ -151,9 +178,14 @@ def query_command(database: str) -> list[str]:
 
 def run_dev(contacts: int, seed: int, database: str, port: int, home: str) -> int:
     command, cwd = dagster_cli(["dev", "--port", str(port)], ["dev", "-m", "mkt_assets.definitions", "--port", str(port)])
-    with simulator_environment(contacts, seed, database) as environment:
+    with simulator(contacts, seed, database) as (server, environment), simulated_webhooks(server, environment) as receiver:
         environment["DAGSTER_HOME"] = str(dagster_home(home))
         print(f"API simulator serving {environment[BASE_URL_ENV]}; tables go to {database}; Dagster keeps its runs in {home}")
+        print(
+            f"Webhook receiver at {receiver.url}, registered in the simulator: a change made there, e.g."
+            f" curl -X POST {server.url}{ADMIN_PREFIX}/changes -H 'Content-Type: application/json'"
+            f" -d '{json.dumps([example_change(server)])}', lands within a minute (sensor marketing_changes)."
+        )
         dev = subprocess.Popen(command, env=environment, cwd=cwd)
         try:
             return dev.wait()

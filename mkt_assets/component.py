@@ -14,6 +14,7 @@ import dagster as dg
 from pydantic import Field
 
 from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.resource import DEFAULT_BASE_URL
@@ -46,6 +47,19 @@ ApiKey = Annotated[
         examples=["{{ env.MKT_API_KEY }}"],
     ),
 ]
+WebhookSecret = Annotated[
+    str,
+    dg.Resolver(
+        _api_key_from_environment,
+        model_field_type=str,
+        inject_before_resolve=False,
+        description=(
+            'The environment variable holding the webhook secret, as "{{ env.ACME_WEBHOOK_SECRET }}": set, the'
+            " <key_prefix>_changes sensor runs from the start."
+        ),
+        examples=["{{ env.MKT_WEBHOOK_SECRET }}"],
+    ),
+]
 
 
 class MarketingSyncScaffolder(dg.Scaffolder[dg.Model]):
@@ -65,6 +79,7 @@ class MarketingSyncScaffolder(dg.Scaffolder[dg.Model]):
                 "key_prefix": name,
                 "database": f"data/{name}_warehouse.duckdb",
                 "base_url": DEFAULT_BASE_URL,
+                "webhook_secret": f"{{{{ env.{name.upper()}_WEBHOOK_SECRET }}}}",
             },
         )
 
@@ -104,6 +119,10 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
     )
     freshness_fail_hours: float = Field(default=Settings.freshness_fail / _HOUR, gt=0, description="... and fail.")
     owners: list[str] = Field(default_factory=lambda: list(Settings.owners), description="Owners of every asset.")
+    webhook_secret: WebhookSecret | None = Field(
+        default=None,
+        description="The variable holding the webhook secret (see docs/webhooks.md); from_environment: MKT_WEBHOOK_SECRET.",
+    )
 
     def settings(self) -> Settings:
         if self.from_environment:
@@ -129,8 +148,17 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
                 f'{self.key_prefix}: api_key must name the environment variable holding the key, as "{{{{ env.ACME_KEY }}}}";'
                 " a key written in defs.yaml would be shown in the UI and kept in version control"
             )
+        if self.webhook_secret == _NOT_A_TEMPLATE:
+            raise ConfigurationError(
+                f'{self.key_prefix}: webhook_secret must name the environment variable holding the secret, as'
+                ' "{{ env.ACME_WEBHOOK_SECRET }}"; a secret written in defs.yaml would be shown in the UI and kept in version control'
+            )
+        webhook_secret_env = self.webhook_secret or (WEBHOOK_SECRET_ENV if self.from_environment else None)
         # From the environment, MKT_API_BASE_URL applies; an instance of its own never reads it,
         # so one variable cannot send every account's key elsewhere.
         return build_definitions(
-            self.settings(), api_key_env=self.api_key, base_url=None if self.from_environment else self.base_url
+            self.settings(),
+            api_key_env=self.api_key,
+            base_url=None if self.from_environment else self.base_url,
+            webhook_secret_env=webhook_secret_env,
         )

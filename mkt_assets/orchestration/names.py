@@ -56,6 +56,11 @@ class Names:
         return f"{self.prefix}_incremental"
 
     @property
+    def changes_sensor(self) -> str:
+        """The sensor that refreshes the contacts webhook deliveries name."""
+        return f"{self.prefix}_changes"
+
+    @property
     def daily_schedule(self) -> str:
         return f"{self.prefix}_sync_daily"
 

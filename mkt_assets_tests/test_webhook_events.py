@@ -1,0 +1,110 @@
+"""webhook_events: every delivery of the inbox lands once, in order, whatever the runs did; one
+naming no contact is kept and counted; and the sensor batches what it finds into one refresh."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from mkt_assets.core.deliveries import parse
+from mkt_assets.orchestration.names import Names
+from mkt_assets.orchestration.webhooks import refresh_requests, webhook_events_key
+from mkt_assets.run.refresh import MAX_REFRESH_KEYS
+from mkt_assets.warehouse.connection import WarehouseFile
+from mkt_assets.warehouse.webhook_events import land_deliveries
+from mkt_assets.webhooks.inbox import Inbox
+
+
+def body(number: int | None, event: str = "CONTACT_TAG_ADDED", **extra: object) -> bytes:
+    contact = {"contact": {"id": number, "email": f"c{number}@example.com"}} if number is not None else {}
+    return json.dumps({"type": event, **contact, **extra}).encode()
+
+
+def keep(inbox: Inbox, *raws: bytes) -> None:
+    for raw in raws:
+        inbox.add(raw, parse(raw))
+
+
+def rows(database: Path) -> list[tuple[object, ...]]:
+    with duckdb.connect(str(database), read_only=True) as connection:
+        return connection.execute(
+            "SELECT seq, event_type, contact_id, signature_verified, body->>'$.type' FROM marketing.webhook_events ORDER BY seq"
+        ).fetchall()
+
+
+def test_each_delivery_lands_once_in_order_and_a_later_run_lands_only_what_is_new(tmp_path: Path) -> None:
+    file = WarehouseFile(str(tmp_path / "w.duckdb"))
+    with Inbox(tmp_path / "w.webhooks.sqlite") as inbox:
+        keep(inbox, body(1), body(2, "CONTACT_OPT_IN"), body(None, "SALE_NEW", order={"id": 9}))
+        first = land_deliveries(file, "marketing", inbox.since)
+        keep(inbox, body(1), body(3, "CONTACT_TAG_REMOVED"))  # the first is a duplicate: kept once
+        second = land_deliveries(file, "marketing", inbox.since)
+        third = land_deliveries(file, "marketing", inbox.since)
+
+    assert (first.landed, first.rows, first.without_contact, first.last_seq) == (3, 3, 1, 3)
+    assert (second.landed, second.rows, second.last_seq) == (1, 4, 4)
+    assert (third.landed, third.rows) == (0, 4)
+    assert rows(tmp_path / "w.duckdb") == [
+        (1, "CONTACT_TAG_ADDED", 1, True, "CONTACT_TAG_ADDED"),
+        (2, "CONTACT_OPT_IN", 2, True, "CONTACT_OPT_IN"),
+        (3, "SALE_NEW", None, True, "SALE_NEW"),
+        (4, "CONTACT_TAG_REMOVED", 3, True, "CONTACT_TAG_REMOVED"),
+    ]
+
+
+def test_a_landing_that_fails_lands_nothing_and_the_next_lands_it_all(tmp_path: Path) -> None:
+    file = WarehouseFile(str(tmp_path / "w.duckdb"))
+    with Inbox(tmp_path / "w.webhooks.sqlite") as inbox:
+        keep(inbox, *(body(number) for number in range(1, 11)))
+        land_deliveries(file, "marketing", inbox.since)
+        keep(inbox, *(body(number) for number in range(11, 451)))  # three batches more
+
+        def failing_on_the_second_batch(after: int, limit: int) -> list[object]:
+            if after > 10:
+                raise OSError("the inbox's disk went away")
+            return list(inbox.since(after, limit))
+
+        with pytest.raises(OSError, match="disk went away"):
+            land_deliveries(file, "marketing", failing_on_the_second_batch)  # type: ignore[arg-type]
+        assert [row[0] for row in rows(tmp_path / "w.duckdb")] == list(range(1, 11))
+        landed = land_deliveries(file, "marketing", inbox.since)
+    assert (landed.landed, landed.rows, landed.last_seq) == (440, 450, 450)
+    assert [row[0] for row in rows(tmp_path / "w.duckdb")] == list(range(1, 451))
+
+
+def test_a_body_with_a_lone_surrogate_lands_mended_not_refused(tmp_path: Path) -> None:
+    # Valid JSON to the receiver (Python's parser), refused by DuckDB's: "\ud800" alone.
+    raw = b'{"type": "CONTACT_OPT_IN", "contact": {"id": 5, "firstName": "A\\ud800B", "emoji": "\\ud83d\\ude00"}}'
+    file = WarehouseFile(str(tmp_path / "w.duckdb"))
+    with Inbox(tmp_path / "w.webhooks.sqlite") as inbox:
+        keep(inbox, raw)
+        land_deliveries(file, "marketing", inbox.since)
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as connection:
+        name, emoji = connection.execute(
+            "SELECT body->>'$.contact.firstName', body->>'$.contact.emoji' FROM marketing.webhook_events"
+        ).fetchone()  # type: ignore[misc]
+    assert (name, emoji) == ("A\ufffdB", "\U0001f600")
+
+
+def test_the_sensor_batches_a_burst_into_one_refresh_and_splits_only_past_a_runs_bound(tmp_path: Path) -> None:
+    names = Names("acme")
+    with Inbox(tmp_path / "i.sqlite") as inbox:
+        keep(inbox, body(7), body(3), body(7, "CONTACT_OPT_IN"), body(None, "SALE_NEW"))
+        burst = inbox.since(0)
+        (request,) = refresh_requests(names, webhook_events_key(names), burst)
+        assert request.run_config == names.refresh_run_config([3, 7])
+        assert request.run_key == "acme_changes:1-4:0"
+
+        (sales_only,) = refresh_requests(names, webhook_events_key(names), burst[3:])
+        assert sales_only.asset_selection == [dg.AssetKey(["acme", "webhook_events"])]
+        assert sales_only.run_config in (None, {})
+
+        keep(inbox, *(body(number) for number in range(100, 100 + MAX_REFRESH_KEYS + 1)))
+        big = inbox.since(4, 10_000)
+        requests = refresh_requests(names, webhook_events_key(names), big)
+    assert len(requests) == 2
+    assert len({request.run_key for request in requests}) == 2
