@@ -72,6 +72,16 @@ def fresh_dg_project(root: Path, name: str = "acme_project") -> Path:
     return root
 
 
+def add_instance(project: Path, name: str, **attributes: object) -> None:
+    """One account in ``project``: ``defs/<name>/defs.yaml``, its key read from ``<NAME>_API_KEY``
+    and its key prefix ``name``, with ``attributes`` besides."""
+    (package,) = [path.parent for path in project.glob("*/defs")]
+    folder = package / "defs" / name
+    folder.mkdir()
+    declared = {"api_key": f"{{{{ env.{name.upper()}_API_KEY }}}}", "key_prefix": name, **attributes}
+    (folder / "defs.yaml").write_text(yaml.safe_dump({"type": "mkt_assets.MarketingSync", "attributes": declared}))
+
+
 def dg_command(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
     environment.update(env or {})
@@ -206,21 +216,7 @@ def test_two_accounts_sync_at_once_each_into_its_own_file_with_its_own_quota_sta
 ) -> None:
     project = fresh_dg_project(tmp_path)
     for name, server in (("acme", acme), ("globex", globex)):
-        folder = project / "acme_project" / "defs" / name
-        folder.mkdir()
-        (folder / "defs.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "type": "mkt_assets.MarketingSync",
-                    "attributes": {
-                        "api_key": f"{{{{ env.{name.upper()}_API_KEY }}}}",
-                        "key_prefix": name,
-                        "base_url": server.base_url,
-                        "database": f"data/{name}_warehouse.duckdb",
-                    },
-                }
-            )
-        )
+        add_instance(project, name, base_url=server.base_url, database=f"data/{name}_warehouse.duckdb")
     quota = tmp_path / "quota"
     environment = {
         **{key: value for key, value in os.environ.items() if not key.startswith("MKT_")},

@@ -42,8 +42,8 @@ from mkt_assets.orchestration.assets import warehouse_pool
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
+from mkt_assets_tests.daemon import run_worker_pid
 from mkt_assets_tests.test_resume import tables
-from mkt_assets_tests.test_run_retries import run_worker_pid
 from mkt_assets_tests.test_ui import (
     DAILY_CRON,
     LAUNCH_MUTATION,
