@@ -225,6 +225,7 @@ class Layout:
     dagster_yaml: str
     workspace: dict[str, Any]
     commands: dict[str, list[str]]  # by program: dagster (api grpc), dagster-webserver, dagster-daemon
+    compute_logs: dict[str, Any]  # the private place of the runs' stdout and stderr, an addition to dagster.yaml
 
 
 def production_layout() -> Layout:
@@ -234,6 +235,7 @@ def production_layout() -> Layout:
     yaml_blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
     (dagster_yaml,) = [block for block in yaml_blocks if "storage" in yaml.safe_load(block)]
     (workspace,) = [yaml.safe_load(block) for block in yaml_blocks if "load_from" in yaml.safe_load(block)]
+    (compute_logs,) = [yaml.safe_load(block) for block in yaml_blocks if "compute_logs" in yaml.safe_load(block)]
     commands: dict[str, list[str]] = {}
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
@@ -243,7 +245,7 @@ def production_layout() -> Layout:
             if words and not words[0].startswith(".venv/"):  # the extra's install, which CI runs
                 commands[words[0]] = words
     assert sorted(commands) == ["dagster", "dagster-daemon", "dagster-webserver"], commands
-    return Layout(dagster_yaml, workspace, commands)
+    return Layout(dagster_yaml, workspace, commands, compute_logs)
 
 
 def with_option(words: list[str], names: tuple[str, ...], value: str) -> list[str]:
@@ -501,6 +503,8 @@ def test_a_full_and_an_incremental_sync_run_through_the_queue_and_their_records_
     assert materialization_counts(deployment.postgres, full) == materialization_counts(deployment.postgres, incremental) > 0
     assert deployment.postgres.query("SELECT count(*) FROM runs WHERE run_id IN (%s, %s)", (full, incremental)) == [(2,)]
     assert sorted(path.name for path in deployment.home.rglob("*.db")) == []
+    # The doc's run monitoring is on: its daemon runs beside the others, its heartbeats stored there.
+    assert {"QUEUED_RUN_COORDINATOR", "EVENT_LOG_CONSUMER", "MONITORING"} <= set(deployment.instance.get_daemon_heartbeats())
 
     # Every table equals what one sync of the same data lands outside any deployment.
     reference = tmp_path / "reference.duckdb"
