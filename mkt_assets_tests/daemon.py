@@ -135,9 +135,7 @@ def event_types(instance: dg.DagsterInstance, run_id: str) -> list[dg.DagsterEve
     return [entry.dagster_event.event_type for entry in instance.all_logs(run_id) if entry.dagster_event]
 
 
-def held_back_by_its_pool(
-    instance: dg.DagsterInstance, queued: str, holder: str, later: str, pool: str
-) -> None:
+def held_back_by_its_pool(instance: dg.DagsterInstance, queued: str, holder: str, later: str, pool: str) -> None:
     """Assert, from the instance alone, that the daemon held ``queued`` back for ``pool``:
     it stays Queued, never taken off the queue, while ``holder`` of the same pool is in progress, though
     the daemon has launched ``later``, submitted after it (each pass of the daemon's queue takes
