@@ -16,6 +16,7 @@ from pydantic import Field
 from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import ConfigurationError
+from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.resource import DEFAULT_BASE_URL
 from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings
@@ -140,6 +141,7 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
             freshness_warn=self.freshness_warn_hours * _HOUR,
             freshness_fail=self.freshness_fail_hours * _HOUR,
             owners=tuple(self.owners),
+            setting_names=SettingNames(self.key_prefix),
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 
 from mkt_assets.core.errors import ConfigurationError
+from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.orchestration.assets import build_marketing_assets
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.names import Names
@@ -71,10 +72,10 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
     return [full, incremental]
 
 
-def _base_url(given: str | None = None, setting: str = BASE_URL_ENV) -> str:
+def _base_url(given: str | None = None, setting: str = BASE_URL_ENV, key_setting: str = API_KEY_ENV) -> str:
     try:
         if given is not None:
-            return check_base_url(given, setting)
+            return check_base_url(given, setting, key_setting)
         return check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
     except ValueError as refused:
         # Dagster shows a load error with its traceback: this one's holds only the message.
@@ -113,8 +114,9 @@ def build_definitions(
             # line naming it (the resource reads the environment) instead of in Dagster's
             # seventy-line traceback for an unset EnvVar.
             names.api: MarketingApiResource.configure_at_launch(
-                base_url=_base_url(base_url, f"{settings.key_prefix}: base_url"),
+                base_url=_base_url(base_url, SettingNames(settings.key_prefix).base_url, api_key_env),
                 api_key_env=api_key_env,
+                component_instance=settings.setting_names.instance,
                 **({"api_key": dg.EnvVar(api_key_env)} if os.environ.get(api_key_env) else {}),
             ),
             names.warehouse: warehouse,

@@ -43,7 +43,7 @@ def make_client(**options: Any) -> MarketingApiClient:
     # A single ascending walk unless a test says otherwise; the two-ended walk (the default
     # order, "both") has its own tests at the end of this file.
     options.setdefault("order", "asc")
-    return MarketingApiClient(BASE, KEY, key_setting="MKT_API_KEY", base_url_setting="MKT_API_BASE_URL", **options)
+    return MarketingApiClient(BASE, KEY, key_setting="MKT_API_KEY", **options)
 
 
 def page(ids: list[int], has_more: bool) -> dict[str, Any]:

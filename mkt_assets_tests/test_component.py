@@ -4,6 +4,7 @@ accounts sync side by side, each into its own file with its own quota state."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,10 +19,11 @@ import pytest
 import yaml
 
 from mkt_assets.component import MarketingSync
+from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.settings import Settings
-from mkt_assets.sandbox import SandboxData, SandboxServer
+from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 
 BIN = Path(sys.executable).parent
 DG_TIMEOUT_SECONDS = 300
@@ -68,6 +70,16 @@ def fresh_dg_project(root: Path, name: str = "acme_project") -> Path:
         )
     )
     return root
+
+
+def add_instance(project: Path, name: str, **attributes: object) -> None:
+    """One account in ``project``: ``defs/<name>/defs.yaml``, its key read from ``<NAME>_API_KEY``
+    and its key prefix ``name``, with ``attributes`` besides."""
+    (package,) = [path.parent for path in project.glob("*/defs")]
+    folder = package / "defs" / name
+    folder.mkdir()
+    declared = {"api_key": f"{{{{ env.{name.upper()}_API_KEY }}}}", "key_prefix": name, **attributes}
+    (folder / "defs.yaml").write_text(yaml.safe_dump({"type": "mkt_assets.MarketingSync", "attributes": declared}))
 
 
 def dg_command(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -204,21 +216,7 @@ def test_two_accounts_sync_at_once_each_into_its_own_file_with_its_own_quota_sta
 ) -> None:
     project = fresh_dg_project(tmp_path)
     for name, server in (("acme", acme), ("globex", globex)):
-        folder = project / "acme_project" / "defs" / name
-        folder.mkdir()
-        (folder / "defs.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "type": "mkt_assets.MarketingSync",
-                    "attributes": {
-                        "api_key": f"{{{{ env.{name.upper()}_API_KEY }}}}",
-                        "key_prefix": name,
-                        "base_url": server.base_url,
-                        "database": f"data/{name}_warehouse.duckdb",
-                    },
-                }
-            )
-        )
+        add_instance(project, name, base_url=server.base_url, database=f"data/{name}_warehouse.duckdb")
     quota = tmp_path / "quota"
     environment = {
         **{key: value for key, value in os.environ.items() if not key.startswith("MKT_")},
@@ -292,3 +290,108 @@ def test_a_refused_base_url_names_the_instances_attribute_not_the_environment_va
     with pytest.raises(Exception, match=r"acme: base_url must use https \(plain http is allowed only for loopback hosts") as refused:
         dg.build_defs_for_component(component=instance)
     assert "MKT_API_BASE_URL" not in str(refused.value)
+
+
+# ------------------------------------------ every message names what a defs.yaml user sets
+
+
+def acme_instance(tmp_path: Path, base_url: str = "https://api.systeme.io/api", **attributes: object) -> MarketingSync:
+    lines = [
+        'api_key: "{{ env.ACME_API_KEY }}"', "key_prefix: acme", f"base_url: {base_url}", f"database: {tmp_path / 'acme.db'}",
+        *(f"{name}: {json.dumps(value)}" for name, value in attributes.items()),
+    ]  # fmt: skip
+    return MarketingSync.resolve_from_yaml("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("attributes", "said"),
+    [
+        ({"deletions": "erase"}, "acme: deletions must be 'mark' or 'delete', got 'erase'"),
+        (
+            {"resources": ["contacts", "members"]},
+            "acme: resources names unknown resource 'members'; list the resources to sync, as a list, from: communities,",
+        ),
+        ({"resources": []}, "acme: resources names no resource; list the resources to sync, as a list, from: "),
+        ({"timezone": "Mars/Olympus"}, "acme: timezone is not an IANA time zone: 'Mars/Olympus'"),
+        (
+            {"freshness_warn_hours": 30, "freshness_fail_hours": 28},
+            "acme: freshness_warn_hours must be positive and below acme: freshness_fail_hours",
+        ),
+    ],
+)
+def test_a_component_instances_refused_setting_names_its_attribute_not_an_environment_variable(
+    tmp_path: Path, attributes: dict[str, object], said: str
+) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        dg.build_defs_for_component(component=acme_instance(tmp_path, **attributes))
+    assert str(refused.value).startswith(said)
+    assert "MKT_" not in str(refused.value)
+    if "resources" in attributes:
+        assert str(refused.value).endswith("(left out syncs all)")
+
+
+def test_a_base_url_with_credentials_in_a_component_instance_names_the_variable_its_key_comes_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        dg.build_defs_for_component(component=acme_instance(tmp_path, base_url="https://user:pw@api.systeme.io/api"))
+    assert "acme: base_url must not carry credentials" in str(refused.value)
+    assert "the API takes its key from ACME_API_KEY;" in str(refused.value)
+    assert "MKT_" not in str(refused.value) and "user:pw" not in str(refused.value)
+
+
+@pytest.fixture()
+def small_acme(monkeypatch: pytest.MonkeyPatch) -> Iterator[SandboxServer]:
+    monkeypatch.setenv("ACME_API_KEY", "acme-key-5d1e")
+    with SandboxServer(SandboxData(seed=13, contacts=30), api_key="acme-key-5d1e") as server:
+        yield server
+
+
+def failed_run(instance: MarketingSync, job: str = "acme_sync") -> str:
+    """What the failed step of one run of ``job`` says."""
+    result = (
+        dg.build_defs_for_component(component=instance)
+        .resolve_job_def(job)
+        .execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    )
+    (failure,) = result.get_step_failure_events()
+    return failure.event_specific_data.error.to_string()  # type: ignore[union-attr]
+
+
+def test_a_resource_a_component_instances_account_cannot_read_is_left_out_in_its_defs_yaml(
+    small_acme: SandboxServer, tmp_path: Path
+) -> None:
+    small_acme.add_fault(Fault("status", path="/api/community/memberships", status=403, times=-1))
+    said = failed_run(acme_instance(tmp_path, small_acme.base_url, resources=["tags", "memberships"]))
+
+    assert (
+        "HTTP 403: the account cannot read memberships (the API said \"Forbidden\"); the key is not at fault, so keep it."
+        " Leave memberships out by listing the resources to sync in acme: resources (a list; left out, all are synced)"
+    ) in said
+    assert "To sync the others without memberships: acme: resources: [tags]" in said
+    assert "MKT_" not in said
+
+
+def test_a_wrong_base_url_of_a_component_instance_is_said_naming_its_attribute(small_acme: SandboxServer, tmp_path: Path) -> None:
+    wrong = small_acme.base_url + "/v0"
+    said = failed_run(acme_instance(tmp_path, wrong, resources=["tags", "contact_fields"]))
+
+    assert f"the base URL is probably wrong, not the key nor the account. acme: base_url is {wrong};" in said
+    assert "correct it (left out, the API's own address is used) and run again." in said
+    assert "MKT_" not in said
+
+
+@pytest.mark.slow  # a second or more: two real syncs
+def test_a_mass_deletion_refused_for_a_component_instance_names_its_deletions_attribute(
+    small_acme: SandboxServer, tmp_path: Path
+) -> None:
+    instance = acme_instance(tmp_path, small_acme.base_url, resources=["tags"], deletions="delete")
+    job = dg.build_defs_for_component(component=instance).resolve_job_def("acme_sync")
+    assert job.execute_in_process(instance=dg.DagsterInstance.ephemeral()).success
+    small_acme.add_fault(Fault("empty", path="/api/tags", times=-1))
+
+    said = failed_run(instance)
+
+    assert f"acme.tags: the API's complete list (0 records) lacks all {len(small_acme.data.tag_ids)} of the table's live rows" in said
+    assert "the sync would remove them (acme: deletions: delete)" in said
+    # A component instance cannot set the share (it keeps the default): no setting is named for it.
+    assert "at most 10% of a table's live rows or 5 rows, whichever is more" in said
+    assert "MKT_" not in said

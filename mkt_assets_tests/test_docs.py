@@ -95,7 +95,8 @@ def test_the_production_dagster_yaml_is_the_projects_own_with_postgres_storage_a
     documented = yaml.safe_load(layout.dagster_yaml)
     project = yaml.safe_load((ROOT / "dagster.yaml").read_text())
     assert documented["concurrency"]["pools"] == project["concurrency"]["pools"]
-    assert {name: value for name, value in documented.items() if name not in ("storage", "concurrency")} == {
+    # Besides the project's settings: the storage, a limit of runs and run monitoring (checked below).
+    assert {name: value for name, value in documented.items() if name not in ("storage", "concurrency", "run_monitoring")} == {
         name: value for name, value in project.items() if name != "concurrency"
     }
     connection = documented["storage"]["postgres"]["postgres_db"]
@@ -112,6 +113,35 @@ def test_the_production_dagster_yaml_is_the_projects_own_with_postgres_storage_a
     (grpc_server,) = [entry["grpc_server"] for entry in layout.workspace["load_from"]]
     assert grpc_server["location_name"] == "mkt_assets"
     assert grpc_server["port"] == int(served[served.index("--port") + 1])
+
+
+def test_the_production_run_monitoring_and_compute_logs_are_settings_dagster_takes(tmp_path: Path) -> None:
+    layout = production_layout()
+    # The whole production dagster.yaml and the compute logs' block, on SQLite: PostgreSQL's
+    # storage needs a server, which the Postgres tier starts (and runs the rest of it with).
+    settings = {**{name: value for name, value in yaml.safe_load(layout.dagster_yaml).items() if name != "storage"}, **layout.compute_logs}
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+
+    assert instance.run_monitoring_enabled and "MONITORING" in instance.get_required_daemon_types()
+    assert (
+        instance.run_monitoring_start_timeout_seconds,
+        instance.run_monitoring_cancel_timeout_seconds,
+        instance.run_monitoring_max_runtime_seconds,
+        instance.run_monitoring_max_resume_run_attempts,
+        instance.run_monitoring_poll_interval_seconds,  # Dagster's default, which the doc states
+    ) == (180, 180, 12 * 3600, 0, 120)
+    manager = instance.compute_log_manager
+    assert type(manager).__name__ == "LocalComputeLogManager"
+    assert manager.inst_data is not None and manager.inst_data.config_dict == {"base_dir": "/var/lib/mkt-assets/compute_logs"}
+    instance.dispose()
+
+    # As the doc says, Dagster's default run launcher cannot start a new worker for a run, and an
+    # instance asked to refuses to load (every service would fail to start).
+    settings["run_monitoring"]["max_resume_run_attempts"] = 1
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(Exception, match="does not support resuming runs"):
+        dg.DagsterInstance.from_config(str(tmp_path))
 
 
 def test_every_dagster_yaml_block_of_the_readme_and_the_operating_doc_shows_the_projects_own_settings() -> None:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,15 @@ from mkt_assets.orchestration.assets import warehouse_pool
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
+from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets_tests.daemon import held_back_by_its_pool, run_worker_pid
+from mkt_assets_tests.test_component import add_instance, fresh_dg_project
 from mkt_assets_tests.test_resume import tables
-from mkt_assets_tests.test_run_retries import run_worker_pid
 from mkt_assets_tests.test_ui import (
     DAILY_CRON,
     LAUNCH_MUTATION,
-    REPOSITORY_SELECTOR,
-    RUN_STATUS_QUERY,
+    LOCATION,
+    REPOSITORY,
     GraphQL,
     free_loopback_port,
     stop_process_group,
@@ -222,6 +225,7 @@ class Layout:
     dagster_yaml: str
     workspace: dict[str, Any]
     commands: dict[str, list[str]]  # by program: dagster (api grpc), dagster-webserver, dagster-daemon
+    compute_logs: dict[str, Any]  # the private place of the runs' stdout and stderr, an addition to dagster.yaml
 
 
 def production_layout() -> Layout:
@@ -231,6 +235,7 @@ def production_layout() -> Layout:
     yaml_blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
     (dagster_yaml,) = [block for block in yaml_blocks if "storage" in yaml.safe_load(block)]
     (workspace,) = [yaml.safe_load(block) for block in yaml_blocks if "load_from" in yaml.safe_load(block)]
+    (compute_logs,) = [yaml.safe_load(block) for block in yaml_blocks if "compute_logs" in yaml.safe_load(block)]
     commands: dict[str, list[str]] = {}
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
@@ -240,13 +245,27 @@ def production_layout() -> Layout:
             if words and not words[0].startswith(".venv/"):  # the extra's install, which CI runs
                 commands[words[0]] = words
     assert sorted(commands) == ["dagster", "dagster-daemon", "dagster-webserver"], commands
-    return Layout(dagster_yaml, workspace, commands)
+    return Layout(dagster_yaml, workspace, commands, compute_logs)
 
 
 def with_option(words: list[str], names: tuple[str, ...], value: str) -> list[str]:
     """``words`` with the value of the option called any of ``names`` replaced."""
     (at,) = [index for index, word in enumerate(words) if word in names]
     return [*words[: at + 1], value, *words[at + 2 :]]
+
+
+# The user's own project the tier serves beside this one's: two accounts, each a component
+# instance with its own key, prefix, simulator and warehouse file.
+ACCOUNTS_LOCATION = "accounts"
+ACCOUNTS = {"acme": ("acme-pg-key-4b1d", 11), "globex": ("globex-pg-key-90ce", 12)}
+
+
+@dataclass
+class Account:
+    name: str
+    key: str
+    simulator: SandboxServer
+    database: Path
 
 
 @dataclass
@@ -256,15 +275,14 @@ class Deployment:
     database: Path
     simulator: SandboxServer
     data: SandboxData
-    code_server: subprocess.Popen[bytes]
+    code_servers: dict[str, subprocess.Popen[bytes]]  # by location
+    accounts: dict[str, Account]
     graphql: GraphQL
     logs: dict[str, Path]
     instance: dg.DagsterInstance
 
     def log_tails(self) -> str:
-        return "\n".join(
-            f"--- {name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]) for name, path in self.logs.items()
-        )
+        return log_tails(self.logs)
 
     def wait_for(self, what: str, condition: Callable[[], bool], seconds: float = DEADLINE_SECONDS) -> None:
         deadline = time.monotonic() + seconds
@@ -273,15 +291,17 @@ class Deployment:
                 pytest.fail(f"{what}: not within {seconds:.0f}s\n{self.log_tails()}")
             time.sleep(0.5)  # polling other processes' state, with a deadline
 
-    def launch(self, job: str) -> str:
+    def launch(self, job: str, location: str = LOCATION) -> str:
         """Submit a run as the UI's launchpad does (the webserver stores it Queued); its id."""
-        launched = self.graphql(LAUNCH_MUTATION, {"executionParams": {"selector": {**REPOSITORY_SELECTOR, "jobName": job}, "mode": "default"}})
+        selector = {"repositoryLocationName": location, "repositoryName": REPOSITORY, "jobName": job}
+        launched = self.graphql(LAUNCH_MUTATION, {"executionParams": {"selector": selector, "mode": "default"}})
         assert launched["launchRun"]["__typename"] == "LaunchRunSuccess", launched
         return str(launched["launchRun"]["run"]["runId"])
 
-    def shown_status(self, run_id: str) -> str:
-        """The run's status as the UI shows it."""
-        return str(self.graphql(RUN_STATUS_QUERY, {"runId": run_id})["runOrError"]["status"])
+    def shown(self, run_id: str) -> tuple[str, list[str]]:
+        """The run's status and pools as the UI shows them."""
+        run = self.graphql(RUN_POOLS_QUERY, {"runId": run_id})["runOrError"]
+        return str(run["status"]), sorted(run["allPools"] or [])
 
     def stored(self, run_id: str) -> tuple[str, str, float | None, float | None]:
         """The run's row in PostgreSQL: its job, status, start and end."""
@@ -292,6 +312,19 @@ class Deployment:
 
     def wait_until_finished(self, *run_ids: str) -> None:
         self.wait_for(f"runs {', '.join(run_ids)} finished", lambda: all(self.stored(run_id)[1] in FINISHED for run_id in run_ids))
+
+
+def log_tails(logs: dict[str, Path]) -> str:
+    return "\n".join(
+        f"--- {name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]) for name, path in logs.items() if path.exists()
+    )
+
+
+RUN_POOLS_QUERY = """
+query RunPools($runId: ID!) {
+  runOrError(runId: $runId) { __typename ... on Run { status allPools } ... on PythonError { message } }
+}
+"""
 
 
 def start(command: list[str], cwd: Path, environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -307,6 +340,18 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def accounts_project(root: Path, accounts: dict[str, Account]) -> Path:
+    """A dg project of the user's own holding one component instance per account."""
+    project = fresh_dg_project(root / "accounts_project", "accounts")
+    for account in accounts.values():
+        add_instance(
+            project, account.name, base_url=account.simulator.base_url, database=str(account.database),
+            # The schedules never fire during the test (their runs would join the queue).
+            sync_cron=DAILY_CRON, incremental_cron=DAILY_CRON,
+        )  # fmt: skip
+    return project
+
+
 @pytest.fixture(scope="module")
 def deployment(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     layout = production_layout()
@@ -314,9 +359,13 @@ def deployment(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactor
     home = root / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(layout.dagster_yaml)
-    code_port, web_port = free_loopback_port(), free_loopback_port()
+    ports = {LOCATION: free_loopback_port(), ACCOUNTS_LOCATION: free_loopback_port()}
+    web_port = free_loopback_port()
+    # The doc's code location, and the user's own project served the same way beside it.
     (grpc_server,) = [entry["grpc_server"] for entry in layout.workspace["load_from"]]
-    (root / "workspace.yaml").write_text(yaml.safe_dump({"load_from": [{"grpc_server": {**grpc_server, "host": "127.0.0.1", "port": code_port}}]}))
+    servers = [{**grpc_server, "host": "127.0.0.1", "port": ports[LOCATION]}]
+    servers.append({**grpc_server, "host": "127.0.0.1", "port": ports[ACCOUNTS_LOCATION], "location_name": ACCOUNTS_LOCATION})
+    (root / "workspace.yaml").write_text(yaml.safe_dump({"load_from": [{"grpc_server": server} for server in servers]}))
 
     # Every service: the instance (DAGSTER_HOME and PostgreSQL's connection), nothing of the project.
     instance_environment = {
@@ -331,39 +380,61 @@ def deployment(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactor
     services = {**base, **instance_environment, "PYTHONUNBUFFERED": "1"}
     data = SandboxData(seed=7, contacts=180)
     database = root / "warehouse.duckdb"
-    logs = {name: root / f"{name}.log" for name in ("code server", "webserver", "daemon")}
+    logs = {name: root / f"{name}.log" for name in ("code server", "accounts code server", "webserver", "daemon")}
     processes: list[subprocess.Popen[bytes]] = []
-    made: Deployment | None = None
-    with SandboxServer(data, api_key=API_KEY) as simulator, pytest.MonkeyPatch.context() as patch:
-        # The code location alone holds the project's settings: the key, the API, the DuckDB file.
-        project = {
-            "MKT_API_BASE_URL": simulator.base_url,
-            "MKT_API_KEY": API_KEY,
-            "MKT_DUCKDB_PATH": str(database),
-            # The schedules never fire during the test (their runs would join the queue).
-            "MKT_SYNC_CRON": DAILY_CRON,
-            "MKT_INCREMENTAL_CRON": DAILY_CRON,
+    with ExitStack() as stack, pytest.MonkeyPatch.context() as patch:
+        simulator = stack.enter_context(SandboxServer(data, api_key=API_KEY))
+        accounts = {
+            name: Account(
+                name, key, stack.enter_context(SandboxServer(SandboxData(seed=seed, contacts=120), api_key=key)),
+                root / f"{name}_warehouse.duckdb",
+            )
+            for name, (key, seed) in ACCOUNTS.items()
+        }  # fmt: skip
+        project_root = accounts_project(root, accounts)
+        # The code locations alone hold the accounts' settings: keys, APIs, DuckDB files.
+        settings = {
+            LOCATION: {
+                "MKT_API_BASE_URL": simulator.base_url,
+                "MKT_API_KEY": API_KEY,
+                "MKT_DUCKDB_PATH": str(database),
+                # The schedules never fire during the test (their runs would join the queue).
+                "MKT_SYNC_CRON": DAILY_CRON,
+                "MKT_INCREMENTAL_CRON": DAILY_CRON,
+            },
+            ACCOUNTS_LOCATION: {f"{account.name.upper()}_API_KEY": account.key for account in accounts.values()},
+        }
+        served = layout.commands["dagster"]
+        commands = {
+            LOCATION: served,
+            # The doc's command with the user's module, imported from the project's directory.
+            ACCOUNTS_LOCATION: [*with_option(served, ("--module-name", "-m"), "accounts.definitions"), "--working-directory", str(project_root)],
         }
         for name, value in instance_environment.items():
             patch.setenv(name, value)
+        # Dagster creates its tables in the database as the instance first connects: here, once,
+        # rather than by two code servers starting at the same moment.
+        instance = dg.DagsterInstance.from_config(str(home))
         try:
-            code_server = start(
-                with_option(with_option(layout.commands["dagster"], ("--host", "-h"), "127.0.0.1"), ("--port", "-p"), str(code_port)),
-                root, {**services, **project}, logs["code server"],
-            )  # fmt: skip
-            processes.append(code_server)
+            code_servers = {}
+            for location, command in commands.items():
+                on_loopback = with_option(with_option(command, ("--host", "-h"), "127.0.0.1"), ("--port", "-p"), str(ports[location]))
+                log = logs["code server" if location == LOCATION else "accounts code server"]
+                code_servers[location] = start(on_loopback, root, {**services, **settings[location]}, log)
+                processes.append(code_servers[location])
             deadline = time.monotonic() + STARTUP_SECONDS
-            while not listening(code_port):
-                if code_server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the code server did not listen on {code_port}:\n{logs['code server'].read_text(errors='replace')}")
-                time.sleep(0.5)  # polling another process's start, with a deadline
+            for location, code_server in code_servers.items():
+                while not listening(ports[location]):
+                    if code_server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"the code server of {location} did not listen on {ports[location]}:\n{log_tails(logs)}")
+                    time.sleep(0.5)  # polling another process's start, with a deadline
             webserver = with_option(with_option(layout.commands["dagster-webserver"], ("-h", "--host"), "127.0.0.1"), ("-p", "--port"), str(web_port))
             processes.append(start(webserver, root, services, logs["webserver"]))
             processes.append(start(layout.commands["dagster-daemon"], root, services, logs["daemon"]))
 
             made = Deployment(
-                postgres, home, database, simulator, data, code_server, GraphQL(f"http://127.0.0.1:{web_port}/graphql"), logs,
-                dg.DagsterInstance.from_config(str(home)),
+                postgres, home, database, simulator, data, code_servers, accounts,
+                GraphQL(f"http://127.0.0.1:{web_port}/graphql"), logs, instance,
             )  # fmt: skip
 
             def answers() -> bool:
@@ -377,20 +448,20 @@ def deployment(postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactor
         finally:
             for process in reversed(processes):
                 stop_process_group(process)
-            if made is not None:
-                made.instance.dispose()
+            instance.dispose()
 
 
 # ------------------------------------------------------------------------------------- checks
 
 
-def stored_keys(database: Path) -> dict[str, list[Any]]:
+def stored_keys(database: Path, schema: str = "marketing") -> dict[str, list[Any]]:
     """The live keys of every synced table of the warehouse."""
     found = {}
     with connect(str(database)) as connection:
         for spec in RESOURCES:
             key = spec.primary_key_column.name
-            rows = connection.execute(f'SELECT "{key}" FROM marketing."{spec.name}" WHERE _deleted_at IS NULL ORDER BY 1').fetchall()
+            table = fully_qualified(connection, schema, spec.name)
+            rows = connection.execute(f'SELECT "{key}" FROM {table} WHERE _deleted_at IS NULL ORDER BY 1').fetchall()
             found[spec.name] = [row[0] for row in rows]
     return found
 
@@ -432,6 +503,8 @@ def test_a_full_and_an_incremental_sync_run_through_the_queue_and_their_records_
     assert materialization_counts(deployment.postgres, full) == materialization_counts(deployment.postgres, incremental) > 0
     assert deployment.postgres.query("SELECT count(*) FROM runs WHERE run_id IN (%s, %s)", (full, incremental)) == [(2,)]
     assert sorted(path.name for path in deployment.home.rglob("*.db")) == []
+    # The doc's run monitoring is on: its daemon runs beside the others, its heartbeats stored there.
+    assert {"QUEUED_RUN_COORDINATOR", "EVENT_LOG_CONSUMER", "MONITORING"} <= set(deployment.instance.get_daemon_heartbeats())
 
     # Every table equals what one sync of the same data lands outside any deployment.
     reference = tmp_path / "reference.duckdb"
@@ -444,33 +517,43 @@ def test_a_full_and_an_incremental_sync_run_through_the_queue_and_their_records_
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_two_syncs_of_one_warehouse_launched_at_once_run_one_after_the_other_as_postgres_records(deployment: Deployment) -> None:
-    pool = warehouse_pool(str(deployment.database))
-    blocked = re.compile(r"Run (\S+) is blocked by global concurrency limits: .*" + re.escape(pool))
+def test_two_accounts_sync_through_the_queue_and_a_second_sync_of_one_warehouse_waits_queued_for_the_first(
+    deployment: Deployment,
+) -> None:
+    acme, globex = deployment.accounts["acme"], deployment.accounts["globex"]
+    pool = warehouse_pool(str(acme.database))
 
-    def daemon_blocked(run_id: str) -> bool:
-        return any(found.group(1) == run_id for found in blocked.finditer(deployment.logs["daemon"].read_text(errors="replace")))
+    # The file held here keeps acme's first sync in progress (its write waits for the file)
+    # for as long as the test needs; globex's file is its own.
+    with connect(str(acme.database)):
+        first = deployment.launch("acme_sync", ACCOUNTS_LOCATION)
+        deployment.wait_for("acme's first sync started", lambda: deployment.stored(first)[1] == "STARTED")
+        second = deployment.launch("acme_sync", ACCOUNTS_LOCATION)
+        other = deployment.launch("globex_sync", ACCOUNTS_LOCATION)
+        # Globex's sync, submitted after acme's second, is launched while that one waits.
+        deployment.wait_for("globex's sync was launched", lambda: deployment.stored(other)[1] != "QUEUED")
 
-    # The file held here keeps the first run in progress (its write waits for the file) for as
-    # long as the test needs.
-    with connect(str(deployment.database)):
-        first, second = deployment.launch("marketing_sync"), deployment.launch("marketing_sync")
-        deployment.wait_for("the first run started", lambda: deployment.stored(first)[1] == "STARTED")
-        deployment.wait_for("the daemon held the second run back by the warehouse's pool", lambda: daemon_blocked(second))
-
+        held_back_by_its_pool(deployment.instance, second, first, other, pool)
         assert (deployment.stored(first)[1], deployment.stored(second)[1]) == ("STARTED", "QUEUED")
-        assert (deployment.shown_status(first), deployment.shown_status(second)) == ("STARTED", "QUEUED")
-        # The run's worker is a child of the code server, on its host: the writer host.
+        assert deployment.shown(second) == ("QUEUED", [pool])
+        assert deployment.shown(first) == ("STARTED", [pool])
+        # The run's worker is a child of the code server that serves it, on its host: the writer host.
         worker = run_worker_pid(deployment.instance, first)
         assert worker is not None
         parent = re.search(r"^PPid:\s+(\d+)$", Path(f"/proc/{worker}/status").read_text(), flags=re.MULTILINE)
-        assert parent is not None and int(parent.group(1)) == deployment.code_server.pid
+        assert parent is not None and int(parent.group(1)) == deployment.code_servers[ACCOUNTS_LOCATION].pid
 
-    deployment.wait_until_finished(first, second)
+    deployment.wait_until_finished(first, second, other)
     (_, first_status, _, first_end), (_, second_status, second_start, _) = deployment.stored(first), deployment.stored(second)
-    assert (first_status, second_status) == ("SUCCESS", "SUCCESS")
+    assert (first_status, second_status, deployment.stored(other)[1]) == ("SUCCESS", "SUCCESS", "SUCCESS")
     assert first_end is not None and second_start is not None and second_start >= first_end
-    assert stored_keys(deployment.database) == simulator_keys(deployment.data)
+    for account in (acme, globex):
+        assert stored_keys(account.database, account.name) == simulator_keys(account.simulator.data)
+    # Each account's assets are its own, their materializations stored in PostgreSQL.
+    for name, run_id in (("acme", second), ("globex", other)):
+        latest = deployment.instance.get_latest_materialization_event(dg.AssetKey([name, "contacts"]))
+        assert latest is not None and latest.run_id == run_id
+        assert materialization_counts(deployment.postgres, run_id) > 0
 
 
 # ------------------------------------------------------- what a machine without them is told

@@ -1,121 +1,111 @@
 """Within one Dagster instance, two syncs of one warehouse never run at once: the second waits
 QUEUED (as the UI shows it) until the first has finished, through the project's dagster.yaml
-(``concurrency.pools``) and the pool of the sync step.
+(``concurrency.pools``) and the pool of the sync step, which is the warehouse file's.
 
-The real thing, in processes: a Dagster home holding the project's dagster.yaml, the daemon
-(``dagster-daemon run``, whose run queue decides), two runs submitted with ``dagster job
-launch`` as the UI's Materialize or a schedule would, and the simulator as the API.
+The real thing, in processes (see ``daemon``): the daemon, whose run queue decides, runs
+submitted as the UI's Materialize or a schedule would, and the simulator as the API.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.assets import warehouse_pool
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
-from mkt_assets_tests.test_ui import DAILY_CRON, REPO, stop_process_group
+from mkt_assets_tests.daemon import REPO, Daemon, held_back_by_its_pool, project_settings
+from mkt_assets_tests.test_component import add_instance, fresh_dg_project, stored_ids
+from mkt_assets_tests.test_ui import DAILY_CRON
 
 API_KEY = "queue-secret-3c9e1f"
-BIN = Path(sys.executable).parent
-DEADLINE_SECONDS = 240.0
-
-
-def wait_for(what: str, condition: Callable[[], bool], log: Path, seconds: float = DEADLINE_SECONDS) -> None:
-    """Poll ``condition`` until it holds, failing with the daemon's log past the deadline."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-            pytest.fail(f"{what}: not within {seconds:.0f}s; the daemon's log ends:\n{tail}")
-        time.sleep(0.5)  # polling another process's state, with a deadline
-
-
-@pytest.fixture()
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, dict[str, str], Path]]:
-    """A Dagster home with the project's instance settings, its daemon, and the simulator."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    database = tmp_path / "queued.duckdb"
-    log = tmp_path / "daemon.log"
-    with SandboxServer(SandboxData(seed=3, contacts=60), api_key=API_KEY) as server:
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
-        environment.update(
-            DAGSTER_HOME=str(home),
-            MKT_API_BASE_URL=server.base_url,
-            MKT_API_KEY=API_KEY,
-            MKT_DUCKDB_PATH=str(database),
-            # The schedules never fire during the test (their runs would join the queue).
-            MKT_SYNC_CRON=DAILY_CRON,
-            MKT_INCREMENTAL_CRON=DAILY_CRON,
-            PYTHONUNBUFFERED="1",
-        )
-        for name, value in environment.items():
-            if name == "DAGSTER_HOME" or name.startswith("MKT_"):
-                monkeypatch.setenv(name, value)
-        with open(log, "wb") as output:
-            daemon = subprocess.Popen(
-                [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-                cwd=home, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        try:
-            yield database, environment, log
-        finally:
-            stop_process_group(daemon)  # type: ignore[arg-type]
-
-
-def launch(environment: dict[str, str], run_id: str) -> None:
-    """Submit a run of the full sync to the instance, as the UI's Materialize does: it is queued."""
-    subprocess.run(
-        [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync", "--run-id", run_id],
-        cwd=environment["DAGSTER_HOME"], env=environment, check=True, capture_output=True, timeout=DEADLINE_SECONDS,
-    )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_a_second_sync_of_the_same_warehouse_stays_queued_until_the_first_has_finished(
-    home: tuple[Path, dict[str, str], Path],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database, environment, log = home
-    instance = dg.DagsterInstance.get()
+    database = tmp_path / "queued.duckdb"
     first, second = "0f1a7c3e-0000-4000-8000-000000000001", "0f1a7c3e-0000-4000-8000-000000000002"
+    with SandboxServer(SandboxData(seed=3, contacts=60), api_key=API_KEY) as server:
+        daemon = Daemon(tmp_path, monkeypatch, project_settings(server, API_KEY, database))
+        status = daemon.status
+        with daemon:
+            # The file held here keeps the first run in progress (its write waits for the file)
+            # for as long as the test needs.
+            with connect(str(database)):
+                daemon.launch("marketing_sync", first)
+                daemon.wait_for("the first run started", lambda: status(first) == dg.DagsterRunStatus.STARTED)
+                daemon.launch("marketing_sync", second)
+                blocked = re.compile(rf"Run {second} is blocked by global concurrency limits: .*{warehouse_pool(str(database))}")
+                daemon.wait_for("the daemon held the second run back", lambda: bool(blocked.search(daemon.log.read_text(errors="replace"))))
 
-    def status(run_id: str) -> dg.DagsterRunStatus | None:
-        run = instance.get_run_by_id(run_id)
-        return run.status if run else None
+                assert status(second) == dg.DagsterRunStatus.QUEUED
+                assert status(first) == dg.DagsterRunStatus.STARTED
 
-    # The file held here keeps the first run in progress (its write waits for the file) for as
-    # long as the test needs.
-    with connect(str(database)):
-        launch(environment, first)
-        wait_for("the first run started", lambda: status(first) == dg.DagsterRunStatus.STARTED, log)
-        launch(environment, second)
-        blocked = re.compile(rf"Run {second} is blocked by global concurrency limits: .*{warehouse_pool(str(database))}")
-        wait_for("the daemon held the second run back", lambda: bool(blocked.search(log.read_text(errors="replace"))), log)
-
-        assert status(second) == dg.DagsterRunStatus.QUEUED
-        assert status(first) == dg.DagsterRunStatus.STARTED
-
-    finished = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
-    wait_for("both runs finished", lambda: status(first) in finished and status(second) in finished, log)
+            daemon.wait_for("both runs finished", lambda: daemon.ended(first) and daemon.ended(second))
     assert (status(first), status(second)) == (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.SUCCESS)
-    records = {record.dagster_run.run_id: record for record in instance.get_run_records(dg.RunsFilter(run_ids=[first, second]))}
+    records = {record.dagster_run.run_id: record for record in daemon.instance.get_run_records(dg.RunsFilter(run_ids=[first, second]))}
     assert records[first].end_time is not None and records[second].start_time is not None
     assert records[second].start_time >= records[first].end_time
+
+
+@pytest.mark.slow
+def test_two_component_instances_writing_one_file_queue_behind_each_other_and_one_with_a_file_of_its_own_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three accounts in a project of the user's own: acme and globex write one file (each its
+    # own schema), initech a file of its own. The pool is the file's: globex waits for acme,
+    # initech waits for nobody.
+    shared, own = tmp_path / "shared.duckdb", tmp_path / "own.duckdb"
+    files = {"acme": shared, "globex": shared, "initech": own}
+    project = fresh_dg_project(tmp_path / "project", "accounts")
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        yaml.safe_dump(
+            {"load_from": [{"python_module": {"module_name": "accounts.definitions", "working_directory": str(project), "location_name": "accounts"}}]}
+        )
+    )
+    first, second, third = (str(uuid.uuid4()) for _ in range(3))
+    with ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(SandboxServer(SandboxData(seed=20 + index, contacts=40), api_key=f"{name}-key-{index}"))
+            for index, name in enumerate(files)
+        }
+        for name, server in servers.items():
+            add_instance(project, name, base_url=server.base_url, database=str(files[name]), sync_cron=DAILY_CRON, incremental_cron=DAILY_CRON)
+        keys = {f"{name.upper()}_API_KEY": f"{name}-key-{index}" for index, name in enumerate(files)}
+        daemon = Daemon(tmp_path, monkeypatch, keys, workspace)
+        status = daemon.status
+        with daemon:
+            with connect(str(shared)):  # keeps acme's sync in progress: its write waits for the file
+                daemon.launch("acme_sync", first)
+                daemon.wait_for("acme's sync started", lambda: status(first) == dg.DagsterRunStatus.STARTED)
+                daemon.launch("globex_sync", second)
+                daemon.launch("initech_sync", third)
+                daemon.wait_for("initech's sync, submitted last, was launched", lambda: status(third) != dg.DagsterRunStatus.QUEUED)
+
+                held_back_by_its_pool(daemon.instance, second, first, third, warehouse_pool(str(shared)))
+                assert daemon.run(third).run_op_concurrency.all_pools == {warehouse_pool(str(own))}  # type: ignore[union-attr]
+
+            daemon.wait_for("every run finished", lambda: all(daemon.ended(run_id) for run_id in (first, second, third)))
+
+    assert [status(run_id) for run_id in (first, second, third)] == [dg.DagsterRunStatus.SUCCESS] * 3
+    records = {record.dagster_run.run_id: record for record in daemon.instance.get_run_records(dg.RunsFilter(run_ids=[first, second]))}
+    assert records[first].end_time is not None and records[second].start_time is not None
+    assert records[second].start_time >= records[first].end_time
+    for name, server in servers.items():
+        assert stored_ids(files[name], name, "contacts") == sorted(server.data.contact_ids)
+        assert stored_ids(files[name], name, "tags") == sorted(server.data.tag_ids)
 
 
 def test_the_sync_step_is_in_the_pool_of_its_warehouse_file(tmp_path: Path) -> None:

@@ -5,12 +5,9 @@ real job against the simulator."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,14 +53,12 @@ from mkt_assets.orchestration.settings import Settings
 from mkt_assets.run.sync import FetchFailed
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.warehouse.commit import MissingTableError
-from mkt_assets_tests import test_run_queue
-from mkt_assets_tests.test_ui import DAILY_CRON, stop_process_group
+from mkt_assets_tests.daemon import Daemon, event_messages, project_settings, run_worker_pid
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "retry-secret-71b4c2"
 WILL_RETRY_TAG = "dagster/will_retry"  # set by the instance as a run's failure is stored
 CONTACTS_PATH = "/api/contacts"
-BIN = Path(sys.executable).parent
 
 
 def project_instance_settings() -> dict[str, object]:
@@ -255,87 +250,42 @@ def test_a_run_re_executed_from_one_not_retried_is_retried_again_on_an_outage(
 
 # ----------------------------------------------------------------------- with the real daemon
 
-DAEMON_DEADLINE_SECONDS = 180.0
 # Longer than a retry takes to start (so the step does wait), short enough for a short test.
 TEST_RETRY_DELAY_SECONDS = 8.0
 
 
-class Daemon:
-    """``dagster-daemon run`` on the project's workspace, in a Dagster home with the project's
-    dagster.yaml, syncing into ``database`` from ``simulator``: the runs it is given to launch
-    and how they end."""
+def retrying_daemon(
+    simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: str
+) -> tuple[Daemon, Path]:
+    """The daemon on the project's workspace, syncing contacts alone from ``simulator`` into
+    the DuckDB file it also returns, and retrying failed runs after a short delay."""
+    database = tmp_path / "retried.duckdb"
+    environment = {
+        **project_settings(simulator, API_KEY, database),
+        "MKT_RESOURCES": "contacts",
+        "MKT_RUN_RETRY_DELAY_SECONDS": str(TEST_RETRY_DELAY_SECONDS),
+        # The retry daemon looks for failed runs every second instead of every five.
+        "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "1",
+        **settings,
+    }
+    return Daemon(tmp_path, monkeypatch, environment), database
 
-    def __init__(self, simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: str) -> None:
-        self.home = tmp_path / "dagster_home"
-        self.home.mkdir()
-        shutil.copy(REPO / "dagster.yaml", self.home / "dagster.yaml")
-        self.log = tmp_path / "daemon.log"
-        self.database = tmp_path / "retried.duckdb"
-        self.environment = {key: value for key, value in os.environ.items() if not key.startswith("MKT_")}
-        self.environment.update(
-            DAGSTER_HOME=str(self.home),
-            MKT_API_BASE_URL=simulator.base_url,
-            MKT_API_KEY=API_KEY,
-            MKT_DUCKDB_PATH=str(self.database),
-            MKT_RESOURCES="contacts",
-            MKT_RUN_RETRY_DELAY_SECONDS=str(TEST_RETRY_DELAY_SECONDS),
-            # The schedules never fire during the test.
-            MKT_SYNC_CRON=DAILY_CRON,
-            MKT_INCREMENTAL_CRON=DAILY_CRON,
-            # The retry daemon looks for failed runs every second instead of every five.
-            DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS="1",
-            PYTHONUNBUFFERED="1",
-        )
-        self.environment.update(settings)
-        monkeypatch.setenv("DAGSTER_HOME", str(self.home))
-        self.instance = dg.DagsterInstance.get()
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Daemon:
-        with open(self.log, "wb") as output:
-            self.process = subprocess.Popen(
-                [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
-                cwd=self.home, env=self.environment, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        assert self.process is not None
-        stop_process_group(self.process)
-
-    def launch(self, run_id: str, resource_config: dict[str, object]) -> None:
-        config = json.dumps({"resources": {"marketing_api": {"config": resource_config}}})
-        subprocess.run(
-            [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"), "-j", "marketing_sync",
-             "--run-id", run_id, "--config-json", config],
-            cwd=self.home, env=self.environment, check=True, capture_output=True, timeout=DAEMON_DEADLINE_SECONDS,
-        )  # fmt: skip
-
-    def run(self, run_id: str) -> dg.DagsterRun:
-        found = self.instance.get_run_by_id(run_id)
-        assert found is not None
-        return found
-
-    def ended(self, run_id: str) -> bool:
-        found = self.instance.get_run_by_id(run_id)
-        return found is not None and found.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
-
-    def wait_for(self, what: str, condition: Callable[[], bool]) -> None:
-        test_run_queue.wait_for(what, condition, self.log, DAEMON_DEADLINE_SECONDS)
+def api_config(config: dict[str, object]) -> dict[str, object]:
+    return {"resources": {"marketing_api": {"config": config}}}
 
 
 @pytest.mark.slow
 def test_the_daemon_retries_a_sync_failed_by_an_outage_after_a_wait_and_not_one_failed_by_a_rejected_key(
     simulator: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    daemon = Daemon(simulator, tmp_path, monkeypatch)
+    daemon, _ = retrying_daemon(simulator, tmp_path, monkeypatch)
     instance, run, ended = daemon.instance, daemon.run, daemon.ended
     # One ascending walk with no backoff: a fault's count is the requests of one run.
     config: dict[str, object] = {"backoff_factor": 0, "order": "asc"}
 
     def launch(run_id: str) -> None:
-        daemon.launch(run_id, config)
+        daemon.launch("marketing_sync", run_id, api_config(config))
 
     def wait_for(what: str, condition: Callable[[], bool]) -> None:
         daemon.wait_for(what, condition)
@@ -372,21 +322,6 @@ def test_the_daemon_retries_a_sync_failed_by_an_outage_after_a_wait_and_not_one_
     assert [r.run_id for r in instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": rejected}))] == []
 
 
-def event_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    """What the run's log says: engine events (the worker's start, its crash) carry theirs in
-    the event, not in ``user_message``."""
-    return [e.user_message or (e.dagster_event.message if e.dagster_event else "") or "" for e in instance.all_logs(run_id)]
-
-
-def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    """The run worker's pid, from the engine event the code server writes as it starts it."""
-    for message in event_messages(instance, run_id):
-        found = re.search(r"Started process for run \(pid: (\d+)\)", message)
-        if found:
-            return int(found.group(1))
-    return None
-
-
 @pytest.mark.slow
 def test_a_sync_whose_worker_is_killed_is_failed_by_dagster_and_retried_by_the_daemon_from_where_it_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -396,14 +331,14 @@ def test_a_sync_whose_worker_is_killed_is_failed_by_dagster_and_retried_by_the_d
     # that like any other failure; the retry resumes what the killed run had staged.
     contacts_pages = 30
     with SandboxServer(SandboxData(seed=5, contacts=contacts_pages * 100), api_key=API_KEY, latency=0.1) as simulator:
-        daemon = Daemon(simulator, tmp_path, monkeypatch, MKT_RUN_RETRY_DELAY_SECONDS="1")
+        daemon, database = retrying_daemon(simulator, tmp_path, monkeypatch, MKT_RUN_RETRY_DELAY_SECONDS="1")
         killed = "7d2e0c41-0000-4000-8000-000000000003"
 
         def contact_pages() -> int:
             return sum(1 for a in simulator.arrivals if a.path == CONTACTS_PATH)
 
         with daemon:
-            daemon.launch(killed, {"order": "asc"})
+            daemon.launch("marketing_sync", killed, api_config({"order": "asc"}))
             daemon.wait_for("the run read a third of the contacts", lambda: contact_pages() >= contacts_pages // 3)
             pid = run_worker_pid(daemon.instance, killed)
             assert pid is not None
@@ -428,6 +363,6 @@ def test_a_sync_whose_worker_is_killed_is_failed_by_dagster_and_retried_by_the_d
         assert retry_started is not None
         read_by_the_retry = sum(1 for a in simulator.arrivals if a.path == CONTACTS_PATH and a.at >= retry_started)
         assert read_by_the_retry <= contacts_pages - resumed + 1
-        with duckdb.connect(str(daemon.database), read_only=True) as connection:
+        with duckdb.connect(str(database), read_only=True) as connection:
             landed = connection.execute("SELECT count(*), count(DISTINCT id) FROM marketing.contacts").fetchone()
         assert landed == (contacts_pages * 100, contacts_pages * 100)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+from mkt_assets.core.setting_names import ENVIRONMENT, SettingNames
+
 # The setting that names the DuckDB file, which errors about the file tell the user to change.
 DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
 # The setting holding the API key: named in errors, and kept from every child process.
@@ -97,11 +99,11 @@ class ApiAccessError(ApiStatusError):
         problem: str,
         *,
         base_url: str = "",
-        base_url_setting: str = "base_url",
-        resources_setting: str = "resources",
+        settings: SettingNames = ENVIRONMENT,
     ) -> None:
-        # What a run that every resource failed this way says instead (``sync.FetchFailed``).
-        self.base_url, self.base_url_setting, self.resources_setting = base_url, base_url_setting, resources_setting
+        # What a run that every resource failed this way says instead (``sync.FetchFailed``),
+        # naming the settings as its reader sets them.
+        self.base_url, self.settings = base_url, settings
         super().__init__(resource, path, query, status, problem)
 
 
@@ -174,7 +176,10 @@ class MassDeletion:
     deletions: str  # mark or delete
 
     def __str__(self) -> str:
-        fate = "remove them (MKT_DELETIONS=delete)" if self.deletions == "delete" else "mark them deleted"
+        return self.describe(ENVIRONMENT)
+
+    def describe(self, settings: SettingNames) -> str:
+        fate = f"remove them ({settings.deletions_set_to('delete')})" if self.deletions == "delete" else "mark them deleted"
         lacks = (
             f"all {self.live} of the table's live rows"
             if self.gone >= self.live
@@ -190,14 +195,19 @@ class MassDeletionError(SyncError):
 
     def __init__(self, refused: tuple[MassDeletion, ...], max_drop: float, allowance: int) -> None:
         self.refused, self.max_drop, self.allowance = tuple(refused), max_drop, allowance
-        lines = [str(deletion) for deletion in self.refused]
+        super().__init__(self.describe(ENVIRONMENT))
+
+    def describe(self, settings: SettingNames) -> str:
+        """The message, naming the settings as ``settings`` says its reader sets them."""
+        lines = [deletion.describe(settings) for deletion in self.refused]
+        share = settings.row_count_max_drop
         lines.append(
-            f"A sync marks gone, unconfirmed, at most {max_drop * 100:g}% of a table's live rows"
-            f" (MKT_ROW_COUNT_MAX_DROP) or {allowance} rows, whichever is more, and never every row it"
+            f"A sync marks gone, unconfirmed, at most {self.max_drop * 100:g}% of a table's live rows"
+            f"{f' ({share})' if share else ''} or {self.allowance} rows, whichever is more, and never every row it"
             " holds: an API answering an empty or short list during an outage would look just like this."
             " Nothing was written: every table is as it was."
         )
-        super().__init__("\n".join(lines))
+        return "\n".join(lines)
 
     def __reduce__(self) -> tuple[type[MassDeletionError], tuple[tuple[MassDeletion, ...], float, int]]:
         # Crosses from the lean worker pickled: rebuilt from its parts, not from the message.

@@ -248,6 +248,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                     chunk_pages=marketing_api.staging_chunk_pages,
                     progress_seconds=settings.progress_interval_seconds,
                     chosen=tuple(spec.name for spec in chosen),
+                    settings=settings.setting_names,
                     resume=ResumeOptions(
                         read_identity(
                             base_url=marketing_api.base_url,
@@ -275,6 +276,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                 within=within,
                 max_drop=settings.row_count_max_drop,
                 confirm_mass_deletion=config.confirm_mass_deletion,
+                settings=settings.setting_names,
             )
             for spec in resources:
                 yield dg.Output(

@@ -64,7 +64,8 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
             commit = obj.write.commit(self.warehouse.file(), self.warehouse.schema_name, self.deletions, log=context.log.warning)
         except MassDeletionError as refused:
             # What to do, in one message without a traceback; a retry would meet the same answer.
-            raise dg.Failure(description=f"{refused}\n{self._names(context).how_to_confirm_mass_deletion()}", allow_retries=False) from None
+            said = refused.describe(obj.write.settings)
+            raise dg.Failure(description=f"{said}\n{self._names(context).how_to_confirm_mass_deletion()}", allow_retries=False) from None
         if first:
             context.log.info(_summary(commit, self.warehouse.schema_name, obj.write.history))
         written = commit.written[obj.table]

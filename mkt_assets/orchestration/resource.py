@@ -15,7 +15,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import ConfigDict, Field, field_validator
 
 from mkt_assets.core.errors import API_KEY_ENV, ConfigurationError
-from mkt_assets.orchestration.settings import RESOURCES_ENV
+from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.source.client import (
     DEFAULT_MAX_PAGE_BYTES,
     DEFAULT_MAX_WAIT_SECONDS,
@@ -49,16 +49,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_base_url(url: str, setting: str = BASE_URL_ENV) -> str:
+def check_base_url(url: str, setting: str = BASE_URL_ENV, key_setting: str = API_KEY_ENV) -> str:
     """The key may only travel encrypted, except to a simulator on this machine.
 
     Raises ``ValueError`` (pydantic reports it as the field's error) whose message never holds
-    a user name or password the URL carries; it names ``setting``, where the URL was given."""
+    a user name or password the URL carries; it names ``setting``, where the URL was given, and
+    ``key_setting``, where the key is."""
     if "@" in url:
         # Looked for anywhere: without a scheme ("user:pw@host/api") urlsplit finds no userinfo.
         raise ValueError(
             f"{setting}{' (base_url)' if setting == BASE_URL_ENV else ''} must not carry credentials (a user name or password before @):"
-            f" the API takes its key from {API_KEY_ENV}; give the URL alone, like {DEFAULT_BASE_URL}"
+            f" the API takes its key from {key_setting}; give the URL alone, like {DEFAULT_BASE_URL}"
         )
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -94,6 +95,13 @@ class MarketingApiResource(dg.ConfigurableResource):
     api_key_env: str = Field(
         default=API_KEY_ENV,
         description="The environment variable holding the key: read when api_key is not set, and named by every message about the key.",
+    )
+    component_instance: str = Field(
+        default="",
+        description=(
+            "The key prefix of the component instance whose defs.yaml sets this account's resources and"
+            " base_url, as messages name them (acme: resources); empty: the MKT_* environment variables."
+        ),
     )
     page_size: int = Field(
         default=MAX_PAGE_SIZE,
@@ -234,8 +242,7 @@ class MarketingApiResource(dg.ConfigurableResource):
             max_wait_seconds=self.max_wait_seconds,
             max_page_bytes=self.max_page_mb << 20,
             key_setting=self.api_key_env,
-            resources_setting=RESOURCES_ENV,
-            base_url_setting=BASE_URL_ENV,
+            settings=SettingNames(self.component_instance),
             rate_limiter=self._rate_limiter(log),
             log=log,
             stop=stop,

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.core.errors import DUCKDB_PATH_ENV, ConfigurationError
+from mkt_assets.core.setting_names import ENVIRONMENT, SettingNames
 from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 from mkt_assets.warehouse.merge import DEFAULT_MAX_DROP
 
@@ -63,6 +64,8 @@ class Settings:
     run_retry_delay_seconds: float = 120.0
     # How long after a failed read began the next run may continue it (see ``resume``); 0: never.
     resume_window: timedelta = timedelta(hours=6)
+    # How messages name the settings: the MKT_* variables, or a component instance's attributes.
+    setting_names: SettingNames = ENVIRONMENT
 
     def __post_init__(self) -> None:
         if not _KEY_PREFIX.fullmatch(self.key_prefix):
@@ -75,20 +78,19 @@ class Settings:
                 f"schema must be a lowercase word of letters, digits and underscores starting with a letter"
                 f" (at most 40 characters), got {self.schema!r}"
             )
+        names = self.setting_names
         try:
             ZoneInfo(self.sync_timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigurationError(
-                f"MKT_SYNC_TIMEZONE is not an IANA time zone: {self.sync_timezone!r}"
+                f"{names.timezone} is not an IANA time zone: {self.sync_timezone!r}"
             ) from None
         if not timedelta(0) < self.freshness_warn < self.freshness_fail:
-            raise ConfigurationError(
-                "MKT_FRESHNESS_WARN_HOURS must be positive and below MKT_FRESHNESS_FAIL_HOURS"
-            )
+            raise ConfigurationError(f"{names.freshness_warn} must be positive and below {names.freshness_fail}")
         if not 0 <= self.row_count_max_drop < 1:
             raise ConfigurationError("MKT_ROW_COUNT_MAX_DROP must be a share from 0 to below 1, e.g. 0.1")
         if self.deletions not in ("mark", "delete"):
-            raise ConfigurationError(f"MKT_DELETIONS must be 'mark' or 'delete', got {self.deletions!r}")
+            raise ConfigurationError(f"{names.deletions} must be 'mark' or 'delete', got {self.deletions!r}")
         if self.progress_interval_seconds <= 0:
             raise ConfigurationError("MKT_PROGRESS_SECONDS must be positive")
         if self.resume_window < timedelta(0):
@@ -103,8 +105,8 @@ class Settings:
         if unknown or not self.resources:
             problem = f"unknown resource{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}" if unknown else "no resource"
             raise ConfigurationError(
-                f"{RESOURCES_ENV} names {problem}; list the resources to sync, separated by commas,"
-                f" from: {', '.join(spec.name for spec in RESOURCES)} (unset syncs all)"
+                f"{names.resources} names {problem}; list the resources to sync, {names.resources_written},"
+                f" from: {', '.join(spec.name for spec in RESOURCES)} ({names.left_out} syncs all)"
             )
 
     @property

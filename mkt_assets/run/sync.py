@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mkt_assets.core.catalog import ResourceSpec
 from mkt_assets.core.errors import ApiAccessError, SyncError, describe_request, is_retriable
+from mkt_assets.core.setting_names import ENVIRONMENT, SettingNames
 from mkt_assets.plumbing import lean_process
 from mkt_assets.source.client import MarketingApiClient
 from mkt_assets.source.transport import RequestStats, Stop, Stopped
@@ -118,6 +119,8 @@ class FetchOptions:
     # Keep a failed read's pages for the next run to continue (None: discard them, as before).
     resume: ResumeOptions | None = None
     checkpoint_seconds: float = CHECKPOINT_SECONDS
+    # How a failure's message names the settings it mentions.
+    settings: SettingNames = ENVIRONMENT
 
 
 class FetchFailed(SyncError):
@@ -141,8 +144,8 @@ class FetchFailed(SyncError):
         cannot_read = [name for name, error in failures.items() if isinstance(error, ApiAccessError)]
         rest = [name for name in (chosen or [*failures, *fetched, *stopped]) if name not in cannot_read]
         if cannot_read and rest and len(lines) == len(failures):
-            setting = next(error.resources_setting for error in failures.values() if isinstance(error, ApiAccessError))
-            lines.append(f"To sync the others without {_listed(cannot_read)}: {setting}={','.join(rest)}")
+            settings = next(error.settings for error in failures.values() if isinstance(error, ApiAccessError))
+            lines.append(f"To sync the others without {_listed(cannot_read)}: {settings.resources_set_to(rest)}")
         others = []
         if fetched:
             others.append(f"{_listed(fetched)} {'was' if len(fetched) == 1 else 'were'} read in full")
@@ -165,17 +168,18 @@ def _wrong_base_url(failures: Mapping[str, BaseException], read: Sequence[str]) 
     first = errors[0]
     return [
         f"Every resource this run reads answered HTTP 404 ({', '.join(f'{error.resource}: {describe_request(error.path, error.query)}' for error in errors)}):"
-        f" the base URL is probably wrong, not the key nor the account. {first.base_url_setting} is {first.base_url};"
-        " correct it (unset, the API's own address is used) and run again."
+        f" the base URL is probably wrong, not the key nor the account. {first.settings.base_url} is {first.base_url};"
+        f" correct it ({first.settings.left_out}, the API's own address is used) and run again."
     ]
 
 
 def _kept(options: FetchOptions) -> str:
     if options.resume is None or options.resume.window <= timedelta(0):
         return ""
+    setting = options.settings.resume_window
     return (
         " The pages read are kept: a run of the same resources within"
-        f" {options.resume.window / timedelta(hours=1):g} hours (MKT_RESUME_HOURS) continues from where this one stopped."
+        f" {options.resume.window / timedelta(hours=1):g} hours{f' ({setting})' if setting else ''} continues from where this one stopped."
     )
 
 
@@ -434,6 +438,8 @@ class RunWrite:
     within: frozenset[str] | None = None
     max_drop: float = DEFAULT_MAX_DROP
     confirm_mass_deletion: bool = False
+    # How a refusal of this write (a mass deletion) names the settings it mentions.
+    settings: SettingNames = ENVIRONMENT
     result: RunCommit | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

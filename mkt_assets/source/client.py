@@ -40,6 +40,7 @@ from mkt_assets.core.errors import (
 )
 from mkt_assets.core.page import Page
 from mkt_assets.core.records import RecordChecker, RecordProblem, has_lone_surrogate, lone_surrogate_problem, record_checker
+from mkt_assets.core.setting_names import ENVIRONMENT, SettingNames
 from mkt_assets.source.ratelimit import SharedRateLimiter
 from mkt_assets.source.transport import (
     MAX_REDIRECTS,
@@ -166,8 +167,7 @@ class MarketingApiClient:
         max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         key_setting: str = "api_key",
-        resources_setting: str = "MKT_RESOURCES",
-        base_url_setting: str = "base_url",
+        settings: SettingNames = ENVIRONMENT,
         rate_limiter: SharedRateLimiter | None = None,
         log: Log | None = None,
         stop: Stop | None = None,
@@ -192,8 +192,8 @@ class MarketingApiClient:
         self.read_timeout = read_timeout
         self.max_page_bytes = max_page_bytes
         self.key_setting = key_setting
-        self.resources_setting = resources_setting
-        self.base_url_setting = base_url_setting
+        # How an error about an answer names the resources and base URL settings.
+        self.settings = settings
         self.stats = RequestStats()
         self._rate_limiter = rate_limiter
         self._stop = stop
@@ -590,7 +590,7 @@ class MarketingApiClient:
 
     @property
     def _settings(self) -> _Settings:
-        return _Settings(self.key_setting, self.resources_setting, self.base_url_setting, self.base_url)
+        return _Settings(self.key_setting, self.settings, self.base_url)
 
     def _check_stop(self) -> None:
         if self._stop is not None:
@@ -627,9 +627,8 @@ class _Settings:
     """The settings an error about an answer names, and the base URL it went to."""
 
     key: str
-    resources: str
+    names: SettingNames
     base_url: str
-    base_url_value: str
 
 
 def _cause(error: BaseException) -> str:
@@ -661,8 +660,8 @@ def _raise_for_status(
         # As a JSON string: a detail holding a quote cannot be mistaken for the end of it.
         said = f" (the API said {json.dumps(detail, ensure_ascii=False)})" if detail else ""
         leave_out = (
-            f"Leave {resource} out by listing the resources to sync in {settings.resources}"
-            " (comma-separated; unset syncs all)"
+            f"Leave {resource} out by listing the resources to sync in {settings.names.resources}"
+            f" ({settings.names.resources_form})"
         )
         if status == 401:
             raise ApiAuthError(
@@ -680,11 +679,10 @@ def _raise_for_status(
             # A server may route before it authenticates: a 404 clears neither the key nor the URL.
             problem = (
                 f"HTTP 404: the account cannot read {resource}, or the API serves nothing at this address{said}."
-                f" {leave_out}, or, if every resource answers 404, check the base URL ({settings.base_url})"
+                f" {leave_out}, or, if every resource answers 404, check the base URL ({settings.names.base_url})"
             )
         raise ApiAccessError(
-            resource, path, query, status, problem, base_url=shown_url(settings.base_url_value),
-            base_url_setting=settings.base_url, resources_setting=settings.resources,
+            resource, path, query, status, problem, base_url=shown_url(settings.base_url), settings=settings.names,
         )  # fmt: skip
     mask = f"[{settings.key}]"
     parsed = _json_or_none(body)
