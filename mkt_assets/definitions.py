@@ -1,5 +1,6 @@
 """The Dagster definitions: assets, checks, the sync job, its schedule and the resources."""
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ import dagster as dg
 
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.orchestration.assets import build_marketing_assets
+from mkt_assets.orchestration.checks import ROW_COUNT_CHECK
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import (
@@ -22,10 +24,12 @@ from mkt_assets.orchestration.run_retries import run_retry_tags
 from mkt_assets.orchestration.schedules import build_schedules
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.warehouse.connection import database_path
+from mkt_assets.warehouse.normalized_tables import normalized_tables
 
 
 def build_jobs(settings: Settings | None = None) -> list[Any]:
-    """Both jobs (Dagster does not export the type ``define_asset_job`` returns)."""
+    """The jobs: the full and the incremental sync, and the refresh of named contacts when
+    contacts are synced (Dagster does not export the type ``define_asset_job`` returns)."""
     # The groups hold only the resources the settings choose, and the tables those make: a
     # resource left out is not in the definitions, so neither job nor its schedule reads it.
     settings = settings or Settings()
@@ -66,7 +70,29 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
         tags=run_retry_tags(settings),
         config={"ops": {names.step: {"config": {"incremental": True}}}},
     )
-    return [full, incremental]
+    if "contacts" not in settings.resources:
+        return [full, incremental]
+    # Only the contacts asset, the tables built from it and the checks that read no whole
+    # table (the row count, and the built tables' own): a refresh costs what its contacts do.
+    contacts = names.asset_key("contacts")
+    following = [names.asset_key(table.name) for table in normalized_tables(chosen) if "contacts" in table.reads]
+    refresh = dg.define_asset_job(
+        names.refresh_job,
+        selection=dg.AssetSelection.assets(contacts, *following).without_checks()
+        | dg.AssetSelection.checks(dg.AssetCheckKey(contacts, ROW_COUNT_CHECK))
+        | dg.AssetSelection.checks_for_assets(*following),
+        description=(
+            "Read the contacts the run config names, one request each (a contact answering 404 is marked"
+            " deleted), and merge them with their history, updating the tables built from contacts for"
+            " them alone, in one DuckDB transaction. Run config: "
+            + json.dumps(names.refresh_run_config([1, 2]))
+        ),
+        executor_def=dg.in_process_executor,
+        tags=run_retry_tags(settings),
+        # What the launchpad starts from; a run names its contacts (a sensor: RunRequest(run_config=...)).
+        config=names.refresh_run_config([]),
+    )
+    return [full, incremental, refresh]
 
 
 def _base_url(given: str | None = None, setting: str = BASE_URL_ENV) -> str:

@@ -19,6 +19,7 @@ from mkt_assets import cli
 from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.definitions import build_definitions
+from mkt_assets.orchestration.assets import warehouse_pool
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
 
@@ -65,6 +66,26 @@ def test_both_jobs_select_every_resource_and_normalized_table_in_one_step_in_the
     assert job.asset_layer.executable_asset_keys == EXPECTED_KEYS | NORMALIZED_KEYS
     assert job.executor_def.name == "in_process"
     assert [node.name for node in job.nodes] == ["sync_marketing"]
+
+
+def test_the_refresh_job_selects_contacts_the_tables_built_from_them_and_no_check_reading_a_whole_table() -> None:
+    job = defs.resolve_job_def("marketing_refresh")
+    following = {table.name for table in NORMALIZED_TABLES if "contacts" in table.reads}
+
+    assert {key.path[-1] for key in job.asset_layer.executable_asset_keys} == {"contacts", *following}
+    assert {(key.asset_key.path[-1], key.name) for key in job.asset_layer.asset_graph.asset_check_keys} == {
+        ("contacts", "row_count_not_dropping"),
+        *((table.name, name) for table in NORMALIZED_TABLES if table.name in following for name in (table.row_check, "keys_present")),
+    }
+    assert (job.executor_def.name, [node.name for node in job.nodes]) == ("in_process", ["sync_marketing"])
+    assert '{"ops": {"sync_marketing": {"config": {"contact_ids": [1, 2]}}}}' in (job.description or "")
+    # In the pool of the syncs of the same file: a refresh and a sync never write at once.
+    (assets,) = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]  # type: ignore[union-attr]
+    assert assets.op.pool == warehouse_pool(Settings().duckdb_path)
+    # What the launchpad starts from: a refresh naming no contact, which the step refuses.
+    assert job.run_config_schema.config_type.fields["ops"].default_value == {"sync_marketing": {"config": {"contact_ids": []}}}  # type: ignore[attr-defined]
+    without_contacts = build_definitions(Settings(resources=("tags",), duckdb_path=":memory:"))
+    assert "marketing_refresh" not in {job.name for job in without_contacts.resolve_all_job_defs()}
 
 
 def test_each_asset_can_be_materialized_alone() -> None:
@@ -288,7 +309,7 @@ def _shown_texts() -> list[tuple[str, str]]:
     texts = [(f"asset {spec.key.to_user_string()}", spec.description or "") for spec in defs.resolve_all_asset_specs()]
     (assets,) = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
     texts += [(f"check {spec.key.name}", spec.description or "") for spec in assets.check_specs]
-    for name in ("marketing_sync", "marketing_incremental"):
+    for name in ("marketing_sync", "marketing_incremental", "marketing_refresh"):
         job = defs.resolve_job_def(name)
         texts.append((f"job {name}", job.description or ""))
 
