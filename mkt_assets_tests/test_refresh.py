@@ -143,7 +143,10 @@ class Warehouse:
                 "SELECT table_name, comment FROM duckdb_tables() WHERE schema_name = 'marketing' ORDER BY 1"
             ).fetchall()
             return {
-                name: (comment, connection.execute(f"SELECT * FROM {fully_qualified(connection, 'marketing', name)} ORDER BY ALL").fetchall())
+                name: (
+                    comment,
+                    connection.execute(f"SELECT * FROM {fully_qualified(connection, 'marketing', name)} ORDER BY ALL").fetchall(),
+                )
                 for name, comment in tables
             }
 
@@ -206,7 +209,11 @@ def test_a_refresh_rewrites_no_row_of_another_contact(synced: Warehouse) -> None
     keys = changes(synced.data)
     # A mark on every other contact's rows that only a rebuild of the table would take away.
     with connect(synced.database) as connection:
-        for table, column in (("contact_tags", "tag_name"), ("contact_field_values", "field_name"), ("contact_profiles", "email")):
+        for table, column in (
+            ("contact_tags", "tag_name"),
+            ("contact_field_values", "field_name"),
+            ("contact_profiles", "email"),
+        ):
             name = fully_qualified(connection, "marketing", table)
             connection.execute(f"UPDATE {name} SET {column} = 'untouched' WHERE NOT list_contains(?, contact_id)", [keys])
     marked = {table.name: synced.rows(table.name, keys=keys, others=True) for table in FOLLOWING}
@@ -237,20 +244,24 @@ def test_a_refresh_that_changes_nothing_keeps_the_tables_and_writes_no_version(s
     refreshed = synced.refresh([ids[0], ids[9]])
 
     merge = refreshed.written["contacts"].merge
-    assert merge is not None and (merge.inserted, merge.updated, merge.unchanged, merge.deleted, merge.versions_opened) == (0, 0, 2, 0, 0)
+    assert merge is not None
+    assert (merge.inserted, merge.updated, merge.unchanged, merge.deleted, merge.versions_opened) == (0, 0, 2, 0, 0)
     assert all(not refreshed.written[table.name].build.rebuilt for table in FOLLOWING)  # type: ignore[union-attr]
     assert not any(refreshed.written[table.name].build.updated_in_place for table in FOLLOWING)  # type: ignore[union-attr]
     after = synced.everything()
     reads = after.pop("_mkt_reads")[1]
     # Only the read is recorded, so that an older sync landing later leaves what it saw.
-    assert [(name, complete, after_key) for name, _, complete, after_key, _ in reads if not complete] == [("contacts", False, None)]
+    refreshes = [(name, complete, after_key) for name, _, complete, after_key, _ in reads if not complete]
+    assert refreshes == [("contacts", False, None)]
     assert after == {name: tables for name, tables in before.items() if name != "_mkt_reads"}
 
 
 def test_a_table_not_current_before_the_refresh_is_rebuilt_whole(synced: Warehouse) -> None:
     keys = changes(synced.data)
     with connect(synced.database) as connection:
-        connection.execute(f"COMMENT ON TABLE {fully_qualified(connection, 'marketing', 'contact_tags')} IS 'built by an older version'")
+        connection.execute(
+            f"COMMENT ON TABLE {fully_qualified(connection, 'marketing', 'contact_tags')} IS 'built by an older version'"
+        )
     twin = synced.copy("full.duckdb")
 
     refreshed = synced.refresh(keys)
@@ -306,7 +317,9 @@ def account() -> Iterator[tuple[SandboxData, SandboxServer]]:
         yield data, server
 
 
-def test_each_contact_is_read_by_one_request_and_staged_as_sent(account: tuple[SandboxData, SandboxServer], tmp_path: Path) -> None:
+def test_each_contact_is_read_by_one_request_and_staged_as_sent(
+    account: tuple[SandboxData, SandboxServer], tmp_path: Path
+) -> None:
     data, server = account
     ids = list(data.contact_ids)
     data.delete_contact(ids[5])
@@ -330,7 +343,9 @@ def test_each_contact_is_read_by_one_request_and_staged_as_sent(account: tuple[S
     read.batch.discard()
 
 
-def test_a_failed_read_names_its_request_and_leaves_nothing_staged(account: tuple[SandboxData, SandboxServer], tmp_path: Path) -> None:
+def test_a_failed_read_names_its_request_and_leaves_nothing_staged(
+    account: tuple[SandboxData, SandboxServer], tmp_path: Path
+) -> None:
     data, server = account
     ids = list(data.contact_ids)
     server.add_fault(Fault("bad_type", path=f"/api/contacts/{ids[3]}", times=-1))
@@ -344,7 +359,9 @@ def test_a_failed_read_names_its_request_and_leaves_nothing_staged(account: tupl
             lambda message: None,
         )
 
-    assert str(raised.value).startswith(f"contacts: GET /api/contacts/{ids[3]}: the record: field 'id' (column id BIGINT) cannot hold")
+    assert str(raised.value).startswith(
+        f"contacts: GET /api/contacts/{ids[3]}: the record: field 'id' (column id BIGINT) cannot hold"
+    )
     assert str(raised.value).endswith("Nothing was written: a run writes all its tables or none.")
     assert isinstance(raised.value.__cause__, ApiResponseError)
     assert staged_files(tmp_path) == []
@@ -438,7 +455,9 @@ class Deployment:
 
     def run(self, job: str, run_config: dict[str, Any] | None = None, *, success: bool = True) -> dg.ExecuteInProcessResult:
         self.server.reset_log()
-        result = self.defs.resolve_job_def(job).execute_in_process(instance=self.instance, run_config=run_config, raise_on_error=False)
+        result = self.defs.resolve_job_def(job).execute_in_process(
+            instance=self.instance, run_config=run_config, raise_on_error=False
+        )
         assert result.success is success
         return result
 
@@ -479,7 +498,7 @@ def failure(result: dg.ExecuteInProcessResult) -> str:
 
 
 def sync_contacts(database: str, base_url: str) -> dg.ExecuteInProcessResult:
-    """"Materialize" on the contacts asset and the tables built from it: a full read of contacts alone."""
+    """What "Materialize" on the contacts asset and the tables built from it does: a full read of contacts alone."""
     warehouse = WarehouseResource(database=database)
     resources = {
         "marketing_api": MarketingApiResource(base_url=base_url, api_key=API_KEY),
@@ -504,8 +523,10 @@ def test_the_refresh_job_lands_the_contacts_its_run_config_names_as_a_full_sync_
     assert set(metadata) == {"contacts", "contact_tags", "contact_field_values", "contact_profiles"}
     contacts = metadata["contacts"]
     assert contacts["read"] == "by id: 8 asked, 5 found, 3 gone upstream (HTTP 404)"
-    assert (contacts["records_fetched"], contacts["ids_asked"], contacts["gone_upstream_404"], contacts["requests"]) == (5, 8, 3, 8)
-    assert (contacts["rows_inserted"], contacts["rows_updated"], contacts["rows_unchanged"], contacts["rows_deleted_upstream"]) == (2, 2, 1, 2)
+    read = ("records_fetched", "ids_asked", "gone_upstream_404", "requests")
+    assert [contacts[name] for name in read] == [5, 8, 3, 8]
+    written = ("rows_inserted", "rows_updated", "rows_unchanged", "rows_deleted_upstream")
+    assert [contacts[name] for name in written] == [2, 2, 1, 2]
     assert contacts["dagster/row_count"] == len(deployment.data.contact_ids) and contacts["complete_read"] is False
     assert all(metadata[table.name]["updated_in_place"] is True for table in FOLLOWING)
     checks = {(check.asset_key.path[-1], check.check_name): check.passed for check in result.get_asset_check_evaluations()}
@@ -549,8 +570,34 @@ def test_the_refresh_job_refuses_a_run_config_it_cannot_honour_before_any_reques
     assert "entry 2 is 0, not a positive integer id" in failure(deployment.refresh([5, 0], success=False))
     too_many = deployment.refresh(list(range(1, 10_002)), success=False)
     assert "10,001 distinct ids, more than the 10,000 one refresh reads" in failure(too_many)
-    with_tags = deployment.run(
-        "marketing_sync", {"ops": {"sync_marketing": {"config": {"contact_ids": [5]}}}}, success=False
-    )
+    with_tags = deployment.run("marketing_sync", {"ops": {"sync_marketing": {"config": {"contact_ids": [5]}}}}, success=False)
     assert failure(with_tags).startswith("A run given contact_ids refreshes those contacts alone, and it also selects ")
     assert deployment.server.requests == []
+
+
+@pytest.mark.slow  # a second or more: real syncs and refreshes through Dagster
+def test_materializing_contacts_alone_with_contact_ids_refreshes_them_and_says_what_it_updated(deployment: Deployment) -> None:
+    deployment.run("marketing_sync")
+    keys = changes(deployment.data)
+    warehouse = WarehouseResource(database=deployment.database)
+    resources = {
+        "marketing_api": MarketingApiResource(base_url=deployment.server.base_url, api_key=API_KEY),
+        "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=warehouse),
+        "warehouse": warehouse,
+    }
+
+    result = materialize_marketing(
+        ["contacts"], resources, instance=deployment.instance, run_config=Names().refresh_run_config(keys)
+    )
+
+    events = {event.asset_key.path[-1]: event.materialization for event in result.get_asset_materialization_events()}
+    assert set(events) == {"contacts", *(table.name for table in FOLLOWING)}
+    for table in FOLLOWING:
+        said = f"Updated for the refreshed contacts alone in the same transaction as {', '.join(table.reads)}, so it never lags them."
+        assert events[table.name].description == said
+    # Every check of contacts was asked for: the facts are gathered as a sync gathers them.
+    checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
+    assert set(checks) == {"primary_key_unique", "required_fields_present", "row_count_not_dropping", "contact_tags_exist",
+                           "contact_field_slugs_exist", "history_is_consistent"}  # fmt: skip
+    assert all(checks.values())
+    assert deployment.warehouse().rows("contacts", stamps=False, keys=keys)  # the new ones landed
