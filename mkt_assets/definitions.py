@@ -2,15 +2,18 @@
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.orchestration.assets import build_marketing_assets
+from mkt_assets.orchestration.checks import ROW_COUNT_CHECK
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import (
@@ -24,11 +27,14 @@ from mkt_assets.orchestration.resource import (
 from mkt_assets.orchestration.run_retries import run_retry_tags
 from mkt_assets.orchestration.schedules import build_schedules
 from mkt_assets.orchestration.settings import Settings
+from mkt_assets.orchestration.webhooks import build_changes_sensor, build_webhook_events_asset, webhook_events_key
 from mkt_assets.warehouse.connection import database_path
+from mkt_assets.warehouse.normalized_tables import normalized_tables
 
 
 def build_jobs(settings: Settings | None = None) -> list[Any]:
-    """Both jobs (Dagster does not export the type ``define_asset_job`` returns)."""
+    """The jobs: the full and the incremental sync, and the refresh of named contacts when
+    contacts are synced (Dagster does not export the type ``define_asset_job`` returns)."""
     # The groups hold only the resources the settings choose, and the tables those make: a
     # resource left out is not in the definitions, so neither job nor its schedule reads it.
     settings = settings or Settings()
@@ -69,7 +75,32 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
         tags=run_retry_tags(settings),
         config={"ops": {names.step: {"config": {"incremental": True}}}},
     )
-    return [full, incremental]
+    if "contacts" not in settings.resources:
+        return [full, incremental]
+    # Only the contacts asset, the tables built from it and the checks that read no whole
+    # table (the row count, and the built tables' own): a refresh costs what its contacts do.
+    contacts = names.asset_key("contacts")
+    following = [names.asset_key(table.name) for table in normalized_tables(chosen) if "contacts" in table.reads]
+    events = webhook_events_key(names)
+    refresh = dg.define_asset_job(
+        names.refresh_job,
+        selection=dg.AssetSelection.assets(contacts, *following).without_checks()
+        | dg.AssetSelection.checks(dg.AssetCheckKey(contacts, ROW_COUNT_CHECK))
+        | dg.AssetSelection.checks_for_assets(*following)
+        | dg.AssetSelection.assets(events),
+        description=(
+            "Read the contacts the run config names, one request each (a contact answering 404 is marked"
+            " deleted), and merge them with their history, updating the tables built from contacts for"
+            f" them alone, in one DuckDB transaction; and land the inbox's new webhook deliveries in {events.path[-1]}"
+            f" (the {names.changes_sensor} sensor launches it for the contacts they name). Run config: "
+            + json.dumps(names.refresh_run_config([1, 2]))
+        ),
+        executor_def=dg.in_process_executor,
+        tags=run_retry_tags(settings),
+        # What the launchpad starts from; a run names its contacts (a sensor: RunRequest(run_config=...)).
+        config=names.refresh_run_config([]),
+    )
+    return [full, incremental, refresh]
 
 
 def _base_url(given: str | None = None, setting: str = BASE_URL_ENV, key_setting: str = API_KEY_ENV) -> str:
@@ -83,11 +114,16 @@ def _base_url(given: str | None = None, setting: str = BASE_URL_ENV, key_setting
 
 
 def build_definitions(
-    settings: Settings | None = None, *, api_key_env: str = API_KEY_ENV, base_url: str | None = None
+    settings: Settings | None = None,
+    *,
+    api_key_env: str = API_KEY_ENV,
+    base_url: str | None = None,
+    webhook_secret_env: str | None = WEBHOOK_SECRET_ENV,
 ) -> dg.Definitions:
     """One account's definitions: its key read from the environment variable ``api_key_env``,
     its base URL ``base_url`` (default: ``MKT_API_BASE_URL``, else the API's), the rest from
-    ``settings`` (default: the other ``MKT_*`` variables)."""
+    ``settings`` (default: the other ``MKT_*`` variables). The changes sensor runs from the start
+    when ``webhook_secret_env`` is set (the receiver's secret: see docs/webhooks.md)."""
     settings = settings or Settings.from_environment()
     names = Names(settings.key_prefix)
     database = database_path(settings.duckdb_path)
@@ -101,10 +137,15 @@ def build_definitions(
         memory_limit=settings.duckdb_memory_limit,
         wait_seconds=settings.duckdb_wait_seconds,
     )
+    # Webhook deliveries are acted on by a refresh of the contacts they name: with no contacts
+    # synced there is none, and neither the sensor nor the table of deliveries; nor with an
+    # in-memory warehouse, which has no file to keep the inbox beside.
+    webhooks = "contacts" in settings.resources and database != ":memory:"
     return dg.Definitions(
-        assets=[build_marketing_assets(settings)],
+        assets=[build_marketing_assets(settings), *([build_webhook_events_asset(settings)] if webhooks else [])],
         jobs=jobs,
         schedules=build_schedules(settings),
+        sensors=[build_changes_sensor(settings, webhook_secret_env)] if webhooks else [],
         # configure_at_launch: a run config that sets some settings (the launchpad, a job's
         # config) keeps these values for the others; a plain instance would reset them all,
         # the key and the base URL included, to the class defaults.

@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import random
+import re
 import string
 import threading
 from typing import Any
@@ -1095,3 +1096,207 @@ def test_a_webhooks_request_refused_says_what_to_do(status: int, error: type[Api
     responses.get(WEBHOOKS_URL, status=status, json={"detail": "no"})
     with make_client() as client, pytest.raises(error, match=f"webhooks: GET /api/webhooks: HTTP {status}.*{said}"):
         client.list_webhooks()
+
+
+
+# ------------------------------------------------------------------ one record by its key
+
+
+def contact(contact_id: Any, **fields: Any) -> dict[str, Any]:
+    return {"id": contact_id, "email": f"c{contact_id}@example.com", "tags": [{"id": 7, "name": "vip"}], **fields}
+
+
+@responses.activate
+def test_a_record_is_read_by_its_key_alone_and_kept_as_sent() -> None:
+    body = json.dumps(contact(42, score=3)).encode()
+    responses.get(f"{BASE}/contacts/42", body=body, content_type="application/json", match=[matchers.query_string_matcher("")])
+
+    with make_client() as client:
+        one = client.get_record(CONTACTS, 42)
+
+    assert (one.key, one.gone, one.record, one.body) == (42, False, contact(42, score=3), body)
+    assert one.unknown_fields == {"score"}
+    assert client.stats.requests == 1
+    assert responses.calls[0].request.headers["X-API-Key"] == KEY
+
+
+@responses.activate
+def test_a_record_the_api_answers_404_for_is_gone_not_an_error() -> None:
+    responses.get(f"{BASE}/contacts/42", status=404, json={"title": "An error occurred", "detail": "Not Found"})
+
+    with make_client() as client:
+        one = client.get_record(CONTACTS, 42)
+
+    assert (one.key, one.gone, one.record, one.body) == (42, True, None, b"")
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        (contact(42, email=7), "the record: field 'email' (column email VARCHAR) cannot hold a number: not a text"),
+        (contact(42, registeredAt="yesterday"), "field 'registeredAt'"),
+        (contact(42, tags=[{"id": "7"}]), "field 'tags[0].id'"),
+        ({"email": "a@example.com"}, "the record has no 'id'"),
+        (contact(42.0), "field 'id' (column id BIGINT) cannot hold 42.0: not an integer"),
+        (contact(43), "asked for id 42, the API answered the record of id 43"),
+    ],
+    ids=["text", "date", "tag-id", "no-key", "float-key", "other-key"],
+)
+@responses.activate
+def test_a_record_read_by_key_is_checked_exactly_like_a_listed_one_and_must_be_the_one_asked_for(
+    record: dict[str, Any], problem: str
+) -> None:
+    responses.get(f"{BASE}/contacts/42", json=record)
+
+    with make_client() as client, pytest.raises(ApiResponseError) as raised:
+        client.get_record(CONTACTS, 42)
+
+    assert str(raised.value).startswith("contacts: GET /api/contacts/42: ")
+    assert problem in str(raised.value)
+    assert "a@example.com" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "problem"),
+    [
+        (b"[1, 2]", "application/json", "expected the record as a JSON object, got list"),
+        (b'{"id": 42, "email": "a', "application/json", "the JSON body does not parse"),
+        (b"<html>down</html>", "text/html", "expected JSON, got text/html"),
+        (b'{"id": NaN}', "application/json", "the JSON body does not parse"),
+    ],
+)
+@responses.activate
+def test_an_answer_that_is_not_one_record_is_a_clear_error(body: bytes, content_type: str, problem: str) -> None:
+    responses.get(f"{BASE}/contacts/42", body=body, content_type=content_type)
+
+    with make_client() as client, pytest.raises(ApiResponseError, match=re.escape(problem)) as raised:
+        client.get_record(CONTACTS, 42)
+
+    assert str(raised.value).startswith("contacts: GET /api/contacts/42: ")
+
+
+@pytest.mark.parametrize(("status", "error"), [(401, ApiAuthError), (403, ApiAccessError), (500, ApiStatusError), (429, ApiStatusError)])
+@responses.activate
+def test_other_failures_of_a_record_raise_the_clients_errors_naming_the_request(status: int, error: type[ApiError]) -> None:
+    responses.get(f"{BASE}/contacts/42", status=status, json={"detail": "no"})
+
+    with make_client(max_retries=1) as client, pytest.raises(error) as raised:
+        client.get_record(CONTACTS, 42)
+
+    assert str(raised.value).startswith("contacts: GET /api/contacts/42: HTTP ")
+    assert len(responses.calls) == (2 if status in (500, 429) else 1)
+
+
+@pytest.mark.parametrize("key", [0, -3, True, 4.0, "5"])
+def test_only_a_positive_integer_key_is_read(key: Any) -> None:
+    with make_client() as client, pytest.raises(ValueError, match="a key to read is a positive integer"):
+        client.get_record(CONTACTS, key)
+
+
+def serve_contacts(mock: responses.RequestsMock, gone: set[int], record: Any = contact, seen: list[int] | None = None) -> None:
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:
+        contact_id = int(urlsplit(request.url).path.rsplit("/", 1)[1])
+        if seen is not None:
+            seen.append(contact_id)
+        if contact_id in gone:
+            return 404, {}, json.dumps({"title": "An error occurred", "detail": "Not Found"})
+        return 200, {}, json.dumps(record(contact_id))
+
+    mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/contacts/\d+"), callback=answer)
+
+
+def test_records_are_read_one_request_each_with_at_most_the_concurrency_in_flight() -> None:
+    in_flight = max_in_flight = 0
+    lock = threading.Lock()
+    # Each pair of requests meets before either answers: two really are in flight at once.
+    pairs = threading.Barrier(2, timeout=10)
+
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:
+        nonlocal in_flight, max_in_flight
+        with lock:
+            in_flight += 1
+            max_in_flight = max(max_in_flight, in_flight)
+        pairs.wait()
+        contact_id = int(urlsplit(request.url).path.rsplit("/", 1)[1])
+        with lock:
+            in_flight -= 1
+        return (404, {}, "{}") if contact_id == 5 else (200, {}, json.dumps(contact(contact_id)))
+
+    with responses.RequestsMock() as mock, make_client() as client:
+        mock.add_callback(responses.GET, re.compile(rf"{re.escape(BASE)}/contacts/\d+"), callback=answer)
+        read = list(client.read_records(CONTACTS, [1, 2, 3, 4, 5, 6], concurrency=2))
+
+        assert sorted((one.key, one.gone) for one in read) == [(1, False), (2, False), (3, False), (4, False), (5, True), (6, False)]
+        assert sorted(int(call.request.url.rsplit("/", 1)[1]) for call in mock.calls) == [1, 2, 3, 4, 5, 6]
+    assert max_in_flight == 2
+    assert client.stats.requests == 6
+
+
+def test_the_first_failure_stops_the_read_and_names_its_request() -> None:
+    seen: list[int] = []
+
+    def record(contact_id: int) -> dict[str, Any]:
+        return contact(contact_id, email=None if contact_id != 2 else 5)
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock, make_client() as client:
+        serve_contacts(mock, set(), record, seen)
+        with pytest.raises(ApiResponseError, match=r"^contacts: GET /api/contacts/2: the record: field 'email'"):
+            list(client.read_records(CONTACTS, [1, 2, 3, 4], concurrency=1))
+
+    assert seen == [1, 2]
+
+
+def test_when_every_record_is_gone_the_list_and_its_newest_record_are_read_to_trust_it() -> None:
+    with responses.RequestsMock() as mock, make_client() as client:
+        serve_contacts(mock, gone={1, 2})
+        mock.get(f"{BASE}/contacts", json={"items": [contact(90), contact(80)], "hasMore": True},
+                 match=[matchers.query_param_matcher({"limit": "10", "order": "desc"})])  # fmt: skip
+        read = list(client.read_records(CONTACTS, [1, 2]))
+
+        assert sorted((one.key, one.gone) for one in read) == [(1, True), (2, True)]
+        assert [urlsplit(call.request.url).path for call in mock.calls][2:] == ["/api/contacts", "/api/contacts/90"]
+
+
+def test_when_every_record_is_gone_and_so_is_the_newest_listed_one_nothing_is_taken_as_gone() -> None:
+    with responses.RequestsMock() as mock, make_client() as client:
+        serve_contacts(mock, gone={1, 2, 90})
+        mock.get(f"{BASE}/contacts", json={"items": [contact(90)], "hasMore": False})
+        with pytest.raises(ApiResponseError) as raised:
+            list(client.read_records(CONTACTS, [1, 2]))
+
+    assert str(raised.value).startswith(
+        "contacts: GET /api/contacts/90: HTTP 404: every one of the 2 contacts read by id answered HTTP 404, and so does id 90,"
+        " which the list holds: the API does not serve contacts by id at this address"
+    )
+    assert "MKT_API_BASE_URL: https://api.example.test/api" in str(raised.value)
+
+
+def test_when_every_record_is_gone_and_so_is_the_list_the_base_url_is_blamed() -> None:
+    with responses.RequestsMock() as mock, make_client() as client:
+        serve_contacts(mock, gone={1})
+        mock.get(f"{BASE}/contacts", status=404, json={"title": "An error occurred", "detail": "Not Found"})
+        with pytest.raises(ApiAccessError) as raised:
+            list(client.read_records(CONTACTS, [1]))
+
+    assert str(raised.value).startswith(
+        "contacts: GET /api/contacts?limit=10&order=desc: every one of the 1 contacts read by id answered HTTP 404, and so does the list: HTTP 404"
+    )
+    assert "check the base URL" in str(raised.value)
+
+
+def test_when_every_record_is_gone_from_an_empty_account_they_are_gone() -> None:
+    with responses.RequestsMock() as mock, make_client() as client:
+        serve_contacts(mock, gone={1, 2})
+        mock.get(f"{BASE}/contacts", json={"items": [], "hasMore": False})
+
+        assert sorted(one.key for one in client.read_records(CONTACTS, [1, 2]) if one.gone) == [1, 2]
+        assert len(mock.calls) == 3
+
+
+def test_some_records_gone_among_others_found_cost_no_further_request() -> None:
+    with responses.RequestsMock() as mock, make_client() as client:
+        serve_contacts(mock, gone={2})
+        read = list(client.read_records(CONTACTS, [1, 2, 3]))
+
+        assert sorted(one.key for one in read if one.gone) == [2]
+        assert len(mock.calls) == 3

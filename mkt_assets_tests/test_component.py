@@ -194,7 +194,7 @@ def test_two_accounts_load_side_by_side_with_names_of_their_own(
     defs = two_accounts(acme, globex, tmp_path)
 
     jobs = {job.name for job in defs.resolve_all_job_defs() if not job.name.startswith("__")}
-    assert jobs == {"acme_sync", "acme_incremental", "globex_sync", "globex_incremental"}
+    assert jobs == {"acme_sync", "acme_incremental", "acme_refresh", "globex_sync", "globex_incremental", "globex_refresh"}
     assert {schedule.name for schedule in defs.schedules or []} == {  # type: ignore[union-attr]
         "acme_sync_daily", "acme_incremental_hourly", "globex_sync_daily", "globex_incremental_hourly",
     }  # fmt: skip
@@ -257,9 +257,10 @@ def test_every_name_follows_the_key_prefix_and_the_default_keeps_this_projects_n
         "marketing_sync", "marketing_api", "warehouse", "duckdb_io_manager", "sync_marketing",
     )  # fmt: skip
     acme = Names("acme")
-    assert (acme.full_job, acme.incremental_job, acme.api, acme.warehouse, acme.io_manager) == (
-        "acme_sync", "acme_incremental", "acme_api", "acme_warehouse", "acme_io_manager",
+    assert (acme.full_job, acme.incremental_job, acme.refresh_job, acme.api, acme.warehouse, acme.io_manager) == (
+        "acme_sync", "acme_incremental", "acme_refresh", "acme_api", "acme_warehouse", "acme_io_manager",
     )  # fmt: skip
+    assert acme.refresh_run_config([7, 3]) == {"ops": {"sync_acme": {"config": {"contact_ids": [7, 3]}}}}
     defs = build_definitions(Settings(key_prefix="acme", duckdb_path=":memory:"))
     assert {key.path[0] for key in defs.resolve_all_asset_keys()} == {"acme"}
     assert defs.resolve_job_def("acme_sync") is not None

@@ -19,6 +19,7 @@ from mkt_assets import cli
 from mkt_assets.core.catalog import RESOURCES
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.definitions import build_definitions
+from mkt_assets.orchestration.assets import warehouse_pool
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
 
@@ -67,8 +68,30 @@ def test_both_jobs_select_every_resource_and_normalized_table_in_one_step_in_the
     assert [node.name for node in job.nodes] == ["sync_marketing"]
 
 
+def test_the_refresh_job_selects_contacts_the_tables_built_from_them_and_no_check_reading_a_whole_table() -> None:
+    job = defs.resolve_job_def("marketing_refresh")
+    following = {table.name for table in NORMALIZED_TABLES if "contacts" in table.reads}
+
+    # ... and webhook_events, where the run lands the inbox's new deliveries.
+    assert {key.path[-1] for key in job.asset_layer.executable_asset_keys} == {"contacts", *following, "webhook_events"}
+    assert {(key.asset_key.path[-1], key.name) for key in job.asset_layer.asset_graph.asset_check_keys} == {
+        ("contacts", "row_count_not_dropping"),
+        ("webhook_events", "every_delivery_names_a_contact"),
+        *((table.name, name) for table in NORMALIZED_TABLES if table.name in following for name in (table.row_check, "keys_present")),
+    }
+    assert (job.executor_def.name, sorted(node.name for node in job.nodes)) == ("in_process", ["marketing__webhook_events", "sync_marketing"])
+    assert '{"ops": {"sync_marketing": {"config": {"contact_ids": [1, 2]}}}}' in (job.description or "")
+    # In the pool of the syncs of the same file: a refresh and a sync never write at once.
+    pools = {a.op.name: a.op.pool for a in defs.assets if isinstance(a, dg.AssetsDefinition)}  # type: ignore[union-attr]
+    assert pools == dict.fromkeys(["sync_marketing", "marketing__webhook_events"], warehouse_pool(Settings().duckdb_path))
+    # What the launchpad starts from: a refresh naming no contact, which the step refuses.
+    assert job.run_config_schema.config_type.fields["ops"].default_value == {"sync_marketing": {"config": {"contact_ids": []}}}  # type: ignore[attr-defined]
+    without_contacts = build_definitions(Settings(resources=("tags",), duckdb_path=":memory:"))
+    assert "marketing_refresh" not in {job.name for job in without_contacts.resolve_all_job_defs()}
+
+
 def test_each_asset_can_be_materialized_alone() -> None:
-    (assets,) = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition)]  # type: ignore[union-attr]
+    (assets,) = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.op.name == "sync_marketing"]  # type: ignore[union-attr]
 
     assert assets.can_subset
     assert assets.keys == EXPECTED_KEYS | NORMALIZED_KEYS
@@ -84,6 +107,11 @@ def test_the_daily_schedule_runs_the_sync_without_being_switched_on() -> None:
 
 def test_every_asset_has_a_freshness_policy_following_the_schedule_and_an_owner() -> None:
     for spec in defs.resolve_all_asset_specs():
+        assert spec.owners == ["team:data-engineering"]
+        if spec.key.path[-1] == "webhook_events":
+            # Deliveries come when the platform has something to say: their absence is no lag.
+            assert spec.freshness_policy is None
+            continue
         assert spec.freshness_policy == dg.FreshnessPolicy.time_window(
             warn_window=timedelta(hours=25), fail_window=timedelta(hours=28)
         ), spec.key
@@ -97,6 +125,7 @@ def test_every_asset_carries_its_checks() -> None:
         *((resource.name, name) for resource in RESOURCES for name in ("primary_key_unique", "required_fields_present", "row_count_not_dropping", "history_is_consistent")),
         *((resource.name, (member or column).check_name) for resource in RESOURCES for column, member in resource.references()),
         *((table.name, name) for table in NORMALIZED_TABLES for name in (table.row_check, "keys_present")),
+        ("webhook_events", "every_delivery_names_a_contact"),
     }
     assert checks == expected
     # The catalog's references, as the UI and README name them.
@@ -122,7 +151,7 @@ def test_settings_come_from_the_environment() -> None:
 
     schedule = built.resolve_schedule_def("marketing_sync_daily")
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 1 * * *", "Europe/Paris")
-    spec = next(iter(built.resolve_all_asset_specs()))
+    spec = next(spec for spec in built.resolve_all_asset_specs() if spec.freshness_policy is not None)
     assert spec.freshness_policy.fail_window.to_timedelta() == timedelta(hours=3.5)  # type: ignore[union-attr]
     assert spec.owners == ["team:growth", "ana@example.com"]
     assert settings.row_count_max_drop == 0.25
@@ -188,7 +217,8 @@ def test_a_resource_left_out_is_no_asset_and_neither_job_nor_schedule_reads_it()
     # contact_field_values stays, built without contact_fields; course_modules goes with courses.
     tables = {dg.AssetKey(["marketing", name]) for name in ("contact_tags", "contact_field_values", "contact_profiles")}
 
-    assert {spec.key for spec in built.resolve_all_asset_specs()} == synced | tables
+    # webhook_events too, contacts being synced; the syncs never select it (the refresh lands it).
+    assert {spec.key for spec in built.resolve_all_asset_specs()} == synced | tables | {dg.AssetKey(["marketing", "webhook_events"])}
     for job_name, schedule_name in (("marketing_sync", "marketing_sync_daily"), ("marketing_incremental", "marketing_incremental_hourly")):
         job = built.resolve_job_def(job_name)
         assert job.asset_layer.executable_asset_keys == synced | tables
@@ -218,6 +248,7 @@ def test_a_resource_left_out_takes_the_reference_checks_to_it_along() -> None:
         ("contact_tags", "matches_nested_lists"), ("contact_tags", "keys_present"),
         ("contact_field_values", "matches_nested_lists"), ("contact_field_values", "keys_present"),
         ("contact_profiles", "one_row_per_live_contact"), ("contact_profiles", "keys_present"),
+        ("webhook_events", "every_delivery_names_a_contact"),
     }  # fmt: skip
     # Memberships alone: no community_ids_exist nor contact_ids_exist, and no normalized table.
     assert alone == {("memberships", check) for check in per_table}
@@ -286,9 +317,9 @@ def _shown_texts() -> list[tuple[str, str]]:
     """Everything of the project's that the UI shows: descriptions of assets, checks, jobs,
     schedules, resources and every config field of the launchpad."""
     texts = [(f"asset {spec.key.to_user_string()}", spec.description or "") for spec in defs.resolve_all_asset_specs()]
-    (assets,) = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
-    texts += [(f"check {spec.key.name}", spec.description or "") for spec in assets.check_specs]
-    for name in ("marketing_sync", "marketing_incremental"):
+    for assets in [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]:
+        texts += [(f"check {spec.key.name}", spec.description or "") for spec in assets.check_specs]
+    for name in ("marketing_sync", "marketing_incremental", "marketing_refresh"):
         job = defs.resolve_job_def(name)
         texts.append((f"job {name}", job.description or ""))
 
@@ -299,6 +330,7 @@ def _shown_texts() -> list[tuple[str, str]]:
 
         walk(job.run_config_schema.config_type, name)
     texts += [(f"schedule {s.name}", s.description or "") for s in (defs.resolve_schedule_def(n) for n in ("marketing_sync_daily", "marketing_incremental_hourly"))]
+    texts += [(f"sensor {s.name}", s.description or "") for s in defs.sensors or []]
     return texts
 
 

@@ -120,6 +120,55 @@ def test_responses_are_compact_json_over_keep_alive(server: SandboxServer, sessi
     assert "close" not in first.headers.get("Connection", "") and second.status_code == 200
 
 
+# ===================================================================== one contact by id
+
+
+def test_one_contact_by_id_is_the_object_the_list_holds(server: SandboxServer, session: requests.Session) -> None:
+    listed = walk(session, server, "/contacts", limit=100, order="asc")
+    for contact in (listed[0], listed[len(listed) // 2], listed[-1]):
+        response = get(session, server, f"/contacts/{contact['id']}")
+        assert response.status_code == 200
+        assert response.json() == contact
+        assert {"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Refill"} <= set(response.headers)
+    assert [record.path for record in server.requests][-1] == f"/api/contacts/{listed[-1]['id']}"
+
+
+@pytest.mark.parametrize("raw_id", ["0", "1", "abc", "-5", "12.0", "1e3", "\uff11", "99999999999999999999"])
+def test_an_id_no_live_contact_has_or_that_is_not_an_integer_is_404(
+    server: SandboxServer, session: requests.Session, raw_id: str
+) -> None:
+    response = get(session, server, f"/contacts/{raw_id}")
+    assert response.status_code == 404
+    assert response.json() == {"title": "An error occurred", "detail": "Not Found"}
+
+
+def test_a_deleted_contact_is_404_and_other_methods_on_one_contact_are_refused(session: requests.Session) -> None:
+    data = SandboxData(seed=3, contacts=30)
+    with SandboxServer(data, api_key=KEY) as server:
+        gone, kept = data.contact_ids[4], data.contact_ids[5]
+        assert get(session, server, f"/contacts/{gone}").status_code == 200
+        data.delete_contact(gone)
+        assert get(session, server, f"/contacts/{gone}").json() == {"title": "An error occurred", "detail": "Not Found"}
+        assert session.patch(f"{server.base_url}/contacts/{kept}", json={}, timeout=10).status_code == 405
+        assert requests.get(f"{server.base_url}/contacts/{kept}", timeout=10).status_code == 401
+
+
+def test_one_contact_spends_the_quota_and_takes_the_faults_of_its_path(session: requests.Session) -> None:
+    clock = FakeClock()
+    data = SandboxData(seed=3, contacts=30)
+    one, other = data.contact_ids[0], data.contact_ids[1]
+    with SandboxServer(data, api_key=KEY, rate_limit=(4, 10), clock=clock) as server:
+        server.add_fault(Fault("status", path=f"/api/contacts/{one}", status=500))
+        server.add_fault(Fault("bad_type", path=f"/api/contacts/{other}"))
+        assert get(session, server, f"/contacts/{one}").status_code == 500
+        assert get(session, server, f"/contacts/{one}").json() == data.contact(one)
+        assert get(session, server, f"/contacts/{other}").json()["id"] == "abc"
+        assert get(session, server, f"/contacts/{other}").json() == data.contact(other)
+        refused = get(session, server, f"/contacts/{one}")
+        assert (refused.status_code, refused.headers["X-RateLimit-Remaining"]) == (429, "0")
+        assert [record.status for record in server.requests] == [500, 200, 200, 200, 429]
+
+
 # ===================================================================== pagination
 
 

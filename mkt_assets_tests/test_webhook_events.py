@@ -11,12 +11,13 @@ import duckdb
 import pytest
 
 from mkt_assets.core.deliveries import parse
+from mkt_assets.orchestration import webhooks
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.webhooks import refresh_requests, webhook_events_key
 from mkt_assets.run.refresh import MAX_REFRESH_KEYS
 from mkt_assets.warehouse.connection import WarehouseFile
 from mkt_assets.warehouse.webhook_events import land_deliveries
-from mkt_assets.webhooks.inbox import Inbox
+from mkt_assets.webhooks.inbox import MAX_READ, Inbox
 
 
 def body(number: int | None, event: str = "CONTACT_TAG_ADDED", **extra: object) -> bytes:
@@ -90,7 +91,9 @@ def test_a_body_with_a_lone_surrogate_lands_mended_not_refused(tmp_path: Path) -
     assert (name, emoji) == ("A\ufffdB", "\U0001f600")
 
 
-def test_the_sensor_batches_a_burst_into_one_refresh_and_splits_only_past_a_runs_bound(tmp_path: Path) -> None:
+def test_the_sensor_batches_a_burst_into_one_refresh_and_splits_only_past_a_runs_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     names = Names("acme")
     with Inbox(tmp_path / "i.sqlite") as inbox:
         keep(inbox, body(7), body(3), body(7, "CONTACT_OPT_IN"), body(None, "SALE_NEW"))
@@ -103,8 +106,15 @@ def test_the_sensor_batches_a_burst_into_one_refresh_and_splits_only_past_a_runs
         assert sales_only.asset_selection == [dg.AssetKey(["acme", "webhook_events"])]
         assert sales_only.run_config in (None, {})
 
-        keep(inbox, *(body(number) for number in range(100, 100 + MAX_REFRESH_KEYS + 1)))
-        big = inbox.since(4, 10_000)
-        requests = refresh_requests(names, webhook_events_key(names), big)
-    assert len(requests) == 2
-    assert len({request.run_key for request in requests}) == 2
+        # A tick reads at most as many deliveries as a run may refresh contacts; were the bound
+        # lower, the contacts would go to as many runs as it takes.
+        monkeypatch.setattr(webhooks, "MAX_REFRESH_KEYS", 3)
+        keep(inbox, *(body(number) for number in range(100, 107)))
+        requests = refresh_requests(names, webhook_events_key(names), inbox.since(4))
+    assert [request.run_config for request in requests] == [
+        names.refresh_run_config([100, 101, 102]),
+        names.refresh_run_config([103, 104, 105]),
+        names.refresh_run_config([106]),
+    ]
+    assert len({request.run_key for request in requests}) == 3
+    assert MAX_READ <= MAX_REFRESH_KEYS

@@ -35,7 +35,8 @@ _JSON_TYPE_NAMES: dict[type, str] = {
 # Values of these types can be shown in a message; a text, a list or an object could be personal.
 _QUOTABLE_TYPES = frozenset({"BIGINT", "BOOLEAN", "TIMESTAMPTZ"})
 
-# Checks a page's records (and its number, for the message); returns the unknown field names.
+# Checks a page's records (and its number, for the message: 0 for a record read alone, by its
+# key); returns the unknown field names.
 RecordChecker = Callable[[Sequence[dict[str, Any]], int], set[str]]
 
 
@@ -140,11 +141,11 @@ def lone_surrogate_problem(spec: ResourceSpec, records: Sequence[dict[str, Any]]
     for position, record in enumerate(records, start=1):
         for label, where in _lone_surrogates(record, "", by_name):
             return RecordProblem(
-                f"record {position} of page {page}: field {label!r} ({where}) cannot hold a text with a lone"
+                f"{_place(position, page)}: field {label!r} ({where}) cannot hold a text with a lone"
                 " surrogate (an unpaired \\ud800-\\udfff escape), which is not Unicode: DuckDB refuses it"
             )
     return RecordProblem(
-        f"page {page}: the body holds a text with a lone surrogate (an unpaired \\ud800-\\udfff escape) outside"
+        f"{f'page {page}' if page else 'the answer'}: the body holds a text with a lone surrogate (an unpaired \\ud800-\\udfff escape) outside"
         " its records, which is not Unicode: DuckDB refuses the page"
     )
 
@@ -218,7 +219,7 @@ def record_checker(spec: ResourceSpec) -> RecordChecker:
         for position, record in enumerate(records, start=1):
             if record.get(key) is None:
                 raise RecordProblem(
-                    f"record {position} of page {page} has no {key!r}"
+                    f"{_place(position, page)} has no {key!r}"
                     f" (its fields: {listed(sorted(map(str, record))) or 'none'})"
                 )
             if not known.issuperset(record):
@@ -302,4 +303,9 @@ def _problem(position: int, page: int, label: str, where: str, column: Column, v
         shown = quoted(value)
     else:
         shown = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-    return RecordProblem(f"record {position} of page {page}: field {label!r} ({where}) cannot hold {shown}: {why}")
+    return RecordProblem(f"{_place(position, page)}: field {label!r} ({where}) cannot hold {shown}: {why}")
+
+
+def _place(position: int, page: int) -> str:
+    """Where a record is, as a message names it: page 0 holds a record read alone, by its key."""
+    return f"record {position} of page {page}" if page else "the record"

@@ -11,6 +11,7 @@ and turns what they return into Dagster's outputs, materializations and check re
 
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from mkt_assets.core.catalog import (
 )
 from mkt_assets.core.errors import ConfigurationError, WarehouseFileError
 from mkt_assets.orchestration.checks import (
+    ROW_COUNT_CHECK,
     could_not_run,
     history_check_spec,
     history_result,
@@ -45,6 +47,7 @@ from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseRes
 from mkt_assets.orchestration.run_retries import before_the_run, no_retry_that_cannot_mend
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.plumbing import lean_process
+from mkt_assets.run.refresh import MAX_REFRESH_KEYS, fetch_refresh, plan_refresh, refresh_keys
 from mkt_assets.run.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, in_worker, plan_sync
 from mkt_assets.staging.resume import ResumeOptions, read_identity
 from mkt_assets.warehouse.chunk_typing import TypingQueue
@@ -172,6 +175,16 @@ class SyncConfig(dg.Config):
             " to be deleted upstream."
         ),
     )
+    contact_ids: list[int] | None = Field(
+        default=None,
+        description=(
+            "Refresh these contacts alone (the <key_prefix>_refresh job): each is read by its id, one"
+            f" request each (at most {MAX_REFRESH_KEYS:,} distinct ids a run), merged with its history"
+            " (a contact the API answers 404 for is marked deleted), and the tables built from contacts"
+            " are updated for them alone, all in one transaction. Only the contacts asset and the tables"
+            " built from it may be selected; unset, a run syncs as usual."
+        ),
+    )
 
 
 def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
@@ -207,6 +220,9 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         selected = context.selected_asset_keys
         # Reported after what they reference, as Dagster asks of one step's outputs.
         resources = referenced_first(spec for spec in chosen if asset_key(spec, names) in selected)
+        if config.contact_ids is not None or context.job_def.name == names.refresh_job:
+            yield from _refresh(context, config, settings, resources, all_tables, marketing_api, warehouse)
+            return
         if resources:
             try:
                 _, key_warning = marketing_api.checked_key()
@@ -289,15 +305,139 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
                     yield dg.Output(TableWrite(write, table.name), output_name=table_key(table, names).to_python_identifier())
             commit = write.result
             assert commit is not None, "the IO manager writes the run's tables as the first output is handled"
-            for table in plan.tables:
-                if table.name in commit.skipped:
-                    context.log.info(f"{warehouse.schema_name}.{table.name} not rebuilt: {commit.skipped[table.name]}")
-                elif table_key(table, names) not in selected and commit.written[table.name].build.rebuilt:  # type: ignore[union-attr]
-                    # Rebuilt with the tables it reads, so it never lags them: said as what it is.
-                    yield _rebuilt_materialization(table, commit, warehouse.schema_name, names)
+            yield from _tables_kept_up(context, commit, plan.tables, warehouse.schema_name, names)
             yield from _check_results(context, commit, resources, plan.tables, previous, settings, warehouse.schema_name, names)
 
     return sync_marketing
+
+
+def _tables_kept_up(
+    context: dg.AssetExecutionContext, commit: RunCommit, tables: Sequence[NormalizedTable], schema: str, names: Names
+) -> Iterator[dg.AssetMaterialization]:
+    """What became of the tables the run wrote without being asked: a table rebuilt (or updated)
+    with the tables it reads, so it never lags them, is said to be so."""
+    for table in tables:
+        if table.name in commit.skipped:
+            context.log.info(f"{schema}.{table.name} not rebuilt: {commit.skipped[table.name]}")
+        elif table_key(table, names) not in context.selected_asset_keys:
+            build = commit.written[table.name].build
+            assert build is not None
+            if build.rebuilt or build.updated_in_place:
+                yield _rebuilt_materialization(table, commit, schema, names)
+
+
+def _refresh(
+    context: dg.AssetExecutionContext,
+    config: SyncConfig,
+    settings: Settings,
+    resources: Sequence[ResourceSpec],
+    all_tables: Sequence[NormalizedTable],
+    marketing_api: MarketingApiResource,
+    warehouse: WarehouseResource,
+) -> Iterator[dg.Output[TableWrite] | dg.AssetMaterialization | dg.AssetCheckResult]:
+    """The step as a refresh of the contacts ``config.contact_ids`` names (see ``run.refresh``)."""
+    names = Names(settings.key_prefix)
+    setting = f"{names.step}'s config contact_ids"
+    if config.contact_ids is None:
+        raise dg.Failure(
+            description=(
+                f"{names.refresh_job} refreshes the contacts its run config names, and this run names none:"
+                f" launch it with {json.dumps(names.refresh_run_config([1, 2]))} (your contacts' ids)"
+            ),
+            allow_retries=False,
+        )
+    contacts = RESOURCES_BY_NAME["contacts"]
+    others = [spec.name for spec in resources if spec is not contacts]
+    if others or contacts not in resources or config.incremental:
+        wrong = (
+            f"it also selects {', '.join(others)}" if others
+            else "it does not select the contacts asset" if contacts not in resources
+            else "it is also incremental"
+        )  # fmt: skip
+        raise dg.Failure(
+            description=(
+                f"A run given contact_ids refreshes those contacts alone, and {wrong}: launch {names.refresh_job}"
+                f" (the contacts asset and the tables built from it), or leave contact_ids out to sync as usual."
+            ),
+            allow_retries=False,
+        )
+    try:
+        keys = refresh_keys(config.contact_ids, setting)
+    except ConfigurationError as refused:
+        raise dg.Failure(description=str(refused), allow_retries=False) from None
+    if not keys:
+        raise dg.Failure(
+            description=f"{setting} is empty: name the contacts to refresh, as {json.dumps(names.refresh_run_config([1, 2]))}",
+            allow_retries=False,
+        )
+    try:
+        _, key_warning = marketing_api.checked_key()
+    except ConfigurationError as missing:
+        raise dg.Failure(description=str(missing), allow_retries=False) from None
+    if key_warning is not None:
+        context.log.warning(key_warning)
+    plan = plan_refresh(contacts, keys, all_tables)
+    selected = context.selected_asset_keys
+    file = warehouse.file()
+    with lean_process.Worker("duckdb", preload=("mkt_assets.warehouse.commit",)) as duckdb:
+        try:
+            check_before_fetch(file, warehouse.schema_name, run_tables([contacts], plan.tables))
+        except WarehouseFileError as unusable:
+            raise dg.Failure(description=f"{unusable}. Nothing was fetched.", allow_retries=False) from None
+        fetched = fetch_refresh(
+            plan,
+            lambda stop: marketing_api.get_client(log=context.log.warning, stop=stop),
+            marketing_api.staging_dir or None,
+            settings.progress_interval_seconds,
+            context.log.info,
+        )
+        batch, stats = fetched.batch, fetched.stats
+        context.log.info(
+            f"fetched {contacts.name} {fetched.read} ({stats.requests} requests, {stats.retries} retries, {fetched.seconds:.1f}s)"
+        )
+        if batch.unknown_fields:
+            context.log.warning(f"{contacts.name}: the API sent fields the catalog does not know, kept in _extra: {', '.join(batch.unknown_fields)}")
+        contacts_key = asset_key(contacts, names)
+        # Every check but the row count reads the whole table: the facts are gathered only when
+        # one of them was asked for (the refresh job asks for none).
+        whole_table_checks = any(
+            check.asset_key == contacts_key and check.name != ROW_COUNT_CHECK for check in context.selected_asset_check_keys
+        )
+        previous = _previous_row_counts(context, selected)
+        write = RunWrite(
+            batches=(batch,),
+            tables=plan.tables,
+            runner=in_worker(duckdb),
+            asked=frozenset(table.name for table in plan.tables if table_key(table, names) in selected),
+            history=settings.history,
+            within=frozenset(settings.resources),
+            refresh=fetched.refresh,
+            facts=whole_table_checks,
+        )
+        yield dg.Output(
+            TableWrite(write, contacts.name),
+            output_name=contacts_key.to_python_identifier(),
+            metadata={
+                "dagster/column_schema": column_schema(contacts),
+                "read": fetched.read,
+                "records_fetched": batch.records,
+                "ids_asked": len(fetched.keys),
+                "gone_upstream_404": len(fetched.gone),
+                "requests": stats.requests,
+                "retries": stats.retries,
+                "throttled_429": stats.throttled,
+                "paced_seconds": round(stats.paced_seconds, 3),
+                "fetch_seconds": round(fetched.seconds, 3),
+                "unknown_fields": ", ".join(batch.unknown_fields) or "none",
+            },
+        )
+        for table in plan.tables:
+            if table_key(table, names) in selected:
+                yield dg.Output(TableWrite(write, table.name), output_name=table_key(table, names).to_python_identifier())
+        commit = write.result
+        assert commit is not None, "the IO manager writes the run's tables as the first output is handled"
+        yield from _tables_kept_up(context, commit, plan.tables, warehouse.schema_name, names)
+        yield from _check_results(context, commit, [contacts], plan.tables, previous, settings, warehouse.schema_name, names)
 
 
 def _log_fetches(context: dg.AssetExecutionContext, fetches: Sequence[Fetched]) -> None:
@@ -352,13 +492,15 @@ def _fetch_metadata(done: Fetched) -> dict[str, Any]:
 def _rebuilt_materialization(table: NormalizedTable, commit: RunCommit, schema: str, names: Names) -> dg.AssetMaterialization:
     build = commit.written[table.name].build
     assert build is not None
+    done = f"Updated for the refreshed {table.reads[0]} alone" if build.updated_in_place else "Rebuilt"
     return dg.AssetMaterialization(
         asset_key=table_key(table, names),
-        description=f"Rebuilt in the same transaction as {', '.join(table.reads)}, so it never lags them.",
+        description=f"{done} in the same transaction as {', '.join(table.reads)}, so it never lags them.",
         metadata={
             "dagster/row_count": build.row_count,
             "dagster/table_name": f"{schema}.{table.name}",
             "preview": dg.MetadataValue.md(build.preview),
+            **({"rows_removed": build.rows_removed, "rows_added": build.rows_added} if build.updated_in_place else {}),
         },
     )
 
@@ -396,17 +538,25 @@ def _check_results(
         yield from could_not_run([specs_by_key[key] for key in wanted if key.asset_key in synced], facts.error)
     else:
         for spec in resources:
-            key, table_facts = asset_key(spec, names), facts.synced[spec.name]
-            yield primary_key_result(table_facts.primary_key, schema, spec, key)
-            yield required_fields_result(table_facts.required_fields, schema, spec, key)
-            yield row_count_result(
-                table_facts.live_rows, previous.get(key), settings.row_count_max_drop, f"{schema}.{spec.name}", key
-            )
-            for column, member in spec.references(settings.resources):
-                check = (member or column).check_name
-                yield reference_result(facts.references[spec.name][check], schema, spec, column, member, key)
+            key, table_facts = asset_key(spec, names), facts.synced.get(spec.name)
+            results = []
+            if table_facts is not None:
+                results += [
+                    primary_key_result(table_facts.primary_key, schema, spec, key),
+                    required_fields_result(table_facts.required_fields, schema, spec, key),
+                ]
+                for column, member in spec.references(settings.resources):
+                    check = (member or column).check_name
+                    results.append(reference_result(facts.references[spec.name][check], schema, spec, column, member, key))
             if spec.name in facts.history:
-                yield history_result(facts.history[spec.name], schema, spec, key)
+                results.append(history_result(facts.history[spec.name], schema, spec, key))
+            # Without the facts (a refresh that asked for no check needing them), the merge's own
+            # count of the live rows, which is the same.
+            merge = commit.written[spec.name].merge
+            assert table_facts is not None or merge is not None
+            live = table_facts.live_rows if table_facts is not None else merge.row_count  # type: ignore[union-attr]
+            results.append(row_count_result(live, previous.get(key), settings.row_count_max_drop, f"{schema}.{spec.name}", key))
+            yield from (result for result in results if dg.AssetCheckKey(key, result.check_name or "") in wanted)
     for table in tables:
         key, written = table_key(table, names), commit.written.get(table.name)
         if key in context.selected_asset_keys and written is not None and written.build is not None:

@@ -125,11 +125,16 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
             metadata.update(
                 {
                     "dagster/row_count": written.build.row_count,
-                    # False: nothing it reads changed, so it was kept as it was.
+                    # False: nothing it reads changed, so it was kept as it was (or a refresh
+                    # updated it in place, for the rows it refreshed alone).
                     "rebuilt": written.build.rebuilt,
                     "build_seconds": round(written.seconds, 3),
                 }
             )
+            if written.build.updated_in_place:
+                metadata.update(
+                    {"updated_in_place": True, "rows_removed": written.build.rows_removed, "rows_added": written.build.rows_added}
+                )
         metadata["preview"] = dg.MetadataValue.md(written.preview)
         context.add_output_metadata(metadata)
 
@@ -163,6 +168,10 @@ def _summary(commit: RunCommit, schema: str, history: bool) -> str:
                 f" {merge.deleted} gone upstream{kept}, {merge.row_count} live rows{versions}"
             )
         elif written.build is not None:
-            done = "rebuilt" if written.build.rebuilt else "kept, since nothing it reads changed"
-            parts.append(f"{schema}.{name}: {done}, {written.build.row_count} rows")
+            build = written.build
+            if build.updated_in_place:
+                done = f"updated in place for the refreshed rows ({build.rows_removed} removed, {build.rows_added} added)"
+            else:
+                done = "rebuilt" if build.rebuilt else "kept, since nothing it reads changed"
+            parts.append(f"{schema}.{name}: {done}, {build.row_count} rows")
     return f"wrote {len(parts)} tables in one transaction ({commit.seconds:.1f}s): " + "; ".join(parts)

@@ -11,6 +11,7 @@ for ``warehouse`` by name). Another prefix, say ``acme``, gives ``acme/<resource
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import dagster as dg
@@ -29,6 +30,11 @@ class Names:
     @property
     def normalized_group(self) -> str:
         return f"{self.prefix}_normalized"
+
+    @property
+    def webhooks_group(self) -> str:
+        """Where webhook_events is: not in the syncs' groups, which their jobs select."""
+        return f"{self.prefix}_webhooks"
 
     @property
     def api(self) -> str:
@@ -61,6 +67,11 @@ class Names:
         return f"{self.prefix}_changes"
 
     @property
+    def refresh_job(self) -> str:
+        """The job that refreshes named contacts (see ``refresh_run_config``)."""
+        return f"{self.prefix}_refresh"
+
+    @property
     def daily_schedule(self) -> str:
         return f"{self.prefix}_sync_daily"
 
@@ -70,6 +81,12 @@ class Names:
 
     def asset_key(self, table: str) -> dg.AssetKey:
         return dg.AssetKey([self.prefix, table])
+
+    def refresh_run_config(self, contact_ids: Iterable[int]) -> dict[str, object]:
+        """The run config of a ``refresh_job`` run that refreshes ``contact_ids`` (what a sensor
+        hands ``RunRequest(run_config=...)``): ``{"ops": {"sync_<prefix>": {"config":
+        {"contact_ids": [...]}}}}``."""
+        return {"ops": {self.step: {"config": {"contact_ids": list(contact_ids)}}}}
 
     def confirm_mass_deletion_config(self) -> dict[str, object]:
         """The run config of one run that applies a mass deletion (see ``assets.SyncConfig``)."""

@@ -8,8 +8,7 @@ delivery is only a hint. Every refresh run also lands the inbox's new deliveries
 ``webhook_events``; deliveries naming no contact (a sale without one) launch that asset alone.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Dagster checks the context annotation as an object.
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,7 +47,7 @@ def build_webhook_events_asset(settings: Settings) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
-        group_name=names.group,
+        group_name=names.webhooks_group,
         description=(
             f"Every webhook delivery the receiver kept (mkt-assets webhooks serve, inbox {inbox.name}), in the"
             " order of arrival: the only record of the sales events, and what changed for the contact events."

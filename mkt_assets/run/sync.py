@@ -28,7 +28,7 @@ from mkt_assets.staging.resume import release as release_read
 from mkt_assets.staging.resume import remove as remove_read
 from mkt_assets.staging.resume import sweep as sweep_reads
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
-from mkt_assets.warehouse.commit import CommitRequest, RunCommit, commit
+from mkt_assets.warehouse.commit import CommitRequest, Refresh, RunCommit, commit
 from mkt_assets.warehouse.connection import WarehouseFile
 from mkt_assets.warehouse.merge import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.normalized_tables import NormalizedTable
@@ -440,6 +440,8 @@ class RunWrite:
     confirm_mass_deletion: bool = False
     # How a refusal of this write (a mass deletion) names the settings it mentions.
     settings: SettingNames = ENVIRONMENT
+    refresh: Refresh | None = None
+    facts: bool = True
     result: RunCommit | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -457,6 +459,8 @@ class RunWrite:
                     within=self.within,
                     max_drop=self.max_drop,
                     confirm_mass_deletion=self.confirm_mass_deletion,
+                    refresh=self.refresh,
+                    facts=self.facts,
                 )
                 try:
                     self.result = self.runner(request, log)

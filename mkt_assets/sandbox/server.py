@@ -74,6 +74,8 @@ RESOURCE_PATHS: dict[str, str] = {
     "/api/community/memberships": "memberships",
     "/api/school/enrollments": "enrollments",
 }
+# One contact by id: GET /api/contacts/{id}, the object the list holds.
+CONTACT_PREFIX = "/api/contacts/"
 # How the spec types each relation filter: memberships' are integers; enrollments' are strings,
 # of which the sandbox accepts digit strings only (an id; anything else is a 422).
 FILTER_TYPES: dict[str, dict[str, str]] = {
@@ -729,6 +731,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == WEBHOOKS_PATH or path.startswith(WEBHOOKS_PATH + "/"):
             # The faults that break pages leave webhooks alone: they have no page to break.
             return self._webhooks(path, body)
+        if path.startswith(CONTACT_PREFIX):
+            return self._one_contact(path[len(CONTACT_PREFIX) :], fault)
         resource = RESOURCE_PATHS.get(path)
         if resource is None:
             return _Response.json(404, NOT_FOUND)
@@ -787,6 +791,41 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "truncated":
             return _Response(200, body[: len(body) // 2])
         if kind == "reset":
+            return _Response(200, body, reset_after=len(body) // 2)
+        return _Response(200, body)
+
+    def _one_contact(self, raw_id: str, fault: Fault | None) -> _Response:
+        """``GET /api/contacts/{id}``: the contact as the list holds it, or 404 with the API's
+        error body for an id no live contact has. An id that is not an integer is a 404 too, as
+        API Platform answers a route it cannot match. Faults that break a page's records break
+        this one the same way (a missing, ill-typed or float id, an extra field, a big or deep
+        value, a tag no tag has, a cut or reset body); the others leave it alone, and still
+        count as fired."""
+        if self.command != "GET":
+            return _Response.json(405, _error_body(405), Allow="GET")
+        if not (raw_id.isascii() and raw_id.isdigit()):
+            return _Response.json(404, NOT_FOUND)
+        data = self.server.sandbox.data
+        try:
+            items = [data.contact(int(raw_id))]
+        except KeyError:
+            return _Response.json(404, NOT_FOUND)
+        kind = fault.kind if fault is not None else ""
+        if fault is not None and kind in ("float_id", "big_value"):
+            items, _ = _apply_record_fault(fault, "contacts", items, False, next(data.records("contact_fields"), _FALLBACK_FIELD))
+        elif kind in ("missing_id", "bad_type", "extra_field"):
+            items = _apply_shape_fault(kind, items, False)["items"]
+        elif kind == "dangling":
+            _dangle(data, "contacts", items)
+        (record,) = items
+        body = _json_bytes(record)
+        if fault is not None and kind == "deep_json":
+            depth = fault.effective_size()
+            record["deep"] = _DEEP_MARK
+            body = _json_bytes(record).replace(_json_bytes(_DEEP_MARK), b"[" * depth + b"]" * depth, 1)
+        elif kind == "truncated":
+            return _Response(200, body[: len(body) // 2])
+        elif kind == "reset":
             return _Response(200, body, reset_after=len(body) // 2)
         return _Response(200, body)
 

@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -61,6 +61,10 @@ from mkt_assets.source.transport import (
 
 MAX_PAGE_SIZE = 100
 MIN_PAGE_SIZE = 10
+# Records read by key at once (``read_records``): each request is paced by the rate limiter all
+# the same; a few in flight hide the round trip without holding many connections.
+RECORD_CONCURRENCY = 4
+MAX_RECORD_CONCURRENCY = 16
 # Walk orders: one cursor ascending, one descending, or both at once meeting in the middle.
 ORDERS = ("asc", "desc", "both")
 # A page of 100 contacts is a few tens of kB; this leaves room for fat records, not for a bomb.
@@ -148,6 +152,24 @@ def _character_kind(character: str) -> str:
     if character.isspace():
         return f"a space ({point})"
     return f"a character outside ASCII ({point})"
+
+
+_Answer = TypeVar("_Answer")
+
+
+@dataclass(frozen=True)
+class OneRecord:
+    """One record read by its key: as the API sent it, or gone (it answered 404)."""
+
+    key: int
+    record: dict[str, Any] | None
+    body: bytes  # the JSON object as sent (b"" when gone), so a stager keeps it unencoded
+    # Fields of the record the catalog does not know (``tags[].color`` for a list member's).
+    unknown_fields: frozenset[str] = frozenset()
+
+    @property
+    def gone(self) -> bool:
+        return self.record is None
 
 
 class MarketingApiClient:
@@ -445,7 +467,7 @@ class MarketingApiClient:
             stopped = self._stop is not None and self._stop.is_set()
             fetcher.shutdown(wait=not stopped, cancel_futures=True)
 
-    def _wait_any(self, pending: Collection[Future[Page]]) -> set[Future[Page]]:
+    def _wait_any(self, pending: Collection[Future[_Answer]]) -> set[Future[_Answer]]:
         """The requests of ``pending`` answered (or failed) once one is; ``Stopped`` as soon as
         the run stops, whether or not they have."""
         if self._stop is None:
@@ -453,7 +475,7 @@ class MarketingApiClient:
         waited: list[Future[Any]] = [*pending, self._stop.future]
         done = wait(waited, return_when=FIRST_COMPLETED).done
         self._stop.check()
-        return cast("set[Future[Page]]", done)  # the stop's future is not done: not in it
+        return cast("set[Future[_Answer]]", done)  # the stop's future is not done: not in it
 
     def get_page(self, spec: ResourceSpec, query: Mapping[str, object], number: int = 1) -> Page:
         try:
@@ -481,10 +503,109 @@ class MarketingApiClient:
             _check_order(spec, path, query, number, items)
         return Page(spec.name, number, path, dict(query), items, has_more, body, frozenset(unknown))
 
-    def _get(self, spec: ResourceSpec, path: str, query: Mapping[str, object], number: int) -> tuple[bytes, str]:
+    def get_record(self, spec: ResourceSpec, key: int) -> OneRecord:
+        """``spec``'s record ``key`` by itself (``GET <path>/<key>``), checked exactly as a listed
+        record is (see ``records``) and holding the key asked for; a 404 answer means it is gone
+        (``OneRecord.gone``). Any other failure raises the error a page's would."""
+        if type(key) is not int or key < 1:
+            raise ValueError(f"{spec.name}: a key to read is a positive integer, got {key!r}")
+        try:
+            return self._get_record(spec, key)
+        except ApiError as error:
+            _mask(error, self._headers["X-API-Key"], self._key_mask)
+            raise
+
+    def _get_record(self, spec: ResourceSpec, key: int) -> OneRecord:
+        endpoint = f"{spec.path}/{key}"
+        path = urlsplit(self.base_url + endpoint).path
+        try:
+            body, content_type = self._get(spec, path, {}, 0, endpoint)
+        except ApiAccessError as error:
+            if error.status == 404:
+                return OneRecord(key, None, b"")
+            raise
+        record = _read_record(spec, path, body, content_type, self._headers["X-API-Key"], self._key_mask)
+        checker = self._checkers.get(spec.name)
+        if checker is None:
+            checker = self._checkers[spec.name] = record_checker(spec)
+        try:
+            unknown = checker([record], 0)
+            if has_lone_surrogate(body):
+                raise lone_surrogate_problem(spec, [record], 0)
+        except RecordProblem as problem:
+            raise ApiResponseError(spec.name, path, {}, str(problem)) from None
+        answered = record[spec.primary_key]  # an integer: the checker has seen to it
+        if answered != key:
+            raise ApiResponseError(
+                spec.name, path, {}, f"asked for {spec.primary_key} {key}, the API answered the record of {spec.primary_key} {answered}"
+            )
+        return OneRecord(key, record, body, frozenset(unknown))
+
+    def read_records(self, spec: ResourceSpec, keys: Sequence[int], concurrency: int = RECORD_CONCURRENCY) -> Iterator[OneRecord]:
+        """Each of ``keys`` read by a request of its own (``get_record``), ``concurrency`` at most
+        in flight, each paced by the rate limiter as any request is; yielded as they come.
+
+        The first failure stops the read: the requests not yet sent are dropped and the error is
+        raised. A wrong base URL answers 404 to everything, which would mark every key gone: so
+        when every answer was a 404, the list's newest record is read by its key too (two
+        requests more, only then), and unless that one is found, ``ApiAccessError`` or
+        ``ApiResponseError`` says the API does not serve the records by key at this address."""
+        if not 1 <= concurrency <= MAX_RECORD_CONCURRENCY:
+            raise ValueError(f"concurrency must be 1..{MAX_RECORD_CONCURRENCY}, got {concurrency}")
+        waiting = iter(keys)
+        answered = gone = 0
+        with self._page_fetcher(spec, concurrency) as fetcher:
+            pending = {fetcher.submit(self.get_record, spec, key) for key in itertools.islice(waiting, concurrency)}
+            try:
+                while pending:
+                    for future in self._wait_any(pending):
+                        pending.discard(future)
+                        one = future.result()
+                        answered, gone = answered + 1, gone + one.gone
+                        following = next(waiting, None)
+                        if following is not None:
+                            pending.add(fetcher.submit(self.get_record, spec, following))
+                        yield one
+            finally:
+                for future in pending:
+                    future.cancel()
+        if answered and gone == answered:
+            self._check_records_served(spec, answered)
+
+    def _check_records_served(self, spec: ResourceSpec, answered: int) -> None:
+        """Every record read by key was gone: fine if the list's newest record is found by its
+        key (or the list is empty); otherwise the API does not serve them at this address."""
+        query: dict[str, object] = {"limit": MIN_PAGE_SIZE, "order": "desc"} if spec.paginated else {}
+        said = f"every one of the {answered} {spec.name} read by {spec.primary_key} answered HTTP 404"
+        try:
+            listed = self.get_page(spec, query)
+        except ApiAccessError as error:
+            raise ApiAccessError(
+                spec.name, error.path, error.query, error.status, f"{said}, and so does the list: {error.problem}",
+                base_url=error.base_url, settings=error.settings,
+            ) from None  # fmt: skip
+        if not listed.items:
+            return
+        newest = listed.items[0][spec.primary_key]
+        if self.get_record(spec, newest).gone:
+            path = urlsplit(f"{self.base_url}{spec.path}/{newest}").path
+            raise ApiResponseError(
+                spec.name,
+                path,
+                {},
+                f"HTTP 404: {said}, and so does {spec.primary_key} {newest}, which the list holds: the API does not serve"
+                f" {spec.name} by {spec.primary_key} at this address, so none is taken as gone. Check the base URL"
+                f" ({self.settings.base_url}: {shown_url(self.base_url)})",
+            )
+
+    def _get(
+        self, spec: ResourceSpec, path: str, query: Mapping[str, object], number: int, endpoint: str | None = None
+    ) -> tuple[bytes, str]:
         """The body of a successful answer and its content type, read whole within the
-        deadline and size bounds."""
-        response, body = self._send("GET", spec.name, path, self.base_url + spec.path, query, f"page {number}")
+        deadline and size bounds. ``endpoint``: the path after the base URL (default: the
+        resource's list; page ``number`` then names the answer in errors)."""
+        what = f"page {number}" if endpoint is None else "the answer"
+        response, body = self._send("GET", spec.name, path, self.base_url + (endpoint or spec.path), query, what)
         _raise_for_status(spec.name, path, query, response, body, self._headers["X-API-Key"], self._settings)
         return body, response.headers.get("Content-Type", "")
 
@@ -556,7 +677,7 @@ class MarketingApiClient:
                             path,
                             query,
                             f"HTTP {response.status_code}: a redirect to {shown_url(target)}; a {method} is not sent on,"
-                            f" its body may hold a secret: check the base URL ({self.base_url_setting})",
+                            f" its body may hold a secret: check the base URL ({self.settings.base_url})",
                             method=method,
                         )
                     refusal = off_origin(target, response.url)
@@ -794,6 +915,26 @@ def _read_page(
     return items, has_more
 
 
+def _read_record(spec: ResourceSpec, path: str, content: bytes, content_type: str, key: str = "", mask: str = "") -> dict[str, Any]:
+    """The one JSON object a record's answer holds (what ``get_record`` then checks)."""
+
+    def fail(problem: str) -> ApiResponseError:
+        return ApiResponseError(spec.name, path, {}, problem)
+
+    try:
+        body = json.loads(content, parse_constant=_not_json)
+    except RecursionError:
+        raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
+    except ValueError as error:
+        excerpt = _excerpt(content[:_EXCERPT_SOURCE].decode("utf-8", "replace").replace("\n", " "), 80, key, mask)
+        if "json" not in content_type.lower():
+            raise fail(f"expected JSON, got {without_key(content_type, key, mask) or 'no content type'}: {excerpt!r}") from None
+        raise fail(f"the JSON body does not parse ({error}; {len(content)} bytes, cut short?)") from None
+    if not isinstance(body, dict):
+        raise fail(f"expected the record as a JSON object, got {type(body).__name__}")
+    return body
+
+
 def _not_json(constant: str) -> None:
     # Python reads NaN and Infinity, which JSON (and DuckDB's JSON columns) do not allow.
     raise ValueError(f"{constant} is not a JSON value")
@@ -941,7 +1082,7 @@ def _raise_for_webhooks_status(
     if status == 403:
         problem = f"HTTP 403: the account may not manage webhooks{said}; the key is not at fault"
     elif status == 404:
-        problem = f"HTTP 404: the API serves no webhooks at this address{said}; check the base URL ({settings.base_url}: {shown_url(settings.base_url_value)})"
+        problem = f"HTTP 404: the API serves no webhooks at this address{said}; check the base URL ({settings.names.base_url}: {shown_url(settings.base_url)})"
     elif status == 422 or status == 400:
         parsed = _json_or_none(body)
         violations = parsed.get("violations") if isinstance(parsed, dict) else None

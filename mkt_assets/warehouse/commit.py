@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import duckdb
@@ -31,7 +31,14 @@ from mkt_assets.warehouse.merge import (
     merge_batch,
     newest_key,
 )
-from mkt_assets.warehouse.normalized_tables import BuildResult, NormalizedTable, build_facts, build_in_transaction, is_current
+from mkt_assets.warehouse.normalized_tables import (
+    BuildResult,
+    NormalizedTable,
+    build_facts,
+    build_in_transaction,
+    is_current,
+    update_in_place,
+)
 from mkt_assets.warehouse.ownership import BOOKKEEPING_TABLES, OwnedTable, refuse_foreign, synced_table, versions_table
 from mkt_assets.warehouse.sql_names import table_exists
 from mkt_assets.warehouse.table_facts import (
@@ -81,6 +88,14 @@ class RunCommit:
 
 
 @dataclass(frozen=True)
+class Refresh:
+    """A refresh's read: the keys it read one by one, and those of them the API answered 404 for."""
+
+    keys: tuple[int, ...]
+    gone: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class CommitRequest:
     """Everything a run writes, and how: the argument of its one transaction (``commit``)."""
 
@@ -98,10 +113,30 @@ class CommitRequest:
     # this run confirms more (see ``merge.is_mass_deletion``).
     max_drop: float = DEFAULT_MAX_DROP
     confirm_mass_deletion: bool = False
+    # A refresh of some records of the one batch's resource (see ``commit_refresh``); None: a sync.
+    refresh: Refresh | None = None
+    # Gather every fact the checks need (False: a refresh whose checks need none but the
+    # merge's row count, which every run has).
+    facts: bool = True
 
 
 def commit(request: CommitRequest) -> RunCommit:
-    """The run's one transaction (``commit_run``), as the one call its DuckDB worker makes."""
+    """The run's one transaction (``commit_run``, or ``commit_refresh``), as the one call its
+    DuckDB worker makes."""
+    if request.refresh is not None:
+        (batch,) = request.batches
+        return commit_refresh(
+            request.file,
+            request.schema,
+            batch,
+            request.refresh,
+            request.tables,
+            deletions=request.deletions,
+            history=request.history,
+            asked=request.asked,
+            within=request.within,
+            facts=request.facts,
+        )
     return commit_run(
         request.file,
         request.schema,
@@ -193,6 +228,74 @@ def commit_run(
             written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
         facts = _facts(connection, schema, [batch.spec for batch in batches], history, within)
     return RunCommit(written, facts, time.monotonic() - started, skipped)
+
+
+def commit_refresh(
+    file: WarehouseFile,
+    schema: str,
+    batch: StagedBatch,
+    refresh: Refresh,
+    tables: Sequence[NormalizedTable],
+    *,
+    deletions: str,
+    history: bool = True,
+    asked: frozenset[str] = frozenset(),
+    within: frozenset[str] | None = None,
+    facts: bool = True,
+) -> RunCommit:
+    """A refresh's one transaction: ``batch`` (the records read by key) merged with their
+    history as a sync merges them, the keys of ``refresh.gone`` marked gone as a complete read
+    marks what it lacks, and each of ``tables`` (every normalized table reading the resource)
+    brought up to date for the refreshed keys alone (``update_in_place``) when it was current
+    before the merge, rebuilt whole otherwise, and kept when nothing changed. A failure anywhere
+    leaves every table as it was. ``facts``: gather the checks' facts (every one of them reads
+    the whole table); without, only the merge's counts are reported."""
+    started = time.monotonic()
+    spec = batch.spec
+    written: dict[str, Written] = {}
+    skipped: dict[str, str] = {}
+    with file.open() as connection:
+        merging = True
+        try:
+            with transaction(connection, f"the refresh of {len(refresh.keys)} {spec.name} ({', '.join(_names([batch], tables))})"):
+                # Asked before the merge changes what they read: a table built from every row as
+                # it stood can be brought up to date for the rows that change alone.
+                current = {
+                    table.name: table_exists(connection, schema, table.name) and is_current(connection, schema, table)
+                    for table in tables
+                }
+                began = time.monotonic()
+                merge = merge_batch(connection, schema, spec.name, batch, deletions=deletions, history=history, gone=refresh.gone)
+                written[spec.name] = Written(spec.name, time.monotonic() - began, "", merge=merge)
+                merging = False
+                connection.execute(
+                    "CREATE OR REPLACE TEMP TABLE refreshed_keys AS SELECT DISTINCT unnest($keys::BIGINT[]) AS key",
+                    {"keys": list(refresh.keys)},
+                )
+                for table in tables:
+                    missing = [name for name in table.reads if not table_exists(connection, schema, name)]
+                    if missing:
+                        reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
+                        if table.name in asked:
+                            raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
+                        skipped[table.name] = reason
+                        continue
+                    began = time.monotonic()
+                    if current[table.name] and not merge.changed:
+                        build = build_facts(connection, schema, table, rebuilt=False)
+                    elif current[table.name] and table.row_key and table.reads[0] == spec.name:
+                        build = update_in_place(connection, schema, table, "refreshed_keys")
+                    else:
+                        build = build_in_transaction(connection, schema, table)
+                    written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
+                connection.execute("DROP TABLE refreshed_keys")
+        except CAST_FAILURES as error:
+            if not merging:
+                raise
+            raise explain_cast_failure(connection, spec, batch, error) from None
+        written[spec.name] = replace(written[spec.name], preview=preview_markdown(connection, schema, spec.name))
+        found = _facts(connection, schema, [spec], history, within) if facts else Facts()
+    return RunCommit(written, found, time.monotonic() - started, skipped)
 
 
 def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) -> list[str]:

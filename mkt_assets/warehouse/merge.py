@@ -5,6 +5,7 @@ run's checks read back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,12 +72,15 @@ def merge_batch(
     history: bool = True,
     max_drop: float = DEFAULT_MAX_DROP,
     confirm_mass_deletion: bool = False,
+    gone: Sequence[int] = (),
 ) -> MergeResult:
     """Merge ``batch`` into ``schema.table`` on the primary key, inside the caller's transaction.
 
     When the batch is a complete read of the resource, rows it lacks were deleted upstream:
     they get ``_deleted_at`` (or are removed, with ``deletions="delete"``). A partial read
-    (an incremental one) says nothing about rows it did not fetch, so it marks nothing.
+    (an incremental one) says nothing about rows it did not fetch, so it marks nothing; one
+    of records read by key (a refresh) marks the keys in ``gone``, which the API answered 404
+    for, as a complete read marks those it lacks.
     Unless ``confirm_mass_deletion``, a read that lacks more live rows than ``is_mass_deletion``
     allows raises ``MassDeletionError`` before any is marked: the caller's transaction then
     rolls back what the merge wrote.
@@ -170,9 +174,16 @@ def merge_batch(
             f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s SEMI JOIN fresh USING ({key})"
         ).fetchone()  # type: ignore[misc]
     deleted = 0
-    gone: list[str] = []
-    if batch.complete:
-        missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
+    temporaries = ["staged", "changed", "fresh", "newer"]
+    closing = ["changed"]
+    if batch.complete or gone:
+        if batch.complete:
+            missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
+        else:
+            connection.execute("CREATE OR REPLACE TEMP TABLE answered_gone AS SELECT unnest($keys::BIGINT[]) AS key", {"keys": list(gone)})
+            temporaries.append("answered_gone")
+            # A key both answered and gone (never, in one read) keeps its answer.
+            missing_upstream = f"t.{key} IN (SELECT key FROM answered_gone) AND NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
         if newer:
             missing_upstream += f" AND t.{key} NOT IN (SELECT {key} FROM newer)"
         # The live rows the API no longer lists: marked (or removed), and their versions closed.
@@ -180,10 +191,13 @@ def merge_batch(
             f"CREATE OR REPLACE TEMP TABLE gone AS SELECT t.{key} FROM {target} AS t"
             f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}"
         )
-        gone.append("gone")
+        temporaries.append("gone")
+        closing.append("gone")
         (gone_rows,) = connection.execute("SELECT count(*) FROM gone").fetchone()  # type: ignore[misc]
-        if gone_rows and not confirm_mass_deletion:
-            # An outage answering an empty list looks like a mass deletion: refused unless confirmed.
+        # An outage answering an empty list looks like a mass deletion: refused unless confirmed.
+        # A 404 to a request naming the row is no such guess (``read_records`` has made sure the
+        # API serves rows by key at all), so rows found gone that way are marked as found.
+        if gone_rows and batch.complete and not confirm_mass_deletion:
             (live,) = connection.execute(f"SELECT count(*) FROM {target} WHERE {deleted_at} IS NULL").fetchone()  # type: ignore[misc]
             found = MassDeletion(f"{schema}.{table}", int(staged_rows), int(gone_rows), int(live) - int(inserted), deletions)
             if is_mass_deletion(found.gone, found.live, max_drop):
@@ -197,7 +211,7 @@ def merge_batch(
             ).fetchone()  # type: ignore[misc]
     versions = Versions()
     if history:
-        keys = {name: _holds_rows(connection, name) for name in ("changed", "fresh", *gone)}
+        keys = {name: _holds_rows(connection, name) for name in ("fresh", *closing)}
         versions = record_versions(
             connection,
             schema,
@@ -205,7 +219,7 @@ def merge_batch(
             spec,
             batch.synced_at,
             opened=[name for name in ("changed", "fresh") if keys[name]],
-            closed=[name for name in ("changed", *gone) if keys[name]],
+            closed=[name for name in closing if keys[name]],
         )
     (row_count, total_rows) = connection.execute(
         f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
@@ -213,7 +227,7 @@ def merge_batch(
     newer_in_batch = 0
     if newer:
         (newer_in_batch,) = connection.execute(f"SELECT count(*) FROM staged SEMI JOIN newer USING ({key})").fetchone()  # type: ignore[misc]
-    for temporary in ("staged", "changed", "fresh", *gone, "newer"):
+    for temporary in temporaries:
         connection.execute(f"DROP TABLE {temporary}")
     record_read(connection, schema, table, batch.synced_at, complete=batch.complete, after=batch.after)
     if created or inserted or updated or deleted:

@@ -17,7 +17,7 @@ memberships are ``[]``).
 
 import hashlib
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import duckdb
 
@@ -50,6 +50,9 @@ class NormalizedTable:
     expected_rows: str
     row_check: str = MATCHES_PARENT_CHECK
     row_check_description: str = ""
+    # The column naming the row of ``reads[0]`` each row comes from: a refresh of some of those
+    # rows replaces theirs alone (see ``update_in_place``). Empty: it is rebuilt whole.
+    row_key: str = ""
 
     @property
     def definition(self) -> str:
@@ -119,6 +122,7 @@ def nested_table(spec: ResourceSpec, column: Column, within: Collection[str] | N
         select=select,
         expected_rows=f"SELECT coalesce(sum(len({listed})), 0) FROM {{{spec.name}}} WHERE {LIVE}",
         row_check_description=f"One row per entry of the live {spec.name}' {column.name} lists.",
+        row_key=spec.key_name,
     )
 
 
@@ -185,6 +189,7 @@ def contact_profiles(within: Collection[str] | None = None) -> NormalizedTable |
         expected_rows="SELECT count(*) FROM {contacts} WHERE _deleted_at IS NULL",
         row_check="one_row_per_live_contact",
         row_check_description="One row per live contact.",
+        row_key="contact_id",
     )
 
 
@@ -215,6 +220,11 @@ class BuildResult:
     preview: str
     # False: kept as it was, since nothing it reads changed since it was built and its definition is the same.
     rebuilt: bool = True
+    # Not rebuilt but updated in place: the rows of some rows of the table it follows replaced
+    # (a refresh, see ``update_in_place``), and how many went and came.
+    updated_in_place: bool = False
+    rows_removed: int = 0
+    rows_added: int = 0
 
 
 def _built_from(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> str:
@@ -235,6 +245,44 @@ def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, tab
     comment = f"{table.description} {_built_from(connection, schema, table)}"
     connection.execute(f"COMMENT ON TABLE {target} IS {quote_literal(comment)}")
     return build_facts(connection, schema, table)
+
+
+def update_in_place(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable, keys: str) -> BuildResult:
+    """Replace, inside the caller's transaction, the rows of ``table`` that come from the rows of
+    the table it follows (``reads[0]``) whose keys the temporary table ``keys`` holds (a column
+    ``key``): theirs are deleted, and its query is run over those rows alone and inserted.
+
+    It costs what those rows hold, not what the tables do, and makes what a rebuild would, given
+    that the table was current (``is_current``) before those rows, and nothing else it reads,
+    changed: each row of it comes from one row of the table it follows, joined with what the
+    other tables hold of that row (rows naming it by key, read for those keys alone) or of
+    everything (the tags' names, read whole: they are few)."""
+    if not table.row_key:
+        raise ValueError(f"{table.name} names no row of {table.reads[0]}: it can only be rebuilt whole")
+    follows = RESOURCES_BY_NAME[table.reads[0]]
+    chosen = f"IN (SELECT key FROM {quote_ident(keys)})"
+    names = {}
+    for name in table.reads:
+        source = fully_qualified(connection, schema, name)
+        if name == follows.name:
+            source = f"(SELECT * FROM {source} WHERE {quote_ident(follows.primary_key_column.name)} {chosen})"
+        else:
+            naming = [column for column, member in RESOURCES_BY_NAME[name].references() if member is None and column.references.resource == follows.name]  # type: ignore[union-attr]
+            if naming:
+                source = f"(SELECT * FROM {source} WHERE {' OR '.join(f'{quote_ident(column.name)} {chosen}' for column in naming)})"
+        names[name] = source
+    target = fully_qualified(connection, schema, table.name)
+    refuse_foreign(connection, schema, [table.owned])
+    (removed,) = connection.execute(f"DELETE FROM {target} WHERE {quote_ident(table.row_key)} {chosen}").fetchone()  # type: ignore[misc]
+    listed = ", ".join(quote_ident(n) for n, _ in table.columns)
+    columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
+    (added,) = connection.execute(
+        f"INSERT INTO {target} ({listed}) SELECT {columns} FROM ({table.select.format(**names)})"
+    ).fetchone()  # type: ignore[misc]
+    # Now what a rebuild over the rows its reads hold now would make: said so, as a rebuild says.
+    connection.execute(f"COMMENT ON TABLE {target} IS {quote_literal(f'{table.description} {_built_from(connection, schema, table)}')}")
+    built = build_facts(connection, schema, table, rebuilt=False)
+    return replace(built, updated_in_place=True, rows_removed=int(removed), rows_added=int(added))
 
 
 def is_current(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> bool:
