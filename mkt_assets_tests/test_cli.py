@@ -14,8 +14,10 @@ import duckdb
 import pytest
 import responses
 
+from mkt_assets import cli
 from mkt_assets.cli import INSTANCE_SETTINGS, dagster_cli, dagster_home, inbox_path, main, query_command
 from mkt_assets.sandbox.server import _accepted_key
+from mkt_assets.webhooks.inbox import Inbox, default_inbox_path
 
 
 def test_the_demos_query_hint_runs_in_a_shell_and_shows_the_contacts(tmp_path: Path) -> None:
@@ -243,3 +245,20 @@ def test_serve_keeps_deliveries_beside_the_warehouse_file_unless_told_otherwise(
     monkeypatch.setenv("MKT_DUCKDB_PATH", str(tmp_path / "acme.duckdb"))
     assert inbox_path(None) == tmp_path / "acme.webhooks.sqlite"
     assert inbox_path("elsewhere/inbox.sqlite") == tmp_path / "elsewhere" / "inbox.sqlite"
+
+
+def test_dev_serves_a_receiver_the_simulator_delivers_its_changes_to(tmp_path: Path) -> None:
+    # What `mkt-assets dev` starts beside the simulator, and the change its banner suggests.
+    database = tmp_path / "dev.duckdb"
+    with cli.simulator(50, 0, str(database)) as (server, environment), cli.simulated_webhooks(server, environment) as receiver:
+        change = cli.example_change(server)
+        server.apply_changes([change])
+        assert server.wait_for_deliveries(30)
+        (delivered,) = server.deliveries
+        assert (delivered.status, delivered.event) == (200, "CONTACT_TAG_ADDED")
+        assert receiver.url.startswith("http://127.0.0.1:")
+    # The secret the sensor needs is in the environment dg dev gets; the delivery is on disk.
+    assert len(environment["MKT_WEBHOOK_SECRET"]) == 64
+    with Inbox(default_inbox_path(str(database))) as inbox:
+        (kept,) = inbox.since(0)
+    assert (kept.event_type, kept.contact_id, kept.signature_verified) == ("CONTACT_TAG_ADDED", change["contact"], True)
