@@ -520,7 +520,9 @@ def test_the_refresh_job_lands_the_contacts_its_run_config_names_as_a_full_sync_
 
     assert sorted(request.path for request in deployment.server.requests) == sorted(f"/api/contacts/{key}" for key in keys)
     metadata = materializations(result)
-    assert set(metadata) == {"contacts", "contact_tags", "contact_field_values", "contact_profiles"}
+    # ... and webhook_events, which every refresh brings up to the inbox (none here: nothing to land).
+    assert set(metadata) == {"contacts", "contact_tags", "contact_field_values", "contact_profiles", "webhook_events"}
+    assert (metadata["webhook_events"]["landed"], metadata["webhook_events"]["dagster/row_count"]) == (0, 0)
     contacts = metadata["contacts"]
     assert contacts["read"] == "by id: 8 asked, 5 found, 3 gone upstream (HTTP 404)"
     read = ("records_fetched", "ids_asked", "gone_upstream_404", "requests")
@@ -534,6 +536,7 @@ def test_the_refresh_job_lands_the_contacts_its_run_config_names_as_a_full_sync_
     assert checks == {
         ("contacts", "row_count_not_dropping"): True,
         **{(table.name, name): True for table in FOLLOWING for name in (table.row_check, "keys_present")},
+        ("webhook_events", "every_delivery_names_a_contact"): True,
     }
     assert sync_contacts(twin.database, deployment.server.base_url).success
     for table in CONTACT_TABLES:
@@ -556,8 +559,11 @@ def test_a_refresh_that_fails_reading_a_contact_writes_nothing_and_says_which(de
 
     assert f"contacts: GET /api/contacts/{keys[0]}: HTTP 400" in failure(result)
     assert "Nothing was written" in failure(result)
-    assert result.get_asset_materialization_events() == []
-    assert deployment.warehouse().everything() == before
+    # Only webhook_events, a step of its own that lands the inbox (empty here) whatever the refresh did.
+    assert [event.asset_key.path[-1] for event in result.get_asset_materialization_events()] == ["webhook_events"]
+    after = deployment.warehouse().everything()
+    assert after.pop("webhook_events")[1] == []
+    assert after == before
 
 
 @pytest.mark.slow  # a second or more: runs through Dagster

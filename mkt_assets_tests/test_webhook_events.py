@@ -10,7 +10,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from mkt_assets.core.deliveries import parse
+from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV, parse, webhook_secret
 from mkt_assets.orchestration import webhooks
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.webhooks import refresh_requests, webhook_events_key
@@ -118,3 +118,49 @@ def test_the_sensor_batches_a_burst_into_one_refresh_and_splits_only_past_a_runs
     ]
     assert len({request.run_key for request in requests}) == 3
     assert MAX_READ <= MAX_REFRESH_KEYS
+
+
+@pytest.mark.slow  # real syncs and a refresh through Dagster
+def test_duplicated_and_reordered_deliveries_still_leave_each_contact_as_the_api_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mkt_assets.sandbox.webhooks import DeliveryFault
+    from mkt_assets.webhooks.receiver import Receiver
+    from mkt_assets_tests.test_refresh import Deployment
+
+    deployment = Deployment(tmp_path, monkeypatch)
+    server, data = deployment.server, deployment.data
+    secret = "s3cret-" + "x" * 24
+    try:
+        deployment.run("marketing_sync")
+        with Inbox(tmp_path / "deployment.webhooks.sqlite") as inbox, Receiver(
+            inbox, webhook_secret({WEBHOOK_SECRET_ENV: secret}), "127.0.0.1", 0
+        ) as receiver:
+            server.webhooks.register(receiver.url, secret)
+            server.add_delivery_fault(DeliveryFault("out_of_order", event="CONTACT_TAG_ADDED", times=1))
+            server.add_delivery_fault(DeliveryFault("duplicate", event="CONTACT_TAG_REMOVED", times=1))
+            first, second = data.contact_ids[-1], data.contact_ids[-2]
+            tag = next(t for t in data.tag_ids if t not in {x["id"] for x in data.contact(first)["tags"]})
+            server.add_tag(first, tag)  # held back by the fault: delivered after the removal
+            server.remove_tag(first, tag)
+            server.add_tag(second, tag)
+            assert server.wait_for_deliveries(30)
+            deliveries = inbox.since(0)
+        # The duplicate is kept once; the added tag's delivery came after its removal's.
+        assert [(d.event_type, d.contact_id) for d in deliveries] == [
+            ("CONTACT_TAG_REMOVED", first), ("CONTACT_TAG_ADDED", first), ("CONTACT_TAG_ADDED", second),
+        ]  # fmt: skip
+        assert len(server.deliveries) == 4  # the removal was sent twice
+        (request,) = refresh_requests(deployment.names, webhook_events_key(deployment.names), deliveries)
+        result = deployment.run(deployment.names.refresh_job, request.run_config)
+
+        tags = dict(
+            duckdb.connect(deployment.database, read_only=True)
+            .execute(f"SELECT id, [t.id FOR t IN tags] FROM marketing.contacts WHERE id IN ({first}, {second})")
+            .fetchall()
+        )
+        assert tag not in tags[first] and tag in tags[second]  # what the API holds, whatever the order
+        landed = {e.asset_key.path[-1]: e.materialization.metadata for e in result.get_asset_materialization_events()}
+        assert landed["webhook_events"]["dagster/row_count"].value == 3
+    finally:
+        server.stop()
