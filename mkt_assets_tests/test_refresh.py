@@ -286,6 +286,26 @@ def test_in_delete_mode_a_contact_gone_upstream_is_removed_with_its_rows(synced:
     assert version[-1] is False  # its version closed: _valid_to set
 
 
+def test_an_older_refresh_landing_after_a_newer_one_leaves_what_the_newer_one_read(synced: Warehouse) -> None:
+    data, tags = synced.data, synced.data.tag_ids
+    retagged, deleted = data.contact_ids[4], data.contact_ids[5]
+    data.set_contact_tags(retagged, tags[:1])
+    older = synced.staged([retagged, deleted])
+    data.set_contact_tags(retagged, tags[1:3])
+    data.delete_contact(deleted)
+    newer = synced.staged([retagged, deleted])
+
+    for batch, refresh in (newer, older):
+        landed = commit_refresh(synced.file, "marketing", batch, refresh, FOLLOWING, deletions="mark")
+
+    merge = landed.written["contacts"].merge
+    assert merge is not None and (merge.updated, merge.deleted, merge.newer_kept) == (0, 0, 2)
+    (stored,) = synced.rows("contacts", stamps=False, keys=[retagged])
+    assert [tag["id"] for tag in stored[9]] == tags[1:3]
+    assert [row[1] for row in synced.rows("contact_tags", keys=[retagged])] == tags[1:3]
+    assert synced.rows("contacts", stamps=False, keys=[deleted])[0][-1] is False  # still marked deleted
+
+
 @pytest.mark.parametrize("failing", ["contact_profiles", "contact_tags"])
 def test_a_refresh_failing_anywhere_in_its_transaction_leaves_every_table_as_it_was(
     synced: Warehouse, monkeypatch: pytest.MonkeyPatch, failing: str

@@ -140,10 +140,18 @@ def merge_batch(
     # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
     connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
     (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
+    temporaries = ["staged", "changed", "fresh", "newer"]
+    # A read by key (neither complete nor after a key: a refresh) says nothing of other keys,
+    # so what concerns them is not even looked at: its cost follows the keys, not the table.
+    read_keys = None
+    if not batch.complete and batch.after is None:
+        connection.execute("CREATE OR REPLACE TEMP TABLE answered_gone AS SELECT unnest($keys::BIGINT[]) AS key", {"keys": list(gone)})
+        temporaries.append("answered_gone")
+        read_keys = f"(SELECT {key} FROM staged UNION ALL SELECT key FROM answered_gone)"
     # Runs may overlap and land in either order: what a sync that began after this one wrote
     # (changed, inserted, found gone) is newer than what this batch read, and is left alone.
     newer = _newer_rows(
-        connection, schema, table, target, key, batch, newest_reads_cover(connection, schema, table, batch.synced_at)
+        connection, schema, table, target, key, batch, newest_reads_cover(connection, schema, table, batch.synced_at), read_keys
     )
     not_newer = f" AND s.{key} NOT IN (SELECT {key} FROM newer)" if newer else ""
     # A row marked deleted that the API lists again has changed: it is back. (Two different
@@ -174,14 +182,13 @@ def merge_batch(
             f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s SEMI JOIN fresh USING ({key})"
         ).fetchone()  # type: ignore[misc]
     deleted = 0
-    temporaries = ["staged", "changed", "fresh", "newer"]
     closing = ["changed"]
     if batch.complete or gone:
         if batch.complete:
             missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
         else:
-            connection.execute("CREATE OR REPLACE TEMP TABLE answered_gone AS SELECT unnest($keys::BIGINT[]) AS key", {"keys": list(gone)})
-            temporaries.append("answered_gone")
+            if read_keys is None:
+                raise ValueError(f"{table}: keys answered gone go with a read by key (neither complete nor after a key)")
             # A key both answered and gone (never, in one read) keeps its answer.
             missing_upstream = f"t.{key} IN (SELECT key FROM answered_gone) AND NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
         if newer:
@@ -263,14 +270,17 @@ def _newer_rows(
     key: str,
     batch: StagedBatch,
     covered_after: int | None,
+    read_keys: str | None = None,
 ) -> int:
     """Collect into the temporary table ``newer`` the keys a sync that began after ``batch``'s
     has written: stored rows it inserted, changed or marked deleted, and rows it removed (in
     ``delete`` mode), which only the history remembers, whatever this run keeps; and, stored or
     staged, the keys above ``covered_after``, which newer incremental reads read (see ``reads``:
-    one of them may have read a row unchanged, or found it gone). Returns how many there are (0
+    one of them may have read a row unchanged, or found it gone). ``read_keys``: a query of the
+    keys a read by key asked for, the only ones looked at then. Returns how many there are (0
     unless runs overlapped)."""
     _, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
+    among = f" AND t.{key} IN {read_keys}" if read_keys else ""
     removed = ""
     if table_exists(connection, schema, history_table(table)):
         versions = fully_qualified(connection, schema, history_table(table))
@@ -278,15 +288,19 @@ def _newer_rows(
         removed = (
             f" UNION SELECT h.{key} FROM {versions} AS h WHERE h.{valid_to} > $synced_at"
             f" AND NOT EXISTS (SELECT 1 FROM {target} AS t WHERE t.{key} = h.{key})"
+            + (f" AND h.{key} IN {read_keys}" if read_keys else "")
         )
     parameters: dict[str, object] = {"synced_at": batch.synced_at}
     covered = ""
     if covered_after is not None:
-        covered = f" UNION SELECT {key} FROM {target} WHERE {key} > $after UNION SELECT {key} FROM staged WHERE {key} > $after"
+        covered = (
+            f" UNION SELECT {key} FROM {target} AS t WHERE {key} > $after{among}"
+            f" UNION SELECT {key} FROM staged WHERE {key} > $after"
+        )
         parameters["after"] = covered_after
     connection.execute(
         f"CREATE OR REPLACE TEMP TABLE newer AS SELECT t.{key} FROM {target} AS t"
-        f" WHERE greatest(t.{synced_at}, coalesce(t.{deleted_at}, t.{synced_at})) > $synced_at{removed}{covered}",
+        f" WHERE greatest(t.{synced_at}, coalesce(t.{deleted_at}, t.{synced_at})) > $synced_at{among}{removed}{covered}",
         parameters,
     )
     (count,) = connection.execute("SELECT count(*) FROM newer").fetchone()  # type: ignore[misc]
