@@ -156,9 +156,10 @@ class SyncConfig(dg.Config):
     incremental: bool = Field(
         default=False,
         description=(
-            "Read only records newer than the newest stored one, for resources that allow it"
-            " (contacts); others, and an empty table, are read in full. An incremental read"
-            " never marks deletions."
+            "Read only records newer than the newest stored one, for resources whose ids only grow"
+            f" ({', '.join(spec.name for spec in RESOURCES_BY_NAME.values() if spec.incremental)});"
+            " others, and an empty table, are read in full. An incremental read never marks"
+            " deletions in those: the full sync does."
         ),
     )
     confirm_mass_deletion: bool = Field(
