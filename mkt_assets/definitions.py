@@ -1,5 +1,6 @@
 """The Dagster definitions: assets, checks, the sync job, its schedule and the resources."""
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -125,4 +126,12 @@ def build_definitions(
 def defs() -> dg.Definitions:
     """What Dagster loads (``dg dev``, ``dagster dev``): the component instances in
     ``mkt_assets/defs`` (this project's own account, reading the environment's settings)."""
+    # Dagster loads them again wherever one command needs them (six times in one `dagster job
+    # execute`, 0.15 s each, a second of every run): the same environment makes the same
+    # definitions, so a process builds them once per environment it sees.
+    return _loaded(frozenset(os.environ.items()))
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(environment: frozenset[tuple[str, str]]) -> dg.Definitions:
     return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)

@@ -43,6 +43,20 @@ def test_the_definitions_load_without_any_warning_and_without_a_key(chosen: dict
     assert loaded.stderr == ""
 
 
+def test_the_project_loads_its_definitions_once_per_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mkt_assets import definitions
+
+    monkeypatch.setenv("MKT_RESOURCES", "contacts,tags")
+    first = definitions.defs()
+    # Dagster asks again for each part of one command: the same environment, the same definitions.
+    assert definitions.defs() is first
+    monkeypatch.setenv("MKT_RESOURCES", "contacts")
+    changed = definitions.defs()
+
+    assert changed is not first
+    assert {key.path[-1] for key in changed.resolve_all_asset_keys()} == {"contacts", "contact_tags", "contact_field_values", "contact_profiles"}
+
+
 def test_each_catalog_resource_is_an_asset_with_group_kinds_and_column_schema() -> None:
     specs = {spec.key: spec for spec in defs.resolve_all_asset_specs() if spec.group_name == "marketing"}
 
