@@ -270,7 +270,8 @@ def expected_profiles(account: Account) -> list[tuple[int, list[int], list[int]]
 
 
 def stored_profiles(account: Account) -> list[tuple[int, list[int], list[int]]]:
-    return [tuple(row) for row in account.query("SELECT contact_id, course_ids, community_ids FROM marketing.contact_profiles ORDER BY contact_id")]  # type: ignore[misc]
+    rows = account.query("SELECT contact_id, course_ids, community_ids FROM marketing.contact_profiles ORDER BY contact_id")
+    return [(row[0], row[1], row[2]) for row in rows]
 
 
 def relations(account: Account) -> dict[str, list[tuple[int, int, int]]]:

@@ -398,9 +398,10 @@ class SandboxData:
         """Remove one membership or enrollment; its contact stays. Its id is never given again."""
         _relation(resource)
         with self._lock:
-            ids = self._contact_ids
-            live = self._relation_walk(resource, ids, 0, len(ids), True, item_id, True, None, self._added[resource], self._removed[resource])
-            if next((slot[0] for slot in live), None) != item_id:
+            ids, added, removed = self._contact_ids, self._added[resource], self._removed[resource]
+            # The first live record from this id on is the record itself, if it is live.
+            found = next(self._relation_walk(resource, ids, 0, len(ids), True, item_id, True, None, added, removed), None)
+            if found is None or found[0] != item_id:
                 raise KeyError(f"no {resource} record with id {item_id}")
             self._removed[resource].add(item_id)
 
@@ -559,12 +560,12 @@ class SandboxData:
         derived = self._relation_slots(resource, ids, lo, hi, ascending, cursor, inclusive, target, removed)
         if not added:
             return derived
-        if ascending:
-            start = 0 if cursor is None else bisect_left(added, cursor, key=_item_id) if inclusive else bisect_right(added, cursor, key=_item_id)
-            beyond: Iterator[_Slot] = iter(added[start:])
-        else:
-            end = len(added) if cursor is None else bisect_right(added, cursor, key=_item_id) if inclusive else bisect_left(added, cursor, key=_item_id)
-            beyond = reversed(added[:end])
+        start, end = 0, len(added)
+        if cursor is not None and ascending:
+            start = (bisect_left if inclusive else bisect_right)(added, cursor, key=_item_id)
+        elif cursor is not None:
+            end = (bisect_right if inclusive else bisect_left)(added, cursor, key=_item_id)
+        beyond = iter(added[start:end]) if ascending else reversed(added[start:end])
 
         def kept(slot: _Slot) -> bool:
             item_id, contact_id, target_index = slot
