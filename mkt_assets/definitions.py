@@ -69,7 +69,11 @@ def build_jobs(settings: Settings | None = None) -> list[Any]:
         selection=selection,
         description=(
             f"{newer} and write them with the rebuilt normalized tables in one DuckDB transaction."
-            + (" Sees no changes to older records of those." if incremental_resources else "")
+            + (
+                " Sees neither changes to older records of those nor their removals: the full sync does."
+                if incremental_resources
+                else ""
+            )
         ),
         executor_def=dg.in_process_executor,
         tags=run_retry_tags(settings),

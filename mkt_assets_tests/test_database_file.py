@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import select
 import shutil
 import sqlite3
 import subprocess
@@ -138,6 +139,36 @@ def test_a_file_whose_checkpoint_cut_its_free_blocks_off_the_end_is_not_taken_fo
     assert free > 0
 
     check_before_fetch(WarehouseFile(str(database)), "marketing", [])  # does not raise
+
+
+def test_the_look_before_the_fetch_reads_where_an_incremental_read_starts_unless_a_writer_holds_the_file(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "account.duckdb"
+    file = WarehouseFile(str(database))
+    growing = [spec for spec in RESOURCES if spec.name in ("contacts", "memberships")]
+
+    # No file yet: nothing stored, and the look makes none.
+    assert check_before_fetch(file, "marketing", [], newest_of=growing) == {"contacts": None, "memberships": None}
+    assert not database.exists()
+    with connect(str(database)) as connection:
+        connection.execute("CREATE SCHEMA marketing")
+        connection.execute("CREATE TABLE marketing.contacts AS SELECT * FROM (VALUES (3), (9), (4)) AS t(id)")
+    assert check_before_fetch(file, "marketing", [], newest_of=growing) == {"contacts": 9, "memberships": None}
+
+    # Another process writing to it: the look cannot read it, and says so (the worker waits its turn).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True); sys.stdin.read()", str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 60)
+        assert ready and holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert check_before_fetch(file, "marketing", [], newest_of=growing) is None
+    finally:
+        holder.communicate("", timeout=60)
 
 
 def test_a_sqlite_file_is_refused_without_any_extension_being_fetched(

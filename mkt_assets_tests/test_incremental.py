@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
@@ -17,6 +18,8 @@ from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.sql_names import fully_qualified
 
 API_KEY = "incremental-secret-9c2f"
+# The resources whose ids only grow, which the incremental job reads after their newest stored id.
+GROWING = [spec.name for spec in RESOURCES if spec.incremental]
 
 
 class Account:
@@ -42,6 +45,15 @@ class Account:
 
     def contact_requests(self) -> int:
         return sum(1 for request in self.server.requests if request.path == "/api/contacts")
+
+    def requests_of(self, resource: str) -> list[dict[str, str]]:
+        """The query of each request the last run sent for ``resource``."""
+        path = "/api" + RESOURCES_BY_NAME[resource].path
+        return [request.query for request in self.server.requests if request.path == path]
+
+    def newest(self, resource: str) -> int:
+        ((newest,),) = self.query(f"SELECT max(id) FROM marketing.{resource}")
+        return int(newest)
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         with connect(self.database) as connection:
@@ -222,3 +234,131 @@ def test_tables_left_out_with_contacts_are_rebuilt_from_what_changed_meanwhile_w
     ) == [tagged]
     # And once rebuilt, a run with nothing new keeps them again.
     assert account.run("marketing_sync")["contact_tags"]["rebuilt"] is False
+
+
+def test_the_resources_whose_ids_only_grow_are_declared_so_in_the_catalog() -> None:
+    assert GROWING == ["contacts", "memberships", "enrollments"]
+
+
+@pytest.mark.slow  # a second or more: several real syncs
+def test_an_incremental_run_with_nothing_new_reads_one_page_of_each_resource_whose_ids_only_grow(account: Account) -> None:
+    account.run("marketing_sync")
+    stored = {name: account.query(f"SELECT * FROM marketing.{name} ORDER BY id") for name in GROWING}
+    # Hundreds of each: a full read of either is several pages.
+    assert all(len(rows) > 200 for rows in stored.values())
+
+    quiet = account.run("marketing_incremental")
+
+    for name in GROWING:
+        newest = account.newest(name)
+        assert account.requests_of(name) == [{"limit": "100", "order": "asc", "startingAfter": str(newest)}], name
+        assert quiet[name]["read"] == f"incremental, after id {newest}"
+        assert (quiet[name]["records_fetched"], quiet[name]["rows_inserted"], quiet[name]["rows_deleted_upstream"]) == (0, 0, 0)
+        assert account.query(f"SELECT * FROM marketing.{name} ORDER BY id") == stored[name]
+    assert quiet["contact_profiles"]["rebuilt"] is False
+
+
+def expected_profiles(account: Account) -> list[tuple[int, list[int], list[int]]]:
+    """(contact id, course ids, community ids) of every live contact, as the simulator holds them."""
+    courses: dict[int, set[int]] = defaultdict(set)
+    for enrollment in account.data.records("enrollments"):
+        courses[enrollment["contact"]["id"]].add(enrollment["course"]["id"])
+    communities: dict[int, set[int]] = defaultdict(set)
+    for membership in account.data.records("memberships"):
+        communities[membership["contact"]["id"]].add(membership["community"]["id"])
+    return [(cid, sorted(courses[cid]), sorted(communities[cid])) for cid in account.data.contact_ids]
+
+
+def stored_profiles(account: Account) -> list[tuple[int, list[int], list[int]]]:
+    rows = account.query("SELECT contact_id, course_ids, community_ids FROM marketing.contact_profiles ORDER BY contact_id")
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+def relations(account: Account) -> dict[str, list[tuple[int, int, int]]]:
+    """The live memberships and enrollments as the simulator serves them: (id, contact, other end)."""
+    return {
+        "memberships": [(m["id"], m["contact"]["id"], m["community"]["id"]) for m in account.data.records("memberships")],
+        "enrollments": [(e["id"], e["contact"]["id"], e["course"]["id"]) for e in account.data.records("enrollments")],
+    }
+
+
+def stored_relations(account: Account, live: bool = True) -> dict[str, list[tuple[int, int, int]]]:
+    where = " WHERE _deleted_at IS NULL" if live else ""
+    return {
+        "memberships": account.query(f"SELECT id, contact_id, community_id FROM marketing.memberships{where} ORDER BY id"),
+        "enrollments": account.query(f"SELECT id, contact_id, course_id FROM marketing.enrollments{where} ORDER BY id"),
+    }
+
+
+@pytest.mark.slow  # a second or more: several real syncs
+def test_new_memberships_and_enrollments_land_incrementally_and_update_their_contacts_profiles(account: Account) -> None:
+    account.run("marketing_sync")
+    data = account.data
+    before = relations(account)
+    newest = {name: account.newest(name) for name in GROWING}
+    # Existing contacts join a community and a course: records with new ids, of old contacts.
+    member = next(cid for cid in data.contact_ids if all(contact != cid for _, contact, _ in before["memberships"]))
+    joined = data.add_relation("memberships", member, data.community_ids[0])
+    student = before["enrollments"][0][1]
+    other_course = next(c for c in data.course_ids if (student, c) not in {(s, course) for _, s, course in before["enrollments"]})
+    enrolled = data.add_relation("enrollments", student, other_course)
+    added = {"memberships": joined, "enrollments": enrolled}
+    new_contacts = data.add_contacts(40)  # they come with memberships and enrollments of their own
+
+    grown = account.run("marketing_incremental")
+
+    after = relations(account)
+    for name in ("memberships", "enrollments"):
+        new = [row for row in after[name] if row[0] > newest[name]]
+        # The old contact's first (its id is above every earlier one), then the new contacts'.
+        assert new[0][0] == added[name] and 1 < len(new) < 100
+        assert account.requests_of(name) == [{"limit": "100", "order": "asc", "startingAfter": str(newest[name])}]
+        assert grown[name]["read"] == f"incremental, after id {newest[name]}"
+        assert (grown[name]["rows_inserted"], grown[name]["rows_updated"], grown[name]["rows_unchanged"]) == (len(new), 0, 0)
+        # A new version for each new row, nothing else opened or closed.
+        assert (grown[name]["versions_opened"], grown[name]["versions_closed"]) == (len(new), 0)
+        assert account.query(f"SELECT count(*), count(_valid_to) FROM marketing.{name}_history") == [(len(after[name]), 0)]
+    assert stored_relations(account) == after
+    assert grown["contacts"]["rows_inserted"] == len(new_contacts)
+    assert grown["contact_profiles"]["rebuilt"] is True
+    assert stored_profiles(account) == expected_profiles(account)
+    profiles = {row[0]: row for row in stored_profiles(account)}
+    assert data.community_ids[0] in profiles[member][2] and other_course in profiles[student][1]
+
+
+@pytest.mark.slow  # a second or more: several real syncs
+def test_removed_memberships_and_enrollments_wait_for_the_full_sync(account: Account) -> None:
+    account.run("marketing_sync")
+    data = account.data
+    before = relations(account)
+    # A membership and an enrollment removed while their contacts stay, and a contact deleted
+    # with all of its own.
+    (left, leaver, _) = before["memberships"][3]
+    (dropped, dropper, _) = before["enrollments"][3]
+    data.remove_relation("memberships", left)
+    data.remove_relation("enrollments", dropped)
+    gone_contact = next(contact for _, contact, _ in before["memberships"][10:] if contact not in (leaver, dropper))
+    data.delete_contact(gone_contact)
+    gone = {
+        "memberships": sorted([left, *(key for key, contact, _ in before["memberships"] if contact == gone_contact)]),
+        "enrollments": sorted([dropped, *(key for key, contact, _ in before["enrollments"] if contact == gone_contact)]),
+    }
+    profiles = stored_profiles(account)
+
+    incremental = account.run("marketing_incremental")
+
+    for name in ("memberships", "enrollments"):
+        assert (incremental[name]["rows_inserted"], incremental[name]["rows_deleted_upstream"]) == (0, 0)
+    assert stored_relations(account) == before, "an incremental read says nothing of the records it did not fetch"
+    assert stored_profiles(account) == profiles
+
+    full = account.run("marketing_sync")
+
+    assert stored_relations(account) == relations(account)
+    for name in ("memberships", "enrollments"):
+        assert full[name]["rows_deleted_upstream"] == len(gone[name])
+        marked = account.query(f"SELECT id FROM marketing.{name} WHERE _deleted_at IS NOT NULL ORDER BY id")
+        assert [row[0] for row in marked] == gone[name]
+        closed = account.query(f"SELECT id FROM marketing.{name}_history WHERE _valid_to IS NOT NULL ORDER BY id")
+        assert [row[0] for row in closed] == gone[name]
+    assert stored_profiles(account) == expected_profiles(account)

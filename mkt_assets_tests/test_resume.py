@@ -68,8 +68,16 @@ def resources(database: Path, marketing_api: MarketingApiResource, deletions: st
     }
 
 
-def sync(database: Path, marketing_api: MarketingApiResource, *, settings: Settings | None = None, names: list[str] = ALL) -> dg.ExecuteInProcessResult:
-    return materialize_marketing(names, resources(database, marketing_api), settings=settings, raise_on_error=False)
+def sync(
+    database: Path,
+    marketing_api: MarketingApiResource,
+    *,
+    settings: Settings | None = None,
+    names: list[str] = ALL,
+    incremental: bool = False,
+) -> dg.ExecuteInProcessResult:
+    run_config = {"ops": {"sync_marketing": {"config": {"incremental": True}}}} if incremental else None
+    return materialize_marketing(names, resources(database, marketing_api), settings=settings, raise_on_error=False, run_config=run_config)
 
 
 # The columns that say when a sync ran, which differ between any two syncs.
@@ -466,6 +474,43 @@ def test_an_incremental_read_resumes_too_but_never_as_another_starting_key(serve
     assert len(server.requests) <= 50 - 18 + SLACK
     other.batch.discard()
     done.batch.discard()
+
+
+@pytest.mark.slow  # a second or more: several real syncs
+def test_an_interrupted_incremental_run_is_resumed_by_the_next_and_lands_what_a_clean_sync_lands(
+    server: SandboxServer, tmp_path: Path
+) -> None:
+    database, staging = tmp_path / "resumed.duckdb", tmp_path / "staging"
+    assert sync(database, api(server, staging)).success
+    with connect(str(database)) as connection:
+        stored = {name: connection.execute(f"SELECT count(*) FROM marketing.{name}").fetchone() for name in ("memberships", "enrollments")}
+    server.data.add_contacts(400)  # ~120 new memberships and ~160 new enrollments: pages of 10 each
+    new_pages = -(-(server.data.count("memberships") - stored["memberships"][0]) // PAGE_SIZE)  # type: ignore[index]
+    assert new_pages > 8
+    server.reset_log()
+    # From the 7th request of memberships on, the API answers 503 to every one: the run fails.
+    server.add_fault(Fault("status", path="/api/community/memberships", status=503, after=6, times=-1))
+    failed = sync(database, api(server, staging), incremental=True)
+    assert not failed.success
+    assert resumable_files(staging), "the pages read must be kept for the next run"
+    with connect(str(database)) as connection:
+        for name, count in stored.items():
+            assert connection.execute(f"SELECT count(*) FROM marketing.{name}").fetchone() == count, "the failed run wrote nothing"
+
+    server.clear_faults()
+    server.reset_log()
+    resumed = sync(database, api(server, staging), incremental=True)
+
+    assert resumed.success
+    memberships = materialization(resumed, "memberships")
+    assert str(memberships["read"]).startswith("incremental, after id ")
+    assert memberships["resumed_from_run"] == failed.run_id and int(memberships["pages_resumed"]) >= 4  # type: ignore[call-overload]
+    # Only the pages after the failed run's checkpoint are asked again (and the failed request).
+    asked = sum(1 for request in server.requests if request.path == "/api/community/memberships")
+    assert asked <= new_pages - int(memberships["pages_resumed"]) + 1  # type: ignore[call-overload]
+    expected, _ = clean_sync(server, tmp_path)
+    assert tables(database) == expected
+    assert resumable_files(staging) == [], "a committed read's pages go"
 
 
 def test_mkt_resume_hours_sets_the_window_and_zero_turns_resuming_off(server: SandboxServer, tmp_path: Path) -> None:

@@ -566,6 +566,71 @@ def test_repeat_cursor_fault_on_a_relation_serves_the_page_the_client_already_ha
         assert again == first
 
 
+@pytest.mark.parametrize("resource", ["contacts", *RELATIONS])
+def test_a_list_is_newest_first_by_default_and_a_cursor_reads_on_from_any_id(
+    server: SandboxServer, session: requests.Session, data: SandboxData, resource: str
+) -> None:
+    ids = [record["id"] for record in data.records(resource)]
+    newest_first = get(session, server, PATHS[resource]).json()
+    assert [item["id"] for item in newest_first["items"]] == ids[::-1][:10] and newest_first["hasMore"] is True
+    # What an incremental read asks: ascending after the newest id stored.
+    assert get(session, server, PATHS[resource], order="asc", startingAfter=ids[-1]).json() == {"items": [], "hasMore": False}
+    before_last = get(session, server, PATHS[resource], order="asc", limit=10, startingAfter=ids[-4]).json()
+    assert [item["id"] for item in before_last["items"]] == ids[-3:] and before_last["hasMore"] is False
+    # A cursor that is no record's id (between two, or past every one) reads on from where it falls.
+    between = ids[20] + 1 if ids[21] > ids[20] + 1 else ids[20]
+    up = get(session, server, PATHS[resource], order="asc", limit=10, startingAfter=between).json()
+    down = get(session, server, PATHS[resource], order="desc", limit=10, startingAfter=between + 1).json()
+    assert [item["id"] for item in up["items"]] == ids[21:31]
+    assert [item["id"] for item in down["items"]] == ids[11:21][::-1]
+    past_the_end = get(session, server, PATHS[resource], order="desc", limit=10, startingAfter=ids[-1] + 10).json()
+    assert past_the_end["items"][0]["id"] == ids[-1]
+
+
+def test_a_relation_added_to_an_existing_contact_comes_after_every_earlier_id_and_a_removed_one_goes(
+    session: requests.Session,
+) -> None:
+    data = SandboxData(seed=9, contacts=200)
+    before = {resource: list(data.records(resource)) for resource in RELATIONS}
+    member = next(contact for contact in data.contact_ids if not any(m["contact"]["id"] == contact for m in before["memberships"]))
+    membership = data.add_relation("memberships", member, data.community_ids[-1])
+    student = before["enrollments"][0]["contact"]["id"]
+    taken = {item["course"]["id"] for item in before["enrollments"] if item["contact"]["id"] == student}
+    course = next(course for course in data.course_ids if course not in taken)
+    enrollment = data.add_relation("enrollments", student, course)
+    new_contacts = data.add_contacts(40)
+    removed = before["memberships"][5]["id"]
+    data.remove_relation("memberships", removed)
+    data.remove_relation("enrollments", enrollment)
+    with SandboxServer(data, api_key=KEY) as server:
+        served = {resource: walk(session, server, PATHS[resource], order="asc", limit=10) for resource in RELATIONS}
+        backwards = walk(session, server, PATHS["memberships"], order="desc", limit=10)
+        newer = walk(session, server, PATHS["memberships"], order="asc", startingAfter=before["memberships"][-1]["id"])
+        mine = get(session, server, PATHS["memberships"], contact=member).json()["items"]
+        in_community = walk(session, server, PATHS["memberships"], limit=10, community=data.community_ids[-1])
+    assert membership > max(item["id"] for item in before["memberships"] + before["enrollments"])
+    # Contacts added later still have relations with higher ids than the added one.
+    later = [item for item in served["memberships"] if item["contact"]["id"] in set(new_contacts)]
+    assert later and min(item["id"] for item in later) > membership
+    assert served["memberships"] == list(data.records("memberships")) and backwards == served["memberships"][::-1]
+    assert [item["id"] for item in newer] == [membership] + [item["id"] for item in later]
+    community = next(record for record in data.records("communities") if record["id"] == data.community_ids[-1])
+    assert mine == [{"id": membership, "community": community, "contact": {"id": member}}]
+    assert membership in {item["id"] for item in in_community}
+    assert removed not in {item["id"] for item in served["memberships"]}
+    assert enrollment not in {item["id"] for item in served["enrollments"]}
+    assert data.count("memberships") == len(served["memberships"]) == len(before["memberships"]) + 1 + len(later) - 1
+    # Deleting the contact takes the relation added to it too; a removed id cannot be removed again.
+    data.delete_contact(member)
+    assert membership not in {item["id"] for item in data.records("memberships")}
+    with pytest.raises(KeyError):
+        data.remove_relation("memberships", removed)
+    with pytest.raises(KeyError):
+        data.add_relation("memberships", member, data.community_ids[0])
+    with pytest.raises(KeyError):
+        data.add_relation("enrollments", student, max(data.course_ids) + 1)
+
+
 # ===================================================================== rate limit
 
 

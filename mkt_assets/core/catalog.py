@@ -102,8 +102,9 @@ class ResourceSpec:
     paginated: bool = True
     # The field whose value of the last item is the next page's `startingAfter`.
     cursor_field: str = "id"
-    # New records can be read alone: ids only grow, so `startingAfter` the newest stored id
-    # in ascending order returns exactly the records created since.
+    # Ids only grow (a new record gets an id above every earlier one), so the incremental job
+    # reads only the records after the newest stored id, in ascending order: exactly those
+    # created since. Changes to older records and removals wait for the daily full sync.
     incremental: bool = False
 
     def __post_init__(self) -> None:
@@ -280,6 +281,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
         path="/community/memberships",
         primary_key="id",
         description="Contacts' memberships of the account's communities (GET /api/community/memberships).",
+        incremental=True,
         columns=(
             _ID,
             Column(
@@ -298,6 +300,7 @@ RESOURCES: tuple[ResourceSpec, ...] = (
         path="/school/enrollments",
         primary_key="id",
         description="Contacts' enrollments in the account's courses (GET /api/school/enrollments).",
+        incremental=True,
         columns=(
             _ID,
             Column(

@@ -159,9 +159,10 @@ class SyncConfig(dg.Config):
     incremental: bool = Field(
         default=False,
         description=(
-            "Read only records newer than the newest stored one, for resources that allow it"
-            " (contacts); others, and an empty table, are read in full. An incremental read"
-            " never marks deletions."
+            "Read only records newer than the newest stored one, for resources whose ids only grow"
+            f" ({', '.join(spec.name for spec in RESOURCES_BY_NAME.values() if spec.incremental)});"
+            " others, and an empty table, are read in full. An incremental read never marks"
+            " deletions in those: the full sync does."
         ),
     )
     confirm_mass_deletion: bool = Field(
@@ -238,21 +239,24 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
         with lean_process.Worker("duckdb", preload=("mkt_assets.warehouse.commit",)) as duckdb, TypingQueue(
             warehouse.memory_limit
         ) as typing:
+            incremental = [spec for spec in resources if spec.incremental] if config.incremental else []
             try:
                 # Before the first request: a file the write would refuse fails in seconds. In
                 # this process (tens of ms, a read-only look at the file's catalog), not the
-                # worker's, whose start then overlaps the fetch instead of delaying it.
-                check_before_fetch(
+                # worker's, whose start then overlaps the fetch instead of delaying it; the same
+                # look reads where an incremental read starts.
+                looked = check_before_fetch(
                     file,
                     warehouse.schema_name,
                     run_tables(resources, plan_sync(resources, tables, all_tables, {}).tables),
+                    newest_of=incremental,
                 )
             except WarehouseFileError as unusable:
                 raise dg.Failure(description=f"{unusable}. Nothing was fetched.", allow_retries=False) from None
             newest: dict[str, int | None] = {}
-            incremental = [spec for spec in resources if spec.incremental]
-            if config.incremental and incremental:
-                newest = duckdb.call(newest_keys, file, warehouse.schema_name, incremental, log=context.log.warning)
+            if incremental:
+                # A writer held the file as it was looked at: the worker waits its turn.
+                newest = looked if looked is not None else duckdb.call(newest_keys, file, warehouse.schema_name, incremental, log=context.log.warning)
                 for name in [name for name, key in newest.items() if key is None]:
                     context.log.info(f"{name}: nothing stored yet, so a full read")
             plan = plan_sync(resources, tables, all_tables, newest)

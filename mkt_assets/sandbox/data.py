@@ -17,7 +17,9 @@ memberships and 0.4 enrollments (so 100k contacts: ~30k and ~40k). A page walks 
 ids from the cursor's contact on, so it also costs O(log n + page) (a ``community``/``course``
 filter also walks the contacts whose items do not match: with five communities, ~17 contacts per
 membership served); deleting a contact takes its memberships and enrollments with it, and added
-contacts come with theirs.
+contacts come with theirs. A test may also add one to an existing contact (``add_relation``: its
+id is above every id given so far, as the platform's are) or remove one (``remove_relation``);
+those few are held as they are and merged into the walk in id order.
 Their records embed the community, course and contact as they are when served.
 
 This module is deliberately independent of the rest of ``mkt_assets``: it is a fake of the real
@@ -27,12 +29,13 @@ API, and tests compare the real client against it.
 from __future__ import annotations
 
 import copy
+import heapq
 import random
 import threading
 import unicodedata
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from itertools import accumulate, islice
 from typing import Any, NamedTuple
@@ -212,6 +215,10 @@ class SandboxData:
         self._tag_overrides: dict[int, tuple[int, ...]] = {}
         # Contacts that opted in (opt_in): subscribed and confirmed, whatever their seed drew.
         self._opted_in: set[int] = set()
+        # Relations a test added to existing contacts, ``(item id, contact id, target index)`` in
+        # ascending id order, and the ids of those it removed (derived or added).
+        self._added: dict[str, list[_Slot]] = {name: [] for name in _RELATIONS}
+        self._removed: dict[str, set[int]] = {name: set() for name in _RELATIONS}
 
     # ----------------------------------------------------------------- read access
 
@@ -247,8 +254,8 @@ class SandboxData:
             return len(self._contact_fields)
         if resource in _RELATIONS:
             # O(contacts): one hash per contact, fine for the small accounts tests count.
-            ids = self.contact_ids
-            return sum(len(self._slots(resource, contact_id)) for contact_id in ids)
+            ids, added, removed = self._relations_snapshot(resource)
+            return sum(1 for _ in self._relation_walk(resource, ids, 0, len(ids), True, None, False, None, added, removed))
         return len(self._small[resource])
 
     def records(self, resource: str) -> Iterator[Record]:
@@ -264,8 +271,9 @@ class SandboxData:
         if resource == "contact_fields":
             return iter(copy.deepcopy(self._contact_fields))
         if resource in _RELATIONS:
-            ids = self.contact_ids  # a snapshot: later mutations do not disturb the iteration
-            slots = self._relation_slots(resource, ids, 0, len(ids), True, None, False, None)
+            # A snapshot: later mutations do not disturb the iteration.
+            ids, added, removed = self._relations_snapshot(resource)
+            slots = self._relation_walk(resource, ids, 0, len(ids), True, None, False, None, added, removed)
             return (self._relation_record(resource, *slot) for slot in slots)
         return iter(copy.deepcopy(self._small[resource]))
 
@@ -371,6 +379,35 @@ class SandboxData:
             self._contact_ids.pop(index)  # a memmove: fine for a test mutation, even at 1M
             self._tag_overrides.pop(contact_id, None)
             self._opted_in.discard(contact_id)
+
+    def add_relation(self, resource: str, contact_id: int, target_id: int) -> int:
+        """A new membership (``target_id``: a community) or enrollment (a course) of a live
+        contact; its id, above every id given so far, as the platform gives a new record's.
+
+        It takes the place of a contact id never to be registered (``next_contact_id`` moves on),
+        so contacts added later still have relations with higher ids than this one."""
+        relation = _relation(resource)
+        with self._lock:
+            if not self._has_contact(contact_id):
+                raise KeyError(f"no contact with id {contact_id}")
+            target = self._target_index[resource].get(target_id)
+            if target is None:
+                raise KeyError(f"no {relation.target_filter} with id {target_id}")
+            item_id = 4 * self._next_id + relation.id_offset
+            self._next_id += 1
+            self._added[resource].append((item_id, contact_id, target))
+        return item_id
+
+    def remove_relation(self, resource: str, item_id: int) -> None:
+        """Remove one membership or enrollment; its contact stays. Its id is never given again."""
+        _relation(resource)
+        with self._lock:
+            ids, added, removed = self._contact_ids, self._added[resource], self._removed[resource]
+            # The first live record from this id on is the record itself, if it is live.
+            found = next(self._relation_walk(resource, ids, 0, len(ids), True, item_id, True, None, added, removed), None)
+            if found is None or found[0] != item_id:
+                raise KeyError(f"no {resource} record with id {item_id}")
+            self._removed[resource].add(item_id)
 
     def rename_tag(self, tag_id: int, name: str) -> None:
         """Rename a tag's own record; the contacts keep the name their lists embed, so only a
@@ -507,7 +544,8 @@ class SandboxData:
         cursor: int | None,
         inclusive: bool,
         target: int | None,
-    ) -> Iterator[tuple[int, int, int]]:
+        removed: Collection[int] = (),
+    ) -> Iterator[_Slot]:
         """``(item id, contact id, target index)`` of the contacts ids[lo:hi], in id order.
 
         Only items beyond ``cursor`` in that order (``inclusive``: the cursor's own id too) and,
@@ -530,8 +568,48 @@ class SandboxData:
                     (item_id > cursor if ascending else item_id < cursor) or (inclusive and item_id == cursor)
                 ):
                     continue
+                if item_id in removed:
+                    continue
                 yield item_id, contact_id, target_index
             index += step
+
+    def _relations_snapshot(self, resource: str) -> tuple[array[int], list[_Slot], frozenset[int]]:
+        """The live contact ids and the relations added and removed, as they are now."""
+        with self._lock:
+            return array("q", self._contact_ids), list(self._added[resource]), frozenset(self._removed[resource])
+
+    def _relation_walk(
+        self,
+        resource: str,
+        ids: Sequence[int],
+        lo: int,
+        hi: int,
+        ascending: bool,
+        cursor: int | None,
+        inclusive: bool,
+        target: int | None,
+        added: Sequence[_Slot],
+        removed: Collection[int],
+    ) -> Iterator[_Slot]:
+        """``_relation_slots``, with the relations added to contacts of ids[lo:hi] merged in id order."""
+        derived = self._relation_slots(resource, ids, lo, hi, ascending, cursor, inclusive, target, removed)
+        if not added:
+            return derived
+        start, end = 0, len(added)
+        if cursor is not None and ascending:
+            start = (bisect_left if inclusive else bisect_right)(added, cursor, key=_item_id)
+        elif cursor is not None:
+            end = (bisect_right if inclusive else bisect_left)(added, cursor, key=_item_id)
+        beyond = iter(added[start:end]) if ascending else reversed(added[start:end])
+
+        def kept(slot: _Slot) -> bool:
+            item_id, contact_id, target_index = slot
+            if item_id in removed or (target is not None and target_index != target):
+                return False
+            index = bisect_left(ids, contact_id, lo, hi)  # its contact live, within the walk's contacts
+            return index < hi and ids[index] == contact_id
+
+        return heapq.merge(derived, filter(kept, beyond), key=_item_id, reverse=not ascending)
 
     def _relation_page(
         self,
@@ -558,8 +636,10 @@ class SandboxData:
                 lo = bisect_left(ids, contact_id) if lo < hi else lo
                 hi = lo + 1 if lo < hi and ids[lo] == contact_id else lo
 
-            def walk(forwards: bool, inclusive: bool) -> Iterator[tuple[int, int, int]]:
-                return self._relation_slots(resource, ids, lo, hi, forwards, cursor, inclusive, target)
+            added, removed = self._added[resource], self._removed[resource]
+
+            def walk(forwards: bool, inclusive: bool) -> Iterator[_Slot]:
+                return self._relation_walk(resource, ids, lo, hi, forwards, cursor, inclusive, target, added, removed)
 
             if cursor is not None and repeat_cursor:
                 # The page ending at the cursor, walked backwards from it, then put in order.
@@ -604,6 +684,19 @@ class SandboxData:
 
 
 # --------------------------------------------------------------------- paging helpers
+
+# One membership or enrollment as the walk finds it: (item id, contact id, target index).
+_Slot = tuple[int, int, int]
+
+
+def _item_id(slot: _Slot) -> int:
+    return slot[0]
+
+
+def _relation(resource: str) -> _Relation:
+    if resource not in _RELATIONS:
+        raise KeyError(f"{resource!r} is not a relation; expected one of {', '.join(_RELATIONS)}")
+    return _RELATIONS[resource]
 
 
 class _Window:

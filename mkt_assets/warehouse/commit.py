@@ -331,12 +331,22 @@ def run_tables(resources: Sequence[ResourceSpec], tables: Sequence[NormalizedTab
     )
 
 
-def check_before_fetch(file: WarehouseFile, schema: str, tables: Sequence[OwnedTable]) -> None:
+def check_before_fetch(
+    file: WarehouseFile, schema: str, tables: Sequence[OwnedTable], *, newest_of: Sequence[ResourceSpec] = ()
+) -> dict[str, int | None] | None:
     """Fail at once (``WarehouseFileError``) on a file the run could not write, or a table of
-    ``tables`` it did not create: before the fetch, not after it. Changes nothing."""
+    ``tables`` it did not create: before the fetch, not after it. Changes nothing.
+
+    The same look reads the highest key stored of each of ``newest_of`` (as ``newest_keys``
+    does), so an incremental run knows where to start without waiting for a DuckDB worker to
+    start; None when a writer held the file, which ``newest_keys`` then waits for."""
     with inspected(file.database) as connection:
         if connection is not None:
             refuse_foreign(connection, schema, tables, file.database)
+            return {spec.name: newest_key(connection, schema, spec) for spec in newest_of}
+    if file.database != ":memory:" and os.path.lexists(file.database):
+        return None
+    return dict.fromkeys((spec.name for spec in newest_of), None)
 
 
 def newest_keys(file: WarehouseFile, schema: str, specs: Sequence[ResourceSpec]) -> dict[str, int | None]:
