@@ -131,6 +131,8 @@ def test_dg_scaffolds_the_component_into_a_fresh_project_where_it_checks_and_lau
             "key_prefix": "acme",
             "database": "data/acme_warehouse.duckdb",
             "base_url": "https://api.systeme.io/api",
+            # Unset, the changes sensor stays off; set, the account's webhooks are acted on.
+            "webhook_secret": "{{ env.ACME_WEBHOOK_SECRET }}",
         },
     }
     # The user's edit: where the API is (here, the simulator); the key goes in the environment.

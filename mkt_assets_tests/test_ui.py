@@ -45,6 +45,7 @@ ASSET_PATHS = {("marketing", name) for name in ASSET_NAMES}
 NORMALIZED_READS = {("marketing", table.name): {("marketing", read) for read in table.reads} for table in NORMALIZED_TABLES}
 NORMALIZED_CHECKS = {("marketing", table.name): {table.row_check, "keys_present"} for table in NORMALIZED_TABLES}
 ALL_PATHS = ASSET_PATHS | set(NORMALIZED_READS)
+WEBHOOK_EVENTS_PATH = ("marketing", "webhook_events")
 SYNC_CHECKS = {"primary_key_unique", "required_fields_present", "row_count_not_dropping", "history_is_consistent"}
 # Each synced asset's reference checks, and the asset each one also reads.
 REFERENCE_CHECKS = {
@@ -545,7 +546,9 @@ def test_the_webserver_shows_every_synced_asset_in_group_marketing_with_kinds_ow
     dagster_dev: DagsterDev,
 ) -> None:
     every_node = {tuple(node["assetKey"]["path"]): node for node in dagster_dev.graphql(ASSET_NODES_QUERY)["assetNodes"]}
-    assert set(every_node) == ALL_PATHS
+    # webhook_events beside them, in a group of its own that no sync selects.
+    assert set(every_node) == ALL_PATHS | {WEBHOOK_EVENTS_PATH}
+    assert every_node[WEBHOOK_EVENTS_PATH]["groupName"] == "marketing_webhooks"
     nodes = {path: node for path, node in every_node.items() if path in ASSET_PATHS}
 
     for path, node in nodes.items():
@@ -754,7 +757,10 @@ def test_after_the_sync_the_daemon_shows_every_asset_fresh(dagster_dev: DagsterD
     deadline = time.monotonic() + STARTUP_SECONDS
     while True:
         nodes = dagster_dev.graphql(FRESHNESS_QUERY)["assetNodes"]
-        statuses = {tuple(node["assetKey"]["path"]): node["freshnessStatusInfo"] for node in nodes}
+        every = {tuple(node["assetKey"]["path"]): node["freshnessStatusInfo"] for node in nodes}
+        # webhook_events has no freshness policy: deliveries come when something changes.
+        assert every.get(WEBHOOK_EVENTS_PATH, "absent") is None
+        statuses = {path: info for path, info in every.items() if path != WEBHOOK_EVENTS_PATH}
         if set(statuses) == ALL_PATHS and all(
             info and info["freshnessStatus"] == "HEALTHY" for info in statuses.values()
         ):
