@@ -470,15 +470,23 @@ def register(root: Path, env: Mapping[str, str], url: str) -> str:
     return output.strip()
 
 
-def start_daemon(home: Path, workspace: Path, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(home: Path, workspace: Path, env: Mapping[str, str], log: Path) -> tuple[subprocess.Popen[bytes], Any]:
+    """``dagster-daemon run`` in a new Dagster home with the project's dagster.yaml, and the
+    instance it uses. The instance's storage is made here first: made by the daemon, its code
+    server and this process at once, SQLite's schema versions can be stamped twice, and the code
+    location then fails to load ("alembic_version has more than one head")."""
+    import dagster as dg
+
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    instance = dg.DagsterInstance.from_config(str(home))
     with open(log, "wb") as output:
-        return subprocess.Popen(
+        daemon = subprocess.Popen(
             [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
             cwd=home, env={**env, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+    return daemon, instance
 
 
 def run_times(instance: Any, job_name: str) -> list[RunTimes]:
@@ -624,14 +632,17 @@ def run_webhooks(root: Path, env: Mapping[str, str], base_url: str, simulator_pi
 
     receiver, url, receiver_log = start_receiver(root, child_env)
     home = root / "daemon-home"
-    daemon = start_daemon(home, REPO / "workspace.yaml", child_env, root / "daemon.log")
+    try:
+        daemon, instance = start_daemon(home, REPO / "workspace.yaml", child_env, root / "daemon.log")
+    except BaseException:
+        _stop_group(receiver)
+        raise
     try:
         result["registered"] = register(root, child_env, url)
-        import dagster as dg
-
-        instance = dg.DagsterInstance.from_config(str(home))
         with Watch(database, options.poll) as watch:
             result["warm_up"] = _latency_phase(base_url, watch, warm_up, 0.0, before)
+            if not result["warm_up"]["all_landed"]:
+                raise RuntimeError(f"the warm-up change did not land within {LANDING_SECONDS:.0f} s (see {root / 'daemon.log'})")
             _wait_runs_idle(instance, REFRESH_JOB, time.time() + IDLE_SECONDS)
             result["latency"] = _latency_phase(base_url, watch, latency_changes, options.spacing, before, receiver_log)
             _wait_runs_idle(instance, REFRESH_JOB, time.time() + IDLE_SECONDS)
@@ -757,7 +768,6 @@ def _attach_runs(phase: dict[str, Any], runs: Sequence[RunTimes]) -> None:
 def run_floor(root: Path, env: Mapping[str, str], shape: dict[str, Any], interval: int, options: Options) -> dict[str, Any]:
     """Dagster alone, under the same daemon settings: a sensor at the changes sensor's interval
     reading a file, and a do-nothing run of the refresh's shape for each bump of it."""
-    import dagster as dg
 
     shape_file = root / "floor-shape.json"
     shape_file.write_text(json.dumps(shape))
@@ -773,11 +783,9 @@ def run_floor(root: Path, env: Mapping[str, str], shape: dict[str, Any], interva
         **env, "BENCH_FLOOR_SHAPE": str(shape_file), "BENCH_FLOOR_JOB": REFRESH_JOB, "BENCH_FLOOR_POOL": "bench_floor",
         "BENCH_FLOOR_TRIGGER": str(trigger), "BENCH_FLOOR_SENSOR_SECONDS": str(interval),
     }  # fmt: skip
-    home = root / "floor-home"
-    daemon = start_daemon(home, workspace, floor_env, root / "floor-daemon.log")
+    daemon, instance = start_daemon(root / "floor-home", workspace, floor_env, root / "floor-daemon.log")
     bumps: list[tuple[int, float]] = []
     try:
-        instance = dg.DagsterInstance.from_config(str(home))
         # A warm-up bump, left out: the daemon's first ticks and its code server's start.
         trigger.write_text("1")
         deadline = time.time() + LANDING_SECONDS
