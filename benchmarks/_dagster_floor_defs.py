@@ -9,6 +9,14 @@ the step's events); the empty-account run minus this is the project's own fixed 
 with BENCH_FLOOR_SHAPE naming a JSON file ``{"assets": ["marketing/contacts", ...],
 "checks": [["marketing/contacts", "primary_key_unique"], ...]}`` (the benchmark writes it from
 the project's definitions) and BENCH_FLOOR_CHECKS=0 to leave the checks out.
+
+The webhooks part runs it under the daemon for a refresh's shape, with more settings:
+``"steps": {"<step>": {"assets": [...], "checks": [...]}}`` in the shape (a multi-asset per step,
+as the refresh's run had them; without it, one step ``sync_marketing`` holds everything),
+BENCH_FLOOR_JOB (the job's name, default ``marketing_sync``), BENCH_FLOOR_POOL (the steps' pool,
+so the run queue weighs it as the project's) and BENCH_FLOOR_TRIGGER with
+BENCH_FLOOR_SENSOR_SECONDS: a sensor, running by default, that every so many seconds reads the
+integer in that file and launches one run when it grew, as the changes sensor reads its inbox.
 """
 
 # No `from __future__ import annotations`: Dagster checks the context annotation as an object.
@@ -20,12 +28,10 @@ from pathlib import Path
 import dagster as dg
 
 SHAPE = json.loads(Path(os.environ["BENCH_FLOOR_SHAPE"]).read_text())
-ASSET_KEYS = [dg.AssetKey(key.split("/")) for key in SHAPE["assets"]]
-CHECKS = (
-    [dg.AssetCheckSpec(name, asset=dg.AssetKey(asset.split("/"))) for asset, name in SHAPE["checks"]]
-    if os.environ.get("BENCH_FLOOR_CHECKS", "1") != "0"
-    else []
-)
+WITH_CHECKS = os.environ.get("BENCH_FLOOR_CHECKS", "1") != "0"
+JOB = os.environ.get("BENCH_FLOOR_JOB", "marketing_sync")
+POOL = os.environ.get("BENCH_FLOOR_POOL") or None
+STEPS = SHAPE.get("steps") or {"sync_marketing": {"assets": SHAPE["assets"], "checks": SHAPE["checks"]}}
 
 
 class MetadataOnlyIOManager(dg.IOManager):
@@ -38,19 +44,41 @@ class MetadataOnlyIOManager(dg.IOManager):
         return None
 
 
-@dg.multi_asset(specs=[dg.AssetSpec(key) for key in ASSET_KEYS], check_specs=CHECKS, can_subset=True, name="sync_marketing")
-def sync_marketing(context: dg.AssetExecutionContext) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
-    for key in ASSET_KEYS:
-        if key in context.selected_asset_keys:
-            yield dg.Output(None, output_name=key.to_python_identifier(), metadata={"records_fetched": 0})
-    for spec in CHECKS:
-        if spec.key in context.selected_asset_check_keys:
-            yield dg.AssetCheckResult(asset_key=spec.asset_key, check_name=spec.name, passed=True)
+def floor_step(name: str, assets: list[str], checks: list[list[str]]) -> dg.AssetsDefinition:
+    keys = [dg.AssetKey(key.split("/")) for key in assets]
+    specs = [dg.AssetCheckSpec(check, asset=dg.AssetKey(asset.split("/"))) for asset, check in checks] if WITH_CHECKS else []
+
+    @dg.multi_asset(specs=[dg.AssetSpec(key) for key in keys], check_specs=specs, can_subset=True, name=name, pool=POOL)
+    def step(context: dg.AssetExecutionContext) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
+        for key in keys:
+            if key in context.selected_asset_keys:
+                yield dg.Output(None, output_name=key.to_python_identifier(), metadata={"records_fetched": 0})
+        for spec in specs:
+            if spec.key in context.selected_asset_check_keys:
+                yield dg.AssetCheckResult(asset_key=spec.asset_key, check_name=spec.name, passed=True)
+
+    return step
 
 
+def trigger_sensor(trigger: Path, seconds: int) -> dg.SensorDefinition:
+    @dg.sensor(name="floor_changes", job_name=JOB, minimum_interval_seconds=seconds, default_status=dg.DefaultSensorStatus.RUNNING)
+    def floor_changes(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        try:
+            count = int(trigger.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            count = 0
+        if count <= int(context.cursor or 0):
+            return dg.SkipReason(f"no trigger after {context.cursor or 0}")
+        return dg.SensorResult(run_requests=[dg.RunRequest(run_key=str(count))], cursor=str(count))
+
+    return floor_changes
+
+
+TRIGGER = os.environ.get("BENCH_FLOOR_TRIGGER")
 defs = dg.Definitions(
-    assets=[sync_marketing],
+    assets=[floor_step(name, step["assets"], step["checks"]) for name, step in STEPS.items()],
     # In process, as the project's jobs: one process for the whole run.
-    jobs=[dg.define_asset_job("marketing_sync", selection=dg.AssetSelection.all(), executor_def=dg.in_process_executor)],
+    jobs=[dg.define_asset_job(JOB, selection=dg.AssetSelection.all(), executor_def=dg.in_process_executor)],
+    sensors=[trigger_sensor(Path(TRIGGER), int(os.environ.get("BENCH_FLOOR_SENSOR_SECONDS", "30")))] if TRIGGER else [],
     resources={"io_manager": MetadataOnlyIOManager()},
 )

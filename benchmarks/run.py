@@ -37,6 +37,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _outage
+import _webhooks
 from _dlt_env import (
     DAGSTER_DLT_REQUIREMENTS,
     DEFAULT_DAGSTER_DLT_VENV,
@@ -1254,17 +1255,25 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespac
     )
     parser.add_argument("--probe-sizes", type=int, nargs=2, default=[10_000, 1_000_000], help="target 1's two sizes")
     parser.add_argument("--probe-requests", type=int, default=200, help="page requests per size for target 1")
-    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt", "outage", "kill", "daemon")
+    parts = ("probe", "bare", "asset", "history", "job", "fixed", "latency", "dlt", "dagster-dlt", "outage", "kill", "daemon",
+             "webhooks")  # fmt: skip
     # dagster-dlt is context, not a target, and costs a venv with Dagster of its own: asked for.
-    default_parts = [part for part in parts if part not in ("dagster-dlt", "outage", "kill", "daemon")]
+    asked_for = ("dagster-dlt", "outage", "kill", "daemon", "webhooks")
+    default_parts = [part for part in parts if part not in asked_for]
     parser.add_argument("--parts", nargs="+", choices=parts, default=default_parts,
-                        help="what to measure (default: all but dagster-dlt, outage, kill and daemon)")  # fmt: skip
+                        help=f"what to measure (default: all but {', '.join(asked_for)})")  # fmt: skip
     parser.add_argument("--rate", type=int, default=10, help="requests a second the simulator allows in outage/kill (its rate limit)")
     parser.add_argument("--outage-at", type=float, default=60.0, help="seconds into the sync the outage starts")
     parser.add_argument("--outage-seconds", type=float, default=60.0, help="how long every request answers 503")
     parser.add_argument("--daemon-outage-seconds", type=float, default=600.0,
                         help="how long every request answers 503 in the daemon scenario (from --outage-at)")  # fmt: skip
     parser.add_argument("--kills", type=int, default=5, help="syncs killed with SIGKILL before one finishes (kill)")
+    parser.add_argument("--webhook-changes", type=int, default=20, help="changes made one at a time (webhooks)")
+    parser.add_argument("--webhook-spacing", type=float, default=7.0, help="seconds between two of them, and between floor bumps")
+    parser.add_argument("--webhook-burst", type=int, default=1000, help="changes of the burst (webhooks)")
+    parser.add_argument("--webhook-burst-seconds", type=int, default=10, help="the burst is sent in this many requests, one a second")
+    parser.add_argument("--webhook-floor-changes", type=int, default=10, help="bumps of Dagster's floor sensor (0: no floor)")
+    parser.add_argument("--webhook-poll", type=float, default=1.0, help="seconds between two reads of the DuckDB file")
     parser.add_argument(
         "--dlt-venv", type=Path, default=DEFAULT_VENV,
         help=f"the dlt anchor's venv, created with {' '.join(DLT_REQUIREMENTS)} if missing (default: %(default)s)",
@@ -1332,6 +1341,36 @@ def measure_resume(bench: Bench, plan: Plan, arguments: argparse.Namespace) -> l
     return lines
 
 
+def measure_webhooks(bench: Bench, plan: Plan, arguments: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Issue 26's targets at each size, ``--repeat`` times, each repeat against a fresh simulator
+    (a change is made once): printed as each ends, then pooled."""
+    options = _webhooks.Options(
+        changes=arguments.webhook_changes, spacing=arguments.webhook_spacing, burst=arguments.webhook_burst,
+        burst_batches=arguments.webhook_burst_seconds, poll=arguments.webhook_poll, floor_changes=arguments.webhook_floor_changes,
+    )  # fmt: skip
+    found: dict[str, list[dict[str, Any]]] = {}
+    for contacts in plan.sizes:
+        name = f"webhooks, {label(contacts)} contacts, {arguments.rate} requests/s"
+        for repeat in range(1, plan.repeat + 1):
+            progress(f"{name}, repeat {repeat}/{plan.repeat}: {options.changes} changes one every {options.spacing:g} s,"
+                     f" then {options.burst} in {options.burst_batches} s")  # fmt: skip
+            with simulator(contacts, latency=0.0, api_key=bench.api_key, log_dir=bench.root / "simulators", env=bench.env,
+                           extra=("--rate-limit", f"{arguments.rate}/1")) as sim:  # fmt: skip
+                env = {**bench.env, "MKT_API_KEY": bench.api_key}
+                try:
+                    result = _webhooks.run_webhooks(bench.run_dir(f"webhooks-{label(contacts)}-{repeat}"), env, sim.base_url,
+                                                    sim.pid, options)  # fmt: skip
+                except Exception as error:  # noqa: BLE001 - one failed repeat is reported, the others still run
+                    bench.errors.append(f"{name}, repeat {repeat}: {type(error).__name__}: {error}")
+                    progress(f"{name}, repeat {repeat} FAILED: {error}")
+                    continue
+            found.setdefault(str(contacts), []).append(result)
+            print("\n".join(_webhooks.report(f"{name}, repeat {repeat}/{plan.repeat}", result)), flush=True)
+        if found.get(str(contacts)):
+            print("\n".join(_webhooks.summary(name, found[str(contacts)])), flush=True)
+    return found
+
+
 def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
     results: dict[str, Any] = {"plan": asdict(plan) | {"parts": sorted(plan.parts)}, "sizes": {}}
     if "probe" in plan.parts:
@@ -1366,7 +1405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if plan.parts & {"outage", "kill", "daemon"}:
             measure_resume(bench, plan, arguments)  # prints each scenario as it ends
+        webhooks = measure_webhooks(bench, plan, arguments) if "webhooks" in plan.parts else None
         results = measure(bench, plan)
+        if webhooks is not None:
+            results["webhooks"] = webhooks
         results["machine"] = asdict(machine)
         results["elapsed_seconds"] = time.monotonic() - started
         results["errors"] = bench.errors

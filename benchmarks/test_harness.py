@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import random
 import sqlite3
 import sys
 from contextlib import closing
@@ -20,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dlt_runner
+import _webhooks
 import run
 from _measure import ChildFailed, ProcessRecord
 
@@ -222,3 +225,182 @@ def test_the_floor_job_has_the_shape_it_is_given(tmp_path: Path, monkeypatch: py
     assert sorted(event.asset_key.to_user_string() for event in result.get_asset_materialization_events()) == shape["assets"]
     evaluated = sorted([e.asset_key.to_user_string(), e.check_name] for e in result.get_asset_check_evaluations())
     assert evaluated == (shape["checks"] if checks == "1" else [])
+
+
+# ===================================================================== the webhooks part
+
+
+def delivery(event: str, contact: dict[str, Any], shape: str) -> str:
+    if shape == "data":
+        return json.dumps({"type": event, "createdAt": "2026-12-03T12:00:00+00:00", "data": {"contact": contact}})
+    return json.dumps({"event": event, "createdAt": "2026-12-03T12:00:00+00:00", "contact": contact})
+
+
+@pytest.mark.parametrize("shape", ["data", "flat"])
+def test_a_delivery_says_what_its_contact_became_in_either_shape(shape: str) -> None:
+    contact = {"id": 7, "tags": [{"id": 3, "name": "a"}, {"id": 5, "name": "b"}], "unsubscribed": False, "needsConfirmation": True}
+
+    expected = _webhooks.expected_from_delivery(delivery("CONTACT_TAG_ADDED", contact, shape))
+
+    assert expected == _webhooks.Expected(7, "CONTACT_TAG_ADDED", frozenset({3, 5}), False, True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[]",
+        json.dumps({"type": "CONTACT_OPT_IN"}),
+        delivery("CONTACT_OPT_IN", {"id": True, "tags": [], "unsubscribed": False, "needsConfirmation": False}, "flat"),
+        delivery("CONTACT_OPT_IN", {"id": 7, "tags": [{"id": "3"}], "unsubscribed": False, "needsConfirmation": False}, "flat"),
+        delivery("CONTACT_OPT_IN", {"id": 7, "tags": [], "unsubscribed": None, "needsConfirmation": False}, "data"),
+    ],
+)
+def test_a_delivery_without_a_whole_contact_is_refused(body: str) -> None:
+    with pytest.raises(ValueError):
+        _webhooks.expected_from_delivery(body)
+
+
+def test_a_change_has_landed_in_a_table_only_when_the_table_shows_the_contact_as_it_became() -> None:
+    expected = {
+        1: _webhooks.Expected(1, "CONTACT_TAG_ADDED", frozenset({3, 5}), False, False),
+        2: _webhooks.Expected(2, "CONTACT_TAG_REMOVED", frozenset(), False, False),
+        3: _webhooks.Expected(3, "CONTACT_OPT_IN", frozenset({4}), False, False),
+    }
+    rows = {
+        "contacts": {1: ([3, 5], False, False), 2: ([], False, False), 3: ([4], False, True)},  # 3: needs_confirmation stale
+        "contact_tags": {1: ([3],), 3: ([4],)},  # 1: the new tag not yet; 2: no row, no tag
+        "contact_profiles": {1: ([5, 3], False), 3: ([4], True)},  # 2: no row yet; 3: still unsubscribed
+        "contacts_history": {1: ([3, 5], False, False), 2: ([9], False, False), 3: ([4], False, False)},
+    }
+
+    landed = _webhooks.landed_in(expected, rows)
+
+    assert landed == {
+        "contacts": {1, 2},
+        "contact_tags": {2, 3},
+        "contact_profiles": {1},
+        "contacts_history": {1, 3},
+    }
+
+
+def test_a_change_that_left_its_contact_as_stored_is_told_apart() -> None:
+    expected = _webhooks.Expected(1, "CONTACT_OPT_IN", frozenset({3}), False, False)
+
+    assert _webhooks.unchanged(expected, ([3], False, False))
+    assert not _webhooks.unchanged(expected, ([3], True, False))
+    assert not _webhooks.unchanged(expected, None)  # a contact created
+
+
+def test_changes_cycle_through_the_kinds_each_on_a_contact_that_fits_and_of_its_own() -> None:
+    contacts = [(1, [10], False), (2, [10, 11], True), (3, [], True), (4, [10, 11], False), (5, [11], False)]
+    used: set[int] = set()
+
+    changes = _webhooks.choose_changes(contacts, [10, 11], 4, random.Random(1), used)
+    more = _webhooks.choose_changes(contacts, [10, 11], 2, random.Random(1), used)
+
+    assert [change["event"] for change in changes + more] == [*_webhooks.KINDS, *_webhooks.KINDS[:2]]
+    touched = [change["contact"] for change in changes + more if "contact" in change]
+    assert len(touched) == len(set(touched)) == len(used) == 5
+    stored = {contact_id: (set(tags), unsubscribed) for contact_id, tags, unsubscribed in contacts}
+    for change in changes + more:
+        if change["event"] == "CONTACT_TAG_ADDED":
+            assert change["tag"] not in stored[change["contact"]][0]
+        elif change["event"] == "CONTACT_TAG_REMOVED":
+            assert change["tag"] in stored[change["contact"]][0]
+        elif change["event"] == "CONTACT_OPT_IN":
+            assert stored[change["contact"]][1]
+        else:
+            assert change == {"event": "CONTACT_CREATED"}
+    with pytest.raises(ValueError, match="none left for CONTACT_TAG_ADDED"):  # every contact used
+        _webhooks.choose_changes(contacts, [10, 11], 4, random.Random(1), used)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(value) for value in range(20, 0, -1)]
+
+    assert _webhooks.percentile(values, 0.95) == 19.0
+    assert _webhooks.percentile(values, 0.5) == 10.0
+    assert _webhooks.percentile([4.0], 0.95) == 4.0
+    assert math.isnan(_webhooks.percentile([], 0.5))
+
+
+def test_api_requests_are_counted_per_contact_read_and_429() -> None:
+    records = [
+        {"method": "GET", "path": "/api/contacts/12", "status": 200},
+        {"method": "GET", "path": "/api/contacts/12", "status": 429},
+        {"method": "GET", "path": "/api/contacts/13", "status": 200},
+        {"method": "GET", "path": "/api/contacts", "status": 200},
+        {"method": "POST", "path": "/api/webhooks", "status": 201},
+        {"method": "GET", "path": "/__sandbox/requests", "status": 200},
+    ]
+
+    counts = _webhooks.api_counts(records)
+
+    assert counts == {
+        "api": 5, "by_id": 3, "contacts_read": 2, "429": 1,
+        "paths": {"GET /api/contacts/{id}": 3, "GET /api/contacts": 1, "POST /api/webhooks": 1},
+    }  # fmt: skip
+
+
+def test_the_receivers_429s_are_counted_from_its_log() -> None:
+    log = (
+        "2026-12-03 12:00:00 INFO delivery 4 (CONTACT_OPT_IN) kept (200)\n"
+        "2026-12-03 12:00:01 WARNING refused a delivery: over the rate limit (429)\n"
+        "2026-12-03 12:00:01 WARNING refused a delivery: over the rate limit (429)\n"
+        "2026-12-03 12:00:02 INFO delivery 429 (CONTACT_OPT_IN) kept (200)\n"
+    )
+
+    assert _webhooks.receiver_429s(log) == 2
+
+
+def test_a_change_is_followed_into_the_first_run_launched_for_its_contact() -> None:
+    def times(run_id: str, created: float, ids: set[int], key: str | None = None) -> _webhooks.RunTimes:
+        return _webhooks.RunTimes(run_id, "SUCCESS", created, created + 2, created + 5, created + 8, created + 9, ids, key)
+
+    runs = [times("b", 20.0, {2, 3}), times("a", 10.0, {1, 2})]
+    config = {"ops": {"sync_marketing": {"config": {"contact_ids": [1, 2, True, "3"]}}}}
+
+    assert _webhooks.contact_ids_of(config) == {1, 2}
+    assert _webhooks.run_of(2, runs).run_id == "a"  # type: ignore[union-attr]
+    assert _webhooks.run_of(4, runs) is None
+    assert _webhooks.segments(7.0, 7.5, runs[1], 18.5) == {
+        "delivered": 0.5, "sensor": 2.5, "queue": 2.0, "launch": 3.0, "run": 3.0, "seen": 0.5,
+    }  # fmt: skip
+    assert _webhooks.segments(7.0, None, None, 30.0) == {"seen": 23.0}
+    floor = [times("y", 30.0, set(), "3"), times("x", 10.0, set(), "1"), times("z", 40.0, set(), None)]
+    assert [getattr(_webhooks.floor_run_of(bump, floor), "run_id", None) for bump in (1, 2, 3, 4)] == ["x", "y", "y", None]
+
+
+def test_the_floor_job_takes_the_steps_of_the_shape_and_a_sensor_reading_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape = {
+        "assets": ["marketing/a", "marketing/b", "marketing/c"],
+        "checks": [["marketing/a", "x"]],
+        "steps": {"sync_marketing": {"assets": ["marketing/a", "marketing/b"], "checks": [["marketing/a", "x"]]},
+                  "marketing__c": {"assets": ["marketing/c"], "checks": []}},
+    }  # fmt: skip
+    (tmp_path / "shape.json").write_text(json.dumps(shape))
+    trigger = tmp_path / "trigger"
+    trigger.write_text("3")
+    for name, value in {"BENCH_FLOOR_SHAPE": str(tmp_path / "shape.json"), "BENCH_FLOOR_JOB": "marketing_refresh",
+                        "BENCH_FLOOR_TRIGGER": str(trigger), "BENCH_FLOOR_SENSOR_SECONDS": "15"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    module_spec = importlib.util.spec_from_file_location("floor_with_steps", run.FLOOR_DEFS)
+    assert module_spec is not None and module_spec.loader is not None
+    floor = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(floor)
+    import dagster as dg
+
+    result = floor.defs.resolve_job_def("marketing_refresh").execute_in_process()
+    sensor = floor.defs.resolve_sensor_def("floor_changes")
+    launched = sensor(dg.build_sensor_context(cursor="1"))
+    idle = sensor(dg.build_sensor_context(cursor="3"))
+
+    assert result.success
+    steps = {event.step_key for event in result.get_asset_materialization_events()}
+    assert steps == {"sync_marketing", "marketing__c"}
+    assert sorted(e.asset_key.to_user_string() for e in result.get_asset_materialization_events()) == shape["assets"]
+    assert sensor.minimum_interval_seconds == 15
+    assert [request.run_key for request in launched.run_requests] == ["3"] and launched.cursor == "3"
+    assert isinstance(idle, dg.SkipReason)
