@@ -104,10 +104,11 @@ def floor_command() -> list[str]:
 _SHAPE_SCRIPT = """
 import json, sys
 from mkt_assets.definitions import defs
-graph = defs().resolve_asset_graph()
+# The sync job's own shape: the graph also holds assets no sync selects (webhook_events).
+layer = defs().resolve_job_def("marketing_sync").asset_layer
 shape = {
-    "assets": sorted(key.to_user_string() for key in graph.get_all_asset_keys()),
-    "checks": sorted([key.asset_key.to_user_string(), key.name] for key in graph.asset_check_keys),
+    "assets": sorted(key.to_user_string() for key in layer.executable_asset_keys),
+    "checks": sorted([key.asset_key.to_user_string(), key.name] for key in layer.asset_graph.asset_check_keys),
 }
 json.dump(shape, open(sys.argv[1], "w"))
 """
