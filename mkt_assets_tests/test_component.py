@@ -155,6 +155,7 @@ def test_dg_scaffolds_the_component_into_a_fresh_project_where_it_checks_and_lau
     assert "acme-key-5d1e" not in launched.stdout + launched.stderr
 
 
+@pytest.mark.slow  # dg check defs in a process of its own: 5 s
 def test_a_key_written_into_defs_yaml_is_refused_without_quoting_it(tmp_path: Path) -> None:
     project = fresh_dg_project(tmp_path)
     folder = project / "acme_project" / "defs" / "acme"

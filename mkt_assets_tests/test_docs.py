@@ -115,6 +115,7 @@ def test_the_production_dagster_yaml_is_the_projects_own_with_postgres_storage_a
     assert grpc_server["port"] == int(served[served.index("--port") + 1])
 
 
+@pytest.mark.slow  # Dagster instances made from the production YAML: 2 s
 def test_the_production_run_monitoring_and_compute_logs_are_settings_dagster_takes(tmp_path: Path) -> None:
     layout = production_layout()
     # The whole production dagster.yaml and the compute logs' block, on SQLite: PostgreSQL's
