@@ -10,5 +10,6 @@ from mkt_assets.warehouse.commit import CommitRequest, Facts, RunCommit, commit
 
 
 def commit_then_fail_the_facts(request: CommitRequest) -> RunCommit:
-    committed = commit(request)
+    # Gathered with the commit, then replaced by the failure: none left gathering after it.
+    committed = commit(replace(request, facts_after=False))
     return replace(committed, facts=Facts(error="Out of Memory Error: failed to pin block of size 256.0 KiB"))

@@ -24,9 +24,10 @@ from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.plumbing import lean_process
+from mkt_assets.run.sync import RunWrite, in_worker
 from mkt_assets.sandbox import Fault, SandboxData, SandboxServer
 from mkt_assets.staging.pages import PageStager
-from mkt_assets.warehouse.commit import commit_run
+from mkt_assets.warehouse.commit import commit_run, gathered_facts
 from mkt_assets.warehouse.connection import WarehouseFile, connect
 from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES
 from mkt_assets.warehouse.sql_names import fully_qualified
@@ -246,6 +247,26 @@ def _account(tmp_path: Path, *, contacts: Any = CONTACT_IDS, tags: Any = TAG_IDS
         stage(spec, [items.get(spec.name, [])], tmp_path, complete=complete or spec.name != "contacts")
         for spec in RESOURCES
     ]
+
+
+def test_the_checks_facts_gathered_after_the_commit_are_those_of_the_committed_tables(tmp_path: Path) -> None:
+    """The worker answers as soon as the transaction commits and gathers the checks' facts
+    meanwhile: what the checks then read is what gathering them with the commit gives."""
+    inline = WarehouseFile(str(tmp_path / "inline.duckdb"))
+    expected = commit_run(inline, "marketing", _account(tmp_path), NORMALIZED_TABLES, deletions="mark").facts
+    assert expected is not None and expected.error is None and expected.synced["contacts"].live_rows == 20
+
+    deferred = WarehouseFile(str(tmp_path / "deferred.duckdb"))
+    with lean_process.Worker("duckdb", preload=("mkt_assets.warehouse.commit",)) as worker:
+        write = RunWrite(batches=tuple(_account(tmp_path)), tables=NORMALIZED_TABLES, runner=in_worker(worker))
+        committed = write.commit(deferred, "marketing", "mark", log=None)
+        assert committed.facts is None  # answered before the facts were gathered
+        assert write.checks_facts() == expected
+        assert write.checks_facts() == expected  # asked once of the worker, then kept
+        # Gathered and the file released: this process may open it.
+        assert len(_every_table(deferred.database)["contact_tags"]) == len(_every_table(inline.database)["contact_tags"]) == 20
+        with pytest.raises(RuntimeError, match="no commit in this process is gathering"):
+            worker.call(gathered_facts)
 
 
 def _every_table(database: str) -> dict[str, list[tuple[Any, ...]]]:

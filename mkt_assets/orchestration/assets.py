@@ -51,7 +51,7 @@ from mkt_assets.run.refresh import MAX_REFRESH_KEYS, fetch_refresh, plan_refresh
 from mkt_assets.run.sync import Fetched, FetchOptions, RunWrite, TableWrite, fetch_all, in_worker, plan_sync
 from mkt_assets.staging.resume import ResumeOptions, read_identity
 from mkt_assets.warehouse.chunk_typing import TypingQueue
-from mkt_assets.warehouse.commit import RunCommit, check_before_fetch, newest_keys, run_tables
+from mkt_assets.warehouse.commit import Facts, RunCommit, check_before_fetch, newest_keys, run_tables
 from mkt_assets.warehouse.connection import database_path
 from mkt_assets.warehouse.merge import MASS_DELETION_ALLOWANCE
 from mkt_assets.warehouse.normalized_tables import NormalizedTable, normalized_tables
@@ -310,7 +310,7 @@ def build_marketing_assets(settings: Settings) -> dg.AssetsDefinition:
             commit = write.result
             assert commit is not None, "the IO manager writes the run's tables as the first output is handled"
             yield from _tables_kept_up(context, commit, plan.tables, warehouse.schema_name, names)
-            yield from _check_results(context, commit, resources, plan.tables, previous, settings, warehouse.schema_name, names)
+            yield from _check_results(context, commit, write.checks_facts(), resources, plan.tables, previous, settings, warehouse.schema_name, names)
 
     return sync_marketing
 
@@ -441,7 +441,7 @@ def _refresh(
         commit = write.result
         assert commit is not None, "the IO manager writes the run's tables as the first output is handled"
         yield from _tables_kept_up(context, commit, plan.tables, warehouse.schema_name, names)
-        yield from _check_results(context, commit, [contacts], plan.tables, previous, settings, warehouse.schema_name, names)
+        yield from _check_results(context, commit, write.checks_facts(), [contacts], plan.tables, previous, settings, warehouse.schema_name, names)
 
 
 def _log_fetches(context: dg.AssetExecutionContext, fetches: Sequence[Fetched]) -> None:
@@ -524,6 +524,7 @@ def _previous_row_counts(context: dg.AssetExecutionContext, keys: Iterable[dg.As
 def _check_results(
     context: dg.AssetExecutionContext,
     commit: RunCommit,
+    facts: Facts,
     resources: Sequence[ResourceSpec],
     tables: Sequence[NormalizedTable],
     previous: dict[dg.AssetKey, int | None],
@@ -534,7 +535,6 @@ def _check_results(
     """Every selected check's result, from the facts queried once the write committed."""
     wanted = context.selected_asset_check_keys
     specs_by_key = {spec.key: spec for spec in context.assets_def.check_specs}
-    facts = commit.facts
     if facts.error is not None:
         # The tables have changed: checks that cannot run fail as checks (see could_not_run).
         context.log.error(f"the checks could not run: {facts.error}")

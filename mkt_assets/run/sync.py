@@ -28,7 +28,7 @@ from mkt_assets.staging.resume import release as release_read
 from mkt_assets.staging.resume import remove as remove_read
 from mkt_assets.staging.resume import sweep as sweep_reads
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
-from mkt_assets.warehouse.commit import CommitRequest, Refresh, RunCommit, commit
+from mkt_assets.warehouse.commit import CommitRequest, Facts, Refresh, RunCommit, commit, gathered_facts
 from mkt_assets.warehouse.connection import WarehouseFile
 from mkt_assets.warehouse.merge import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.normalized_tables import NormalizedTable
@@ -39,13 +39,23 @@ Log = Callable[[str], None]
 CommitRunner = Callable[[CommitRequest, Log | None], RunCommit]
 
 
-def in_worker(worker: lean_process.Worker) -> CommitRunner:
-    """The run's one transaction in ``worker``, a lean process that imports DuckDB, not Dagster."""
+@dataclass(frozen=True)
+class InWorker:
+    """The run's one transaction in ``worker``, a lean process that imports DuckDB, not Dagster.
+    It returns once committed; the checks' facts are gathered there meanwhile, on the same
+    connection, and ``gathered_facts`` waits for them."""
 
-    def run(request: CommitRequest, log: Log | None) -> RunCommit:
-        return worker.call(commit, request, log=log)
+    worker: lean_process.Worker
 
-    return run
+    def __call__(self, request: CommitRequest, log: Log | None) -> RunCommit:
+        return self.worker.call(commit, replace(request, facts_after=True), log=log)
+
+    def gathered_facts(self) -> Facts:
+        return self.worker.call(gathered_facts)
+
+
+def in_worker(worker: lean_process.Worker) -> InWorker:
+    return InWorker(worker)
 
 
 # How long an interrupted run waits for its fetches to unwind (and remove their staged pages).
@@ -443,6 +453,7 @@ class RunWrite:
     refresh: Refresh | None = None
     facts: bool = True
     result: RunCommit | None = None
+    _facts: Facts | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def commit(self, file: WarehouseFile, schema: str, deletions: str, log: Log | None) -> RunCommit:
@@ -468,6 +479,21 @@ class RunWrite:
                     for batch in self.batches:
                         batch.discard()
             return self.result
+
+    def checks_facts(self) -> Facts:
+        """What the checks read once the write committed: gathered with it, or after it by the
+        worker (``InWorker``) while the tables were reported."""
+        with self._lock:
+            if self._facts is None:
+                if self.result is None:
+                    raise RuntimeError("the checks' facts are asked for before the run's write")
+                if self.result.facts is not None:
+                    self._facts = self.result.facts
+                elif isinstance(self.runner, InWorker):
+                    self._facts = self.runner.gathered_facts()
+                else:
+                    raise RuntimeError("the commit deferred the checks' facts, and its runner cannot gather them")
+            return self._facts
 
 
 @dataclass(frozen=True)

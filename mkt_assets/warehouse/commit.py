@@ -10,8 +10,11 @@ process (see ``lean_process``).
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -81,7 +84,8 @@ class Facts:
 @dataclass(frozen=True)
 class RunCommit:
     written: dict[str, Written]
-    facts: Facts
+    # None: still being gathered once the commit returned (``CommitRequest.facts_after``).
+    facts: Facts | None
     seconds: float
     # Normalized tables not rebuilt because a table they read does not exist yet, and why.
     skipped: dict[str, str] = field(default_factory=dict)
@@ -118,6 +122,11 @@ class CommitRequest:
     # Gather every fact the checks need (False: a refresh whose checks need none but the
     # merge's row count, which every run has).
     facts: bool = True
+    # Return as soon as the transaction commits, and gather the facts after it on the same
+    # connection (the file still held), while the caller reports the tables written: the
+    # checks then take them from ``gathered_facts``. A run's Dagster events for its outputs
+    # take longer than the facts' queries, so these leave the run's critical path.
+    facts_after: bool = False
 
 
 def commit(request: CommitRequest) -> RunCommit:
@@ -136,6 +145,7 @@ def commit(request: CommitRequest) -> RunCommit:
             asked=request.asked,
             within=request.within,
             facts=request.facts,
+            facts_after=request.facts_after,
         )
     return commit_run(
         request.file,
@@ -148,6 +158,7 @@ def commit(request: CommitRequest) -> RunCommit:
         within=request.within,
         max_drop=request.max_drop,
         confirm_mass_deletion=request.confirm_mass_deletion,
+        facts_after=request.facts_after,
     )
 
 
@@ -163,6 +174,7 @@ def commit_run(
     within: frozenset[str] | None = None,
     max_drop: float = DEFAULT_MAX_DROP,
     confirm_mass_deletion: bool = False,
+    facts_after: bool = False,
 ) -> RunCommit:
     """Merge every batch and rebuild every table in one transaction, then gather the facts the
     checks need: per synced table, its own and those of its references.
@@ -174,11 +186,13 @@ def commit_run(
     built from; a run that writes none rebuilds what it is asked.
     ``within``: the resources the deployment syncs; references to others are not checked.
     A mass deletion (see ``merge.is_mass_deletion``) not confirmed fails the write; every
-    batch is merged first, so the error names each table that would lose too many rows."""
+    batch is merged first, so the error names each table that would lose too many rows.
+    ``facts_after``: see ``CommitRequest``."""
     started = time.monotonic()
     written: dict[str, Written] = {}
     skipped: dict[str, str] = {}
-    with file.open() as connection:
+    with ExitStack() as opened:
+        connection = opened.enter_context(file.open())
         merging: StagedBatch | None = None
         try:
             with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
@@ -226,7 +240,8 @@ def commit_run(
         for batch in batches:
             name = batch.spec.name
             written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
-        facts = _facts(connection, schema, [batch.spec for batch in batches], history, within)
+        gather = partial(_facts, connection, schema, [batch.spec for batch in batches], history, within)
+        facts = _gather_after(gather, opened.pop_all()) if facts_after else gather()
     return RunCommit(written, facts, time.monotonic() - started, skipped)
 
 
@@ -242,6 +257,7 @@ def commit_refresh(
     asked: frozenset[str] = frozenset(),
     within: frozenset[str] | None = None,
     facts: bool = True,
+    facts_after: bool = False,
 ) -> RunCommit:
     """A refresh's one transaction: ``batch`` (the records read by key) merged with their
     history as a sync merges them, the keys of ``refresh.gone`` marked gone as a complete read
@@ -249,12 +265,15 @@ def commit_refresh(
     brought up to date for the refreshed keys alone (``update_in_place``) when it was current
     before the merge, rebuilt whole otherwise, and kept when nothing changed. A failure anywhere
     leaves every table as it was. ``facts``: gather the checks' facts (every one of them reads
-    the whole table); without, only the merge's counts are reported."""
+    the whole table); without, only the merge's counts are reported. ``facts_after``: see
+    ``CommitRequest``."""
     started = time.monotonic()
     spec = batch.spec
     written: dict[str, Written] = {}
     skipped: dict[str, str] = {}
-    with file.open() as connection:
+    found: Facts | None = Facts()
+    with ExitStack() as opened:
+        connection = opened.enter_context(file.open())
         merging = True
         try:
             with transaction(connection, f"the refresh of {len(refresh.keys)} {spec.name} ({', '.join(_names([batch], tables))})"):
@@ -294,7 +313,9 @@ def commit_refresh(
                 raise
             raise explain_cast_failure(connection, spec, batch, error) from None
         written[spec.name] = replace(written[spec.name], preview=preview_markdown(connection, schema, spec.name))
-        found = _facts(connection, schema, [spec], history, within) if facts else Facts()
+        if facts:
+            gather = partial(_facts, connection, schema, [spec], history, within)
+            found = _gather_after(gather, opened.pop_all()) if facts_after else gather()
     return RunCommit(written, found, time.monotonic() - started, skipped)
 
 
@@ -318,6 +339,40 @@ def _facts(
     except duckdb.Error as error:
         return Facts(error=without_values(str(error)))
     return Facts(synced, references, versions)
+
+
+# In the DuckDB worker: the facts a commit is gathering after it returned (``facts_after``).
+_pending_facts: Future[Facts] | None = None
+
+
+def _gather_after(gather: Callable[[], Facts], opened: ExitStack) -> Facts | None:
+    """None, with ``gather()`` running in a thread of its own, then ``opened`` (the connection
+    and the file's lock) closed: ``gathered_facts`` waits for them. Not a daemon: the worker's process ends once
+    they are gathered, never in the middle of a query."""
+    global _pending_facts
+    future: Future[Facts] = Future()
+
+    def work() -> None:
+        try:
+            with opened:
+                facts = gather()
+        except BaseException as error:  # noqa: BLE001 (handed to the caller, which raises it)
+            future.set_exception(error)
+        else:
+            future.set_result(facts)
+
+    _pending_facts = future
+    threading.Thread(target=work, name="facts after commit").start()
+    return None
+
+
+def gathered_facts() -> Facts:
+    """The facts the last commit made with ``facts_after`` gathered, once it has."""
+    global _pending_facts
+    future, _pending_facts = _pending_facts, None
+    if future is None:
+        raise RuntimeError("no commit in this process is gathering the checks' facts")
+    return future.result()
 
 
 def run_tables(resources: Sequence[ResourceSpec], tables: Sequence[NormalizedTable]) -> tuple[OwnedTable, ...]:
