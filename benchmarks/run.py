@@ -74,6 +74,8 @@ LATENCY_RATIO_MAX = 1.15  # 6: job <= 1.15 x (contact pages x latency) + fixed c
 # The lean run's targets ("A lean run: ... well ahead of dlt").
 FIXED_SYNC_MAX_SECONDS = 4.0  # N1a: marketing_sync against an empty account
 FIXED_INCREMENTAL_MAX_SECONDS = 5.0  # N1b: marketing_incremental with nothing new, per size
+FIXED_OVER_FLOOR_MAX_SECONDS = 0.5  # issue 24: N1a - Dagster's floor for its shape
+INCREMENTAL_OVER_FLOOR_MAX_SECONDS = 1.5  # issue 26: N1b - the same floor (the same assets and checks)
 BARE_SLACK_SECONDS = 3.0  # N2a: job <= bare loop (every resource) + 3 s, per size
 DLT_WALL_RATIO_MAX = 0.65  # N2b: job wall / dlt-parquet wall, per size
 DLT_CPU_RATIO_MAX = 1.0  # N2c: job CPU / dlt CPU (whole process trees), per size
@@ -97,6 +99,39 @@ FLOOR_DEFS = Path(__file__).resolve().parent / "_dagster_floor_defs.py"
 
 def floor_command() -> list[str]:
     return [sys.executable, "-m", "dagster", "job", "execute", "-f", str(FLOOR_DEFS), "-j", SYNC_JOB]
+
+
+# The same floor loaded as the project's definitions are (``dg.load_from_defs_folder`` over a dg
+# project's defs folder): what Dagster's components framework adds to each process that loads
+# them (pyproject.toml read with tomlkit, the component tree, the JSON schema of every
+# registered component type), none of it the project's own code.
+FLOOR_PROJECT_FILES = {
+    "pyproject.toml": (
+        '[project]\nname = "floor_project"\nversion = "0"\n\n[tool.dg]\ndirectory_type = "project"\n\n'
+        '[tool.dg.project]\nroot_module = "floor_project"\ncode_location_target_module = "floor_project.definitions"\n'
+    ),
+    "floor_project/__init__.py": "",
+    "floor_project/definitions.py": (
+        "from pathlib import Path\n\nimport dagster as dg\n\n\n@dg.definitions\ndef defs() -> dg.Definitions:\n"
+        "    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)\n"
+    ),
+    "floor_project/defs/__init__.py": "",
+    "floor_project/defs/floor/definitions.py": (
+        f"import runpy\n\ndefs = runpy.run_path({str(FLOOR_DEFS)!r})[\"defs\"]\n"
+    ),
+}
+
+
+def write_floor_project(bench: Bench) -> Path:
+    root = bench.root / "floor_project"
+    for name, text in FLOOR_PROJECT_FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def floor_project_command() -> list[str]:
+    return [sys.executable, "-m", "dagster", "job", "execute", "-m", "floor_project.definitions", "-j", SYNC_JOB]
 
 
 # The shape of marketing_sync (its assets and checks), read from the project's definitions in a
@@ -737,9 +772,18 @@ NO_HISTORY = "-no-history"
 def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """The job against an empty account (T3's and T6's fixed cost, N1a), and dlt beside it
     for context when dlt is measured."""
-    runs: dict[str, list[dict[str, Any]]] = {"job": [], "floor": [], "floor-no-checks": [], "dlt": [], "dagster-dlt": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "job": [], "floor": [], "floor-no-checks": [], "floor-defs-folder": [], "dlt": [], "dagster-dlt": [],
+    }  # fmt: skip
     shape = write_floor_shape(bench)
-    floors = {"floor": "1", "floor-no-checks": "0"}
+    project = write_floor_project(bench)
+    path = os.pathsep.join(filter(None, [str(project), bench.env.get("PYTHONPATH")]))
+    # name: (checks, command, environment of its own)
+    floors = {
+        "floor": ("1", floor_command(), {}),
+        "floor-no-checks": ("0", floor_command(), {}),
+        "floor-defs-folder": ("1", floor_project_command(), {"PYTHONPATH": path}),
+    }
     with bench.start_simulator(0) as sim:
         wanted = ("dlt" in plan.parts and bench.dlt_python) or ("dagster-dlt" in plan.parts and bench.dagster_dlt_python)
         expected = account_sizes(sim, bench.api_key) if wanted else None
@@ -748,11 +792,13 @@ def measure_fixed_cost(bench: Bench, plan: Plan) -> dict[str, list[dict[str, Any
             run = attempt(bench, where, runs["job"], lambda: run_job(bench, sim, 300.0, "fixed"))
             if run:
                 progress(f"{where}: marketing_sync {run['seconds']:.1f}s")
-            for name, checks in floors.items():
-                floor_env = {"BENCH_FLOOR_SHAPE": str(shape), "BENCH_FLOOR_CHECKS": checks}
+            for name, (checks, command, own_env) in floors.items():
+                floor_env = {"BENCH_FLOOR_SHAPE": str(shape), "BENCH_FLOOR_CHECKS": checks, **own_env}
                 run = attempt(
                     bench, f"{where}, {name}", runs[name],
-                    lambda floor_env=floor_env, name=name: run_job(bench, sim, 300.0, name, command=floor_command(), extra_env=floor_env),
+                    lambda floor_env=floor_env, name=name, command=command: run_job(
+                        bench, sim, 300.0, name, command=command, extra_env=floor_env
+                    ),
                 )  # fmt: skip
                 if run:
                     progress(f"{where}: Dagster {name} {run['seconds']:.1f}s ({run['events']} events)")
@@ -889,11 +935,15 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
         )  # fmt: skip
         table.add("  job CPU (all its processes)", "0", cpu_line(fixed_runs))
         add_peak_rows(table, "0", peaks_by_kind(fixed_runs), contacts_step(fixed_runs))
-    add_floor_rows(table, fixed_runs, results.get("dagster_floor") or [], results.get("dagster_floor_no_checks") or [])
+    add_floor_rows(
+        table, fixed_runs, results.get("dagster_floor") or [], results.get("dagster_floor_no_checks") or [],
+        results.get("dagster_floor_defs_folder") or [],
+    )  # fmt: skip
     add_dlt_rows(table, "0", results.get("fixed_cost_dlt") or [])
     add_dagster_dlt_rows(table, "0", results.get("fixed_cost_dagster_dlt") or [], fixed_runs)
+    floor = median(run["seconds"] for run in results.get("dagster_floor") or [])
     for contacts in plan.sizes:
-        add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed)
+        add_size_rows(table, contacts, results["sizes"].get(str(contacts), {}), fixed, floor)
     add_memory_rows(table, "T4", "every process of the sync", memory_peaks(results, plan, {"job": ""}))
     add_memory_rows(
         table, "N3", "every process of the full and the incremental job",
@@ -906,7 +956,11 @@ def build_table(results: dict[str, Any], plan: Plan) -> Table:
 
 
 def add_floor_rows(
-    table: Table, fixed_runs: list[dict[str, Any]], floor: list[dict[str, Any]], no_checks: list[dict[str, Any]]
+    table: Table,
+    fixed_runs: list[dict[str, Any]],
+    floor: list[dict[str, Any]],
+    no_checks: list[dict[str, Any]],
+    defs_folder: list[dict[str, Any]] | None = None,
 ) -> None:
     """What Dagster alone costs a run of the job's shape, and so what of N1a is the project's."""
     if not floor:
@@ -925,14 +979,26 @@ def add_floor_rows(
             f"{seconds(bare)} {spread_detail([run['seconds'] for run in no_checks])}"
             f" ({no_checks[0]['events']} events): the checks' events cost {seconds(floor_seconds - bare)}",
         )  # fmt: skip
+    folder_seconds = median(run["seconds"] for run in defs_folder) if defs_folder else math.nan
+    if defs_folder:
+        table.add(
+            "  the same loaded through a defs folder (dg.load_from_defs_folder)", "0",
+            f"{seconds(folder_seconds)} {spread_detail([run['seconds'] for run in defs_folder])}:"
+            f" Dagster's components add {seconds(folder_seconds - floor_seconds)}",
+        )  # fmt: skip
     if fixed_runs:
         job = fixed_runs[0]
         fixed = median(run["seconds"] for run in fixed_runs)
-        table.add(
-            "  N1a - floor: the project's own fixed cost", "0",
-            f"{seconds(fixed - floor_seconds)} ({seconds(fixed)} - {seconds(floor_seconds)});"
+        table.check_seconds(
+            "  N1a - floor: the project's own fixed cost", "0", fixed - floor_seconds, FIXED_OVER_FLOOR_MAX_SECONDS,
+            f"{seconds(fixed)} - {seconds(floor_seconds)};"
             f" the job: {job['materializations']} assets, {job['check_evaluations']} checks, {job['events']} events",
         )  # fmt: skip
+        if defs_folder:
+            table.add(
+                "  N1a - the defs-folder floor: the project's own code", "0",
+                f"{seconds(fixed - folder_seconds)} ({seconds(fixed)} - {seconds(folder_seconds)})",
+            )  # fmt: skip
 
 
 def spread_detail(values: Sequence[float | None]) -> str:
@@ -959,7 +1025,9 @@ def add_simulator_rows(table: Table, probe: dict[str, Any] | None) -> None:
     )
 
 
-def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, Any]]], fixed: float) -> None:
+def add_size_rows(
+    table: Table, contacts: int, runs: dict[str, list[dict[str, Any]]], fixed: float, floor: float = math.nan
+) -> None:
     size = label(contacts)
     bare, asset, resync, job, incremental, dlt, dagster_dlt = (
         runs.get(kind) or [] for kind in ("bare", "asset", "resync", "job", "incremental", "dlt", "dagster-dlt")
@@ -980,7 +1048,7 @@ def add_size_rows(table: Table, contacts: int, runs: dict[str, list[dict[str, An
     if job:
         add_job_rows(table, size, job, fixed, bare_all)
     if incremental:
-        add_incremental_rows(table, size, incremental)
+        add_incremental_rows(table, size, incremental, floor)
     add_dlt_rows(table, size, dlt)
     if job and dlt:
         job_seconds, dlt_seconds = median(r["seconds"] for r in job), median(r["seconds"] for r in dlt)
@@ -1090,12 +1158,18 @@ def add_job_rows(table: Table, size: str, job: list[dict[str, Any]], fixed: floa
     )  # fmt: skip
 
 
-def add_incremental_rows(table: Table, size: str, incremental: list[dict[str, Any]]) -> None:
+def add_incremental_rows(table: Table, size: str, incremental: list[dict[str, Any]], floor: float = math.nan) -> None:
     times = [run["seconds"] for run in incremental]
     table.check_seconds(
         "N1b marketing_incremental, nothing new (after the full job)", size, median(times),
         FIXED_INCREMENTAL_MAX_SECONDS, spread_detail(times),
     )  # fmt: skip
+    if not math.isnan(floor):
+        # The incremental selects marketing_sync's assets and checks: the floor has its shape.
+        table.check_seconds(
+            "  N1b - Dagster's floor (measured with --parts fixed)", size, median(times) - floor,
+            INCREMENTAL_OVER_FLOOR_MAX_SECONDS, f"{seconds(median(times))} - {seconds(floor)}",
+        )  # fmt: skip
     fetched = median(run.get("records_fetched") for run in incremental)
     pages = median(run.get("pages") for run in incremental)
     table.add("  incremental: new contacts fetched / pages", size, f"{fetched:.0f} / {pages:.0f}")
@@ -1380,6 +1454,7 @@ def measure(bench: Bench, plan: Plan) -> dict[str, Any]:
         fixed = measure_fixed_cost(bench, plan)
         results["fixed_cost"], results["fixed_cost_dlt"] = fixed["job"], fixed["dlt"]
         results["dagster_floor"], results["dagster_floor_no_checks"] = fixed["floor"], fixed["floor-no-checks"]
+        results["dagster_floor_defs_folder"] = fixed["floor-defs-folder"]
         results["fixed_cost_dagster_dlt"] = fixed["dagster-dlt"]
     for contacts in plan.sizes:
         if plan.parts & {"bare", "asset", "job", "dlt", "dagster-dlt"}:

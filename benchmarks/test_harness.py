@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -196,13 +197,17 @@ def test_floor_rows_split_the_fixed_cost_between_dagster_and_the_project() -> No
         return [{"seconds": seconds + spread, **shape} for spread in (-0.2, 0.0, 0.3)]
 
     table = run.Table()
-    run.add_floor_rows(table, runs_of(5.0, 183, 42), runs_of(4.0, 170, 42), runs_of(3.0, 44, 0))
+    run.add_floor_rows(table, runs_of(5.0, 183, 42), runs_of(4.0, 170, 42), runs_of(3.0, 44, 0), runs_of(4.25, 170, 42))
 
     values = {row.measure.strip(): row.value for row in table.rows}
     assert values["Dagster floor: the job's shape, nothing fetched or written"].startswith("4.00 s [3.8-4.3, n=3] (11 assets, 42 checks")
     assert values["the same without its checks"].endswith("(44 events): the checks' events cost 1.00 s")
-    assert values["N1a - floor: the project's own fixed cost"].startswith("1.00 s (5.00 s - 4.00 s)")
-    assert all(not row.verdict for row in table.rows)  # context, not targets
+    assert values["the same loaded through a defs folder (dg.load_from_defs_folder)"].endswith("Dagster's components add 0.25 s")
+    assert values["N1a - floor: the project's own fixed cost"].startswith("1.00 s (5.00 s - 4.00 s;")
+    assert values["N1a - the defs-folder floor: the project's own code"] == "0.75 s (5.00 s - 4.25 s)"
+    # Issue 24's target is the one verdict: N1a at most 0.5 s above the floor.
+    verdicts = {row.measure.strip(): (row.target, row.verdict) for row in table.rows if row.verdict}
+    assert verdicts == {"N1a - floor: the project's own fixed cost": ("<= 0.5 s", "FAIL")}
     empty = run.Table()
     run.add_floor_rows(empty, runs_of(5.0, 183, 42), [], [])
     assert empty.rows == []
@@ -223,6 +228,9 @@ def test_the_floor_job_has_the_shape_it_is_given(tmp_path: Path, monkeypatch: py
 
     assert result.success
     assert sorted(event.asset_key.to_user_string() for event in result.get_asset_materialization_events()) == shape["assets"]
+    # Each asset handed to the IO manager, as the project's are.
+    handled = [event for event in result.all_events if event.event_type == dg.DagsterEventType.HANDLED_OUTPUT]
+    assert len(handled) == len(shape["assets"])
     evaluated = sorted([e.asset_key.to_user_string(), e.check_name] for e in result.get_asset_check_evaluations())
     assert evaluated == (shape["checks"] if checks == "1" else [])
 
