@@ -23,7 +23,7 @@ import duckdb
 from mkt_assets.core.catalog import ResourceSpec
 from mkt_assets.core.errors import MassDeletion, MassDeletionError, SyncError
 from mkt_assets.staging.pages import StagedBatch
-from mkt_assets.warehouse.connection import WarehouseFile, streamed, transaction, without_values
+from mkt_assets.warehouse.connection import WarehouseFile, attached_file, streamed, transaction, without_values
 from mkt_assets.warehouse.database_file import inspected
 from mkt_assets.warehouse.diagnostics import explain_cast_failure, preview_markdown
 from mkt_assets.warehouse.merge import (
@@ -196,6 +196,10 @@ def commit_run(
         merging: StagedBatch | None = None
         try:
             with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
+                # Checked again here, in the write's transaction, for every table it merges at
+                # once: a table made since the run's check is refused as well, and never altered.
+                owned = [owned for batch in batches for owned in (synced_table(batch.spec), versions_table(batch.spec))]
+                refuse_foreign(connection, schema, owned, attached_file(connection))
                 refused: list[MassDeletion] = []
                 for batch in batches:
                     merging, began = batch, time.monotonic()
@@ -209,6 +213,7 @@ def commit_run(
                             history=history,
                             max_drop=max_drop,
                             confirm_mass_deletion=confirm_mass_deletion,
+                            foreign_refused=True,
                         )
                     except MassDeletionError as error:
                         refused.extend(error.refused)  # rolled back with the rest once every batch is seen

@@ -21,7 +21,7 @@ from datetime import datetime
 import duckdb
 
 from mkt_assets.core.catalog import DELETED_AT_COLUMN, EXTRA_COLUMN, SYNCED_AT_COLUMN, Column, ResourceSpec
-from mkt_assets.warehouse.sql_names import fully_qualified, quote_ident, table_columns, table_exists
+from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, quote_ident, table_columns, table_exists
 
 SUFFIX = "_history"
 VALID_FROM_COLUMN = Column(
@@ -76,6 +76,7 @@ def ensure_history(
     existing = table_columns(connection, schema, name)
     for column in columns:
         if column.name not in existing:
+            forget_columns(connection, schema, name)
             connection.execute(f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.name)} {column.sql_type}")
 
 

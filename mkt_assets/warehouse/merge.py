@@ -73,6 +73,7 @@ def merge_batch(
     max_drop: float = DEFAULT_MAX_DROP,
     confirm_mass_deletion: bool = False,
     gone: Sequence[int] = (),
+    foreign_refused: bool = False,
 ) -> MergeResult:
     """Merge ``batch`` into ``schema.table`` on the primary key, inside the caller's transaction.
 
@@ -83,7 +84,8 @@ def merge_batch(
     for, as a complete read marks those it lacks.
     Unless ``confirm_mass_deletion``, a read that lacks more live rows than ``is_mass_deletion``
     allows raises ``MassDeletionError`` before any is marked: the caller's transaction then
-    rolls back what the merge wrote.
+    rolls back what the merge wrote. ``foreign_refused``: the caller has already refused, in
+    this transaction, a table or history of that name the project did not make.
     With ``history``, ``<table>_history`` keeps every version, from the same change detection.
     Runs may overlap and land in the other order (see ``reads``): a batch older than a complete
     read already committed is not applied at all (``superseded_by``); otherwise the rows a sync
@@ -132,7 +134,8 @@ def merge_batch(
             raise StagingError(problem)
     # Checked again here, in the write's transaction: a table made since the run's check is
     # refused as well, and never altered.
-    refuse_foreign(connection, schema, (synced_table(spec, table), versions_table(spec, table)), attached_file(connection))
+    if not foreign_refused:
+        refuse_foreign(connection, schema, (synced_table(spec, table), versions_table(spec, table)), attached_file(connection))
     created = not table_exists(connection, schema, table)
     ensure_table(connection, schema, table, spec)
     if history:

@@ -38,23 +38,44 @@ def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str)
     return exists
 
 
-# A run asks whether a table exists about ninety times, and each question is a catalog query
-# costing more than a millisecond. Once a transaction has begun on a connection, "yes" holds
-# while it stays open: this package never drops a table of the schema (CREATE OR REPLACE keeps
-# it), and no other process can, DuckDB's file lock being the connection's. "No" is asked again:
-# a table may be made. Forgotten when a transaction rolls back, which may undo a CREATE.
+# A run asks whether a table exists about ninety times, and what columns a table has a dozen,
+# each question a catalog query costing a millisecond or more. Once a transaction has begun on
+# a connection, the catalog is read once: "yes, it exists" then holds while it stays open, this
+# package never dropping a table of the schema (CREATE OR REPLACE keeps it) and no other process
+# able to, DuckDB's file lock being the connection's; "no" is asked again, a table may be made.
+# A table's columns hold until this package changes them (``forget_columns``, where it adds one
+# or replaces the table). Forgotten when the transaction ends, and when it rolls back, which
+# may undo a CREATE.
 _known_to_exist: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+_known_columns: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, dict[tuple[str, str], frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
 # The database a connection is attached to as its default: this package never runs USE.
 _catalogs: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, str] = weakref.WeakKeyDictionary()
 
 
 def remember_existing_tables(connection: duckdb.DuckDBPyConnection) -> None:
-    """From now until ``forget_existing_tables``, a table found to exist is not asked for again."""
-    _known_to_exist.setdefault(connection, set())
+    """From now until ``forget_existing_tables``, the tables and columns the catalog holds now
+    are known without asking it again (see above). Called as a transaction begins."""
+    columns: dict[tuple[str, str], set[str]] = {}
+    for schema, table, column in connection.execute(
+        "SELECT schema_name, table_name, column_name FROM duckdb_columns() WHERE database_name = current_database()"
+    ).fetchall():
+        columns.setdefault((schema, table), set()).add(column)
+    _known_to_exist[connection] = set(columns)
+    _known_columns[connection] = {name: frozenset(names) for name, names in columns.items()}
 
 
 def forget_existing_tables(connection: duckdb.DuckDBPyConnection) -> None:
     _known_to_exist.pop(connection, None)
+    _known_columns.pop(connection, None)
+
+
+def forget_columns(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> None:
+    """``schema.table``'s columns are about to change (a column added, the table replaced)."""
+    known = _known_columns.get(connection)
+    if known is not None:
+        known.pop((schema, table), None)
 
 
 def _catalog(connection: duckdb.DuckDBPyConnection) -> str:
@@ -67,6 +88,9 @@ def _catalog(connection: duckdb.DuckDBPyConnection) -> str:
 
 def table_columns(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> set[str]:
     """The names of the columns ``schema.table`` has (none if it does not exist)."""
+    known = _known_columns.get(connection, {}).get((schema, table))
+    if known is not None:
+        return set(known)
     rows = connection.execute(
         "SELECT column_name FROM information_schema.columns"
         " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",

@@ -10,7 +10,7 @@ import duckdb
 
 from mkt_assets.core.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.warehouse.connection import NO_EXTENSION_DOWNLOADS
-from mkt_assets.warehouse.sql_names import fully_qualified, quote_ident, quote_literal, table_columns
+from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, quote_ident, quote_literal, table_columns
 
 # DuckDB's JSON reader refuses a line longer than this unless told, and buffers about twice
 # what it is told: so it is told the longest staged line, never less than its default.
@@ -33,6 +33,7 @@ def ensure_table(connection: duckdb.DuckDBPyConnection, schema: str, table: str,
     existing = table_columns(connection, schema, table)
     for column in (*spec.columns, *BOOKKEEPING_COLUMNS):
         if column.name not in existing:
+            forget_columns(connection, schema, table)
             connection.execute(
                 f"ALTER TABLE {target} ADD COLUMN {quote_ident(column.name)} {column.sql_type}"
             )
