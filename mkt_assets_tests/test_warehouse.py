@@ -22,7 +22,7 @@ import duckdb
 import pytest
 
 import mkt_assets.warehouse.connection as connection_module
-from mkt_assets.core.catalog import RESOURCES_BY_NAME, ResourceSpec
+from mkt_assets.core.catalog import BOOKKEEPING_COLUMNS, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.core.errors import PrivateDirectoryError, StagingError, WarehouseBusyError, WarehouseWriteError
 from mkt_assets.core.page import Page
 from mkt_assets.plumbing.private_files import AREA_LOCK_NAME
@@ -30,7 +30,8 @@ from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatc
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed, transaction
 from mkt_assets.warehouse.merge import is_mass_deletion
-from mkt_assets.warehouse.sql_names import fully_qualified, table_exists
+from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, table_columns, table_exists
+from mkt_assets.warehouse.staged_sql import ensure_table
 from mkt_assets_tests.warehouse_calls import (
     all_reference_facts_in_file,
     build_table_in_file,
@@ -865,3 +866,30 @@ def test_a_table_made_in_a_transaction_that_rolls_back_is_not_believed_to_exist(
     with connect(str(tmp_path / "w.duckdb")) as connection:
         assert table_exists(connection, "marketing", "made")
         assert not table_exists(connection, "marketing", "never_made")
+
+
+def test_what_the_transaction_knows_of_the_catalog_follows_the_columns_and_tables_it_changes(tmp_path: Path) -> None:
+    """The catalog is read once as a transaction begins: a column the project adds, a table it
+    replaces or makes, and a rollback that undoes a CREATE are never answered from that read."""
+    tags = RESOURCES_BY_NAME["tags"]
+    with connect(str(tmp_path / "catalog.duckdb")) as connection:
+        connection.execute("CREATE SCHEMA marketing")
+        connection.execute("CREATE TABLE marketing.tags (id BIGINT PRIMARY KEY)")
+        connection.execute("CREATE TABLE marketing.built AS SELECT 1 AS a")
+        with transaction(connection, "the test's"):
+            assert table_columns(connection, "marketing", "tags") == {"id"}
+            ensure_table(connection, "marketing", "tags", tags)  # adds the catalog's other columns
+            assert table_columns(connection, "marketing", "tags") == {c.name for c in (*tags.columns, *BOOKKEEPING_COLUMNS)}
+            assert table_columns(connection, "marketing", "built") == {"a"}
+            forget_columns(connection, "marketing", "built")
+            connection.execute("CREATE OR REPLACE TABLE marketing.built AS SELECT 1 AS b")
+            assert table_columns(connection, "marketing", "built") == {"b"}
+            assert not table_exists(connection, "marketing", "made")
+            connection.execute("CREATE TABLE marketing.made (x INTEGER)")
+            assert table_exists(connection, "marketing", "made") and table_columns(connection, "marketing", "made") == {"x"}
+        with pytest.raises(RuntimeError), transaction(connection, "the test's"):
+            connection.execute("CREATE TABLE marketing.undone (x INTEGER)")
+            assert table_exists(connection, "marketing", "undone")
+            raise RuntimeError("rolled back")
+        assert not table_exists(connection, "marketing", "undone")
+        assert table_columns(connection, "marketing", "undone") == set()
