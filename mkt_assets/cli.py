@@ -19,19 +19,19 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mkt_assets.core.deliveries import EVENTS, WEBHOOK_SECRET_ENV, webhook_secret
-from mkt_assets.core.errors import ApiError, ConfigurationError
-from mkt_assets.orchestration.resource import (
-    API_KEY_ENV,
-    BASE_URL_ENV,
-    DEFAULT_BASE_URL,
-    MarketingApiResource,
-    check_base_url,
-    is_loopback,
-)
+from mkt_assets.core.errors import API_KEY_ENV, ApiError, ConfigurationError
 from mkt_assets.orchestration.settings import DEFAULT_KEY_PREFIX, DUCKDB_PATH_ENV, Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import ADMIN_PREFIX
 from mkt_assets.sandbox.server import main as sandbox_main
+from mkt_assets.source.account import (
+    BASE_URL_ENV,
+    DEFAULT_BASE_URL,
+    check_api_key,
+    check_base_url,
+    is_loopback,
+    shared_rate_limiter,
+)
 from mkt_assets.source.client import MarketingApiClient, Webhook
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.normalized_tables import normalized_tables
@@ -260,12 +260,14 @@ def check_webhook_url(url: str) -> str:
 
 
 def api_client() -> MarketingApiClient:
-    """A client for the API named by the environment (MKT_API_BASE_URL, MKT_API_KEY), as a sync's."""
+    """A client for the API named by the environment (MKT_API_BASE_URL, MKT_API_KEY), as a sync's
+    with the resource's defaults, built without it: these commands load no Dagster."""
     try:
         base_url = check_base_url(os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
-    return MarketingApiResource(base_url=base_url).get_client()
+    key, _ = check_api_key(os.environ.get(API_KEY_ENV, ""), API_KEY_ENV)
+    return MarketingApiClient(base_url, key, key_setting=API_KEY_ENV, rate_limiter=shared_rate_limiter(base_url, key))
 
 
 def run_webhooks_register(url: str, name: str) -> int:

@@ -18,8 +18,8 @@ from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.definitions import build_definitions
-from mkt_assets.orchestration.resource import DEFAULT_BASE_URL
 from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings
+from mkt_assets.source.account import DEFAULT_BASE_URL
 
 _HOUR = timedelta(hours=1)
 # What api_key resolves to when it is not a template naming a variable (a key written out).

@@ -10,24 +10,18 @@ from typing import Any
 import dagster as dg
 
 from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
-from mkt_assets.core.errors import ConfigurationError
+from mkt_assets.core.errors import API_KEY_ENV, ConfigurationError
 from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.orchestration.assets import build_marketing_assets
 from mkt_assets.orchestration.checks import ROW_COUNT_CHECK
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.names import Names
-from mkt_assets.orchestration.resource import (
-    API_KEY_ENV,
-    BASE_URL_ENV,
-    DEFAULT_BASE_URL,
-    MarketingApiResource,
-    WarehouseResource,
-    check_base_url,
-)
+from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.orchestration.run_retries import run_retry_tags
 from mkt_assets.orchestration.schedules import build_schedules
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.orchestration.webhooks import build_changes_sensor, build_webhook_events_asset, webhook_events_key
+from mkt_assets.source.account import BASE_URL_ENV, DEFAULT_BASE_URL, check_base_url
 from mkt_assets.warehouse.connection import database_path
 from mkt_assets.warehouse.normalized_tables import normalized_tables
 

@@ -4,10 +4,12 @@ a Dagster home that persists, and the simulator says which key it accepts."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -16,6 +18,8 @@ import responses
 
 from mkt_assets import cli
 from mkt_assets.cli import INSTANCE_SETTINGS, dagster_cli, dagster_home, inbox_path, main, query_command
+from mkt_assets.orchestration.resource import MarketingApiResource
+from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.sandbox.server import _accepted_key
 from mkt_assets.webhooks.inbox import Inbox, default_inbox_path
 
@@ -262,3 +266,76 @@ def test_dev_serves_a_receiver_the_simulator_delivers_its_changes_to(tmp_path: P
     with Inbox(default_inbox_path(str(database))) as inbox:
         (kept,) = inbox.since(0)
     assert (kept.event_type, kept.contact_id, kept.signature_verified) == ("CONTACT_TAG_ADDED", change["contact"], True)
+
+
+# ---------------------------------------------------------------- what a command loads
+
+# Runs each command of argv[1] (a JSON list) in turn, as `mkt-assets` would, then prints for
+# each its exit code and whether Dagster had been imported by then.
+RUN_COMMANDS = """
+import json, sys
+from mkt_assets.cli import main
+report = []
+for arguments in json.loads(sys.argv[1]):
+    try:
+        code = main(arguments)
+    except SystemExit as exit:
+        code = exit.code
+    report.append([arguments, code, "dagster" in sys.modules])
+print(json.dumps(report))
+"""
+
+
+def run_commands(commands: list[list[str]], environment: dict[str, str] | None = None) -> tuple[list[Any], str]:
+    """Each command's [arguments, exit code, Dagster loaded], and what they printed."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_COMMANDS, json.dumps(commands)],
+        cwd=root, env=environment, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    *printed, report = done.stdout.splitlines()
+    return json.loads(report), "\n".join(printed)
+
+
+def test_the_receiver_the_simulator_and_the_webhook_commands_start_without_loading_dagster() -> None:
+    # Dagster takes over a second to import: the receiver, a long-running service, needs none of it.
+    commands = [["webhooks", "serve", "--help"], ["webhooks", "register", "--help"], ["webhooks", "list", "--help"], ["sandbox", "--help"]]
+    report, printed = run_commands(commands)
+
+    assert report == [[arguments, 0, False] for arguments in commands]
+    assert "usage: mkt-assets webhooks serve" in printed and "--inbox" in printed
+
+
+def test_register_and_list_reach_the_api_without_loading_dagster(monkeypatch: pytest.MonkeyPatch) -> None:
+    key, url = "cli-sim-key-5f0e2a", "http://127.0.0.1:8787/systeme/webhook"
+    with SandboxServer(SandboxData(seed=3, contacts=5), api_key=key) as server:
+        environment = {**os.environ, "MKT_API_BASE_URL": server.base_url, "MKT_API_KEY": key, "MKT_WEBHOOK_SECRET": WEBHOOK_SECRET}
+        commands = [["webhooks", "register", "--url", url], ["webhooks", "list"]]
+        report, printed = run_commands(commands, environment)
+        (registered,) = server.webhooks.listing()
+
+    assert report == [[arguments, 0, False] for arguments in commands]
+    assert registered["url"] == url and f"Created webhook {registered['id']}" in printed
+    assert f"{registered['id']}  mkt-assets  {url}  active" in printed
+    assert WEBHOOK_SECRET not in printed
+
+
+def test_the_webhook_commands_client_is_the_one_the_resource_makes_from_the_same_environment(
+    api_environment: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built without the resource (which would load Dagster), with the same settings.
+    monkeypatch.setenv("MKT_API_KEY", " cli-test-key-0123\n")  # whitespace dropped by both
+
+    def settings(client: Any) -> tuple[Any, ...]:
+        retry, pacing = client._retry, client._rate_limiter
+        plain = ("base_url", "page_size", "order", "timeout", "read_timeout", "max_page_bytes", "key_setting", "settings", "_headers")
+        return (
+            {name: getattr(client, name) for name in plain},
+            (retry.total, retry.backoff_factor, retry.max_wait, retry.status_forcelist, retry.allowed_methods),
+            (pacing.path, pacing.horizon),
+        )
+
+    with cli.api_client() as ours, MarketingApiResource(base_url=API).get_client() as resources:
+        assert settings(ours) == settings(resources)
+        assert ours._headers["X-API-Key"] == "cli-test-key-0123"

@@ -1161,8 +1161,9 @@ def test_a_record_read_by_key_is_checked_exactly_like_a_listed_one_and_must_be_t
     [
         (b"[1, 2]", "application/json", "expected the record as a JSON object, got list"),
         (b'{"id": 42, "email": "a', "application/json", "the JSON body does not parse"),
-        (b"<html>down</html>", "text/html", "expected JSON, got text/html"),
+        (b"<html>down</html>", "text/html", "expected JSON, got text/html: '<html>down</html>'"),
         (b'{"id": NaN}', "application/json", "the JSON body does not parse"),
+        (b"[" * 10_000 + b"]" * 10_000, "application/json", "the JSON body nests deeper than it can be parsed (20000 bytes)"),
     ],
 )
 @responses.activate

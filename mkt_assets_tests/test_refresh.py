@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 
 from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
-from mkt_assets.core.errors import ApiResponseError, ConfigurationError
+from mkt_assets.core.errors import ApiResponseError, ConfigurationError, StagingError
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.io_manager import MarketingDuckDBIOManager
 from mkt_assets.orchestration.names import Names
@@ -324,6 +324,22 @@ def test_a_refresh_failing_anywhere_in_its_transaction_leaves_every_table_as_it_
     with pytest.raises(RuntimeError, match="the disk filled up"):
         synced.refresh(keys)
 
+    assert synced.everything() == before
+
+
+def test_a_refreshed_value_duckdb_cannot_type_fails_naming_record_and_field_and_leaves_every_table(synced: Warehouse) -> None:
+    before = synced.everything()
+    first, second = synced.data.contact_ids[:2]
+    # Past the client's checks (a hand-staged page): what is left is DuckDB's own refusal.
+    pages = [[synced.data.contact(first)], [{**synced.data.contact(second), "registeredAt": "yesterday"}]]
+    batch = stage(CONTACTS, pages, synced.tmp_path, synced.when(), complete=False)
+
+    with pytest.raises(StagingError) as caught:
+        commit_refresh(synced.file, "marketing", batch, Refresh((first, second)), FOLLOWING, deletions="mark")
+
+    assert str(caught.value) == (
+        "contacts: record 1 of page 2: field 'registeredAt' (column registered_at TIMESTAMPTZ) cannot hold \"yesterday\""
+    )
     assert synced.everything() == before
 
 

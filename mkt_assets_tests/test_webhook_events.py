@@ -120,6 +120,37 @@ def test_the_sensor_batches_a_burst_into_one_refresh_and_splits_only_past_a_runs
     assert MAX_READ <= MAX_REFRESH_KEYS
 
 
+def test_webhook_events_lands_in_the_schema_the_run_config_gives_the_warehouse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mkt_assets.definitions import build_definitions
+    from mkt_assets.orchestration.settings import Settings
+
+    monkeypatch.setenv("MKT_API_KEY", "unused-" + "k" * 24)
+    database = tmp_path / "w.duckdb"
+    with Inbox(tmp_path / "w.webhooks.sqlite") as inbox:
+        keep(inbox, body(1), body(None, "SALE_NEW"))
+    names = Names()
+    defs = build_definitions(Settings(duckdb_path=str(database)))
+    # What every other asset and the IO manager read: the warehouse resource's schema, set here
+    # at launch, not the one the definitions were built with.
+    result = defs.resolve_job_def(names.refresh_job).execute_in_process(
+        asset_selection=[webhook_events_key(names)],
+        run_config={"resources": {names.warehouse: {"config": {"schema_name": "elsewhere"}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+
+    assert result.success
+    with duckdb.connect(str(database), read_only=True) as connection:
+        tables = connection.execute("SELECT schema_name, table_name FROM duckdb_tables() ORDER BY 1, 2").fetchall()
+        assert tables == [("elsewhere", "webhook_events")]
+        assert connection.execute("SELECT count(*) FROM elsewhere.webhook_events").fetchone() == (2,)
+    (materialization,) = result.get_asset_materialization_events()
+    assert materialization.materialization.metadata["dagster/table_name"].value == "elsewhere.webhook_events"
+    (check,) = result.get_asset_check_evaluations()
+    assert check.description == "1 deliveries in elsewhere.webhook_events name no contact (kept: see contact_id IS NULL)"
+
+
 @pytest.mark.slow  # real syncs and a refresh through Dagster
 def test_duplicated_and_reordered_deliveries_still_leave_each_contact_as_the_api_holds_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -42,7 +42,6 @@ def webhook_events_key(names: Names) -> dg.AssetKey:
 def build_webhook_events_asset(settings: Settings) -> dg.AssetsDefinition:
     names = Names(settings.key_prefix)
     key = webhook_events_key(names)
-    schema = settings.schema or names.prefix
     inbox = inbox_path(settings)
 
     @dg.asset(
@@ -57,7 +56,8 @@ def build_webhook_events_asset(settings: Settings) -> dg.AssetsDefinition:
         required_resource_keys={names.warehouse},
         pool=warehouse_pool(settings.duckdb_path),
         metadata={
-            "dagster/table_name": f"{schema}.{WEBHOOK_EVENTS_TABLE}",
+            # Where it lands unless a run's config moves the warehouse's schema, as for every asset.
+            "dagster/table_name": f"{settings.schema_name}.{WEBHOOK_EVENTS_TABLE}",
             "dagster/column_schema": dg.TableSchema(
                 columns=[dg.TableColumn(name, kind.split()[0], description=about) for name, kind, about in COLUMNS]
             ),
@@ -72,6 +72,8 @@ def build_webhook_events_asset(settings: Settings) -> dg.AssetsDefinition:
     )
     def webhook_events(context: dg.AssetExecutionContext) -> Iterator[dg.MaterializeResult]:
         warehouse: WarehouseResource = getattr(context.resources, names.warehouse)
+        # The run's schema, as the IO manager and every other asset read it: run config may set it.
+        schema = warehouse.schema_name
         if inbox.exists():
             with Inbox(inbox) as deliveries:
                 landed = land_deliveries(warehouse.file(), schema, deliveries.since)
@@ -80,6 +82,7 @@ def build_webhook_events_asset(settings: Settings) -> dg.AssetsDefinition:
             landed = land_deliveries(warehouse.file(), schema, lambda after, limit: ())
         yield dg.MaterializeResult(
             metadata={
+                "dagster/table_name": f"{schema}.{WEBHOOK_EVENTS_TABLE}",
                 "dagster/row_count": landed.rows,
                 "landed": landed.landed,
                 "last_seq": landed.last_seq,

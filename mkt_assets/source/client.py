@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -882,15 +882,7 @@ def _read_page(
     def quoted(server_said: str) -> str:
         return without_key(server_said, key, mask)
 
-    try:
-        body = json.loads(content, parse_constant=_not_json)
-    except RecursionError:
-        raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
-    except ValueError as error:
-        excerpt = _excerpt(content[:_EXCERPT_SOURCE].decode("utf-8", "replace").replace("\n", " "), 80, key, mask)
-        if "json" not in content_type.lower():
-            raise fail(f"expected JSON, got {quoted(content_type) or 'no content type'}: {excerpt!r}") from None
-        raise fail(f"the JSON body does not parse ({error}; {len(content)} bytes, cut short?)") from None
+    body = _parse_json(content, content_type, fail, key, mask)
     if not isinstance(body, dict):
         raise fail(f"expected a JSON object with 'items' and 'hasMore', got {type(body).__name__}")
     if "items" not in body:
@@ -921,8 +913,17 @@ def _read_record(spec: ResourceSpec, path: str, content: bytes, content_type: st
     def fail(problem: str) -> ApiResponseError:
         return ApiResponseError(spec.name, path, {}, problem)
 
+    body = _parse_json(content, content_type, fail, key, mask)
+    if not isinstance(body, dict):
+        raise fail(f"expected the record as a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _parse_json(content: bytes, content_type: str, fail: Callable[[str], ApiResponseError], key: str, mask: str) -> Any:
+    """An answer's JSON body; ``fail(problem)`` raised for one nested too deep, not JSON (its
+    start quoted, the key masked) or cut short."""
     try:
-        body = json.loads(content, parse_constant=_not_json)
+        return json.loads(content, parse_constant=_not_json)
     except RecursionError:
         raise fail(f"the JSON body nests deeper than it can be parsed ({len(content)} bytes)") from None
     except ValueError as error:
@@ -930,9 +931,6 @@ def _read_record(spec: ResourceSpec, path: str, content: bytes, content_type: st
         if "json" not in content_type.lower():
             raise fail(f"expected JSON, got {without_key(content_type, key, mask) or 'no content type'}: {excerpt!r}") from None
         raise fail(f"the JSON body does not parse ({error}; {len(content)} bytes, cut short?)") from None
-    if not isinstance(body, dict):
-        raise fail(f"expected the record as a JSON object, got {type(body).__name__}")
-    return body
 
 
 def _not_json(constant: str) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -193,55 +193,47 @@ def commit_run(
     skipped: dict[str, str] = {}
     with ExitStack() as opened:
         connection = opened.enter_context(file.open())
-        merging: StagedBatch | None = None
-        try:
-            with transaction(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
-                # Checked again here, in the write's transaction, for every table it merges at
-                # once: a table made since the run's check is refused as well, and never altered.
-                owned = [owned for batch in batches for owned in (synced_table(batch.spec), versions_table(batch.spec))]
-                refuse_foreign(connection, schema, owned, attached_file(connection))
-                refused: list[MassDeletion] = []
-                for batch in batches:
-                    merging, began = batch, time.monotonic()
-                    try:
-                        merge = merge_batch(
-                            connection,
-                            schema,
-                            batch.spec.name,
-                            batch,
-                            deletions=deletions,
-                            history=history,
-                            max_drop=max_drop,
-                            confirm_mass_deletion=confirm_mass_deletion,
-                            foreign_refused=True,
-                        )
-                    except MassDeletionError as error:
-                        refused.extend(error.refused)  # rolled back with the rest once every batch is seen
-                        continue
-                    written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
-                merging = None
-                if refused:
-                    raise MassDeletionError(tuple(refused), max_drop, MASS_DELETION_ALLOWANCE)
-                changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
-                for table in tables:
-                    missing = [name for name in table.reads if not table_exists(connection, schema, name)]
-                    if missing:
-                        reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
-                        if table.name in asked:
-                            raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
-                        skipped[table.name] = reason
-                        continue
-                    began = time.monotonic()
-                    if batches and not changed & set(table.reads) and is_current(connection, schema, table):
-                        # Already what a rebuild would make: the same query over the same rows.
-                        build = build_facts(connection, schema, table, rebuilt=False)
-                    else:
-                        build = build_in_transaction(connection, schema, table)
-                    written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
-        except CAST_FAILURES as error:
-            if merging is None:
-                raise
-            raise explain_cast_failure(connection, merging.spec, merging, error) from None
+        with _write(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
+            # Checked again here, in the write's transaction, for every table it merges at
+            # once: a table made since the run's check is refused as well, and never altered.
+            owned = [owned for batch in batches for owned in (synced_table(batch.spec), versions_table(batch.spec))]
+            refuse_foreign(connection, schema, owned, attached_file(connection))
+            refused: list[MassDeletion] = []
+            for batch in batches:
+                began = time.monotonic()
+                try:
+                    merge = _merge(
+                        connection,
+                        schema,
+                        batch,
+                        deletions=deletions,
+                        history=history,
+                        max_drop=max_drop,
+                        confirm_mass_deletion=confirm_mass_deletion,
+                        foreign_refused=True,
+                    )
+                except MassDeletionError as error:
+                    refused.extend(error.refused)  # rolled back with the rest once every batch is seen
+                    continue
+                written[batch.spec.name] = Written(batch.spec.name, time.monotonic() - began, "", merge=merge)
+            if refused:
+                raise MassDeletionError(tuple(refused), max_drop, MASS_DELETION_ALLOWANCE)
+            changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
+            for table in tables:
+                missing = [name for name in table.reads if not table_exists(connection, schema, name)]
+                if missing:
+                    reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
+                    if table.name in asked:
+                        raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
+                    skipped[table.name] = reason
+                    continue
+                began = time.monotonic()
+                if batches and not changed & set(table.reads) and is_current(connection, schema, table):
+                    # Already what a rebuild would make: the same query over the same rows.
+                    build = build_facts(connection, schema, table, rebuilt=False)
+                else:
+                    build = build_in_transaction(connection, schema, table)
+                written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
         for batch in batches:
             name = batch.spec.name
             written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
@@ -279,49 +271,93 @@ def commit_refresh(
     found: Facts | None = Facts()
     with ExitStack() as opened:
         connection = opened.enter_context(file.open())
-        merging = True
-        try:
-            with transaction(connection, f"the refresh of {len(refresh.keys)} {spec.name} ({', '.join(_names([batch], tables))})"):
-                # Asked before the merge changes what they read: a table built from every row as
-                # it stood can be brought up to date for the rows that change alone.
-                current = {
-                    table.name: table_exists(connection, schema, table.name) and is_current(connection, schema, table)
-                    for table in tables
-                }
+        with _write(connection, f"the refresh of {len(refresh.keys)} {spec.name} ({', '.join(_names([batch], tables))})"):
+            # Asked before the merge changes what they read: a table built from every row as
+            # it stood can be brought up to date for the rows that change alone.
+            current = {
+                table.name: table_exists(connection, schema, table.name) and is_current(connection, schema, table)
+                for table in tables
+            }
+            began = time.monotonic()
+            merge = _merge(connection, schema, batch, deletions=deletions, history=history, gone=refresh.gone)
+            written[spec.name] = Written(spec.name, time.monotonic() - began, "", merge=merge)
+            connection.execute(
+                "CREATE OR REPLACE TEMP TABLE refreshed_keys AS SELECT DISTINCT unnest($keys::BIGINT[]) AS key",
+                {"keys": list(refresh.keys)},
+            )
+            for table in tables:
+                missing = [name for name in table.reads if not table_exists(connection, schema, name)]
+                if missing:
+                    reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
+                    if table.name in asked:
+                        raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
+                    skipped[table.name] = reason
+                    continue
                 began = time.monotonic()
-                merge = merge_batch(connection, schema, spec.name, batch, deletions=deletions, history=history, gone=refresh.gone)
-                written[spec.name] = Written(spec.name, time.monotonic() - began, "", merge=merge)
-                merging = False
-                connection.execute(
-                    "CREATE OR REPLACE TEMP TABLE refreshed_keys AS SELECT DISTINCT unnest($keys::BIGINT[]) AS key",
-                    {"keys": list(refresh.keys)},
-                )
-                for table in tables:
-                    missing = [name for name in table.reads if not table_exists(connection, schema, name)]
-                    if missing:
-                        reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
-                        if table.name in asked:
-                            raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
-                        skipped[table.name] = reason
-                        continue
-                    began = time.monotonic()
-                    if current[table.name] and not merge.changed:
-                        build = build_facts(connection, schema, table, rebuilt=False)
-                    elif current[table.name] and table.row_key and table.reads[0] == spec.name:
-                        build = update_in_place(connection, schema, table, "refreshed_keys")
-                    else:
-                        build = build_in_transaction(connection, schema, table)
-                    written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
-                connection.execute("DROP TABLE refreshed_keys")
-        except CAST_FAILURES as error:
-            if not merging:
-                raise
-            raise explain_cast_failure(connection, spec, batch, error) from None
+                if current[table.name] and not merge.changed:
+                    build = build_facts(connection, schema, table, rebuilt=False)
+                elif current[table.name] and table.row_key and table.reads[0] == spec.name:
+                    build = update_in_place(connection, schema, table, "refreshed_keys")
+                else:
+                    build = build_in_transaction(connection, schema, table)
+                written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
+            connection.execute("DROP TABLE refreshed_keys")
         written[spec.name] = replace(written[spec.name], preview=preview_markdown(connection, schema, spec.name))
         if facts:
             gather = partial(_facts, connection, schema, [spec], history, within)
             found = _gather_after(gather, opened.pop_all()) if facts_after else gather()
     return RunCommit(written, found, time.monotonic() - started, skipped)
+
+
+class _Untyped(Exception):
+    """A value DuckDB could not type while ``batch`` was merged, carried out of the transaction
+    to be explained once it has rolled back (an aborted transaction answers no query)."""
+
+    def __init__(self, batch: StagedBatch, error: duckdb.Error) -> None:
+        super().__init__(str(error))
+        self.batch, self.error = batch, error
+
+
+def _merge(
+    connection: duckdb.DuckDBPyConnection,
+    schema: str,
+    batch: StagedBatch,
+    *,
+    deletions: str,
+    history: bool,
+    max_drop: float = DEFAULT_MAX_DROP,
+    confirm_mass_deletion: bool = False,
+    gone: Sequence[int] = (),
+    foreign_refused: bool = False,
+) -> MergeResult:
+    """``merge_batch`` of ``batch`` into its table, inside a ``_write``: a value it cannot type
+    fails the write naming the record and the field."""
+    try:
+        return merge_batch(
+            connection,
+            schema,
+            batch.spec.name,
+            batch,
+            deletions=deletions,
+            history=history,
+            max_drop=max_drop,
+            confirm_mass_deletion=confirm_mass_deletion,
+            gone=gone,
+            foreign_refused=foreign_refused,
+        )
+    except CAST_FAILURES as error:
+        raise _Untyped(batch, error) from error
+
+
+@contextmanager
+def _write(connection: duckdb.DuckDBPyConnection, what: str) -> Iterator[None]:
+    """``transaction``; a value one of its ``_merge``s could not type is then explained (which
+    record, which field), any other failure, a cast failure outside a merge included, left as it is."""
+    try:
+        with transaction(connection, what):
+            yield
+    except _Untyped as untyped:
+        raise explain_cast_failure(connection, untyped.batch.spec, untyped.batch, untyped.error) from None
 
 
 def _names(batches: Sequence[StagedBatch], tables: Sequence[NormalizedTable]) -> list[str]:
@@ -352,8 +388,8 @@ _pending_facts: Future[Facts] | None = None
 
 def _gather_after(gather: Callable[[], Facts], opened: ExitStack) -> Facts | None:
     """None, with ``gather()`` running in a thread of its own, then ``opened`` (the connection
-    and the file's lock) closed: ``gathered_facts`` waits for them. Not a daemon: the worker's process ends once
-    they are gathered, never in the middle of a query."""
+    and the file's lock) closed: ``gathered_facts`` waits for them. Not a daemon: the worker's
+    process ends once they are gathered, never in the middle of a query."""
     global _pending_facts
     future: Future[Facts] = Future()
 
