@@ -111,9 +111,10 @@ FLOOR_PROJECT_FILES = {
         '[tool.dg.project]\nroot_module = "floor_project"\ncode_location_target_module = "floor_project.definitions"\n'
     ),
     "floor_project/__init__.py": "",
+    # Loaded once per process, as the project's are: `dagster job execute` calls defs() five times.
     "floor_project/definitions.py": (
-        "from pathlib import Path\n\nimport dagster as dg\n\n\n@dg.definitions\ndef defs() -> dg.Definitions:\n"
-        "    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)\n"
+        "import functools\nfrom pathlib import Path\n\nimport dagster as dg\n\n\n@dg.definitions\n@functools.cache\n"
+        "def defs() -> dg.Definitions:\n    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)\n"
     ),
     "floor_project/defs/__init__.py": "",
     "floor_project/defs/floor/definitions.py": (
