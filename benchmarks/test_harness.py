@@ -197,14 +197,19 @@ def test_floor_rows_split_the_fixed_cost_between_dagster_and_the_project() -> No
         return [{"seconds": seconds + spread, **shape} for spread in (-0.2, 0.0, 0.3)]
 
     table = run.Table()
-    run.add_floor_rows(table, runs_of(5.0, 183, 42), runs_of(4.0, 170, 42), runs_of(3.0, 44, 0), runs_of(4.25, 170, 42))
+    job = [{**run_, "seconds": seconds} for run_, seconds in zip(runs_of(5.0, 183, 42), (5.3, 4.8, 5.0), strict=True)]
+    run.add_floor_rows(table, job, runs_of(4.0, 170, 42), runs_of(3.0, 44, 0), runs_of(4.25, 170, 42))
 
     values = {row.measure.strip(): row.value for row in table.rows}
     assert values["Dagster floor: the job's shape, nothing fetched or written"].startswith("4.00 s [3.8-4.3, n=3] (11 assets, 42 checks")
     assert values["the same without its checks"].endswith("(44 events): the checks' events cost 1.00 s")
     assert values["the same loaded through a defs folder (dg.load_from_defs_folder)"].endswith("Dagster's components add 0.25 s")
-    assert values["N1a - floor: the project's own fixed cost"].startswith("1.00 s (5.00 s - 4.00 s;")
-    assert values["N1a - the defs-folder floor: the project's own code"] == "0.75 s (5.00 s - 4.25 s)"
+    # Judged on the pairs measured together (1.5, 0.8, 0.7), not on the medians' difference (1.0):
+    # the machine's speed drifts between repeats.
+    assert values["N1a - floor: the project's own fixed cost"].startswith(
+        "0.80 s (median of 3 pairs [0.7-1.5, n=3]; medians 5.00 s - 4.00 s; the job: 11 assets"
+    )
+    assert values["N1a - the defs-folder floor: the project's own code"] == "0.55 s (median of 3 pairs [0.5-1.2, n=3])"
     # Issue 24's target is the one verdict: N1a at most 0.5 s above the floor.
     verdicts = {row.measure.strip(): (row.target, row.verdict) for row in table.rows if row.verdict}
     assert verdicts == {"N1a - floor: the project's own fixed cost": ("<= 0.5 s", "FAIL")}
@@ -412,3 +417,14 @@ def test_the_floor_job_takes_the_steps_of_the_shape_and_a_sensor_reading_a_file(
     assert sensor.minimum_interval_seconds == 15
     assert [request.run_key for request in launched.run_requests] == ["3"] and launched.cursor == "3"
     assert isinstance(idle, dg.SkipReason)
+
+
+def test_the_incremental_is_judged_against_the_floor_run_right_after_each() -> None:
+    incremental = [{"seconds": seconds, "records_fetched": 0, "pages": 1} for seconds in (7.0, 5.0, 6.0)]
+    floors = [{"seconds": seconds} for seconds in (5.2, 4.1, 4.0)]  # pairs 1.8, 0.9, 2.0
+
+    table = run.Table()
+    run.add_paired_difference(table, "N1b - floor", "100k", incremental, floors, run.INCREMENTAL_OVER_FLOOR_MAX_SECONDS)
+
+    (row,) = table.rows
+    assert (row.value, row.target, row.verdict) == ("1.80 s (median of 3 pairs [0.9-2.0, n=3]; medians 6.00 s - 4.10 s)", "<= 1.5 s", "FAIL")
