@@ -7,8 +7,10 @@ the step's events); the empty-account run minus this is the project's own fixed 
     dagster job execute -f benchmarks/_dagster_floor_defs.py -j marketing_sync
 
 with BENCH_FLOOR_SHAPE naming a JSON file ``{"assets": ["marketing/contacts", ...],
-"checks": [["marketing/contacts", "primary_key_unique"], ...]}`` (the benchmark writes it from
-the project's definitions) and BENCH_FLOOR_CHECKS=0 to leave the checks out.
+"checks": [["marketing/contacts", "primary_key_unique"], ...], "deps": {"marketing/contacts":
+["marketing/tags", ...], ...}}`` (the benchmark writes it from the project's definitions; the
+lineage is part of the shape: Dagster reads each upstream's latest materialization as it records
+one) and BENCH_FLOOR_CHECKS=0 to leave the checks out.
 
 The webhooks part runs it under the daemon for a refresh's shape, with more settings:
 ``"steps": {"<step>": {"assets": [...], "checks": [...]}}`` in the shape (a multi-asset per step,
@@ -20,6 +22,7 @@ integer in that file and launches one run when it grew, as the changes sensor re
 """
 
 # No `from __future__ import annotations`: Dagster checks the context annotation as an object.
+import graphlib
 import json
 import os
 from collections.abc import Iterator
@@ -45,12 +48,18 @@ class MetadataOnlyIOManager(dg.IOManager):
 
 
 def floor_step(name: str, assets: list[str], checks: list[list[str]]) -> dg.AssetsDefinition:
-    keys = [dg.AssetKey(key.split("/")) for key in assets]
     specs = [dg.AssetCheckSpec(check, asset=dg.AssetKey(asset.split("/"))) for asset, check in checks] if WITH_CHECKS else []
-
+    deps = SHAPE.get("deps", {})
+    # Yielded after what they depend on, as Dagster asks of one step's outputs.
+    order = graphlib.TopologicalSorter({asset: [d for d in deps.get(asset, []) if d in assets] for asset in assets}).static_order()
+    keys = [dg.AssetKey(asset.split("/")) for asset in order]
     # Each asset handed to the IO manager, as the project's are: a spec without an IO manager
     # key makes a Nothing output, which Dagster never hands to one (no HANDLED_OUTPUT event).
-    asset_specs = [dg.AssetSpec(key).with_io_manager_key("io_manager") for key in keys]
+    asset_specs = [
+        dg.AssetSpec(key, deps=[dg.AssetKey(parent.split("/")) for parent in deps.get(key.to_user_string(), [])])
+        .with_io_manager_key("io_manager")
+        for key in keys
+    ]
 
     @dg.multi_asset(specs=asset_specs, check_specs=specs, can_subset=True, name=name, pool=POOL)
     def step(context: dg.AssetExecutionContext) -> Iterator[dg.Output[int] | dg.AssetCheckResult]:

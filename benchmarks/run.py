@@ -142,9 +142,13 @@ import json, sys
 from mkt_assets.definitions import defs
 # The sync job's own shape: the graph also holds assets no sync selects (webhook_events).
 layer = defs().resolve_job_def("marketing_sync").asset_layer
+graph = layer.asset_graph
 shape = {
     "assets": sorted(key.to_user_string() for key in layer.executable_asset_keys),
-    "checks": sorted([key.asset_key.to_user_string(), key.name] for key in layer.asset_graph.asset_check_keys),
+    "checks": sorted([key.asset_key.to_user_string(), key.name] for key in graph.asset_check_keys),
+    # The lineage too: Dagster reads each upstream asset's latest materialization as it records one.
+    "deps": {key.to_user_string(): sorted(parent.to_user_string() for parent in graph.get(key).parent_keys)
+             for key in layer.executable_asset_keys},
 }
 json.dump(shape, open(sys.argv[1], "w"))
 """

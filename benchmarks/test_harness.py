@@ -220,7 +220,11 @@ def test_floor_rows_split_the_fixed_cost_between_dagster_and_the_project() -> No
 
 @pytest.mark.parametrize("checks", ["1", "0"])
 def test_the_floor_job_has_the_shape_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checks: str) -> None:
-    shape = {"assets": ["marketing/a", "marketing/b"], "checks": [["marketing/a", "x"], ["marketing/a", "y"], ["marketing/b", "x"]]}
+    shape = {
+        "assets": ["marketing/a", "marketing/b"],
+        "checks": [["marketing/a", "x"], ["marketing/a", "y"], ["marketing/b", "x"]],
+        "deps": {"marketing/a": ["marketing/b"], "marketing/b": []},  # a after b, though sorted first
+    }
     (tmp_path / "shape.json").write_text(json.dumps(shape))
     monkeypatch.setenv("BENCH_FLOOR_SHAPE", str(tmp_path / "shape.json"))
     monkeypatch.setenv("BENCH_FLOOR_CHECKS", checks)
@@ -233,6 +237,9 @@ def test_the_floor_job_has_the_shape_it_is_given(tmp_path: Path, monkeypatch: py
 
     assert result.success
     assert sorted(event.asset_key.to_user_string() for event in result.get_asset_materialization_events()) == shape["assets"]
+    assert [parent.to_user_string() for parent in floor.defs.resolve_asset_graph().get(dg.AssetKey(["marketing", "a"])).parent_keys] == [
+        "marketing/b"
+    ]
     # Each asset handed to the IO manager, as the project's are.
     handled = [event for event in result.all_events if event.event_type == dg.DagsterEventType.HANDLED_OUTPUT]
     assert len(handled) == len(shape["assets"])
