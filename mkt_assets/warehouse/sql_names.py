@@ -52,8 +52,9 @@ def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str)
 # package never dropping a table of the schema (CREATE OR REPLACE keeps it) and no other process
 # able to, DuckDB's file lock being the connection's; "no" is asked again, a table may be made.
 # A table's columns hold until this package changes them (``forget_columns``, where it adds one
-# or replaces the table). Forgotten when the transaction ends, and when it rolls back, which
-# may undo a CREATE.
+# or replaces the table). Kept once the transaction commits, the connection still holding the
+# file (the checks' facts are read then), and read afresh as the next one begins; forgotten
+# when one rolls back, which may undo a CREATE.
 _known_to_exist: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 _known_columns: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, dict[tuple[str, str], frozenset[str]]] = (
     weakref.WeakKeyDictionary()
