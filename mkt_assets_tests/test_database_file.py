@@ -19,7 +19,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME
 from mkt_assets.core.errors import ForeignTableError
 from mkt_assets.orchestration.names import Names
 from mkt_assets.plumbing import lean_process
@@ -34,6 +34,7 @@ from mkt_assets_tests.warehouse_calls import merge_staged_file
 
 # A file the code before this check made (commit 149adb8: every resource of a 30-contact
 # account, their histories and the normalized tables), gzipped: its blocks are mostly zeros.
+TAGS = RESOURCES_BY_NAME["tags"]
 MADE_BEFORE = Path(__file__).parent / "files" / "made_by_149adb8.duckdb.gz"
 
 
@@ -355,6 +356,46 @@ def test_the_write_refuses_a_foreign_table_made_after_the_check(tmp_path: Path) 
         tables = connection.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()
         columns = connection.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'contacts_history'").fetchall()
     assert (tables, columns) == ([("contacts_history",)], [("id",), ("note",)])
+
+
+def test_a_foreign_table_in_the_schema_spelled_in_another_case_is_refused_and_never_altered(tmp_path: Path) -> None:
+    # DuckDB's names ignore case: an analyst's `CREATE SCHEMA Marketing` is the schema the
+    # project writes as "marketing", and its tables are the project's names.
+    database = tmp_path / "cased.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("CREATE SCHEMA Marketing")
+        connection.execute("CREATE TABLE Marketing.contacts (note VARCHAR)")
+    file = WarehouseFile(str(database))
+    refusal = r"marketing\.contacts exists but was not created by mkt_assets \(it lacks the columns _extra, _synced_at, id\)"
+
+    with pytest.raises(ForeignTableError, match=refusal):
+        check_before_fetch(file, "marketing", run_tables([CONTACTS], []))
+    with pytest.raises(ForeignTableError, match=refusal):
+        commit_run(file, "marketing", [stage(CONTACTS, [[contact(1)]], tmp_path)], [], deletions="mark")
+    with connect(str(database)) as connection:
+        tables = connection.execute("SELECT schema_name, table_name FROM duckdb_tables() ORDER BY ALL").fetchall()
+        columns = connection.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'contacts'").fetchall()
+    assert (tables, columns) == ([("Marketing", "contacts")], [("note",)])
+
+
+def test_a_schema_made_by_hand_in_another_case_is_synced_as_the_schema(tmp_path: Path) -> None:
+    database = tmp_path / "cased.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("CREATE SCHEMA Marketing")
+    file = WarehouseFile(str(database))
+    tags = next(table for table in NORMALIZED_TABLES if table.name == "contact_tags")
+    for _ in range(2):
+        # The second sync finds every table the first made: the same rows, nothing rebuilt.
+        check_before_fetch(file, "marketing", run_tables([CONTACTS, TAGS], [tags]))
+        batches = [stage(CONTACTS, [[contact(1), contact(2)]], tmp_path), stage(TAGS, [[{"id": 7, "name": "Café ☕"}]], tmp_path)]
+        done = commit_run(file, "marketing", batches, [tags], deletions="mark")
+        assert done.facts is not None and done.facts.error is None and done.facts.synced["contacts"].live_rows == 2
+    merged, built = done.written["contacts"].merge, done.written["contact_tags"].build
+    assert merged is not None and (merged.inserted, merged.unchanged, merged.row_count) == (0, 2, 2)
+    assert built is not None and (built.rebuilt, built.row_count) == (False, 2)
+    with connect(str(database)) as connection:
+        schemas = connection.execute("SELECT DISTINCT schema_name FROM duckdb_tables()").fetchall()
+    assert schemas == [("Marketing",)]
 
 
 def test_a_foreign_normalized_table_is_refused_but_an_unstamped_one_of_ours_is_accepted(tmp_path: Path) -> None:

@@ -291,7 +291,8 @@ def is_current(connection: duckdb.DuckDBPyConnection, schema: str, table: Normal
     none of them changed since, in this run or any other (a run that left it out, say). A
     table whose comment records no reads (built by an older version) is not."""
     row = connection.execute(
-        "SELECT comment FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = ? AND table_name = ?",
+        "SELECT comment FROM duckdb_tables() WHERE database_name = current_database()"
+        " AND lower(schema_name) = lower(?) AND lower(table_name) = lower(?)",
         [schema, table.name],
     ).fetchone()
     return row is not None and (row[0] or "").endswith(_built_from(connection, schema, table))

@@ -88,13 +88,14 @@ BOOKKEEPING_TABLES: tuple[OwnedTable, ...] = (OwnedTable(READS_TABLE, READS_COLU
 
 def foreign_tables(connection: duckdb.DuckDBPyConnection, schema: str, owned: Iterable[OwnedTable]) -> list[str]:
     """``schema.name exists but ...`` for each of ``owned`` present in ``schema`` without the
-    marks of the project. DuckDB's names ignore case: ``Contacts`` is ``contacts`` to it."""
+    marks of the project. DuckDB's names ignore case: ``Contacts`` is ``contacts`` to it, and a
+    schema made as ``Marketing`` is ``schema``."""
     wanted = {table.name.lower(): table for table in owned}
     if not wanted:
         return []
     # Three small queries: one joining duckdb_tables() to duckdb_columns() took 10 ms, these 2.
-    where = "database_name = current_database() AND schema_name = $schema AND lower({name}) IN $names"
-    parameters = {"schema": schema, "names": list(wanted)}
+    where = "database_name = current_database() AND lower(schema_name) = $schema AND lower({name}) IN $names"
+    parameters = {"schema": schema.lower(), "names": list(wanted)}
     rows: list[tuple[str, str, str | None, tuple[str, ...]]] = [
         (name, "view", None, ())
         for (name,) in connection.execute(f"SELECT view_name FROM duckdb_views() WHERE {where.format(name='view_name')}", parameters).fetchall()

@@ -22,19 +22,27 @@ def fully_qualified(connection: duckdb.DuckDBPyConnection, schema: str, table: s
     return f"{name}.{quote_ident(table)}" if table is not None else name
 
 
+# DuckDB's names ignore case: ``"marketing"."contacts"`` is a table of the schema an analyst
+# made as ``Marketing``. The catalog is asked with both sides lowercased, as ``ownership`` does.
+_SAME_NAME = "lower(table_schema) = lower(?) AND lower(table_name) = lower(?)"
+
+
+def _named(schema: str, table: str) -> tuple[str, str]:
+    return schema.lower(), table.lower()
+
+
 def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     known = _known_to_exist.get(connection)
-    if known is not None and (schema, table) in known:
+    if known is not None and _named(schema, table) in known:
         return True
     exists = bool(
         connection.execute(
-            "SELECT count(*) FROM information_schema.tables"
-            " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+            f"SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() AND {_SAME_NAME}",
             [schema, table],
         ).fetchone()[0]  # type: ignore[index]
     )
     if exists and known is not None:
-        known.add((schema, table))
+        known.add(_named(schema, table))
     return exists
 
 
@@ -44,8 +52,9 @@ def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str)
 # package never dropping a table of the schema (CREATE OR REPLACE keeps it) and no other process
 # able to, DuckDB's file lock being the connection's; "no" is asked again, a table may be made.
 # A table's columns hold until this package changes them (``forget_columns``, where it adds one
-# or replaces the table). Forgotten when the transaction ends, and when it rolls back, which
-# may undo a CREATE.
+# or replaces the table). Kept once the transaction commits, the connection still holding the
+# file (the checks' facts are read then), and read afresh as the next one begins; forgotten
+# when one rolls back, which may undo a CREATE.
 _known_to_exist: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 _known_columns: weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, dict[tuple[str, str], frozenset[str]]] = (
     weakref.WeakKeyDictionary()
@@ -61,7 +70,7 @@ def remember_existing_tables(connection: duckdb.DuckDBPyConnection) -> None:
     for schema, table, column in connection.execute(
         "SELECT schema_name, table_name, column_name FROM duckdb_columns() WHERE database_name = current_database()"
     ).fetchall():
-        columns.setdefault((schema, table), set()).add(column)
+        columns.setdefault(_named(schema, table), set()).add(column)
     _known_to_exist[connection] = set(columns)
     _known_columns[connection] = {name: frozenset(names) for name, names in columns.items()}
 
@@ -75,7 +84,7 @@ def forget_columns(connection: duckdb.DuckDBPyConnection, schema: str, table: st
     """``schema.table``'s columns are about to change (a column added, the table replaced)."""
     known = _known_columns.get(connection)
     if known is not None:
-        known.pop((schema, table), None)
+        known.pop(_named(schema, table), None)
 
 
 def _catalog(connection: duckdb.DuckDBPyConnection) -> str:
@@ -88,12 +97,11 @@ def _catalog(connection: duckdb.DuckDBPyConnection) -> str:
 
 def table_columns(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> set[str]:
     """The names of the columns ``schema.table`` has (none if it does not exist)."""
-    known = _known_columns.get(connection, {}).get((schema, table))
+    known = _known_columns.get(connection, {}).get(_named(schema, table))
     if known is not None:
         return set(known)
     rows = connection.execute(
-        "SELECT column_name FROM information_schema.columns"
-        " WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+        f"SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() AND {_SAME_NAME}",
         [schema, table],
     ).fetchall()
     return {row[0] for row in rows}
