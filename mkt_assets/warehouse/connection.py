@@ -114,8 +114,8 @@ def transaction(connection: duckdb.DuckDBPyConnection, what: str) -> Iterator[No
     """
     database = attached_file(connection)  # asked now: a failed write may leave DuckDB unable to say
     connection.execute("BEGIN TRANSACTION")
-    remember_existing_tables(connection)
     try:
+        remember_existing_tables(connection)  # within: should reading the catalog fail, it rolls back
         yield
         connection.execute("COMMIT")
     except BaseException as error:
