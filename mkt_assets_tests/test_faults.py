@@ -568,6 +568,7 @@ def test_an_id_that_is_not_an_exact_integer_fails_the_read_and_overwrites_nothin
     assert ".5: not an integer" in outcome.error
 
 
+@pytest.mark.slow  # two real syncs each
 @pytest.mark.parametrize("deletions", ["mark", "delete"])
 def test_an_unpaginated_list_saying_there_is_more_marks_nothing_deleted(harness: Harness, deletions: str) -> None:
     fields = RESOURCES_BY_NAME["contact_fields"]

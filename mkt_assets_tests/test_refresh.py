@@ -173,6 +173,7 @@ def synced(tmp_path: Path) -> Warehouse:
     return warehouse
 
 
+@pytest.mark.slow  # a full sync and a refresh, each a real run
 def test_a_refresh_lands_what_a_full_sync_would_for_its_contacts_and_leaves_every_other_row_as_it_was(synced: Warehouse) -> None:
     keys = changes(synced.data)
     others = {table: synced.rows(table, keys=keys, others=True) for table in CONTACT_TABLES}

@@ -329,6 +329,7 @@ def fetch_contacts(server: SandboxServer, staging: Path, read: str | None = None
     return fetched[spec.name], logged
 
 
+@pytest.mark.slow  # two real reads of a few thousand contacts, the first failed midway
 def test_a_read_of_the_same_deployment_is_resumed(server: SandboxServer, tmp_path: Path) -> None:
     fail_contacts_midway(server, tmp_path)
     done, logged = fetch_contacts(server, tmp_path)

@@ -249,6 +249,7 @@ def _account(tmp_path: Path, *, contacts: Any = CONTACT_IDS, tags: Any = TAG_IDS
     ]
 
 
+@pytest.mark.slow  # two real writes of every table, one in a DuckDB worker
 def test_the_checks_facts_gathered_after_the_commit_are_those_of_the_committed_tables(tmp_path: Path) -> None:
     """The worker answers as soon as the transaction commits and gathers the checks' facts
     meanwhile: what the checks then read is what gathering them with the commit gives."""
