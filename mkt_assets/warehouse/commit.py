@@ -220,12 +220,7 @@ def commit_run(
                 raise MassDeletionError(tuple(refused), max_drop, MASS_DELETION_ALLOWANCE)
             changed = {name for name, done in written.items() if done.merge is not None and done.merge.changed}
             for table in tables:
-                missing = [name for name in table.reads if not table_exists(connection, schema, name)]
-                if missing:
-                    reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
-                    if table.name in asked:
-                        raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
-                    skipped[table.name] = reason
+                if not _reads_exist(connection, schema, table, asked, skipped):
                     continue
                 began = time.monotonic()
                 if batches and not changed & set(table.reads) and is_current(connection, schema, table):
@@ -286,12 +281,7 @@ def commit_refresh(
                 {"keys": list(refresh.keys)},
             )
             for table in tables:
-                missing = [name for name in table.reads if not table_exists(connection, schema, name)]
-                if missing:
-                    reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
-                    if table.name in asked:
-                        raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
-                    skipped[table.name] = reason
+                if not _reads_exist(connection, schema, table, asked, skipped):
                     continue
                 began = time.monotonic()
                 if current[table.name] and not merge.changed:
@@ -307,6 +297,21 @@ def commit_refresh(
             gather = partial(_facts, connection, schema, [spec], history, within)
             found = _gather_after(gather, opened.pop_all()) if facts_after else gather()
     return RunCommit(written, found, time.monotonic() - started, skipped)
+
+
+def _reads_exist(
+    connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable, asked: frozenset[str], skipped: dict[str, str]
+) -> bool:
+    """Whether every table ``table`` reads exists. If one does not, a table in ``asked`` fails
+    the write; one built only to keep up with its reads is skipped, and ``skipped`` says why."""
+    missing = [name for name in table.reads if not table_exists(connection, schema, name)]
+    if not missing:
+        return True
+    reason = f"{', '.join(f'{schema}.{name}' for name in missing)} does not exist yet: materialize it first"
+    if table.name in asked:
+        raise MissingTableError(f"{schema}.{table.name} cannot be built: {reason}")
+    skipped[table.name] = reason
+    return False
 
 
 class _Untyped(Exception):
