@@ -89,7 +89,7 @@ BOOKKEEPING_TABLES: tuple[OwnedTable, ...] = (OwnedTable(READS_TABLE, READS_COLU
 def foreign_tables(connection: duckdb.DuckDBPyConnection, schema: str, owned: Iterable[OwnedTable]) -> list[str]:
     """``schema.name exists but ...`` for each of ``owned`` present in ``schema`` without the
     marks of the project. DuckDB's names ignore case: ``Contacts`` is ``contacts`` to it, and a
-    schema made as ``Marketing`` is ``schema``."""
+    schema made as ``Marketing`` is the ``marketing`` asked for."""
     wanted = {table.name.lower(): table for table in owned}
     if not wanted:
         return []
