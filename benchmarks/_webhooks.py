@@ -684,19 +684,26 @@ def _latency_phase(
         changed = time.time()
         results = apply_changes(base_url, [change])
         found = expectations(results, drain_deliveries(base_url, time.time() + 2 * DELIVERY_WAIT_SECONDS))
-        for result in results:
-            expected, delivered = found.get(result["contact_id"], (None, None))
-            item = {"event": result["event"], "contact_id": result["contact_id"], "changed": changed, "delivered": delivered}
-            if expected is None:
-                item["problem"] = "no delivery answered 200"
-            elif unchanged(expected, before.get(expected.contact_id)):
-                item["problem"] = "the change left the contact as stored"
-            else:
-                watch.add([expected])
-            items.append(item)
+        items += [_item(result, changed, found, before, watch) for result in results]
     watched = [item["contact_id"] for item in items if "problem" not in item]
     all_landed = watch.wait(watched, time.time() + LANDING_SECONDS)
     return _phase_result(base_url, watch, items, started, all_landed, receiver_log, log_from)
+
+
+def _item(
+    result: Mapping[str, Any], changed: float, found: Mapping[int, Any], before: Mapping[int, Row], watch: Watch
+) -> dict[str, Any]:
+    """One change as the report shows it; watched for until it lands, unless no delivery said
+    what it made of the contact or it left the contact as stored."""
+    expected, delivered = found.get(result["contact_id"], (None, None))
+    item = {"event": result["event"], "contact_id": result["contact_id"], "changed": changed, "delivered": delivered}
+    if expected is None:
+        item["problem"] = "no delivery answered 200"
+    elif unchanged(expected, before.get(expected.contact_id)):
+        item["problem"] = "the change left the contact as stored"
+    else:
+        watch.add([expected])
+    return item
 
 
 def _burst_phase(
@@ -716,17 +723,7 @@ def _burst_phase(
         applied += [(result, changed) for result in apply_changes(base_url, changes[number * size : (number + 1) * size])]
     sent = time.time() - started
     found = expectations([result for result, _ in applied], drain_deliveries(base_url, time.time() + LANDING_SECONDS))
-    items = []
-    for result, changed in applied:
-        expected, delivered = found.get(result["contact_id"], (None, None))
-        item = {"event": result["event"], "contact_id": result["contact_id"], "changed": changed, "delivered": delivered}
-        if expected is None:
-            item["problem"] = "no delivery answered 200"
-        elif unchanged(expected, before.get(expected.contact_id)):
-            item["problem"] = "the change left the contact as stored"
-        else:
-            watch.add([expected])
-        items.append(item)
+    items = [_item(result, changed, found, before, watch) for result, changed in applied]
     watched = [item["contact_id"] for item in items if "problem" not in item]
     all_landed = watch.wait(watched, started + LANDING_SECONDS)
     phase = _phase_result(base_url, watch, items, started, all_landed, receiver_log, log_from)
