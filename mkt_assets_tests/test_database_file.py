@@ -437,6 +437,7 @@ def test_the_reads_bookkeeping_is_the_projects_own_and_a_foreign_one_is_refused(
 # Files made before the check keep working.
 
 
+@pytest.mark.slow  # a refused sync, then a confirmed one, of a real file
 def test_a_file_made_before_the_check_is_accepted_and_synced(tmp_path: Path, first_sync: Path) -> None:
     database = tmp_path / "old.duckdb"
     with gzip.open(MADE_BEFORE) as made, open(database, "wb") as copy:

@@ -177,6 +177,7 @@ def test_a_run_whose_write_fails_writes_no_table_and_materializes_none(tmp_path:
         assert connection.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'communities'").fetchone() == (0,)
 
 
+@pytest.mark.slow  # three real runs: two writes, then the downstream asset's
 def test_a_downstream_asset_reads_the_live_rows_as_a_duckdb_relation(tmp_path: Path) -> None:
     database = str(tmp_path / "warehouse.duckdb")
     materialize(database, tags(tmp_path, {1: "a", 2: "b"}))

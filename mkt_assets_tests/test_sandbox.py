@@ -1238,6 +1238,7 @@ def test_request_log_records_path_query_headers_and_status(server: SandboxServer
 # ===================================================================== server behaviour
 
 
+@pytest.mark.slow  # a load of concurrent clients on the simulator
 def test_many_concurrent_clients_are_served(server: SandboxServer) -> None:
     failures: list[str] = []
 

@@ -402,6 +402,7 @@ def notebook(database: str) -> Iterator[int]:
         outsider.join(60)
 
 
+@pytest.mark.slow  # an outside process holds the file for a second
 def test_a_file_held_by_an_outside_process_is_waited_for_saying_who_then_reported(
     database: str, notebook: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -423,6 +424,7 @@ def test_a_file_held_by_an_outside_process_is_waited_for_saying_who_then_reporte
     assert all(re.match(rf"waiting [01] s for {re.escape(database)} ", line) for line in said)
 
 
+@pytest.mark.slow  # processes side by side, each waiting its turn for the file
 def test_waits_for_a_held_file_run_side_by_side_and_do_not_stack(database: str, notebook: int) -> None:
     # Three steps of a run met an analyst's session: each waited its two minutes in turn.
     failures: list[tuple[float, str]] = []
