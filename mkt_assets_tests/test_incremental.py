@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from mkt_assets.orchestration.settings import Settings
 from mkt_assets.sandbox import SandboxData, SandboxServer
 from mkt_assets.warehouse.connection import connect
 from mkt_assets.warehouse.sql_names import fully_qualified
+from mkt_assets_tests.test_relations import linked_ids
 
 API_KEY = "incremental-secret-9c2f"
 # The resources whose ids only grow, which the incremental job reads after their newest stored id.
@@ -260,12 +260,7 @@ def test_an_incremental_run_with_nothing_new_reads_one_page_of_each_resource_who
 
 def expected_profiles(account: Account) -> list[tuple[int, list[int], list[int]]]:
     """(contact id, course ids, community ids) of every live contact, as the simulator holds them."""
-    courses: dict[int, set[int]] = defaultdict(set)
-    for enrollment in account.data.records("enrollments"):
-        courses[enrollment["contact"]["id"]].add(enrollment["course"]["id"])
-    communities: dict[int, set[int]] = defaultdict(set)
-    for membership in account.data.records("memberships"):
-        communities[membership["contact"]["id"]].add(membership["community"]["id"])
+    courses, communities = linked_ids(account.data)
     return [(cid, sorted(courses[cid]), sorted(communities[cid])) for cid in account.data.contact_ids]
 
 

@@ -103,12 +103,7 @@ def test_contact_profiles_hold_what_every_live_contact_carries_and_belongs_to(ac
     result = account.sync()
 
     assert result.success
-    courses: dict[int, set[int]] = defaultdict(set)
-    for enrollment in account.data.records("enrollments"):
-        courses[enrollment["contact"]["id"]].add(enrollment["course"]["id"])
-    communities: dict[int, set[int]] = defaultdict(set)
-    for membership in account.data.records("memberships"):
-        communities[membership["contact"]["id"]].add(membership["community"]["id"])
+    courses, communities = linked_ids(account.data)
     tag_names = {tag["id"]: tag["name"] for tag in account.data.records("tags")}
     expected = [
         (
@@ -158,3 +153,14 @@ def test_references_that_go_round_in_a_circle_are_refused_naming_them() -> None:
 
     with pytest.raises(ValueError, match="the references of a, b go round in a circle"):
         referenced_first(catalog, catalog)
+
+
+def linked_ids(data: SandboxData) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
+    """The course ids and the community ids of each contact, as the simulator links them."""
+    courses: dict[int, set[int]] = defaultdict(set)
+    for enrollment in data.records("enrollments"):
+        courses[enrollment["contact"]["id"]].add(enrollment["course"]["id"])
+    communities: dict[int, set[int]] = defaultdict(set)
+    for membership in data.records("memberships"):
+        communities[membership["contact"]["id"]].add(membership["community"]["id"])
+    return courses, communities
