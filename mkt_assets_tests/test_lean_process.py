@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from mkt_assets.plumbing import lean_process
 from mkt_assets.plumbing.private_files import AREA_LOCK_NAME, area_lock_fds, claim_area
+from mkt_assets_tests._lean_child import leave_a_thread_waiting
 
 
 def test_the_child_returns_the_function_result() -> None:
@@ -106,6 +109,31 @@ def test_a_worker_whose_child_dies_says_how_and_later_calls_fail_too() -> None:
             worker.call(os.abort)
         with pytest.raises(lean_process.LeanProcessError):
             worker.call(pow, 2, 2)
+
+
+def test_a_finished_worker_ends_the_work_its_last_call_left_without_the_caller_waiting(tmp_path: Path) -> None:
+    lock, marker = tmp_path / "held", tmp_path / "done"
+    lock.write_text("")
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = lean_process.Worker()
+        try:
+            child = os.pidfd_open(worker.call(os.getpid))
+            worker.call(leave_a_thread_waiting, str(lock), str(marker))
+            # finish() returns although the child cannot exit yet: its thread waits for the lock.
+            finishing = threading.Thread(target=worker.finish)
+            finishing.start()
+            finishing.join(timeout=30)
+            assert not finishing.is_alive()
+            assert not marker.exists()
+            fcntl.flock(held, fcntl.LOCK_UN)
+            # Then it exits of itself, once its thread is done: nobody closed it.
+            exited, _, _ = select.select([child], [], [], 30)
+            assert exited and marker.read_text() == "done"
+            os.close(child)
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            worker.close()
 
 
 _KILLED_PARENT = """

@@ -97,6 +97,16 @@ class Worker:
             return value
         raise value
 
+    def finish(self) -> None:
+        """Tell the child no call follows, without waiting: it ends its last call's work (a
+        thread it left running) and exits while this process goes on; ``close`` waits for it."""
+        with self._lock:
+            if self._child.stdin is not None and not self._child.stdin.closed:
+                try:
+                    self._child.stdin.close()
+                except OSError:
+                    pass  # the child is gone already: ``close`` says nothing more either
+
     def close(self) -> None:
         """Let the child finish and exit; kill it if it does not."""
         if self._child.poll() is None and self._child.stdin is not None:
