@@ -435,3 +435,19 @@ def test_the_incremental_is_judged_against_the_floor_run_right_after_each() -> N
 
     (row,) = table.rows
     assert (row.value, row.target, row.verdict) == ("1.80 s (median of 3 pairs [0.9-2.0, n=3]; medians 6.00 s - 4.10 s)", "<= 1.5 s", "FAIL")
+
+
+def test_every_module_is_compiled_to_bytecode_before_anything_is_measured(tmp_path: Path) -> None:
+    # As an installed package's are: PYTHONDONTWRITEBYTECODE would have every measured process
+    # compile the project's modules again, and none of Dagster's.
+    (tmp_path / "package" / "inner").mkdir(parents=True)
+    (tmp_path / "package" / "inner" / "module.py").write_text("VALUE = 1\n")
+    run.compile_bytecode(tmp_path / "package")
+    tag = sys.implementation.cache_tag
+    assert (tmp_path / "package" / "inner" / "__pycache__" / f"module.{tag}.pyc").is_file()
+    assert run.project_package() == Path(run.__file__).resolve().parent.parent / "mkt_assets"
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "module.py").write_text("def (\n")
+    with pytest.raises(RuntimeError, match="does not compile"):
+        run.compile_bytecode(tmp_path / "broken")
