@@ -30,7 +30,7 @@ from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatc
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed, transaction
 from mkt_assets.warehouse.merge import is_mass_deletion
-from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, table_columns, table_exists
+from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, made_table, table_columns, table_exists
 from mkt_assets.warehouse.staged_sql import ensure_table
 from mkt_assets_tests.warehouse_calls import (
     all_reference_facts_in_file,
@@ -858,11 +858,14 @@ def test_a_table_made_in_a_transaction_that_rolls_back_is_not_believed_to_exist(
         connection.execute("CREATE SCHEMA marketing")
         with pytest.raises(RuntimeError), transaction(connection, "a write that fails"):
             connection.execute("CREATE TABLE marketing.made (id BIGINT)")
+            made_table(connection, "marketing", "made")
             assert table_exists(connection, "marketing", "made")
             raise RuntimeError("the write fails after the table was made")
         assert not table_exists(connection, "marketing", "made")
         with transaction(connection, "a write that succeeds"):
+            assert not table_exists(connection, "marketing", "made")
             connection.execute("CREATE TABLE marketing.made (id BIGINT)")
+            made_table(connection, "marketing", "made")
             assert table_exists(connection, "marketing", "made")
         assert table_exists(connection, "marketing", "made")
     with connect(str(tmp_path / "w.duckdb")) as connection:
@@ -886,11 +889,22 @@ def test_what_the_transaction_knows_of_the_catalog_follows_the_columns_and_table
             forget_columns(connection, "marketing", "built")
             connection.execute("CREATE OR REPLACE TABLE marketing.built AS SELECT 1 AS b")
             assert table_columns(connection, "marketing", "built") == {"b"}
+            connection.execute("CREATE OR REPLACE TABLE marketing.built AS SELECT 1 AS c")
+            made_table(connection, "marketing", "built")
+            assert table_columns(connection, "marketing", "built") == {"c"}
             assert not table_exists(connection, "marketing", "made")
             connection.execute("CREATE TABLE marketing.made (x INTEGER)")
+            made_table(connection, "marketing", "made")
             assert table_exists(connection, "marketing", "made") and table_columns(connection, "marketing", "made") == {"x"}
+            connection.execute("CREATE TABLE marketing.said (y INTEGER)")
+            made_table(connection, "marketing", "said", ["y"])
+            assert table_columns(connection, "marketing", "said") == {"y"}
+            ensure_table(connection, "marketing", "new_tags", tags)  # made whole: no column to add
+            in_catalog = connection.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'new_tags'").fetchall()
+            assert table_columns(connection, "marketing", "new_tags") == {name for (name,) in in_catalog}
         with pytest.raises(RuntimeError), transaction(connection, "the test's"):
             connection.execute("CREATE TABLE marketing.undone (x INTEGER)")
+            made_table(connection, "marketing", "undone")
             assert table_exists(connection, "marketing", "undone")
             raise RuntimeError("rolled back")
         assert not table_exists(connection, "marketing", "undone")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import duckdb
 
-from mkt_assets.warehouse.sql_names import fully_qualified, quote_literal, table_exists
+from mkt_assets.warehouse.sql_names import fully_qualified, made_table, quote_literal, table_exists
 
 CHANGES_TABLE = "_mkt_changes"
 CHANGES_COLUMNS = frozenset({"table_name", "token"})
@@ -39,6 +39,7 @@ def record_change(connection: duckdb.DuckDBPyConnection, schema: str, table: str
     target = fully_qualified(connection, schema, CHANGES_TABLE)
     if not table_exists(connection, schema, CHANGES_TABLE):
         connection.execute(f"CREATE TABLE {target} (table_name VARCHAR NOT NULL, token VARCHAR NOT NULL)")
+        made_table(connection, schema, CHANGES_TABLE)
         connection.execute(f"COMMENT ON TABLE {target} IS {quote_literal(_DESCRIPTION)}")
     connection.execute(f"DELETE FROM {target} WHERE table_name = ?", [table])
     # 64 random bits: short enough for a table's comment, never drawn twice in practice.

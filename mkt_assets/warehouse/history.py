@@ -21,7 +21,7 @@ from datetime import datetime
 import duckdb
 
 from mkt_assets.core.catalog import DELETED_AT_COLUMN, EXTRA_COLUMN, SYNCED_AT_COLUMN, Column, ResourceSpec
-from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, quote_ident, table_columns, table_exists
+from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, made_table, quote_ident, table_columns, table_exists
 
 SUFFIX = "_history"
 VALID_FROM_COLUMN = Column(
@@ -66,6 +66,7 @@ def ensure_history(
             f"{quote_ident(VALID_TO_COLUMN.name)} {VALID_TO_COLUMN.sql_type}",
         ]
         connection.execute(f"CREATE TABLE {target} ({', '.join(definitions)})")
+        made_table(connection, schema, name)
         names = ", ".join(quote_ident(c.name) for c in columns)
         connection.execute(
             f"INSERT INTO {target} SELECT {names}, coalesce({quote_ident(SYNCED_AT_COLUMN.name)}, $synced_at),"

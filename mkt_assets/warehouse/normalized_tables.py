@@ -26,7 +26,7 @@ from mkt_assets.warehouse.changes import change_tokens
 from mkt_assets.warehouse.connection import transaction
 from mkt_assets.warehouse.diagnostics import preview_markdown
 from mkt_assets.warehouse.ownership import BUILT_STAMP, OwnedTable, built_table, refuse_foreign
-from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, quote_ident, quote_literal
+from mkt_assets.warehouse.sql_names import fully_qualified, made_table, quote_ident, quote_literal
 
 LIVE = "_deleted_at IS NULL"
 # The check that a table has exactly the rows it should (see ``expected_rows``).
@@ -241,8 +241,8 @@ def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, tab
     refuse_foreign(connection, schema, [table.owned])  # CREATE OR REPLACE would drop it
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
     # No ORDER BY: sorting millions of rows is what made the build run out of memory.
-    forget_columns(connection, schema, table.name)
     connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")
+    made_table(connection, schema, table.name)
     comment = f"{table.description} {_built_from(connection, schema, table)}"
     connection.execute(f"COMMENT ON TABLE {target} IS {quote_literal(comment)}")
     return build_facts(connection, schema, table)

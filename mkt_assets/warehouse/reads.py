@@ -25,7 +25,7 @@ from datetime import datetime
 
 import duckdb
 
-from mkt_assets.warehouse.sql_names import fully_qualified, quote_literal, table_exists
+from mkt_assets.warehouse.sql_names import fully_qualified, made_table, quote_literal, table_exists
 
 # The project's own bookkeeping, beside the synced tables it describes.
 READS_TABLE = "_mkt_reads"
@@ -45,6 +45,7 @@ def ensure_reads(connection: duckdb.DuckDBPyConnection, schema: str) -> str:
             f"CREATE TABLE {target} (table_name VARCHAR NOT NULL, read_began TIMESTAMPTZ NOT NULL,"
             " complete BOOLEAN NOT NULL, after_key BIGINT, committed_at TIMESTAMPTZ NOT NULL)"
         )
+        made_table(connection, schema, READS_TABLE)
         connection.execute(f"COMMENT ON TABLE {target} IS {quote_literal(_DESCRIPTION)}")
     return target
 

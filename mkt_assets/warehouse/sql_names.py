@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import duckdb
 
@@ -33,25 +34,23 @@ def _named(schema: str, table: str) -> tuple[str, str]:
 
 def table_exists(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     known = _known_to_exist.get(connection)
-    if known is not None and _named(schema, table) in known:
-        return True
-    exists = bool(
+    if known is not None:
+        return _named(schema, table) in known
+    return bool(
         connection.execute(
             f"SELECT count(*) FROM information_schema.tables WHERE table_catalog = current_database() AND {_SAME_NAME}",
             [schema, table],
         ).fetchone()[0]  # type: ignore[index]
     )
-    if exists and known is not None:
-        known.add(_named(schema, table))
-    return exists
 
 
 # A run asks whether a table exists about ninety times, and what columns a table has a dozen,
 # each question a catalog query costing a millisecond or more. Once a transaction has begun on
-# a connection, the catalog is read once: "yes, it exists" then holds while it stays open, this
-# package never dropping a table of the schema (CREATE OR REPLACE keeps it) and no other process
-# able to, DuckDB's file lock being the connection's; "no" is asked again, a table may be made.
-# A table's columns hold until this package changes them (``forget_columns``, where it adds one
+# a connection, the catalog is read once, and then answers both while it stays open: no other
+# process can change it, DuckDB's file lock being the connection's, and this package never
+# drops a table of the schema (CREATE OR REPLACE keeps it) and says where it makes one
+# (``made_table``: a first sync makes some thirty, each asked about before and after). A
+# table's columns hold until this package changes them (``forget_columns``, where it adds one
 # or replaces the table). Kept once the transaction commits, the connection still holding the
 # file (the checks' facts are read then), and read afresh as the next one begins; forgotten
 # when one rolls back, which may undo a CREATE.
@@ -80,6 +79,20 @@ def forget_existing_tables(connection: duckdb.DuckDBPyConnection) -> None:
     _known_columns.pop(connection, None)
 
 
+def made_table(
+    connection: duckdb.DuckDBPyConnection, schema: str, table: str, columns: Iterable[str] | None = None
+) -> None:
+    """``schema.table`` has just been made (or replaced): it exists, with ``columns`` (None:
+    to be read from the catalog when asked)."""
+    known = _known_to_exist.get(connection)
+    if known is not None:
+        known.add(_named(schema, table))
+    forget_columns(connection, schema, table)
+    known_columns = _known_columns.get(connection)
+    if known_columns is not None and columns is not None:
+        known_columns[_named(schema, table)] = frozenset(columns)
+
+
 def forget_columns(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> None:
     """``schema.table``'s columns are about to change (a column added, the table replaced)."""
     known = _known_columns.get(connection)
@@ -97,11 +110,14 @@ def _catalog(connection: duckdb.DuckDBPyConnection) -> str:
 
 def table_columns(connection: duckdb.DuckDBPyConnection, schema: str, table: str) -> set[str]:
     """The names of the columns ``schema.table`` has (none if it does not exist)."""
-    known = _known_columns.get(connection, {}).get(_named(schema, table))
+    columns = _known_columns.get(connection)
+    known = columns.get(_named(schema, table)) if columns is not None else None
     if known is not None:
         return set(known)
     rows = connection.execute(
         f"SELECT column_name FROM information_schema.columns WHERE table_catalog = current_database() AND {_SAME_NAME}",
         [schema, table],
     ).fetchall()
+    if columns is not None and rows:
+        columns[_named(schema, table)] = frozenset(row[0] for row in rows)
     return {row[0] for row in rows}

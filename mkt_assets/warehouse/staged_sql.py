@@ -10,7 +10,15 @@ import duckdb
 
 from mkt_assets.core.catalog import BOOKKEEPING_COLUMNS, Column, ResourceSpec
 from mkt_assets.warehouse.connection import NO_EXTENSION_DOWNLOADS
-from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, quote_ident, quote_literal, table_columns
+from mkt_assets.warehouse.sql_names import (
+    forget_columns,
+    fully_qualified,
+    made_table,
+    quote_ident,
+    quote_literal,
+    table_columns,
+    table_exists,
+)
 
 # DuckDB's JSON reader refuses a line longer than this unless told, and buffers about twice
 # what it is told: so it is told the longest staged line, never less than its default.
@@ -27,9 +35,11 @@ def column_definitions(spec: ResourceSpec) -> list[str]:
 
 def ensure_table(connection: duckdb.DuckDBPyConnection, schema: str, table: str, spec: ResourceSpec) -> None:
     """Create the table, or add the columns the catalog gained since it was created."""
-    connection.execute(f"CREATE SCHEMA IF NOT EXISTS {fully_qualified(connection, schema)}")
     target = fully_qualified(connection, schema, table)
-    connection.execute(f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(column_definitions(spec))})")
+    if not table_exists(connection, schema, table):
+        connection.execute(f"CREATE SCHEMA IF NOT EXISTS {fully_qualified(connection, schema)}")
+        connection.execute(f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(column_definitions(spec))})")
+        made_table(connection, schema, table, [column.name for column in (*spec.columns, *BOOKKEEPING_COLUMNS)])
     existing = table_columns(connection, schema, table)
     for column in (*spec.columns, *BOOKKEEPING_COLUMNS):
         if column.name not in existing:

@@ -18,7 +18,7 @@ import duckdb
 
 from mkt_assets.core.deliveries import Delivery
 from mkt_assets.warehouse.connection import WarehouseFile, transaction
-from mkt_assets.warehouse.sql_names import fully_qualified, table_exists
+from mkt_assets.warehouse.sql_names import fully_qualified, made_table, table_exists
 
 WEBHOOK_EVENTS_TABLE = "webhook_events"
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -83,6 +83,7 @@ def webhook_events_facts(connection: duckdb.DuckDBPyConnection, schema: str) -> 
 def _ensure_table(connection: duckdb.DuckDBPyConnection, schema: str, target: str) -> None:
     connection.execute(f"CREATE SCHEMA IF NOT EXISTS {fully_qualified(connection, schema)}")
     connection.execute(f"CREATE TABLE IF NOT EXISTS {target} ({', '.join(f'{name} {kind}' for name, kind, _ in COLUMNS)})")
+    made_table(connection, schema, WEBHOOK_EVENTS_TABLE)
 
 
 def _last_seq(connection: duckdb.DuckDBPyConnection, target: str) -> int:
