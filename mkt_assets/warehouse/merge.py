@@ -140,9 +140,9 @@ def merge_batch(
     ensure_table(connection, schema, table, spec)
     if history:
         ensure_history(connection, schema, table, spec, batch.synced_at)
-    # Typed once, into a temporary table DuckDB spills to disk past its memory limit.
-    connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters)
-    (staged_rows,) = connection.execute("SELECT count(*) FROM staged").fetchone()  # type: ignore[misc]
+    # Typed once, into a temporary table DuckDB spills to disk past its memory limit. Each
+    # CREATE TABLE AS answers how many rows it made: no count(*) after it.
+    (staged_rows,) = connection.execute(f"CREATE OR REPLACE TEMP TABLE staged AS {staged}", parameters).fetchone()  # type: ignore[misc]
     temporaries = ["staged", "changed", "fresh", "newer"]
     # A read by key (neither complete nor after a key: a refresh) says nothing of other keys,
     # so what concerns them is not even looked at: its cost follows the keys, not the table.
@@ -159,14 +159,14 @@ def merge_batch(
     not_newer = f" AND s.{key} NOT IN (SELECT {key} FROM newer)" if newer else ""
     # A row marked deleted that the API lists again has changed: it is back. (Two different
     # rows hashing alike, 1 in 2^64 per changed row, would be taken as unchanged.)
-    connection.execute(
+    (changed_rows,) = connection.execute(
         f"CREATE OR REPLACE TEMP TABLE changed AS SELECT s.{key} FROM"
         f" (SELECT {key}, hash({', '.join(data_columns)}) AS h FROM staged) AS s JOIN"
         f" (SELECT {key}, hash({', '.join(data_columns)}) AS h, {deleted_at} FROM {target}) AS t"
         f" ON s.{key} = t.{key} WHERE (s.h <> t.h OR t.{deleted_at} IS NOT NULL){not_newer}"
-    )
+    ).fetchone()  # type: ignore[misc]
     updated = 0
-    if _holds_rows(connection, "changed"):
+    if changed_rows:
         (updated,) = connection.execute(
             f"MERGE INTO {target} AS t"
             f" USING (SELECT * FROM staged SEMI JOIN changed USING ({key})) AS s ON t.{key} = s.{key}"
@@ -174,18 +174,18 @@ def merge_batch(
             f" {deleted_at} = NULL"
         ).fetchone()  # type: ignore[misc]
     # The keys new to the table, once: the insert takes them, and so does the history.
-    connection.execute(
+    (fresh_rows,) = connection.execute(
         f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT s.{key} FROM staged AS s ANTI JOIN {target} AS t ON s.{key} = t.{key}"
         + (f" ANTI JOIN newer AS n ON s.{key} = n.{key}" if newer else "")
-    )
+    ).fetchone()  # type: ignore[misc]
     inserted = 0
-    if _holds_rows(connection, "fresh"):
+    if fresh_rows:
         (inserted,) = connection.execute(
             f"INSERT INTO {target} ({', '.join(written_columns)})"
             f" SELECT {', '.join(f's.{c}' for c in written_columns)} FROM staged AS s SEMI JOIN fresh USING ({key})"
         ).fetchone()  # type: ignore[misc]
     deleted = 0
-    closing = ["changed"]
+    holds_rows = {"changed": bool(changed_rows), "fresh": bool(fresh_rows)}
     if batch.complete or gone:
         if batch.complete:
             missing_upstream = f"NOT EXISTS (SELECT 1 FROM staged AS s WHERE s.{key} = t.{key})"
@@ -197,13 +197,12 @@ def merge_batch(
         if newer:
             missing_upstream += f" AND t.{key} NOT IN (SELECT {key} FROM newer)"
         # The live rows the API no longer lists: marked (or removed), and their versions closed.
-        connection.execute(
+        (gone_rows,) = connection.execute(
             f"CREATE OR REPLACE TEMP TABLE gone AS SELECT t.{key} FROM {target} AS t"
             f" WHERE t.{deleted_at} IS NULL AND {missing_upstream}"
-        )
+        ).fetchone()  # type: ignore[misc]
         temporaries.append("gone")
-        closing.append("gone")
-        (gone_rows,) = connection.execute("SELECT count(*) FROM gone").fetchone()  # type: ignore[misc]
+        holds_rows["gone"] = bool(gone_rows)
         # An outage answering an empty list looks like a mass deletion: refused unless confirmed.
         # A 404 to a request naming the row is no such guess (``read_records`` has made sure the
         # API serves rows by key at all), so rows found gone that way are marked as found.
@@ -221,15 +220,14 @@ def merge_batch(
             ).fetchone()  # type: ignore[misc]
     versions = Versions()
     if history:
-        keys = {name: _holds_rows(connection, name) for name in ("fresh", *closing)}
         versions = record_versions(
             connection,
             schema,
             table,
             spec,
             batch.synced_at,
-            opened=[name for name in ("changed", "fresh") if keys[name]],
-            closed=[name for name in closing if keys[name]],
+            opened=[name for name in ("changed", "fresh") if holds_rows[name]],
+            closed=[name for name in ("changed", "gone") if holds_rows.get(name)],
         )
     (row_count, total_rows) = connection.execute(
         f"SELECT count(*) FILTER (WHERE {deleted_at} IS NULL), count(*) FROM {target}"
@@ -301,24 +299,16 @@ def _newer_rows(
             f" UNION SELECT {key} FROM staged WHERE {key} > $after"
         )
         parameters["after"] = covered_after
-    connection.execute(
+    (count,) = connection.execute(
         f"CREATE OR REPLACE TEMP TABLE newer AS SELECT t.{key} FROM {target} AS t"
         f" WHERE greatest(t.{synced_at}, coalesce(t.{deleted_at}, t.{synced_at})) > $synced_at{among}{removed}{covered}",
         parameters,
-    )
-    (count,) = connection.execute("SELECT count(*) FROM newer").fetchone()  # type: ignore[misc]
+    ).fetchone()  # type: ignore[misc]
     return int(count)
-
-
-def _holds_rows(connection: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
 
 
 # What DuckDB raises for a value a column's type cannot hold (its JSON reader says InvalidInput).
 CAST_FAILURES = (duckdb.ConversionException, duckdb.InvalidInputException)
-
-
-
 
 
 def newest_key(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> int | None:
