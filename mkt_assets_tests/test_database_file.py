@@ -358,6 +358,23 @@ def test_the_write_refuses_a_foreign_table_made_after_the_check(tmp_path: Path) 
     assert (tables, columns) == ([("contacts_history",)], [("id",), ("note",)])
 
 
+def test_the_write_refuses_a_foreign_table_with_a_built_tables_name_and_alters_nothing(tmp_path: Path) -> None:
+    # Refused with the synced tables as the transaction begins (a rebuild would replace it).
+    database = tmp_path / "built.duckdb"
+    with connect(str(database)) as connection:
+        connection.execute("CREATE SCHEMA marketing")
+        connection.execute("CREATE TABLE marketing.contact_tags (mine VARCHAR)")
+    tags = next(table for table in NORMALIZED_TABLES if table.name == "contact_tags")
+    batches = [stage(CONTACTS, [[contact(1)]], tmp_path), stage(TAGS, [[{"id": 7, "name": "vip"}]], tmp_path)]
+
+    with pytest.raises(ForeignTableError, match=r"marketing\.contact_tags exists but was not created by mkt_assets"):
+        commit_run(WarehouseFile(str(database)), "marketing", batches, [tags], deletions="mark")
+    with connect(str(database)) as connection:
+        tables = connection.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()
+        columns = connection.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'contact_tags'").fetchall()
+    assert (tables, columns) == ([("contact_tags",)], [("mine",)])
+
+
 def test_a_foreign_table_in_the_schema_spelled_in_another_case_is_refused_and_never_altered(tmp_path: Path) -> None:
     # DuckDB's names ignore case: an analyst's `CREATE SCHEMA Marketing` is the schema the
     # project writes as "marketing", and its tables are the project's names.

@@ -194,9 +194,13 @@ def commit_run(
     with ExitStack() as opened:
         connection = opened.enter_context(file.open())
         with _write(connection, f"the sync's writes ({', '.join(_names(batches, tables))})"):
-            # Checked again here, in the write's transaction, for every table it merges at
-            # once: a table made since the run's check is refused as well, and never altered.
-            owned = [owned for batch in batches for owned in (synced_table(batch.spec), versions_table(batch.spec))]
+            # Checked again here, in the write's transaction, for every table it merges or
+            # builds at once: a table made since the run's check is refused as well, and never
+            # altered.
+            owned = [
+                *(owned for batch in batches for owned in (synced_table(batch.spec), versions_table(batch.spec))),
+                *(table.owned for table in tables),
+            ]
             refuse_foreign(connection, schema, owned, attached_file(connection))
             refused: list[MassDeletion] = []
             for batch in batches:
@@ -227,7 +231,7 @@ def commit_run(
                     # Already what a rebuild would make: the same query over the same rows.
                     build = build_facts(connection, schema, table, rebuilt=False)
                 else:
-                    build = build_in_transaction(connection, schema, table)
+                    build = build_in_transaction(connection, schema, table, foreign_refused=True)
                 written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
         for batch in batches:
             name = batch.spec.name

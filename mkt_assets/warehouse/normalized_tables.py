@@ -234,11 +234,16 @@ def _built_from(connection: duckdb.DuckDBPyConnection, schema: str, table: Norma
     return f"{BUILT_STAMP}{table.definition}, read {', '.join(f'{name}@{tokens[name]}' for name in table.reads)}]"
 
 
-def build_in_transaction(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
-    """Rebuild ``table`` from the synced tables, inside the caller's transaction."""
+def build_in_transaction(
+    connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable, *, foreign_refused: bool = False
+) -> BuildResult:
+    """Rebuild ``table`` from the synced tables, inside the caller's transaction.
+    ``foreign_refused``: the caller has already refused, in this transaction, a table of that
+    name the project did not make."""
     names = {parent: fully_qualified(connection, schema, parent) for parent in table.reads}
     target = fully_qualified(connection, schema, table.name)
-    refuse_foreign(connection, schema, [table.owned])  # CREATE OR REPLACE would drop it
+    if not foreign_refused:
+        refuse_foreign(connection, schema, [table.owned])  # CREATE OR REPLACE would drop it
     columns = ", ".join(f"CAST({quote_ident(n)} AS {t}) AS {quote_ident(n)}" for n, t in table.columns)
     # No ORDER BY: sorting millions of rows is what made the build run out of memory.
     connection.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT {columns} FROM ({table.select.format(**names)})")
