@@ -19,7 +19,7 @@ from mkt_assets.warehouse.connection import attached_file
 from mkt_assets.warehouse.diagnostics import duplicated_field
 from mkt_assets.warehouse.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
 from mkt_assets.warehouse.ownership import refuse_foreign, synced_table, versions_table
-from mkt_assets.warehouse.reads import newer_complete_read, newest_reads_cover, record_read
+from mkt_assets.warehouse.reads import later_reads, record_read
 from mkt_assets.warehouse.sql_names import fully_qualified, quote_ident, table_exists
 from mkt_assets.warehouse.staged_sql import ensure_table, known_fields_patch, staged_select_sql
 
@@ -101,9 +101,9 @@ def merge_batch(
         raise ValueError(f"deletions must be one of {DELETIONS_MODES}, got {deletions!r}")
     spec = batch.spec
     target = fully_qualified(connection, schema, table)
-    newer_read = newer_complete_read(connection, schema, table, batch.synced_at)
-    if newer_read is not None:
-        return _superseded(connection, target, newer_read)
+    later = later_reads(connection, schema, table, batch.synced_at)
+    if later.complete is not None:
+        return _superseded(connection, target, later.complete)
     key = quote_ident(spec.primary_key_column.name)
     extra, synced_at, deleted_at = (quote_ident(c.name) for c in BOOKKEEPING_COLUMNS)
     data_columns = [*(quote_ident(c.name) for c in spec.columns), extra]
@@ -154,7 +154,7 @@ def merge_batch(
     # Runs may overlap and land in either order: what a sync that began after this one wrote
     # (changed, inserted, found gone) is newer than what this batch read, and is left alone.
     newer = _newer_rows(
-        connection, schema, table, target, key, batch, newest_reads_cover(connection, schema, table, batch.synced_at), read_keys
+        connection, schema, table, target, key, batch, later.covered_after, read_keys
     )
     not_newer = f" AND s.{key} NOT IN (SELECT {key} FROM newer)" if newer else ""
     # A row marked deleted that the API lists again has changed: it is back. (Two different

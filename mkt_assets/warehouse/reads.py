@@ -6,12 +6,12 @@ it, but a row the newer sync read unchanged carries no stamp, so the older sync,
 would write its older read over it (a value that went A, B, A while both read lands as B). So
 each merge records, in its own transaction, when the read it applied began, and whether it was
 complete (every record) or incremental (every key above ``after``). A later batch compares its
-own begin with them:
+own begin with them (``later_reads``):
 
 - a complete read that began after it has committed: everything the batch read is older than
-  what that read saw, so the batch is not applied at all (``newer_complete_read``);
+  what that read saw, so the batch is not applied at all;
 - incremental reads that began after it have committed: the keys above their lowest ``after``
-  were read by a newer sync, so the batch leaves them as they are (``newest_reads_cover``).
+  were read by a newer sync, so the batch leaves them as they are.
 
 Begin times are the syncs' own clocks (``StagedBatch.synced_at``), as ``_synced_at`` is.
 Only what can still decide something is kept: the newest complete read of each table and the
@@ -21,6 +21,7 @@ Dagster; every function runs inside the merge's transaction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import duckdb
@@ -50,36 +51,32 @@ def ensure_reads(connection: duckdb.DuckDBPyConnection, schema: str) -> str:
     return target
 
 
-def newer_complete_read(
-    connection: duckdb.DuckDBPyConnection, schema: str, table: str, began: datetime
-) -> datetime | None:
-    """When the newest committed complete read of ``table`` began, if after ``began``. The reads
-    of a table dropped since (by hand, to load it again) described rows that are gone: they are
+@dataclass(frozen=True)
+class LaterReads:
+    """What the committed reads of a table that began after a batch's read say of it."""
+
+    # When the newest of them that was complete began (None: none was).
+    complete: datetime | None
+    # The lowest key above which those that were incremental read every record (None: none).
+    covered_after: int | None
+
+
+def later_reads(connection: duckdb.DuckDBPyConnection, schema: str, table: str, began: datetime) -> LaterReads:
+    """The committed reads of ``table`` that began after ``began``, in one look. The reads of a
+    table dropped since (by hand, to load it again) described rows that are gone: they are
     forgotten."""
     if not table_exists(connection, schema, READS_TABLE):
-        return None
+        return LaterReads(None, None)
     if not table_exists(connection, schema, table):
         connection.execute(f"DELETE FROM {fully_qualified(connection, schema, READS_TABLE)} WHERE table_name = ?", [table])
-        return None
-    (newest,) = connection.execute(
-        f"SELECT max(read_began) FROM {fully_qualified(connection, schema, READS_TABLE)}"
-        " WHERE table_name = ? AND complete AND read_began > ?",
+        return LaterReads(None, None)
+    (complete, covered_after) = connection.execute(
+        "SELECT max(read_began) FILTER (WHERE complete),"
+        " min(after_key) FILTER (WHERE NOT complete AND after_key IS NOT NULL)"
+        f" FROM {fully_qualified(connection, schema, READS_TABLE)} WHERE table_name = ? AND read_began > ?",
         [table, began],
     ).fetchone()  # type: ignore[misc]
-    return newest
-
-
-def newest_reads_cover(connection: duckdb.DuckDBPyConnection, schema: str, table: str, began: datetime) -> int | None:
-    """The lowest key above which incremental reads that began after ``began`` read every
-    record (None: no such read)."""
-    if not table_exists(connection, schema, READS_TABLE):
-        return None
-    (after,) = connection.execute(
-        f"SELECT min(after_key) FROM {fully_qualified(connection, schema, READS_TABLE)}"
-        " WHERE table_name = ? AND NOT complete AND after_key IS NOT NULL AND read_began > ?",
-        [table, began],
-    ).fetchone()  # type: ignore[misc]
-    return after
+    return LaterReads(complete, covered_after)
 
 
 def record_read(
