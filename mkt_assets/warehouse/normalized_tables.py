@@ -309,14 +309,12 @@ def build_facts(
     """What the checks of ``table`` need, as it stands."""
     names = {parent: fully_qualified(connection, schema, parent) for parent in table.reads}
     target = fully_qualified(connection, schema, table.name)
-    (row_count,) = connection.execute(f"SELECT count(*) FROM {target}").fetchone()  # type: ignore[misc]
-    (expected,) = connection.execute(table.expected_rows.format(**names)).fetchone()  # type: ignore[misc]
-    null_keys = {}
-    for column in table.not_null:
-        (count,) = connection.execute(
-            f"SELECT count(*) FROM {target} WHERE {quote_ident(column)} IS NULL"
-        ).fetchone()  # type: ignore[misc]
-        null_keys[column] = count
+    # One statement: each costs a millisecond or so however small the table.
+    nulls = "".join(f", count(*) FILTER (WHERE {quote_ident(column)} IS NULL)" for column in table.not_null)
+    row_count, expected, *null_counts = connection.execute(
+        f"SELECT count(*), ({table.expected_rows.format(**names)}){nulls} FROM {target}"
+    ).fetchone()  # type: ignore[misc]
+    null_keys = dict(zip(table.not_null, null_counts, strict=True))
     return BuildResult(row_count, int(expected), null_keys, preview_markdown(connection, schema, table.name), rebuilt)
 
 
