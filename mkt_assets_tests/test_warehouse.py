@@ -909,3 +909,20 @@ def test_what_the_transaction_knows_of_the_catalog_follows_the_columns_and_table
             raise RuntimeError("rolled back")
         assert not table_exists(connection, "marketing", "undone")
         assert table_columns(connection, "marketing", "undone") == set()
+
+
+def test_a_built_tables_facts_count_its_rows_the_rows_expected_and_each_key_left_null(database: str, tmp_path: Path) -> None:
+    from mkt_assets.warehouse.normalized_tables import NORMALIZED_TABLES, build_facts
+
+    tags = next(table for table in NORMALIZED_TABLES if table.name == "contact_tags")
+    merge(database, "tags", stage(TAGS, [[{"id": 7, "name": "vip"}]], tmp_path))
+    merge(database, "contacts", stage(CONTACTS, [[contact(1), contact(2)]], tmp_path))
+    built = build_table_in_file(WarehouseFile(database), "marketing", tags)
+    assert (built.row_count, built.expected_rows, built.null_keys) == (2, 2, {name: 0 for name in tags.not_null})
+    with connect(database) as connection:
+        target = fully_qualified(connection, "marketing", "contact_tags")
+        # A row the checks must see: one no live contact's tags account for, its keys null.
+        connection.execute(f"INSERT INTO {target} (contact_id) VALUES (NULL)")
+        facts = build_facts(connection, "marketing", tags)
+    assert (facts.row_count, facts.expected_rows) == (3, 2)
+    assert facts.null_keys == {name: 1 for name in tags.not_null}
