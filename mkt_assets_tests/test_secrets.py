@@ -189,3 +189,33 @@ def test_a_base_url_with_a_password_in_run_config_is_refused_without_echoing_it(
     assert rows_holding(home / "history" / "runs.db", PASSWORD) == [("runs", "run_body")]
     assert PASSWORD not in "\n".join(messages)
     assert PASSWORD not in captured.out + captured.err
+
+
+def test_no_contacts_personal_data_reaches_the_dagster_home(tmp_path: Path, server: SandboxServer) -> None:
+    # Every table a sync writes, each with its materialization's metadata (a preview of the
+    # tables that hold no one's data) and its checks': Dagster's storage is read by whoever
+    # runs its UI, and its SQLite files are not the user's alone.
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    database = str(tmp_path / "people.duckdb")
+    api = MarketingApiResource(base_url=server.base_url, api_key=SECRET, pace_requests=False)
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        result = dg.materialize(
+            [MARKETING_ASSETS],
+            resources={
+                "marketing_api": api,
+                "duckdb_io_manager": MarketingDuckDBIOManager(warehouse=WarehouseResource(database=database)),
+                "warehouse": WarehouseResource(database=database),
+            },
+            instance=instance,
+        )
+        previews = [
+            event.materialization.metadata["preview"].value
+            for event in result.get_asset_materialization_events()
+            if "preview" in event.materialization.metadata
+        ]
+    emails = [contact["email"] for contact in server.data.records("contacts")]
+    assert result.success and len(emails) == 30
+    assert any(str(preview).startswith("| id | name |") for preview in previews)  # tags, communities: shown
+    for email in emails:
+        assert files_holding(home, email) == [], f"{email} was stored"

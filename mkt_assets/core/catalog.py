@@ -320,6 +320,17 @@ RESOURCES: tuple[ResourceSpec, ...] = (
 RESOURCES_BY_NAME: dict[str, ResourceSpec] = {spec.name: spec for spec in RESOURCES}
 
 
+# The resource whose records are people. A record naming one (a membership, an enrollment) is
+# about that person too: no such row is quoted outside the database, where whoever reads
+# Dagster's storage or its UI would read it (a table's preview in its materialization).
+PEOPLE = "contacts"
+
+
+def holds_personal_data(spec: ResourceSpec) -> bool:
+    """Whether ``spec``'s records are people, or name one."""
+    return spec.name == PEOPLE or PEOPLE in referenced_resources(spec)
+
+
 def referenced_resources(spec: ResourceSpec, catalog: Sequence[ResourceSpec] = RESOURCES) -> list[str]:
     """The other resources of ``catalog`` that ``spec`` names, each once, in its order."""
     named = {(member or column).references.resource for column, member in spec.references()}  # type: ignore[union-attr]

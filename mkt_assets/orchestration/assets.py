@@ -42,6 +42,7 @@ from mkt_assets.orchestration.checks import (
     row_count_result,
     sync_check_specs,
 )
+from mkt_assets.orchestration.io_manager import preview_metadata
 from mkt_assets.orchestration.names import Names
 from mkt_assets.orchestration.resource import MarketingApiResource, WarehouseResource
 from mkt_assets.orchestration.run_retries import before_the_run, no_retry_that_cannot_mend
@@ -507,7 +508,7 @@ def _rebuilt_materialization(table: NormalizedTable, commit: RunCommit, schema: 
         metadata={
             "dagster/row_count": build.row_count,
             "dagster/table_name": f"{schema}.{table.name}",
-            "preview": dg.MetadataValue.md(build.preview),
+            "preview": preview_metadata(build.preview),
             **({"rows_removed": build.rows_removed, "rows_added": build.rows_added} if build.updated_in_place else {}),
         },
     )

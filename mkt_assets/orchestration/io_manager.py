@@ -135,7 +135,7 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
                 metadata.update(
                     {"updated_in_place": True, "rows_removed": written.build.rows_removed, "rows_added": written.build.rows_added}
                 )
-        metadata["preview"] = dg.MetadataValue.md(written.preview)
+        metadata["preview"] = preview_metadata(written.preview)
         context.add_output_metadata(metadata)
 
     def load_input(self, context: dg.InputContext) -> duckdb.DuckDBPyRelation:
@@ -147,6 +147,13 @@ class MarketingDuckDBIOManager(dg.ConfigurableIOManager):
         columns = {row[0] for row in connection.execute(f"DESCRIBE {name}").fetchall()}
         live = " WHERE _deleted_at IS NULL" if "_deleted_at" in columns else ""
         return connection.sql(f"SELECT * FROM {name}{live}")
+
+
+def preview_metadata(preview: str) -> dg.MetadataValue:
+    """A table's first rows, or why a table of people (or of what names them) shows none."""
+    if preview:
+        return dg.MetadataValue.md(preview)
+    return dg.MetadataValue.text("none: its rows are contacts' personal data, kept out of Dagster's storage and UI")
 
 
 def _summary(commit: RunCommit, schema: str, history: bool) -> str:

@@ -20,7 +20,7 @@ from functools import partial
 
 import duckdb
 
-from mkt_assets.core.catalog import ResourceSpec
+from mkt_assets.core.catalog import ResourceSpec, holds_personal_data
 from mkt_assets.core.errors import MassDeletion, MassDeletionError, SyncError
 from mkt_assets.staging.pages import StagedBatch
 from mkt_assets.warehouse.connection import WarehouseFile, attached_file, streamed, transaction, without_values
@@ -235,7 +235,7 @@ def commit_run(
                 written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
         for batch in batches:
             name = batch.spec.name
-            written[name] = Written(name, written[name].seconds, preview_markdown(connection, schema, name), merge=written[name].merge)
+            written[name] = Written(name, written[name].seconds, _preview(connection, schema, batch.spec), merge=written[name].merge)
         gather = partial(_facts, connection, schema, [batch.spec for batch in batches], history, within)
         facts = _gather_after(gather, opened.pop_all()) if facts_after else gather()
     return RunCommit(written, facts, time.monotonic() - started, skipped)
@@ -296,11 +296,16 @@ def commit_refresh(
                     build = build_in_transaction(connection, schema, table)
                 written[table.name] = Written(table.name, time.monotonic() - began, build.preview, build=build)
             connection.execute("DROP TABLE refreshed_keys")
-        written[spec.name] = replace(written[spec.name], preview=preview_markdown(connection, schema, spec.name))
+        written[spec.name] = replace(written[spec.name], preview=_preview(connection, schema, spec))
         if facts:
             gather = partial(_facts, connection, schema, [spec], history, within)
             found = _gather_after(gather, opened.pop_all()) if facts_after else gather()
     return RunCommit(written, found, time.monotonic() - started, skipped)
+
+
+def _preview(connection: duckdb.DuckDBPyConnection, schema: str, spec: ResourceSpec) -> str:
+    """The table's first rows for its materialization's metadata; none of a table of people."""
+    return "" if holds_personal_data(spec) else preview_markdown(connection, schema, spec.name)
 
 
 def _reads_exist(

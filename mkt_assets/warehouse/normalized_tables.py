@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import duckdb
 
-from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec
+from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, Column, ResourceSpec, holds_personal_data
 from mkt_assets.warehouse.changes import change_tokens
 from mkt_assets.warehouse.connection import transaction
 from mkt_assets.warehouse.diagnostics import preview_markdown
@@ -315,7 +315,9 @@ def build_facts(
         f"SELECT count(*), ({table.expected_rows.format(**names)}){nulls} FROM {target}"
     ).fetchone()  # type: ignore[misc]
     null_keys = dict(zip(table.not_null, null_counts, strict=True))
-    return BuildResult(row_count, int(expected), null_keys, preview_markdown(connection, schema, table.name), rebuilt)
+    personal = any(holds_personal_data(RESOURCES_BY_NAME[name]) for name in table.reads)
+    preview = "" if personal else preview_markdown(connection, schema, table.name)
+    return BuildResult(row_count, int(expected), null_keys, preview, rebuilt)
 
 
 def build_table(connection: duckdb.DuckDBPyConnection, schema: str, table: NormalizedTable) -> BuildResult:
