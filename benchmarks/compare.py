@@ -27,7 +27,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import ChildFailed, Simulator, describe_machine
-from run import INCREMENTAL_JOB, Bench, make_bench, progress, remove_database, run_job, timeout_for
+from run import (
+    INCREMENTAL_JOB,
+    Bench,
+    compile_bytecode,
+    make_bench,
+    progress,
+    project_package,
+    remove_database,
+    run_job,
+    timeout_for,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
     bench = make_bench(root, pace_requests=True)
+    compile_bytecode(project_package(), base / "mkt_assets")  # both builds load bytecode, as installed packages do
     base_env = {"PYTHONPATH": str(base)}
     results: dict[str, dict[str, list[float]]] = {"base": {}, "new": {}}
     try:
