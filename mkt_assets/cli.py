@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from mkt_assets.core.catalog import DEFAULT_BASE_URL
 from mkt_assets.core.deliveries import EVENTS, WEBHOOK_SECRET_ENV, webhook_secret
 from mkt_assets.core.errors import API_KEY_ENV, ApiError, ConfigurationError
 from mkt_assets.orchestration.settings import DEFAULT_KEY_PREFIX, DUCKDB_PATH_ENV, Settings
@@ -26,7 +27,6 @@ from mkt_assets.sandbox.server import ADMIN_PREFIX
 from mkt_assets.sandbox.server import main as sandbox_main
 from mkt_assets.source.account import (
     BASE_URL_ENV,
-    DEFAULT_BASE_URL,
     check_api_key,
     check_base_url,
     is_loopback,

@@ -13,13 +13,11 @@ from typing import Annotated
 import dagster as dg
 from pydantic import Field
 
-from mkt_assets.core.catalog import RESOURCES
+from mkt_assets.core.catalog import DEFAULT_BASE_URL, RESOURCES
 from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.core.setting_names import SettingNames
-from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings
-from mkt_assets.source.account import DEFAULT_BASE_URL
 
 _HOUR = timedelta(hours=1)
 # What api_key resolves to when it is not a template naming a variable (a key written out).
@@ -155,6 +153,11 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
                 f'{self.key_prefix}: webhook_secret must name the environment variable holding the secret, as'
                 ' "{{ env.ACME_WEBHOOK_SECRET }}"; a secret written in defs.yaml would be shown in the UI and kept in version control'
             )
+        # Imported here, not with the module: dg's registry imports this module in every project
+        # of an environment that has this package, to describe the component, and describing it
+        # should not import DuckDB, requests and the whole project.
+        from mkt_assets.definitions import build_definitions
+
         webhook_secret_env = self.webhook_secret or (WEBHOOK_SECRET_ENV if self.from_environment else None)
         # From the environment, MKT_API_BASE_URL applies; an instance of its own never reads it,
         # so one variable cannot send every account's key elsewhere.

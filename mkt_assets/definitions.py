@@ -9,6 +9,7 @@ from typing import Any
 
 import dagster as dg
 
+from mkt_assets.core.catalog import DEFAULT_BASE_URL
 from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import API_KEY_ENV, ConfigurationError
 from mkt_assets.core.setting_names import SettingNames
@@ -21,7 +22,7 @@ from mkt_assets.orchestration.run_retries import run_retry_tags
 from mkt_assets.orchestration.schedules import build_schedules
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.orchestration.webhooks import build_changes_sensor, build_webhook_events_asset, webhook_events_key
-from mkt_assets.source.account import BASE_URL_ENV, DEFAULT_BASE_URL, check_base_url
+from mkt_assets.source.account import BASE_URL_ENV, check_base_url
 from mkt_assets.warehouse.connection import database_path
 from mkt_assets.warehouse.normalized_tables import normalized_tables
 

@@ -111,6 +111,28 @@ def stored_ids(database: Path, schema: str, table: str) -> list[int]:
         return [row[0] for row in connection.execute(f'SELECT id FROM "{schema}"."{table}" ORDER BY id').fetchall()]
 
 
+def test_a_project_with_the_package_installed_but_no_instance_loads_without_duckdb_or_requests(tmp_path: Path) -> None:
+    """dg's registry describes every component type the environment holds, importing this
+    package's in each process that loads any dg project: describing it costs no DuckDB,
+    requests or project definitions (a fifth of a second a process)."""
+    project = fresh_dg_project(tmp_path)
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from pathlib import Path
+        import dagster as dg
+
+        defs = dg.load_from_defs_folder(path_within_project=Path("acme_project"))
+        types = json.dumps(defs.metadata["plugin_component_types_json"].value)
+        heavy = ("duckdb", "requests", "dagster_duckdb", "mkt_assets.definitions")
+        print(json.dumps({"described": '"mkt_assets.MarketingSync"' in types, "imported": [m for m in heavy if m in sys.modules]}))
+        """
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=DG_TIMEOUT_SECONDS)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == {"described": True, "imported": []}
+
+
 @pytest.mark.slow  # a second or more: dg starts a process per command
 def test_dg_scaffolds_the_component_into_a_fresh_project_where_it_checks_and_launches_after_two_edits(
     acme: SandboxServer, tmp_path: Path

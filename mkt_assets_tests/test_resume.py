@@ -32,7 +32,8 @@ from mkt_assets.source.transport import Stop
 from mkt_assets.staging import resume
 from mkt_assets.staging.resume import ResumeOptions, read_identity
 from mkt_assets.warehouse.chunk_typing import TypingQueue
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, connect, database_path
+from mkt_assets.warehouse.connection import connect, database_path
+from mkt_assets.warehouse.defaults import DEFAULT_MEMORY_LIMIT
 from mkt_assets_tests.conftest import materialization, materialize_marketing
 
 API_KEY = "resume-secret-3f9a61"

@@ -25,7 +25,7 @@ from mkt_assets.source.client import MarketingApiClient
 from mkt_assets.source.ratelimit import SharedRateLimiter
 from mkt_assets.source.transport import Stop, Stopped
 from mkt_assets.warehouse.chunk_typing import TypingQueue
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT
+from mkt_assets.warehouse.defaults import DEFAULT_MEMORY_LIMIT
 
 API_KEY = "stop-secret-8c2e"
 CONTACTS = RESOURCES_BY_NAME["contacts"]

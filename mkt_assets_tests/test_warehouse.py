@@ -28,7 +28,8 @@ from mkt_assets.core.page import Page
 from mkt_assets.plumbing.private_files import AREA_LOCK_NAME
 from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES, PageStager, StagedBatch
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, WarehouseFile, connect, streamed, transaction
+from mkt_assets.warehouse.connection import WarehouseFile, connect, streamed, transaction
+from mkt_assets.warehouse.defaults import DEFAULT_MEMORY_LIMIT
 from mkt_assets.warehouse.merge import is_mass_deletion
 from mkt_assets.warehouse.sql_names import forget_columns, fully_qualified, made_table, table_columns, table_exists
 from mkt_assets.warehouse.staged_sql import ensure_table

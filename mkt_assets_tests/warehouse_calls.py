@@ -9,8 +9,9 @@ import duckdb
 from mkt_assets.core.catalog import ResourceSpec
 from mkt_assets.staging.pages import StagedBatch
 from mkt_assets.warehouse.connection import WarehouseFile, streamed, transaction
+from mkt_assets.warehouse.defaults import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.diagnostics import explain_cast_failure, preview_markdown
-from mkt_assets.warehouse.merge import CAST_FAILURES, DEFAULT_MAX_DROP, MergeResult, merge_batch
+from mkt_assets.warehouse.merge import CAST_FAILURES, MergeResult, merge_batch
 from mkt_assets.warehouse.normalized_tables import BuildResult, NormalizedTable, build_table
 from mkt_assets.warehouse.table_facts import ReferenceFacts, SyncedTableFacts, all_reference_facts, synced_table_facts
 

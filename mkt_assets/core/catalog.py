@@ -13,6 +13,9 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
+# Where the API answers unless a setting says otherwise.
+DEFAULT_BASE_URL = "https://api.systeme.io/api"
+
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 

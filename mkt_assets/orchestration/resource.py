@@ -11,11 +11,11 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import ConfigDict, Field, field_validator
 
+from mkt_assets.core.catalog import DEFAULT_BASE_URL
 from mkt_assets.core.errors import API_KEY_ENV
 from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.source.account import (
     BASE_URL_ENV,
-    DEFAULT_BASE_URL,
     check_api_key,
     check_base_url,
     shared_rate_limiter,
@@ -31,7 +31,8 @@ from mkt_assets.source.client import (
 from mkt_assets.source.ratelimit import SharedRateLimiter
 from mkt_assets.source.transport import Log, Stop
 from mkt_assets.staging.pages import DEFAULT_CHUNK_PAGES
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS, WarehouseFile, database_path
+from mkt_assets.warehouse.connection import WarehouseFile, database_path
+from mkt_assets.warehouse.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 
 
 class MarketingApiResource(dg.ConfigurableResource):

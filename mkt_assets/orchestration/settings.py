@@ -16,8 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from mkt_assets.core.catalog import RESOURCES, RESOURCES_BY_NAME, ResourceSpec
 from mkt_assets.core.errors import DUCKDB_PATH_ENV, ConfigurationError
 from mkt_assets.core.setting_names import ENVIRONMENT, SettingNames
-from mkt_assets.warehouse.connection import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
-from mkt_assets.warehouse.merge import DEFAULT_MAX_DROP
+from mkt_assets.warehouse.defaults import DEFAULT_MAX_DROP, DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 
 # Not data/marketing.duckdb: DuckDB names a file's catalog after it, and a catalog named
 # like the schema makes every `marketing.<table>` a user types ambiguous.

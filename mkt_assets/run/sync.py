@@ -30,7 +30,7 @@ from mkt_assets.staging.resume import sweep as sweep_reads
 from mkt_assets.warehouse.chunk_typing import ChunkTyper, TypingQueue
 from mkt_assets.warehouse.commit import CommitRequest, Facts, Refresh, RunCommit, commit, gathered_facts
 from mkt_assets.warehouse.connection import WarehouseFile
-from mkt_assets.warehouse.merge import DEFAULT_MAX_DROP
+from mkt_assets.warehouse.defaults import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.normalized_tables import NormalizedTable
 
 Log = Callable[[str], None]

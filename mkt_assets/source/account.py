@@ -10,11 +10,11 @@ import unicodedata
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from mkt_assets.core.catalog import DEFAULT_BASE_URL
 from mkt_assets.core.errors import API_KEY_ENV, ConfigurationError
 from mkt_assets.source.client import DEFAULT_MAX_WAIT_SECONDS, key_problem
 from mkt_assets.source.ratelimit import SharedRateLimiter, state_path_for
 
-DEFAULT_BASE_URL = "https://api.systeme.io/api"
 # What a paste or a secret file leaves around a key: blanks, line breaks, a byte order mark.
 # Not Python's whole idea of whitespace, which takes the control characters U+001C-U+001F in too:
 # those are refused as the key's own, never silently dropped.

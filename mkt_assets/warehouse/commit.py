@@ -25,10 +25,10 @@ from mkt_assets.core.errors import MassDeletion, MassDeletionError, SyncError
 from mkt_assets.staging.pages import StagedBatch
 from mkt_assets.warehouse.connection import WarehouseFile, attached_file, streamed, transaction, without_values
 from mkt_assets.warehouse.database_file import inspected
+from mkt_assets.warehouse.defaults import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.diagnostics import explain_cast_failure, preview_markdown
 from mkt_assets.warehouse.merge import (
     CAST_FAILURES,
-    DEFAULT_MAX_DROP,
     MASS_DELETION_ALLOWANCE,
     MergeResult,
     merge_batch,

@@ -22,13 +22,11 @@ import duckdb
 
 from mkt_assets.core.errors import WarehouseBusyError, WarehouseWriteError
 from mkt_assets.plumbing import lean_process
+from mkt_assets.warehouse.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 from mkt_assets.warehouse.sql_names import forget_existing_tables, quote_literal, remember_existing_tables
 
 Result = TypeVar("Result")
 
-# How long, at most, one opening of the file waits for others to let go of it: our own
-# writers queue on the lock file, a DuckDB session opened by hand holds DuckDB's own lock.
-DEFAULT_WAIT_SECONDS = 300.0
 # A wait is logged once it has lasted this long, and again at this interval.
 WAIT_LOG_SECONDS = 10.0
 _POLL_SECONDS = (0.01, 0.25)  # first and longest pause between two tries
@@ -42,11 +40,6 @@ NO_EXTENSION_DOWNLOADS: dict[str, str | bool | int | float | list[str]] = {
 }
 
 
-# DuckDB may use this much memory before it spills to `<database>.tmp`: a sync's memory
-# stays bounded however large the account. A merge of 100k contacts needs about 105 MB, so
-# this cap leaves it whole and holds a million to 216 MB of worker (273 MB under 192MB),
-# for about 1 s more of spilling (first load 9.3 s against 8.5 s).
-DEFAULT_MEMORY_LIMIT = "128MB"
 # Each DuckDB thread buffers its own JSON reader (16 MB and up) and its own row group of
 # the table it writes (~70 MB of contacts): under the memory limit above, two threads run
 # out of memory where one spills. One thread merged a million contacts in 12 s.

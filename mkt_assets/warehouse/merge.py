@@ -16,6 +16,7 @@ from mkt_assets.core.errors import MassDeletion, MassDeletionError, StagingError
 from mkt_assets.staging.pages import StagedBatch
 from mkt_assets.warehouse.changes import record_change
 from mkt_assets.warehouse.connection import attached_file
+from mkt_assets.warehouse.defaults import DEFAULT_MAX_DROP
 from mkt_assets.warehouse.diagnostics import duplicated_field
 from mkt_assets.warehouse.history import VALID_TO_COLUMN, Versions, ensure_history, history_table, record_versions
 from mkt_assets.warehouse.ownership import refuse_foreign, synced_table, versions_table
@@ -25,10 +26,8 @@ from mkt_assets.warehouse.staged_sql import ensure_table, known_fields_patch, st
 
 DELETIONS_MODES = ("mark", "delete")
 
-# The share of a table's live rows a complete read may mark gone unconfirmed (the row count
-# check's MKT_ROW_COUNT_MAX_DROP), and how many rows may always go whatever the share: a user
-# deleting 1 of 5 tags is 20%, and must not need to confirm it. Never every live row.
-DEFAULT_MAX_DROP = 0.1
+# How many rows a complete read may always mark gone whatever the share DEFAULT_MAX_DROP
+# allows: a user deleting 1 of 5 tags is 20%, and must not need to confirm it.
 MASS_DELETION_ALLOWANCE = 5
 
 
