@@ -105,8 +105,10 @@ def floor_command() -> list[str]:
 
 # The same floor loaded as the project's definitions are (``dg.load_from_defs_folder`` over a dg
 # project's defs folder): what Dagster's components framework adds to each process that loads
-# them (pyproject.toml read with tomlkit, the component tree, the JSON schema of every
-# registered component type), none of it the project's own code.
+# them (pyproject.toml read with tomlkit, the component tree, the JSON schema of every component
+# type registered in the environment). This package's is one of them, as in any dg project of an
+# environment that has it installed: its model alone, which imports neither DuckDB nor requests
+# nor the project's definitions (before that was so, this floor imported the whole project).
 FLOOR_PROJECT_FILES = {
     "pyproject.toml": (
         '[project]\nname = "floor_project"\nversion = "0"\n\n[tool.dg]\ndirectory_type = "project"\n\n'
