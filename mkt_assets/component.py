@@ -17,7 +17,7 @@ from mkt_assets.core.catalog import DEFAULT_BASE_URL, RESOURCES
 from mkt_assets.core.deliveries import WEBHOOK_SECRET_ENV
 from mkt_assets.core.errors import ConfigurationError
 from mkt_assets.core.setting_names import SettingNames
-from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings
+from mkt_assets.orchestration.settings import DEFAULT_DUCKDB_PATH, DEFAULT_KEY_PREFIX, Settings, in_catalog_spelling
 
 _HOUR = timedelta(hours=1)
 # What api_key resolves to when it is not a template naming a variable (a key written out).
@@ -130,7 +130,7 @@ class MarketingSync(dg.Component, dg.Model, dg.Resolvable):
             duckdb_path=self.database,
             key_prefix=self.key_prefix,
             schema=self.schema_name or "",
-            resources=tuple(self.resources) if self.resources is not None else Settings.resources,
+            resources=in_catalog_spelling(self.resources) if self.resources is not None else Settings.resources,
             deletions=self.deletions,
             history=self.history,
             sync_cron=self.sync_cron,

@@ -135,6 +135,7 @@ def build_definitions(
         schema_name=settings.schema_name,
         memory_limit=settings.duckdb_memory_limit,
         wait_seconds=settings.duckdb_wait_seconds,
+        component_instance=settings.setting_names.instance,
     )
     # Webhook deliveries are acted on by a refresh of the contacts they name: with no contacts
     # synced there is none, and neither the sensor nor the table of deliveries; nor with an

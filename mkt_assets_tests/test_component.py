@@ -4,6 +4,7 @@ accounts sync side by side, each into its own file with its own quota state."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -356,6 +357,14 @@ def test_a_component_instances_refused_setting_names_its_attribute_not_an_enviro
         assert str(refused.value).endswith("(left out syncs all)")
 
 
+def test_a_component_instances_resources_are_read_whatever_their_case_as_the_environments_are(tmp_path: Path) -> None:
+    instance = acme_instance(tmp_path, resources=["Tags", "CONTACTS", "tags"])
+
+    assert instance.settings().resources == ("tags", "contacts")
+    keys = {key.to_user_string() for key in dg.build_defs_for_component(component=instance).resolve_all_asset_keys()}
+    assert {"acme/tags", "acme/contacts"} <= keys and "acme/communities" not in keys
+
+
 def test_a_base_url_with_credentials_in_a_component_instance_names_the_variable_its_key_comes_from(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError) as refused:
         dg.build_defs_for_component(component=acme_instance(tmp_path, base_url="https://user:pw@api.systeme.io/api"))
@@ -402,6 +411,26 @@ def test_a_wrong_base_url_of_a_component_instance_is_said_naming_its_attribute(s
 
     assert f"the base URL is probably wrong, not the key nor the account. acme: base_url is {wrong};" in said
     assert "correct it (left out, the API's own address is used) and run again." in said
+    assert "MKT_" not in said
+
+
+def test_a_component_instances_file_held_too_long_is_said_naming_no_environment_variable(
+    small_acme: SandboxServer, tmp_path: Path
+) -> None:
+    instance = acme_instance(tmp_path, small_acme.base_url, resources=["tags"])
+    job = dg.build_defs_for_component(component=instance).resolve_job_def("acme_sync")
+    # Another writer of the project holds the file: the run waits no longer than it is told.
+    with open(tmp_path / "acme.db.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = job.execute_in_process(
+            run_config={"resources": {Names("acme").warehouse: {"config": {"wait_seconds": 0}}}},
+            instance=dg.DagsterInstance.ephemeral(),
+            raise_on_error=False,
+        )
+    (failure,) = result.get_step_failure_events()
+    said = failure.event_specific_data.error.to_string()  # type: ignore[union-attr]
+
+    assert "longer than the 0 s a sync waits, by " in said
     assert "MKT_" not in said
 
 

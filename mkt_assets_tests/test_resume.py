@@ -387,7 +387,7 @@ def test_a_read_past_its_window_is_read_afresh_and_its_pages_swept(server: Sandb
 
 def test_the_sweep_removes_expired_and_unreadable_reads_and_keeps_live_and_recent_ones(tmp_path: Path) -> None:
     def left(name: str, began: datetime | None) -> Path:
-        read = resume.open_read(tmp_path, name, identity(schema=name), f"run-{name}", timedelta(hours=6))
+        read = resume.open_read(tmp_path, name, identity(schema=name), f"run-{name}", timedelta(hours=6), setting="MKT_RESUME_HOURS")
         assert read is not None
         if began is not None:
             read.began = began
@@ -397,17 +397,22 @@ def test_the_sweep_removes_expired_and_unreadable_reads_and_keeps_live_and_recen
 
     now = datetime.now(timezone.utc)
     expired, recent, broken = left("expired", now - timedelta(hours=7)), left("recent", now - timedelta(hours=5)), left("broken", None)
-    live = resume.open_read(tmp_path, "live", identity(schema="live"), "run-live", timedelta(hours=6))
+    live = resume.open_read(tmp_path, "live", identity(schema="live"), "run-live", timedelta(hours=6), setting="MKT_RESUME_HOURS")
     assert live is not None
     live.began = now - timedelta(hours=9)
     live.save({"chunks": [], "pages": 0, "records": 0, "position": {"walk": "done"}})
 
-    swept = dict(resume.sweep(tmp_path, timedelta(hours=6)))
+    swept = dict(resume.sweep(tmp_path, timedelta(hours=6), setting="MKT_RESUME_HOURS"))
 
     assert set(swept) == {expired, broken}
-    assert "more than 6 hours" in swept[expired] and swept[broken] == "it holds no checkpoint"
+    assert "more than 6 hours (MKT_RESUME_HOURS) ago" in swept[expired] and swept[broken] == "it holds no checkpoint"
     assert recent.exists() and live.directory.exists()
-    assert set(dict(resume.sweep(tmp_path, timedelta(0)))) == {recent}, "resuming off: every read no run holds goes"
+    # A component instance has no such setting: its reader is not sent to a variable it never reads.
+    off = dict(resume.sweep(tmp_path, timedelta(0), setting=None))
+    assert set(off) == {recent}, "resuming off: every read no run holds goes"
+    assert off[recent] == "resuming is off"
+    expired_again = left("expired_again", now - timedelta(hours=7))
+    assert dict(resume.sweep(tmp_path, timedelta(hours=6), setting=None))[expired_again].endswith("more than 6 hours ago")
     for read in (live.directory,):
         resume.remove(read)
 
@@ -533,7 +538,7 @@ def test_mkt_resume_hours_sets_the_window_and_zero_turns_resuming_off(server: Sa
 
 
 def test_an_adopted_read_is_cut_back_to_what_its_checkpoint_names(tmp_path: Path) -> None:
-    read = resume.open_read(tmp_path, "contacts", identity(), "run-1", timedelta(hours=6))
+    read = resume.open_read(tmp_path, "contacts", identity(), "run-1", timedelta(hours=6), setting="MKT_RESUME_HOURS")
     assert read is not None
     chunk = read.directory / "mkt_contacts_00001_abcdefgh.ndjson"
     chunk.write_bytes(b'{"page":1,"body":{}}\n')
@@ -547,10 +552,10 @@ def test_an_adopted_read_is_cut_back_to_what_its_checkpoint_names(tmp_path: Path
         (read.directory / name).write_bytes(b"x")
     resume.release(read.directory)
 
-    again = resume.open_read(tmp_path, "contacts", identity(), "run-2", timedelta(hours=6))
+    again = resume.open_read(tmp_path, "contacts", identity(), "run-2", timedelta(hours=6), setting="MKT_RESUME_HOURS")
 
     assert again is not None and again.adopted is not None and again.adopted["run_id"] == "run-1"
     assert chunk.read_bytes() == b'{"page":1,"body":{}}\n'
     assert sorted(path.name for path in again.directory.iterdir()) == [".lock", "checkpoint.json", chunk.name]
-    assert resume.open_read(tmp_path, "contacts", identity(), "run-3", timedelta(hours=6)) is None, "held by run-2"
+    assert resume.open_read(tmp_path, "contacts", identity(), "run-3", timedelta(hours=6), setting="MKT_RESUME_HOURS") is None, "held by run-2"
     resume.remove(again.directory)

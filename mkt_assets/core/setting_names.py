@@ -86,6 +86,11 @@ class SettingNames:
         return None if self.instance else "MKT_ROW_COUNT_MAX_DROP"
 
     @property
+    def duckdb_wait(self) -> str | None:
+        """The setting of how long a step waits for the DuckDB file; none for a component instance."""
+        return None if self.instance else "MKT_DUCKDB_WAIT_SECONDS"
+
+    @property
     def resume_window(self) -> str | None:
         """The setting of how long a failed read may be continued; none for a component instance."""
         return None if self.instance else "MKT_RESUME_HOURS"

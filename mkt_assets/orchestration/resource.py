@@ -201,11 +201,21 @@ class WarehouseResource(DuckDBResource):
         ge=0,
         description="Longest wait for the DuckDB file while another process holds it (env MKT_DUCKDB_WAIT_SECONDS).",
     )
+    component_instance: str = Field(
+        default="",
+        description=(
+            "The key prefix of the component instance these settings are for, whose messages then name"
+            " no MKT_* variable (an instance never reads them); empty: the MKT_* environment variables."
+        ),
+    )
 
     def file(self) -> WarehouseFile:
         """What a lean child process needs to open the file itself (see ``lean_process``)."""
         return WarehouseFile(
-            database_path(self.database), self.memory_limit, wait_seconds=self.wait_seconds
+            database_path(self.database),
+            self.memory_limit,
+            wait_seconds=self.wait_seconds,
+            wait_setting=SettingNames(self.component_instance).duckdb_wait,
         )
 
     @contextmanager

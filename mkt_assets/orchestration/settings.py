@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -188,5 +188,11 @@ def _chosen_resources(value: str) -> tuple[str, ...]:
             f"{RESOURCES_ENV} is {value!r}, which names no resource; list the resources to sync, separated by"
             f" commas, from: {', '.join(spec.name for spec in RESOURCES)} (unset or blank syncs all)"
         )
+    return in_catalog_spelling(names)
+
+
+def in_catalog_spelling(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` as the catalog spells them whatever their case (``Contacts``), each once, in
+    their order; a name the catalog lacks is kept as given, for ``Settings`` to refuse."""
     spelled = {spec.name.lower(): spec.name for spec in RESOURCES}
     return tuple(dict.fromkeys(spelled.get(name.lower(), name) for name in names))

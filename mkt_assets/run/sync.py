@@ -212,7 +212,9 @@ def fetch_all(
     An interrupt (Terminate, SIGTERM, Ctrl-C: any ``BaseException`` while this waits) stops
     every fetch the same way, and propagates once their staged pages are removed."""
     if options.resume is not None:
-        for path, why in sweep_reads(staging_directory(options.staging_dir), options.resume.window):
+        for path, why in sweep_reads(
+            staging_directory(options.staging_dir), options.resume.window, setting=options.settings.resume_window
+        ):
             log(f"removed the pages a failed run had left in {path}: {why}")
     stop = Stop()
     answers = FirstAnswers([spec.name for spec in plan.resources])
@@ -396,7 +398,10 @@ def _open_resumable(spec: ResourceSpec, after: int | None, options: FetchOptions
     if resume is None or resume.window <= timedelta(0):
         return None
     identity = resource_identity(resume.identity, spec, after)
-    read = open_read(staging_directory(options.staging_dir), spec.name, identity, resume.run_id, resume.window)
+    read = open_read(
+        staging_directory(options.staging_dir), spec.name, identity, resume.run_id, resume.window,
+        setting=options.settings.resume_window,
+    )
     if read is None:
         log(f"{spec.name}: another run is reading the same pages; this one reads afresh and cannot be resumed")
     elif read.refused is not None:

@@ -121,10 +121,13 @@ class ResumableRead:
         self.checkpointed = True
 
 
-def open_read(parent: Path, resource: str, identity: str, run_id: str, window: timedelta) -> ResumableRead | None:
+def open_read(
+    parent: Path, resource: str, identity: str, run_id: str, window: timedelta, *, setting: str | None
+) -> ResumableRead | None:
     """The read of ``resource`` with ``identity`` in ``parent``, locked: adopting the pages an
-    earlier attempt left if they match and are within ``window``, else emptied for a fresh
-    read. None when another live process holds it (this run then reads without resuming)."""
+    earlier attempt left if they match and are within ``window`` (set by ``setting``, which a
+    refusal names), else emptied for a fresh read. None when another live process holds it
+    (this run then reads without resuming)."""
     directory = private_directory(private_directory(parent / RESUMABLE_DIRECTORY) / f"{resource}-{identity[:32]}")
     lock = open_private_file(directory / AREA_LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
@@ -140,7 +143,7 @@ def open_read(parent: Path, resource: str, identity: str, run_id: str, window: t
     read = ResumableRead(directory, identity, resource, run_id)
     checkpoint, problem = _load(directory)
     if checkpoint is not None:
-        problem = _mismatch(checkpoint, identity, resource, window)
+        problem = _mismatch(checkpoint, identity, resource, window, setting)
     if checkpoint is not None and problem is None:
         problem = _restore_chunks(directory, checkpoint)
     if checkpoint is not None and problem is None:
@@ -167,9 +170,12 @@ def remove(directory: Path) -> None:
     release(directory)
 
 
-def sweep(parent: Path, window: timedelta, *, now: datetime | None = None) -> list[tuple[Path, str]]:
+def sweep(
+    parent: Path, window: timedelta, *, setting: str | None, now: datetime | None = None
+) -> list[tuple[Path, str]]:
     """Remove the reads in ``parent`` no process holds whose window has passed (all of them
-    when ``window`` is zero), or whose checkpoint cannot be read; each with why."""
+    when ``window`` is zero), or whose checkpoint cannot be read; each with why, naming
+    ``setting`` as what sets the window (none where its reader cannot set it)."""
     now = now or datetime.now(timezone.utc)
     swept = []
     for directory in _reads(parent / RESUMABLE_DIRECTORY):
@@ -194,9 +200,9 @@ def sweep(parent: Path, window: timedelta, *, now: datetime | None = None) -> li
                 if began is None:
                     problem = "its checkpoint has no valid start time"
                 elif window <= timedelta(0):
-                    problem = "resuming is off (MKT_RESUME_HOURS=0)"
+                    problem = f"resuming is off ({setting}=0)" if setting else "resuming is off"
                 elif now - began > window:
-                    problem = f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {_hours(window)} ago"
+                    problem = f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {_hours(window, setting)} ago"
             elif problem is None:
                 problem = "it holds no checkpoint"
             if problem is not None:
@@ -208,9 +214,9 @@ def sweep(parent: Path, window: timedelta, *, now: datetime | None = None) -> li
     return swept
 
 
-def _hours(window: timedelta) -> str:
+def _hours(window: timedelta, setting: str | None) -> str:
     hours = window / timedelta(hours=1)
-    return f"{hours:g} hour{'' if hours == 1 else 's'} (MKT_RESUME_HOURS)"
+    return f"{hours:g} hour{'' if hours == 1 else 's'}" + (f" ({setting})" if setting else "")
 
 
 def _load(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -238,7 +244,9 @@ def _began(checkpoint: Mapping[str, Any]) -> datetime | None:
     return began if began.tzinfo is not None else None
 
 
-def _mismatch(checkpoint: Mapping[str, Any], identity: str, resource: str, window: timedelta) -> str | None:
+def _mismatch(
+    checkpoint: Mapping[str, Any], identity: str, resource: str, window: timedelta, setting: str | None
+) -> str | None:
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         return f"its checkpoint is of another format ({checkpoint.get('format')!r}, this version writes {CHECKPOINT_FORMAT})"
     if checkpoint.get("identity") != identity or checkpoint.get("resource") != resource:
@@ -248,7 +256,7 @@ def _mismatch(checkpoint: Mapping[str, Any], identity: str, resource: str, windo
         return "its checkpoint has no valid start time"
     age = datetime.now(timezone.utc) - began
     if age > window:
-        return f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {_hours(window)} ago"
+        return f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {_hours(window, setting)} ago"
     if age < timedelta(0):
         return f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, in the future (the clock moved)"
     return None

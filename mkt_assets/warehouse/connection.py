@@ -21,6 +21,7 @@ from typing import IO, TypeVar
 import duckdb
 
 from mkt_assets.core.errors import WarehouseBusyError, WarehouseWriteError
+from mkt_assets.core.setting_names import ENVIRONMENT
 from mkt_assets.plumbing import lean_process
 from mkt_assets.warehouse.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_WAIT_SECONDS
 from mkt_assets.warehouse.sql_names import forget_existing_tables, quote_literal, remember_existing_tables
@@ -139,6 +140,7 @@ def connect(
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int = DEFAULT_THREADS,
     wait_seconds: float = DEFAULT_WAIT_SECONDS,
+    wait_setting: str | None = ENVIRONMENT.duckdb_wait,
     log: Callable[[str], None] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A connection to the DuckDB file, holding its lock file for as long as it is open.
@@ -148,7 +150,8 @@ def connect(
     so every opener queues on an OS lock beside the file instead of failing, and then
     waits for a DuckDB session opened by hand (which knows nothing of that lock) to close.
     Both waits together last at most ``wait_seconds``; a wait is logged (``log``, else the
-    lean process's report) every ``WAIT_LOG_SECONDS`` with who holds the file.
+    lean process's report) every ``WAIT_LOG_SECONDS`` with who holds the file, naming
+    ``wait_setting`` as what sets the bound.
     """
     if database == ":memory:":
         with duckdb.connect(database, config=NO_EXTENSION_DOWNLOADS) as connection:
@@ -156,7 +159,7 @@ def connect(
         return
     path = Path(database)
     make_private_directories(path.parent)
-    wait = _Wait(path, wait_seconds, log or lean_process.report)
+    wait = _Wait(path, wait_seconds, log or lean_process.report, wait_setting)
     with open(f"{path}.lock", "a+b") as lock:
         while not _try_lock(lock):
             wait.pause(_lock_holder(lock))
@@ -219,7 +222,7 @@ def read_only(file: WarehouseFile, log: Callable[[str], None] | None = None) -> 
     """A read-only connection, waiting (as ``connect`` does, up to the file's bound) while a
     writer holds the file; it holds DuckDB's shared lock until it is closed."""
     path = Path(file.database)
-    wait = _Wait(path, file.wait_seconds, log or lean_process.report)
+    wait = _Wait(path, file.wait_seconds, log or lean_process.report, file.wait_setting)
     while True:
         try:
             connection = duckdb.connect(
@@ -253,8 +256,10 @@ def make_private_directories(directory: Path) -> None:
 class _Wait:
     """One opening's wait for the file: bounded, paced, and said out loud while it lasts."""
 
-    def __init__(self, path: Path, seconds: float, log: Callable[[str], None]) -> None:
+    def __init__(self, path: Path, seconds: float, log: Callable[[str], None], setting: str | None) -> None:
         self.path, self.seconds, self.log = path, seconds, log
+        # What a message names as the bound's setting: none where its reader cannot set it.
+        self.named = f" ({setting})" if setting else ""
         self.started: float | None = None
         self.next_log = 0.0
         self.delay = _POLL_SECONDS[0]
@@ -272,13 +277,13 @@ class _Wait:
             )
             raise WarehouseBusyError(
                 f"{self.path} stayed locked for {waited:.0f} s, longer than the {self.seconds:g} s a sync"
-                f" waits (MKT_DUCKDB_WAIT_SECONDS), by {holder}: {what_to_do} and run again; every"
+                f" waits{self.named}, by {holder}: {what_to_do} and run again; every"
                 " table is as it was"
             )
         if now >= self.next_log:
             self.next_log = now + WAIT_LOG_SECONDS
             self.log(
-                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s, MKT_DUCKDB_WAIT_SECONDS): held by {holder}"
+                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s{self.named}): held by {holder}"
             )
         time.sleep(min(self.delay, max(self.seconds - waited, 0.0)))
         self.delay = min(self.delay * 2, _POLL_SECONDS[1])
@@ -327,6 +332,7 @@ class WarehouseFile:
     memory_limit: str = DEFAULT_MEMORY_LIMIT
     threads: int = DEFAULT_THREADS
     wait_seconds: float = DEFAULT_WAIT_SECONDS
+    wait_setting: str | None = ENVIRONMENT.duckdb_wait
 
     def open(self, log: Callable[[str], None] | None = None) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """``connect`` with these settings: the lock, the bounded wait, the limits."""
@@ -335,6 +341,7 @@ class WarehouseFile:
             memory_limit=self.memory_limit,
             threads=self.threads,
             wait_seconds=self.wait_seconds,
+            wait_setting=self.wait_setting,
             log=log,
         )
 
