@@ -430,7 +430,7 @@ def test_a_component_instances_file_held_too_long_is_said_naming_no_environment_
     (failure,) = result.get_step_failure_events()
     said = failure.event_specific_data.error.to_string()  # type: ignore[union-attr]
 
-    assert "longer than the 0 s a sync waits, by " in said
+    assert "longer than the 0 s a sync waits (acme_warehouse's wait_seconds in the run's config), by " in said
     assert "MKT_" not in said
 
 

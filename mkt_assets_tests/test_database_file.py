@@ -95,7 +95,7 @@ def test_a_directory_at_the_path_is_refused_before_the_fetch(harness: Harness, t
 
     error = refused_before_fetch(harness, harness.sync(CONTACTS), database)
 
-    assert "it is a directory, not a DuckDB file; set MKT_DUCKDB_PATH to a file" in error
+    assert "it is a directory, not a DuckDB file; set MKT_DUCKDB_PATH (a component instance: its database) to a file" in error
     assert snapshot(tmp_path) == before
 
 
@@ -187,7 +187,7 @@ def test_a_sqlite_file_is_refused_without_any_extension_being_fetched(
 
     error = refused_before_fetch(harness, harness.sync(CONTACTS), database)
 
-    assert "it is a SQLite database, not a DuckDB one; set MKT_DUCKDB_PATH to a DuckDB file" in error
+    assert "it is a SQLite database, not a DuckDB one; set MKT_DUCKDB_PATH (a component instance: its database) to a DuckDB file" in error
     assert snapshot(tmp_path) == before  # no ~/.duckdb/extensions either
 
 
@@ -336,7 +336,7 @@ def test_a_foreign_table_with_a_synced_tables_name_is_refused_and_never_altered(
     assert error == (
         f"{database}: marketing.contacts exists but was not created by mkt_assets (it lacks the columns _extra,"
         " _synced_at). mkt_assets never alters a table it did not create: rename it (ALTER TABLE or ALTER VIEW ... RENAME TO"
-        " ...), or set MKT_DUCKDB_PATH to another DuckDB file. Nothing was fetched."
+        " ...), or set MKT_DUCKDB_PATH (a component instance: its database) to another DuckDB file. Nothing was fetched."
     )
     assert snapshot(tmp_path) == before
 
@@ -529,8 +529,8 @@ def test_a_read_only_mount_is_refused_with_what_to_do(tmp_path: Path, first_sync
 
     assert run.stdout.splitlines() == [
         f"{existing}: it cannot be opened for writing (Read-only file system); mount it read-write, or set"
-        " MKT_DUCKDB_PATH to another file",
+        " MKT_DUCKDB_PATH (a component instance: its database) to another file",
         f"{new}: it does not exist, and its directory {mounted / 'new'} cannot be created in {mounted}"
-        " (Read-only file system); mount it read-write, or set MKT_DUCKDB_PATH to another file",
+        " (Read-only file system); mount it read-write, or set MKT_DUCKDB_PATH (a component instance: its database) to another file",
     ]
     assert snapshot(mounted) == before

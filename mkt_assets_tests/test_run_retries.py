@@ -41,6 +41,7 @@ from mkt_assets.core.errors import (
     WarehouseWriteError,
     is_retriable,
 )
+from mkt_assets.core.setting_names import SettingNames
 from mkt_assets.definitions import build_definitions
 from mkt_assets.orchestration.run_retries import (
     MAX_RETRIES_TAG,
@@ -48,6 +49,7 @@ from mkt_assets.orchestration.run_retries import (
     NOT_RETRIED_TAG,
     can_mend,
     retry_delay,
+    retry_wait_reason,
 )
 from mkt_assets.orchestration.settings import Settings
 from mkt_assets.run.sync import FetchFailed
@@ -97,6 +99,13 @@ def test_each_retry_waits_twice_as_long_as_the_one_before_up_to_half_an_hour() -
     # A 10-minute outage that fails a run is over before the third retry of three starts.
     assert sum(retry_delay(settings, number) for number in (1, 2, 3)) > 600
     assert retry_delay(settings, 10) == MAX_RETRY_DELAY_SECONDS
+
+
+def test_a_retry_says_why_it_waits_naming_the_setting_only_where_its_reader_sets_it() -> None:
+    own = retry_wait_reason(Settings(run_retry_delay_seconds=120), 240)
+    assert own.startswith("240 s after it failed (MKT_RUN_RETRY_DELAY_SECONDS = 120, doubled for each retry")
+    instance = retry_wait_reason(Settings(run_retry_delay_seconds=120, setting_names=SettingNames("acme")), 240)
+    assert instance.startswith("240 s after it failed (120, doubled for each retry") and "MKT_" not in instance
 
 
 def test_the_projects_instance_settings_turn_run_retries_on_for_the_jobs_alone(tmp_path: Path) -> None:

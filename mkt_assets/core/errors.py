@@ -10,6 +10,8 @@ from mkt_assets.core.setting_names import ENVIRONMENT, SettingNames
 
 # The setting that names the DuckDB file, which errors about the file tell the user to change.
 DUCKDB_PATH_ENV = "MKT_DUCKDB_PATH"
+# The DuckDB file as a message names it: for the project's own account and for a component instance.
+DATABASE_SETTING = f"{DUCKDB_PATH_ENV} (a component instance: its database)"
 # The setting holding the API key: named in errors, and kept from every child process.
 API_KEY_ENV = "MKT_API_KEY"
 

@@ -91,6 +91,11 @@ class SettingNames:
         return None if self.instance else "MKT_DUCKDB_WAIT_SECONDS"
 
     @property
+    def run_retry_delay(self) -> str | None:
+        """The setting of how long after a failed run its retry starts; none for a component instance."""
+        return None if self.instance else "MKT_RUN_RETRY_DELAY_SECONDS"
+
+    @property
     def resume_window(self) -> str | None:
         """The setting of how long a failed read may be continued; none for a component instance."""
         return None if self.instance else "MKT_RESUME_HOURS"

@@ -170,9 +170,9 @@ class SyncConfig(dg.Config):
         default=False,
         description=(
             "Apply this run's deletions even where a complete read lacks more of a table's live"
-            " rows than a sync marks gone unconfirmed (10%, or MKT_ROW_COUNT_MAX_DROP where the"
-            f" settings come from the environment, or {MASS_DELETION_ALLOWANCE} rows, whichever is"
-            " more; never all of them)."
+            f" rows than a sync marks gone unconfirmed (the larger of {MASS_DELETION_ALLOWANCE} rows and a"
+            " share of them: 10%, or what MKT_ROW_COUNT_MAX_DROP sets where the settings come from the"
+            " environment; never all of them)."
             " Without it such a run fails and writes nothing, since an API answering an empty"
             " list during an outage looks the same. Set it for one run, once the rows are known"
             " to be deleted upstream."

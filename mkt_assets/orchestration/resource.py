@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, field_validator
 from mkt_assets.core.catalog import DEFAULT_BASE_URL
 from mkt_assets.core.errors import API_KEY_ENV
 from mkt_assets.core.setting_names import SettingNames
+from mkt_assets.orchestration.names import Names
 from mkt_assets.source.account import (
     BASE_URL_ENV,
     check_api_key,
@@ -215,7 +216,9 @@ class WarehouseResource(DuckDBResource):
             database_path(self.database),
             self.memory_limit,
             wait_seconds=self.wait_seconds,
-            wait_setting=SettingNames(self.component_instance).duckdb_wait,
+            # A component instance has no attribute for the wait: a run's config sets it.
+            wait_setting=SettingNames(self.component_instance).duckdb_wait
+            or f"{Names(self.component_instance).warehouse}'s wait_seconds in the run's config",
         )
 
     @contextmanager

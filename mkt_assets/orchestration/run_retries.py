@@ -83,6 +83,15 @@ def _named(error: BaseException | None) -> str:
     return type(error).__name__
 
 
+def retry_wait_reason(settings: Settings, delay: float) -> str:
+    """Why a retry waits ``delay`` seconds, naming the setting where its reader can set it."""
+    setting = settings.setting_names.run_retry_delay
+    return (
+        f"{delay:g} s after it failed ({f'{setting} = ' if setting else ''}{settings.run_retry_delay_seconds:g},"
+        " doubled for each retry after the first), so that what failed it has time to pass"
+    )
+
+
 def before_the_run(context: dg.AssetExecutionContext, settings: Settings) -> None:
     """What the step does first: a run re-executed from one not to be retried is retried like
     any other; a run launched as a retry waits for the outage that failed its parent to pass."""
@@ -97,10 +106,7 @@ def before_the_run(context: dg.AssetExecutionContext, settings: Settings) -> Non
     parent = context.instance.get_run_record_by_id(run.parent_run_id) if run.parent_run_id else None
     ended = parent.end_time if parent is not None and parent.end_time is not None else time.time()
     remaining = ended + delay - time.time()
-    why = (
-        f"{delay:g} s after it failed (MKT_RUN_RETRY_DELAY_SECONDS = {settings.run_retry_delay_seconds:g},"
-        " doubled for each retry after the first), so that what failed it has time to pass"
-    )
+    why = retry_wait_reason(settings, delay)
     if remaining <= 0:
         context.log.info(f"Automatic retry {number} of run {run.parent_run_id}: starting at once, past {why}.")
         return

@@ -192,7 +192,8 @@ def _chosen_resources(value: str) -> tuple[str, ...]:
 
 
 def in_catalog_spelling(names: Iterable[str]) -> tuple[str, ...]:
-    """``names`` as the catalog spells them whatever their case (``Contacts``), each once, in
-    their order; a name the catalog lacks is kept as given, for ``Settings`` to refuse."""
+    """``names`` as the catalog spells them whatever their case or the spaces around them
+    (`` Contacts``), each once, in their order; a name the catalog lacks is kept as given, for
+    ``Settings`` to refuse."""
     spelled = {spec.name.lower(): spec.name for spec in RESOURCES}
-    return tuple(dict.fromkeys(spelled.get(name.lower(), name) for name in names))
+    return tuple(dict.fromkeys(spelled.get(name.strip().lower(), name) for name in names))

@@ -257,9 +257,8 @@ class _Wait:
     """One opening's wait for the file: bounded, paced, and said out loud while it lasts."""
 
     def __init__(self, path: Path, seconds: float, log: Callable[[str], None], setting: str | None) -> None:
-        self.path, self.seconds, self.log = path, seconds, log
-        # What a message names as the bound's setting: none where its reader cannot set it.
-        self.named = f" ({setting})" if setting else ""
+        # What sets the bound, as the messages name it: none where their reader cannot set it.
+        self.path, self.seconds, self.log, self.setting = path, seconds, log, setting
         self.started: float | None = None
         self.next_log = 0.0
         self.delay = _POLL_SECONDS[0]
@@ -277,13 +276,13 @@ class _Wait:
             )
             raise WarehouseBusyError(
                 f"{self.path} stayed locked for {waited:.0f} s, longer than the {self.seconds:g} s a sync"
-                f" waits{self.named}, by {holder}: {what_to_do} and run again; every"
+                f" waits{f' ({self.setting})' if self.setting else ''}, by {holder}: {what_to_do} and run again; every"
                 " table is as it was"
             )
         if now >= self.next_log:
             self.next_log = now + WAIT_LOG_SECONDS
             self.log(
-                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s{self.named}): held by {holder}"
+                f"waiting {waited:.0f} s for {self.path} (at most {self.seconds:g} s{f', {self.setting}' if self.setting else ''}): held by {holder}"
             )
         time.sleep(min(self.delay, max(self.seconds - waited, 0.0)))
         self.delay = min(self.delay * 2, _POLL_SECONDS[1])

@@ -34,14 +34,14 @@ from pathlib import Path
 
 import duckdb
 
-from mkt_assets.core.errors import DUCKDB_PATH_ENV, WarehouseFileError
+from mkt_assets.core.errors import DATABASE_SETTING, WarehouseFileError
 from mkt_assets.warehouse.connection import DUCKDB_LOCK_CONFLICT, NO_EXTENSION_DOWNLOADS, without_values
 
 # DuckDB's main header and its two database headers, before the first block.
 HEADER_BYTES = 3 * 4096
 _DUCKDB_MAGIC = b"DUCK"  # at offset 8, after the main header's checksum
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_ELSEWHERE = f"or set {DUCKDB_PATH_ENV} to another file"
+_ELSEWHERE = f"or set {DATABASE_SETTING} to another file"
 
 
 def _problem(path: Path, what: str, to_do: str) -> WarehouseFileError:
@@ -97,7 +97,7 @@ def _check_path(path: Path) -> bool:
         raise _problem(path, f"it cannot be reached ({error.strerror})", f"fix the path, {_ELSEWHERE}") from None
     if stat.S_ISDIR(info.st_mode):
         raise _problem(
-            path, "it is a directory, not a DuckDB file", f"set {DUCKDB_PATH_ENV} to a file, e.g. {path / 'mkt_assets.duckdb'}"
+            path, "it is a directory, not a DuckDB file", f"set {DATABASE_SETTING} to a file, e.g. {path / 'mkt_assets.duckdb'}"
         )
     if not stat.S_ISREG(info.st_mode):
         raise _problem(path, "it is not a regular file", _ELSEWHERE.removeprefix("or "))
@@ -107,12 +107,12 @@ def _check_path(path: Path) -> bool:
     except OSError as error:
         raise _problem(path, f"it cannot be read ({error.strerror})", f"give yourself read permission on it, {_ELSEWHERE}") from None
     if header.startswith(_SQLITE_MAGIC):
-        raise _problem(path, "it is a SQLite database, not a DuckDB one", f"set {DUCKDB_PATH_ENV} to a DuckDB file")
+        raise _problem(path, "it is a SQLite database, not a DuckDB one", f"set {DATABASE_SETTING} to a DuckDB file")
     if header[8:12] != _DUCKDB_MAGIC:
         raise _problem(
             path,
             "it is not a DuckDB database (it does not begin with DuckDB's header)",
-            f"set {DUCKDB_PATH_ENV} to a DuckDB file, or to a path where none exists yet to start one",
+            f"set {DATABASE_SETTING} to a DuckDB file, or to a path where none exists yet to start one",
         )
     _check_opens_for_writing(path, path, "it")
     _check_writable_directory(path, path.parent)

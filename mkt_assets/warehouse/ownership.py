@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import duckdb
 
 from mkt_assets.core.catalog import EXTRA_COLUMN, SYNCED_AT_COLUMN, ResourceSpec
-from mkt_assets.core.errors import DUCKDB_PATH_ENV, ForeignTableError
+from mkt_assets.core.errors import DATABASE_SETTING, ForeignTableError
 from mkt_assets.warehouse.changes import CHANGES_COLUMNS, CHANGES_TABLE
 from mkt_assets.warehouse.history import VALID_FROM_COLUMN, VALID_TO_COLUMN, history_table
 from mkt_assets.warehouse.reads import READS_COLUMNS, READS_TABLE
@@ -129,5 +129,5 @@ def refuse_foreign(
         raise ForeignTableError(
             f"{database}: {'; '.join(problems)}. mkt_assets never alters a table it did not create:"
             f" rename {'it' if len(problems) == 1 else 'them'} (ALTER TABLE or ALTER VIEW ... RENAME TO ...), or set"
-            f" {DUCKDB_PATH_ENV} to another DuckDB file"
+            f" {DATABASE_SETTING} to another DuckDB file"
         )
