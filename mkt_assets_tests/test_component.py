@@ -357,8 +357,8 @@ def test_a_component_instances_refused_setting_names_its_attribute_not_an_enviro
         assert str(refused.value).endswith("(left out syncs all)")
 
 
-def test_a_component_instances_resources_are_read_whatever_their_case_as_the_environments_are(tmp_path: Path) -> None:
-    instance = acme_instance(tmp_path, resources=["Tags", "CONTACTS", "tags"])
+def test_a_component_instances_resources_are_read_whatever_their_case_and_spaces_as_the_environments_are(tmp_path: Path) -> None:
+    instance = acme_instance(tmp_path, resources=["Tags", " CONTACTS", "tags"])
 
     assert instance.settings().resources == ("tags", "contacts")
     keys = {key.to_user_string() for key in dg.build_defs_for_component(component=instance).resolve_all_asset_keys()}
