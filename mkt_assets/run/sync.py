@@ -23,7 +23,7 @@ from mkt_assets.plumbing import lean_process
 from mkt_assets.source.client import MarketingApiClient
 from mkt_assets.source.transport import RequestStats, Stop, Stopped
 from mkt_assets.staging.pages import PageStager, StagedBatch, staging_directory
-from mkt_assets.staging.resume import ResumableRead, ResumeOptions, open_read, resource_identity
+from mkt_assets.staging.resume import ResumableRead, ResumeOptions, open_read, resource_identity, window_text
 from mkt_assets.staging.resume import release as release_read
 from mkt_assets.staging.resume import remove as remove_read
 from mkt_assets.staging.resume import sweep as sweep_reads
@@ -186,10 +186,9 @@ def _wrong_base_url(failures: Mapping[str, BaseException], read: Sequence[str]) 
 def _kept(options: FetchOptions) -> str:
     if options.resume is None or options.resume.window <= timedelta(0):
         return ""
-    setting = options.settings.resume_window
     return (
         " The pages read are kept: a run of the same resources within"
-        f" {options.resume.window / timedelta(hours=1):g} hours{f' ({setting})' if setting else ''} continues from where this one stopped."
+        f" {window_text(options.resume.window, options.settings.resume_window)} continues from where this one stopped."
     )
 
 

@@ -202,7 +202,7 @@ def sweep(
                 elif window <= timedelta(0):
                     problem = f"resuming is off ({setting}=0)" if setting else "resuming is off"
                 elif now - began > window:
-                    problem = f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {_hours(window, setting)} ago"
+                    problem = f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {window_text(window, setting)} ago"
             elif problem is None:
                 problem = "it holds no checkpoint"
             if problem is not None:
@@ -214,7 +214,8 @@ def sweep(
     return swept
 
 
-def _hours(window: timedelta, setting: str | None) -> str:
+def window_text(window: timedelta, setting: str | None) -> str:
+    """``6 hours (MKT_RESUME_HOURS)``: the window as a message says it, naming ``setting`` if any."""
     hours = window / timedelta(hours=1)
     return f"{hours:g} hour{'' if hours == 1 else 's'}" + (f" ({setting})" if setting else "")
 
@@ -256,7 +257,7 @@ def _mismatch(
         return "its checkpoint has no valid start time"
     age = datetime.now(timezone.utc) - began
     if age > window:
-        return f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {_hours(window, setting)} ago"
+        return f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, more than {window_text(window, setting)} ago"
     if age < timedelta(0):
         return f"its read began at {began:%Y-%m-%d %H:%M:%S} UTC, in the future (the clock moved)"
     return None
